@@ -1,0 +1,55 @@
+"""Pieces every command-line entry point shares: logging set-up and the exit-code contract.
+
+Exit codes: 0 success, 2 bad input (one clear message, no traceback), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import Callable
+
+from maisi.errors import InputError
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_INPUT = 2
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Parser with the options every CLI has (``--config``, ``--device``, ``--dry-run``, ``-v``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)  # exits 2 on bad flags
+    parser.add_argument("--config", required=True, help="path to the JSON config file")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides the config's device"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run_guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run ``body`` and map exceptions onto the exit-code contract."""
+    try:
+        return body()
+    except InputError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exception:  # noqa: BLE001 - the contract is "1 on any runtime failure", with the details
+        traceback.print_exc()
+        print(f"{prog}: runtime failure (see the traceback above)", file=sys.stderr)
+        return EXIT_RUNTIME
