@@ -78,8 +78,9 @@ def read_weights(path: str | Path, part: Part) -> Weights:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: refused to load: it holds more than weights ({first})") from None
+        reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
+        raise CheckpointError(f"{path}: refused to load: it holds code or objects, not only weights "
+                              f"(loading is weights_only for safety). {reason}".strip()) from None
     except Exception as e:  # noqa: BLE001 - zip/EOF/format errors all mean "not a checkpoint"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
@@ -173,8 +174,8 @@ def save_checkpoint(
         "scale_factor": None if scale_factor is None else float(scale_factor),
         "provenance": {
             "maisi_version": maisi.__version__,
-            "torch_version": torch.__version__,
-            "monai_version": monai.__version__,
+            "torch_version": str(torch.__version__),
+            "monai_version": str(monai.__version__),
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "config_sha256": config_sha256,
         },

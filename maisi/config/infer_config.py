@@ -1,0 +1,117 @@
+"""The ``maisi.infer`` config: frozen dataclasses mirroring ``schemas/infer.schema.json`` and the checks
+JSON Schema cannot express (they need the preset registry or relate several keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from maisi.conditioning import BodyRegion
+from maisi.decoding import DecodeMethod
+from maisi.device import DeviceName, Precision
+from maisi.errors import InputError
+from maisi.networks import PRESETS, get_preset
+from maisi.sampling import DEFAULT_STEPS, Sampler, check_sampler
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    autoencoder: str
+    diffusion_unet: str
+    controlnet: str | None
+
+
+@dataclass(frozen=True)
+class BodyRegionRange:
+    top: BodyRegion
+    bottom: BodyRegion
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    scheduler: Sampler | None
+    num_inference_steps: int | None
+    conditioning_scale: float
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    method: DecodeMethod
+    sw_roi_size: tuple[int, int, int]
+    sw_overlap: float
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str
+    format: str
+    prefix: str
+    preview: bool
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    preset: str
+    checkpoints: Checkpoints
+    mask: str | None
+    output_size: tuple[int, int, int] | None
+    spacing: tuple[float, float, float] | None
+    body_region: BodyRegionRange | None
+    modality: str
+    label_dict: str | None
+    sampling: SamplingConfig
+    decoding: DecodingConfig
+    num_samples: int
+    seed: int
+    output: OutputConfig
+    enforce_preset_limits: bool
+    device: DeviceName
+    precision: Precision
+
+    @property
+    def from_mask(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def sampler(self) -> Sampler:
+        """The sampler to use: the configured one or the preset's own."""
+        return self.sampling.scheduler or PRESETS[self.preset].schedule.kind
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.sampling.num_inference_steps or DEFAULT_STEPS[self.sampler]
+
+
+def check_infer_config(config: InferConfig) -> list[str]:
+    """Cross-key checks; each message starts with the JSON path it concerns."""
+    problems: list[str] = []
+    try:
+        preset = get_preset(config.preset)
+    except InputError as e:
+        return [f"$.preset: {e}"]
+
+    if config.from_mask:
+        for key in ("output_size", "spacing"):
+            if getattr(config, key) is not None:
+                problems.append(f"$.{key}: must be null when $.mask is set (the mask defines the grid)")
+        if config.checkpoints.controlnet is None:
+            problems.append("$.checkpoints.controlnet: required when generating from a mask ($.mask is set)")
+    else:
+        for key in ("output_size", "spacing"):
+            if getattr(config, key) is None:
+                problems.append(f"$.{key}: required in image-only mode (set it, or set $.mask)")
+        if preset.uses_body_region and config.body_region is None:
+            problems.append(f"$.body_region: required in image-only mode: preset '{preset.name}' is "
+                            "conditioned on body region")  # fmt: skip
+        if config.output_size is not None:
+            bad = [s for s in config.output_size if s % preset.spatial_multiple]
+            if bad:
+                problems.append(f"$.output_size: {list(config.output_size)} must be multiples of "
+                                f"{preset.spatial_multiple} for preset '{preset.name}'")  # fmt: skip
+        if config.enforce_preset_limits and preset.limits and config.output_size and config.spacing:
+            for reason in preset.limits.violations(config.output_size, config.spacing):
+                problems.append(f"$.output_size/$.spacing: {reason} (preset '{preset.name}' limits; "
+                                "set $.enforce_preset_limits to false to experiment)")  # fmt: skip
+
+    for reason in check_sampler(preset.schedule, config.sampler, config.num_inference_steps):
+        problems.append(f"$.sampling: {reason}")
+    return problems

@@ -1,0 +1,44 @@
+"""Device and precision chosen at run time: CPU is first-class, CUDA optional, never hard-coded."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+from maisi.errors import InputError
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "float32", "float16", "bfloat16"]
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: DeviceName) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested, but no CUDA device is available (use 'cpu' or 'auto')")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the networks, or None for plain float32.
+
+    ``auto`` is float16 on CUDA (what MAISI's released models run in) and float32 on CPU.
+    """
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if precision == "float32":
+        return None
+    if device.type == "cpu" and precision == "float16":
+        raise InputError("precision 'float16' is not supported on CPU; use 'float32', 'bfloat16' or 'auto'")
+    return _DTYPES[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast context for ``dtype`` on ``device``; a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,183 @@
+"""Generate CT volumes: check every input, load the networks, run sampling and decoding.
+
+Used by ``maisi.infer``; usable from Python::
+
+    plan = plan_generation(config)          # reads the mask, checks labels and grid; writes nothing
+    models = load_models(plan, device)      # builds the preset's networks, loads checkpoints strictly
+    ct = generate(plan, models, seed=0)     # a Volume of int16 HU on the plan's grid
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from maisi.checkpoints import Weights, load_network
+from maisi.conditioning import Conditions, binarize_labels, body_region_from_mask
+from maisi.config.infer_config import InferConfig
+from maisi.data.io import Volume, read_mask
+from maisi.decoding import decode
+from maisi.device import autocast_dtype
+from maisi.errors import CheckpointError, InputError, VolumeError
+from maisi.intensity import set_outside_body, unit_to_hu
+from maisi.labels import BODY_LABEL, load_label_dict, labels_not_in_dict
+from maisi.networks import Preset, RuntimeOptions, get_preset
+from maisi.sampling import denoise, make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything about the samples except the seed: grid, geometry, conditions, sampler."""
+
+    config: InferConfig
+    preset: Preset
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    conditions: Conditions
+    mask: Volume | None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        f = self.preset.vae_factor
+        return (1, self.preset.latent_channels, *(s // f for s in self.shape))  # type: ignore[return-value]
+
+
+@dataclass
+class Models:
+    """The loaded networks on the compute device, and what their files said."""
+
+    autoencoder: torch.nn.Module
+    diffusion_unet: torch.nn.Module
+    controlnet: torch.nn.Module | None
+    scale_factor: float
+    weights: dict[str, Weights] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None
+
+
+def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    """RAS affine with the given spacing whose volume centre sits at the world origin."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0 * np.asarray(spacing)
+    return affine
+
+
+def _mask_problems(mask: Volume, preset: Preset, config: InferConfig, label_dict: dict[str, int]) -> list[str]:
+    problems = []
+    unknown = labels_not_in_dict(mask.array, label_dict)
+    if unknown:
+        shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
+        problems.append(f"labels not in the label dictionary: {shown} (remap the mask to MAISI ids or "
+                        "extend the dictionary with $.label_dict)")  # fmt: skip
+    m = preset.spatial_multiple
+    if any(s % m for s in mask.shape):
+        target = [((s + m - 1) // m) * m for s in mask.shape]
+        problems.append(f"size {list(mask.shape)} is not a multiple of {m} per axis, as preset '{preset.name}' "
+                        f"needs; pad or crop it (e.g. pad to {target})")  # fmt: skip
+    if config.enforce_preset_limits and preset.limits:
+        spacing = tuple(round(s, 4) for s in mask.spacing)
+        for reason in preset.limits.violations(mask.shape, spacing):  # type: ignore[arg-type]
+            problems.append(f"{reason} (preset '{preset.name}' limits; $.enforce_preset_limits false relaxes them)")
+    return problems
+
+
+def plan_generation(config: InferConfig) -> GenerationPlan:
+    """Check the inputs a config names (mask, labels, grid) and fix the grid and the conditions.
+
+    Raises:
+        InputError: listing every problem found with the mask, or naming the missing body region.
+    """
+    preset = get_preset(config.preset)
+    warnings: list[str] = []
+    top, bottom = (config.body_region.top, config.body_region.bottom) if config.body_region else (None, None)
+    if config.mask is None:
+        assert config.output_size is not None and config.spacing is not None  # guaranteed by the config checks
+        shape, spacing = config.output_size, config.spacing
+        conditions = Conditions(spacing, top, bottom, config.modality)
+        return GenerationPlan(config, preset, shape, centred_affine(shape, spacing), conditions, None)
+
+    label_dict = load_label_dict(config.label_dict)
+    mask = read_mask(config.mask)
+    problems = _mask_problems(mask, preset, config, label_dict)
+    if problems:
+        raise VolumeError(f"mask {config.mask}:\n  " + "\n  ".join(problems))
+    if not np.any(mask.array == BODY_LABEL):
+        warnings.append(f"mask {config.mask} has no body label {BODY_LABEL}: MAISI's ControlNet expects every "
+                        f"body voxel that is not an organ labelled {BODY_LABEL}; without it images are poor. "
+                        "Add a body envelope (threshold the CT near -800 HU, keep the largest component, "
+                        f"fill holes, label it {BODY_LABEL} where no organ is).")  # fmt: skip
+    if top is None and preset.uses_body_region:
+        derived = body_region_from_mask(mask.array)
+        if derived is None:
+            raise InputError(f"mask {config.mask}: cannot derive the body region (no brain/skull, lung, abdominal "
+                             "organ or femur label); set $.body_region in the config")  # fmt: skip
+        top, bottom = derived
+    conditions = Conditions(mask.spacing, top, bottom, config.modality)
+    return GenerationPlan(config, preset, mask.shape, mask.affine, conditions, mask, tuple(warnings))
+
+
+def load_models(plan: GenerationPlan, device: torch.device) -> Models:
+    """Build the preset's networks for ``device`` and load the config's checkpoints into them.
+
+    Raises:
+        CheckpointError: a missing file, another architecture, or a UNet checkpoint without scale_factor.
+    """
+    config, preset = plan.config, plan.preset
+    runtime = RuntimeOptions.for_device(device)
+    vae, vae_w = load_network(preset, "autoencoder", config.checkpoints.autoencoder, runtime)
+    unet, unet_w = load_network(preset, "diffusion_unet", config.checkpoints.diffusion_unet, runtime)
+    if unet_w.scale_factor is None:
+        raise CheckpointError(f"{unet_w.path}: diffusion UNet checkpoint has no scale_factor; it is part of the "
+                              "trained model (1 / std of the training latents) and cannot be guessed")  # fmt: skip
+    weights = {"autoencoder": vae_w, "diffusion_unet": unet_w}
+    controlnet = None
+    if plan.mask is not None:
+        assert config.checkpoints.controlnet is not None  # guaranteed by the config checks
+        controlnet, weights["controlnet"] = load_network(preset, "controlnet", config.checkpoints.controlnet, runtime)
+        controlnet = controlnet.to(device)
+    elif config.checkpoints.controlnet is not None:
+        log.info("image-only mode: the ControlNet checkpoint is not used")
+    return Models(vae.to(device), unet.to(device), controlnet, unet_w.scale_factor, weights, device,
+                  autocast_dtype(config.precision, device))  # fmt: skip
+
+
+def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = True) -> tuple[Volume, dict[str, float]]:
+    """Generate one CT for ``seed``.
+
+    Returns:
+        The CT as a Volume of int16 HU in [-1000, 1000] on the plan's grid (air outside the mask in mask
+        mode), and the seconds spent in sampling and decoding.
+    """
+    config, device = plan.config, models.device
+    # Noise is drawn on the CPU so a seed gives the same starting point on every device.
+    noise = torch.randn(plan.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    step_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    control = None
+    if plan.mask is not None:
+        labels = torch.from_numpy(plan.mask.array.astype(np.int64))[None, None]
+        control = binarize_labels(labels).to(device)
+    scheduler = make_scheduler(plan.preset.schedule, config.sampler)
+    t0 = time.perf_counter()
+    latents = denoise(
+        models.diffusion_unet, scheduler, noise, config.num_inference_steps,
+        plan.conditions.network_inputs(plan.preset, 1, device),
+        controlnet=models.controlnet, control=control, conditioning_scale=config.sampling.conditioning_scale,
+        generator=step_generator, autocast_dtype=models.dtype, progress=progress,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    image = decode(models.autoencoder, latents, models.scale_factor, method=config.decoding.method,
+                   roi_size=config.decoding.sw_roi_size, overlap=config.decoding.sw_overlap,
+                   autocast_dtype=models.dtype, progress=progress)  # fmt: skip
+    t2 = time.perf_counter()
+    hu = unit_to_hu(image[0, 0].numpy())
+    if plan.mask is not None:
+        hu = set_outside_body(hu, plan.mask.array)
+    return Volume(hu, plan.affine.copy()), {"sampling_s": t1 - t0, "decoding_s": t2 - t1}
+

@@ -1,0 +1,121 @@
+"""One denoising loop for DDPM, DDIM and rectified flow, with optional ControlNet residuals.
+
+Schedulers come from ``monai.networks.schedulers``; this module only chooses and drives them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
+from tqdm.auto import tqdm
+
+from maisi.device import autocast
+from maisi.errors import InputError
+from maisi.networks import NoiseSchedule
+
+Sampler = Literal["ddpm", "ddim", "rflow"]
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "rflow": 30}
+COMPATIBLE_SAMPLERS: dict[str, tuple[Sampler, ...]] = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow",)}
+
+
+def check_sampler(schedule: NoiseSchedule, sampler: Sampler, num_steps: int) -> list[str]:
+    """Why ``sampler`` with ``num_steps`` cannot sample a UNet trained on ``schedule`` (empty if it can)."""
+    problems = []
+    if sampler not in COMPATIBLE_SAMPLERS[schedule.kind]:
+        problems.append(f"sampler '{sampler}' cannot sample a {schedule.kind}-trained UNet; "
+                        f"use one of {list(COMPATIBLE_SAMPLERS[schedule.kind])}")  # fmt: skip
+    if num_steps > schedule.num_train_timesteps:
+        problems.append(f"{num_steps} inference steps exceed the {schedule.num_train_timesteps} training timesteps")
+    return problems
+
+
+def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
+    """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``."""
+    problems = check_sampler(schedule, sampler, 1)
+    if problems:
+        raise InputError(problems[0])
+    if sampler == "rflow":
+        return RFlowScheduler(num_train_timesteps=schedule.num_train_timesteps, use_discrete_timesteps=False,
+                              use_timestep_transform=True, sample_method="uniform")  # fmt: skip
+    betas = dict(num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.beta_schedule,
+                 beta_start=schedule.beta_start, beta_end=schedule.beta_end, clip_sample=False,
+                 prediction_type="epsilon")  # fmt: skip  (clip_sample must be off for latents)
+    return DDPMScheduler(**betas) if sampler == "ddpm" else DDIMScheduler(**betas)
+
+
+def set_timesteps(scheduler: Scheduler, num_steps: int, latent_shape: tuple[int, ...], device: torch.device) -> None:
+    """Set the inference timesteps; rectified flow shifts them by the latent size, as MAISI does."""
+    if isinstance(scheduler, RFlowScheduler):
+        scheduler.set_timesteps(num_steps, device=device, input_img_size_numel=math.prod(latent_shape[2:]))
+    else:
+        scheduler.set_timesteps(num_steps, device=device)
+
+
+def _step(
+    scheduler: Scheduler, output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # fmt: skip
+    if isinstance(scheduler, RFlowScheduler):
+        return scheduler.step(output, t, x, next_t)[0]
+    if isinstance(scheduler, DDPMScheduler):
+        return scheduler.step(output, t, x, generator=generator)[0]  # stochastic: seeded generator
+    return scheduler.step(output, t, x)[0]
+
+
+@torch.no_grad()
+def denoise(
+    unet: torch.nn.Module,
+    scheduler: Scheduler,
+    noise: torch.Tensor,
+    num_steps: int,
+    unet_inputs: dict[str, torch.Tensor],
+    *,
+    controlnet: torch.nn.Module | None = None,
+    control: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` to a (scaled) latent.
+
+    Args:
+        unet: the diffusion UNet (``DiffusionModelUNetMaisi``).
+        scheduler: a MONAI DDPM, DDIM or rectified-flow scheduler (see :func:`make_scheduler`).
+        noise: (N, C, x, y, z) standard normal starting point, on the compute device.
+        num_steps: number of inference steps.
+        unet_inputs: conditioning keyword tensors (spacing, body region, class labels), see
+            :meth:`maisi.conditioning.Conditions.network_inputs`.
+        controlnet: optional ControlNet; its residuals are added to the UNet's skip connections.
+        control: (N, 8, 4x, 4y, 4z) bit-encoded label mask for the ControlNet.
+        conditioning_scale: multiplier on the ControlNet residuals.
+        generator: random generator on the compute device (DDPM adds noise at every step).
+        autocast_dtype: half-precision dtype for the networks, or None for float32.
+        progress: show a progress bar.
+
+    Returns:
+        (N, C, x, y, z) float32 latent in the scaled space (divide by ``scale_factor`` before decoding).
+    """
+    if (controlnet is None) != (control is None):
+        raise ValueError("controlnet and control must be given together")
+    device = noise.device
+    set_timesteps(scheduler, num_steps, tuple(noise.shape), device)
+    timesteps = scheduler.timesteps
+    next_timesteps = torch.cat((timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)))
+    class_labels = unet_inputs.get("class_labels")
+    x = noise
+    for t, next_t in tqdm(zip(timesteps, next_timesteps), total=len(timesteps), disable=not progress,
+                          desc="denoising", leave=False):  # fmt: skip
+        t_batch = torch.full((x.shape[0],), float(t), device=device)
+        with autocast(device, autocast_dtype):
+            residuals = {}
+            if controlnet is not None:
+                down, mid = controlnet(x=x, timesteps=t_batch, controlnet_cond=control,
+                                       conditioning_scale=conditioning_scale, class_labels=class_labels)  # fmt: skip
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            output = unet(x=x, timesteps=t_batch, **unet_inputs, **residuals)
+        x = _step(scheduler, output.float(), t, next_t, x, generator)
+    return x
