@@ -78,9 +78,11 @@ def read_weights(path: str | Path, part: Part) -> Weights:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
+        reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
+        if reason is None:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or not a checkpoint)") from None
         raise CheckpointError(f"{path}: refused to load: it holds code or objects, not only weights "
-                              f"(loading is weights_only for safety). {reason}".strip()) from None
+                              f"(loading is weights_only for safety). {reason}") from None
     except Exception as e:  # noqa: BLE001 - zip/EOF/format errors all mean "not a checkpoint"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 

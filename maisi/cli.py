@@ -31,12 +31,14 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    """Log ``maisi.*`` messages to stderr; the root logger (an application's or pytest's) is left alone."""
+    logger = logging.getLogger("maisi")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(getattr(h, "_maisi_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._maisi_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
 
 
 def run_guarded(prog: str, body: Callable[[], int]) -> int:

@@ -133,7 +133,7 @@ def read_mask(path: str | Path) -> Volume:
         raise VolumeError(f"{path}: a mask must hold integer labels, got voxel type {array.dtype}")
     bad = ~np.isfinite(array) | (array != np.round(array))
     if bad.any():
-        raise VolumeError(f"{path}: a mask must hold integer labels, found {array[bad].flat[0]!r} "
+        raise VolumeError(f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):g} "
                           f"({int(bad.sum())} non-integer voxels)")  # fmt: skip
     lo, hi = float(array.min()), float(array.max())
     dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int32

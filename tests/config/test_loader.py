@@ -1,0 +1,151 @@
+"""Config loading: schemas, every shipped config, broken configs reported with JSON paths, defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+import pytest
+
+from maisi.config import ConfigError, InferConfig, load_config, load_schema, to_jsonable
+from maisi.config.loader import _strip_optional
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_KINDS = {"inference": "infer"}  # file-name prefix -> config kind
+
+
+def _kind_of(path: Path) -> str:
+    return next(kind for prefix, kind in CONFIG_KINDS.items() if path.name.startswith(prefix))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path, _kind_of(path))
+    assert Path(config.checkpoints.diffusion_unet).is_absolute()
+
+
+def _object_schemas(schema: dict, where: str = "$"):
+    t = schema.get("type")
+    if t == "object" or (isinstance(t, list) and "object" in t):
+        yield where, schema
+        for key, sub in schema.get("properties", {}).items():
+            yield from _object_schemas(sub, f"{where}.{key}")
+
+
+def test_schema_rejects_unknown_keys_everywhere_and_describes_every_property():
+    schema = load_schema("infer")
+    for where, obj in _object_schemas(schema):
+        assert obj.get("additionalProperties") is False, where
+        for key, sub in obj.get("properties", {}).items():
+            assert sub.get("description"), f"{where}.{key} has no description"
+
+
+def _dataclass_fields_match(cls, schema: dict, where: str = "$"):
+    props = schema["properties"]
+    hints = typing.get_type_hints(cls)
+    assert {f.name for f in dataclasses.fields(cls)} == set(props), where
+    for f in dataclasses.fields(cls):
+        tp = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            _dataclass_fields_match(tp, props[f.name], f"{where}.{f.name}")
+
+
+def test_dataclasses_mirror_the_schema():
+    _dataclass_fields_match(InferConfig, load_schema("infer"))
+
+
+def _minimal(tmp_path: Path) -> dict:
+    return {
+        "preset": "tiny-rflow",
+        "checkpoints": {"autoencoder": "a.pt", "diffusion_unet": "u.pt"},
+        "output_size": [32, 32, 16],
+        "spacing": [1.0, 1.0, 2.0],
+    }
+
+
+def _load(tmp_path: Path, data) -> InferConfig:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return load_config(path, "infer")
+
+
+def test_defaults_are_filled_and_paths_resolved_against_the_config_folder(tmp_path):
+    config = _load(tmp_path, _minimal(tmp_path))
+    assert config.checkpoints.autoencoder == str(tmp_path / "a.pt")
+    assert config.checkpoints.controlnet is None
+    assert config.output.dir == str(tmp_path / "output")
+    assert config.sampling.conditioning_scale == 1.0
+    assert config.sampler == "rflow" and config.num_inference_steps == 30
+    assert config.decoding.sw_roi_size == (48, 48, 48)
+    assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen
+    # the resolved config is plain JSON again
+    assert json.loads(json.dumps(to_jsonable(config)))["output"]["format"] == "nii.gz"
+
+
+BROKEN = [
+    ("misspelled key", {"seeed": 3}, ["$.seeed: unknown key 'seeed'; did you mean 'seed'?"]),
+    ("nested unknown key", {"sampling": {"steps": 3}}, ["$.sampling.steps: unknown key 'steps'"]),
+    ("wrong type", {"seed": "abc"}, ["$.seed: got \"abc\", expected type integer"]),
+    ("bad enum", {"device": "gpu"}, ["$.device: got \"gpu\", expected one of"]),
+    ("out of range", {"sampling": {"num_inference_steps": 0}}, ["$.sampling.num_inference_steps"]),
+    ("size not a triple", {"output_size": [32, 32]}, ["$.output_size"]),
+    ("negative spacing", {"spacing": [1.0, -1.0, 2.0]}, ["$.spacing[1]"]),
+    ("bad region", {"body_region": {"top": "neck", "bottom": "chest"}}, ["$.body_region.top"]),
+    ("missing required", {"checkpoints": {"autoencoder": "a.pt"}}, ["$.checkpoints: 'diffusion_unet' is a required"]),
+    ("unknown preset", {"preset": "maisi-ct-rflw"}, ["$.preset: unknown preset 'maisi-ct-rflw'. Did you mean 'maisi-ct-rflow'?"]),
+    ("mask and size", {"mask": "m.nii.gz", "checkpoints": {"autoencoder": "a", "diffusion_unet": "u", "controlnet": "c"}},
+     ["$.output_size: must be null when $.mask is set", "$.spacing: must be null"]),
+    ("mask without controlnet", {"mask": "m.nii.gz", "output_size": None, "spacing": None},
+     ["$.checkpoints.controlnet: required when generating from a mask"]),
+    ("size not multiple", {"output_size": [40, 32, 16]}, ["$.output_size: [40, 32, 16] must be multiples of 16"]),
+    ("sampler mismatch", {"sampling": {"scheduler": "ddim"}}, ["$.sampling: sampler 'ddim' cannot sample a rflow-trained UNet"]),
+    ("ddpm needs region", {"preset": "tiny-ddpm"}, ["$.body_region: required in image-only mode"]),
+    ("released size", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 96], "spacing": [1.5, 1.5, 2.0]},
+     ["size z 96 is not one of"]),
+    ("released spacing", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [3.5, 3.5, 2.0]},
+     ["spacing x/y 3.5 mm is outside [0.5, 3] mm"]),
+    ("released fov", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [0.8, 0.8, 2.0]},
+     ["field of view in x/y 204.8 mm is under 256 mm"]),
+]
+
+
+@pytest.mark.parametrize("changes, expected", [(c, e) for _, c, e in BROKEN], ids=[n for n, _, _ in BROKEN])
+def test_broken_config_fails_with_json_path(tmp_path, changes, expected):
+    data = {**_minimal(tmp_path), **changes}
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, data)
+    message = str(info.value)
+    assert str(tmp_path / "cfg.json") in message
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_limits_can_be_relaxed_for_experiments(tmp_path):
+    data = {**_minimal(tmp_path), "preset": "maisi-ct-rflow", "output_size": [64, 64, 64], "spacing": [1.0] * 3,
+            "enforce_preset_limits": False}  # fmt: skip
+    assert _load(tmp_path, data).output_size == (64, 64, 64)
+
+
+def test_all_errors_are_reported_at_once(tmp_path):
+    data = {**_minimal(tmp_path), "seed": -1, "device": "tpu", "colour": "red", "output": {"format": "png"}}
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, data)
+    paths = [e.split(":")[0] for e in info.value.errors]
+    assert paths == ["$.colour", "$.device", "$.output.format", "$.seed"]
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [("{\"preset\": ", "not valid JSON"), ("[1, 2]", "$: got [1, 2], expected type object")],
+)
+def test_unparsable_or_non_object_config(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        _load(tmp_path, text)
+    assert fragment in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.json", "infer")

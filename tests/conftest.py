@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random-weight checkpoints and small synthetic label masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maisi.checkpoints import save_checkpoint
+from maisi.data.io import Volume, write_volume
+from maisi.networks import PARTS, build_network, get_preset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PRESETS = ("tiny-rflow", "tiny-ddpm")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """{preset: {part: path}} of seeded random-weight checkpoints in our format (scale_factor 1.0)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    out: dict[str, dict[str, Path]] = {}
+    for name in TINY_PRESETS:
+        preset = get_preset(name)
+        torch.manual_seed(0)
+        out[name] = {
+            part: save_checkpoint(root / name / f"{part}.pt", build_network(preset, part), preset, part,
+                                  scale_factor=1.0 if part == "diffusion_unet" else None)  # fmt: skip
+            for part in PARTS
+        }
+    return out
+
+
+def phantom_mask(shape=(32, 32, 16)) -> np.ndarray:
+    """A box of body (200) holding a liver (1) block and a lung-lobe (28) block; air (0) around it."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    x, y, z = shape
+    mask[2 : x - 2, 2 : y - 2, 1 : z - 1] = 200
+    mask[4 : x // 2, 4 : y // 2, 2 : z // 2] = 1
+    mask[x // 2 : x - 4, y // 2 : y - 4, z // 2 : z - 2] = 28
+    return mask
+
+
+@pytest.fixture
+def mask_file(tmp_path) -> Path:
+    """A phantom mask NIfTI at 2 x 2 x 3 mm with a non-trivial origin."""
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-30.0, 12.5, 100.0]
+    return write_volume(tmp_path / "inputs" / "mask.nii.gz", Volume(phantom_mask(), affine))
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+@pytest.fixture
+def infer_config(tmp_path, tiny_checkpoints, mask_file):
+    """Factory: a mask-mode infer config for a tiny preset, with top-level keys replaced by ``changes``."""
+
+    def make(preset: str = "tiny-rflow", **changes) -> Path:
+        ckpt = tiny_checkpoints.get(preset, tiny_checkpoints["tiny-rflow"])  # others fail before loading
+        data = {
+            "preset": preset,
+            "checkpoints": {part: str(p) for part, p in ckpt.items()},
+            "mask": str(mask_file),
+            "sampling": {"num_inference_steps": 3},
+            "output": {"dir": str(tmp_path / "out")},
+            "device": "cpu",
+        }
+        data.update(changes)
+        return write_config(tmp_path / "config.json", {k: v for k, v in data.items() if v != "<drop>"})
+
+    return make

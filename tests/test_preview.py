@@ -1,0 +1,130 @@
+"""Preview PNGs: three mid-slices side by side, square pixels, radiological orientation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from maisi.data.io import Volume, read_volume
+from maisi.preview import GAP, montage, three_planes, window, write_preview
+
+DATA = Path(__file__).parent / "data"
+CHEST_NRRD = DATA / "slicerio_CTChest4.nrrd"  # 128x128x34 at 3.047x3.047x10 mm
+
+
+def _read_png(path: Path) -> np.ndarray:
+    image = sitk.ReadImage(str(path))
+    assert image.GetDimension() == 2 and image.GetNumberOfComponentsPerPixel() == 1  # greyscale
+    return sitk.GetArrayFromImage(image)  # (rows, cols), row 0 at the top
+
+
+def test_window_maps_the_display_range_to_grey_levels():
+    hu = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0])
+    grey = window(hu, level=40, width=400)
+    assert grey.dtype == np.uint8
+    assert grey.tolist() == [0, 0, 128, 255, 255]
+
+
+def test_chest_preview_png_layout(tmp_path):
+    ct = read_volume(CHEST_NRRD)
+    panels = three_planes(ct)
+    axial, coronal, sagittal = (p.shape for p in panels)
+    # square pixels at the finer (3.047 mm) spacing: 34 slices of 10 mm become round(340 / 3.047) rows
+    assert coronal == (round(34 * 10 / ct.spacing[0]), 128) == (112, 128)
+    assert axial == (128, 128)
+    assert sagittal == (112, 128)
+
+    out = write_preview(tmp_path / "chest.png", ct)
+    assert out == tmp_path / "chest.png"
+    picture = _read_png(out)
+    assert picture.dtype == np.uint8
+    assert picture.shape == (max(p.shape[0] for p in panels), sum(p.shape[1] for p in panels) + 2 * GAP)
+    assert picture.shape == (128, 392)
+    # the PNG holds exactly the windowed panels, top-aligned, on black
+    expected = montage([window(p.astype(np.float32), 40, 400) for p in panels])
+    np.testing.assert_array_equal(picture, expected)
+    assert picture[112:, 128 + GAP :].max() == 0  # below the shorter coronal/sagittal panels
+    assert picture[:, 128 : 128 + GAP].max() == 0  # the gap
+    assert 0 < picture.mean() < 255  # something visible in the default soft-tissue window
+    assert [p.name for p in tmp_path.iterdir()] == ["chest.png"]  # written atomically, nothing left over
+
+
+def test_preview_window_is_configurable(tmp_path):
+    ct = read_volume(CHEST_NRRD)
+    soft = _read_png(write_preview(tmp_path / "soft.png", ct))
+    lung = _read_png(write_preview(tmp_path / "lung.png", ct, level=-600, width=1500))
+    assert soft.shape == lung.shape
+    assert lung.mean() > soft.mean()  # lung parenchyma (about -850 HU) becomes visible
+
+
+# Synthetic RAS volume: x runs toward patient Right, y toward Anterior, z toward Superior (Volume convention).
+# Anisotropic on purpose, so a transposed panel or wrong spacing changes the expected boxes.
+SHAPE = (20, 24, 16)
+SPACING = (1.0, 1.5, 2.0)
+LOW_X = slice(0, 5)  # patient LEFT side (x grows toward the right)
+HIGH_Y = slice(18, 24)  # anterior
+HIGH_Z = slice(12, 16)  # superior
+ALL = slice(None)
+
+
+def _block_volume(block: tuple[slice, slice, slice]) -> Volume:
+    array = np.full(SHAPE, -1000.0, dtype=np.float32)
+    array[block] = 1000.0
+    return Volume(array, np.diag([*SPACING, 1.0]))
+
+
+def _bright_box(panel: np.ndarray) -> tuple[int, int, int, int]:
+    """First and last bright row, first and last bright column."""
+    rows, cols = np.nonzero(panel > 0)
+    assert rows.size, "block not visible in this panel"
+    return int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+
+
+def test_axial_panel_shows_anterior_up_and_patient_left_on_the_right():
+    # a column of bright voxels at the patient's left-anterior, through every axial slice
+    axial, coronal, sagittal = three_planes(_block_volume((LOW_X, HIGH_Y, ALL)))
+    assert axial.shape == (36, 20)  # rows: y, 24 voxels of 1.5 mm at 1 mm; cols: x, 20 voxels of 1 mm
+    top, bottom, left, right = _bright_box(axial)
+    assert (top, bottom) == (0, 8)  # anterior 6 voxels * 1.5 mm = top 9 rows
+    assert (left, right) == (15, 19)  # patient left = image right (radiological convention)
+    assert coronal.max() < 0 and sagittal.max() < 0  # not cut by the other mid-planes
+
+
+def test_coronal_panel_shows_superior_up_and_patient_left_on_the_right():
+    # a bright slab at the patient's left-superior, through every coronal slice
+    axial, coronal, sagittal = three_planes(_block_volume((LOW_X, ALL, HIGH_Z)))
+    assert coronal.shape == (32, 20)  # rows: z, 16 voxels of 2 mm at 1 mm
+    top, bottom, left, right = _bright_box(coronal)
+    assert (top, bottom) == (0, 7)  # superior 4 voxels * 2 mm = top 8 rows
+    assert (left, right) == (15, 19)
+    assert axial.max() < 0 and sagittal.max() < 0
+
+
+def test_sagittal_panel_shows_superior_up_and_anterior_on_the_left():
+    axial, coronal, sagittal = three_planes(_block_volume((ALL, HIGH_Y, HIGH_Z)))
+    # square pixels at this panel's finer spacing (1.5 mm): rows z, 16 * 2 / 1.5 = 21.3 -> 21; cols y, 24
+    assert sagittal.shape == (21, 24)
+    top, bottom, left, right = _bright_box(sagittal)
+    assert (top, bottom) == (0, 5)  # superior 4 voxels * 2 mm = 8 mm = top 6 rows of 1.5 mm (nearest neighbour)
+    assert (left, right) == (0, 5)  # anterior 6 voxels on the left (anterior faces left)
+    assert axial.max() < 0 and coronal.max() < 0
+
+
+@pytest.mark.parametrize(
+    "block, panel",
+    [((LOW_X, HIGH_Y, ALL), 0), ((LOW_X, ALL, HIGH_Z), 1), ((ALL, HIGH_Y, HIGH_Z), 2)],
+    ids=["axial", "coronal", "sagittal"],
+)
+def test_png_keeps_the_panel_orientation(tmp_path, block, panel):
+    """Through the PNG file: the block lands where the panel put it (no flip or transpose when writing)."""
+    volume = _block_volume(block)
+    panels = three_planes(volume)
+    picture = _read_png(write_preview(tmp_path / "p.png", volume))
+    offset = sum(p.shape[1] + GAP for p in panels[:panel])
+    top, bottom, left, right = _bright_box(picture)
+    expected = _bright_box(panels[panel])
+    assert (top, bottom, left - offset, right - offset) == expected
+    assert top == 0  # anterior / superior at the top of the picture
