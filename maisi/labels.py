@@ -17,18 +17,25 @@ BODY_LABEL = 200
 MAX_LABEL = 255  # the ControlNet sees 8 bit-planes
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise InputError(f"duplicate class name '{key}'")
-        seen[key] = value
-    return seen
+class _DuplicateNames(dict):
+    """A JSON object that remembers names given more than once (json keeps only the last)."""
+
+    duplicates: list[str]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, object]]) -> _DuplicateNames:
+        out = cls()
+        out.duplicates = []
+        for key, value in pairs:
+            if key in out:
+                out.duplicates.append(key)
+            out[key] = value
+        return out
 
 
 def validate_label_dict(label_dict: dict[str, object], source: str) -> dict[str, int]:
     """Check names and ids; return the dictionary with int ids. Lists every problem at once."""
-    problems = []
+    problems = [f"'{name}': duplicate class name (given more than once)" for name in getattr(label_dict, "duplicates", [])]
     ids: dict[int, str] = {}
     for name, value in label_dict.items():
         if not isinstance(value, int) or isinstance(value, bool):
@@ -52,13 +59,11 @@ def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
         return validate_label_dict(load_json("maisi_label_dict.json"), "maisi_label_dict.json (packaged)")
     path = Path(path)
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+        data = json.loads(path.read_text(), object_pairs_hook=_DuplicateNames.from_pairs)
     except FileNotFoundError:
         raise InputError(f"label dictionary not found: {path}") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except InputError as e:
-        raise InputError(f"invalid label dictionary {path}: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a label dictionary is a JSON object of name -> id")
     return validate_label_dict(data, str(path))

@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from maisi.atomic import atomic_path
-from maisi.data.io import Volume
+from maisi.data.io import Volume, to_ras
 
 GAP = 4  # pixels between panels
 
@@ -34,7 +34,8 @@ def _square_pixels(plane: np.ndarray, spacing_rows: float, spacing_cols: float) 
 
 
 def three_planes(volume: Volume) -> list[np.ndarray]:
-    """Axial, coronal and sagittal mid-slices of a RAS volume, oriented for display (rows, cols)."""
+    """Axial, coronal and sagittal mid-slices, oriented for display (rows, cols)."""
+    volume = to_ras(volume)
     a = volume.array
     sx, sy, sz = volume.spacing
     cx, cy, cz = (s // 2 for s in a.shape[:3])

@@ -80,11 +80,6 @@ def test_two_problems_are_both_named():
     assert "left lung" in message and "right lung" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_label_dict stops at the first duplicated JSON key (raised from object_pairs_hook) and "
-    "never validates the ids, so other problems in the same file go unreported",
-)
 def test_duplicated_name_and_other_problems_are_listed_together(tmp_path):
     path = tmp_path / "labels.json"
     path.write_text('{"liver": 1, "liver": 2, "spleen": 300, "stomach": 3, "stomach": 4}')

@@ -1,8 +1,9 @@
 """Volumes in and out: NIfTI, NRRD, MHA and DICOM series, geometry kept, RAS in memory, atomic writes.
 
 In memory a volume is an array indexed (x, y, z) whose axes run toward patient Right, Anterior and
-Superior (RAS), with a 4x4 affine mapping voxel indices to RAS millimetres. Files are read and written with
-SimpleITK (which works in LPS); the conversion happens here and nowhere else.
+Superior (RAS), with a 4x4 affine mapping voxel indices to RAS millimetres. NIfTI files are read with
+nibabel (SimpleITK 2.5 silently reads NaN/Inf in NIfTI floats as 0); everything else, and all writing, goes
+through SimpleITK (which works in LPS). The LPS/RAS conversion happens here and nowhere else.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("nii.gz", "nii", "nrrd", "mha")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value
 class Volume:
     """A 3D volume: ``array`` indexed (x, y, z) in RAS order, ``affine`` voxel -> RAS mm."""
 
@@ -60,6 +61,19 @@ def _read_sitk(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def _read_nifti(path: Path) -> Volume:
+    try:
+        image = nib.load(path)
+        array = np.asanyarray(image.dataobj)
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        raise VolumeError(f"{path}: cannot read as a medical image ({type(e).__name__}: {e})") from None
+    while array.ndim > 3 and array.shape[-1] == 1:  # (x, y, z, 1) as some tools write it
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeError(f"{path}: expected a 3D volume with one value per voxel, got shape {array.shape}")
+    return to_ras(Volume(array, image.affine.astype(np.float64)))
+
+
 def read_volume(path: str | Path) -> Volume:
     """Read a scalar volume and reorient it to RAS.
 
@@ -72,6 +86,8 @@ def read_volume(path: str | Path) -> Volume:
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        return _read_nifti(path)
     try:
         image = _read_sitk(path)
     except RuntimeError as e:
@@ -106,9 +122,12 @@ def write_volume(path: str | Path, volume: Volume) -> Path:
     The file appears atomically: it is written under a temporary name and renamed.
     """
     path = Path(path)
+    if not path.name.lower().endswith(tuple(f".{f}" for f in OUTPUT_FORMATS)):
+        raise VolumeError(f"{path}: cannot write this format; use one of {', '.join('.' + f for f in OUTPUT_FORMATS)}")
+    array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
     lps = _LPS_TO_RAS @ volume.affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array.transpose(2, 1, 0)))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(o) for o in lps[:3, 3]])
     image.SetDirection([float(d) for d in (lps[:3, :3] / spacing).ravel()])
