@@ -48,11 +48,16 @@ class Weights:
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, streamed."""
+    """Hex SHA-256 of a file, streamed; of a folder (a DICOM series), over its files' names and contents."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 

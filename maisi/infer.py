@@ -155,7 +155,7 @@ def run(config: InferConfig) -> int:
     models = load_models(plan, device)
     checksums = {part: file_sha256(w.path) for part, w in models.weights.items()}
     if config.mask is not None:
-        checksums["mask"] = file_sha256(config.mask) if Path(config.mask).is_file() else "dicom-folder"
+        checksums["mask"] = file_sha256(config.mask)
     key = job_key(config, checksums)
     check_no_foreign_samples(config, key)
     out = Path(config.output.dir)

@@ -108,3 +108,18 @@ def test_unrecognised_layout_lists_its_keys(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match=r"unrecognised checkpoint layout \(dict with keys \['epoch', 'model'\]"):
         read_weights(tmp_path / "x.pt", "autoencoder")
+
+
+def test_sha256_of_files_and_folders(tmp_path):
+    import hashlib
+
+    from maisi.checkpoints import file_sha256
+
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    assert file_sha256(tmp_path / "a.bin") == hashlib.sha256(b"abc").hexdigest()
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"one")
+    before = file_sha256(series)
+    (series / "1.dcm").write_bytes(b"two")
+    assert file_sha256(series) != before  # a DICOM folder's content is part of its identity
