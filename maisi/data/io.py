@@ -105,15 +105,50 @@ def read_volume(path: str | Path) -> Volume:
     return to_ras(Volume(array, _LPS_TO_RAS @ lps))
 
 
+def _ras_transform(affine: np.ndarray) -> np.ndarray:
+    """nibabel orientation transform taking the array axes of ``affine`` to R, A, S."""
+    current = nib.orientations.io_orientation(affine)
+    return nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt(("R", "A", "S")))
+
+
 def to_ras(volume: Volume) -> Volume:
     """Permute/flip the array axes so they run R, A, S (the affine follows; world positions unchanged)."""
-    current = nib.orientations.io_orientation(volume.affine)
-    transform = nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt(("R", "A", "S")))
+    transform = _ras_transform(volume.affine)
     if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
         return volume
     array = nib.orientations.apply_orientation(volume.array, transform)
     affine = volume.affine @ nib.orientations.inv_ornt_aff(transform, volume.array.shape)
     return Volume(np.ascontiguousarray(array), affine)
+
+
+def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and RAS affine of a volume as :func:`read_volume` would return them, from the header only.
+
+    Raises:
+        VolumeError: missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        volume = read_volume(path)  # folders (DICOM) and missing files: the full reader explains
+        return volume.shape, volume.affine
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            header = nib.load(path)
+            shape, affine = tuple(int(s) for s in header.shape[:3]), header.affine.astype(np.float64)
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            direction = np.array(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
+            lps = np.eye(4)
+            lps[:3, :3] = direction @ np.diag(reader.GetSpacing())
+            lps[:3, 3] = reader.GetOrigin()
+            shape, affine = tuple(int(s) for s in reader.GetSize()[:3]), _LPS_TO_RAS @ lps
+    except Exception as e:  # noqa: BLE001 - both readers raise several types for corrupt headers
+        raise VolumeError(f"{path}: cannot read as a medical image ({type(e).__name__})") from None
+    transform = _ras_transform(affine)
+    ras_shape = tuple(int(shape[int(axis)]) for axis in np.argsort(transform[:, 0]))
+    return ras_shape, affine @ nib.orientations.inv_ornt_aff(transform, shape)  # type: ignore[return-value]
 
 
 def write_volume(path: str | Path, volume: Volume) -> Path:

@@ -1,6 +1,7 @@
-"""Label dictionaries (name -> MAISI id) and the checks a mask must pass against one.
+"""Label dictionaries (name -> MAISI id): load, validate, check masks against them, add new classes.
 
-Issue-3 work (adding classes, remapping vocabularies, the body envelope) builds on this module.
+Sub-modules: :mod:`maisi.labels.mapping` (remap another vocabulary to MAISI ids),
+:mod:`maisi.labels.envelope` (the body label 200). CLI: ``python -m maisi.labels``.
 """
 
 from __future__ import annotations
@@ -73,3 +74,45 @@ def labels_not_in_dict(mask: np.ndarray, label_dict: dict[str, int]) -> list[int
     """Labels present in ``mask`` that are neither background (0) nor an id of ``label_dict``."""
     known = set(label_dict.values()) | {0}
     return sorted(int(v) for v in np.unique(mask) if int(v) not in known)
+
+
+def is_dummy(name: str) -> bool:
+    """MAISI's placeholder classes (``dummy1`` .. ``dummy8``) are free slots for new classes."""
+    return name.startswith("dummy") and name[5:].isdigit()
+
+
+def free_ids(label_dict: dict[str, int]) -> list[int]:
+    """Ids a new class may take: dummy slots first (in id order), then unused ids in 1..255 except 200."""
+    dummies = sorted(i for n, i in label_dict.items() if is_dummy(n))
+    used = set(label_dict.values()) | {BODY_LABEL}
+    return dummies + [i for i in range(1, MAX_LABEL + 1) if i not in used]
+
+
+def add_class(label_dict: dict[str, int], name: str, label_id: int | None = None) -> tuple[dict[str, int], int]:
+    """Return a new dictionary with class ``name`` added, and the id it got.
+
+    Without ``label_id`` the class takes the first dummy slot (the slot's ``dummyN`` entry is replaced),
+    or the first unused id when no dummy is left. With ``label_id`` that id must be a dummy slot or unused.
+
+    Raises:
+        InputError: the name exists already, the id is taken by a real class, or no id is free.
+    """
+    name = name.strip()
+    if not name:
+        raise InputError("a class name must not be empty")
+    if name in label_dict:
+        raise InputError(f"class '{name}' is already in the dictionary with id {label_dict[name]}")
+    if is_dummy(name):
+        raise InputError(f"'{name}' is a reserved placeholder name; choose a descriptive class name")
+    candidates = free_ids(label_dict)
+    if label_id is None:
+        if not candidates:
+            raise InputError("no free id left in 1..255")
+        label_id = candidates[0]
+    elif label_id not in candidates:
+        owner = next((n for n, i in label_dict.items() if i == label_id), None)
+        reason = f"it is taken by '{owner}'" if owner else f"ids must lie in 1..{MAX_LABEL} and not be {BODY_LABEL}"
+        raise InputError(f"cannot give id {label_id} to '{name}': {reason}")
+    out = {n: i for n, i in label_dict.items() if i != label_id}  # drops the dummy slot, if that is the id
+    out[name] = label_id
+    return dict(sorted(out.items(), key=lambda item: item[1])), label_id

@@ -1,0 +1,71 @@
+"""``python -m maisi.datalist``: build and validate KiTS-style datalists.
+
+    build     walk a folder of image/label pairs: dim and spacing from the headers, body regions from the
+              labels, modality, seeded k-fold split
+    validate  check every entry (files, grids, labels, header facts, folds) and list all problems
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from maisi.cli import EXIT_INPUT, EXIT_OK, run_guarded, setup_logging
+from maisi.data.datalist import build_datalist, read_datalist, validate_datalist, write_datalist
+from maisi.labels import load_label_dict
+
+PROG = "maisi.datalist"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="KiTS-style datalists for maisi.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build a datalist from a folder of image/label pairs")
+    build.add_argument("--root", required=True, help="data folder")
+    build.add_argument("--images", required=True, help="glob under --root, e.g. '*/imaging.nii.gz'")
+    build.add_argument("--labels", default=None, help="glob pairing by the '*' parts, e.g. '*/segmentation.nii.gz'")
+    build.add_argument("--output", required=True, help="datalist JSON to write (paths become relative to it)")
+    build.add_argument("--num-folds", type=int, default=5)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--modality", default="ct", choices=["unknown", "ct", "ct_wo_contrast", "ct_contrast"])
+    build.add_argument("--label-dict", default=None, help="default: MAISI's")
+    val = sub.add_parser("validate", help="check every entry of a datalist")
+    val.add_argument("--datalist", required=True)
+    val.add_argument("--root", default=None, help="data root (default: the datalist's folder)")
+    val.add_argument("--num-folds", type=int, default=None, help="expected number of folds")
+    val.add_argument("--label-dict", default=None, help="default: MAISI's")
+    return parser
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    data = build_datalist(args.root, args.images, args.labels, args.output, load_label_dict(args.label_dict),
+                          num_folds=args.num_folds, seed=args.seed, modality=args.modality)  # fmt: skip
+    write_datalist(args.output, data)
+    folds = sorted({e["fold"] for e in data["training"]})
+    print(f"wrote {args.output}: {len(data['training'])} cases in folds {folds}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    data = read_datalist(args.datalist)
+    root = Path(args.root) if args.root else Path(args.datalist).resolve().parent
+    problems = validate_datalist(data, root, load_label_dict(args.label_dict), args.num_folds)
+    if problems:
+        print(f"{PROG}: error: {args.datalist}: {len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"{args.datalist}: {len(data['training'])} cases, no problems")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_guarded(PROG, lambda: (cmd_build if args.command == "build" else cmd_validate)(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""``python -m maisi.labels``: edit label dictionaries and prepare masks for MAISI.
+
+    add       put a new class into a free dummy slot (or a given free id); prints the id
+    remap     convert a mask from another vocabulary (e.g. TotalSegmentator) to MAISI ids
+    envelope  add the body label 200 to a mask from its CT
+    show      print a label dictionary
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from maisi.atomic import write_json
+from maisi.cli import EXIT_INPUT, EXIT_OK, run_guarded, setup_logging
+from maisi.data.io import read_mask, read_volume, write_volume
+from maisi.errors import InputError
+from maisi.labels import add_class, load_label_dict
+from maisi.labels.envelope import DEFAULT_OPENING_MM, DEFAULT_THRESHOLD_HU, add_body_label
+from maisi.labels.mapping import BUILTIN_ALIASES, builtin_mappings, load_mapping, remap
+
+PROG = "maisi.labels"
+log = logging.getLogger(PROG)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Label dictionaries and masks for MAISI.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    add = sub.add_parser("add", help="add a class to a label dictionary and print its id")
+    add.add_argument("--name", required=True, help='class name, e.g. "kidney tumor"')
+    add.add_argument("--id", type=int, default=None, help="a free id or dummy-slot id (default: first dummy slot)")
+    add.add_argument("--label-dict", default=None, help="dictionary to extend (default: MAISI's)")
+    add.add_argument("--output", default=None, help="where to write (default: in place; required for MAISI's)")
+
+    rm = sub.add_parser("remap", help="convert a mask to MAISI ids through a mapping")
+    rm.add_argument("--mask", required=True)
+    rm.add_argument("--mapping", required=True,
+                    help=f"built-in ({', '.join([*BUILTIN_ALIASES, *builtin_mappings()])}) or a mapping JSON")  # fmt: skip
+    rm.add_argument("--output", required=True)
+    rm.add_argument("--label-dict", default=None, help="target dictionary (default: MAISI's)")
+    rm.add_argument("--strict", action="store_true", help="fail (exit 2) if any class present has no target")
+
+    env = sub.add_parser("envelope", help="label the body (200) where the mask is background")
+    env.add_argument("--image", required=True, help="the CT (HU) the mask belongs to")
+    env.add_argument("--mask", required=True)
+    env.add_argument("--output", required=True)
+    env.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD_HU, help="air threshold in HU")
+    env.add_argument("--opening-mm", type=float, default=DEFAULT_OPENING_MM, help="table-removal opening radius")
+
+    show = sub.add_parser("show", help="print a label dictionary as 'id name' lines")
+    show.add_argument("--label-dict", default=None)
+    return parser
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    if args.label_dict is None and args.output is None:
+        raise InputError("--output is required when extending MAISI's packaged dictionary")
+    label_dict = load_label_dict(args.label_dict)
+    updated, label_id = add_class(label_dict, args.name, args.id)
+    output = Path(args.output or args.label_dict)
+    write_json(output, updated)
+    log.info("'%s' -> id %d, written to %s", args.name, label_id, output)
+    print(label_id)
+    return EXIT_OK
+
+
+def cmd_remap(args: argparse.Namespace) -> int:
+    label_dict = load_label_dict(args.label_dict)
+    mapping = load_mapping(args.mapping, label_dict)
+    mask = read_mask(args.mask)
+    remapped, report = remap(mask.array, mapping)
+    for line in report.lines():
+        print(line)
+    if args.strict and not report.complete:
+        print(f"{PROG}: error: {args.mask}: {len(report.unmapped) + len(report.unknown_ids)} class(es) present "
+              "have no MAISI target (see UNMAPPED/UNKNOWN above); nothing written", file=sys.stderr)  # fmt: skip
+        return EXIT_INPUT
+    write_volume(args.output, mask.with_array(remapped))
+    if not report.complete:
+        log.warning("%d class(es) without a MAISI target were set to background; see the lines above",
+                    len(report.unmapped) + len(report.unknown_ids))  # fmt: skip
+    log.info("wrote %s", args.output)
+    return EXIT_OK
+
+
+def cmd_envelope(args: argparse.Namespace) -> int:
+    ct, mask = read_volume(args.image), read_mask(args.mask)
+    labelled, added = add_body_label(mask, ct, args.threshold, args.opening_mm)
+    write_volume(args.output, labelled)
+    print(f"added body label to {added} voxels ({100.0 * added / labelled.array.size:.1f}% of the volume)")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    for name, label_id in sorted(load_label_dict(args.label_dict).items(), key=lambda item: item[1]):
+        print(f"{label_id:3d} {name}")
+    return EXIT_OK
+
+
+COMMANDS = {"add": cmd_add, "remap": cmd_remap, "envelope": cmd_envelope, "show": cmd_show}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_guarded(PROG, lambda: COMMANDS[args.command](args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
