@@ -1,4 +1,4 @@
-"""Latent -> image through the VAE decoder.
+"""Latent <-> image through the VAE: decoding, and encoding with the same two methods.
 
 Two methods for now: one full decoder pass, or MONAI's sliding window with Gaussian blending (MAISI's
 approach, approximate at tile seams). An exact, memory-bounded tiled decoder is planned (issue 5).
@@ -54,3 +54,52 @@ def decode(
                                            sw_device=device, device=torch.device("cpu"), progress=progress)  # fmt: skip
             image = inferer(z, autoencoder.decode_stage_2_outputs)
     return image.float().cpu()
+
+
+@torch.no_grad()
+def encode(
+    autoencoder: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    method: DecodeMethod = "sliding_window",
+    roi_size: tuple[int, int, int] = (128, 128, 128),
+    overlap: float = 0.25,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Encode images to (unscaled) latents.
+
+    Args:
+        autoencoder: the VAE, on the images' device.
+        images: (N, 1, X, Y, Z) intensities in [0, 1], sizes multiples of the VAE factor.
+        method: ``"full"`` (one pass) or ``"sliding_window"`` (MONAI, Gaussian blending; bounded memory).
+        roi_size: sliding-window tile in image voxels (multiples of the VAE factor).
+        overlap: sliding-window overlap fraction.
+        sample: draw ``mu + sigma * eps`` (as MAISI's ``encode_stage_2_inputs``) instead of returning ``mu``.
+        generator: CPU generator for ``eps`` when sampling.
+        autocast_dtype: half-precision dtype, or None for float32.
+        progress: progress bar over the tiles.
+
+    Returns:
+        (N, C, X/f, Y/f, Z/f) float32 latents on the CPU.
+    """
+    device = images.device
+
+    def mu_sigma(x: torch.Tensor) -> torch.Tensor:
+        mu, sigma = autoencoder.encode(x)
+        return torch.cat([mu, sigma], dim=1)
+
+    whole = all(r >= s for r, s in zip(roi_size, images.shape[2:]))
+    with autocast(device, autocast_dtype):
+        if method == "full" or whole:
+            both = mu_sigma(images)
+        else:
+            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=overlap, mode="gaussian",
+                                           sw_device=device, device=torch.device("cpu"), progress=progress)  # fmt: skip
+            both = inferer(images, mu_sigma)
+    mu, sigma = both.float().cpu().chunk(2, dim=1)
+    if not sample:
+        return mu
+    return mu + sigma * torch.randn(mu.shape, generator=generator)
