@@ -56,9 +56,9 @@ def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
     device = ranks.device(resolve_device(config.device))
     datalist = read_datalist(config.datalist)
     root = Path(config.data_root) if config.data_root else Path(config.datalist).parent
-    check_writable(Path(config.output_dir))
     preset = get_preset(config.preset)
     vae, weights = load_network(preset, "autoencoder", config.autoencoder, RuntimeOptions.for_device(device))
+    check_writable(Path(config.output_dir))  # last input check: it creates the folder
     out_datalist = Path(config.output_datalist or Path(config.output_dir) / "datalist.json")
     job = EncodeJob(config, vae.to(device), preset.vae_factor, file_sha256(weights.path), root, out_datalist.parent,
                     device, autocast_dtype(config.precision, device))  # fmt: skip

@@ -75,3 +75,23 @@ def infer_config(tmp_path, tiny_checkpoints, mask_file):
         return write_config(tmp_path / "config.json", {k: v for k, v in data.items() if v != "<drop>"})
 
     return make
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def real_cases(tmp_path_factory) -> Path:
+    """A KiTS-style folder of 3 real-CT cases (TotalSegmentator example, labels remapped to MAISI ids)."""
+    from maisi.data.io import read_mask, read_volume
+    from maisi.labels import load_label_dict
+    from maisi.labels.mapping import load_mapping, remap
+
+    root = tmp_path_factory.mktemp("cases")
+    ct = read_volume(DATA / "totalseg_example_ct_sm.nii.gz")
+    seg = read_mask(DATA / "totalseg_example_seg.nii.gz")
+    maisi_ids, _ = remap(seg.array, load_mapping("totalsegmentator", load_label_dict()))
+    for i in range(3):
+        write_volume(root / f"case{i}" / "imaging.nii.gz", ct)
+        write_volume(root / f"case{i}" / "segmentation.nii.gz", seg.with_array(maisi_ids))
+    return root
