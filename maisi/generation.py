@@ -110,9 +110,9 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
         raise VolumeError(f"mask {config.mask}:\n  " + "\n  ".join(problems))
     if not np.any(mask.array == BODY_LABEL):
         warnings.append(f"mask {config.mask} has no body label {BODY_LABEL}: MAISI's ControlNet expects every "
-                        f"body voxel that is not an organ labelled {BODY_LABEL}; without it images are poor. "
-                        "Add a body envelope (threshold the CT near -800 HU, keep the largest component, "
-                        f"fill holes, label it {BODY_LABEL} where no organ is).")  # fmt: skip
+                        f"body voxel that is not an organ labelled {BODY_LABEL}; without it images are poor. Add it "
+                        "from the CT the mask was made on (air threshold near -800 HU): python -m maisi.labels "
+                        "envelope --image CT --mask MASK --output MASK_WITH_BODY")  # fmt: skip
     if top is None and preset.uses_body_region:
         derived = body_region_from_mask(mask.array)
         if derived is None:
