@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
-from maisi.errors import InputError
+from maisi.errors import InputError, RunFailure
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -48,6 +48,9 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
     except InputError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_INPUT
+    except RunFailure as err:
+        print(f"{prog}: failed: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_RUNTIME

@@ -27,3 +27,11 @@ class CheckpointError(InputError):
 
 class VolumeError(InputError):
     """A volume (image or mask) is missing, unreadable or not what the job needs."""
+
+
+class RunFailure(Exception):
+    """A runtime failure with a clear cause (exit code 1, the message without a traceback)."""
+
+
+class TrainingDiverged(RunFailure):
+    """A loss term became NaN or infinite; the message names the step and the term."""

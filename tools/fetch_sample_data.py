@@ -51,6 +51,8 @@ NETWORK_HINTS = (
     "failed to establish a new connection", "connection refused", "connection reset", "name or service not known",
     "temporary failure in name resolution", "network is unreachable", "max retries exceeded", "could not fetch url",
     "connectionerror", "connecttimeout", "read timed out", "proxyerror", "sslerror", "no route to host",
+    "nameresolutionerror", "failed to resolve",
+    "(from versions: none)",  # the index listed no release of a package that is on PyPI: it was not reached
 )  # fmt: skip
 
 
@@ -179,8 +181,8 @@ def verify_archive(path: Path, expected: str) -> None:
     actual = sha256_of(path)
     if actual != expected.lower():
         path.unlink(missing_ok=True)
-        raise ChecksumError(f"{path.name}: SHA-256 {actual} does not match the pinned {expected} "
-                            "(file removed; the registry served a different file, or the manifest is wrong)")  # fmt: skip
+        raise ChecksumError(f"{path.name}: SHA-256 {actual} does not match the pinned {expected} (file removed; "
+                            "the registry served a different file, or the manifest is wrong)")  # fmt: skip
 
 
 def run_pip(python: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -317,7 +319,8 @@ def build_mapping(name: str | None, overrides: list[dict[str, Any]], label_dict:
     if not overrides:
         return base
     path = workdir / "overrides.json"
-    write_json(path, {"description": "per-source overrides", "source": "dataset/sample_data.json", "mapping": overrides})
+    overrides_file = {"description": "per-source overrides", "source": "dataset/sample_data.json", "mapping": overrides}
+    write_json(path, overrides_file)
     extra = load_mapping(str(path), label_dict)
     return LabelMapping(
         name=f"{base.name}+overrides", targets={**base.targets, **extra.targets},
@@ -353,7 +356,7 @@ def prepare_case(image: Path, label: Path, mapping: LabelMapping) -> PreparedCas
 def report_text(case: PreparedCase, mapping: LabelMapping) -> str:
     """``remap_report.txt``: the remap report lines, then the body label added."""
     lines = [f"# source labels -> MAISI ids with mapping '{mapping.name}'", *case.report.lines(),
-             f"added    body ({BODY_LABEL}): {case.body_voxels} background voxels inside the CT body envelope"]  # fmt: skip
+             f"added    body ({BODY_LABEL}): {case.body_voxels} voxels inside the body envelope"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -407,11 +410,13 @@ def convert_source(source: Source, archive: Path, folder: Path, label_dict: dict
             f"{len(r.unknown_ids)} unknown ids, {case.body_voxels} body voxels added")  # fmt: skip
 
 
-def process_source(source: Source, cache: Path, dest: Path, label_dict: dict[str, int], force: bool = False) -> CaseResult:
+def process_source(source: Source, cache: Path, dest: Path, label_dict: dict[str, int],
+                   force: bool = False) -> CaseResult:  # fmt: skip
     """Fetch and convert one source unless its case is current; errors become a failed result."""
     start = time.monotonic()
     folder = dest / source.case
-    print(f"{source.name} -> {folder}")
+    note = " (optional: leave it out of --sources to skip it)" if source.optional else ""
+    print(f"{source.name} -> {folder}{note}")
     if not force and case_is_current(folder, source):
         return CaseResult(source.name, source.case, "skipped", "up to date", 0, time.monotonic() - start)
     try:
@@ -464,9 +469,11 @@ def exit_code(results: list[CaseResult]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="archive cache (default: %(default)s)")
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="case folders and datalist (default: %(default)s)")
+    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST,
+                        help="case folders and datalist (default: %(default)s)")  # fmt: skip
     parser.add_argument("--sources", default=None,
-                        help="comma-separated subset of the manifest's sources (default: all; pyradiomics is the slowest)")  # fmt: skip
+                        help="comma-separated subset of the manifest's sources (default: all of them; "
+                             "pyradiomics, the slowest, is optional)")  # fmt: skip
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="default: %(default)s")
     parser.add_argument("--force", action="store_true", help="convert again even when a case is up to date")
     args = parser.parse_args(argv)

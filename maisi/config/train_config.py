@@ -1,0 +1,97 @@
+"""The ``maisi.train`` config: dataclasses mirroring ``schemas/train.schema.json`` and cross-key checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from maisi.device import DeviceName
+from maisi.errors import InputError
+from maisi.networks import get_preset
+
+Stage = Literal["autoencoder", "diffusion", "controlnet"]
+STAGES: tuple[Stage, ...] = ("autoencoder", "diffusion", "controlnet")
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    autoencoder: str | None
+    diffusion_unet: str | None
+    controlnet: str | None
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float | None
+    warmup_steps: int
+    decay: Literal["constant", "linear", "cosine"]
+    min_lr_ratio: float
+
+
+@dataclass(frozen=True)
+class DiffusionStageConfig:
+    scale_factor: float | None
+    scale_factor_batches: int
+
+
+@dataclass(frozen=True)
+class ControlNetStageConfig:
+    weighted_loss: float
+    weighted_loss_label: tuple[int, ...]
+    label_dict: str | None
+    conditioning_scale: float
+
+
+@dataclass(frozen=True)
+class AutoencoderStageConfig:
+    patch_size: tuple[int, int, int]
+    recon_loss: Literal["l1", "l2"]
+    kl_weight: float
+    perceptual_weight: float
+    perceptual_weights: str | None
+    adversarial_weight: float
+    adversarial_warmup_steps: int
+    discriminator_lr: float
+    val_roi_size: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str
+    datalist: str
+    data_root: str | None
+    fold: int | None
+    output_dir: str
+    init: InitWeights
+    steps: int
+    batch_size: int
+    seed: int
+    optimizer: OptimizerConfig
+    amp: Literal["auto", "off", "float16", "bfloat16"]
+    checkpoint_every: int
+    validate_every: int
+    log_every: int
+    tensorboard: bool
+    diffusion: DiffusionStageConfig
+    controlnet: ControlNetStageConfig
+    autoencoder: AutoencoderStageConfig
+    device: DeviceName
+
+
+def check_train_config(config: TrainConfig) -> list[str]:
+    """Checks that hold for every stage; stage-specific needs are checked when the stage starts."""
+    try:
+        preset = get_preset(config.preset)
+    except InputError as e:
+        return [f"$.preset: {e}"]
+    problems = []
+    f = preset.vae_factor
+    for key in ("patch_size", "val_roi_size"):
+        if any(s % f for s in getattr(config.autoencoder, key)):
+            problems.append(f"$.autoencoder.{key}: {list(getattr(config.autoencoder, key))} must be multiples of {f}")
+    if config.optimizer.warmup_steps >= config.steps and config.optimizer.warmup_steps > 0:
+        problems.append(f"$.optimizer.warmup_steps: {config.optimizer.warmup_steps} is not below $.steps {config.steps}")
+    return problems

@@ -1,0 +1,119 @@
+"""``python -m maisi.train autoencoder|diffusion|controlnet --config FILE [--resume]``.
+
+Also launchable as ``torchrun --nproc_per_node=N -m maisi.train ...``: every process trains on its own
+batches, gradients are averaged (DDP), rank 0 alone writes. The run folder holds ``train_config.json``
+(the resolved config and its hash), ``state/last.pt`` (resumable), the inference checkpoint(s) that
+``maisi.infer`` loads, and ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from maisi.atomic import write_json
+from maisi.cli import EXIT_OK, make_parser, run_guarded, setup_logging
+from maisi.config import TrainConfig, load_config, to_jsonable
+from maisi.config.train_config import STAGES
+from maisi.data.datalist import read_datalist
+from maisi.device import resolve_device
+from maisi.distributed import Ranks, finish, init_from_env
+from maisi.errors import InputError
+from maisi.networks import get_preset
+from maisi.training.loop import Stage, train
+from maisi.training.state import check_fresh_output, load_train_state
+
+PROG = "maisi.train"
+log = logging.getLogger(PROG)
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "log_every", "tensorboard", "device", "output_dir")
+
+
+def config_hash(config: TrainConfig, stage: str) -> str:
+    data = {k: v for k, v in to_jsonable(config).items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps({"stage": stage, **data}, sort_keys=True).encode()).hexdigest()
+
+
+def split_cases(config: TrainConfig) -> tuple[list, list]:
+    """(index, entry) pairs for training and validation: the configured fold validates."""
+    entries = list(enumerate(read_datalist(config.datalist)["training"]))
+    if config.fold is None:
+        return entries, []
+    train = [(i, e) for i, e in entries if e.get("fold") != config.fold]
+    val = [(i, e) for i, e in entries if e.get("fold") == config.fold]
+    if not val:
+        raise InputError(f"$.fold: no case has fold {config.fold}: the validation set would be empty")
+    if not train:
+        raise InputError(f"$.fold: every case has fold {config.fold}: the training set would be empty")
+    return train, val
+
+
+def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.device) -> Stage:
+    """Check the stage's inputs and build it (networks, data)."""
+    preset = get_preset(config.preset)
+    train_entries, val_entries = split_cases(config)
+    root = Path(config.data_root) if config.data_root else Path(config.datalist).parent
+    if name == "autoencoder":
+        from maisi.training.autoencoder import AutoencoderStage
+
+        return AutoencoderStage(config, preset, root, train_entries, val_entries, device)
+    from maisi.training.latent_data import LatentCases
+
+    need_label = name == "controlnet"
+    train = LatentCases(train_entries, root, preset, need_label)
+    val = LatentCases(val_entries, root, preset, need_label) if val_entries else None
+    if name == "diffusion":
+        from maisi.training.diffusion import DiffusionStage
+
+        return DiffusionStage(config, preset, train, val, ranks, device)
+    from maisi.training.controlnet import ControlNetStage
+
+    return ControlNetStage(config, preset, train, val, device)
+
+
+def run(stage_name: str, config: TrainConfig, resume: bool) -> int:
+    device = resolve_device(config.device)
+    ranks = init_from_env(device)
+    try:
+        device = ranks.device(device)
+        digest = config_hash(config, stage_name)
+        state = load_train_state(config.output_dir, stage_name, digest) if resume else None
+        if not resume:
+            check_fresh_output(config.output_dir)
+        stage = build_stage(stage_name, config, ranks, device)
+        if ranks.is_main:
+            write_json(Path(config.output_dir) / "train_config.json",
+                       {"stage": stage_name, "config_sha256": digest, "config": to_jsonable(config)})  # fmt: skip
+        train(stage, config, ranks, device, digest, state)
+        return EXIT_OK
+    finally:
+        finish(ranks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser(PROG, "Train a MAISI-style autoencoder, diffusion UNet or ControlNet.")
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        config = load_config(args.config, "train")
+        if args.device:
+            config = dataclasses.replace(config, device=args.device)
+        if args.dry_run:
+            print(json.dumps(to_jsonable(config), indent=2))
+            return EXIT_OK
+        return run(args.stage, config, args.resume)
+
+    return run_guarded(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Diffusion-UNet stage, and the denoising objective the ControlNet stage shares.
+
+DDPM presets learn to predict the noise (epsilon); rectified-flow presets the velocity ``x0 - noise``;
+both with an L1 loss, as MAISI. Latents are multiplied by ``scale_factor`` (1 / std of the training
+latents, estimated over several batches and all-reduced across processes) and it is saved with the UNet.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler, Scheduler
+
+from maisi.checkpoints import load_network, save_checkpoint
+from maisi.config.train_config import TrainConfig
+from maisi.distributed import Ranks
+from maisi.networks import Preset, RuntimeOptions, build_network
+from maisi.sampling import make_scheduler
+from maisi.training.latent_data import LatentCases
+
+log = logging.getLogger(__name__)
+VALIDATION_SEED = 12345
+
+
+def training_scheduler(preset: Preset) -> Scheduler:
+    """The scheduler that adds noise during training (the preset's own process)."""
+    return make_scheduler(preset.schedule, preset.schedule.kind)
+
+
+def denoising_loss(
+    unet: torch.nn.Module, scheduler: Scheduler, latents: torch.Tensor, unet_inputs: dict[str, torch.Tensor],
+    residuals: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
+    weights: torch.Tensor | None = None, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """L1 between the UNet's output and its target for noised ``latents`` (already scaled).
+
+    Returns:
+        (loss, output, target); ``weights`` (N, 1, x, y, z) multiply the per-voxel error when given.
+    """
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if isinstance(scheduler, RFlowScheduler):
+        timesteps = scheduler.sample_timesteps(latents)
+        target = latents - noise  # velocity
+    else:
+        assert isinstance(scheduler, DDPMScheduler)
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device,
+                                  generator=generator)  # fmt: skip
+        target = noise
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    extra = residuals(noisy, timesteps) if residuals else {}
+    output = unet(x=noisy, timesteps=timesteps, **unet_inputs, **extra).float()
+    error = (output - target).abs()
+    return (error * weights).mean() if weights is not None else error.mean(), output, target
+
+
+def estimate_scale_factor(cases: LatentCases, batches: int, batch_size: int, ranks: Ranks, device: torch.device) -> float:
+    """1 / std of the training latents over ``batches`` batches per process, combined across processes."""
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # sum, sum of squares, count
+    for b in range(batches):
+        indices = [(b * batch_size * ranks.world_size + ranks.rank * batch_size + i) % len(cases) for i in range(batch_size)]
+        x = cases.batch(indices, device)["latents"].double()
+        total += torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=device, dtype=torch.float64)])
+    if ranks.world_size > 1:
+        dist.all_reduce(total)
+    mean = total[0] / total[2]
+    std = torch.sqrt(total[1] / total[2] - mean * mean)
+    return float(1.0 / std)
+
+
+def mid_slice(volume: torch.Tensor) -> np.ndarray:
+    """Axial mid-slice of a (x, y, z) tensor, scaled to [0, 1] for TensorBoard."""
+    s = volume[:, :, volume.shape[2] // 2].float().cpu().numpy().T[::-1]
+    return ((s - s.min()) / (s.max() - s.min() + 1e-8)).astype(np.float32)
+
+
+class DiffusionStage:
+    """Train (or finetune) the diffusion UNet on pre-encoded latents."""
+
+    name = "diffusion"
+
+    def __init__(self, config: TrainConfig, preset: Preset, train: LatentCases, val: LatentCases | None,
+                 ranks: Ranks, device: torch.device):  # fmt: skip
+        self.config, self.preset, self.train, self.val, self.device = config, preset, train, val, device
+        runtime = RuntimeOptions(use_flash_attention=False)
+        scale = config.diffusion.scale_factor
+        if config.init.diffusion_unet:
+            self.model, weights = load_network(preset, "diffusion_unet", config.init.diffusion_unet, runtime)
+            scale = scale or weights.scale_factor
+        else:
+            self.model = build_network(preset, "diffusion_unet", runtime)
+        self.scheduler = training_scheduler(preset)
+        if scale is None:
+            scale = estimate_scale_factor(train, config.diffusion.scale_factor_batches, config.batch_size, ranks, device)
+            log.info("scale_factor = 1 / std of the training latents = %.5f", scale)
+        self.scale_factor = float(scale)
+
+    def train_loss(self, model: torch.nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
+        batch = self.train.batch(torch.randint(len(self.train), (batch_size,)).tolist(), self.device)
+        loss, _, _ = denoising_loss(model, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"])
+        return {"loss": loss}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        if self.val is None:
+            return {}, {}
+        model.eval()
+        losses, images = [], {}
+        for i in range(len(self.val)):
+            batch = self.val.batch([i], self.device)
+            generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + i)
+            torch.manual_seed(VALIDATION_SEED + i)  # RFlow draws its timesteps from the global generator
+            loss, output, target = denoising_loss(model, self.scheduler, batch["latents"] * self.scale_factor,
+                                                  batch["unet_inputs"], generator=generator)  # fmt: skip
+            losses.append(loss.item())
+            if i == 0:
+                images = {"output": mid_slice(output[0, 0]), "target": mid_slice(target[0, 0])}
+        return {"loss": float(np.mean(losses))}, images
+
+    def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
+        return [save_checkpoint(folder / "diffusion_unet.pt", model, self.preset, "diffusion_unet",
+                                scale_factor=self.scale_factor, config_sha256=config_sha256)]  # fmt: skip
+
+    def state(self) -> dict[str, Any]:
+        return {"scale_factor": self.scale_factor}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.scale_factor = float(state["scale_factor"])

@@ -1,0 +1,109 @@
+"""Pre-encoded latents (from ``maisi.encode``) as training cases, checked before the first step.
+
+Every case is verified up front: the latent exists, its sidecar's checksum and shape agree with the file,
+the conditions the preset needs are there, and a label (ControlNet) lies on the grid ``factor`` times the
+latent's. Problems are listed all at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from maisi.checkpoints import file_sha256
+from maisi.conditioning import BODY_REGIONS, Conditions, binarize_labels
+from maisi.data.io import read_geometry, read_mask
+from maisi.data.latents import read_latent, read_sidecar
+from maisi.errors import InputError
+from maisi.networks import Preset
+
+
+@dataclass(frozen=True)
+class LatentCase:
+    latent: Path
+    label: Path | None
+    conditions: Conditions
+    shape: tuple[int, ...]  # (C, x, y, z)
+
+
+def _region(one_hot: list[int] | None):
+    return BODY_REGIONS[list(one_hot).index(1)] if one_hot and 1 in one_hot else None
+
+
+def _check_case(i: int, entry: dict[str, Any], root: Path, preset: Preset, need_label: bool) -> tuple[LatentCase | None, list[str]]:
+    where = f"$.training[{i}]"
+    latent = root / entry["image"]
+    if not latent.is_file():
+        return None, [f"{where}.image: latent not found: {latent}"]
+    sidecar = read_sidecar(latent)
+    if sidecar is None:
+        return None, [f"{where}.image: {latent} has no readable sidecar {latent}.json (unfinished encode?)"]
+    problems = []
+    shape = tuple(int(s) for s in nib.load(latent).shape)
+    shape = (shape[3], *shape[:3]) if len(shape) == 4 else shape
+    if list(shape) != list(sidecar.get("latent_shape", [])):
+        problems.append(f"{where}: {latent} has shape {list(shape)} but its sidecar says {sidecar.get('latent_shape')}")
+    if sidecar.get("latent_sha256") and file_sha256(latent) != sidecar["latent_sha256"]:
+        problems.append(f"{where}: {latent} does not match the checksum in its sidecar (modified or corrupt)")
+    if shape and shape[0] != preset.latent_channels:
+        problems.append(f"{where}: {shape[0]} latent channels, preset '{preset.name}' has {preset.latent_channels}")
+    spacing = entry.get("spacing") or sidecar.get("spacing")
+    top = _region(entry.get("top_region_index") or sidecar.get("top_region_index"))
+    bottom = _region(entry.get("bottom_region_index") or sidecar.get("bottom_region_index"))
+    if spacing is None:
+        problems.append(f"{where}: no spacing in the entry or the sidecar")
+    if preset.uses_body_region and (top is None or bottom is None):
+        problems.append(f"{where}: no body region; preset '{preset.name}' is conditioned on it")
+    label = root / entry["label"] if entry.get("label") else None
+    if need_label:
+        if label is None or not label.exists():
+            problems.append(f"{where}.label: {'missing' if label is None else f'not found: {label}'} (the ControlNet needs it)")
+        else:
+            label_shape, _ = read_geometry(label)
+            expected = [preset.vae_factor * s for s in shape[1:]]
+            if list(label_shape) != expected:
+                problems.append(f"{where}.label: grid {list(label_shape)} is not {preset.vae_factor}x the latent grid "
+                                f"{list(shape[1:])} (expected {expected})")  # fmt: skip
+    if problems:
+        return None, problems
+    conditions = Conditions(tuple(spacing), top, bottom, entry.get("modality") or sidecar.get("modality") or "ct")
+    return LatentCase(latent, label, conditions, shape), []
+
+
+class LatentCases:
+    """The training (or validation) cases of a latent datalist."""
+
+    def __init__(self, entries: list[dict[str, Any]], root: Path, preset: Preset, need_label: bool):
+        self.preset = preset
+        cases, problems = [], []
+        for i, entry in entries:
+            case, case_problems = _check_case(i, entry, root, preset, need_label)
+            problems += case_problems
+            if case is not None:
+                cases.append(case)
+        if problems:
+            raise InputError(f"latent datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+        self.cases: list[LatentCase] = cases
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        """Stack cases: latents (N, C, x, y, z), UNet condition tensors, labels (N, 1, X, Y, Z) if any."""
+        chosen = [self.cases[i] for i in indices]
+        if len({c.shape for c in chosen}) > 1:
+            raise InputError(f"a batch mixes latent shapes {sorted({c.shape for c in chosen})}; use batch_size 1 "
+                             "or encode to a common size")  # fmt: skip
+        latents = torch.stack([torch.from_numpy(read_latent(c.latent)[0]) for c in chosen]).to(device)
+        inputs = [c.conditions.network_inputs(self.preset, 1, device) for c in chosen]
+        out: dict[str, Any] = {"latents": latents, "unet_inputs": {k: torch.cat([d[k] for d in inputs]) for k in inputs[0]}}
+        if all(c.label is not None for c in chosen):
+            labels = [torch.from_numpy(read_mask(c.label).array.astype(np.int64)) for c in chosen]  # type: ignore[arg-type]
+            out["labels"] = torch.stack(labels)[:, None].to(device)
+            out["control"] = binarize_labels(out["labels"])
+        return out
