@@ -112,7 +112,7 @@ def read_weights(path: str | Path, part: Part) -> Weights:
                           "a plain state_dict, or MAISI's unet_state_dict / controlnet_state_dict files")  # fmt: skip
 
 
-def _summarise_mismatch(model_sd: dict[str, torch.Tensor], file_sd: dict[str, torch.Tensor], limit: int = 5) -> str:
+def summarise_mismatch(model_sd: dict[str, torch.Tensor], file_sd: dict[str, torch.Tensor], limit: int = 5) -> str:
     """A few lines naming missing / unexpected keys and shape conflicts, instead of a 500-line dump."""
     missing = [k for k in model_sd if k not in file_sd]
     unexpected = [k for k in file_sd if k not in model_sd]
@@ -141,7 +141,7 @@ def check_fits(weights: Weights, preset: Preset, part: Part, network: torch.nn.M
                 f"{weights.path}: {part} checkpoint was made for preset '{weights.preset}', "
                 f"which differs from preset '{preset.name}':\n  " + "\n  ".join(diff[:8])
             )
-    summary = _summarise_mismatch(network.state_dict(), weights.state_dict)
+    summary = summarise_mismatch(network.state_dict(), weights.state_dict)
     if summary:
         raise CheckpointError(
             f"{weights.path}: weights do not fit the {part} of preset '{preset.name}' "

@@ -59,8 +59,13 @@ class EncodeJob:
 
 
 def output_paths(job: EncodeJob, image_rel: str, has_label: bool) -> tuple[Path, Path | None]:
-    """Latent and transformed-label paths of a case, keeping the datalist's sub-folders."""
-    folder = Path(job.config.output_dir) / Path(image_rel).parent
+    """Latent and transformed-label paths of a case, keeping the datalist's sub-folders.
+
+    Outputs never leave ``output_dir``: ``..`` and root parts of the image path are dropped
+    (``../cases/c1/ct.nii.gz`` -> ``<output_dir>/cases/c1/ct_emb.nii.gz``).
+    """
+    parts = [p for p in Path(image_rel).parent.parts if p not in ("..", ".", "/") and not Path(p).anchor]
+    folder = Path(job.config.output_dir).joinpath(*parts)
     name = stem(image_rel)
     return folder / f"{name}_emb.nii.gz", (folder / f"{name}_label.nii.gz" if has_label else None)
 

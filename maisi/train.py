@@ -86,6 +86,7 @@ def run(stage_name: str, config: TrainConfig, resume: bool) -> int:
         state = load_train_state(config.output_dir, stage_name, digest) if resume else None
         if not resume:
             check_fresh_output(config.output_dir)
+        torch.manual_seed(config.seed)  # fresh networks start from the same weights on every run and rank
         stage = build_stage(stage_name, config, ranks, device)
         if ranks.is_main:
             write_json(Path(config.output_dir) / "train_config.json",

@@ -95,3 +95,38 @@ def real_cases(tmp_path_factory) -> Path:
         write_volume(root / f"case{i}" / "imaging.nii.gz", ct)
         write_volume(root / f"case{i}" / "segmentation.nii.gz", seg.with_array(maisi_ids))
     return root
+
+
+@pytest.fixture(scope="session")
+def encoded_cases(real_cases, tiny_checkpoints, tmp_path_factory) -> Path:
+    """The real cases encoded with the tiny-rflow VAE: returns the latent datalist (folds 0, 1, 2)."""
+    from maisi.data.datalist import build_datalist, write_datalist
+    from maisi.encode import main as encode_main
+    from maisi.labels import load_label_dict
+
+    folder = tmp_path_factory.mktemp("encoded")
+    datalist = folder / "ct_datalist.json"
+    write_datalist(datalist, build_datalist(real_cases, "*/imaging.nii.gz", "*/segmentation.nii.gz", datalist,
+                                            load_label_dict(), num_folds=3))  # fmt: skip
+    config = write_config(folder / "encode.json", {
+        "preset": "tiny-rflow", "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+        "datalist": str(datalist), "output_dir": str(folder / "emb"), "tiling": {"method": "full"}, "device": "cpu"})
+    assert encode_main(["--config", str(config)]) == 0
+    return folder / "emb" / "datalist.json"
+
+
+@pytest.fixture(scope="session")
+def active_unet(tmp_path_factory) -> Path:
+    """A tiny-rflow UNet checkpoint whose zero-initialised layers are filled in, as after training.
+
+    A fresh MONAI UNet outputs exactly 0 (its output convolution starts at zero), so nothing upstream of
+    it, a ControlNet included, would receive a gradient.
+    """
+    preset = get_preset("tiny-rflow")
+    torch.manual_seed(1)
+    unet = build_network(preset, "diffusion_unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return save_checkpoint(tmp_path_factory.mktemp("active") / "unet.pt", unet, preset, "diffusion_unet", scale_factor=1.0)

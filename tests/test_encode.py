@@ -157,3 +157,17 @@ def test_tiled_encoding_stays_close_to_the_full_pass(encode_setup, tmp_path):
     assert main(["--config", str(encode_setup(output_dir=str(tmp_path / "tiled")))]) == 0
     tiled = read_latent(tmp_path / "tiled" / "case0" / "imaging_emb.nii.gz")[0]
     assert full.shape == tiled.shape and np.abs(full - tiled).mean() < 0.5 * np.abs(full).mean()
+
+
+def test_outputs_stay_inside_output_dir_when_paths_climb(encode_setup, real_cases, tmp_path):
+    """A datalist kept outside the data folder has '../' paths; latents must still land in output_dir."""
+    lists = real_cases.parent / f"lists_{tmp_path.name}"  # a sibling of the data folder
+    lists.mkdir()
+    data = json.loads((real_cases / "datalist.json").read_text())
+    for entry in data["training"]:
+        entry["image"], entry["label"] = f"../{real_cases.name}/{entry['image']}", f"../{real_cases.name}/{entry['label']}"
+    (lists / "dl.json").write_text(json.dumps(data))
+    config = encode_setup(datalist=str(lists / "dl.json"), data_root=str(lists))
+    assert main(["--config", str(config)]) == 0
+    assert (tmp_path / "emb" / real_cases.name / "case0" / "imaging_emb.nii.gz").is_file()
+    assert not list(real_cases.rglob("*_emb.nii.gz"))

@@ -19,7 +19,7 @@ from monai.networks.utils import copy_model_state
 from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config.train_config import TrainConfig
 from maisi.errors import CheckpointError, InputError
-from maisi.labels import load_label_dict
+from maisi.labels import is_dummy, load_label_dict
 from maisi.networks import Preset, RuntimeOptions, build_network
 from maisi.training.diffusion import VALIDATION_SEED, denoising_loss, mid_slice, training_scheduler
 from maisi.training.latent_data import LatentCases
@@ -46,9 +46,10 @@ class ControlNetStage:
         self.config, self.preset, self.train, self.val, self.device = config, preset, train, val, device
         cfg = config.controlnet
         label_dict = load_label_dict(cfg.label_dict)
-        unknown = sorted(set(cfg.weighted_loss_label) - set(label_dict.values()))
+        real_classes = {i for n, i in label_dict.items() if not is_dummy(n)}
+        unknown = sorted(set(cfg.weighted_loss_label) - real_classes)
         if unknown:
-            raise InputError(f"$.controlnet.weighted_loss_label: ids {unknown} are not in the label dictionary "
+            raise InputError(f"$.controlnet.weighted_loss_label: ids {unknown} are not classes of the label dictionary "
                              f"({cfg.label_dict or 'MAISI'}); add the class first (python -m maisi.labels add)")  # fmt: skip
         if not config.init.diffusion_unet:
             raise InputError("$.init.diffusion_unet: the controlnet stage needs the trained diffusion UNet (frozen)")

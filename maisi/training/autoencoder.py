@@ -1,0 +1,481 @@
+"""Autoencoder stage: train or finetune MAISI's VAE (``AutoencoderKlMaisi``) on random CT patches.
+
+Loss, as MAISI::
+
+    recon (L1 or L2) + kl_weight * KL + perceptual_weight * perceptual + adversarial_weight * generator_adv
+
+* **KL**: ``0.5 * sum(mu^2 + sigma^2 - log sigma^2 - 1)`` over the latent voxels, mean over the batch.
+* **Perceptual**: MONAI's ``PerceptualLoss`` with the network's weights read from a *local* file
+  (``$.autoencoder.perceptual_weights``); nothing is ever downloaded. The network type is recognised from the
+  file (see :func:`build_perceptual_loss`); without a file the term is off and the log says so.
+* **Adversarial**: MONAI's ``PatchDiscriminator`` with ``PatchAdversarialLoss`` (least squares), switched on
+  after ``adversarial_warmup_steps``; the discriminator has its own AdamW and is updated in ``after_step`` on
+  the batch the generator just saw. Its weights and optimiser state are part of the resumable state.
+
+Patches are drawn with torch's global generator only (the loop re-seeds it every step), so a resumed run
+repeats the uninterrupted one exactly. Validation reconstructs every held-out volume with a sliding window
+(``z_mu``, no sampling) and reports PSNR and SSIM on the [0, 1] intensity scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.inferers import SlidingWindowInferer
+from monai.losses import PatchAdversarialLoss, PerceptualLoss
+from monai.losses.perceptual import normalize_tensor, spatial_average_3d
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.nets import PatchDiscriminator
+from monai.networks.nets.resnet import ResNetFeatures
+from monai.transforms import SpatialPad
+from monai.utils import convert_to_tensor, optional_import
+from torch import nn
+
+from maisi.checkpoints import summarise_mismatch, load_network, save_checkpoint
+from maisi.config.train_config import TrainConfig
+from maisi.data.io import read_volume
+from maisi.errors import CheckpointError, InputError, TrainingDiverged
+from maisi.intensity import hu_to_unit
+from maisi.networks import Preset, RuntimeOptions, build_network
+
+log = logging.getLogger(__name__)
+
+PerceptualType = Literal[
+    "squeeze", "alex", "vgg", "resnet50", "medicalnet_resnet10_23datasets", "medicalnet_resnet50_23datasets"
+]
+FAKE_3D_RATIO = 0.2  # MAISI: 2.5D perceptual loss on 20% of the slices along each axis
+VAL_OVERLAP = 0.25
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def load_ct_volumes(entries: list[tuple[int, dict[str, Any]]], root: Path, min_size: tuple[int, int, int] | None,
+                    what: str) -> tuple[list[torch.Tensor], list[str]]:  # fmt: skip
+    """Read every CT of ``entries`` as (1, X, Y, Z) float32 tensors in [0, 1] (RAS).
+
+    Args:
+        entries: ``(index in the datalist, entry)`` pairs; ``entry["image"]`` is relative to ``root``.
+        root: folder of the datalist's paths.
+        min_size: pad (constant 0, i.e. -1000 HU, symmetric) every volume to at least this size; None: no padding.
+        what: ``"training"`` or ``"validation"``, for messages.
+
+    Returns:
+        (volumes, problems): one message per unreadable or missing image; ``volumes`` is complete only when
+        ``problems`` is empty.
+    """
+    pad = SpatialPad(spatial_size=min_size, method="symmetric", mode="constant") if min_size else None
+    volumes, problems = [], []
+    for i, entry in entries:
+        where = f"$.training[{i}].image ({what})"
+        if not isinstance(entry.get("image"), str):
+            problems.append(f"{where}: missing (each entry needs the path of a CT image)")
+            continue
+        try:
+            volume = read_volume(root / entry["image"])
+        except InputError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        hu = np.asarray(volume.array, dtype=np.float32)
+        bad = int(hu.size - np.isfinite(hu).sum())
+        if bad:
+            problems.append(f"{where}: {root / entry['image']} holds {bad} NaN/infinite voxels")
+            continue
+        x = torch.from_numpy(hu_to_unit(hu))[None]
+        if pad is not None:
+            x = convert_to_tensor(pad(x), track_meta=False)
+        volumes.append(x.contiguous())
+    return volumes, problems
+
+
+def draw_patches(volumes: list[torch.Tensor], batch_size: int, patch: tuple[int, int, int]) -> torch.Tensor:
+    """``batch_size`` random patches (N, 1, *patch) from random volumes, using torch's global generator only.
+
+    Every volume must be at least ``patch`` in size (see :func:`load_ct_volumes`).
+    """
+    out = []
+    for _ in range(batch_size):
+        v = volumes[int(torch.randint(len(volumes), ()))]
+        corner = [int(torch.randint(s - p + 1, ())) for s, p in zip(v.shape[1:], patch)]
+        x, y, z = corner
+        out.append(v[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]])
+    return torch.stack(out)
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent channels and voxels, mean over the batch (MAISI's)."""
+    mu, sigma = z_mu.float(), z_sigma.float()
+    kl = 0.5 * torch.sum(mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2)) - 1, dim=list(range(1, mu.ndim)))
+    return kl.mean()
+
+
+def axial_mid_slice(volume: torch.Tensor) -> np.ndarray:
+    """Axial mid-slice of an (X, Y, Z) volume in [0, 1], oriented for viewing (anterior up), float32 2D."""
+    s = volume[:, :, volume.shape[2] // 2].float().clamp(0, 1).cpu().numpy().T[::-1]
+    return np.ascontiguousarray(s, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------ perceptual loss
+
+
+class _LocalPerceptualLoss(PerceptualLoss):
+    """MONAI's ``PerceptualLoss`` (its 2.5D / 3D ``forward``) around a network built here from local weights.
+
+    MONAI's constructor builds the network itself and, for every type but ``resnet50``, fetches pretrained
+    parts from the internet even with ``pretrained=False`` (LPIPS loads ImageNet backbones from torchvision,
+    MedicalNet/RadImageNet come from torch.hub). We skip it and set the attributes its ``forward`` reads.
+    """
+
+    def __init__(self, perceptual_function: nn.Module, is_fake_3d: bool):  # noqa: D107
+        nn.Module.__init__(self)
+        self.spatial_dims = 3
+        self.perceptual_function = perceptual_function
+        self.is_fake_3d = is_fake_3d
+        self.fake_3d_ratio = FAKE_3D_RATIO
+        self.channel_wise = False
+
+
+class _MedicalNetSimilarity(nn.Module):
+    """MONAI's ``MedicalNetPerceptualSimilarity`` computation on a MONAI ResNet backbone.
+
+    Differs in one point: the z-score of each volume has an epsilon. MONAI divides by the standard deviation
+    as is, so a patch of pure air (a constant) would turn the loss into NaN.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.model = backbone
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad = False
+
+    @staticmethod
+    def _zscore(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean()) / (x.std() + 1e-6)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 - MONAI's names
+        fi = normalize_tensor(self.model(self._zscore(input))[-1])
+        ft = normalize_tensor(self.model(self._zscore(target))[-1])
+        return spatial_average_3d(((fi - ft) ** 2).sum(dim=1, keepdim=True), keepdim=True)
+
+
+def _medicalnet_backbone(depth: Literal[10, 50]) -> nn.Module:
+    """MONAI's ``ResNetFeatures`` laid out as MedicalNet's feature extractor (the torch.hub model MONAI uses).
+
+    MedicalNet keeps layer3 and layer4 at stride 1 with dilations 2 and 4; the weights are the same shape
+    either way, so we change those convolutions in place.
+    """
+    net = ResNetFeatures(f"resnet{depth}", pretrained=False, spatial_dims=3, in_channels=1)
+    for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
+        for module in layer.modules():
+            if isinstance(module, nn.Conv3d):
+                module.stride = (1, 1, 1)
+                if module.kernel_size == (3, 3, 3):
+                    module.dilation = (dilation,) * 3
+                    module.padding = (dilation,) * 3
+    return net
+
+
+def detect_perceptual_type(state_dict: dict[str, torch.Tensor]) -> PerceptualType | None:
+    """The perceptual network a state_dict belongs to, from its keys and shapes (None: not recognised)."""
+    if "net.slice1.0.weight" in state_dict and "lin0.model.1.weight" in state_dict:  # a full LPIPS module
+        if "lin5.model.1.weight" in state_dict:
+            return "squeeze"
+        return "alex" if state_dict["net.slice1.0.weight"].shape[-1] == 11 else "vgg"
+    conv1 = state_dict.get("conv1.weight")
+    if conv1 is not None and conv1.ndim == 5:
+        bottleneck = "layer1.0.conv3.weight" in state_dict
+        return "medicalnet_resnet50_23datasets" if bottleneck else "medicalnet_resnet10_23datasets"
+    if conv1 is not None and conv1.ndim == 4 and "fc.weight" in state_dict:
+        return "resnet50"
+    return None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"$.autoencoder.perceptual_weights: file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle/zip/EOF errors all mean "not a weights file"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path} is not a readable weights file "
+                              f"(torch.load, weights_only): {first}") from None  # fmt: skip
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # MedicalNet's release layout
+        obj = obj["state_dict"]
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path} holds no state_dict (a dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _network_for(kind: PerceptualType, path: Path) -> nn.Module:
+    """The randomly initialised network of ``kind`` (never downloading), to be filled from the user's file."""
+    if kind.startswith("medicalnet_"):
+        return _medicalnet_backbone(50 if "resnet50" in kind else 10)
+    if kind == "resnet50":
+        torchvision, has_tv = optional_import("torchvision")
+        if not has_tv:
+            raise InputError(f"$.autoencoder.perceptual_weights: {path} holds torchvision ResNet50 weights; "
+                             "this perceptual network needs the 'torchvision' package (pip install torchvision)")
+        return torchvision.models.resnet50(weights=None)
+    lpips, has_lpips = optional_import("lpips")
+    if not has_lpips:
+        raise InputError(f"$.autoencoder.perceptual_weights: {path} holds LPIPS-{kind} weights; this perceptual "
+                         "network needs the 'lpips' package (pip install lpips)")  # fmt: skip
+    # pnet_rand: a randomly initialised torchvision backbone (no ImageNet download); pretrained=False: no
+    # linear layers from the lpips package. Both come from the user's file instead.
+    return lpips.LPIPS(pretrained=False, net=kind, pnet_rand=True, verbose=False)
+
+
+def build_perceptual_loss(path: str | Path) -> tuple[PerceptualLoss, PerceptualType]:
+    """MONAI ``PerceptualLoss`` whose network weights come from a local file; nothing is downloaded.
+
+    The network type is recognised from the file:
+
+    * ``squeeze`` / ``alex`` / ``vgg`` (MAISI uses squeeze): a full ``lpips.LPIPS`` state_dict (backbone and
+      linear layers), 2.5D on 20% of the slices; needs the ``lpips`` package.
+    * ``resnet50``: a torchvision ResNet50 state_dict (e.g. RadImageNet-style finetunes saved in torchvision's
+      layout), 2.5D, through MONAI's own ``pretrained_path`` route; needs ``torchvision``.
+    * ``medicalnet_resnet10_23datasets`` / ``medicalnet_resnet50_23datasets``: MedicalNet checkpoints (plain
+      or ``{"state_dict": ...}``, ``module.`` prefixes allowed), true 3D, built from MONAI's ResNet.
+
+    ``radimagenet_resnet50`` (MONAI's torch.hub model) is not supported: its architecture exists only as code
+    downloaded from torch.hub.
+
+    Raises:
+        CheckpointError: missing/unreadable file, unknown network, or weights that do not fit the network.
+        InputError: the package the network needs is not installed.
+    """
+    path = Path(path)
+    state_dict = _read_state_dict(path)
+    kind = detect_perceptual_type(state_dict)
+    if kind is None:
+        sample = ", ".join(list(state_dict)[:4])
+        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path}: not the weights of a supported perceptual "
+                              f"network (keys {sample}, ...); expected a full LPIPS (squeeze/alex/vgg), a torchvision "
+                              "ResNet50 or a MedicalNet ResNet10/50 state_dict")  # fmt: skip
+    network = _network_for(kind, path)
+    mismatch = summarise_mismatch(network.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path}: weights do not fit the {kind} perceptual "
+                              f"network:\n{mismatch}")  # fmt: skip
+    network.load_state_dict(state_dict, strict=True)
+    if kind == "resnet50":  # MONAI builds it without downloading when pretrained=False; then our weights
+        loss = PerceptualLoss(spatial_dims=3, network_type="resnet50", is_fake_3d=True, fake_3d_ratio=FAKE_3D_RATIO,
+                              pretrained=False)  # fmt: skip
+        extractor = loss.perceptual_function.model  # torchvision feature extractor up to layer4 (no fc)
+        extractor.load_state_dict({k: v for k, v in state_dict.items() if k in extractor.state_dict()}, strict=True)
+        return loss, kind
+    if kind.startswith("medicalnet_"):
+        return _LocalPerceptualLoss(_MedicalNetSimilarity(network), is_fake_3d=False), kind
+    network.eval()
+    for p in network.parameters():
+        p.requires_grad = False
+    return _LocalPerceptualLoss(network, is_fake_3d=True), kind
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+DISCRIMINATOR_MIN_PATCH = 24
+
+
+def discriminator_fits(patch: tuple[int, int, int]) -> bool:
+    """Whether MONAI's 3-layer PatchDiscriminator gives at least one logit per axis for ``patch``.
+
+    Its convolutions (kernel 4, padding 1) have strides 2, 2, 2, 1, 1; instance norm needs more than one
+    voxel, which every patch that passes this has.
+    """
+    for size in patch:
+        for stride in (2, 2, 2, 1, 1):
+            size = (size - 2) // stride + 1
+        if size < 1:
+            return False
+    return True
+
+
+def _in_ddp() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class AutoencoderStage:
+    """Train (or finetune, ``$.init.autoencoder``) the VAE on random patches of CT images."""
+
+    name = "autoencoder"
+
+    def __init__(self, config: TrainConfig, preset: Preset, root: Path, train: list[tuple[int, dict[str, Any]]],
+                 val: list[tuple[int, dict[str, Any]]], device: torch.device):  # fmt: skip
+        """Read every CT, then build the VAE, the perceptual loss and the discriminator.
+
+        Args:
+            config: the train config (``config.autoencoder`` holds this stage's settings).
+            preset: the network preset.
+            root: folder the datalist's ``image`` paths are relative to.
+            train: ``(datalist index, entry)`` of the training cases (CT images).
+            val: the same for the validation cases (may be empty).
+            device: where the networks run.
+
+        Raises:
+            InputError: missing or unreadable images (all listed at once), or a missing package.
+            CheckpointError: init or perceptual weights that do not fit.
+        """
+        self.config, self.preset, self.device = config, preset, device
+        ac = self.settings = config.autoencoder
+        self.patch = tuple(int(p) for p in ac.patch_size)
+        self.volumes, problems = load_ct_volumes(train, root, self.patch, "training")  # type: ignore[arg-type]
+        self.val_volumes, val_problems = load_ct_volumes(val, root, None, "validation")
+        problems += val_problems
+        if problems:
+            raise InputError(f"autoencoder datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+        if not self.volumes:
+            raise InputError("the autoencoder stage has no training images")
+        runtime = RuntimeOptions()  # weights-neutral memory/speed options all off: CPU-safe, deterministic
+        self.step = 0  # steps completed; the adversarial term starts at adversarial_warmup_steps
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights: equal runs start equal
+            torch.manual_seed(config.seed)
+            if config.init.autoencoder:
+                self.model, _ = load_network(preset, "autoencoder", config.init.autoencoder, runtime)
+            else:
+                self.model = build_network(preset, "autoencoder", runtime)
+            self.perceptual = self._build_perceptual()
+            self.discriminator, self.d_optimizer = self._build_discriminator()
+        self._d_step = self.discriminator
+        if self.discriminator is not None and _in_ddp():
+            self._d_step = torch.nn.parallel.DistributedDataParallel(self.discriminator)
+        self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
+        log.info("autoencoder: %d training and %d validation volumes, patch %s, %s loss", len(self.volumes),
+                 len(self.val_volumes), list(self.patch), ac.recon_loss.upper())  # fmt: skip
+
+    def _build_perceptual(self) -> nn.Module | None:
+        ac = self.settings
+        if not ac.perceptual_weights:
+            log.info("perceptual loss off: no local weights given ($.autoencoder.perceptual_weights)")
+            return None
+        if ac.perceptual_weight == 0:
+            log.info("perceptual loss off: $.autoencoder.perceptual_weight is 0 (the weights file is not read)")
+            return None
+        loss, kind = build_perceptual_loss(ac.perceptual_weights)
+        log.info("perceptual loss on: %s network (%s) from %s, weight %g", kind, "2.5D" if loss.is_fake_3d else "3D",
+                 ac.perceptual_weights, ac.perceptual_weight)  # fmt: skip
+        return loss.to(self.device).eval()
+
+    def _build_discriminator(self) -> tuple[nn.Module | None, torch.optim.Optimizer | None]:
+        ac = self.settings
+        if ac.adversarial_weight == 0:
+            log.info("adversarial loss off: $.autoencoder.adversarial_weight is 0")
+            return None, None
+        if not discriminator_fits(self.patch):  # type: ignore[arg-type]
+            raise InputError(f"$.autoencoder.patch_size: {list(self.patch)} is too small for the PatchDiscriminator "
+                             f"(3 layers): it needs at least {DISCRIMINATOR_MIN_PATCH} voxels per axis; use a larger "
+                             "patch or set $.autoencoder.adversarial_weight to 0")  # fmt: skip
+        channels = min(32, int(self.preset.autoencoder["num_channels"][0]))
+        disc = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=channels, in_channels=1, out_channels=1,
+                                  norm="INSTANCE").to(self.device)  # fmt: skip
+        opt = self.config.optimizer
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=ac.discriminator_lr, betas=opt.betas,
+                                  weight_decay=opt.weight_decay)  # fmt: skip
+        log.info("adversarial loss on: PatchDiscriminator (%d channels), weight %g, from step %d", channels,
+                 ac.adversarial_weight, ac.adversarial_warmup_steps)  # fmt: skip
+        return disc, d_opt
+
+    @property
+    def adversarial_active(self) -> bool:
+        return self.discriminator is not None and self.step >= self.settings.adversarial_warmup_steps
+
+    def train_loss(self, model: nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
+        """Loss terms on ``batch_size`` fresh random patches; ``"loss"`` is their weighted sum."""
+        ac = self.settings
+        x = draw_patches(self.volumes, batch_size, self.patch).to(self.device)  # type: ignore[arg-type]
+        recon, z_mu, z_sigma = model(x)
+        recon = recon.float()
+        error = recon - x
+        terms = {"recon": error.abs().mean() if ac.recon_loss == "l1" else error.pow(2).mean(),
+                 "kl": kl_divergence(z_mu, z_sigma)}  # fmt: skip
+        loss = terms["recon"] + ac.kl_weight * terms["kl"]
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(recon, x)
+            loss = loss + ac.perceptual_weight * terms["perceptual"]
+        if self.adversarial_active:
+            assert self.discriminator is not None
+            self.discriminator.requires_grad_(False)  # the generator's term moves the VAE only
+            logits = self.discriminator(recon.contiguous())[-1]
+            self.discriminator.requires_grad_(True)
+            terms["generator_adv"] = self.adversarial_loss(logits, target_is_real=True, for_discriminator=False)
+            loss = loss + ac.adversarial_weight * terms["generator_adv"]
+        if self.discriminator is not None:
+            self._last = (x.detach(), recon.detach())
+        terms["loss"] = loss
+        return terms
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """One discriminator update on the generator's last batch (after the warm-up)."""
+        active, last = self.adversarial_active, self._last
+        self.step, self._last = step + 1, None
+        if not active or last is None:
+            return {}
+        assert self.d_optimizer is not None
+        x, recon = last
+        self.d_optimizer.zero_grad(set_to_none=True)
+        fake = self._d_step(recon.float().contiguous())[-1]
+        real = self._d_step(x.contiguous())[-1]
+        d_loss = 0.5 * (self.adversarial_loss(fake, target_is_real=False, for_discriminator=True)
+                        + self.adversarial_loss(real, target_is_real=True, for_discriminator=True))  # fmt: skip
+        if not torch.isfinite(d_loss):
+            raise TrainingDiverged(f"step {step + 1}: discriminator loss is {d_loss.item()}; stopping (lower the "
+                                   "learning rates ($.autoencoder.discriminator_lr) or check the data)")  # fmt: skip
+        d_loss.backward()
+        self.d_optimizer.step()
+        return {"discriminator": float(d_loss.detach())}
+
+    @torch.no_grad()
+    def reconstruct(self, model: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+        """Deterministic (``z_mu``) sliding-window reconstruction of a (1, X, Y, Z) volume -> (1, X, Y, Z) on CPU."""
+        roi = tuple(int(r) for r in self.settings.val_roi_size)
+        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=VAL_OVERLAP, mode="gaussian",
+                                       sw_device=self.device, device=torch.device("cpu"))  # fmt: skip
+        out = inferer(volume[None], lambda tile: model.reconstruct(tile).float())
+        return convert_to_tensor(out, track_meta=False)[0].float()
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """PSNR and SSIM (data range 1) of the held-out volumes' reconstructions; mid-slices of the first."""
+        if not self.val_volumes:
+            return {}, {}
+        was_training = model.training
+        model.eval()
+        psnr, ssim = PSNRMetric(max_val=1.0), []
+        images: dict[str, np.ndarray] = {}
+        for i, volume in enumerate(self.val_volumes):
+            recon = self.reconstruct(model, volume).clamp(0, 1)
+            psnr(recon[None], volume[None])
+            win = min(11, *[s - (1 - s % 2) for s in volume.shape[1:]])  # odd, within the volume
+            metric = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win)
+            ssim.append(float(metric(recon[None], volume[None]).mean()))
+            if i == 0:
+                images = {"input": axial_mid_slice(volume[0]), "reconstruction": axial_mid_slice(recon[0])}
+        model.train(was_training)
+        return {"psnr": float(psnr.aggregate().item()), "ssim": float(np.mean(ssim))}, images
+
+    def export(self, model: nn.Module, folder: Path, config_sha256: str) -> list[Path]:
+        return [save_checkpoint(Path(folder) / "autoencoder.pt", model, self.preset, "autoencoder",
+                                config_sha256=config_sha256)]  # fmt: skip
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": self.step}
+        if self.discriminator is not None and self.d_optimizer is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+            state["discriminator_optimizer"] = self.d_optimizer.state_dict()
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        if self.discriminator is not None and self.d_optimizer is not None:
+            if "discriminator" not in state:
+                raise CheckpointError("the training state holds no discriminator (saved without the adversarial loss)")
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.d_optimizer.load_state_dict(state["discriminator_optimizer"])

@@ -1,0 +1,282 @@
+"""``maisi.train autoencoder`` on the tiny VAE and crops of a real CT."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maisi.checkpoints import load_network
+from maisi.data.io import Volume, read_volume, write_volume
+from maisi.networks import get_preset
+from maisi.train import main
+from maisi.training.autoencoder import (
+    _medicalnet_backbone,
+    _MedicalNetSimilarity,
+    build_perceptual_loss,
+    detect_perceptual_type,
+    discriminator_fits,
+    draw_patches,
+    kl_divergence,
+)
+from tests.conftest import write_config
+
+CT = Path(__file__).resolve().parents[1] / "data" / "totalseg_example_ct_sm.nii.gz"  # 122 x 101 x 30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 3D convolutions: one thread is faster, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory) -> Path:
+    """Crops of the real CT (RAS geometry kept): two training volumes, a one-patch volume, a validation volume."""
+    root = tmp_path_factory.mktemp("ct")
+    ct = read_volume(CT)
+
+    def crop(name: str, x: int, y: int, size: tuple[int, int, int]) -> None:
+        sx, sy, sz = size
+        affine = ct.affine.copy()
+        affine[:3, 3] = ct.affine[:3, :3] @ np.array([x, y, 4.0]) + ct.affine[:3, 3]
+        write_volume(root / f"{name}.nii.gz", Volume(ct.array[x : x + sx, y : y + sy, 4 : 4 + sz].copy(), affine))
+
+    crop("train_a", 40, 30, (40, 36, 24))
+    crop("train_b", 30, 40, (36, 40, 26))
+    crop("one_patch", 52, 42, (16, 16, 16))
+    crop("val", 45, 35, (32, 28, 18))
+    return root
+
+
+def make_config(tmp_path: Path, crops: Path, images: list[tuple[str, int]], name: str = "train.json",
+                **changes) -> Path:  # fmt: skip
+    """A train config on a datalist of ``(crop name, fold)``; fold 1 validates when any case has it."""
+    datalist = tmp_path / "datalist.json"
+    entries = [{"image": f"{image}.nii.gz", "fold": fold} for image, fold in images]
+    datalist.write_text(json.dumps({"training": entries}))
+    autoencoder = {"patch_size": [16, 16, 16], "val_roi_size": [16, 16, 16], "adversarial_weight": 0.0}
+    autoencoder.update(changes.pop("autoencoder", {}))
+    data = {"preset": "tiny-rflow", "datalist": str(datalist), "data_root": str(crops),
+            "fold": 1 if any(f == 1 for _, f in images) else None, "output_dir": str(tmp_path / "run"), "steps": 3,
+            "checkpoint_every": 1000, "validate_every": 1000, "log_every": 1, "device": "cpu",
+            "autoencoder": autoencoder}  # fmt: skip
+    data.update(changes)
+    return write_config(tmp_path / name, data)
+
+
+def scalars(run: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_equal_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_equal_tensors(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+
+
+TRAIN = [("train_a", 0), ("train_b", 0), ("val", 1)]
+
+
+def test_training_writes_a_checkpoint_that_loads_and_validates(tmp_path, crops, caplog):
+    config = make_config(tmp_path, crops, TRAIN, steps=3)
+    assert main(["autoencoder", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    network, weights = load_network(get_preset("tiny-rflow"), "autoencoder", run / "autoencoder.pt")  # strict
+    assert weights.source_format == "maisi" and (run / "state" / "last.pt").is_file()
+    assert any((run / "tensorboard").iterdir()) and len(scalars(run, "train/recon")) == 3
+    assert "perceptual loss off: no local weights given ($.autoencoder.perceptual_weights)" in caplog.text
+    assert "adversarial loss off" in caplog.text
+    found = re.search(r"step 3 validation: psnr (\S+), ssim (\S+)", caplog.text)
+    assert found, caplog.text
+    psnr, ssim = float(found.group(1)), float(found.group(2))
+    assert math.isfinite(psnr) and psnr > 0 and math.isfinite(ssim) and -1 <= ssim <= 1
+    assert scalars(run, "val/psnr") == [pytest.approx(psnr, rel=1e-3)]
+
+
+def test_validation_is_deterministic_and_gives_images_in_unit_range(tmp_path, crops):
+    from maisi.config import load_config
+    from maisi.training.autoencoder import AutoencoderStage
+
+    config = load_config(make_config(tmp_path, crops, TRAIN), "train")
+    stage = AutoencoderStage(config, get_preset("tiny-rflow"), crops, [(0, {"image": "train_a.nii.gz"})],
+                             [(2, {"image": "val.nii.gz"})], torch.device("cpu"))  # fmt: skip
+    first, images = stage.validate(stage.model)
+    torch.manual_seed(123)  # validation must not depend on the random state
+    second, _ = stage.validate(stage.model)
+    assert first == second and set(first) == {"psnr", "ssim"}
+    assert set(images) == {"input", "reconstruction"}
+    for image in images.values():
+        assert image.dtype == np.float32 and image.shape == (28, 32) and 0 <= image.min() and image.max() <= 1
+    assert stage.reconstruct(stage.model, stage.val_volumes[0]).shape == (1, 32, 28, 18)
+
+
+def test_loss_falls_when_overfitting_one_batch(tmp_path, crops):
+    # a 16^3 volume and a 16^3 patch: every step sees the same batch
+    config = make_config(tmp_path, crops, [("one_patch", 0)], steps=60, tensorboard=True,
+                         optimizer={"lr": 1e-3, "grad_clip": None})  # fmt: skip
+    assert main(["autoencoder", "--config", str(config)]) == 0
+    recon = scalars(tmp_path / "run", "train/recon")
+    assert len(recon) == 60
+    first, last = np.mean(recon[:10]), np.mean(recon[-10:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, crops, caplog):
+    gan = {"patch_size": [24, 24, 24], "adversarial_weight": 0.1, "adversarial_warmup_steps": 2}
+    images = [("train_a", 0), ("train_b", 0)]
+    straight = make_config(tmp_path, crops, images, "a.json", steps=6, output_dir=str(tmp_path / "a"), autoencoder=gan)
+    assert main(["autoencoder", "--config", str(straight)]) == 0
+    first = make_config(tmp_path, crops, images, "b.json", steps=3, output_dir=str(tmp_path / "b"), autoencoder=gan)
+    assert main(["autoencoder", "--config", str(first)]) == 0
+    more = make_config(tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"), autoencoder=gan)
+    assert main(["autoencoder", "--config", str(more), "--resume"]) == 0
+    assert "adversarial loss on: PatchDiscriminator (8 channels), weight 0.1, from step 2" in caplog.text
+    a, b = state_dict_of(tmp_path / "a" / "autoencoder.pt"), state_dict_of(tmp_path / "b" / "autoencoder.pt")
+    assert_equal_tensors(a, b)
+    sa = torch.load(tmp_path / "a" / "state" / "last.pt", weights_only=True)["stage_state"]
+    sb = torch.load(tmp_path / "b" / "state" / "last.pt", weights_only=True)["stage_state"]
+    assert sa["step"] == sb["step"] == 6 and "discriminator" in sa
+    assert_equal_tensors(sa["discriminator"], sb["discriminator"])
+    assert_equal_tensors(sa["discriminator_optimizer"]["state"], sb["discriminator_optimizer"]["state"])
+    # the adversarial terms ran after the warm-up, and only then
+    assert len(scalars(tmp_path / "a", "train/generator_adv")) == 4
+    assert len(scalars(tmp_path / "a", "train/discriminator")) == 4
+
+
+@pytest.fixture
+def medicalnet_weights(tmp_path) -> Path:
+    """MedicalNet ResNet10 weights in their release layout (random values; MONAI's ResNet, pretrained=False)."""
+    from monai.networks.nets.resnet import ResNetFeatures
+
+    torch.manual_seed(0)
+    sd = ResNetFeatures("resnet10", pretrained=False, spatial_dims=3, in_channels=1).state_dict()
+    path = tmp_path / "medicalnet_resnet10.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    return path
+
+
+def test_perceptual_loss_from_local_weights(tmp_path, crops, medicalnet_weights, caplog):
+    perceptual = {"perceptual_weights": str(medicalnet_weights), "perceptual_weight": 0.3}
+    config = make_config(tmp_path, crops, [("train_a", 0)], steps=2, autoencoder=perceptual)
+    assert main(["autoencoder", "--config", str(config)]) == 0
+    assert f"perceptual loss on: medicalnet_resnet10_23datasets network (3D) from {medicalnet_weights}" in caplog.text
+    values = scalars(tmp_path / "run", "train/perceptual")
+    assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
+
+
+def test_perceptual_weights_of_the_wrong_shape_exit_2(tmp_path, crops, medicalnet_weights, capsys):
+    sd = torch.load(medicalnet_weights, weights_only=True)["state_dict"]
+    sd["module.layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1, 1)
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    config = make_config(tmp_path, crops, [("train_a", 0)], autoencoder={"perceptual_weights": str(bad)})
+    assert main(["autoencoder", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "perceptual_weights" in err and str(bad) in err and "layer1.0.conv1.weight" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "state").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"conv1.weight": torch.zeros(3, 3)}, "not the weights of a supported perceptual network"),
+    ([1, 2, 3], "holds no state_dict"),
+    (b"not a checkpoint", "not a readable weights file"),
+])  # fmt: skip
+def test_unusable_perceptual_files_are_input_errors(tmp_path, content, message):
+    from maisi.errors import CheckpointError
+
+    path = tmp_path / "w.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=message):
+        build_perceptual_loss(path)
+    with pytest.raises(CheckpointError, match="file not found"):
+        build_perceptual_loss(tmp_path / "missing.pth")
+
+
+def test_medicalnet_perceptual_is_finite_on_a_patch_of_pure_air():
+    similarity = _MedicalNetSimilarity(_medicalnet_backbone(10))
+    air, noise = torch.zeros(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    assert torch.isfinite(similarity(air, noise)).all() and similarity(air, air).abs().max() == 0
+
+
+def test_lpips_weights_are_recognised_and_loaded_without_download(tmp_path):
+    lpips = pytest.importorskip("lpips")
+    sd = lpips.LPIPS(pretrained=False, net="squeeze", pnet_rand=True, verbose=False).state_dict()
+    assert detect_perceptual_type(sd) == "squeeze"
+    torch.save(sd, tmp_path / "squeeze.pth")
+    loss, kind = build_perceptual_loss(tmp_path / "squeeze.pth")
+    assert kind == "squeeze" and loss.is_fake_3d and loss.fake_3d_ratio == 0.2
+    x = torch.rand(1, 1, 32, 32, 32)  # squeezenet needs slices of at least ~32 x 32
+    assert torch.isfinite(loss(x, torch.rand_like(x)))
+
+
+def test_torchvision_resnet50_weights_use_monai_resnet50_route(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    sd = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save(sd, tmp_path / "resnet50.pth")
+    loss, kind = build_perceptual_loss(tmp_path / "resnet50.pth")
+    assert kind == "resnet50"
+    assert torch.equal(loss.perceptual_function.model.state_dict()["conv1.weight"], sd["conv1.weight"])
+
+
+def test_missing_and_unreadable_images_are_listed_at_once(tmp_path, crops, capsys):
+    broken = tmp_path / "data"
+    broken.mkdir()
+    (broken / "garbage.nii.gz").write_bytes(b"not an image")
+    (broken / "ok.nii.gz").write_bytes((crops / "train_a.nii.gz").read_bytes())
+    datalist = [("ok", 0), ("absent", 0), ("garbage", 1)]
+    config = make_config(tmp_path, crops, datalist, data_root=str(broken))
+    assert main(["autoencoder", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "2)" in err and "absent.nii.gz: file not found" in err and "$.training[1].image" in err
+    assert "garbage.nii.gz" in err and "$.training[2].image (validation)" in err and "Traceback" not in err
+
+
+def test_too_small_patch_for_the_discriminator_is_an_input_error(tmp_path, crops, capsys):
+    config = make_config(tmp_path, crops, [("train_a", 0)], autoencoder={"adversarial_weight": 0.1})
+    assert main(["autoencoder", "--config", str(config)]) == 2
+    assert "$.autoencoder.patch_size: [16, 16, 16] is too small for the PatchDiscriminator" in capsys.readouterr().err
+    assert not discriminator_fits((20, 24, 24)) and discriminator_fits((24, 24, 24))
+
+
+def test_patches_come_from_the_global_generator_and_small_volumes_are_padded(tmp_path, crops):
+    from maisi.training.autoencoder import load_ct_volumes
+
+    volumes, problems = load_ct_volumes([(0, {"image": "one_patch.nii.gz"}), (1, {"image": "val.nii.gz"})], crops,
+                                        (24, 24, 24), "training")  # fmt: skip
+    assert not problems and [tuple(v.shape) for v in volumes] == [(1, 24, 24, 24), (1, 32, 28, 24)]
+    assert volumes[0][0, 0, 0, 0] == 0.0  # padding is -1000 HU
+    torch.manual_seed(7)
+    a = draw_patches(volumes, 3, (24, 24, 24))
+    torch.manual_seed(7)
+    b = draw_patches(volumes, 3, (24, 24, 24))
+    assert a.shape == (3, 1, 24, 24, 24) and torch.equal(a, b)
+
+
+def test_kl_matches_the_closed_form():
+    mu, sigma = torch.zeros(2, 4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3)
+    assert kl_divergence(mu, sigma) == 0
+    mu[0] = 1.0  # 0.5 * 108 voxels * 1 for the first sample, 0 for the second -> mean 27
+    assert kl_divergence(mu, sigma).item() == pytest.approx(27.0)

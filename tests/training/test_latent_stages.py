@@ -1,0 +1,181 @@
+"""``maisi.train diffusion|controlnet`` on tiny networks and real-CT latents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maisi.checkpoints import load_network, read_weights
+from maisi.config import load_config
+from maisi.distributed import Ranks
+from maisi.networks import get_preset
+from maisi.train import build_stage, main
+from maisi.training.controlnet import lesion_weights
+from maisi.training.loop import train
+from tests.conftest import write_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def train_config(encoded_cases, active_unet, tmp_path):
+    def make(name: str = "train.json", **changes) -> Path:
+        data = {"preset": "tiny-rflow", "datalist": str(encoded_cases), "output_dir": str(tmp_path / "run"),
+                "steps": 4, "fold": 0, "checkpoint_every": 2, "validate_every": 2, "device": "cpu",
+                "init": {"diffusion_unet": str(active_unet)}}  # fmt: skip
+        data.update(changes)
+        return write_config(tmp_path / name, data)
+
+    return make
+
+
+def _state_dicts_equal(a: Path, b: Path) -> bool:
+    sa, sb = torch.load(a, weights_only=True)["state_dict"], torch.load(b, weights_only=True)["state_dict"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_diffusion_from_scratch_writes_a_checkpoint_infer_loads(train_config, tmp_path, tiny_checkpoints, caplog):
+    config = train_config(init={}, steps=3)
+    assert main(["diffusion", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    weights = read_weights(run / "diffusion_unet.pt", "diffusion_unet")
+    assert weights.scale_factor is not None and weights.scale_factor > 0  # 1 / std of the training latents
+    assert "scale_factor = 1 / std" in caplog.text and "step 3 validation: loss" in caplog.text
+    assert (run / "state" / "last.pt").is_file() and any((run / "tensorboard").iterdir())
+    assert json.loads((run / "train_config.json").read_text())["stage"] == "diffusion"
+    infer_cfg = write_config(tmp_path / "infer.json", {
+        "preset": "tiny-rflow", "output_size": [32, 32, 16], "spacing": [3.0, 3.0, 3.0], "device": "cpu",
+        "checkpoints": {"autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+                        "diffusion_unet": str(run / "diffusion_unet.pt")},
+        "sampling": {"num_inference_steps": 2}, "output": {"dir": str(tmp_path / "gen")}})  # fmt: skip
+    from maisi.infer import main as infer_main
+
+    assert infer_main(["--config", str(infer_cfg)]) == 0
+    meta = json.loads((tmp_path / "gen" / "sample_seed0.json").read_text())
+    assert meta["scale_factor"] == pytest.approx(weights.scale_factor)
+
+
+@pytest.mark.parametrize("stage", ["diffusion", "controlnet"])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(stage, train_config, tmp_path):
+    extra = {"controlnet": {"weighted_loss": 10.0, "weighted_loss_label": [1]}} if stage == "controlnet" else {}
+    straight = train_config("a.json", output_dir=str(tmp_path / "a"), steps=4, **extra)
+    assert main([stage, "--config", str(straight)]) == 0
+    first = train_config("b.json", output_dir=str(tmp_path / "b"), steps=2, **extra)
+    assert main([stage, "--config", str(first)]) == 0
+    more = train_config("b.json", output_dir=str(tmp_path / "b"), steps=4, **extra)
+    assert main([stage, "--config", str(more), "--resume"]) == 0
+    name = "diffusion_unet.pt" if stage == "diffusion" else "controlnet.pt"
+    assert _state_dicts_equal(tmp_path / "a" / name, tmp_path / "b" / name)
+    trained = torch.load(tmp_path / "a" / name, weights_only=True)["state_dict"]
+    if stage == "diffusion":  # it trained: the weights moved away from the start
+        start = torch.load(json.loads(straight.read_text())["init"]["diffusion_unet"], weights_only=True)["state_dict"]
+    else:  # the ControlNet started as a copy of the UNet's trunk with zero output convolutions
+        start = {k: torch.zeros_like(v) for k, v in trained.items() if k.startswith("controlnet_down_blocks")}
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+def _validation_loss(stage) -> float:
+    return stage.validate(stage.model)[0]["loss"]
+
+
+@pytest.mark.parametrize("stage_name", ["diffusion", "controlnet"])
+def test_loss_falls_when_overfitting_one_case(stage_name, train_config, tmp_path, encoded_cases, active_unet):
+    data = json.loads(encoded_cases.read_text())
+    one = {"training": [dict(data["training"][0], fold=0), dict(data["training"][0], fold=1)]}
+    datalist = encoded_cases.parent / f"one_{stage_name}.json"
+    datalist.write_text(json.dumps(one))
+    config = load_config(train_config(datalist=str(datalist), steps=20, fold=1, checkpoint_every=1000,
+                                      validate_every=1000, tensorboard=False,
+                                      optimizer={"lr": 0.003, "grad_clip": None}), "train")  # fmt: skip
+    stage = build_stage(stage_name, config, Ranks(), torch.device("cpu"))
+    before = _validation_loss(stage)
+    train(stage, config, Ranks(), torch.device("cpu"), "test", None)
+    after = _validation_loss(stage)
+    assert after < 0.9 * before, (before, after)  # fixed noise and timesteps: the same measurement twice
+
+
+def test_a_one_voxel_lesion_survives_downsampling():
+    labels = torch.zeros(1, 1, 16, 16, 8, dtype=torch.long)
+    labels[0, 0, 9, 2, 5] = 129  # a single image voxel of the new class
+    labels[0, 0, 0:8, 8:16, :] = 1  # liver, not weighted
+    weights = lesion_weights(labels, (129,), 100.0, 4)
+    assert weights.shape == (1, 1, 4, 4, 2)
+    assert weights[0, 0, 2, 0, 1] == 100.0 and (weights == 100.0).sum() == 1 and weights.min() == 1.0
+
+
+def test_two_process_torchrun_diffusion_writes_one_checkpoint(train_config, tmp_path):
+    config = train_config(steps=2, checkpoint_every=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "maisi.train", "diffusion", "--config", str(config)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "diffusion_unet.pt").is_file() and (run / "state" / "last.pt").is_file()
+    assert done.stderr.count("step 2 validation") == 1  # rank 0 alone validates and writes
+    load_network(get_preset("tiny-rflow"), "diffusion_unet", run / "diffusion_unet.pt")
+
+
+def test_nan_loss_stops_with_the_step_and_term(train_config, monkeypatch, capsys):
+    from maisi.training.diffusion import DiffusionStage
+
+    monkeypatch.setattr(DiffusionStage, "train_loss", lambda self, model, n: {"loss": torch.tensor(float("nan"), requires_grad=True)})
+    assert main(["diffusion", "--config", str(train_config())]) == 1
+    err = capsys.readouterr().err
+    assert "step 1: loss term 'loss' is nan" in err and "Traceback" not in err
+
+
+def _copy_latents(encoded_cases: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "emb"
+    shutil.copytree(encoded_cases.parent, folder)
+    return folder / "datalist.json"
+
+
+@pytest.mark.parametrize("case", ["latent missing", "sidecar disagrees", "label grid", "weighted id unknown",
+                                  "no frozen unet", "other run", "resume other config", "resume nothing"])  # fmt: skip
+def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
+    stage, flags, changes = "controlnet", [], {}
+    datalist = _copy_latents(encoded_cases, tmp_path)
+    changes["datalist"] = str(datalist)
+    first = json.loads(datalist.read_text())["training"][1]
+    if case == "latent missing":
+        (datalist.parent / first["image"]).unlink()
+        fragment = "latent not found"
+    elif case == "sidecar disagrees":
+        latent = datalist.parent / first["image"]
+        data, affine = __import__("maisi.data.latents", fromlist=["read_latent"]).read_latent(latent)
+        __import__("maisi.data.latents", fromlist=["write_latent"]).write_latent(latent, data + 1, affine)
+        fragment = "does not match the checksum in its sidecar"
+    elif case == "label grid":
+        from maisi.data.io import Volume, write_volume
+
+        write_volume(datalist.parent / first["label"], Volume(np.zeros((8, 8, 8), np.uint8), np.eye(4)))
+        fragment = "is not 4x the latent grid"
+    elif case == "weighted id unknown":
+        changes["controlnet"] = {"weighted_loss": 100, "weighted_loss_label": [129]}  # dummy6, not a class
+        fragment = "ids [129] are not classes of the label dictionary"
+    elif case == "no frozen unet":
+        changes["init"] = {}
+        fragment = "needs the trained diffusion UNet"
+    elif case == "other run":
+        assert main(["controlnet", "--config", str(train_config(**changes, steps=1))]) == 0
+        fragment = "holds controlnet run already; pass --resume"
+    elif case == "resume other config":
+        assert main(["controlnet", "--config", str(train_config(**changes, steps=1))]) == 0
+        changes["optimizer"] = {"lr": 0.5}
+        flags = ["--resume"]
+        fragment = "was trained with another config"
+    else:
+        flags = ["--resume"]
+        fragment = "holds no training state"
+    capsys.readouterr()
+    assert main([stage, "--config", str(train_config(**changes)), *flags]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
