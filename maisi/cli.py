@@ -6,11 +6,14 @@ Exit codes: 0 success, 2 bad input (one clear message, no traceback), 1 runtime 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import traceback
 from typing import Callable
 
+from maisi.config import load_config, to_jsonable
 from maisi.errors import InputError, RunFailure
 
 EXIT_OK = 0
@@ -58,3 +61,15 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
         traceback.print_exc()
         print(f"{prog}: runtime failure (see the traceback above)", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def load_cli_config(args: argparse.Namespace, kind: str):
+    """The config named by ``--config``, with ``--device`` applied when given."""
+    config = load_config(args.config, kind)
+    return dataclasses.replace(config, device=args.device) if args.device else config
+
+
+def print_config(config) -> int:
+    """``--dry-run``: the resolved config as JSON on stdout."""
+    print(json.dumps(to_jsonable(config), indent=2))
+    return EXIT_OK

@@ -9,8 +9,6 @@ are still done), 2 bad input.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import resource
 import sys
@@ -21,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from maisi.checkpoints import file_sha256, load_network
-from maisi.cli import EXIT_OK, EXIT_RUNTIME, make_parser, run_guarded, setup_logging
-from maisi.config import EncodeConfig, load_config, to_jsonable
+from maisi.cli import EXIT_OK, load_cli_config, print_config, EXIT_RUNTIME, make_parser, run_guarded, setup_logging
+from maisi.config import EncodeConfig
 from maisi.data.datalist import read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device
 from maisi.distributed import Ranks, finish, gather, init_from_env
@@ -124,13 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        config = load_config(args.config, "encode")
-        if args.device:
-            config = dataclasses.replace(config, device=args.device)
-        if args.dry_run:
-            print(json.dumps(to_jsonable(config), indent=2))
-            return EXIT_OK
-        return run(config, args.max_cases)
+        config = load_cli_config(args, "encode")
+        return print_config(config) if args.dry_run else run(config, args.max_cases)
 
     return run_guarded(PROG, body)
 

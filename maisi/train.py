@@ -8,7 +8,6 @@ batches, gradients are averaged (DDP), rank 0 alone writes. The run folder holds
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -18,8 +17,8 @@ from pathlib import Path
 import torch
 
 from maisi.atomic import write_json
-from maisi.cli import EXIT_OK, make_parser, run_guarded, setup_logging
-from maisi.config import TrainConfig, load_config, to_jsonable
+from maisi.cli import EXIT_OK, load_cli_config, print_config, make_parser, run_guarded, setup_logging
+from maisi.config import TrainConfig, to_jsonable
 from maisi.config.train_config import STAGES
 from maisi.data.datalist import read_datalist
 from maisi.device import resolve_device
@@ -105,13 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        config = load_config(args.config, "train")
-        if args.device:
-            config = dataclasses.replace(config, device=args.device)
-        if args.dry_run:
-            print(json.dumps(to_jsonable(config), indent=2))
-            return EXIT_OK
-        return run(args.stage, config, args.resume)
+        config = load_cli_config(args, "train")
+        return print_config(config) if args.dry_run else run(args.stage, config, args.resume)
 
     return run_guarded(PROG, body)
 

@@ -16,7 +16,7 @@ import torch
 from maisi import infer
 from maisi.checkpoints import file_sha256
 from maisi.data.io import Volume, read_volume, write_volume
-from tests.conftest import phantom_mask, write_config
+from tests.conftest import phantom_mask
 
 
 def run_cli(config: Path, *flags: str) -> int:

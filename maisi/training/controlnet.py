@@ -21,7 +21,7 @@ from maisi.config.train_config import TrainConfig
 from maisi.errors import CheckpointError, InputError
 from maisi.labels import is_dummy, load_label_dict
 from maisi.networks import Preset, RuntimeOptions, build_network
-from maisi.training.diffusion import VALIDATION_SEED, denoising_loss, mid_slice, training_scheduler
+from maisi.training.diffusion import denoising_loss, training_scheduler, validation_loss
 from maisi.training.latent_data import LatentCases
 
 
@@ -86,21 +86,9 @@ class ControlNetStage:
     def after_step(self, step: int) -> dict[str, float]:
         return {}
 
-    @torch.no_grad()
     def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        if self.val is None:
-            return {}, {}
         model.eval()
-        losses, images = [], {}
-        for i in range(len(self.val)):
-            batch = self.val.batch([i], self.device)
-            torch.manual_seed(VALIDATION_SEED + i)
-            generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + i)
-            loss, output, target = self._loss(model, batch, generator)
-            losses.append(loss.item())
-            if i == 0:
-                images = {"output": mid_slice(output[0, 0]), "target": mid_slice(target[0, 0])}
-        return {"loss": float(np.mean(losses))}, images
+        return validation_loss(self.val, self.device, lambda batch, generator: self._loss(model, batch, generator))
 
     def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
         return [save_checkpoint(folder / "controlnet.pt", model, self.preset, "controlnet", config_sha256=config_sha256)]

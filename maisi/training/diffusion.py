@@ -72,6 +72,26 @@ def estimate_scale_factor(cases: LatentCases, batches: int, batch_size: int, ran
     return float(1.0 / std)
 
 
+@torch.no_grad()
+def validation_loss(
+    val: LatentCases | None, device: torch.device,
+    loss_fn: Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:  # fmt: skip
+    """Mean loss over the validation cases with fixed noise and timesteps per case, and the first case's
+    output/target mid-slices; the same measurement at every validation."""
+    if val is None:
+        return {}, {}
+    losses, images = [], {}
+    for i in range(len(val)):
+        torch.manual_seed(VALIDATION_SEED + i)  # RFlow draws its timesteps from the global generator
+        generator = torch.Generator(device=device).manual_seed(VALIDATION_SEED + i)
+        loss, output, target = loss_fn(val.batch([i], device), generator)
+        losses.append(loss.item())
+        if i == 0:
+            images = {"output": mid_slice(output[0, 0]), "target": mid_slice(target[0, 0])}
+    return {"loss": float(np.mean(losses))}, images
+
+
 def mid_slice(volume: torch.Tensor) -> np.ndarray:
     """Axial mid-slice of a (x, y, z) tensor, scaled to [0, 1] for TensorBoard."""
     s = volume[:, :, volume.shape[2] // 2].float().cpu().numpy().T[::-1]
@@ -107,22 +127,14 @@ class DiffusionStage:
     def after_step(self, step: int) -> dict[str, float]:
         return {}
 
-    @torch.no_grad()
     def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        if self.val is None:
-            return {}, {}
         model.eval()
-        losses, images = [], {}
-        for i in range(len(self.val)):
-            batch = self.val.batch([i], self.device)
-            generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + i)
-            torch.manual_seed(VALIDATION_SEED + i)  # RFlow draws its timesteps from the global generator
-            loss, output, target = denoising_loss(model, self.scheduler, batch["latents"] * self.scale_factor,
-                                                  batch["unet_inputs"], generator=generator)  # fmt: skip
-            losses.append(loss.item())
-            if i == 0:
-                images = {"output": mid_slice(output[0, 0]), "target": mid_slice(target[0, 0])}
-        return {"loss": float(np.mean(losses))}, images
+
+        def loss_fn(batch: dict[str, Any], generator: torch.Generator):
+            return denoising_loss(model, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"],
+                                  generator=generator)  # fmt: skip
+
+        return validation_loss(self.val, self.device, loss_fn)
 
     def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
         return [save_checkpoint(folder / "diffusion_unet.pt", model, self.preset, "diffusion_unet",
