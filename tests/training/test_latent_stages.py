@@ -179,3 +179,17 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
     assert main([stage, "--config", str(train_config(**changes)), *flags]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
+
+
+def test_trained_controlnet_drives_generation_from_a_mask(train_config, tmp_path, active_unet, tiny_checkpoints, mask_file):
+    assert main(["controlnet", "--config", str(train_config(steps=1))]) == 0
+    infer_cfg = write_config(tmp_path / "infer.json", {
+        "preset": "tiny-rflow", "mask": str(mask_file), "device": "cpu", "sampling": {"num_inference_steps": 2},
+        "checkpoints": {"autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+                        "diffusion_unet": str(active_unet), "controlnet": str(tmp_path / "run" / "controlnet.pt")},
+        "output": {"dir": str(tmp_path / "gen")}})  # fmt: skip
+    from maisi.infer import main as infer_main
+
+    assert infer_main(["--config", str(infer_cfg)]) == 0
+    meta = json.loads((tmp_path / "gen" / "sample_seed0.json").read_text())
+    assert meta["checkpoints"]["controlnet"]["format"] == "maisi"
