@@ -15,14 +15,12 @@ from maisi.checkpoints import load_network
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.networks import get_preset
 from maisi.train import main
-from maisi.training.autoencoder import (
+from maisi.training.autoencoder import discriminator_fits, draw_patches, kl_divergence
+from maisi.training.perceptual import (
     _medicalnet_backbone,
     _MedicalNetSimilarity,
     build_perceptual_loss,
     detect_perceptual_type,
-    discriminator_fits,
-    draw_patches,
-    kl_divergence,
 )
 from tests.conftest import write_config
 
