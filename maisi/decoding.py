@@ -1,7 +1,10 @@
-"""Latent <-> image through the VAE: decoding, and encoding with the same two methods.
+"""Latent <-> image through the VAE: decoding, and encoding with the same three methods.
 
-Two methods for now: one full decoder pass, or MONAI's sliding window with Gaussian blending (MAISI's
-approach, approximate at tile seams). An exact, memory-bounded tiled decoder is planned (issue 5).
+* ``"full"``: one whole-volume pass of the MONAI network (exact; memory grows with the volume).
+* ``"sliding_window"``: MONAI's ``SlidingWindowInferer`` with Gaussian blending (MAISI's approach;
+  approximate at tile seams, GroupNorm statistics per window, overlap computed several times).
+* ``"tiled"``: :mod:`maisi.tiled_vae`, exact (equal to ``"full"`` up to float rounding) with the compute
+  device's working memory bounded by ``memory_budget_bytes``; intermediates stay on the host.
 """
 
 from __future__ import annotations
@@ -12,8 +15,15 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 from maisi.device import autocast
+from maisi.tiled_vae import DEFAULT_BUDGET_BYTES, decode_tiled, encode_tiled
 
-DecodeMethod = Literal["full", "sliding_window"]
+DecodeMethod = Literal["full", "sliding_window", "tiled"]
+DECODE_METHODS: tuple[str, ...] = ("full", "sliding_window", "tiled")
+
+
+def _check_method(method: str) -> None:
+    if method not in DECODE_METHODS:
+        raise ValueError(f"method must be one of {list(DECODE_METHODS)}, got {method!r}")
 
 
 @torch.no_grad()
@@ -25,6 +35,7 @@ def decode(
     method: DecodeMethod = "full",
     roi_size: tuple[int, int, int] = (48, 48, 48),
     overlap: float = 0.6666,
+    memory_budget_bytes: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -34,20 +45,26 @@ def decode(
         autoencoder: the VAE (``AutoencoderKlMaisi``), on the latents' device.
         latents: (N, C, x, y, z) latents in the diffusion (scaled) space.
         scale_factor: the UNet checkpoint's ``scale_factor``; latents are divided by it first.
-        method: ``"full"`` or ``"sliding_window"``.
+        method: ``"full"``, ``"sliding_window"`` or ``"tiled"``.
         roi_size: sliding-window tile in latent voxels; a tile covering the whole latent means one pass.
         overlap: sliding-window overlap fraction.
+        memory_budget_bytes: ``"tiled"``: bound on one tile's working memory on the compute device
+            (default 1 GiB); tile sizes are derived from it per layer.
         autocast_dtype: half-precision dtype, or None for float32.
-        progress: progress bar over the sliding-window tiles.
+        progress: progress bar over the tiles.
 
     Returns:
         (N, 1, fx, fy, fz) float32 images on the CPU, nominally in [0, 1].
     """
+    _check_method(method)
     z = latents / scale_factor
     device = latents.device
     whole = all(r >= s for r, s in zip(roi_size, z.shape[2:]))
     with autocast(device, autocast_dtype):
-        if method == "full" or whole:
+        if method == "tiled":
+            image = decode_tiled(autoencoder, z, memory_budget_bytes=memory_budget_bytes or DEFAULT_BUDGET_BYTES,
+                                 progress=progress)  # fmt: skip
+        elif method == "full" or whole:
             image = autoencoder.decode_stage_2_outputs(z)
         else:
             inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=overlap, mode="gaussian",
@@ -64,6 +81,7 @@ def encode(
     method: DecodeMethod = "sliding_window",
     roi_size: tuple[int, int, int] = (128, 128, 128),
     overlap: float = 0.25,
+    memory_budget_bytes: int | None = None,
     sample: bool = False,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -74,9 +92,11 @@ def encode(
     Args:
         autoencoder: the VAE, on the images' device.
         images: (N, 1, X, Y, Z) intensities in [0, 1], sizes multiples of the VAE factor.
-        method: ``"full"`` (one pass) or ``"sliding_window"`` (MONAI, Gaussian blending; bounded memory).
+        method: ``"full"`` (one pass), ``"sliding_window"`` (MONAI, Gaussian blending; bounded memory,
+            approximate) or ``"tiled"`` (exact, bounded memory).
         roi_size: sliding-window tile in image voxels (multiples of the VAE factor).
         overlap: sliding-window overlap fraction.
+        memory_budget_bytes: ``"tiled"``: bound on one tile's working memory (default 1 GiB).
         sample: draw ``mu + sigma * eps`` (as MAISI's ``encode_stage_2_inputs``) instead of returning ``mu``.
         generator: CPU generator for ``eps`` when sampling.
         autocast_dtype: half-precision dtype, or None for float32.
@@ -85,6 +105,7 @@ def encode(
     Returns:
         (N, C, X/f, Y/f, Z/f) float32 latents on the CPU.
     """
+    _check_method(method)
     device = images.device
 
     def mu_sigma(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +114,10 @@ def encode(
 
     whole = all(r >= s for r, s in zip(roi_size, images.shape[2:]))
     with autocast(device, autocast_dtype):
-        if method == "full" or whole:
+        if method == "tiled":
+            both = torch.cat(encode_tiled(autoencoder, images, memory_budget_bytes=memory_budget_bytes
+                                          or DEFAULT_BUDGET_BYTES, progress=progress), dim=1)  # fmt: skip
+        elif method == "full" or whole:
             both = mu_sigma(images)
         else:
             inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=overlap, mode="gaussian",

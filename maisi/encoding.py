@@ -77,7 +77,8 @@ def _fingerprint(job: EncodeJob, index: int, entry: dict[str, Any], source_sha: 
         "label_sha256": label_sha, "vae_sha256": job.vae_sha256, "preset": c.preset,
         "target_spacing": list(c.target_spacing) if c.target_spacing else None, "pad_to_multiple": c.multiple,
         "latent": c.latent, "seed": c.seed + index if c.latent == "sample" else None,
-        "tiling": {"method": c.tiling.method, "roi_size": list(c.tiling.roi_size), "overlap": c.tiling.overlap},
+        "tiling": {"method": c.tiling.method, "roi_size": list(c.tiling.roi_size), "overlap": c.tiling.overlap}
+        if c.tiling.method == "sliding_window" else {"method": c.tiling.method},  # the others are exact
     }  # fmt: skip
 
 
@@ -137,7 +138,8 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         regions = body_region_from_mask(label_vol.array)
     generator = torch.Generator().manual_seed(c.seed + index)
     latent = encode(job.autoencoder, image_t.as_tensor()[None].float().to(job.device), method=c.tiling.method,
-                    roi_size=c.tiling.roi_size, overlap=c.tiling.overlap, sample=c.latent == "sample",
+                    roi_size=c.tiling.roi_size, overlap=c.tiling.overlap,
+                    memory_budget_bytes=c.tiling.memory_budget_mb << 20, sample=c.latent == "sample",
                     generator=generator, autocast_dtype=job.dtype)[0]  # fmt: skip
     image_affine = image_t.affine.numpy().astype(np.float64)
     sidecar: dict[str, Any] = {

@@ -129,7 +129,7 @@ def test_bad_input_exits_2(case, encode_setup, tiny_checkpoints, tmp_path, capsy
         changes["tilling"] = {}
         fragment = "did you mean 'tiling'?"
     else:
-        changes["tiling"] = {"roi_size": [64, 62, 32]}
+        changes["tiling"] = {"method": "sliding_window", "roi_size": [64, 62, 32]}
         fragment = "must be multiples of the VAE factor 4"
     assert main(["--config", str(encode_setup(**changes))]) == 2
     err = capsys.readouterr().err
@@ -157,6 +157,17 @@ def test_tiled_encoding_stays_close_to_the_full_pass(encode_setup, tmp_path):
     assert main(["--config", str(encode_setup(output_dir=str(tmp_path / "tiled")))]) == 0
     tiled = read_latent(tmp_path / "tiled" / "case0" / "imaging_emb.nii.gz")[0]
     assert full.shape == tiled.shape and np.abs(full - tiled).mean() < 0.5 * np.abs(full).mean()
+
+
+def test_default_tiled_encoding_equals_the_full_pass(encode_setup, tmp_path):
+    assert main(["--config", str(encode_setup(tiling={"method": "full"}))]) == 0
+    full = read_latent(tmp_path / "emb" / "case0" / "imaging_emb.nii.gz")[0]
+    config = encode_setup(output_dir=str(tmp_path / "tiled"), tiling={"memory_budget_mb": 16})  # many tiles
+    assert main(["--config", str(config)]) == 0
+    tiled = read_latent(tmp_path / "tiled" / "case0" / "imaging_emb.nii.gz")[0]
+    np.testing.assert_allclose(tiled, full, atol=1e-4)
+    assert read_sidecar(tmp_path / "tiled" / "case0" / "imaging_emb.nii.gz")["fingerprint"]["tiling"] == {
+        "method": "tiled"}
 
 
 def test_outputs_stay_inside_output_dir_when_paths_climb(encode_setup, real_cases, tmp_path):

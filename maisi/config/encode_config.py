@@ -15,6 +15,7 @@ class TilingConfig:
     method: DecodeMethod
     roi_size: tuple[int, int, int]
     overlap: float
+    memory_budget_mb: int
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,6 @@ def check_encode_config(config: EncodeConfig) -> list[str]:
     f = preset.vae_factor
     if config.pad_to_multiple is not None and config.pad_to_multiple % f:
         problems.append(f"$.pad_to_multiple: {config.pad_to_multiple} is not a multiple of the VAE factor {f}")
-    if any(r % f for r in config.tiling.roi_size):
+    if config.tiling.method == "sliding_window" and any(r % f for r in config.tiling.roi_size):
         problems.append(f"$.tiling.roi_size: {list(config.tiling.roi_size)} must be multiples of the VAE factor {f}")
     return problems
