@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from maisi.errors import CheckpointError, InputError, VolumeError
 from maisi.intensity import set_outside_body, unit_to_hu
 from maisi.labels import BODY_LABEL, load_label_dict, labels_not_in_dict
 from maisi.networks import Preset, RuntimeOptions, get_preset
+from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,7 @@ def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = T
     t1 = time.perf_counter()
     image = decode(models.autoencoder, latents, models.scale_factor, method=config.decoding.method,
                    roi_size=config.decoding.sw_roi_size, overlap=config.decoding.sw_overlap,
+                   memory_budget_bytes=config.decoding.memory_budget_mb << 20,
                    autocast_dtype=models.dtype, progress=progress)  # fmt: skip
     t2 = time.perf_counter()
     hu = unit_to_hu(image[0, 0].numpy())
@@ -181,3 +184,38 @@ def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = T
         hu = set_outside_body(hu, plan.mask.array)
     return Volume(hu, plan.affine.copy()), {"sampling_s": t1 - t0, "decoding_s": t2 - t1}
 
+
+RETRY_SEED_STRIDE = 1_000_003  # try k of a sample uses seed + k * stride: far from the other samples' seeds
+
+
+def generate_checked(plan: GenerationPlan, models: Models, seed: int,
+                     progress: bool = True) -> tuple[Volume, dict[str, float], list[dict[str, Any]]]:  # fmt: skip
+    """Generate, run the HU check (mask mode), and generate again with another seed while it fails.
+
+    Returns:
+        The CT kept (the first that passes, else the one with the fewest failing organs), the timings of
+        all tries, and one record per try: its seed, whether it passed, the organ medians.
+    """
+    check = plan.config.quality_check
+    if plan.mask is None or not check.enabled:
+        ct, timings = generate(plan, models, seed, progress)
+        return ct, timings, []
+    organs = list(check.organs) if check.organs is not None else None
+    tries: list[dict[str, Any]] = []
+    best: tuple[int, Volume] | None = None
+    totals: dict[str, float] = {}
+    for k in range(check.max_tries):
+        try_seed = seed + k * RETRY_SEED_STRIDE
+        ct, timings = generate(plan, models, try_seed, progress)
+        for key, value in timings.items():
+            totals[key] = totals.get(key, 0.0) + value
+        result = hu_check(ct, plan.mask, organs)
+        tries.append({"seed": try_seed, **result.to_json()})
+        if best is None or len(result.failed) < best[0]:
+            best = (len(result.failed), ct)
+        if result.passed:
+            break
+        log.warning("seed %d: HU check failed for %s (try %d of %d)", try_seed, ", ".join(result.failed), k + 1,
+                    check.max_tries)  # fmt: skip
+    assert best is not None
+    return best[1], totals, tries

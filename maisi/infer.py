@@ -28,8 +28,9 @@ from maisi.config import InferConfig, load_config, to_jsonable
 from maisi.data.io import write_volume
 from maisi.device import resolve_device
 from maisi.errors import InputError
-from maisi.generation import GenerationPlan, Models, generate, load_models, plan_generation
+from maisi.generation import GenerationPlan, Models, generate_checked, load_models, plan_generation
 from maisi.preview import write_preview
+from maisi.quality import mask_fidelity
 
 PROG = "maisi.infer"
 log = logging.getLogger(PROG)
@@ -113,14 +114,14 @@ def write_sample(plan: GenerationPlan, models: Models, seed: int, files: dict[st
                  checksums: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     """Generate one sample and write its files; the metadata JSON goes last."""
     t0 = time.perf_counter()
-    ct, timings = generate(plan, models, seed)
+    ct, timings, tries = generate_checked(plan, models, seed)
     t1 = time.perf_counter()
     write_volume(files["image"], ct)
     if "label" in files:
         assert plan.mask is not None
         write_volume(files["label"], plan.mask)
     if "preview" in files:
-        write_preview(files["preview"], ct)
+        write_preview(files["preview"], ct, plan.mask)
     timings.update(writing_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
     metadata = {
         "job_key": key,
@@ -133,6 +134,8 @@ def write_sample(plan: GenerationPlan, models: Models, seed: int, files: dict[st
         "conditions": dataclasses.asdict(plan.conditions),
         "sampler": {"scheduler": plan.config.sampler, "num_inference_steps": plan.config.num_inference_steps},
         "scale_factor": models.scale_factor,
+        "quality_check": {"passed": any(t["passed"] for t in tries), "tries": tries} if tries else None,
+        "mask_fidelity": mask_fidelity(ct, plan.mask) if plan.mask is not None else None,
         "checkpoints": {part: {"path": str(w.path), "format": w.source_format, "sha256": checksums[part]}
                         for part, w in models.weights.items()},  # fmt: skip
         "mask": {"path": plan.config.mask, "sha256": checksums.get("mask")} if plan.config.mask else None,

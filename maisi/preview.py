@@ -1,7 +1,8 @@
 """Preview pictures: three orthogonal mid-slices of a CT in a display window, as one PNG.
 
 Slices are shown in the radiological convention (patient right on the image left, anterior / superior
-up) and resampled to square pixels so anisotropic volumes are not squashed.
+up) and resampled to square pixels so anisotropic volumes are not squashed. With a mask, the outline of
+every label is drawn over the CT in a colour of its own (an RGB PNG).
 """
 
 from __future__ import annotations
@@ -57,9 +58,42 @@ def montage(panels: list[np.ndarray]) -> np.ndarray:
     return canvas
 
 
-def write_preview(path: str | Path, ct: Volume, level: float = 40.0, width: float = 400.0) -> Path:
-    """Write the three-plane preview of a CT (HU) as a greyscale PNG, atomically."""
-    picture = montage([window(p.astype(np.float32), level, width) for p in three_planes(ct)])
+def label_colour(label: int) -> np.ndarray:
+    """A saturated RGB colour per label id, the same in every picture."""
+    hue = (label * 0.618033988749895) % 1.0  # golden-ratio steps spread neighbouring ids apart
+    rgb = np.clip(np.abs((hue * 6.0 + np.array([0.0, 4.0, 2.0])) % 6.0 - 3.0) - 1.0, 0.0, 1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
+def outline(labels: np.ndarray) -> np.ndarray:
+    """Boolean 2D map of labelled pixels whose 4-neighbourhood holds another label."""
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    edge = np.zeros(labels.shape, dtype=bool)
+    for dr, dc in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        edge |= padded[dr : dr + labels.shape[0], dc : dc + labels.shape[1]] != centre
+    return edge & (labels > 0)
+
+
+def overlay(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(rows, cols, 3) RGB picture: the grey image with each label's outline in its colour."""
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    edges = outline(labels)
+    for label in np.unique(labels[edges]):
+        rgb[edges & (labels == label)] = label_colour(int(label))
+    return rgb
+
+
+def write_preview(path: str | Path, ct: Volume, mask: Volume | None = None, level: float = 40.0,
+                  width: float = 400.0) -> Path:  # fmt: skip
+    """Write the three-plane preview of a CT (HU) as a PNG, atomically; with ``mask``, label outlines on top."""
+    panels = [window(p.astype(np.float32), level, width) for p in three_planes(ct)]
+    if mask is None:
+        picture = sitk.GetImageFromArray(montage(panels))
+    else:
+        coloured = [overlay(g, m) for g, m in zip(panels, three_planes(mask))]
+        channels = [montage([c[..., k] for c in coloured]) for k in range(3)]
+        picture = sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(sitk.GetImageFromArray(picture), str(tmp))
+        sitk.WriteImage(picture, str(tmp))
     return Path(path)

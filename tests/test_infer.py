@@ -38,7 +38,7 @@ def test_from_mask_writes_ct_on_the_mask_grid(infer_config, mask_file, tmp_path,
     label = read_volume(out / "sample_seed0_label.nii.gz")
     assert np.array_equal(label.array, mask.array) and label.array.dtype == np.uint8  # MAISI ids, unchanged
     preview = sitk.ReadImage(str(out / "sample_seed0_preview.png"))
-    assert preview.GetDimension() == 2 and preview.GetPixelID() == sitk.sitkUInt8
+    assert preview.GetDimension() == 2 and preview.GetNumberOfComponentsPerPixel() == 3  # mask outlines in colour
     meta = json.loads((out / "sample_seed0.json").read_text())
     assert meta["seed"] == 0 and meta["shape"] == [32, 32, 16]
     assert meta["checkpoints"]["controlnet"]["sha256"] == file_sha256(tiny_checkpoints["tiny-rflow"]["controlnet"])
@@ -48,6 +48,54 @@ def test_from_mask_writes_ct_on_the_mask_grid(infer_config, mask_file, tmp_path,
     assert meta["config"]["preset"] == "tiny-rflow"
     assert json.loads((out / "sample_resolved_config.json").read_text())["mask"] == str(mask_file)
     assert not list(out.glob(".tmp-*"))
+
+
+def fake_generate(bad_seeds: set[int]):
+    """A stand-in for generation.generate: liver 50 HU (-500 HU for ``bad_seeds``), lung -800, rest 0."""
+
+    def generate(plan, models, seed, progress=True):
+        labels = plan.mask.array
+        hu = np.zeros(labels.shape, dtype=np.int16)
+        hu[labels == 1] = -500 if seed in bad_seeds else 50
+        hu[labels == 28] = -800
+        return plan.mask.with_array(hu), {"sampling_s": 1.0, "decoding_s": 0.5}
+
+    return generate
+
+
+def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(infer_config, tmp_path, monkeypatch):
+    from maisi import generation
+
+    monkeypatch.setattr(generation, "generate", fake_generate({5, 5 + 1_000_003}))
+    assert run_cli(infer_config(seed=5, quality_check={"max_tries": 4})) == 0
+    out = tmp_path / "out"
+    meta = json.loads((out / "sample_seed5.json").read_text())
+    tries = meta["quality_check"]["tries"]
+    assert [t["seed"] for t in tries] == [5, 1_000_008, 2_000_011]  # stops at the first pass
+    assert [t["failed"] for t in tries] == [["liver"], ["liver"], []] and meta["quality_check"]["passed"]
+    assert tries[0]["organs"]["liver"]["median_hu"] == -500 and tries[2]["organs"]["lung"]["passed"]
+    assert meta["timings_s"]["sampling"] == 3.0  # all tries counted
+    image = read_volume(out / "sample_seed5_image.nii.gz")
+    assert np.all(image.array[read_volume(out / "sample_seed5_label.nii.gz").array == 1] == 50)  # the passing try
+    assert meta["mask_fidelity"]["lung"] is not None
+
+
+def test_when_every_try_fails_the_sample_is_kept_and_flagged(infer_config, tmp_path, monkeypatch, caplog):
+    from maisi import generation
+
+    monkeypatch.setattr(generation, "generate", fake_generate({0, 1_000_003}))
+    assert run_cli(infer_config(quality_check={"max_tries": 2})) == 0
+    meta = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())
+    assert meta["quality_check"]["passed"] is False and len(meta["quality_check"]["tries"]) == 2
+    assert "HU check failed for liver" in caplog.text
+
+
+def test_quality_check_can_be_switched_off(infer_config, tmp_path, monkeypatch):
+    from maisi import generation
+
+    monkeypatch.setattr(generation, "generate", fake_generate({0}))
+    assert run_cli(infer_config(quality_check={"enabled": False})) == 0
+    assert json.loads((tmp_path / "out" / "sample_seed0.json").read_text())["quality_check"] is None
 
 
 def test_image_only_ddpm_with_ddim_and_sliding_window(infer_config, tmp_path):
@@ -175,7 +223,7 @@ def test_runtime_failure_exits_1_with_a_traceback(infer_config, monkeypatch, cap
     def explode(*args, **kwargs):
         raise RuntimeError("simulated out of memory")
 
-    monkeypatch.setattr(infer, "generate", explode)
+    monkeypatch.setattr(infer, "generate_checked", explode)
     assert run_cli(infer_config()) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "simulated out of memory" in err and "runtime failure" in err

@@ -128,3 +128,22 @@ def test_png_keeps_the_panel_orientation(tmp_path, block, panel):
     expected = _bright_box(panels[panel])
     assert (top, bottom, left - offset, right - offset) == expected
     assert top == 0  # anterior / superior at the top of the picture
+
+
+def test_preview_with_mask_draws_label_outlines_in_colour(tmp_path):
+    from maisi.preview import label_colour, outline
+
+    ct = read_volume(CHEST_NRRD)
+    labels = np.zeros(ct.shape, dtype=np.uint8)
+    labels[30:90, 30:90, :] = 28
+    out = write_preview(tmp_path / "overlay.png", ct, ct.with_array(labels))
+    image = sitk.ReadImage(str(out))
+    assert image.GetNumberOfComponentsPerPixel() == 3
+    rgb = sitk.GetArrayFromImage(image)  # (rows, cols, 3)
+    grey = montage([window(p.astype(np.float32), 40, 400) for p in three_planes(ct)])
+    assert rgb.shape == grey.shape + (3,)
+    coloured = np.any(rgb != grey[..., None], axis=-1)
+    axial_edges = outline(three_planes(ct.with_array(labels))[0])
+    assert coloured[:128, :128].sum() == axial_edges.sum() > 0  # exactly the outline changed, nothing inside
+    assert np.all(rgb[:128, :128][axial_edges] == label_colour(28))
+    assert not np.array_equal(label_colour(28), label_colour(29))

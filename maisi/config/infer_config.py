@@ -38,6 +38,7 @@ class DecodingConfig:
     method: DecodeMethod
     sw_roi_size: tuple[int, int, int]
     sw_overlap: float
+    memory_budget_mb: int
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class OutputConfig:
     format: str
     prefix: str
     preview: bool
+
+
+@dataclass(frozen=True)
+class QualityCheckConfig:
+    enabled: bool
+    max_tries: int
+    organs: tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class InferConfig:
     num_samples: int
     seed: int
     output: OutputConfig
+    quality_check: QualityCheckConfig
     enforce_preset_limits: bool
     device: DeviceName
     precision: Precision

@@ -95,10 +95,12 @@ def fill_defaults(data: Any, schema: dict) -> Any:
 
 
 def resolve_paths(data: Any, schema: dict, base: Path) -> Any:
-    """Make every property marked ``"format": "path"`` absolute, relative to ``base``."""
+    """Make every property (or list item) marked ``"format": "path"`` absolute, relative to ``base``."""
     if schema.get("format") == "path" and isinstance(data, str):
         p = Path(data).expanduser()
         return str(p if p.is_absolute() else (base / p).resolve())
+    if isinstance(data, list) and isinstance(schema.get("items"), dict):
+        return [resolve_paths(item, schema["items"], base) for item in data]
     obj_schema = _subschema_for_object(schema)
     if obj_schema is None or not isinstance(data, dict):
         return data

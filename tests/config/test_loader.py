@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from maisi.config import ConfigError, EncodeConfig, InferConfig, TrainConfig, load_config, load_schema, to_jsonable
+from maisi.config import ConfigError, EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config, load_schema, to_jsonable
 from maisi.config.loader import _strip_optional
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG_KINDS = {"inference": "infer", "encode": "encode", "train": "train"}  # file-name prefix -> config kind
+CONFIG_KINDS = {"inference": "infer", "encode": "encode", "train": "train", "evaluate": "evaluate"}  # file-name prefix -> config kind
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
@@ -38,7 +38,7 @@ def _object_schemas(schema: dict, where: str = "$"):
             yield from _object_schemas(sub, f"{where}.{key}")
 
 
-@pytest.mark.parametrize("kind", ["infer", "encode", "datalist", "train"])
+@pytest.mark.parametrize("kind", ["infer", "encode", "datalist", "train", "evaluate"])
 def test_schema_rejects_unknown_keys_everywhere_and_describes_every_property(kind):
     schema = load_schema(kind)
     for where, obj in _object_schemas(schema):
@@ -57,7 +57,7 @@ def _dataclass_fields_match(cls, schema: dict, where: str = "$"):
             _dataclass_fields_match(tp, props[f.name], f"{where}.{f.name}")
 
 
-@pytest.mark.parametrize("cls, kind", [(InferConfig, "infer"), (EncodeConfig, "encode"), (TrainConfig, "train")])
+@pytest.mark.parametrize("cls, kind", [(InferConfig, "infer"), (EncodeConfig, "encode"), (TrainConfig, "train"), (EvaluateConfig, "evaluate")])
 def test_dataclasses_mirror_the_schema(cls, kind):
     _dataclass_fields_match(cls, load_schema(kind))
 

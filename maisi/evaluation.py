@@ -1,0 +1,374 @@
+"""Metrics of real and synthetic CT: VAE reconstruction, MS-SSIM diversity, 2.5D FID, and a montage.
+
+* **Reconstruction** (real CT through the VAE): HU [-1000, 1000] -> [0, 1] (MAISI's intensity transform),
+  padded with 0 (-1000 HU) to a multiple of the VAE factor (MONAI ``DivisiblePad``), encoded to the posterior
+  mean and decoded with MONAI sliding windows, cropped back and clipped to [0, 1]; then PSNR (``max_val=1``),
+  SSIM and MS-SSIM (3D, ``data_range=1``) against the input, per case and their mean.
+* **Diversity**: mean pairwise MS-SSIM among the synthetic volumes (lower is more diverse) and, as the
+  reference, among the real ones. Volumes of a set must share one shape (nothing is resampled).
+* **FID**: :mod:`maisi.fid` (2.5D, MONAI ``FIDMetric``, a local 2D ResNet).
+* **Montage**: one row per volume (real first, then synthetic, a grey line between the groups), columns axial /
+  coronal / sagittal mid-slices in a soft-tissue window (level 40, width 400 HU), through :mod:`maisi.preview`;
+  every row is scaled to 256 pixels high.
+
+MS-SSIM uses MONAI's 5 scales; MONAI accepts a volume only when every axis has at least
+``kernel_size * (scales - 1) ** 2`` voxels (176 for the default kernel of 11); that is checked up front for
+every volume, before anything is computed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+from monai.transforms import DivisiblePad
+from monai.utils import convert_to_tensor
+from tqdm.auto import tqdm
+
+import maisi
+from maisi.atomic import atomic_path, write_json
+from maisi.checkpoints import load_network
+from maisi.config.evaluate_config import EvaluateConfig
+from maisi.config.loader import to_jsonable
+from maisi.data.datalist import read_datalist
+from maisi.data.io import Volume, read_geometry, read_volume
+from maisi.decoding import decode, encode
+from maisi.device import autocast_dtype, resolve_device
+from maisi.errors import InputError
+from maisi.fid import (PLANES, FeatureNetwork, fid_25d, load_feature_network, slice_counts,
+                       volume_features)  # fmt: skip
+from maisi.intensity import hu_to_unit
+from maisi.networks import RuntimeOptions, get_preset
+from maisi.preview import GAP, montage, three_planes, window
+
+log = logging.getLogger("maisi.evaluation")
+MS_SSIM_SCALES = 5  # MONAI's default weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+MONTAGE_WINDOW = (40.0, 400.0)  # level, width in HU
+MONTAGE_ROW_HEIGHT = 256  # pixels: every row is scaled to this height so small and large volumes compare
+Shape = tuple[int, int, int]
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def ms_ssim_min_size(kernel_size: int, scales: int = MS_SSIM_SCALES) -> int:
+    """Fewest voxels along every axis that MONAI's MS-SSIM accepts: ``kernel_size * (scales - 1) ** 2``."""
+    return kernel_size * max(1, scales - 1) ** 2
+
+
+def ms_ssim_size_problem(shapes: dict[Path, Shape], kernel_size: int) -> str | None:
+    """Why some volumes are too small for MS-SSIM (naming them and the size needed), or None."""
+    need = ms_ssim_min_size(kernel_size)
+    small = [f"{p} {list(s)}" for p, s in shapes.items() if min(s) < need]
+    if not small:
+        return None
+    fits = min(min(s) for s in shapes.values()) // max(1, MS_SSIM_SCALES - 1) ** 2
+    hint = f"; $.ssim.kernel_size {fits} or less would fit them" if fits >= 3 else ""
+    more = f" (+{len(small) - 5} more)" if len(small) > 5 else ""
+    return (f"volumes too small for MS-SSIM's {MS_SSIM_SCALES} scales with kernel_size {kernel_size}: every axis "
+            f"needs at least {need} voxels (kernel_size x {max(1, MS_SSIM_SCALES - 1) ** 2}); got "
+            f"{', '.join(small[:5])}{more}{hint}")  # fmt: skip
+
+
+def check_ms_ssim_size(shapes: dict[Path, Shape], kernel_size: int) -> None:
+    """Raise InputError naming the volumes too small for MS-SSIM and the size needed."""
+    problem = ms_ssim_size_problem(shapes, kernel_size)
+    if problem:
+        raise InputError(problem)
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 11, kernel_sigma: float = 1.5) -> float:
+    """MONAI 3D MS-SSIM of two (1, 1, X, Y, Z) images in [0, 1] (``data_range=1``)."""
+    check_ms_ssim_size({Path("image"): tuple(a.shape[2:])}, kernel_size)  # type: ignore[dict-item]
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=kernel_size, kernel_sigma=kernel_sigma)
+    return float(metric(a.float(), b.float()).mean())
+
+
+def image_metrics(
+    pred: torch.Tensor, target: torch.Tensor, kernel_size: int = 11, kernel_sigma: float = 1.5
+) -> dict[str, float]:
+    """PSNR (``max_val=1``; inf for identical images), SSIM and MS-SSIM of (1, 1, X, Y, Z) images in [0, 1].
+
+    Raises:
+        InputError: the images are too small for MS-SSIM's scales (the message says which size is needed).
+    """
+    pred, target = pred.float(), target.float()
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel_size, kernel_sigma=kernel_sigma)
+    return {
+        "psnr": float(PSNRMetric(max_val=1.0)(pred, target).mean()),
+        "ssim": float(ssim(pred, target).mean()),
+        "ms_ssim": ms_ssim(pred, target, kernel_size, kernel_sigma),
+    }
+
+
+def reconstruct(
+    autoencoder: torch.nn.Module, unit: torch.Tensor, vae_factor: int, memory_budget_mb: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """VAE round trip of a (1, 1, X, Y, Z) image in [0, 1] (on the VAE's device): padded, encoded to the posterior
+    mean, decoded (exact tiles within the memory budget), cropped back; returns (1, 1, X, Y, Z) float32 in [0, 1]
+    on the CPU."""
+    device = next(autoencoder.parameters()).device
+    size = unit.shape[2:]
+    padded = convert_to_tensor(DivisiblePad(k=vae_factor, mode="constant", value=0, method="end")(unit[0]),
+                               track_meta=False)[None]  # fmt: skip
+    budget = memory_budget_mb << 20
+    latent = encode(autoencoder, padded.to(device), method="tiled", memory_budget_bytes=budget, autocast_dtype=dtype)
+    image = decode(autoencoder, latent.to(device), 1.0, method="tiled", memory_budget_bytes=budget,
+                   autocast_dtype=dtype)  # fmt: skip
+    return image[..., : size[0], : size[1], : size[2]].clamp(0.0, 1.0)
+
+
+def pairwise_ms_ssim(volumes: list[torch.Tensor], kernel_size: int, kernel_sigma: float, device: torch.device,
+                     progress: bool = False) -> dict[str, float]:  # fmt: skip
+    """Mean (and std, min, max) MS-SSIM over all pairs of (1, 1, X, Y, Z) volumes of one shape, in [0, 1].
+
+    Raises:
+        InputError: fewer than 2 volumes.
+    """
+    if len(volumes) < 2:
+        raise InputError(f"diversity needs at least 2 volumes, got {len(volumes)}")
+    pairs = list(itertools.combinations(range(len(volumes)), 2))
+    scores = [ms_ssim(volumes[i].to(device), volumes[j].to(device), kernel_size, kernel_sigma)
+              for i, j in tqdm(pairs, desc="diversity", disable=not progress)]  # fmt: skip
+    return {"count": len(volumes), "pairs": len(pairs), "ms_ssim_mean": float(np.mean(scores)),
+            "ms_ssim_std": float(np.std(scores)), "ms_ssim_min": float(min(scores)),
+            "ms_ssim_max": float(max(scores))}  # fmt: skip
+
+
+def diversity_problem(paths: list[Path], shapes: dict[Path, Shape], kernel_size: int) -> str | None:
+    """Why pairwise MS-SSIM cannot run on ``paths`` (too few, several shapes, too small), or None."""
+    if len(paths) < 2:
+        return f"diversity needs at least 2 volumes, got {len(paths)}" + (f" ({paths[0]})" if paths else "")
+    groups: dict[Shape, list[Path]] = {}
+    for p in paths:
+        groups.setdefault(shapes[p], []).append(p)
+    if len(groups) > 1:
+        listed = "; ".join(f"{list(s)}: {', '.join(map(str, ps[:3]))}{' ...' if len(ps) > 3 else ''}"
+                           for s, ps in groups.items())  # fmt: skip
+        return (f"diversity needs volumes of one shape (pairwise MS-SSIM on one grid), got {len(groups)} shapes: "
+                f"{listed}")  # fmt: skip
+    return ms_ssim_size_problem({p: shapes[p] for p in paths}, kernel_size)
+
+
+# ------------------------------------------------------------------------------------------- montage
+
+
+def montage_row(volume: Volume, height: int | None = MONTAGE_ROW_HEIGHT) -> np.ndarray:
+    """Axial, coronal and sagittal mid-slices side by side (uint8, soft-tissue window), scaled (nearest
+    neighbour, aspect kept) to ``height`` pixels; None keeps the preview's own size."""
+    row = montage([window(p.astype(np.float32), *MONTAGE_WINDOW) for p in three_planes(volume)])
+    if height is None:
+        return row
+    factor = height / row.shape[0]
+    rows = np.minimum((np.arange(height) / factor).astype(int), row.shape[0] - 1)
+    cols = np.minimum((np.arange(round(row.shape[1] * factor)) / factor).astype(int), row.shape[1] - 1)
+    return row[np.ix_(rows, cols)]
+
+
+def stack_rows(rows: list[np.ndarray], split: int | None = None) -> np.ndarray:
+    """Rows top to bottom, left-aligned, ``GAP`` pixels apart; a grey line in the gap before row ``split``."""
+    height = sum(r.shape[0] for r in rows) + GAP * (len(rows) - 1)
+    canvas = np.zeros((height, max(r.shape[1] for r in rows)), dtype=np.uint8)
+    top = 0
+    for i, row in enumerate(rows):
+        if i and i == split:
+            canvas[top - GAP // 2 - 1, :] = 128
+        canvas[top : top + row.shape[0], : row.shape[1]] = row
+        top += row.shape[0] + GAP
+    return canvas
+
+
+def write_png(path: str | Path, picture: np.ndarray) -> Path:
+    """A greyscale uint8 picture (rows, cols) as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(sitk.GetImageFromArray(picture), str(tmp))
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def gather_inputs(config: EvaluateConfig) -> tuple[list[Path], list[Path]]:
+    """(real, synthetic) files: the datalist's ``training`` images and the synthetic glob / list.
+
+    Raises:
+        InputError: unreadable datalist, a glob matching nothing, or missing files (all listed).
+    """
+    real: list[Path] = []
+    if config.real_datalist is not None:
+        data = read_datalist(config.real_datalist)
+        root = Path(config.data_root) if config.data_root else Path(config.real_datalist).parent
+        real = [root / e["image"] for e in data["training"]]
+    synthetic: list[Path] = []
+    if isinstance(config.synthetic, str):
+        synthetic = sorted(Path(p) for p in glob.glob(config.synthetic, recursive=True))
+        if not synthetic:
+            raise InputError(f"$.synthetic: no file matches '{config.synthetic}'")
+    elif config.synthetic is not None:
+        synthetic = [Path(p) for p in config.synthetic]
+    missing = [str(p) for p in real + synthetic if not p.exists()]
+    if missing:
+        raise InputError(f"{len(missing)} input file(s) not found: {', '.join(missing[:10])}")
+    return real, synthetic
+
+
+def _plan_diversity(config: EvaluateConfig, real: list[Path], synthetic: list[Path],
+                    shapes: dict[Path, Shape]) -> dict[str, str | None]:  # fmt: skip
+    """{set: None (compute) or the reason it is skipped}.
+
+    The synthetic set must work (InputError otherwise: too few samples, several shapes, too small); the real
+    reference is skipped with its reason instead, since real CT rarely share one grid.
+    """
+    plan: dict[str, str | None] = {}
+    k = config.ssim.kernel_size
+    if synthetic:
+        problem = diversity_problem(synthetic, shapes, k)
+        if problem:
+            raise InputError(f"synthetic set: {problem}")
+        plan["synthetic"] = None
+    if real:
+        plan["real"] = diversity_problem(real, shapes, k)
+    return plan
+
+
+def _fid_plan(config: EvaluateConfig, real: list[Path], synthetic: list[Path], shapes: dict[Path, Shape],
+              device: torch.device) -> tuple[FeatureNetwork | None, str | None]:  # fmt: skip
+    """The feature network, or the reason the FID is skipped. Raises InputError for too few slices or bad weights."""
+    if config.fid.weights is None:
+        return None, ("no feature-network weights given ($.fid.weights is null); supply a local 2D ResNet "
+                      "state_dict (torchvision or MONAI layout) to compute the 2.5D FID")  # fmt: skip
+    for name, paths in (("real", real), ("synthetic", synthetic)):
+        counts = {p: sum(slice_counts(shapes[f], config.fid.slice_step)[p] for f in paths) for p in PLANES}
+        few = [f"{p}: {n}" for p, n in counts.items() if n < 2]
+        if few:
+            raise InputError(f"FID: the {name} set gives fewer than 2 slices in plane(s) {', '.join(few)} with "
+                             f"$.fid.slice_step {config.fid.slice_step}; lower it or add volumes")  # fmt: skip
+    return load_feature_network(config.fid.weights, device), None
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats (PSNR of identical images is inf) become null: JSON has no inf/NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
+    """Check every input, compute the enabled metrics, write the montage and the JSON report.
+
+    Every volume is read once: per set, one pass collects the reconstruction metrics (real set), the FID
+    features, the montage rows and (when the set's diversity runs) the [0, 1] volumes.
+
+    Returns:
+        The report as written: ``inputs`` (real and synthetic files); ``reconstruction`` (null when disabled;
+        else ``preset``, ``autoencoder``, ``cases`` [{image, shape, psnr, ssim, ms_ssim}] and their ``mean``);
+        ``diversity`` (null when disabled; else per set ``{count, pairs, ms_ssim_mean, ms_ssim_std, ms_ssim_min,
+        ms_ssim_max}`` or ``{skipped: reason}``); ``fid`` (null when skipped; else ``xy``, ``yz``, ``zx``,
+        ``mean``, ``network``, ``features``, ``weights``, ``slice_step``, ``image_size``, ``slices``) and
+        ``fid_skipped`` (the reason, or null); ``montage`` (null, or ``path``, ``window``, ``row_height``,
+        ``columns``, ``rows`` [{set, image}]); ``config`` (resolved); ``maisi_version``, ``created_utc``,
+        ``device``. Infinite values (PSNR of a perfect reconstruction) are written as null.
+
+    Raises:
+        InputError: missing files, mismatched grids, volumes too small for MS-SSIM, too few samples, bad weights.
+    """
+    device = resolve_device(config.device)
+    real, synthetic = gather_inputs(config)
+    shapes = {p: read_geometry(p)[0] for p in real + synthetic}
+    k, sigma = config.ssim.kernel_size, config.ssim.kernel_sigma
+    if config.reconstruction.enabled:
+        problem = ms_ssim_size_problem({p: shapes[p] for p in real}, k)
+        if problem:
+            raise InputError(f"reconstruction: {problem}")
+    diversity_plan = _plan_diversity(config, real, synthetic, shapes) if config.diversity.enabled else {}
+    fid_net, fid_skipped = _fid_plan(config, real, synthetic, shapes, device)
+    vae = preset = None
+    if config.reconstruction.enabled:
+        preset = get_preset(config.reconstruction.preset)
+        vae, _ = load_network(preset, "autoencoder", config.reconstruction.autoencoder,  # type: ignore[arg-type]
+                              RuntimeOptions.for_device(device))  # fmt: skip
+        vae = vae.to(device)
+    Path(config.output.report).parent.mkdir(parents=True, exist_ok=True)
+
+    features: dict[str, dict[str, list[torch.Tensor]]] = {}
+    rows: list[tuple[str, Path, np.ndarray]] = []
+    keep: dict[str, list[torch.Tensor]] = {}
+    cases: list[dict[str, Any]] = []
+    for name, paths in (("real", real), ("synthetic", synthetic)):
+        features[name] = {p: [] for p in PLANES}
+        keep[name] = []
+        for index, path in enumerate(tqdm(paths, desc=f"{name} volumes", disable=not progress)):
+            volume = read_volume(path)
+            unit = torch.from_numpy(hu_to_unit(volume.array))[None, None]
+            if name == "real" and vae is not None and preset is not None:
+                rec = config.reconstruction
+                recon = reconstruct(vae, unit, preset.vae_factor, rec.memory_budget_mb,
+                                    autocast_dtype(config.precision, device))  # fmt: skip
+                cases.append({"image": str(path), "shape": list(volume.shape),
+                              **image_metrics(recon.to(device), unit.to(device), k, sigma)})  # fmt: skip
+            if fid_net is not None:
+                for plane, f in volume_features(fid_net, volume.array, config.fid.slice_step, config.fid.image_size,
+                                                config.fid.batch_size, device).items():  # fmt: skip
+                    features[name][plane].append(f)
+            if config.output.montage and index < config.output.montage_cases:
+                rows.append((name, path, montage_row(volume)))
+            if name in diversity_plan and diversity_plan[name] is None:
+                keep[name].append(unit)
+
+    report: dict[str, Any] = {
+        "maisi_version": maisi.__version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "inputs": {"real": [str(p) for p in real], "synthetic": [str(p) for p in synthetic]},
+        "reconstruction": None,
+        "diversity": None,
+        "fid": None,
+        "fid_skipped": fid_skipped,
+        "montage": None,
+        "config": to_jsonable(config),
+    }
+    if cases:
+        mean = {m: float(np.mean([c[m] for c in cases])) for m in ("psnr", "ssim", "ms_ssim")}
+        rec = config.reconstruction
+        report["reconstruction"] = {"preset": rec.preset, "autoencoder": rec.autoencoder, "cases": cases, "mean": mean}
+    if config.diversity.enabled:
+        report["diversity"] = {
+            name: {"skipped": reason} if reason else pairwise_ms_ssim(keep[name], k, sigma, device, progress)
+            for name, reason in diversity_plan.items()
+        }  # fmt: skip
+        if diversity_plan.get("real"):
+            log.warning("diversity of the real set skipped: %s", diversity_plan["real"])
+    if fid_net is not None:
+        scores = fid_25d(features["real"], features["synthetic"])  # type: ignore[arg-type]
+        slices = {n: {p: int(sum(t.shape[0] for t in features[n][p])) for p in PLANES} for n in features}
+        report["fid"] = {**scores, "network": fid_net.name, "features": fid_net.features,
+                         "weights": str(fid_net.path), "slice_step": config.fid.slice_step,
+                         "image_size": config.fid.image_size, "slices": slices}  # fmt: skip
+        log.info("FID (2.5D, %s): xy %.4g, yz %.4g, zx %.4g, mean %.4g",
+                 fid_net.name, scores["xy"], scores["yz"], scores["zx"], scores["mean"])  # fmt: skip
+    else:
+        log.warning("FID skipped: %s", fid_skipped)
+    if config.output.montage and rows:
+        split = sum(r[0] == "real" for r in rows)
+        write_png(config.output.montage, stack_rows([r[2] for r in rows], split if 0 < split < len(rows) else None))
+        report["montage"] = {"path": config.output.montage, "window": list(MONTAGE_WINDOW),
+                             "row_height": MONTAGE_ROW_HEIGHT,
+                             "columns": ["axial", "coronal", "sagittal"],
+                             "rows": [{"set": n, "image": str(p)} for n, p, _ in rows]}  # fmt: skip
+    report = _json_safe(report)
+    write_json(config.output.report, report)
+    return report

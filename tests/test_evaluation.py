@@ -1,0 +1,367 @@
+"""``maisi.evaluation`` / ``maisi.fid`` / ``maisi.evaluate``: metrics on real CT, the report and montage, bad input.
+
+Real CT: ``totalseg_example_ct_sm.nii.gz`` (122 x 101 x 30 at 3 mm). Its 30 slices are too few for MS-SSIM's
+5 scales even with a 3-voxel window (48 needed): that is asserted as the clear error, and the positive MS-SSIM
+tests use a 64 x 64 x 48 crop of the same CT padded with air in z. The feature network is a randomly
+initialised quarter-width ResNet-18 saved to a local file (128 features: the FID's matrix square root stays fast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.metrics import MultiScaleSSIMMetric
+from monai.networks.nets.resnet import ResNet, resnet50
+
+from maisi.checkpoints import load_network, save_checkpoint
+from maisi.config import load_config, load_schema
+from maisi.config.evaluate_config import EvaluateConfig
+from maisi.config.loader import _strip_optional
+from maisi.data.io import Volume, read_volume, write_volume
+from maisi.errors import CheckpointError, ConfigError, InputError
+from maisi.evaluate import main
+from maisi.evaluation import image_metrics, montage_row, ms_ssim_min_size, pairwise_ms_ssim, reconstruct
+from maisi.fid import PLANES, build_resnet, fid_25d, load_feature_network, preprocess, slice_counts, volume_features
+from maisi.intensity import hu_to_unit
+from maisi.networks import build_network, get_preset
+from maisi.preview import GAP
+from tests.conftest import write_config
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+CT = DATA / "totalseg_example_ct_sm.nii.gz"
+CHEST = DATA / "slicerio_CTChest4.nrrd"
+CPU = torch.device("cpu")
+
+
+def small_resnet(**kwargs) -> ResNet:
+    """A quarter-width 2D ResNet-18 (MONAI classes)."""
+    return ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], **{"spatial_dims": 2, "widen_factor": 0.25, **kwargs})
+
+
+def torchvision_layout(**kwargs) -> ResNet:
+    """MONAI's ResNet built as torchvision's: stride-2 conv1, bias-free shortcut convolutions, fc head."""
+    return small_resnet(conv1_t_stride=2, bias_downsample=False, num_classes=1000, **kwargs)
+
+
+def unit(volume: Volume) -> torch.Tensor:
+    return torch.from_numpy(hu_to_unit(volume.array))[None, None]
+
+
+@pytest.fixture(scope="module")
+def ct() -> Volume:
+    return read_volume(CT)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, ct) -> dict[str, Path]:
+    """A 64 x 64 x 48 real-CT crop, two noisy copies as 'synthetic' samples, a datalist, a VAE, feature weights."""
+    root = tmp_path_factory.mktemp("evaluation")
+    array = np.full((64, 64, 48), -1000, dtype=np.int16)
+    array[:, :, 9:39] = ct.array[29:93, 18:82, :]
+    base = Volume(array, ct.affine.copy())
+    rng = np.random.default_rng(0)
+    out = {"ct48": write_volume(root / "real" / "ct48.nii.gz", base)}
+    for i, sigma in enumerate((30.0, 100.0)):
+        noisy = (array + rng.normal(0.0, sigma, array.shape)).round().astype(np.int16)
+        out[f"syn{i}"] = write_volume(root / "synthetic" / f"sample{i}_image.nii.gz", base.with_array(noisy))
+    out["datalist"] = write_config(root / "real.json", {"training": [{"image": "real/ct48.nii.gz"}]})
+    out["small_datalist"] = write_config(root / "small.json", {"training": [{"image": str(CT)}]})
+    torch.manual_seed(0)
+    out["weights"] = root / "resnet18_quarter.pt"
+    torch.save(torchvision_layout().state_dict(), out["weights"])
+    out["weights_1ch"] = root / "resnet18_quarter_1ch.pt"
+    torch.save(torchvision_layout(n_input_channels=1).state_dict(), out["weights_1ch"])
+    preset = get_preset("tiny-rflow")
+    out["vae"] = save_checkpoint(root / "vae.pt", build_network(preset, "autoencoder"), preset, "autoencoder")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- FID
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(ct, files):
+    net = load_feature_network(files["weights"], CPU)
+    rng = np.random.default_rng(1)
+
+    def features(sigma: float) -> dict:
+        hu = ct.array + rng.normal(0.0, sigma, ct.shape) if sigma else ct.array
+        feats = volume_features(net, hu, step=4, image_size=32, batch_size=64, device=CPU)
+        assert {p: f.shape[0] for p, f in feats.items()} == slice_counts(ct.shape, 4) == {"xy": 8, "yz": 31, "zx": 26}
+        return {p: [f] for p, f in feats.items()}
+
+    real = features(0.0)
+    same, low, high = fid_25d(real, real), fid_25d(real, features(50.0)), fid_25d(real, features(200.0))
+    assert set(same) == {"xy", "yz", "zx", "mean"}
+    assert abs(same["mean"]) < 1e-4 and all(abs(same[p]) < 1e-4 for p in PLANES)
+    assert low["mean"] > 100 * abs(same["mean"]) + 1e-3
+    assert all(low[p] < high[p] for p in PLANES) and low["mean"] < high["mean"]
+    assert high["mean"] == pytest.approx(np.mean([high[p] for p in PLANES]))
+
+
+def test_preprocessing_resizes_repeats_channels_and_normalises_like_imagenet():
+    x = preprocess(torch.full((5, 40, 24), 0.5), image_size=32)
+    assert x.shape == (5, 3, 32, 32)
+    expected = [(0.5 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    assert torch.allclose(x[:, :, 7, 9], torch.tensor(expected).expand(5, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "monai", "wrapped-ddp"])
+def test_accepted_weight_layouts(tmp_path, layout):
+    torch.manual_seed(2)
+    if layout == "monai":  # MONAI's own 2D ResNet: shortcut convolutions with bias, no fc
+        net = small_resnet(conv1_t_stride=2, feed_forward=False)
+        obj = net.state_dict()
+    else:
+        net = torchvision_layout()
+        obj = net.state_dict()
+        if layout == "wrapped-ddp":
+            obj = {"state_dict": {f"module.{k}": v for k, v in obj.items()}}
+    torch.save(obj, tmp_path / "w.pt")
+    loaded = load_feature_network(tmp_path / "w.pt", CPU)
+    assert loaded.name == "resnet18 x0.25 width" and loaded.features == 128
+    net.fc = None  # features are taken before the classifier
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.network(x), net.eval()(x), atol=1e-5)
+
+
+def test_torchvision_resnet50_keys_are_monai_keys():
+    # torchvision's resnet50().state_dict() has 320 entries named conv1, bn1, layer1.0.conv1 ... fc; MONAI's
+    # ResNet with bias-free shortcuts and an fc head has exactly those names and shapes: no renaming needed.
+    sd = ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2, conv1_t_stride=2,
+                bias_downsample=False, num_classes=1000).state_dict()  # fmt: skip
+    assert len(sd) == 320 and tuple(sd["conv1.weight"].shape) == (64, 3, 7, 7)
+    assert tuple(sd["fc.weight"].shape) == (1000, 2048)
+    assert {"layer1.0.downsample.0.weight", "layer4.2.bn3.running_var", "bn1.num_batches_tracked"} <= set(sd)
+    assert build_resnet(sd, Path("tv.pt"))[1] == "resnet50"
+    assert build_resnet(resnet50(spatial_dims=2, n_input_channels=3).state_dict(), Path("monai.pt"))[1] == "resnet50"
+
+
+def test_wrong_weights_raise_checkpoint_error_naming_the_conflicts(tmp_path, files):
+    with pytest.raises(CheckpointError, match=r"conv1\.weight: file \(16, 1, 7, 7\) vs network \(16, 3, 7, 7\)"):
+        load_feature_network(files["weights_1ch"], CPU)
+    sd = torchvision_layout().state_dict()
+    sd["layer3.0.conv1.weight"] = torch.zeros(64, 16, 3, 3)
+    torch.save(sd, tmp_path / "bad.pt")
+    conflict = r"1 shape conflicts: layer3\.0\.conv1\.weight: file \(64, 16, 3, 3\) vs network \(64, 32, 3, 3\)"
+    with pytest.raises(CheckpointError, match=conflict):
+        load_feature_network(tmp_path / "bad.pt", CPU)
+    cases = {
+        "3d": (small_resnet(spatial_dims=3).state_dict(), "a 3D network; the 2.5D FID needs a 2D ResNet"),
+        "keras": ({**torchvision_layout().state_dict(), "conv1.bias": torch.zeros(16)}, "RadImageNet"),
+        "other": ({"weight": torch.zeros(3)}, "not the weights of a ResNet"),
+    }
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_feature_network(tmp_path / f"{name}.pt", CPU)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable weights file"):
+        load_feature_network(tmp_path / "garbage.pt", CPU)
+
+
+# -------------------------------------------------------------------------------- MS-SSIM and friends
+
+
+def test_ms_ssim_size_rule_matches_monai_and_too_small_volumes_say_what_is_needed(ct):
+    assert ms_ssim_min_size(11) == 176 and ms_ssim_min_size(3) == 48 and ms_ssim_min_size(3, scales=3) == 12
+    metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=3)
+    assert metric(torch.rand(1, 1, 48, 48), torch.rand(1, 1, 48, 48)).shape == (1, 1)
+    with pytest.raises(ValueError):  # MONAI itself refuses one voxel less
+        metric(torch.rand(1, 1, 47, 48), torch.rand(1, 1, 47, 48))
+    u = unit(ct)
+    with pytest.raises(InputError, match=r"MS-SSIM's 5 scales with kernel_size 3: every axis needs at least 48 "
+                                         r"voxels \(kernel_size x 16\); got image \[122, 101, 30\]"):  # fmt: skip
+        image_metrics(u, u, kernel_size=3)
+    with pytest.raises(InputError, match="at least 176 voxels"):
+        image_metrics(u, u)
+
+
+def test_reconstruction_metrics_are_finite_and_a_perfect_reconstruction_is_inf(files):
+    vae, _ = load_network(get_preset("tiny-rflow"), "autoencoder", files["vae"])
+    u = unit(read_volume(files["ct48"]))
+    recon = reconstruct(vae, u, 4, 16)  # a 16 MiB budget: many tiles
+    assert recon.shape == u.shape and recon.min() >= 0 and recon.max() <= 1
+    metrics = image_metrics(recon, u, kernel_size=3)
+    assert set(metrics) == {"psnr", "ssim", "ms_ssim"} and all(math.isfinite(v) for v in metrics.values())
+    assert metrics["psnr"] < 40 and metrics["ssim"] < 0.99  # a random VAE does not reconstruct
+    perfect = image_metrics(u, u, kernel_size=3)
+    assert perfect["psnr"] == math.inf
+    assert perfect["ssim"] == pytest.approx(1.0) and perfect["ms_ssim"] == pytest.approx(1.0)
+    # two sliding windows along y, and a size that is no multiple of the VAE factor (padded, cropped back)
+    crop = u[..., :62, :61, :]
+    assert reconstruct(vae, crop, 4, 1024).shape == crop.shape
+
+
+def test_diversity_is_one_for_identical_volumes_lower_for_different_and_needs_two(files):
+    a, b = unit(read_volume(files["ct48"])), unit(read_volume(files["syn1"]))
+    same = pairwise_ms_ssim([a, a, a], 3, 1.5, CPU)
+    assert same["count"] == 3 and same["pairs"] == 3 and same["ms_ssim_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert pairwise_ms_ssim([a, b], 3, 1.5, CPU)["ms_ssim_mean"] < 0.99
+    with pytest.raises(InputError, match="diversity needs at least 2 volumes, got 1"):
+        pairwise_ms_ssim([a], 3, 1.5, CPU)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def evaluate_config(tmp_path: Path, files: dict[str, Path], **changes) -> Path:
+    data = {
+        "real_datalist": str(files["datalist"]),
+        "synthetic": str(files["syn0"].parent / "*_image.nii.gz"),
+        "reconstruction": {"enabled": True, "preset": "tiny-rflow", "autoencoder": str(files["vae"]),
+                           "memory_budget_mb": 16},
+        "ssim": {"kernel_size": 3},
+        "fid": {"weights": str(files["weights"]), "slice_step": 8, "image_size": 32},
+        "output": {"report": "out/report.json", "montage": "out/montage.png"},
+        "device": "cpu",
+    }
+    data.update(changes)
+    return write_config(tmp_path / "evaluate.json", data)
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_cli_writes_the_report_and_the_montage(tmp_path, files):
+    assert main(["--config", str(evaluate_config(tmp_path, files)), "--no-progress"]) == 0
+    report = _strict_json(tmp_path / "out" / "report.json")
+    assert {"inputs", "reconstruction", "diversity", "fid", "fid_skipped", "montage", "config"} <= set(report)
+    assert report["inputs"] == {"real": [str(files["ct48"])], "synthetic": [str(files["syn0"]), str(files["syn1"])]}
+    case = report["reconstruction"]["cases"][0]
+    assert case["image"] == str(files["ct48"]) and case["shape"] == [64, 64, 48]
+    assert all(math.isfinite(report["reconstruction"]["mean"][m]) for m in ("psnr", "ssim", "ms_ssim"))
+    synthetic = report["diversity"]["synthetic"]
+    assert synthetic["count"] == 2 and synthetic["pairs"] == 1 and 0 < synthetic["ms_ssim_mean"] < 1
+    assert "at least 2 volumes, got 1" in report["diversity"]["real"]["skipped"]
+    fid = report["fid"]
+    assert report["fid_skipped"] is None and all(fid[p] > 0 for p in ("xy", "yz", "zx", "mean"))
+    assert fid["network"] == "resnet18 x0.25 width" and fid["features"] == 128
+    assert fid["slices"] == {"real": {"xy": 6, "yz": 8, "zx": 8}, "synthetic": {"xy": 12, "yz": 16, "zx": 16}}
+    # montage: rows real, synthetic, synthetic; each row axial 64 x 64, coronal and sagittal 48 x 64 (3 mm iso),
+    # 64 x 200 pixels with the gaps, scaled 4x to the row height of 256
+    assert [r["set"] for r in report["montage"]["rows"]] == ["real", "synthetic", "synthetic"]
+    picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "montage.png")))
+    assert picture.dtype == np.uint8 and picture.shape == (3 * 256 + 2 * GAP, 4 * (3 * 64 + 2 * GAP))
+    row = montage_row(read_volume(files["ct48"]), height=None)
+    assert row.shape == (64, 3 * 64 + 2 * GAP)
+    assert np.array_equal(picture[:256], np.repeat(np.repeat(row, 4, axis=0), 4, axis=1))
+    assert np.array_equal(picture[2 * (256 + GAP) :], montage_row(read_volume(files["syn1"])))
+    assert (picture[256 : 256 + GAP] == 128).any() and not (picture[2 * 256 + GAP : 2 * 256 + 2 * GAP] == 128).any()
+
+
+def test_cli_without_weights_skips_the_fid_and_says_why(tmp_path, files, caplog, monkeypatch):
+    # real CT only, on two grids: no FID, and the real diversity (a reference) is skipped with its reason
+    two = write_config(tmp_path / "two.json", {"training": [{"image": str(files["ct48"])}, {"image": str(CHEST)}]})
+    config = evaluate_config(tmp_path, files, real_datalist=str(two), synthetic=None, reconstruction={"enabled": False},
+                             fid={"weights": None}, output={"report": "r.json"})  # fmt: skip
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    report = _strict_json(tmp_path / "r.json")
+    assert report["fid"] is None and "no feature-network weights given ($.fid.weights is null)" in report["fid_skipped"]
+    assert report["reconstruction"] is None and report["montage"] is None
+    assert list(report["diversity"]) == ["real"] and "one shape" in report["diversity"]["real"]["skipped"]
+    assert "FID skipped: no feature-network weights given" in caplog.text
+
+
+BAD_INPUT = [
+    ("missing file", {"synthetic": ["{syn0}", "nowhere/missing.nii.gz"]},
+     ["input file(s) not found", "missing.nii.gz"]),
+    ("glob matches nothing", {"synthetic": "nothing/*.nii.gz"}, ["$.synthetic: no file matches"]),
+    ("mismatched grids", {"synthetic": ["{syn0}", str(CHEST)]},
+     ["synthetic set: diversity needs volumes of one shape", "[64, 64, 48]: ", "sample0_image.nii.gz",
+      "[128, 128, 34]: ", "slicerio_CTChest4.nrrd"]),
+    ("one sample", {"synthetic": ["{syn0}"]}, ["synthetic set: diversity needs at least 2 volumes, got 1"]),
+    ("too small for MS-SSIM", {"real_datalist": "{small_datalist}", "fid": {"weights": None}},
+     ["reconstruction: volumes too small for MS-SSIM's 5 scales", "needs at least 48 voxels", "[122, 101, 30]"]),
+    ("wrong feature weights", {"fid": {"weights": "{weights_1ch}", "slice_step": 8, "image_size": 32}},
+     ["weights do not fit the resnet18 x0.25 width feature network", "conv1.weight: file (16, 1, 7, 7)"]),
+    ("too few FID slices", {"fid": {"weights": "{weights}", "slice_step": 64}},
+     ["FID: the real set gives fewer than 2 slices in plane(s) xy: 1, yz: 1, zx: 1"]),
+    ("config check", {"reconstruction": {"enabled": True}, "synthetic": None},
+     ["$.reconstruction.autoencoder: required when $.reconstruction.enabled is true",
+      "$.fid.weights: the FID compares two sets"]),
+]
+
+
+@pytest.mark.parametrize("changes, expected", [(c, e) for _, c, e in BAD_INPUT], ids=[n for n, _, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_a_message(tmp_path, files, capsys, changes, expected):
+    def fill(value):
+        if isinstance(value, str):
+            return value.format(**{k: str(v) for k, v in files.items()}) if value.startswith("{") else value
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    assert main(["--config", str(evaluate_config(tmp_path, files, **fill(changes))), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_relative_synthetic_files_resolve_against_the_config_folder(tmp_path, files, capsys):
+    folder = files["syn0"].parent.parent / "cfg"
+    config = evaluate_config(folder, files, synthetic=["../synthetic/sample0_image.nii.gz"])
+    assert main(["--config", str(config), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["synthetic"] == [str(files["syn0"])]
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def _object_schemas(schema: dict, where: str = "$"):
+    if isinstance(schema.get("items"), dict):
+        yield from _object_schemas(schema["items"], f"{where}[*]")
+    t = schema.get("type")
+    if t == "object" or (isinstance(t, list) and "object" in t):
+        yield where, schema
+        for key, sub in schema.get("properties", {}).items():
+            yield from _object_schemas(sub, f"{where}.{key}")
+
+
+def _fields_match(cls, schema: dict, where: str = "$"):
+    props, hints = schema["properties"], typing.get_type_hints(cls)
+    assert {f.name for f in dataclasses.fields(cls)} == set(props), where
+    for f in dataclasses.fields(cls):
+        tp = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            _fields_match(tp, props[f.name], f"{where}.{f.name}")
+
+
+def test_schema_is_closed_described_and_mirrored_and_the_example_validates():
+    schema = load_schema("evaluate")
+    for where, obj in _object_schemas(schema):
+        assert obj.get("additionalProperties") is False, where
+        for key, sub in obj.get("properties", {}).items():
+            assert sub.get("description"), f"{where}.{key} has no description"
+    _fields_match(EvaluateConfig, schema)
+    config = load_config(REPO / "configs" / "evaluate_example.json", "evaluate")
+    assert config.fid.weights is None and config.synthetic == str(REPO / "output" / "*_image.nii.gz")
+
+
+def test_config_checks(tmp_path):
+    reconstruction = {"enabled": True, "preset": "tiny-rflow"}
+    path = write_config(tmp_path / "c.json", {"output": {"report": "r.json"}, "reconstruction": reconstruction})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, "evaluate")
+    assert info.value.errors == [
+        "$: nothing to evaluate: set $.real_datalist and/or $.synthetic",
+        "$.real_datalist: required when $.reconstruction.enabled is true",
+        "$.reconstruction.autoencoder: required when $.reconstruction.enabled is true",
+    ]
