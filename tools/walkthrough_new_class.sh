@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# New tumour class, end to end on CPU: give pyradiomics' lung1 tumour a class of its own, prepare the case,
+# finetune the demo ControlNet with the weighted loss on the new id, and generate a CT from the tumour mask.
+# Every step is a public CLI call (the README's "New tumour class" section shows the same commands).
+#
+#   python tools/fetch_sample_data.py --sources pyradiomics      # once: the lung1 CT and its tumour mask
+#   bash tools/walkthrough_new_class.sh                          # about 10 minutes on 2 cores
+#
+# Environment (all optional): WORK (run folder, default runs/walkthrough), STEPS (ControlNet steps, 300),
+# INFER_STEPS (rectified-flow steps of the generation, 30),
+# CT / TUMOUR (the CT and its tumour mask, value 1; default: the fetched lung1 case), MODELS (demo weights),
+# DEVICE (auto). The last line printed is the generated CT's metadata JSON.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+WORK="${WORK:-runs/walkthrough}"
+STEPS="${STEPS:-300}"
+INFER_STEPS="${INFER_STEPS:-30}"
+MODELS="${MODELS:-models/demo}"
+DEVICE="${DEVICE:-auto}"
+CASES=".cache/sample_data/cases/pyradiomics_lung1"
+CT="${CT:-$CASES/ct.nii.gz}"
+TUMOUR="${TUMOUR:-$CASES/label_source.nii.gz}"
+PY="${PYTHON:-python}"
+for f in "$CT" "$TUMOUR" "$MODELS/autoencoder.pt" "$MODELS/diffusion_unet.pt" "$MODELS/controlnet.pt"; do
+  [ -f "$f" ] || { echo "walkthrough: missing $f (fetch the sample data / demo weights first)" >&2; exit 2; }
+done
+mkdir -p "$WORK/cases/lung1"
+WORK="$(cd "$WORK" && pwd)"
+MODELS="$(cd "$MODELS" && pwd)"
+
+echo "== 1. a new class in a free dummy slot of a copy of MAISI's label dictionary"
+rm -f "$WORK/label_dict.json"
+NEW_ID="$($PY -m maisi.labels add --name "nsclc tumor" --output "$WORK/label_dict.json" | grep -o '[0-9]\+' | tail -1)"
+echo "nsclc tumor -> id $NEW_ID"
+
+echo "== 2. the tumour mask in the new vocabulary, with the body label 200 from the CT"
+$PY -m maisi.labels remap --mask "$TUMOUR" --mapping dataset/walkthrough/lung1_mapping.json \
+  --label-dict "$WORK/label_dict.json" --output "$WORK/cases/lung1/tumour.nii.gz"
+$PY -m maisi.labels envelope --image "$CT" --mask "$WORK/cases/lung1/tumour.nii.gz" \
+  --output "$WORK/cases/lung1/label.nii.gz"
+case "$CT" in *.nii.gz) EXT="nii.gz" ;; *) EXT="${CT##*.}" ;; esac  # keep the CT's own format
+cp "$CT" "$WORK/cases/lung1/ct.$EXT"
+
+echo "== 3. the datalist"
+$PY -m maisi.datalist build --root "$WORK/cases" --images "*/ct.$EXT" --labels '*/label.nii.gz' \
+  --label-dict "$WORK/label_dict.json" --output "$WORK/cases/datalist.json"
+$PY -m maisi.datalist validate --datalist "$WORK/cases/datalist.json" --label-dict "$WORK/label_dict.json"
+
+echo "== 4. latents with the demo VAE, at the demo spacing"
+cat > "$WORK/encode.json" <<EOF
+{"preset": "tiny-rflow", "autoencoder": "$MODELS/autoencoder.pt", "datalist": "cases/datalist.json",
+ "output_dir": "latents", "target_spacing": [3.5, 3.5, 5.0], "latent": "mean", "device": "$DEVICE"}
+EOF
+$PY -m maisi.encode --config "$WORK/encode.json"
+
+echo "== 5. finetune the demo ControlNet, loss x100 on the new class"
+cat > "$WORK/controlnet.json" <<EOF
+{"preset": "tiny-rflow", "datalist": "latents/datalist.json", "fold": null, "output_dir": "controlnet",
+ "init": {"diffusion_unet": "$MODELS/diffusion_unet.pt", "controlnet": "$MODELS/controlnet.pt"},
+ "steps": $STEPS, "seed": 0, "checkpoint_every": $STEPS, "validate_every": $STEPS, "log_every": 10,
+ "optimizer": {"lr": 0.0002, "warmup_steps": $(( STEPS / 10 )), "decay": "cosine"},
+ "controlnet": {"weighted_loss": 100.0, "weighted_loss_label": [$NEW_ID], "label_dict": "label_dict.json"},
+ "device": "$DEVICE"}
+EOF
+RESUME=""
+[ -f "$WORK/controlnet/state/last.pt" ] && RESUME="--resume"
+$PY -m maisi.train controlnet --config "$WORK/controlnet.json" $RESUME
+
+echo "== 6. a CT with the tumour where the mask puts it"
+cat > "$WORK/infer.json" <<EOF
+{"preset": "tiny-rflow",
+ "checkpoints": {"autoencoder": "$MODELS/autoencoder.pt", "diffusion_unet": "$MODELS/diffusion_unet.pt",
+                 "controlnet": "controlnet/controlnet.pt"},
+ "mask": "latents/lung1/ct_label.nii.gz", "label_dict": "label_dict.json",
+ "sampling": {"num_inference_steps": $INFER_STEPS}, "quality_check": {"max_tries": 1},
+ "output": {"dir": "generated", "prefix": "lung1_nsclc"}, "device": "$DEVICE"}
+EOF
+$PY -m maisi.infer --config "$WORK/infer.json"
+echo "$WORK/generated/lung1_nsclc_seed0.json"
