@@ -26,24 +26,28 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_the_default_main_job_runs_as_shipped(tmp_path):
-    """configs/inference.json after tools/make_untrained_checkpoints.py, in a copy of the layout."""
+    """configs/inference.json with the committed demo weights and mask: a CT, its mask, metadata, preview."""
     import json
-    import shutil
     import subprocess
     import sys
 
+    import numpy as np
+    import SimpleITK as sitk
+
     from maisi.data.io import read_volume
 
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "inference.json", tmp_path / "configs" / "inference.json")
-    tool = [sys.executable, str(REPO / "tools" / "make_untrained_checkpoints.py"),
-            "--dest", str(tmp_path / "models" / "untrained" / "tiny-rflow")]  # fmt: skip
-    subprocess.run(tool, check=True, capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "maisi.infer", "--config", "configs/inference.json"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = tmp_path / "output"
+    done = subprocess.run([sys.executable, "-m", "maisi.infer", "--config", "configs/inference.json", "--output-dir",
+                           str(out), "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    config = json.loads((tmp_path / "configs" / "inference.json").read_text())
-    image = read_volume(tmp_path / "output" / "sample_seed0_image.nii.gz")
-    assert list(image.shape) == config["output_size"]
-    assert abs(image.spacing[2] - config["spacing"][2]) < 1e-6
-    assert (tmp_path / "output" / "sample_seed0_preview.png").is_file()
+    mask = read_volume(REPO / "dataset" / "demo" / "chest_mask.nii.gz")
+    image = read_volume(out / "sample_seed0_image.nii.gz")
+    assert image.shape == mask.shape and np.allclose(image.affine, mask.affine, atol=1e-4)
+    assert image.array.min() >= -1000 and image.array.max() <= 1000
+    assert np.all(image.array[mask.array == 0] == -1000)
+    assert np.array_equal(read_volume(out / "sample_seed0_label.nii.gz").array, mask.array)
+    lungs = np.isin(mask.array, [28, 29, 30, 31, 32])
+    assert np.median(image.array[lungs]) < -400  # trained weights: the lungs are air, not noise
+    meta = json.loads((out / "sample_seed0.json").read_text())
+    assert meta["quality_check"]["tries"] and meta["mask_fidelity"]["lung"] is not None
+    assert sitk.ReadImage(str(out / "sample_seed0_preview.png")).GetNumberOfComponentsPerPixel() == 3

