@@ -9,16 +9,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from monai.inferers import SlidingWindowInferer
 
 from maisi.device import autocast
-from maisi.tiled_vae import DEFAULT_BUDGET_BYTES, decode_tiled, encode_tiled
+from maisi.tiled_vae import decode_tiled, encode_tiled
 
 DecodeMethod = Literal["full", "sliding_window", "tiled"]
-DECODE_METHODS: tuple[str, ...] = ("full", "sliding_window", "tiled")
+DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)
 
 
 def _check_method(method: str) -> None:
@@ -62,8 +62,7 @@ def decode(
     whole = all(r >= s for r, s in zip(roi_size, z.shape[2:]))
     with autocast(device, autocast_dtype):
         if method == "tiled":
-            image = decode_tiled(autoencoder, z, memory_budget_bytes=memory_budget_bytes or DEFAULT_BUDGET_BYTES,
-                                 progress=progress)  # fmt: skip
+            image = decode_tiled(autoencoder, z, memory_budget_bytes=memory_budget_bytes, progress=progress)
         elif method == "full" or whole:
             image = autoencoder.decode_stage_2_outputs(z)
         else:
@@ -115,8 +114,8 @@ def encode(
     whole = all(r >= s for r, s in zip(roi_size, images.shape[2:]))
     with autocast(device, autocast_dtype):
         if method == "tiled":
-            both = torch.cat(encode_tiled(autoencoder, images, memory_budget_bytes=memory_budget_bytes
-                                          or DEFAULT_BUDGET_BYTES, progress=progress), dim=1)  # fmt: skip
+            both = torch.cat(encode_tiled(autoencoder, images, memory_budget_bytes=memory_budget_bytes,
+                                          progress=progress), dim=1)  # fmt: skip
         elif method == "full" or whole:
             both = mu_sigma(images)
         else:
