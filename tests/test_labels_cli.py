@@ -131,3 +131,34 @@ def test_non_integer_mask_is_refused(tmp_path, capsys):
     soft = write_volume(tmp_path / "soft.nii.gz", Volume(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)))
     assert main(["remap", "--mask", str(soft), "--mapping", "totalsegmentator", "--output", str(tmp_path / "o.nii.gz")]) == 2
     assert "must hold integer labels" in capsys.readouterr().err
+
+
+def test_crop_centres_a_box_on_the_labels_and_keeps_world_positions(tmp_path, capsys):
+    ct_out, mask_out = tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
+    mask = read_mask(TS_SEG)
+    spleen = int(mask.array[mask.array > 0].min())  # any class present serves as the "lesion"
+    assert main(["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", str(spleen), "--size-mm",
+                 "60", "45", "30", "--output-image", str(ct_out), "--output-mask", str(mask_out)]) == 0  # fmt: skip
+    assert "cropped to" in capsys.readouterr().out
+    ct, cut, cut_ct = read_volume(TS_CT), read_mask(mask_out), read_volume(ct_out)
+    expected = tuple(min(n, round(mm / s)) for n, mm, s in zip(mask.shape, (60, 45, 30), mask.spacing))
+    assert cut.shape == cut_ct.shape == expected
+    # every voxel keeps its world position: map the crop's voxel 0 back into the source grid
+    corner = np.rint(np.linalg.solve(mask.affine, cut.affine @ [0, 0, 0, 1])[:3]).astype(int)
+    box = tuple(slice(c, c + n) for c, n in zip(corner, cut.shape))
+    assert np.array_equal(cut.array, mask.array[box]) and np.array_equal(cut_ct.array, ct.array[box])
+    # the labels' bounding box is centred in the crop on every axis where the box was not pushed off an edge
+    inside = np.argwhere(cut.array == spleen)
+    centre = (inside.min(0) + inside.max(0)) / 2
+    for axis, (c, n, start) in enumerate(zip(centre, cut.shape, corner)):
+        if 0 < start < mask.shape[axis] - n:
+            assert abs(c - (n - 1) / 2) <= 1, axis
+
+
+def test_crop_of_an_absent_label_names_the_mask_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "ct.nii.gz"
+    assert main(["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "250", "--size-mm", "50", "50",
+                 "50", "--output-image", str(out), "--output-mask", str(tmp_path / "m.nii.gz")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert str(TS_SEG) in err and "labels [250] are not in the mask" in err
+    assert not list(tmp_path.iterdir())

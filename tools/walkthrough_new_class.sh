@@ -7,7 +7,7 @@
 #   bash tools/walkthrough_new_class.sh                          # about 4 minutes on 2 cores
 #
 # Environment (all optional): WORK (run folder, default runs/walkthrough), STEPS (ControlNet steps, 300),
-# INFER_STEPS (rectified-flow steps of the generation, 30),
+# INFER_STEPS (rectified-flow steps of the generation, 30), SPACING (mm of the latents, "3.5, 3.5, 5.0"),
 # CT / TUMOUR (the CT and its tumour mask, value 1; default: the fetched lung1 case), MODELS (demo weights),
 # DEVICE (auto). The last line printed is the generated CT's metadata JSON.
 set -euo pipefail
@@ -17,6 +17,7 @@ cd "$REPO"
 WORK="${WORK:-runs/walkthrough}"
 STEPS="${STEPS:-300}"
 INFER_STEPS="${INFER_STEPS:-30}"
+SPACING="${SPACING:-3.5, 3.5, 5.0}"
 MODELS="${MODELS:-models/demo}"
 DEVICE="${DEVICE:-auto}"
 CASES=".cache/sample_data/cases/pyradiomics_lung1"
@@ -48,10 +49,10 @@ $PY -m maisi.datalist build --root "$WORK/cases" --images "*/ct.$EXT" --labels '
   --label-dict "$WORK/label_dict.json" --output "$WORK/cases/datalist.json"
 $PY -m maisi.datalist validate --datalist "$WORK/cases/datalist.json" --label-dict "$WORK/label_dict.json"
 
-echo "== 4. latents with the demo VAE, at the demo spacing"
+echo "== 4. latents with the demo VAE, at $SPACING mm"
 cat > "$WORK/encode.json" <<EOF
 {"preset": "tiny-rflow", "autoencoder": "$MODELS/autoencoder.pt", "datalist": "cases/datalist.json",
- "output_dir": "latents", "target_spacing": [3.5, 3.5, 5.0], "latent": "mean", "device": "$DEVICE"}
+ "output_dir": "latents", "target_spacing": [$SPACING], "latent": "mean", "device": "$DEVICE"}
 EOF
 $PY -m maisi.encode --config "$WORK/encode.json"
 

@@ -48,6 +48,7 @@ class ControlNetStageConfig:
 @dataclass(frozen=True)
 class AutoencoderStageConfig:
     patch_size: tuple[int, int, int]
+    min_foreground: float
     recon_loss: Literal["l1", "l2"]
     kl_weight: float
     perceptual_weight: float

@@ -3,6 +3,7 @@
     add       put a new class into a free dummy slot (or a given free id); prints the id
     remap     convert a mask from another vocabulary (e.g. TotalSegmentator) to MAISI ids
     envelope  add the body label 200 to a mask from its CT
+    crop      cut a CT and its mask to a box around some labels (e.g. a lesion)
     show      print a label dictionary
 """
 
@@ -18,6 +19,7 @@ from maisi.cli import EXIT_INPUT, EXIT_OK, run_guarded, setup_logging
 from maisi.data.io import read_mask, read_volume, write_volume
 from maisi.errors import InputError
 from maisi.labels import add_class, load_label_dict
+from maisi.labels.crop import crop_pair
 from maisi.labels.envelope import DEFAULT_OPENING_MM, DEFAULT_THRESHOLD_HU, add_body_label
 from maisi.labels.mapping import BUILTIN_ALIASES, builtin_mappings, load_mapping, remap
 
@@ -50,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--output", required=True)
     env.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD_HU, help="air threshold in HU")
     env.add_argument("--opening-mm", type=float, default=DEFAULT_OPENING_MM, help="table-removal opening radius")
+
+    cr = sub.add_parser("crop", help="cut a CT and its mask to a box centred on some labels")
+    cr.add_argument("--image", required=True, help="the CT")
+    cr.add_argument("--mask", required=True, help="its mask, on the same grid")
+    cr.add_argument("--around", required=True, nargs="+", type=int, metavar="ID", help="label id(s) to centre on")
+    cr.add_argument("--size-mm", required=True, nargs=3, type=float, metavar=("X", "Y", "Z"), help="box size in mm")
+    cr.add_argument("--output-image", required=True)
+    cr.add_argument("--output-mask", required=True)
 
     show = sub.add_parser("show", help="print a label dictionary as 'id name' lines")
     show.add_argument("--label-dict", default=None)
@@ -95,13 +105,26 @@ def cmd_envelope(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_crop(args: argparse.Namespace) -> int:
+    ct, mask = read_volume(args.image), read_mask(args.mask)
+    try:
+        ct_box, mask_box = crop_pair(ct, mask, args.around, tuple(args.size_mm))
+    except InputError as e:
+        raise InputError(f"{args.mask}: {e}") from None
+    write_volume(args.output_image, ct_box)
+    write_volume(args.output_mask, mask_box)
+    mm = [round(n * s, 1) for n, s in zip(mask_box.shape, mask_box.spacing)]
+    print(f"cropped to {list(mask_box.shape)} voxels ({mm} mm) around labels {args.around}")
+    return EXIT_OK
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     for name, label_id in sorted(load_label_dict(args.label_dict).items(), key=lambda item: item[1]):
         print(f"{label_id:3d} {name}")
     return EXIT_OK
 
 
-COMMANDS = {"add": cmd_add, "remap": cmd_remap, "envelope": cmd_envelope, "show": cmd_show}
+COMMANDS = {"add": cmd_add, "remap": cmd_remap, "envelope": cmd_envelope, "crop": cmd_crop, "show": cmd_show}
 
 
 def main(argv: list[str] | None = None) -> int:

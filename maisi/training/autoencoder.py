@@ -88,17 +88,28 @@ def load_ct_volumes(entries: list[tuple[int, dict[str, Any]]], root: Path, min_s
     return volumes, problems
 
 
-def draw_patches(volumes: list[torch.Tensor], batch_size: int, patch: tuple[int, int, int]) -> torch.Tensor:
+FOREGROUND_UNIT = (-950.0 + 1000.0) / 2000.0  # -950 HU on the VAE's [0, 1] scale: lung and tissue, not outside air
+MAX_REDRAWS = 10
+
+
+def draw_patches(volumes: list[torch.Tensor], batch_size: int, patch: tuple[int, int, int],
+                 min_foreground: float = 0.0) -> torch.Tensor:  # fmt: skip
     """``batch_size`` random patches (N, 1, *patch) from random volumes, using torch's global generator only.
 
-    Every volume must be at least ``patch`` in size (see :func:`load_ct_volumes`).
+    Every volume must be at least ``patch`` in size (see :func:`load_ct_volumes`). With ``min_foreground`` > 0 a
+    patch with a smaller fraction of voxels above -950 HU is redrawn (up to ``MAX_REDRAWS`` times, then the
+    last draw is kept): chest scans are mostly air around the body, which teaches the VAE nothing.
     """
     out = []
     for _ in range(batch_size):
-        v = volumes[int(torch.randint(len(volumes), ()))]
-        corner = [int(torch.randint(s - p + 1, ())) for s, p in zip(v.shape[1:], patch)]
-        x, y, z = corner
-        out.append(v[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]])
+        for _ in range(MAX_REDRAWS + 1):
+            v = volumes[int(torch.randint(len(volumes), ()))]
+            corner = [int(torch.randint(s - p + 1, ())) for s, p in zip(v.shape[1:], patch)]
+            x, y, z = corner
+            crop = v[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]]
+            if min_foreground <= 0 or float((crop > FOREGROUND_UNIT).float().mean()) >= min_foreground:
+                break
+        out.append(crop)
     return torch.stack(out)
 
 
@@ -182,8 +193,9 @@ class AutoencoderStage:
         if self.discriminator is not None and _in_ddp():
             self._d_step = torch.nn.parallel.DistributedDataParallel(self.discriminator)
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
-        log.info("autoencoder: %d training and %d validation volumes, patch %s, %s loss", len(self.volumes),
-                 len(self.val_volumes), list(self.patch), ac.recon_loss.upper())  # fmt: skip
+        log.info("autoencoder: %d training and %d validation volumes, patch %s (at least %.0f%% above -950 HU), %s loss",
+                 len(self.volumes), len(self.val_volumes), list(self.patch), 100 * ac.min_foreground,
+                 ac.recon_loss.upper())  # fmt: skip
 
     def _build_perceptual(self) -> nn.Module | None:
         ac = self.settings
@@ -224,7 +236,7 @@ class AutoencoderStage:
     def train_loss(self, model: nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
         """Loss terms on ``batch_size`` fresh random patches; ``"loss"`` is their weighted sum."""
         ac = self.settings
-        x = draw_patches(self.volumes, batch_size, self.patch).to(self.device)  # type: ignore[arg-type]
+        x = draw_patches(self.volumes, batch_size, self.patch, ac.min_foreground).to(self.device)  # type: ignore[arg-type]
         recon, z_mu, z_sigma = model(x)
         recon = recon.float()
         error = recon - x

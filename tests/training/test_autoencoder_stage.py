@@ -273,6 +273,18 @@ def test_patches_come_from_the_global_generator_and_small_volumes_are_padded(tmp
     assert a.shape == (3, 1, 24, 24, 24) and torch.equal(a, b)
 
 
+def test_min_foreground_redraws_patches_of_outside_air():
+    volume = torch.zeros(1, 64, 16, 16)  # -1000 HU ...
+    volume[:, 32:] = 0.5  # ... but for a block of tissue (0 HU) in one half
+    torch.manual_seed(3)
+    uniform = draw_patches([volume], 40, (16, 16, 16))
+    torch.manual_seed(3)
+    tissue = draw_patches([volume], 40, (16, 16, 16), min_foreground=0.5)
+    fraction = lambda batch: (batch > 0.025).float().mean(dim=(1, 2, 3, 4))  # noqa: E731
+    assert (fraction(uniform) < 0.5).sum() > 10  # about half of the uniform draws are mostly air
+    assert (fraction(tissue) >= 0.5).all()
+
+
 def test_kl_matches_the_closed_form():
     mu, sigma = torch.zeros(2, 4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3)
     assert kl_divergence(mu, sigma) == 0
