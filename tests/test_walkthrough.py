@@ -46,5 +46,6 @@ def test_walkthrough_adds_the_class_finetunes_and_generates(tmp_path, tiny_check
     assert meta["checkpoints"]["controlnet"]["path"] == str(work / "controlnet" / "controlnet.pt")
     mask = read_mask(meta_path.with_name("lung1_nsclc_seed0_label.nii.gz"))
     ct = read_volume(meta_path.with_name("lung1_nsclc_seed0_image.nii.gz"))
-    assert ct.shape == mask.shape and np.allclose(ct.spacing, (3.5, 3.5, 5.0))
+    # the 192 x 192 x 160 mm box around the tumour, at the walkthrough's 2 x 2 x 2.5 mm
+    assert ct.shape == mask.shape == (96, 96, 64) and np.allclose(ct.spacing, (2.0, 2.0, 2.5))
     assert set(np.unique(mask.array)) == {0, new_id, 200}  # the tumour kept its new id through every step

@@ -7,7 +7,8 @@
 #   bash tools/walkthrough_new_class.sh                          # about 4 minutes on 2 cores
 #
 # Environment (all optional): WORK (run folder, default runs/walkthrough), STEPS (ControlNet steps, 300),
-# INFER_STEPS (rectified-flow steps of the generation, 30), SPACING (mm of the latents, "3.5, 3.5, 5.0"),
+# INFER_STEPS (rectified-flow steps of the generation, 30), CROP_MM (box around the tumour, "192 192 160"),
+# SPACING (mm of the latents, "2.0, 2.0, 2.5": finer than the demo's 3.5 x 3.5 x 5 so the lesion spans latent voxels),
 # CT / TUMOUR (the CT and its tumour mask, value 1; default: the fetched lung1 case), MODELS (demo weights),
 # DEVICE (auto). The last line printed is the generated CT's metadata JSON.
 set -euo pipefail
@@ -17,7 +18,8 @@ cd "$REPO"
 WORK="${WORK:-runs/walkthrough}"
 STEPS="${STEPS:-300}"
 INFER_STEPS="${INFER_STEPS:-30}"
-SPACING="${SPACING:-3.5, 3.5, 5.0}"
+SPACING="${SPACING:-2.0, 2.0, 2.5}"
+CROP_MM="${CROP_MM:-192 192 160}"
 MODELS="${MODELS:-models/demo}"
 DEVICE="${DEVICE:-auto}"
 CASES=".cache/sample_data/cases/pyradiomics_lung1"
@@ -40,12 +42,13 @@ echo "== 2. the tumour mask in the new vocabulary, with the body label 200 from 
 $PY -m maisi.labels remap --mask "$TUMOUR" --mapping dataset/walkthrough/lung1_mapping.json \
   --label-dict "$WORK/label_dict.json" --output "$WORK/cases/lung1/tumour.nii.gz"
 $PY -m maisi.labels envelope --image "$CT" --mask "$WORK/cases/lung1/tumour.nii.gz" \
-  --output "$WORK/cases/lung1/label.nii.gz"
-case "$CT" in *.nii.gz) EXT="nii.gz" ;; *) EXT="${CT##*.}" ;; esac  # keep the CT's own format
-cp "$CT" "$WORK/cases/lung1/ct.$EXT"
+  --output "$WORK/cases/lung1/envelope.nii.gz"
 
-echo "== 3. the datalist"
-$PY -m maisi.datalist build --root "$WORK/cases" --images "*/ct.$EXT" --labels '*/label.nii.gz' \
+echo "== 3. a ${CROP_MM// / x } mm box around the tumour, and the datalist"
+# shellcheck disable=SC2086  # CROP_MM is three numbers
+$PY -m maisi.labels crop --image "$CT" --mask "$WORK/cases/lung1/envelope.nii.gz" --around "$NEW_ID" \
+  --size-mm $CROP_MM --output-image "$WORK/cases/lung1/ct.nii.gz" --output-mask "$WORK/cases/lung1/label.nii.gz"
+$PY -m maisi.datalist build --root "$WORK/cases" --images "*/ct.nii.gz" --labels '*/label.nii.gz' \
   --label-dict "$WORK/label_dict.json" --output "$WORK/cases/datalist.json"
 $PY -m maisi.datalist validate --datalist "$WORK/cases/datalist.json" --label-dict "$WORK/label_dict.json"
 
@@ -61,7 +64,7 @@ cat > "$WORK/controlnet.json" <<EOF
 {"preset": "tiny-rflow", "datalist": "latents/datalist.json", "fold": null, "output_dir": "controlnet",
  "init": {"diffusion_unet": "$MODELS/diffusion_unet.pt", "controlnet": "$MODELS/controlnet.pt"},
  "steps": $STEPS, "seed": 0, "checkpoint_every": $STEPS, "validate_every": $STEPS, "log_every": 10,
- "optimizer": {"lr": 0.0002, "warmup_steps": $(( STEPS / 10 )), "decay": "cosine"},
+ "optimizer": {"lr": ${LR:-0.001}, "warmup_steps": $(( STEPS / 10 )), "decay": "cosine"},
  "controlnet": {"weighted_loss": 100.0, "weighted_loss_label": [$NEW_ID], "label_dict": "label_dict.json"},
  "device": "$DEVICE"}
 EOF
