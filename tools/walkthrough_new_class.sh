@@ -4,7 +4,7 @@
 # Every step is a public CLI call (the README's "New tumour class" section shows the same commands).
 #
 #   python tools/fetch_sample_data.py --sources pyradiomics      # once: the lung1 CT and its tumour mask
-#   bash tools/walkthrough_new_class.sh                          # about 4 minutes on 2 cores
+#   bash tools/walkthrough_new_class.sh                          # about 5.5 minutes on 2 cores
 #
 # Environment (all optional): WORK (run folder, default runs/walkthrough), STEPS (ControlNet steps, 300),
 # INFER_STEPS (rectified-flow steps of the generation, 30), CROP_MM (box around the tumour, "192 192 160"),

@@ -49,6 +49,7 @@ class ControlNetStageConfig:
 class AutoencoderStageConfig:
     patch_size: tuple[int, int, int]
     min_foreground: float
+    train_decoder_only: bool
     recon_loss: Literal["l1", "l2"]
     kl_weight: float
     perceptual_weight: float

@@ -143,6 +143,19 @@ def discriminator_fits(patch: tuple[int, int, int]) -> bool:
     return True
 
 
+ENCODER_PARTS = ("encoder", "quant_conv_mu", "quant_conv_log_sigma")
+
+
+def freeze_encoder(model: nn.Module) -> None:
+    """Exclude everything up to the latent (encoder and the mu / sigma convolutions) from training.
+
+    The latent space then stays bit-identical, so a diffusion UNet and ControlNet trained on its latents stay
+    valid while the decoder improves; the loop's optimiser takes only parameters that require gradients.
+    """
+    for name in ENCODER_PARTS:
+        getattr(model, name).requires_grad_(False)
+
+
 def _in_ddp() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -178,6 +191,9 @@ class AutoencoderStage:
             raise InputError(f"autoencoder datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
         if not self.volumes:
             raise InputError("the autoencoder stage has no training images")
+        if ac.train_decoder_only and not config.init.autoencoder:
+            raise InputError("$.autoencoder.train_decoder_only: needs $.init.autoencoder (the VAE whose encoder "
+                             "and latent space are kept)")  # fmt: skip
         runtime = RuntimeOptions()  # weights-neutral memory/speed options all off: CPU-safe, deterministic
         self.step = 0  # steps completed; the adversarial term starts at adversarial_warmup_steps
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -187,6 +203,8 @@ class AutoencoderStage:
                 self.model, _ = load_network(preset, "autoencoder", config.init.autoencoder, runtime)
             else:
                 self.model = build_network(preset, "autoencoder", runtime)
+            if ac.train_decoder_only:
+                freeze_encoder(self.model)
             self.perceptual = self._build_perceptual()
             self.discriminator, self.d_optimizer = self._build_discriminator()
         self._d_step = self.discriminator

@@ -111,6 +111,29 @@ def test_training_writes_a_checkpoint_that_loads_and_validates(tmp_path, crops, 
     assert scalars(run, "val/psnr") == [pytest.approx(psnr, rel=1e-3)]
 
 
+def test_decoder_only_finetune_keeps_the_encoder_bit_identical(tmp_path, crops, capsys):
+    first = make_config(tmp_path, crops, TRAIN, steps=2)
+    assert main(["autoencoder", "--config", str(first)]) == 0
+    base = tmp_path / "run" / "autoencoder.pt"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "a").mkdir()
+    tuned = make_config(tmp_path / "t", crops, TRAIN, steps=3, output_dir=str(tmp_path / "tuned"),
+                        init={"autoencoder": str(base)}, optimizer={"lr": 1e-2},
+                        autoencoder={"train_decoder_only": True})  # fmt: skip
+    assert main(["autoencoder", "--config", str(tuned)]) == 0
+    before, after = state_dict_of(base), state_dict_of(tmp_path / "tuned" / "autoencoder.pt")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and before[k].is_floating_point()]
+    assert encoder and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoder)  # the latent space is untouched
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)  # the decoder trained
+    # without the VAE to keep, the option is refused up front
+    alone = make_config(tmp_path / "a", crops, TRAIN, output_dir=str(tmp_path / "alone"),
+                        autoencoder={"train_decoder_only": True})  # fmt: skip
+    assert main(["autoencoder", "--config", str(alone)]) == 2
+    assert "$.autoencoder.train_decoder_only: needs $.init.autoencoder" in capsys.readouterr().err
+
+
 def test_validation_is_deterministic_and_gives_images_in_unit_range(tmp_path, crops):
     from maisi.config import load_config
     from maisi.training.autoencoder import AutoencoderStage
