@@ -131,7 +131,7 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
     regions = None
     if label_path is not None:
         mask = read_mask(label_path)
-        if mask.shape != ct.shape or not np.allclose(mask.affine, ct.affine, atol=1e-3):
+        if not mask.same_grid(ct):
             raise InputError(f"{label_path}: grid {list(mask.shape)} differs from its image {list(ct.shape)}")
         label_t = transform(mask.with_array(mask.array.astype(np.int16)), c.target_spacing, c.multiple, "nearest")
         label_vol = _to_volume(label_t, np.uint8 if mask.array.max() <= 255 else np.int16)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from maisi.data.io import Volume
+from maisi.data.io import Volume, require_same_grid
 from maisi.errors import InputError
 from maisi.labels.envelope import body_envelope
 from maisi.resources import load_json
@@ -79,12 +79,6 @@ class HUCheck:
                 "organs": {o.organ: {**asdict(o), "passed": o.passed} for o in self.organs}}  # fmt: skip
 
 
-def _check_grids(ct: Volume, mask: Volume) -> None:
-    if ct.shape != mask.shape or not np.allclose(ct.affine, mask.affine, atol=1e-3):
-        raise InputError(f"CT and mask grids differ (CT {list(ct.shape)}, mask {list(mask.shape)}, or their "
-                         "positions); they must be on the same grid")  # fmt: skip
-
-
 def hu_check(ct: Volume, mask: Volume, organs: list[str] | None = None) -> HUCheck:
     """Median HU of each checked organ present in ``mask`` against MAISI's reference ranges.
 
@@ -96,7 +90,7 @@ def hu_check(ct: Volume, mask: Volume, organs: list[str] | None = None) -> HUChe
     Raises:
         InputError: different grids, or an unknown organ name.
     """
-    _check_grids(ct, mask)
+    require_same_grid(ct, mask)
     names = organs if organs is not None else list(ORGAN_LABELS)
     unknown = [o for o in names if o not in ORGAN_LABELS]
     if unknown:
@@ -128,7 +122,7 @@ def mask_fidelity(ct: Volume, mask: Volume) -> dict[str, float | None]:
     - ``bone``: CT above 250 HU versus the bone labels (marrow below 250 HU keeps this one moderate).
     A measure is None when the mask has no such structure (nothing to judge).
     """
-    _check_grids(ct, mask)
+    require_same_grid(ct, mask)
     hu, labels = ct.array, mask.array
     body = labels > 0
     lungs = np.isin(labels, LUNG_LABELS)
@@ -144,7 +138,7 @@ def mask_fidelity(ct: Volume, mask: Volume) -> dict[str, float | None]:
 
 def label_hu_table(ct: Volume, mask: Volume, label_dict: dict[str, int]) -> dict[str, dict[str, float]]:
     """Median and interquartile range of HU for every label present (named through ``label_dict``)."""
-    _check_grids(ct, mask)
+    require_same_grid(ct, mask)
     names = {i: n for n, i in label_dict.items()}
     table = {}
     for label in np.unique(mask.array):

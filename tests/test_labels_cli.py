@@ -162,3 +162,9 @@ def test_crop_of_an_absent_label_names_the_mask_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert str(TS_SEG) in err and "labels [250] are not in the mask" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_crop_of_a_mask_on_another_grid_is_refused(tmp_path, capsys):
+    assert main(["crop", "--image", str(TS_CT), "--mask", str(CHEST_SEG), "--around", "5", "--size-mm", "50", "50",
+                 "50", "--output-image", str(tmp_path / "c.nii.gz"), "--output-mask", str(tmp_path / "m.nii.gz")]) == 2  # fmt: skip
+    assert "CT and mask grids differ" in capsys.readouterr().err and not list(tmp_path.iterdir())

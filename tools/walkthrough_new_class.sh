@@ -10,7 +10,7 @@
 # INFER_STEPS (rectified-flow steps of the generation, 30), CROP_MM (box around the tumour, "192 192 160"),
 # SPACING (mm of the latents, "2.0, 2.0, 2.5": finer than the demo's 3.5 x 3.5 x 5 so the lesion spans latent voxels),
 # CT / TUMOUR (the CT and its tumour mask, value 1; default: the fetched lung1 case), MODELS (demo weights),
-# DEVICE (auto). The last line printed is the generated CT's metadata JSON.
+# LR (finetune learning rate, 0.001), DEVICE (auto). The last line printed is the generated CT's metadata JSON.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

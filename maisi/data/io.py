@@ -40,11 +40,27 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
 
+    def same_grid(self, other: Volume, atol_mm: float = 1e-3) -> bool:
+        """Same voxel shape and the same voxel -> world mapping (within ``atol_mm``)."""
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol_mm)
+
     def with_array(self, array: np.ndarray) -> Volume:
         """Same geometry, new voxels (which must have the same spatial shape)."""
         if array.shape[:3] != self.array.shape[:3]:
             raise ValueError(f"shape {array.shape} does not match the volume's {self.array.shape}")
         return Volume(array, self.affine.copy())
+
+
+def require_same_grid(ct: Volume, mask: Volume) -> None:
+    """Refuse a CT / mask pair whose grids differ, naming both shapes and spacings.
+
+    Raises:
+        VolumeError: different shape, spacing, orientation or position.
+    """
+    if not ct.same_grid(mask):
+        raise VolumeError(f"CT and mask grids differ (CT {list(ct.shape)} at {np.round(ct.spacing, 3).tolist()} mm, "
+                          f"mask {list(mask.shape)} at {np.round(mask.spacing, 3).tolist()} mm, or their positions "
+                          "differ); resample the mask onto the CT first")  # fmt: skip
 
 
 def _read_sitk(path: Path) -> sitk.Image:

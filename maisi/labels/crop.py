@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from maisi.data.io import Volume
+from maisi.data.io import Volume, require_same_grid
 from maisi.errors import InputError
-
-
-def same_grid(a: Volume, b: Volume) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
 
 
 def crop_box(mask: Volume, label_ids: list[int], size_mm: tuple[float, float, float]) -> tuple[slice, ...]:
@@ -31,8 +27,8 @@ def crop_box(mask: Volume, label_ids: list[int], size_mm: tuple[float, float, fl
     if not hit.any():
         present = sorted(int(v) for v in np.unique(mask.array) if v)
         raise InputError(f"labels {label_ids} are not in the mask (it holds {present})")
-    lo, hi = np.argwhere(hit).min(0), np.argwhere(hit).max(0)
-    centre = (lo + hi) / 2.0
+    where = np.argwhere(hit)
+    centre = (where.min(0) + where.max(0)) / 2.0
     box = []
     for c, mm, spacing, n in zip(centre, size_mm, mask.spacing, mask.shape):
         size = min(n, max(1, int(round(mm / spacing))))
@@ -56,9 +52,6 @@ def crop_pair(ct: Volume, mask: Volume, label_ids: list[int],
     Raises:
         InputError: different grids, labels absent, or a non-positive size.
     """
-    if not same_grid(ct, mask):
-        raise InputError(f"CT and mask grids differ (CT {list(ct.shape)} at {np.round(ct.spacing, 3).tolist()} mm, "
-                         f"mask {list(mask.shape)} at {np.round(mask.spacing, 3).tolist()} mm, or their positions "
-                         "differ)")  # fmt: skip
+    require_same_grid(ct, mask)
     box = crop_box(mask, label_ids, size_mm)
     return crop(ct, box), crop(mask, box)

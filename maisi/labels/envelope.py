@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from maisi.data.io import Volume
-from maisi.errors import InputError
+from maisi.data.io import Volume, require_same_grid
 from maisi.labels import BODY_LABEL
 
 DEFAULT_THRESHOLD_HU = -800.0
@@ -71,10 +70,7 @@ def add_body_label(mask: Volume, ct: Volume, threshold_hu: float = DEFAULT_THRES
     Raises:
         InputError: the CT and the mask are not on the same grid.
     """
-    if mask.shape != ct.shape or not np.allclose(mask.affine, ct.affine, atol=1e-3):
-        raise InputError(f"CT and mask grids differ (CT {list(ct.shape)} at {np.round(ct.spacing, 3).tolist()} mm, "
-                         f"mask {list(mask.shape)} at {np.round(mask.spacing, 3).tolist()} mm, or their "
-                         "positions differ); resample the mask onto the CT first")  # fmt: skip
+    require_same_grid(ct, mask)
     envelope = body_envelope(ct, threshold_hu, opening_mm)
     added = envelope & (mask.array == 0)
     out = mask.array.copy()
