@@ -8,6 +8,10 @@ the untiled measurement instead of repeating it).
 
     python tools/bench_decode.py                                  # released VAE, 32^3 latent (128^3 CT)
     python tools/bench_decode.py --preset small-rflow --latent 64 64 32 --budgets-mb 64 1024
+    python tools/bench_decode.py --device cuda --precision float32   # exactness on a GPU: no autocast, no TF32
+
+On CUDA, ``--precision auto`` decodes under float16 autocast like generation does, so every variant carries
+float16 rounding (a few 1e-3 against the untiled pass) and only ``float32`` can check the 1e-3 error target.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ def variants(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def worker(variant: dict, folder: Path, preset_name: str, device_name: str) -> None:
+def worker(variant: dict, folder: Path, preset_name: str, device_name: str, precision: str) -> None:
     """Decode once in this (fresh) process; print one JSON line of measurements."""
     from maisi.decoding import decode
     from maisi.device import autocast_dtype, resolve_device
     from maisi.networks import RuntimeOptions, build_network, get_preset
 
     device = resolve_device(device_name)  # type: ignore[arg-type]
+    if precision == "float32":  # TF32 convolutions would round like float16 does
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     vae = build_network(get_preset(preset_name), "autoencoder", RuntimeOptions.for_device(device))
     vae.load_state_dict(torch.load(folder / "vae.pt", weights_only=True))
     vae = vae.to(device).eval()
@@ -59,7 +65,7 @@ def worker(variant: dict, folder: Path, preset_name: str, device_name: str) -> N
     t0 = time.perf_counter()
     image = decode(vae, z, 1.0, method=variant["method"], roi_size=tuple(variant.get("roi", (48, 48, 48))),
                    overlap=variant.get("overlap", 0.6666), memory_budget_bytes=variant.get("budget"),
-                   autocast_dtype=autocast_dtype("auto", device))  # fmt: skip
+                   autocast_dtype=autocast_dtype(precision, device))  # type: ignore[arg-type]  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -73,7 +79,7 @@ def worker(variant: dict, folder: Path, preset_name: str, device_name: str) -> N
 
 def run_variant(variant: dict, folder: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(variant), "--folder", str(folder), "--preset", args.preset,
-           "--device", args.device]  # fmt: skip
+           "--device", args.device, "--precision", args.precision]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -88,11 +94,13 @@ def main() -> int:
     parser.add_argument("--sw", nargs="*", default=["48:0.6666", "80:0.4", "24:0.6666"],
                         help="sliding windows as roi:overlap (latent voxels); MAISI uses 48:0.6666 and 80:0.4")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="as the infer config's: auto is float16 autocast on CUDA, float32 on CPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(json.loads(args.worker), Path(args.folder), args.preset, args.device)
+        worker(json.loads(args.worker), Path(args.folder), args.preset, args.device, args.precision)
         return 0
 
     from maisi.networks import build_network, get_preset
@@ -130,7 +138,7 @@ def report(rows: list[dict], args: argparse.Namespace, preset: str, ref: torch.T
     memory = "peak CUDA allocated" if args.device == "cuda" else "peak process RSS"
     size = [4 * s for s in args.latent]
     print(f"VAE decode, preset {preset}, latent {args.latent} -> image {size}, device {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"precision {args.precision}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"untiled output range [{ref.min().item():.3f}, {ref.max().item():.3f}], std {ref.std().item():.3f}; "
           f"memory = {memory} (before decode: {base.get('base', 0) / GB:.2f} GB)")
     print("errors vs untiled: raw decoder output (random weights: not confined to [0, 1]) and, 'clip', after the "

@@ -62,13 +62,12 @@ def prepare_cases(cases: Path, work: Path) -> Path:
     """Resampled copies of the training cases under ``work/prepared/<case>_s<k>/``."""
     prepared = work / "prepared"
     for name in TRAIN_CASES:
-        ct, label = read_volume(cases / name / "ct.nii.gz"), read_mask(cases / name / "label.nii.gz")
         for k, spacing in enumerate(SPACINGS):
             folder = prepared / f"{name}_s{k}"
-            if (folder / "label.nii.gz").exists():
+            if (folder / "label.nii.gz").exists():  # an earlier run made it (the case itself need not be here)
                 continue
-            write_volume(folder / "ct.nii.gz", resample(ct, spacing, "bilinear"))
-            write_volume(folder / "label.nii.gz", resample(label, spacing, "nearest"))
+            write_volume(folder / "ct.nii.gz", resample(read_volume(cases / name / "ct.nii.gz"), spacing, "bilinear"))
+            write_volume(folder / "label.nii.gz", resample(read_mask(cases / name / "label.nii.gz"), spacing, "nearest"))
     return prepared
 
 
@@ -124,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ae-steps", type=int, default=1200)
     parser.add_argument("--diffusion-steps", type=int, default=1500)
     parser.add_argument("--controlnet-steps", type=int, default=1600)
+    # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things to raise
+    parser.add_argument("--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"))
+    parser.add_argument("--ae-batch", type=int, default=1, help="patches per autoencoder step")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="auto", choices=["auto", "off", "float16", "bfloat16"])
     args = parser.parse_args(argv)
     work, py = args.work.resolve(), sys.executable
     log: list[dict] = []
@@ -134,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     datalist = prepared / "datalist.json"
     run([py, "-m", "maisi.datalist", "build", "--root", str(prepared), "--images", "*/ct.nii.gz", "--labels",
          "*/label.nii.gz", "--output", str(datalist)], log, "datalist")  # fmt: skip
-    common = {"preset": PRESET, "seed": 0, "device": args.device, "fold": None, "checkpoint_every": 250,
+    common = {"preset": PRESET, "seed": 0, "device": args.device, "amp": args.amp, "fold": None, "checkpoint_every": 250,
               "validate_every": 10**6, "log_every": 25}  # fmt: skip
 
     ae_cfg = write_json(work / "configs" / "autoencoder.json", {
         **common, "datalist": str(datalist), "output_dir": str(work / "autoencoder"), "steps": args.ae_steps,
-        "batch_size": 1,
+        "batch_size": args.ae_batch,
         "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.ae_steps), "decay": "cosine", "min_lr_ratio": 0.05},
-        "autoencoder": {"patch_size": [32, 32, 32], "kl_weight": 1e-7, "adversarial_weight": 0.0}})  # fmt: skip
+        "autoencoder": {"patch_size": args.ae_patch, "kl_weight": 1e-7, "adversarial_weight": 0.0}})  # fmt: skip
     train("autoencoder", ae_cfg, work / "autoencoder", log)
     vae = work / "autoencoder" / "autoencoder.pt"
 
@@ -178,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.dest / "manifest.json", {
         "preset": PRESET, "files": files, "demo_mask": str(mask.relative_to(REPO)),
         "steps": {"autoencoder": args.ae_steps, "diffusion": args.diffusion_steps, "controlnet": args.controlnet_steps},
+        "autoencoder_batch": args.ae_batch, "autoencoder_patch": args.ae_patch,
+        "command": ["python", "tools/train_demo.py", *(argv if argv is not None else sys.argv[1:])],
+        "device": str(args.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "train_cases": list(TRAIN_CASES), "spacings_mm": [list(s) for s in SPACINGS],
         "recipe_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads()})  # fmt: skip
