@@ -180,22 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     # Optional warm restart of both (seed 1; off by default, the shipped weights have none). The UNet's loss
     # was still falling when its cosine schedule ran out (about 0.50 -> 0.36-0.40 over 1200 more steps);
     # the model card has what 1200 + 800 restart steps did to the HU check.
+    def restart(stage: str, datalist: Path, steps: int, lr: float, init: dict[str, str]) -> Path:
+        folder = work / f"{stage}_restart"
+        cfg = write_json(work / "configs" / f"{stage}_restart.json", {
+            **common, "seed": 1, "checkpoint_every": 200, "datalist": str(datalist), "output_dir": str(folder),
+            "steps": steps, "init": init,
+            "optimizer": {"lr": lr, "warmup_steps": warmup(steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
+        train(stage, cfg, folder, log)
+        return folder
+
     if args.unet_restart_steps:
-        unet_cfg = write_json(work / "configs" / "diffusion_restart.json", {
-            **common, "seed": 1, "checkpoint_every": 200, "datalist": str(latents),
-            "output_dir": str(work / "diffusion_restart"), "steps": args.unet_restart_steps,
-            "init": {"diffusion_unet": str(unet)},
-            "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.unet_restart_steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
-        train("diffusion", unet_cfg, work / "diffusion_restart", log)
-        unet = work / "diffusion_restart" / "diffusion_unet.pt"
+        unet = restart("diffusion", latents, args.unet_restart_steps, 5e-4, {"diffusion_unet": str(unet)}) / "diffusion_unet.pt"
     if args.controlnet_restart_steps:
-        cn_cfg = write_json(work / "configs" / "controlnet_restart.json", {
-            **common, "seed": 1, "checkpoint_every": 200, "datalist": str(cn_latents),
-            "output_dir": str(work / "controlnet_restart"), "steps": args.controlnet_restart_steps,
-            "init": {"diffusion_unet": str(unet), "controlnet": str(controlnet)},
-            "optimizer": {"lr": 1e-3, "warmup_steps": warmup(args.controlnet_restart_steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
-        train("controlnet", cn_cfg, work / "controlnet_restart", log)
-        controlnet = work / "controlnet_restart" / "controlnet.pt"
+        controlnet = restart("controlnet", cn_latents, args.controlnet_restart_steps, 1e-3,
+                             {"diffusion_unet": str(unet), "controlnet": str(controlnet)}) / "controlnet.pt"
 
     args.dest.mkdir(parents=True, exist_ok=True)
     files = {}
