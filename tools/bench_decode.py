@@ -73,7 +73,7 @@ def worker(variant: dict, folder: Path, preset_name: str, device_name: str, prec
     else:
         image = decode(vae, z, 1.0, method=variant["method"], roi_size=tuple(variant.get("roi", (48, 48, 48))),
                        overlap=variant.get("overlap", 0.6666), memory_budget_bytes=variant.get("budget"),
-                       autocast_dtype=dtype)  # fmt: skip  # fmt: skip
+                       autocast_dtype=dtype)  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

@@ -13,8 +13,9 @@ Recipe (preset ``tiny-rflow``; every step is logged with its wall time into ``<w
 4. ``python -m maisi.train diffusion`` (rectified flow) on the latents, scale factor from their std.
 5. ``python -m maisi.train controlnet`` on (latent, label) pairs, initialised from the UNet; the cases whose
    mask holds the body label only (slicerio's) are left out of this stage.
-5b. Optional (off by default): a warm restart, the UNet again from its weights (``--unet-restart-steps``), then the ControlNet from its
-   weights against that UNet (``--controlnet-restart-steps``), each with a fresh warm-up and cosine decay.
+5b. Optional (off by default): a warm restart, the UNet again from its weights (``--unet-restart-steps``),
+   then the ControlNet from its weights against that UNet (``--controlnet-restart-steps``), each with a fresh
+   warm-up and cosine decay.
 6. The three checkpoints are copied to ``--dest`` (default ``models/demo``) with their SHA-256 in
    ``manifest.json``; the demo mask (``dataset/demo/chest_mask.nii.gz``) is written from the chest case.
 
@@ -64,12 +65,13 @@ def prepare_cases(cases: Path, work: Path) -> Path:
     """Resampled copies of the training cases under ``work/prepared/<case>_s<k>/``."""
     prepared = work / "prepared"
     for name in TRAIN_CASES:
-        for k, spacing in enumerate(SPACINGS):
-            folder = prepared / f"{name}_s{k}"
-            if (folder / "label.nii.gz").exists():  # an earlier run made it (the case itself need not be here)
-                continue
-            write_volume(folder / "ct.nii.gz", resample(read_volume(cases / name / "ct.nii.gz"), spacing, "bilinear"))
-            write_volume(folder / "label.nii.gz", resample(read_mask(cases / name / "label.nii.gz"), spacing, "nearest"))
+        missing = [(k, s) for k, s in enumerate(SPACINGS) if not (prepared / f"{name}_s{k}" / "label.nii.gz").exists()]
+        if not missing:  # an earlier run made them all: the case itself need not be here
+            continue
+        ct, label = read_volume(cases / name / "ct.nii.gz"), read_mask(cases / name / "label.nii.gz")
+        for k, spacing in missing:
+            write_volume(prepared / f"{name}_s{k}" / "ct.nii.gz", resample(ct, spacing, "bilinear"))
+            write_volume(prepared / f"{name}_s{k}" / "label.nii.gz", resample(label, spacing, "nearest"))
     return prepared
 
 
