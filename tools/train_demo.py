@@ -134,7 +134,8 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's options; their defaults are the recipe of the shipped weights."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=Path, default=REPO / ".cache" / "sample_data" / "cases")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "demo")
@@ -151,7 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ae-batch", type=int, default=1, help="patches per autoencoder step")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "float16", "bfloat16"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+def recipe_steps(args: argparse.Namespace) -> dict:
+    """The steps of every training round, as ``manifest.json`` records them."""
+    return {"autoencoder": args.ae_steps, "diffusion": args.diffusion_steps, "controlnet": args.controlnet_steps,
+            "diffusion_restart": args.unet_restart_steps, "controlnet_restart": args.controlnet_restart_steps,
+            "controlnet_emphasis": [{"steps": st, "weighted_loss": w} for st, w in args.controlnet_emphasis]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work, py = args.work.resolve(), sys.executable
     log: list[dict] = []
     t0 = time.perf_counter()
@@ -231,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = demo_mask(args.cases, REPO / "dataset" / "demo" / "chest_mask.nii.gz")
     write_json(args.dest / "manifest.json", {
         "preset": PRESET, "files": files, "demo_mask": str(mask.relative_to(REPO)),
-        "steps": {"autoencoder": args.ae_steps, "diffusion": args.diffusion_steps, "controlnet": args.controlnet_steps,
-                  "diffusion_restart": args.unet_restart_steps, "controlnet_restart": args.controlnet_restart_steps,
-                  "controlnet_emphasis": [{"steps": st, "weighted_loss": w} for st, w in args.controlnet_emphasis]},
+        "steps": recipe_steps(args),
         "autoencoder_batch": args.ae_batch, "autoencoder_patch": args.ae_patch,
         "command": ["python", "tools/train_demo.py", *(argv if argv is not None else sys.argv[1:])],
         "device": str(args.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
