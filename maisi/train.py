@@ -26,17 +26,33 @@ from maisi.distributed import Ranks, finish, init_from_env
 from maisi.errors import InputError
 from maisi.networks import get_preset
 from maisi.training.loop import Stage, train
-from maisi.training.state import check_fresh_output, load_train_state
+from maisi.training.resume import comparable, config_differences, saved_run_config
+from maisi.training.state import TrainState, check_fresh_output, load_train_state
 
 PROG = "maisi.train"
 log = logging.getLogger(PROG)
-# Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "log_every", "tensorboard", "device", "output_dir")
 
 
 def config_hash(config: TrainConfig, stage: str) -> str:
-    data = {k: v for k, v in to_jsonable(config).items() if k not in RESUMABLE_CHANGES}
+    data = comparable(to_jsonable(config))
     return hashlib.sha256(json.dumps({"stage": stage, **data}, sort_keys=True).encode()).hexdigest()
+
+
+def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
+    """The run's state, if the config given now may continue it; else InputError naming each changed key."""
+    state = load_train_state(config.output_dir, stage)
+    if state.config_sha256 == digest:
+        return state
+    saved = saved_run_config(config.output_dir, state.config, state.config_sha256)
+    if saved is None:
+        raise InputError(f"--resume: {config.output_dir} was trained with another config (its record of that "
+                         "config is gone; only steps, logging intervals and device may change when resuming)")
+    changed = config_differences(saved, to_jsonable(config))
+    if changed:
+        raise InputError(f"--resume: {config.output_dir} was trained with another config; only steps, logging "
+                         "intervals and device may change when resuming. Changed: " + "; ".join(changed))
+    log.info("resuming: the config matches the run's key by key (keys added to the schema since take their defaults)")
+    return state
 
 
 def split_cases(config: TrainConfig) -> tuple[list, list]:
@@ -82,7 +98,7 @@ def run(stage_name: str, config: TrainConfig, resume: bool) -> int:
     try:
         device = ranks.device(device)
         digest = config_hash(config, stage_name)
-        state = load_train_state(config.output_dir, stage_name, digest) if resume else None
+        state = resumable_state(config, stage_name, digest) if resume else None
         if not resume:
             check_fresh_output(config.output_dir)
         torch.manual_seed(config.seed)  # fresh networks start from the same weights on every run and rank

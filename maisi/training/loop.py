@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from maisi.config import to_jsonable
 from maisi.config.train_config import OptimizerConfig, TrainConfig
 from maisi.distributed import Ranks
 from maisi.errors import TrainingDiverged
@@ -118,7 +119,7 @@ def train(stage: Stage, config: TrainConfig, ranks: Ranks, device: torch.device,
             return
         save_train_state(out, TrainState(stage.name, step, config_sha256, model.state_dict(), optimizer.state_dict(),
                                          scheduler.state_dict(), scaler.state_dict() if scaler.is_enabled() else {},
-                                         stage.state()))  # fmt: skip
+                                         stage.state(), to_jsonable(config)))  # fmt: skip
         stage.export(model, out, config_sha256)
 
     def validate(step: int) -> None:

@@ -25,6 +25,7 @@ class TrainState:
     lr_scheduler: dict[str, Any]
     scaler: dict[str, Any]
     stage_state: dict[str, Any]
+    config: dict[str, Any] | None = None  # the resolved config as JSON; None in states of older versions
 
 
 def state_path(output_dir: str | Path) -> Path:
@@ -42,11 +43,11 @@ def save_train_state(output_dir: str | Path, state: TrainState) -> Path:
     return path
 
 
-def load_train_state(output_dir: str | Path, stage: str, config_sha256: str) -> TrainState:
-    """The state to resume from; refuses another stage's or another config's run.
+def load_train_state(output_dir: str | Path, stage: str) -> TrainState:
+    """The state to resume from; refuses another stage's run (the config is compared by the caller).
 
     Raises:
-        InputError: no state, or one of another stage or config.
+        InputError: no state, or one of another stage.
         CheckpointError: an unreadable state file.
     """
     path = state_path(output_dir)
@@ -60,10 +61,7 @@ def load_train_state(output_dir: str | Path, stage: str, config_sha256: str) -> 
         raise CheckpointError(f"{path}: not a maisi training state")
     if raw["stage"] != stage:
         raise InputError(f"--resume: {output_dir} holds a '{raw['stage']}' run, not '{stage}'")
-    if raw["config_sha256"] != config_sha256:
-        raise InputError(f"--resume: {output_dir} was trained with another config (preset, data or hyper-parameters "
-                         "differ; only steps, logging intervals and device may change when resuming)")  # fmt: skip
-    fields = {k: raw[k] for k in TrainState.__dataclass_fields__}
+    fields = {k: raw[k] for k in TrainState.__dataclass_fields__ if k in raw}
     return TrainState(**fields)
 
 

@@ -171,7 +171,8 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
         assert main(["controlnet", "--config", str(train_config(**changes, steps=1))]) == 0
         changes["optimizer"] = {"lr": 0.5}
         flags = ["--resume"]
-        fragment = "was trained with another config"
+        fragment = "was trained with another config; only steps, logging intervals and device may change when " \
+                   "resuming. Changed: $.optimizer.lr: 0.0001 in the run, 0.5 now"
     else:
         flags = ["--resume"]
         fragment = "holds no training state"
@@ -179,6 +180,41 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
     assert main([stage, "--config", str(train_config(**changes)), *flags]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
+
+
+def _make_state_look_older(run: Path, drop: str | None) -> None:
+    """Rewrite a run as an older version saved it: no config in the state, and ``drop`` (a key the schema gained
+    later, as ``section.key``) absent from train_config.json; the hash then differs from today's."""
+    state_file = run / "state" / "last.pt"
+    state = torch.load(state_file, weights_only=True)
+    state.pop("config")
+    state["config_sha256"] = "0" * 64
+    torch.save(state, state_file)
+    record = json.loads((run / "train_config.json").read_text())
+    if drop is None:
+        (run / "train_config.json").unlink()
+        return
+    section, key = drop.split(".")
+    del record["config"][section][key]
+    record["config_sha256"] = "0" * 64
+    (run / "train_config.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("case", ["new key at its default", "new key set", "record gone"])
+def test_resume_of_a_run_saved_before_a_schema_key_existed(case, train_config, tmp_path, capsys):
+    assert main(["diffusion", "--config", str(train_config(steps=2))]) == 0
+    _make_state_look_older(tmp_path / "run", None if case == "record gone" else "controlnet.conditioning_scale")
+    changes = {"controlnet": {"conditioning_scale": 2.0}} if case == "new key set" else {}
+    capsys.readouterr()
+    code = main(["diffusion", "--config", str(train_config(steps=3, **changes)), "--resume"])
+    err = capsys.readouterr().err
+    if case == "new key at its default":  # the key's default keeps the old behaviour: the run continues
+        assert code == 0, err
+        assert torch.load(tmp_path / "run" / "state" / "last.pt", weights_only=True)["step"] == 3
+    elif case == "new key set":
+        assert code == 2 and "Changed: $.controlnet.conditioning_scale: 1.0 in the run, 2.0 now" in err, err
+    else:
+        assert code == 2 and "its record of that config is gone" in err, err
 
 
 def test_trained_controlnet_drives_generation_from_a_mask(train_config, tmp_path, active_unet, tiny_checkpoints, mask_file):
