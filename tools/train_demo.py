@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controlnet-steps", type=int, default=1600)
     parser.add_argument("--unet-restart-steps", type=int, default=1200, help="second UNet round (0: none)")
     parser.add_argument("--controlnet-restart-steps", type=int, default=800, help="second ControlNet round (0: none)")
-    parser.add_argument("--controlnet-emphasis", type=emphasis_round, nargs="*", default=[(400, 5.0), (400, 10.0)],
+    parser.add_argument("--controlnet-emphasis", type=emphasis_round, nargs="*", default=[(400, 5.0), (400, 10.0), (400, 10.0)],
                         metavar="STEPS:WEIGHT", help="last ControlNet rounds, bone and pancreas weighted in the loss")
     # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things to raise
     parser.add_argument("--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"))
