@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.train_demo import build_parser, recipe_steps
+from maisi.data.io import read_mask, read_volume, write_volume
+from tools.train_demo import TRAIN_CASES, build_parser, main, recipe_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +31,19 @@ def test_a_malformed_emphasis_round_exits_2_naming_it(bad, capsys):
         build_parser().parse_args(["--controlnet-emphasis", bad])
     assert stop.value.code == 2
     assert repr(bad) in capsys.readouterr().err
+
+
+def test_autoencoder_only_trains_the_vae_and_leaves_the_weights_alone(real_cases, tmp_path, capsys):
+    cases = tmp_path / "cases"  # the three training cases, all cut from the real TotalSegmentator example
+    ct, label = read_volume(real_cases / "case0" / "imaging.nii.gz"), read_mask(real_cases / "case0" / "segmentation.nii.gz")
+    for name in TRAIN_CASES:
+        write_volume(cases / name / "ct.nii.gz", ct)
+        write_volume(cases / name / "label.nii.gz", label)
+    work, dest = tmp_path / "work", tmp_path / "dest"
+    args = ["--cases", str(cases), "--work", str(work), "--dest", str(dest), "--device", "cpu", "--ae-steps", "2",
+            "--ae-patch", "16", "16", "16", "--autoencoder-only"]  # fmt: skip
+    assert main(args) == 0
+    assert (work / "autoencoder" / "autoencoder.pt").is_file() and (work / "autoencoder" / "state" / "last.pt").is_file()
+    assert not dest.exists() and not (work / "latents").exists()  # stopped before encoding; no weights copied
+    assert [s["step"] for s in json.loads((work / "recipe_log.json").read_text())["steps"]] == ["datalist", "autoencoder"]
+    assert "run again without --autoencoder-only" in capsys.readouterr().out

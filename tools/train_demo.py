@@ -2,6 +2,7 @@
 
     python tools/fetch_sample_data.py                 # once: the real CT cases under .cache/sample_data/cases
     python tools/train_demo.py [--work DIR] [--ae-steps N] [--diffusion-steps N] [--controlnet-steps N]
+    python tools/train_demo.py --device cuda --ae-patch 64 64 64 --ae-batch 4 --ae-steps N --autoencoder-only
 
 Recipe (preset ``tiny-rflow``; every step is logged with its wall time into ``<work>/recipe_log.json``):
 
@@ -145,13 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controlnet-steps", type=int, default=1600)
     parser.add_argument("--unet-restart-steps", type=int, default=1200, help="second UNet round (0: none)")
     parser.add_argument("--controlnet-restart-steps", type=int, default=800, help="second ControlNet round (0: none)")
-    parser.add_argument("--controlnet-emphasis", type=emphasis_round, nargs="*", default=[(400, 5.0), (400, 10.0), (400, 10.0)],
-                        metavar="STEPS:WEIGHT", help="last ControlNet rounds, bone and pancreas weighted in the loss")
+    parser.add_argument("--controlnet-emphasis", type=emphasis_round, nargs="*", metavar="STEPS:WEIGHT",
+                        default=[(400, 5.0), (400, 10.0), (400, 10.0)],
+                        help="last ControlNet rounds, bone and pancreas weighted in the loss")  # fmt: skip
     # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things to raise
     parser.add_argument("--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"))
     parser.add_argument("--ae-batch", type=int, default=1, help="patches per autoencoder step")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "float16", "bfloat16"])
+    # a short GPU loan trains the VAE alone (its --work folder brought back); a later run resumes from there
+    parser.add_argument("--autoencoder-only", action="store_true",
+                        help="stop after the VAE stage; --dest and the demo mask are left untouched")  # fmt: skip
     return parser
 
 
@@ -182,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         "autoencoder": {"patch_size": args.ae_patch, "kl_weight": 1e-7, "adversarial_weight": 0.0}})  # fmt: skip
     train("autoencoder", ae_cfg, work / "autoencoder", log)
     vae = work / "autoencoder" / "autoencoder.pt"
+    if args.autoencoder_only:
+        write_json(work / "recipe_log.json", {"steps": log})
+        print(f"VAE in {vae} ({time.perf_counter() - t0:.0f} s); run again without --autoencoder-only to go on")
+        return 0
 
     enc_cfg = write_json(work / "configs" / "encode.json", {
         "preset": PRESET, "autoencoder": str(vae), "datalist": str(datalist), "output_dir": str(work / "latents"),
