@@ -44,13 +44,13 @@ def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
     if state.config_sha256 == digest:
         return state
     saved = saved_run_config(config.output_dir, state.config, state.config_sha256)
+    refusal = f"--resume: {config.output_dir} was trained with another config; only steps, logging intervals " \
+              "and device may change when resuming"
     if saved is None:
-        raise InputError(f"--resume: {config.output_dir} was trained with another config (its record of that "
-                         "config is gone; only steps, logging intervals and device may change when resuming)")
+        raise InputError(f"{refusal} (its record of that config is gone)")
     changed = config_differences(saved, to_jsonable(config))
     if changed:
-        raise InputError(f"--resume: {config.output_dir} was trained with another config; only steps, logging "
-                         "intervals and device may change when resuming. Changed: " + "; ".join(changed))
+        raise InputError(f"{refusal}. Changed: " + "; ".join(changed))
     log.info("resuming: the config matches the run's key by key (keys added to the schema since take their defaults)")
     return state
 

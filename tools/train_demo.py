@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ae-batch", type=int, default=1, help="patches per autoencoder step")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "float16", "bfloat16"])
-    # a short GPU loan trains the VAE alone (its --work folder brought back); a later run resumes from there
     parser.add_argument("--ae-fine-copies", action="store_true",
                         help="the VAE also trains on the chest case at 0.7 x 0.7 x 5 and 0.7 x 0.7 x 2.5 mm")  # fmt: skip
+    # a short GPU loan trains the VAE alone (its --work folder brought back); a later run resumes from there
     parser.add_argument("--autoencoder-only", action="store_true",
                         help="stop after the VAE stage; --dest and the demo mask are left untouched")  # fmt: skip
     return parser
