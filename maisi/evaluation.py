@@ -2,7 +2,8 @@
 
 * **Reconstruction** (real CT through the VAE): HU [-1000, 1000] -> [0, 1] (MAISI's intensity transform),
   padded with 0 (-1000 HU) to a multiple of the VAE factor (MONAI ``DivisiblePad``), encoded to the posterior
-  mean and decoded with MONAI sliding windows, cropped back and clipped to [0, 1]; then PSNR (``max_val=1``),
+  mean and decoded exactly (GroupNorm statistics of the whole volume, in tiles bounded by the memory budget),
+  cropped back and clipped to [0, 1]; then PSNR (``max_val=1``),
   SSIM and MS-SSIM (3D, ``data_range=1``) against the input, per case and their mean.
 * **Diversity**: mean pairwise MS-SSIM among the synthetic volumes (lower is more diverse) and, as the
   reference, among the real ones. Volumes of a set must share one shape (nothing is resampled).

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from maisi.errors import InputError
 from maisi.networks import get_preset
 from maisi.training.loop import Stage, train
 from maisi.training.resume import comparable, config_differences, saved_run_config
-from maisi.training.state import TrainState, check_fresh_output, load_train_state
+from maisi.training.state import TrainState, check_fresh_output, load_train_state, save_train_state
 
 PROG = "maisi.train"
 log = logging.getLogger(PROG)
@@ -44,8 +45,8 @@ def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
     if state.config_sha256 == digest:
         return state
     saved = saved_run_config(config.output_dir, state.config, state.config_sha256)
-    refusal = f"--resume: {config.output_dir} was trained with another config; only steps, logging intervals " \
-              "and device may change when resuming"
+    refusal = f"--resume: {config.output_dir} was trained with another config; only the steps, the checkpoint, " \
+              "logging and validation settings, the output folder and the device may change when resuming"
     if saved is None:
         raise InputError(f"{refusal} (its record of that config is gone)")
     changed = config_differences(saved, to_jsonable(config))
@@ -104,6 +105,11 @@ def run(stage_name: str, config: TrainConfig, resume: bool) -> int:
         torch.manual_seed(config.seed)  # fresh networks start from the same weights on every run and rank
         stage = build_stage(stage_name, config, ranks, device)
         if ranks.is_main:
+            if state is not None and state.config_sha256 != digest:
+                # matched key by key: re-record the state under today's config first, so that the marker
+                # written next never points at a hash the state lacks (a later --resume would find no record)
+                state = replace(state, config_sha256=digest, config=to_jsonable(config))
+                save_train_state(config.output_dir, state)
             write_json(Path(config.output_dir) / "train_config.json",
                        {"stage": stage_name, "config_sha256": digest, "config": to_jsonable(config)})  # fmt: skip
         train(stage, config, ranks, device, digest, state)

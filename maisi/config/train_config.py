@@ -57,6 +57,8 @@ class AutoencoderStageConfig:
     adversarial_weight: float
     adversarial_warmup_steps: int
     discriminator_lr: float
+    val_method: Literal["tiled", "sliding_window"]
+    val_memory_budget_mb: int
     val_roi_size: tuple[int, int, int]
 
 

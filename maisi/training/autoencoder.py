@@ -13,8 +13,9 @@ Loss, as MAISI::
   the batch the generator just saw. Its weights and optimiser state are part of the resumable state.
 
 Patches are drawn with torch's global generator only (the loop re-seeds it every step), so a resumed run
-repeats the uninterrupted one exactly. Validation reconstructs every held-out volume with a sliding window
-(``z_mu``, no sampling) and reports PSNR and SSIM on the [0, 1] intensity scale.
+repeats the uninterrupted one exactly. Validation reconstructs every held-out volume from ``z_mu`` (no
+sampling) as the pipeline does (whole volume, exact tiles) or by MAISI's sliding windows
+(``$.autoencoder.val_method``), and reports PSNR and SSIM on the [0, 1] intensity scale.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config.train_config import TrainConfig
 from maisi.data.io import read_volume
 from maisi.errors import CheckpointError, InputError, TrainingDiverged
+from maisi.evaluation import reconstruct as round_trip
 from maisi.intensity import hu_to_unit
 from maisi.networks import Preset, RuntimeOptions, build_network
 from maisi.training.perceptual import build_perceptual_loss
@@ -298,10 +300,14 @@ class AutoencoderStage:
 
     @torch.no_grad()
     def reconstruct(self, model: nn.Module, volume: torch.Tensor) -> torch.Tensor:
-        """Deterministic (``z_mu``) sliding-window reconstruction of a (1, X, Y, Z) volume -> (1, X, Y, Z) on CPU."""
-        roi = tuple(int(r) for r in self.settings.val_roi_size)
-        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=VAL_OVERLAP, mode="gaussian",
-                                       sw_device=self.device, device=torch.device("cpu"))  # fmt: skip
+        """Deterministic (``z_mu``) reconstruction of a (1, X, Y, Z) volume -> (1, X, Y, Z) on CPU, by
+        ``$.autoencoder.val_method``: the pipeline's exact whole-volume round trip, or MONAI sliding windows."""
+        ac = self.settings
+        if ac.val_method == "tiled":
+            image = volume[None].to(self.device)
+            return round_trip(model, image, self.preset.vae_factor, ac.val_memory_budget_mb)[0]
+        inferer = SlidingWindowInferer(roi_size=tuple(ac.val_roi_size), sw_batch_size=1, overlap=VAL_OVERLAP,
+                                       mode="gaussian", sw_device=self.device, device=torch.device("cpu"))  # fmt: skip
         out = inferer(volume[None], lambda tile: model.reconstruct(tile).float())
         return convert_to_tensor(out, track_meta=False)[0].float()
 

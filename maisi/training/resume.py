@@ -15,14 +15,20 @@ from typing import Any
 
 from maisi.config.loader import fill_defaults, json_path, load_schema
 
-# Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "log_every", "tensorboard", "device", "output_dir")
+# Keys that may change between an interrupted run and its resumption: none of them moves the weights.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "log_every", "tensorboard", "device", "output_dir",
+                     "autoencoder.val_method", "autoencoder.val_memory_budget_mb", "autoencoder.val_roi_size")
 _ABSENT = object()
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved train config (as JSON) that must not change when resuming."""
-    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    for dotted in RESUMABLE_CHANGES:
+        section, _, key = dotted.partition(".")
+        if key and isinstance(kept.get(section), dict):
+            kept[section] = {k: v for k, v in kept[section].items() if k != key}
+    return kept
 
 
 def saved_run_config(output_dir: str | Path, state_config: dict | None, state_sha256: str) -> dict | None:

@@ -13,6 +13,7 @@ import torch
 
 from maisi.checkpoints import load_network
 from maisi.data.io import Volume, read_volume, write_volume
+from maisi.intensity import hu_to_unit
 from maisi.networks import get_preset
 from maisi.train import main
 from maisi.training.autoencoder import discriminator_fits, draw_patches, kl_divergence
@@ -151,6 +152,30 @@ def test_validation_is_deterministic_and_gives_images_in_unit_range(tmp_path, cr
     assert stage.reconstruct(stage.model, stage.val_volumes[0]).shape == (1, 32, 28, 18)
 
 
+def test_validation_psnr_is_the_pipelines_round_trip_of_the_checkpoint(tmp_path, crops):
+    """Default validation scores the whole-volume round trip of maisi.encode / infer / evaluate (exact tiles, here
+    many of them); MAISI's sliding windows, on request, score something else."""
+    from monai.metrics import PSNRMetric
+
+    from maisi.evaluation import reconstruct
+
+    config = make_config(tmp_path, crops, TRAIN, steps=3, autoencoder={"val_memory_budget_mb": 16})
+    assert main(["autoencoder", "--config", str(config)]) == 0
+    vae, _ = load_network(get_preset("tiny-rflow"), "autoencoder", tmp_path / "run" / "autoencoder.pt")
+    val = torch.from_numpy(hu_to_unit(read_volume(crops / "val.nii.gz").array))[None, None]
+    expected = float(PSNRMetric(max_val=1.0)(reconstruct(vae.eval(), val, 4, 1024), val).item())
+    assert scalars(tmp_path / "run", "val/psnr") == [pytest.approx(expected, abs=1e-3)]
+
+    (tmp_path / "sw").mkdir()
+    windows = make_config(tmp_path / "sw", crops, TRAIN, steps=3, output_dir=str(tmp_path / "run_sw"),
+                          autoencoder={"val_method": "sliding_window", "val_roi_size": [16, 16, 16]})  # fmt: skip
+    assert main(["autoencoder", "--config", str(windows)]) == 0
+    # same weights (validation does not touch training), other score: only the method differs
+    assert_equal_tensors(state_dict_of(tmp_path / "run_sw" / "autoencoder.pt"),
+                         state_dict_of(tmp_path / "run" / "autoencoder.pt"))  # fmt: skip
+    assert scalars(tmp_path / "run_sw", "val/psnr") != [pytest.approx(expected, abs=0.05)]
+
+
 def test_loss_falls_when_overfitting_one_batch(tmp_path, crops):
     # a 16^3 volume and a 16^3 patch: every step sees the same batch
     config = make_config(tmp_path, crops, [("one_patch", 0)], steps=60, tensorboard=True,
@@ -169,7 +194,10 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, crop
     assert main(["autoencoder", "--config", str(straight)]) == 0
     first = make_config(tmp_path, crops, images, "b.json", steps=3, output_dir=str(tmp_path / "b"), autoencoder=gan)
     assert main(["autoencoder", "--config", str(first)]) == 0
-    more = make_config(tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"), autoencoder=gan)
+    # the validation method and its sizes may change on resume: they do not move the weights
+    validation = {"val_method": "sliding_window", "val_roi_size": [24, 24, 24], "val_memory_budget_mb": 64}
+    more = make_config(tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"),
+                       autoencoder={**gan, **validation})  # fmt: skip
     assert main(["autoencoder", "--config", str(more), "--resume"]) == 0
     assert "adversarial loss on: PatchDiscriminator (8 channels), weight 0.1, from step 2" in caplog.text
     a, b = state_dict_of(tmp_path / "a" / "autoencoder.pt"), state_dict_of(tmp_path / "b" / "autoencoder.pt")

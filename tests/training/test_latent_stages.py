@@ -171,8 +171,9 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
         assert main(["controlnet", "--config", str(train_config(**changes, steps=1))]) == 0
         changes["optimizer"] = {"lr": 0.5}
         flags = ["--resume"]
-        fragment = "was trained with another config; only steps, logging intervals and device may change when " \
-                   "resuming. Changed: $.optimizer.lr: 0.0001 in the run, 0.5 now"
+        fragment = "was trained with another config; only the steps, the checkpoint, logging and validation " \
+                   "settings, the output folder and the device may change when resuming. Changed: $.optimizer.lr: " \
+                   "0.0001 in the run, 0.5 now"
     else:
         flags = ["--resume"]
         fragment = "holds no training state"
@@ -200,17 +201,25 @@ def _make_state_look_older(run: Path, drop: str | None) -> None:
     (run / "train_config.json").write_text(json.dumps(record))
 
 
-@pytest.mark.parametrize("case", ["new key at its default", "new key set", "record gone"])
+@pytest.mark.parametrize("case", ["new key at its default", "new key set", "record gone", "finished, resumed twice"])
 def test_resume_of_a_run_saved_before_a_schema_key_existed(case, train_config, tmp_path, capsys):
     assert main(["diffusion", "--config", str(train_config(steps=2))]) == 0
     _make_state_look_older(tmp_path / "run", None if case == "record gone" else "controlnet.conditioning_scale")
     changes = {"controlnet": {"conditioning_scale": 2.0}} if case == "new key set" else {}
     capsys.readouterr()
-    code = main(["diffusion", "--config", str(train_config(steps=3, **changes)), "--resume"])
+    steps = 2 if case == "finished, resumed twice" else 3
+    code = main(["diffusion", "--config", str(train_config(steps=steps, **changes)), "--resume"])
     err = capsys.readouterr().err
     if case == "new key at its default":  # the key's default keeps the old behaviour: the run continues
         assert code == 0, err
         assert torch.load(tmp_path / "run" / "state" / "last.pt", weights_only=True)["step"] == 3
+    elif case == "finished, resumed twice":  # nothing left to train: the state is re-recorded under today's config
+        assert code == 0, err
+        again = main(["diffusion", "--config", str(train_config(steps=2)), "--resume"])
+        assert again == 0, capsys.readouterr().err
+        state = torch.load(tmp_path / "run" / "state" / "last.pt", weights_only=True)
+        marker = json.loads((tmp_path / "run" / "train_config.json").read_text())
+        assert state["step"] == 2 and state["config_sha256"] == marker["config_sha256"] != "0" * 64
     elif case == "new key set":
         assert code == 2 and "Changed: $.controlnet.conditioning_scale: 1.0 in the run, 2.0 now" in err, err
     else:
