@@ -143,23 +143,29 @@ def write_json(path: Path, data: dict) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's options; their defaults are the recipe of the shipped weights."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=Path, default=REPO / ".cache" / "sample_data" / "cases")
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "demo")
-    parser.add_argument("--dest", type=Path, default=REPO / "models" / "demo")
-    parser.add_argument("--ae-steps", type=int, default=1200)
-    parser.add_argument("--diffusion-steps", type=int, default=1500)
-    parser.add_argument("--controlnet-steps", type=int, default=1600)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--cases", type=Path, default=REPO / ".cache" / "sample_data" / "cases",
+                        help="sample cases, as tools/fetch_sample_data.py writes them")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "demo",
+                        help="prepared data, configs and every stage's run; finished stages resume from here")  # fmt: skip
+    parser.add_argument("--dest", type=Path, default=REPO / "models" / "demo",
+                        help="where the three checkpoints and manifest.json go")  # fmt: skip
+    parser.add_argument("--ae-steps", type=int, default=1200, help="VAE steps")
+    parser.add_argument("--diffusion-steps", type=int, default=1500, help="first UNet round")
+    parser.add_argument("--controlnet-steps", type=int, default=1600, help="first ControlNet round")
     parser.add_argument("--unet-restart-steps", type=int, default=1200, help="second UNet round (0: none)")
     parser.add_argument("--controlnet-restart-steps", type=int, default=800, help="second ControlNet round (0: none)")
     parser.add_argument("--controlnet-emphasis", type=emphasis_round, nargs="*", metavar="STEPS:WEIGHT",
                         default=[(400, 5.0), (400, 10.0), (400, 10.0)],
                         help="last ControlNet rounds, bone and pancreas weighted in the loss")  # fmt: skip
     # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things to raise
-    parser.add_argument("--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"))
+    parser.add_argument("--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"),
+                        help="VAE training patch, in voxels (multiples of 4)")  # fmt: skip
     parser.add_argument("--ae-batch", type=int, default=1, help="patches per autoencoder step")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="auto", choices=["auto", "off", "float16", "bfloat16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--amp", default="auto", choices=["auto", "off", "float16", "bfloat16"],
+                        help="mixed precision (CUDA only)")  # fmt: skip
     parser.add_argument("--ae-fine-copies", action="store_true",
                         help="the VAE also trains on the chest case at 0.7 x 0.7 x 5 and 0.7 x 0.7 x 2.5 mm")  # fmt: skip
     # a short GPU loan trains the VAE alone (its --work folder brought back); a later run resumes from there
