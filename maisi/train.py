@@ -27,7 +27,7 @@ from maisi.distributed import Ranks, finish, init_from_env
 from maisi.errors import InputError
 from maisi.networks import get_preset
 from maisi.training.loop import Stage, train
-from maisi.training.resume import comparable, config_differences, saved_run_config
+from maisi.training.resume import RESUMABLE_CHANGES, comparable, config_differences, saved_run_config
 from maisi.training.state import TrainState, check_fresh_output, load_train_state, save_train_state
 
 PROG = "maisi.train"
@@ -45,8 +45,8 @@ def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
     if state.config_sha256 == digest:
         return state
     saved = saved_run_config(config.output_dir, state.config, state.config_sha256)
-    refusal = f"--resume: {config.output_dir} was trained with another config; only the steps, the checkpoint, " \
-              "logging and validation settings, the output folder and the device may change when resuming"
+    may_change = ", ".join(f"$.{key}" for key in RESUMABLE_CHANGES)
+    refusal = f"--resume: {config.output_dir} was trained with another config; only {may_change} may change"
     if saved is None:
         raise InputError(f"{refusal} (its record of that config is gone)")
     changed = config_differences(saved, to_jsonable(config))

@@ -171,9 +171,10 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
         assert main(["controlnet", "--config", str(train_config(**changes, steps=1))]) == 0
         changes["optimizer"] = {"lr": 0.5}
         flags = ["--resume"]
-        fragment = "was trained with another config; only the steps, the checkpoint, logging and validation " \
-                   "settings, the output folder and the device may change when resuming. Changed: $.optimizer.lr: " \
-                   "0.0001 in the run, 0.5 now"
+        fragment = "was trained with another config; only $.steps, $.checkpoint_every, $.validate_every, " \
+                   "$.log_every, $.tensorboard, $.device, $.output_dir, $.autoencoder.val_method, " \
+                   "$.autoencoder.val_memory_budget_mb, $.autoencoder.val_roi_size may change. Changed: " \
+                   "$.optimizer.lr: 0.0001 in the run, 0.5 now"
     else:
         flags = ["--resume"]
         fragment = "holds no training state"
