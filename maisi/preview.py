@@ -1,4 +1,4 @@
-"""Preview pictures: three orthogonal mid-slices of a CT in a display window, as one PNG.
+"""Preview pictures: three orthogonal mid-slices of a CT, in a soft-tissue and a lung window, as one PNG.
 
 Slices are shown in the radiological convention (patient right on the image left, anterior / superior
 up) and resampled to square pixels so anisotropic volumes are not squashed. With a mask, the outline of
@@ -50,7 +50,7 @@ def montage(panels: list[np.ndarray]) -> np.ndarray:
     """Panels side by side, top-aligned, on a black background."""
     height = max(p.shape[0] for p in panels)
     width = sum(p.shape[1] for p in panels) + GAP * (len(panels) - 1)
-    canvas = np.zeros((height, width), dtype=np.uint8)
+    canvas = np.zeros((height, width, *panels[0].shape[2:]), dtype=np.uint8)
     col = 0
     for p in panels:
         canvas[: p.shape[0], col : col + p.shape[1]] = p
@@ -84,16 +84,70 @@ def overlay(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def write_preview(path: str | Path, ct: Volume, mask: Volume | None = None, level: float = 40.0,
-                  width: float = 400.0) -> Path:  # fmt: skip
-    """Write the three-plane preview of a CT (HU) as a PNG, atomically; with ``mask``, label outlines on top."""
-    panels = [window(p.astype(np.float32), level, width) for p in three_planes(ct)]
-    if mask is None:
-        picture = sitk.GetImageFromArray(montage(panels))
-    else:
-        coloured = [overlay(g, m) for g, m in zip(panels, three_planes(mask))]
-        channels = [montage([c[..., k] for c in coloured]) for k in range(3)]
-        picture = sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True)
+def resize_nearest(picture: np.ndarray, height: int) -> np.ndarray:
+    """Scale a (rows, cols[, channels]) picture to ``height`` rows, aspect kept, by nearest neighbour."""
+    factor = height / picture.shape[0]
+    rows = np.minimum((np.arange(height) / factor).astype(int), picture.shape[0] - 1)
+    cols = np.minimum((np.arange(round(picture.shape[1] * factor)) / factor).astype(int), picture.shape[1] - 1)
+    return picture[np.ix_(rows, cols)]
+
+
+def stack_rows(rows: list[np.ndarray], split: int | None = None) -> np.ndarray:
+    """Pictures top to bottom, left-aligned, ``GAP`` pixels apart; a grey line in the gap before row ``split``."""
+    height = sum(r.shape[0] for r in rows) + GAP * (len(rows) - 1)
+    canvas = np.zeros((height, max(r.shape[1] for r in rows), *rows[0].shape[2:]), dtype=np.uint8)
+    top = 0
+    for i, row in enumerate(rows):
+        if i and i == split:
+            canvas[top - GAP // 2 - 1, :] = 128
+        canvas[top : top + row.shape[0], : row.shape[1]] = row
+        top += row.shape[0] + GAP
+    return canvas
+
+
+def write_png(path: str | Path, picture: np.ndarray) -> Path:
+    """A uint8 picture, (rows, cols) grey or (rows, cols, 3) RGB, as PNG, atomically."""
+    image = sitk.GetImageFromArray(picture, isVector=picture.ndim == 3)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(picture, str(tmp))
+        sitk.WriteImage(image, str(tmp))
     return Path(path)
+
+
+# (name, level, width) in HU: soft tissue for organs, lung for parenchyma and lung lesions, which the
+# soft-tissue window shows as uniform black.
+PREVIEW_WINDOWS: tuple[tuple[str, float, float], ...] = (("soft tissue", 40.0, 400.0), ("lung", -600.0, 1500.0))
+MIN_ROW_HEIGHT = 256  # pixels; a 96-voxel demo volume would otherwise be a thumbnail
+
+
+def preview_picture(
+    ct: Volume,
+    mask: Volume | None = None,
+    windows: tuple[tuple[str, float, float], ...] = PREVIEW_WINDOWS,
+    min_row_height: int = MIN_ROW_HEIGHT,
+) -> np.ndarray:
+    """One row of three mid-planes per display window, enlarged by a whole factor to ``min_row_height``.
+
+    Returns:
+        (rows, cols) uint8 without ``mask``; (rows, cols, 3) RGB with the label outlines drawn on top.
+    """
+    planes = [p.astype(np.float32) for p in three_planes(ct)]
+    label_planes = three_planes(mask) if mask is not None else None
+    scale = max(1, -(-min_row_height // max(p.shape[0] for p in planes)))  # whole factor: crisp voxels
+    rows = []
+    for _, level, width in windows:
+        panels = [window(p, level, width) for p in planes]
+        if label_planes is not None:
+            panels = [overlay(g, m) for g, m in zip(panels, label_planes)]
+        row = montage(panels)
+        rows.append(np.repeat(np.repeat(row, scale, axis=0), scale, axis=1))
+    return stack_rows(rows)
+
+
+def write_preview(
+    path: str | Path,
+    ct: Volume,
+    mask: Volume | None = None,
+    windows: tuple[tuple[str, float, float], ...] = PREVIEW_WINDOWS,
+) -> Path:
+    """Write the preview of a CT (HU) as a PNG, atomically: see :func:`preview_picture`."""
+    return write_png(path, preview_picture(ct, mask, windows))

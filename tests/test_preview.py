@@ -9,7 +9,16 @@ import pytest
 import SimpleITK as sitk
 
 from maisi.data.io import Volume, read_volume
-from maisi.preview import GAP, montage, three_planes, window, write_preview
+from maisi.preview import (
+    GAP,
+    MIN_ROW_HEIGHT,
+    PREVIEW_WINDOWS,
+    montage,
+    preview_picture,
+    three_planes,
+    window,
+    write_preview,
+)
 
 DATA = Path(__file__).parent / "data"
 CHEST_NRRD = DATA / "slicerio_CTChest4.nrrd"  # 128x128x34 at 3.047x3.047x10 mm
@@ -41,23 +50,39 @@ def test_chest_preview_png_layout(tmp_path):
     assert out == tmp_path / "chest.png"
     picture = _read_png(out)
     assert picture.dtype == np.uint8
-    assert picture.shape == (max(p.shape[0] for p in panels), sum(p.shape[1] for p in panels) + 2 * GAP)
-    assert picture.shape == (128, 392)
-    # the PNG holds exactly the windowed panels, top-aligned, on black
-    expected = montage([window(p.astype(np.float32), 40, 400) for p in panels])
-    np.testing.assert_array_equal(picture, expected)
-    assert picture[112:, 128 + GAP :].max() == 0  # below the shorter coronal/sagittal panels
-    assert picture[:, 128 : 128 + GAP].max() == 0  # the gap
-    assert 0 < picture.mean() < 255  # something visible in the default soft-tissue window
+    # two rows (soft tissue, lung), each enlarged 2x to reach 256 rows, GAP pixels apart
+    row_height, row_width = 2 * 128, 2 * (128 * 3 + 2 * GAP)
+    assert picture.shape == (2 * row_height + GAP, row_width) == (516, 784)
+    for row, (_, level, width) in enumerate(PREVIEW_WINDOWS):
+        expected = montage([window(p.astype(np.float32), level, width) for p in panels])
+        top = row * (row_height + GAP)
+        np.testing.assert_array_equal(picture[top : top + row_height : 2, ::2], expected)
+        np.testing.assert_array_equal(picture[top + 1 : top + row_height : 2, 1::2], expected)  # crisp 2x2 blocks
+    assert picture[row_height : row_height + GAP].max() == 0  # the gap between the rows
     assert [p.name for p in tmp_path.iterdir()] == ["chest.png"]  # written atomically, nothing left over
 
 
-def test_preview_window_is_configurable(tmp_path):
+def test_lung_row_shows_what_the_soft_tissue_row_hides(tmp_path):
     ct = read_volume(CHEST_NRRD)
-    soft = _read_png(write_preview(tmp_path / "soft.png", ct))
-    lung = _read_png(write_preview(tmp_path / "lung.png", ct, level=-600, width=1500))
-    assert soft.shape == lung.shape
-    assert lung.mean() > soft.mean()  # lung parenchyma (about -850 HU) becomes visible
+    picture = _read_png(write_preview(tmp_path / "p.png", ct))
+    soft, lung = picture[:256], picture[256 + GAP :]
+    lungs = three_planes(ct)[0] < -700  # axial parenchyma, enlarged like the picture
+    lungs = np.repeat(np.repeat(lungs, 2, axis=0), 2, axis=1)
+    assert lungs.sum() > 1000
+    assert soft[:, :256][lungs].max() == 0  # one black area in the soft-tissue window
+    assert lung[:, :256][lungs].std() > 5  # texture in the lung window
+
+
+def test_preview_windows_are_configurable(tmp_path):
+    ct = read_volume(CHEST_NRRD)
+    one = _read_png(write_preview(tmp_path / "one.png", ct, windows=(("bone", 400.0, 1800.0),)))
+    assert one.shape == (256, 784)
+
+
+def test_small_volumes_are_enlarged_to_a_readable_size():
+    volume = Volume(np.zeros((40, 30, 20), np.float32), np.diag([3.5, 3.5, 5.0, 1.0]))
+    picture = preview_picture(volume)
+    assert picture.shape[0] >= 2 * MIN_ROW_HEIGHT
 
 
 # Synthetic RAS volume: x runs toward patient Right, y toward Anterior, z toward Superior (Volume convention).
@@ -122,9 +147,10 @@ def test_png_keeps_the_panel_orientation(tmp_path, block, panel):
     """Through the PNG file: the block lands where the panel put it (no flip or transpose when writing)."""
     volume = _block_volume(block)
     panels = three_planes(volume)
-    picture = _read_png(write_preview(tmp_path / "p.png", volume))
+    scale = -(-MIN_ROW_HEIGHT // max(p.shape[0] for p in panels))
+    picture = _read_png(write_preview(tmp_path / "p.png", volume, windows=(("wide", 0.0, 2000.0),)))
     offset = sum(p.shape[1] + GAP for p in panels[:panel])
-    top, bottom, left, right = _bright_box(picture)
+    top, bottom, left, right = _bright_box(picture[::scale, ::scale])
     expected = _bright_box(panels[panel])
     assert (top, bottom, left - offset, right - offset) == expected
     assert top == 0  # anterior / superior at the top of the picture
@@ -139,11 +165,11 @@ def test_preview_with_mask_draws_label_outlines_in_colour(tmp_path):
     out = write_preview(tmp_path / "overlay.png", ct, ct.with_array(labels))
     image = sitk.ReadImage(str(out))
     assert image.GetNumberOfComponentsPerPixel() == 3
-    rgb = sitk.GetArrayFromImage(image)  # (rows, cols, 3)
+    rgb = sitk.GetArrayFromImage(image)[::2, ::2]  # (rows, cols, 3), back to one pixel per panel pixel
     grey = montage([window(p.astype(np.float32), 40, 400) for p in three_planes(ct)])
-    assert rgb.shape == grey.shape + (3,)
-    coloured = np.any(rgb != grey[..., None], axis=-1)
+    assert rgb.shape[1:] == grey.shape[1:] + (3,)
+    coloured = np.any(rgb[:128] != grey[..., None], axis=-1)
     axial_edges = outline(three_planes(ct.with_array(labels))[0])
-    assert coloured[:128, :128].sum() == axial_edges.sum() > 0  # exactly the outline changed, nothing inside
+    assert coloured[:, :128].sum() == axial_edges.sum() > 0  # exactly the outline changed, nothing inside
     assert np.all(rgb[:128, :128][axial_edges] == label_colour(28))
     assert not np.array_equal(label_colour(28), label_colour(29))
