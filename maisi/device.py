@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
-
 import torch
 
 from maisi.errors import InputError
+from maisi.options import DeviceName, Precision
 
-DeviceName = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "float32", "float16", "bfloat16"]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -6,31 +6,16 @@ Schedulers come from ``monai.networks.schedulers``; this module only chooses and
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 from tqdm.auto import tqdm
 
 from maisi.device import autocast
 from maisi.errors import InputError
-from maisi.networks import NoiseSchedule
+from maisi.options import DEFAULT_STEPS, Sampler
+from maisi.presets import NoiseSchedule, check_sampler
 
-Sampler = Literal["ddpm", "ddim", "rflow"]
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "rflow": 30}
-COMPATIBLE_SAMPLERS: dict[str, tuple[Sampler, ...]] = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow",)}
-
-
-def check_sampler(schedule: NoiseSchedule, sampler: Sampler, num_steps: int) -> list[str]:
-    """Why ``sampler`` with ``num_steps`` cannot sample a UNet trained on ``schedule`` (empty if it can)."""
-    problems = []
-    if sampler not in COMPATIBLE_SAMPLERS[schedule.kind]:
-        problems.append(f"sampler '{sampler}' cannot sample a {schedule.kind}-trained UNet; "
-                        f"use one of {list(COMPATIBLE_SAMPLERS[schedule.kind])}")  # fmt: skip
-    if num_steps > schedule.num_train_timesteps:
-        problems.append(f"{num_steps} inference steps exceed the {schedule.num_train_timesteps} training timesteps")
-    return problems
-
+__all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_scheduler", "set_timesteps"]
 
 def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
     """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``."""

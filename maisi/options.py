@@ -1,0 +1,20 @@
+"""The named choices users make in configs and on command lines, as ``Literal`` types.
+
+Pure data (no torch, no MONAI) so the config layer and every ``--help`` can import it. The JSON schemas
+repeat these values as ``enum``s for the editor and the validator; ``tests/config`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "float32", "float16", "bfloat16"]
+Sampler = Literal["ddpm", "ddim", "rflow"]
+DecodeMethod = Literal["full", "sliding_window", "tiled"]
+BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]
+
+DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
+DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)
+BODY_REGIONS: tuple[BodyRegion, ...] = get_args(BodyRegion)
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "rflow": 30}  # inference steps per sampler
