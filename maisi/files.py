@@ -75,6 +75,7 @@ def install_verified(src: str | Path, dest: str | Path, sha256: str | None, size
     Raises:
         ChecksumMismatch: ``src`` is not the expected file.
     """
+    src = os.path.realpath(src)  # a cache entry may be a symlink; link its target, not the link
     with atomic_path(dest) as tmp:
         try:
             os.link(src, tmp)
