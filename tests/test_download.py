@@ -327,6 +327,7 @@ def test_over_long_body_is_cut_off_and_not_installed(hub, tmp_path, capsys):
     )
     assert not (dest / name).exists()
     sent = hub.requests("GET", name)[0]["sent"]
+    print(f"over-long body: {sent} bytes sent of {len(FILES[name]) + 200 * MiB} offered")
     assert sent < 60 * MiB  # stopped after about one 10 MiB chunk, not after the 200 MiB the host offered
     assert not [p for p in (tmp_path / "hf-cache").rglob("*") if p.is_file() and p.stat().st_size > MiB]
 
@@ -380,6 +381,12 @@ def test_offline_rerun_and_hf_hub_offline(hub, tmp_path, capsys, monkeypatch):
         fetch(f"http://127.0.0.1:{closed_port()}", dest) == 0
     )  # verified against pin and lock, host not needed
     assert capsys.readouterr().out.count("already present, verified") == 3
+
+    (
+        dest / TOFU[0]
+    ).unlink()  # host unreachable: huggingface_hub's cached copy, checked against the lock file
+    assert fetch(f"http://127.0.0.1:{closed_port()}", dest) == 0
+    assert f"{TOFU[0]}: downloaded" in capsys.readouterr().out
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (dest / TOFU[1]).unlink()

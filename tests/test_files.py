@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 
-from maisi.files import ChecksumMismatch, check_file, file_sha256, install_verified
+from maisi.errors import InputError
+from maisi.files import ChecksumMismatch, check_file, file_sha256, install_verified, require_free_space
 
 
 def test_check_file_checks_size_then_digest(tmp_path):
@@ -38,3 +40,11 @@ def test_install_verified_links_and_never_leaves_wrong_bytes(tmp_path):
     digest = install_verified(link, dest, hashlib.sha256(b"released weights").hexdigest(), 16)
     assert dest.read_bytes() == b"released weights" and digest == file_sha256(src)
     assert dest.stat().st_ino == src.stat().st_ino  # same file system: a hard link, no second copy
+
+
+def test_require_free_space_names_folder_and_sizes(tmp_path):
+    require_free_space(tmp_path, 1, "w.pt")
+    with pytest.raises(
+        InputError, match=re.escape(f"not enough space in {tmp_path}: w.pt needs {10**30} bytes")
+    ):
+        require_free_space(tmp_path, 10**30, "w.pt")
