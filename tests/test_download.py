@@ -370,6 +370,14 @@ def test_token_is_sent_to_huggingface_only(hub, tmp_path, monkeypatch):
     assert download.token_for("https://hf-mirror.com") is False
 
 
+def test_hf_endpoint_is_the_default_base_url(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", hub.base_url)
+    args = ["--variant", "rflow-ct", "--dest", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    assert "3 downloaded" in capsys.readouterr().out and hub.requests("HEAD", PINNED, "hub")
+    assert_installed(tmp_path / "d")
+
+
 # ---------------------------------------------------------------- offline, the user's to fix, the network's
 
 
