@@ -177,6 +177,7 @@ def hermetic(monkeypatch) -> None:
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setattr(download.constants, "HF_HUB_OFFLINE", False)  # huggingface_hub read it when imported
     manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
     data = FILES[PINNED]
     manifest["pins"] = {
