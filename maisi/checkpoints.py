@@ -13,7 +13,6 @@ Released MAISI layouts (read-only): a plain VAE state_dict; ``{"unet_state_dict"
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import pickle
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
+from maisi.files import file_sha256  # noqa: F401 - re-exported: callers import it from here
 from maisi.networks import Part, Preset, RuntimeOptions, architecture_of, build_network
 
 FORMAT = "maisi-checkpoint"
@@ -45,20 +45,6 @@ class Weights:
     scale_factor: float | None
     preset: str | None  # ours only
     architecture: dict[str, Any] | None  # ours only
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, streamed; of a folder (a DICOM series), over its files' names and contents."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            h.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -1,71 +1,75 @@
-"""``python -m maisi.download``: fetch the released MAISI CT weights into ``models/maisi``.
+"""``python -m maisi.download``: fetch the released MAISI CT weights into ``models/maisi``, verified.
 
-    python -m maisi.download --variant rflow-ct --dest models/maisi [--base-url URL] [--force] [-v]
+    python -m maisi.download --variant rflow-ct --dest models/maisi [--base-url URL] [--cache-dir DIR]
+        [--force] [--allow-unverified] [-v]
 
-What each variant needs is listed in ``maisi/resources/released_weights.json`` (Hugging Face repo, path, sha256,
-size); a file is served at ``{base_url}/{repo}/resolve/main/{path}`` and saved flat in ``--dest`` under its base
-name, where ``configs/inference_maisi_*_ct.json`` look for it.
+Transfers are huggingface_hub's ``hf_hub_download``: its cache (``--cache-dir``, default the Hugging Face cache),
+its in-run retry and resume of a broken transfer, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` (the default ``--base-url``)
+and its token (``HF_TOKEN`` or ``hf auth login``), which is sent to huggingface.co only, never to a mirror.
+The files of a variant (``maisi/resources/released_weights.json``) are saved flat in ``--dest``.
 
-Verification: against the manifest's sha256 when it pins one, otherwise against the SHA-256 the host announces
-(Hugging Face: ``X-Linked-Etag``/``X-Linked-Size`` on its redirect of an LFS file; else an ``ETag`` that is 64 hex
-digits). With neither, the file is refused unless ``--allow-unverified``. The bytes go to ``NAME.part`` (resumed
-with a ``Range`` request on the next run), are hashed, and only a verified file is renamed (atomically) to
-``NAME``; a ``NAME.sha256`` sidecar (``sha256sum -c`` format) then lets later runs skip it. ``--force`` fetches
-everything again.
-
-Environment: ``HF_ENDPOINT`` is the default ``--base-url`` (a mirror); ``HF_TOKEN`` is sent to huggingface.co only
-(gated repositories); ``https_proxy``/``no_proxy`` are honoured by urllib.
+Trust. Every file is checked against a SHA-256 before it appears in ``--dest`` (hard link or copy from the cache to a
+temporary name, hashed, renamed) and again, by hashing its bytes, each time a later run reuses it:
+  - a pin in the manifest (sha256 + size, with its source) when a published record of the file exists; then the
+    host does not matter, plain http included;
+  - otherwise the lock file ``<dest>/maisi-weights.lock.json``: on first download the SHA-256 the hub announces
+    for the LFS file (``X-Linked-Etag``) is accepted, only over HTTPS or from a loopback host, and recorded;
+    later runs and reuses must match it (trust on first use). A host that later announces another hash is refused.
+With no hash at all (a non-LFS file) the file is refused unless ``--allow-unverified`` (its computed hash is then
+recorded). The transfer stops once the body passes the expected size (see :func:`_bounded_bar`).
 
 Exit codes (the :mod:`maisi.cli` contract):
-  0  every file of the variant is present and verified (downloaded now or skipped as already there)
-  2  something you must fix (InputError): a bad ``--variant`` (argparse), a ``--dest`` that cannot be written or
-     lacks the space, a file the host does not have (HTTP 404: check ``--base-url``) or refuses (401/403: accept
-     the licence on the model page, set ``HF_TOKEN``), no checksum to verify against (``--allow-unverified``)
-  1  a runtime failure, worth retrying (RunFailure): the host cannot be reached or times out, a server error,
-     an interrupted transfer (the ``.part`` is kept: run again to resume), a checksum mismatch (the corrupt
-     download is deleted: run again)
-Files are fetched one after the other; a failure does not stop the others, except an unreachable host (the rest
-would fail the same way). With several failures the exit code is 2 only if all of them are of the exit-2 kind.
+  0  every file of the variant is in ``--dest`` and verified (downloaded now or already there)
+  2  something you must fix (InputError): ``--dest``/``--cache-dir`` not writable or too small, a plain-http
+     ``--base-url`` that would have to supply a checksum, a file the host does not have (404: check
+     ``--base-url``) or refuses (401/403: accept the licence, log in), no checksum without ``--allow-unverified``,
+     ``HF_HUB_OFFLINE`` set and a file neither in ``--dest`` nor in the cache, an unreadable lock file
+  1  a runtime failure, worth retrying (RunFailure): the host cannot be reached (the other files are not tried),
+     a server error, a broken transfer, a body longer than expected, a checksum mismatch (the download is deleted),
+     a host that now serves another file than the pin or the lock file says
+With several failures the exit code is 2 only if all of them are of the exit-2 kind.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import datetime as _dt
+import ipaddress
+import json
 import logging
 import os
 import re
-import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
-from tqdm import tqdm
+import httpx2
+from huggingface_hub import (
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from tqdm.auto import tqdm
 
 import maisi
-from maisi.atomic import atomic_path
-from maisi.checkpoints import file_sha256
+from maisi.atomic import write_json
 from maisi.cli import EXIT_OK, run_guarded, setup_logging
 from maisi.errors import InputError, RunFailure
+from maisi.files import ChecksumMismatch, check_file, install_verified, require_free_space
 from maisi.resources import load_json
 
 PROG = "maisi.download"
 MANIFEST = "released_weights.json"
+LOCK_NAME = "maisi-weights.lock.json"
 DEFAULT_BASE_URL = "https://huggingface.co"
-URL_TEMPLATE = "{base_url}/{repo}/resolve/main/{path}"
-CHUNK = 1 << 20
-TIMEOUT_S = 60.0  # per socket operation, not per file
-MAX_REDIRECTS = 5
+HUB_HOSTS = ("huggingface.co", "hf.co")  # the only hosts that get the user's token
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_REDIRECTS = (301, 302, 303, 307, 308)
-# Errors of a connection: URLError (incl. HTTPError) when opening; the rest also while the bytes flow (reset,
-# timed out, cut short). Disk errors (OSError of our own writes) are not among them: they keep their traceback.
-_NET_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +78,37 @@ class HostUnreachable(RunFailure):
     """The host could not be reached at all; the remaining files are not tried."""
 
 
+class BodyTooLong(RunFailure):
+    """The host sent more bytes than the file may have; the transfer was stopped."""
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """One file of a variant, as the manifest lists it."""
 
     repo: str
     path: str
-    sha256: str | None
-    size: int | None
 
     @property
     def name(self) -> str:
         return PurePosixPath(self.path).name
 
-    def url(self, base_url: str) -> str:
-        return URL_TEMPLATE.format(base_url=base_url.rstrip("/"), repo=self.repo, path=self.path)
+    @property
+    def key(self) -> str:
+        return f"{self.repo}/{self.path}"
+
+    def url(self, base_url: str, revision: str = "main") -> str:
+        return hf_hub_url(self.repo, self.path, revision=revision, endpoint=base_url.rstrip("/"))
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What the downloaded bytes must be; ``None`` where neither the manifest nor the host says."""
+    """What the file's bytes must be, and who says so (shown in messages)."""
 
-    sha256: str | None
+    sha256: str
     size: int | None
+    source: str
+    pinned: bool = False  # True: the manifest's pin; False: the lock file or the host (trust on first use)
 
 
 @dataclass
@@ -107,7 +119,7 @@ class Summary:
     not_tried: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------- manifest
+# ---------------------------------------------------------------- manifest and lock file
 
 
 def load_manifest() -> dict[str, Any]:
@@ -116,286 +128,358 @@ def load_manifest() -> dict[str, Any]:
 
 
 def variant_files(manifest: dict[str, Any], variant: str) -> list[RemoteFile]:
-    """The files of ``variant``; a malformed manifest is a packaging bug, hence ValueError (exit 1)."""
-    entries = manifest["variants"][variant]["files"]
-    files = [RemoteFile(f["repo"], f["path"], f.get("sha256"), f.get("size")) for f in entries]
-    for f in files:
-        if f.sha256 is not None and not _HEX64.fullmatch(f.sha256):
-            raise ValueError(f"{MANIFEST}: {f.path}: sha256 must be 64 lower-case hex digits or null, got {f.sha256!r}")
-        if f.size is not None and (not isinstance(f.size, int) or f.size <= 0):
-            raise ValueError(f"{MANIFEST}: {f.path}: size must be a positive integer or null, got {f.size!r}")
-    return files
+    return [RemoteFile(f["repo"], f["path"]) for f in manifest["variants"][variant]["files"]]
 
 
-# ---------------------------------------------------------------- HTTP
+def manifest_pins(manifest: dict[str, Any]) -> dict[str, Expected]:
+    """``repo/path`` -> pin; a malformed pin is a packaging bug, hence ValueError (exit 1)."""
+    pins = {}
+    for key, pin in manifest.get("pins", {}).items():
+        sha, size = pin.get("sha256"), pin.get("size")
+        if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+            raise ValueError(f"{MANIFEST}: pin {key}: sha256 must be 64 lower-case hex digits, got {sha!r}")
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            raise ValueError(f"{MANIFEST}: pin {key}: size must be a positive integer or null, got {size!r}")
+        pins[key] = Expected(sha, size, f"the SHA-256 pinned in {MANIFEST}", pinned=True)
+    return pins
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Hugging Face answers an LFS file with a 302 to its CDN and puts the checksum on that 302, so read it there."""
+class Lock:
+    """``<dest>/maisi-weights.lock.json``: hashes accepted on first download (trust on first use)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
-        return None  # urllib then raises HTTPError carrying the 3xx headers
-
-
-def _request(url: str, method: str = "GET", range_from: int = 0) -> urllib.request.Request:
-    req = urllib.request.Request(url, method=method, headers={"User-Agent": f"maisi-download/{maisi.__version__}"})
-    if range_from:
-        req.add_header("Range", f"bytes={range_from}-")  # kept across redirects by urllib
-    token, host = os.environ.get("HF_TOKEN"), urlsplit(url).hostname or ""
-    if token and (host == "huggingface.co" or host.endswith(".huggingface.co")):
-        req.add_unredirected_header("Authorization", f"Bearer {token}")  # never forwarded to the CDN or a mirror
-    return req
-
-
-def _sha_from_etag(value: str | None) -> str | None:
-    """``"<64 hex>"`` (possibly weak, ``W/"..."``) -> the hex digest; anything else (a git SHA-1) -> None."""
-    if not value:
-        return None
-    value = value.strip().removeprefix("W/").strip('"').lower()
-    return value if _HEX64.fullmatch(value) else None
-
-
-def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value and value.strip().isdigit() else None
-
-
-def _announced(headers: Any, final: bool) -> Expected:
-    """Checksum and size a response announces; Content-Length only counts on the final (non-redirect) answer."""
-    sha = _sha_from_etag(headers.get("X-Linked-Etag")) or _sha_from_etag(headers.get("ETag"))
-    size = _int_or_none(headers.get("X-Linked-Size"))
-    if size is None and final:
-        size = _int_or_none(headers.get("Content-Length"))
-    return Expected(sha, size)
-
-
-def probe(url: str) -> Expected:
-    """HEAD ``url`` hop by hop and return what the host announces about the file (HTTPError/URLError pass up)."""
-    opener = urllib.request.build_opener(_NoRedirect)
-    for _ in range(MAX_REDIRECTS):
+    def __init__(self, dest: Path):
+        self.path = dest / LOCK_NAME
+        self.files: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return
         try:
-            with opener.open(_request(url, "HEAD"), timeout=TIMEOUT_S) as resp:
-                log.debug("HEAD %s -> %s %s", url, resp.status, dict(resp.headers))
-                return _announced(resp.headers, final=True)
-        except urllib.error.HTTPError as err:
-            if err.code not in _REDIRECTS or not err.headers.get("Location"):
-                raise
-            err.close()
-            log.debug("HEAD %s -> %s %s", url, err.code, dict(err.headers))
-            found = _announced(err.headers, final=False)
-            if found.sha256:
-                return found
-            url = urljoin(url, err.headers["Location"])  # a renamed repo: follow
-    raise RunFailure(f"more than {MAX_REDIRECTS} redirects from {url}")
+            self.files = dict(json.loads(self.path.read_text())["files"])
+            bad = [k for k, v in self.files.items() if not _HEX64.fullmatch(str(v.get("sha256")))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InputError(
+                f"cannot read the lock file {self.path} ({err}); restore it, or delete it to accept "
+                "the hashes the host announces again (trust on first use)"
+            ) from None
+        if bad:
+            raise InputError(f"{self.path}: no valid sha256 for {', '.join(bad)}; fix or delete that entry")
+
+    def expected(self, file: RemoteFile) -> Expected | None:
+        entry = self.files.get(file.key)
+        if entry is None:
+            return None
+        return Expected(
+            entry["sha256"],
+            entry.get("size"),
+            f"the SHA-256 recorded in {self.path} on {entry.get('recorded')}",
+        )
+
+    def record(self, file: RemoteFile, sha256: str, size: int, revision: str | None, source: str) -> None:
+        """Add ``file``'s hash and rewrite the lock file atomically."""
+        self.files[file.key] = {
+            "sha256": sha256,
+            "size": size,
+            "revision": revision,
+            "source": source,
+            "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        note = (
+            "Written by python -m maisi.download: SHA-256 of released weights that no pin in its manifest covers, "
+            "accepted on first download (trust on first use). Every later run verifies against it; delete an "
+            "entry only when you trust a new version of that file."
+        )
+        write_json(
+            self.path, {"_comment": note, "format_version": 1, "files": dict(sorted(self.files.items()))}
+        )
 
 
-def _explain(err: Exception, url: str, file: RemoteFile, dest: Path) -> InputError | RunFailure:
+# ---------------------------------------------------------------- who may say what
+
+
+def is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False
+
+
+def may_announce_hash(base_url: str) -> bool:
+    """A hash the host announces is taken only over HTTPS, or from this machine (the tests' fake hub)."""
+    return urlsplit(base_url).scheme == "https" or is_loopback(base_url)
+
+
+def token_for(base_url: str) -> bool | None:
+    """None: huggingface_hub sends the user's token (HF_TOKEN, hf auth login); False: no token, to a mirror."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    return None if any(host == h or host.endswith("." + h) for h in HUB_HOSTS) else False
+
+
+def offline_mode() -> bool:
+    """``HF_HUB_OFFLINE``, read now (huggingface_hub reads it once, when imported)."""
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return constants.HF_HUB_OFFLINE or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+# ---------------------------------------------------------------- the host
+
+
+@dataclass(frozen=True)
+class Announced:
+    sha256: str | None  # None: no SHA-256 (a non-LFS file's ETag is a git SHA-1)
+    size: int | None
+    revision: str | None  # the commit the host resolved "main" to
+
+
+def announce(file: RemoteFile, base_url: str) -> Announced:
+    """What the host says about ``file`` (a HEAD of the resolve URL; network and HTTP errors pass up)."""
+    meta = get_hf_file_metadata(file.url(base_url), token=token_for(base_url), endpoint=base_url.rstrip("/"))
+    etag = (meta.etag or "").lower()
+    return Announced(etag if _HEX64.fullmatch(etag) else None, meta.size, meta.commit_hash)
+
+
+def _explain(err: Exception, file: RemoteFile, base_url: str, dest: Path) -> InputError | RunFailure:
     """A network or HTTP error as one line saying what happened and what to do."""
+    url = file.url(base_url)
     by_hand = f"download {file.name} by hand from {file.url(DEFAULT_BASE_URL)} and put it in {dest}"
-    if isinstance(err, urllib.error.HTTPError):
-        err.close()  # it holds the response's socket
-        what = f"{url} answered HTTP {err.code} {err.reason}"
-        if err.code == 404:
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        what = f"{url} answered HTTP {err.response.status_code}"
+        if err.response.status_code == 404:
             return InputError(f"{what}: the file is not there; check --base-url, or {by_hand}")
-        if err.code in (401, 403):
-            return InputError(f"{what}: the repository may be gated; accept its licence on the model page and set "
-                              f"HF_TOKEN, or {by_hand}")  # fmt: skip
+        if err.response.status_code in (401, 403):
+            return InputError(
+                f"{what}: the repository may be gated; accept its licence on the model page and log "
+                f"in (HF_TOKEN or hf auth login), or {by_hand}"
+            )
         return RunFailure(f"{what}; try again later, or {by_hand}")
-    reason = err.reason if isinstance(err, urllib.error.URLError) else err
     folder = PurePosixPath(file.path).parent
-    page = f"{DEFAULT_BASE_URL}/{file.repo}/tree/main/{folder}" if str(folder) != "." else file.url(DEFAULT_BASE_URL)
-    return HostUnreachable(f"cannot reach {urlsplit(url).netloc} ({url}: {reason}); check your connection or "
-                           f"proxy, or download the files by hand from {page} and put them in {dest}")  # fmt: skip
+    page = f"{DEFAULT_BASE_URL}/{file.repo}/tree/main/{folder}"
+    return HostUnreachable(
+        f"cannot reach {urlsplit(url).netloc} ({url}: {err}); check your connection or proxy, "
+        f"or download the files by hand from {page} and put them in {dest}"
+    )
 
 
-# ---------------------------------------------------------------- local files
+def _bounded_bar(name: str, limit: int | None) -> type[tqdm]:
+    """A progress-bar class for ``hf_hub_download(tqdm_class=...)`` that ends the transfer past ``limit`` bytes.
+
+    Why a progress bar: huggingface_hub's plain-HTTP download (``http_get``) compares the size only after reading
+    the whole body, but it reports every chunk it reads (``DOWNLOAD_CHUNK_SIZE``, 10 MiB) to its bar before writing
+    it. Raising here stops the read at ``limit`` plus at most one chunk; the chunk is not written and
+    huggingface_hub deletes its temporary file. Xet downloads (bars made with a ``bar_format``) are left alone:
+    hf_xet rebuilds the file from content-hashed chunks, so no server-chosen body length is involved.
+    """
+
+    class Bounded(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            self._bounded = limit is not None and "bar_format" not in kwargs
+            self._received = int(kwargs.get("initial") or 0)
+            kwargs.setdefault("disable", None)  # no bar when not on a terminal
+            kwargs["leave"] = False
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._received += int(n or 0)
+            if self._bounded and self._received > limit:
+                raise BodyTooLong(
+                    f"{name}: the host sent more than the {limit} bytes the file has; stopped reading "
+                    "and discarded the download"
+                )
+            return super().update(n)
+
+    return Bounded
 
 
-def prepare_dest(dest: str | Path) -> Path:
-    """Create ``dest`` and prove it writable now, not after a 2 GB transfer."""
-    dest = Path(dest)
+# ---------------------------------------------------------------- one file
+
+
+@dataclass
+class Job:
+    """What every file of a run shares."""
+
+    dest: Path
+    base_url: str
+    cache_dir: Path
+    force: bool
+    allow_unverified: bool
+    offline: bool
+    pins: dict[str, Expected]
+    lock: Lock
+
+    def expected(self, file: RemoteFile) -> Expected | None:
+        return self.pins.get(file.key) or self.lock.expected(file)
+
+
+def verified_copy(final: Path, expected: Expected) -> str | None:
+    """Why ``final`` need not be fetched (its bytes hash to ``expected``), or None after saying why not."""
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=dest, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise InputError(f"cannot write to --dest {dest}: {err.strerror or err}; choose another folder") from None
-    return dest
-
-
-def _sidecar(final: Path) -> Path:
-    return final.with_name(final.name + ".sha256")
-
-
-def _read_sidecar(path: Path) -> str | None:
-    try:
-        words = path.read_text().split()
-    except OSError:
+        check_file(final, expected.sha256, expected.size)
+    except ChecksumMismatch as err:
+        print(
+            f"{final.name}: present, but its {err.what} {err.actual} is not {expected.source} ({err.expected}); "
+            "downloading it again"
+        )
         return None
-    return words[0].lower() if words and _HEX64.fullmatch(words[0].lower()) else None
+    return f"already present, verified against {expected.source}"
 
 
-def _write_sidecar(final: Path, sha: str) -> None:
-    with atomic_path(_sidecar(final)) as tmp:
-        tmp.write_text(f"{sha}  {final.name}\n")  # `sha256sum -c NAME.sha256` checks it
-
-
-def already_present(final: Path, expected: Expected) -> str | None:
-    """Why ``final`` need not be fetched again, or None. A sidecar vouches for an earlier verification."""
-    if not final.is_file() or (expected.size is not None and final.stat().st_size != expected.size):
+def _contradiction(file: RemoteFile, url: str, expected: Expected, announced: Announced) -> RunFailure | None:
+    """The host now announces other bytes than the pin or the lock file: refuse before downloading."""
+    if announced.sha256 in (None, expected.sha256) and announced.size in (None, expected.size):
         return None
-    recorded = _read_sidecar(_sidecar(final))
-    if recorded is not None and expected.sha256 in (None, recorded):
-        return "already present, verified"
-    if recorded is None and expected.sha256 is not None and file_sha256(final) == expected.sha256:
-        _write_sidecar(final, expected.sha256)  # put there by hand: hashed once, trusted from now on
-        return "already present, verified (checksum computed)"
-    return None
+    if expected.pinned:
+        advice = f"update {MANIFEST} once you trust the new file"
+    else:
+        advice = "if you trust the new file, delete its entry from the lock file and run again"
+    return RunFailure(
+        f"{url} now serves a different {file.name} (sha256 {announced.sha256}, {announced.size} bytes) "
+        f"than {expected.source} ({expected.sha256}, {expected.size} bytes); {advice}"
+    )
 
 
-def _check_space(dest: Path, part: Path, expected: Expected) -> None:
-    if expected.size is None:
-        return
-    needed = expected.size - (part.stat().st_size if part.exists() else 0)
-    free = shutil.disk_usage(dest).free
-    if needed > free:
-        raise InputError(f"not enough space in {dest}: {part.name.removesuffix('.part')} needs {needed} more bytes, "
-                         f"{free} free")  # fmt: skip
+def _check_space(job: Job, file: RemoteFile, size: int) -> None:
+    """Refuse a transfer the cache (and --dest, when a hard link is impossible) cannot hold."""
+    require_free_space(job.cache_dir, size, f"{file.name} (in the download cache)")
+    if os.stat(job.cache_dir).st_dev != os.stat(job.dest).st_dev:
+        require_free_space(job.dest, size, file.name)
 
 
-# ---------------------------------------------------------------- transfer
-
-
-def _open_from(url: str, part: Path) -> tuple[http.client.HTTPResponse, str]:
-    """GET ``url`` resuming after the bytes of ``part``; returns the response and the file mode to write with."""
-    offset = part.stat().st_size if part.exists() else 0
+def download(job: Job, file: RemoteFile, limit: int | None, local_only: bool) -> Path:
+    """The file in huggingface_hub's cache, fetched unless cached (errors become InputError/RunFailure)."""
     try:
-        resp = urllib.request.urlopen(_request(url, range_from=offset), timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as err:
-        if err.code != 416 or not offset:
-            raise
-        err.close()
-        print(f"{part.name}: the host refused to resume at byte {offset}; starting again from zero")
-        part.unlink()  # longer than the file: not a prefix of it
-        return urllib.request.urlopen(_request(url), timeout=TIMEOUT_S), "wb"
-    name = part.name.removesuffix(".part")
-    if resp.status == 206:
-        if offset and _range_start(resp) == offset:
-            print(f"{name}: resuming at byte {offset}")
-            return resp, "ab"
-        resp.close()  # a range we did not ask for: useless, and the .part may not be a prefix either
-        part.unlink(missing_ok=True)
-        raise RunFailure(f"{url} answered a partial response that does not continue {part.name}; run again")
-    if offset:
-        print(f"{name}: the host ignored the resume request; starting again from zero")
-    return resp, "wb"
+        path = hf_hub_download(
+            file.repo,
+            file.path,
+            cache_dir=job.cache_dir,
+            endpoint=job.base_url.rstrip("/"),
+            token=token_for(job.base_url),
+            force_download=job.force and not local_only,
+            local_files_only=local_only,
+            library_name="maisi",
+            library_version=maisi.__version__,
+            tqdm_class=_bounded_bar(file.name, limit),
+        )
+    except LocalEntryNotFoundError as err:
+        if local_only:
+            raise  # the caller knows why it was local only
+        raise RunFailure(f"{file.name}: {err} (is --base-url {job.base_url} a Hugging Face Hub?)") from None
+    except HfHubHTTPError as err:
+        raise _explain(err, file, job.base_url, job.dest) from None
+    except (httpx2.TransportError, OSError) as err:  # the transfer broke off after huggingface_hub's retries
+        raise RunFailure(f"{file.name}: transfer failed ({err}); nothing was kept, run again") from None
+    return Path(path)
 
 
-def _range_start(resp: http.client.HTTPResponse) -> int | None:
-    match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
+def install(blob: Path, final: Path, expected: Expected | None) -> str:
+    """Verify the cached ``blob`` into ``final``; a wrong blob is deleted from the cache (ChecksumMismatch)."""
+    try:
+        return install_verified(
+            blob, final, expected.sha256 if expected else None, expected.size if expected else None
+        )
+    except ChecksumMismatch:
+        Path(os.path.realpath(blob)).unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+        raise
 
 
-def fetch_to_part(url: str, part: Path, expected: Expected) -> None:
-    """Stream ``url`` into ``part`` (appending when the host resumes); the .part survives an interruption."""
-    if expected.size is not None and part.exists() and part.stat().st_size >= expected.size:
-        if part.stat().st_size == expected.size:
-            return  # complete already (an earlier run stopped before verifying)
-        part.unlink()
-    resp, mode = _open_from(url, part)
-    with resp, open(part, mode) as out:
-        start = out.tell()
-        length = _int_or_none(resp.headers.get("Content-Length"))
-        total = expected.size if expected.size is not None else (start + length if length is not None else None)
-        name = part.name.removesuffix(".part")
-        with tqdm(total=total, initial=start, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
-                  disable=None, leave=False) as bar:  # fmt: skip
-            while block := resp.read(CHUNK):
-                out.write(block)
-                bar.update(len(block))
-    if length is not None and part.stat().st_size < start + length:
-        raise http.client.IncompleteRead(b"", start + length - part.stat().st_size)
+def _mismatch(final: Path, expected: Expected, err: ChecksumMismatch) -> RunFailure:
+    return RunFailure(
+        f"checksum mismatch for {final.name}: expected {err.what} {err.expected} ({expected.source}), "
+        f"got {err.actual} (corrupted transfer or a changed file on the host); the download was "
+        "deleted, run again"
+    )
 
 
-def verify(part: Path, name: str, expected: Expected) -> str:
-    """SHA-256 of the finished ``part``; a wrong size or checksum raises RunFailure (exit 1)."""
-    size = part.stat().st_size
-    if expected.size is not None and size < expected.size:
-        raise RunFailure(f"{name}: transfer ended at {size} of {expected.size} bytes; run again to resume")
-    if expected.size is not None and size > expected.size:
-        part.unlink()
-        raise RunFailure(f"{name}: got {size} bytes, the host announced {expected.size}; deleted it, run again")
-    got = file_sha256(part)
-    if expected.sha256 is not None and got != expected.sha256:
-        part.unlink()
-        raise RunFailure(f"checksum mismatch for {name}: expected sha256 {expected.sha256}, got {got} (corrupted "
-                         "transfer or a changed file on the host); the download was deleted, run again")  # fmt: skip
-    return got
+def _ask_host(
+    file: RemoteFile, job: Job, expected: Expected | None
+) -> tuple[Announced | None, Exception | None]:
+    """What the host announces (None offline), or why it could not be asked while a cached copy may still do."""
+    if job.offline:
+        return None, None
+    try:
+        announced = announce(file, job.base_url)
+    except HfHubHTTPError as err:
+        raise _explain(err, file, job.base_url, job.dest) from None
+    except httpx2.TransportError as err:
+        if expected is None:  # nothing to verify a cached copy against
+            raise _explain(err, file, job.base_url, job.dest) from None
+        return None, err
+    if expected is not None and (
+        refusal := _contradiction(file, file.url(job.base_url), expected, announced)
+    ):
+        raise refusal
+    return announced, None
 
 
-def install(part: Path, final: Path, sha: str) -> None:
-    """Rename the verified ``part`` onto ``final``; the sidecar comes last, so it never vouches for other bytes."""
-    _sidecar(final).unlink(missing_ok=True)
-    os.replace(part, final)
-    _write_sidecar(final, sha)
+def _fetch_and_install(
+    file: RemoteFile, job: Job, expected: Expected | None, limit: int | None, unreachable: Exception | None
+) -> str:
+    """Through huggingface_hub's cache into ``--dest``, verified; returns the SHA-256 installed."""
+    final, local_only = job.dest / file.name, job.offline or unreachable is not None
+    cached = not job.force and isinstance(
+        try_to_load_from_cache(file.repo, file.path, cache_dir=job.cache_dir), str
+    )
+    if not local_only and not cached and limit is not None:
+        _check_space(job, file, limit)
+    try:
+        return install(download(job, file, limit, local_only), final, expected)
+    except LocalEntryNotFoundError:
+        if unreachable is not None:
+            raise _explain(unreachable, file, job.base_url, job.dest) from None
+        raise InputError(
+            f"HF_HUB_OFFLINE is set and {file.name} is neither in {job.dest} nor in the download cache "
+            f"{job.cache_dir}; unset HF_HUB_OFFLINE, or download it by hand from "
+            f"{file.url(DEFAULT_BASE_URL)} and put it in {job.dest}"
+        ) from None
+    except ChecksumMismatch as err:
+        if not cached or local_only:
+            raise _mismatch(final, expected, err) from None
+        # The cached copy was damaged (it may be a hard link of a --dest file changed in place): fetch it anew.
+        print(
+            f"{file.name}: the copy in the download cache is damaged ({err.what} {err.actual}); fetching it again"
+        )
+    try:
+        return install(download(job, file, limit, local_only), final, expected)
+    except ChecksumMismatch as err:
+        raise _mismatch(final, expected, err) from None
 
 
-# ---------------------------------------------------------------- one file, a variant
-
-
-def expected_for(file: RemoteFile, url: str) -> Expected:
-    """The manifest's pins, completed by what the host announces; a pin the host contradicts is an error."""
-    if file.sha256 is not None and file.size is not None:
-        return Expected(file.sha256, file.size)
-    announced = probe(url)
-    if file.sha256 is not None and announced.sha256 not in (None, file.sha256):
-        raise RunFailure(f"{url} now serves a different {file.name} (sha256 {announced.sha256}) than the manifest "
-                         f"pins ({file.sha256}); update {MANIFEST} once you trust the new file")  # fmt: skip
-    return Expected(file.sha256 or announced.sha256, file.size if file.size is not None else announced.size)
-
-
-def fetch_one(file: RemoteFile, dest: Path, base_url: str, force: bool, allow_unverified: bool) -> str:
+def fetch_one(file: RemoteFile, job: Job) -> str:
     """Make ``dest/NAME`` the verified file; returns "downloaded" or why it was skipped."""
-    url, final = file.url(base_url), dest / file.name
-    part = final.with_name(final.name + ".part")
-    try:
-        expected = expected_for(file, url)
-    except _NET_ERRORS as err:
-        offline = _offline_skip(final, file)
-        if offline and not force and not isinstance(err, urllib.error.HTTPError):
-            return offline
-        raise _explain(err, url, file, dest) from None
-    if force:
-        part.unlink(missing_ok=True)
-    elif reason := already_present(final, expected):
+    final, expected = job.dest / file.name, job.expected(file)
+    if not job.force and final.is_file() and expected and (reason := verified_copy(final, expected)):
         return reason
-    if expected.sha256 is None and not allow_unverified:
-        raise InputError(f"no checksum for {file.name}: {MANIFEST} pins none and {url} announced none; "
-                         "pass --allow-unverified to accept the file unverified")  # fmt: skip
-    _check_space(dest, part, expected)
-    try:
-        fetch_to_part(url, part, expected)
-    except urllib.error.URLError as err:  # HTTPError included: no bytes came
-        raise _explain(err, url, file, dest) from None
-    except _NET_ERRORS as err:  # the host answered, then the transfer broke off
-        got = part.stat().st_size if part.exists() else 0
-        raise RunFailure(f"{file.name}: transfer interrupted at {got} bytes ({err!r}); run again to resume") from None
-    install(part, final, verify(part, file.name, expected))
+    announced, unreachable = _ask_host(file, job, expected)
+    first_use = expected is None and announced is not None and announced.sha256 is not None
+    if first_use:  # trust on first use: only from HTTPS or loopback hosts (check_transport)
+        source = f"the SHA-256 {urlsplit(job.base_url).netloc} announced (X-Linked-Etag)"
+        expected = Expected(announced.sha256, announced.size, source)
+        if not job.force and final.is_file() and (reason := verified_copy(final, expected)):
+            job.lock.record(file, expected.sha256, final.stat().st_size, announced.revision, source)
+            return f"{reason}, recorded in {LOCK_NAME}"
+    if expected is None and not job.allow_unverified:
+        where = f"{file.url(job.base_url)} announced none" if announced else "HF_HUB_OFFLINE is set"
+        raise InputError(
+            f"no checksum for {file.name}: {MANIFEST} pins none, {LOCK_NAME} has none and {where}; "
+            "pass --allow-unverified to accept the file unverified"
+        )
+    limit = (expected.size if expected else None) or (announced.size if announced else None)
+    digest = _fetch_and_install(file, job, expected, limit, unreachable)
+    if expected is None or first_use:
+        source = expected.source if expected else "unverified: accepted with --allow-unverified"
+        job.lock.record(file, digest, final.stat().st_size, announced.revision if announced else None, source)
     return "downloaded"
 
 
-def _offline_skip(final: Path, file: RemoteFile) -> str | None:
-    """A file verified by an earlier run still counts when the host cannot be asked now."""
-    recorded = _read_sidecar(_sidecar(final))
-    if final.is_file() and recorded is not None and file.sha256 in (None, recorded):
-        return "already present, verified earlier (host not reached)"
-    return None
+# ---------------------------------------------------------------- a variant, the CLI
 
 
-def fetch_variant(variant: str, dest: Path, base_url: str, force: bool, allow_unverified: bool) -> Summary:
+def fetch_variant(variant: str, job: Job) -> Summary:
     files, summary = variant_files(load_manifest(), variant), Summary()
     for i, file in enumerate(files):
         try:
-            outcome = fetch_one(file, dest, base_url, force, allow_unverified)
+            outcome = fetch_one(file, job)
         except (InputError, RunFailure) as err:
             summary.failed.append((file.name, err))
             print(f"{PROG}: {file.name}: {err}", file=sys.stderr)
@@ -409,7 +493,9 @@ def fetch_variant(variant: str, dest: Path, base_url: str, force: bool, allow_un
 
 
 def _final_error(summary: Summary, total: int) -> InputError | RunFailure:
-    message = f"{len(summary.failed)} of {total} file(s) failed ({', '.join(name for name, _ in summary.failed)})"
+    message = (
+        f"{len(summary.failed)} of {total} file(s) failed ({', '.join(name for name, _ in summary.failed)})"
+    )
     if summary.not_tried:
         message += f", {len(summary.not_tried)} not tried ({', '.join(summary.not_tried)})"
     message += "; see above"
@@ -417,31 +503,78 @@ def _final_error(summary: Summary, total: int) -> InputError | RunFailure:
     return InputError(message) if only_input else RunFailure(message)
 
 
-# ---------------------------------------------------------------- CLI
+def writable_folder(folder: str | Path, option: str) -> Path:
+    """Create ``folder`` and prove it writable now, not after a 2 GB transfer."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(
+            f"cannot write to {option} {folder}: {err.strerror or err}; choose another folder"
+        ) from None
+    return folder
+
+
+def check_transport(
+    files: list[RemoteFile], job_pins: dict[str, Expected], lock: Lock, base_url: str
+) -> None:
+    """Refuse a plain-http host that would have to supply a checksum (any proxy on the way could change both)."""
+    unpinned = [f.name for f in files if f.key not in job_pins and lock.expected(f) is None]
+    if unpinned and not may_announce_hash(base_url):
+        raise InputError(
+            f"--base-url {base_url} is plain http and {', '.join(unpinned)} would be verified against "
+            "the hash that host announces; use an https mirror (plain http is accepted only for "
+            "loopback hosts, or for files pinned in the manifest)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Download the released MAISI CT weights (verified).")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Download the released MAISI CT weights (verified)."
+    )
     parser.add_argument("--variant", required=True, choices=sorted(load_manifest()["variants"]))
     parser.add_argument("--dest", default="models/maisi", help="folder for the files (default: models/maisi)")
-    parser.add_argument("--base-url", default=os.environ.get("HF_ENDPOINT", DEFAULT_BASE_URL),
-                        help="host serving {base_url}/{repo}/resolve/main/{path} (default: $HF_ENDPOINT or "
-                             f"{DEFAULT_BASE_URL})")  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="download again even if verified files are present")
-    parser.add_argument("--allow-unverified", action="store_true",
-                        help="accept a file for which neither the manifest nor the host gives a checksum")  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (HTTP headers)")
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("HF_ENDPOINT", DEFAULT_BASE_URL),
+        help="Hugging Face Hub or mirror serving {base_url}/{repo}/resolve/{revision}/{path} "
+        f"(default: $HF_ENDPOINT or {DEFAULT_BASE_URL})",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=constants.HF_HUB_CACHE,
+        help="huggingface_hub's download cache (default: %(default)s, from HF_HUB_CACHE/HF_HOME)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="download again even if verified files are present"
+    )
+    parser.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="accept a file for which neither the manifest, the lock file nor the host gives a "
+        "checksum (its computed hash is recorded in the lock file)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    dest = prepare_dest(args.dest)
     manifest = load_manifest()
+    files, pins = variant_files(manifest, args.variant), manifest_pins(manifest)
+    dest = Path(args.dest)
+    lock = Lock(dest)  # read (and checked) before anything is created
+    check_transport(files, pins, lock, args.base_url)
+    dest, cache_dir = writable_folder(dest, "--dest"), writable_folder(args.cache_dir, "--cache-dir")
     print(f"Licence: {manifest['licence']}: {manifest['model_page']}")
-    summary = fetch_variant(args.variant, dest, args.base_url, args.force, args.allow_unverified)
+    job = Job(dest, args.base_url, cache_dir, args.force, args.allow_unverified, offline_mode(), pins, lock)
+    summary = fetch_variant(args.variant, job)
     total = len(summary.downloaded) + len(summary.skipped) + len(summary.failed) + len(summary.not_tried)
-    line = (f"{args.variant} -> {dest}: {len(summary.downloaded)} downloaded, {len(summary.skipped)} skipped "
-            f"(already present), {len(summary.failed)} failed")  # fmt: skip
+    line = (
+        f"{args.variant} -> {dest}: {len(summary.downloaded)} downloaded, {len(summary.skipped)} skipped "
+        f"(already present), {len(summary.failed)} failed"
+    )
     print(line + (f", {len(summary.not_tried)} not tried" if summary.not_tried else ""))
     if summary.failed:
         raise _final_error(summary, total)

@@ -1,8 +1,10 @@
-"""``python -m maisi.download`` against a fake Hugging Face on 127.0.0.1 (no internet, a few hundred KB per file).
+"""``python -m maisi.download`` against a fake Hugging Face Hub on 127.0.0.1 (no internet, a few hundred KB a file).
 
-The fake answers ``/{repo}/resolve/main/{path}`` like Hugging Face answers an LFS file: a 302 to ``/cdn/NAME`` that
-carries ``X-Linked-Etag`` (the SHA-256, quoted) and ``X-Linked-Size``; ``/cdn/NAME`` serves the bytes and honours
-``Range: bytes=N-`` with a 206. Knobs on :class:`FakeHub` make it lie, forget files, ignore ranges or hang up.
+The fake speaks the part of the Hub's resolve protocol huggingface_hub uses: HEAD/GET
+``/{repo}/resolve/{revision}/{path}`` answers an LFS file with a 302 to a CDN on another origin (a second port),
+carrying ``X-Repo-Commit``, ``X-Linked-Etag`` (the SHA-256, quoted), ``X-Linked-Size`` and ``ETag``; the CDN serves
+the bytes and honours ``Range: bytes=N-``. A non-LFS file is answered directly with a git-SHA-1 ``ETag``. Knobs on
+:class:`FakeHub` make it serve other bytes, longer bodies, hang up, forget files or refuse.
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ from maisi.download import main
 
 REPO = Path(__file__).resolve().parents[1]
 HF_REPO = "nvidia/NV-Generate-CT"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RFLOW = ("autoencoder_v1.pt", "diff_unet_3d_rflow-ct.pt", "controlnet_3d_rflow-ct.pt")
+PINNED, TOFU = (
+    RFLOW[0],
+    RFLOW[1:],
+)  # the tests pin the fake autoencoder; the other two go through the lock file
 _rng = random.Random(0)
 FILES = {name: _rng.randbytes(200_000 + 50_000 * i) for i, name in enumerate(RFLOW)}
+MiB = 1 << 20
 
 
 def sha(data: bytes) -> str:
@@ -36,20 +44,24 @@ def sha(data: bytes) -> str:
 @dataclass
 class FakeHub:
     base_url: str = ""
-    files: dict[str, bytes] = field(default_factory=lambda: dict(FILES))
-    announce: dict[str, str | None] = field(default_factory=dict)  # name -> announced sha (None: announce none)
-    honour_range: bool = True
-    hang_up_after: dict[str, int] = field(default_factory=dict)  # name -> bytes sent before closing the connection
-    log: list[tuple[str, str, str | None, int, int]] = field(default_factory=list)  # method, name, Range, status, sent
+    cdn_url: str = ""
+    files: dict[str, bytes] = field(default_factory=lambda: dict(FILES))  # what the hub announces
+    served: dict[str, bytes] = field(default_factory=dict)  # what the CDN serves instead, by name
+    non_lfs: set[str] = field(default_factory=set)  # answered like a plain git file: no SHA-256 announced
+    status: dict[str, int] = field(default_factory=dict)  # name -> HTTP error on resolve
+    extra_bytes: dict[str, int] = field(default_factory=dict)  # name -> body this much longer than announced
+    hang_up_after: dict[str, int] = field(default_factory=dict)  # name -> bytes sent before closing (once)
+    log: list[dict] = field(default_factory=list)
 
-    def requests(self, method: str, name: str) -> list[tuple[str, str, str | None, int, int]]:
-        return [r for r in self.log if r[0] == method and r[1] == name]
+    def requests(self, method: str, name: str, where: str = "cdn") -> list[dict]:
+        return [r for r in self.log if r["method"] == method and r["name"] == name and r["where"] == where]
 
 
 class _Handler(BaseHTTPRequestHandler):
-    hub: FakeHub  # set per server
+    hub: FakeHub
+    where: str  # "hub" or "cdn"
 
-    def log_message(self, *args) -> None:  # keep the test output clean
+    def log_message(self, *args) -> None:
         pass
 
     def do_HEAD(self) -> None:
@@ -58,80 +70,136 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._answer(body=True)
 
+    def _record(self, name: str, status: int, sent: int = 0) -> None:
+        self.hub.log.append(
+            {
+                "where": self.where,
+                "method": self.command,
+                "name": name,
+                "status": status,
+                "range": self.headers.get("Range"),
+                "sent": sent,
+                "auth": self.headers.get("Authorization"),
+            }
+        )
+
     def _answer(self, body: bool) -> None:
-        prefix = f"/{HF_REPO}/resolve/main/models/"
-        if self.path.startswith(prefix) and self.path[len(prefix) :] in self.hub.files:
-            return self._redirect(self.path[len(prefix) :])
-        if self.path.startswith("/cdn/") and self.path[5:] in self.hub.files:
+        match = re.fullmatch(rf"/{HF_REPO}/resolve/(main|{COMMIT})/models/([^/]+)", self.path)
+        if self.where == "hub" and match:
+            return self._resolve(match.group(2), body)
+        if self.where == "cdn" and self.path.startswith("/cdn/"):
             return self._serve(self.path[5:], body)
-        self._record(self.path, 404, 0)
+        self._record(self.path, 404)
         self.send_error(404)
 
-    def _record(self, name: str, status: int, sent: int) -> None:
-        self.hub.log.append((self.command, name, self.headers.get("Range"), status, sent))
-
-    def _redirect(self, name: str) -> None:
+    def _resolve(self, name: str, body: bool) -> None:
+        if name not in self.hub.files or name in self.hub.status:
+            code = self.hub.status.get(name, 404)
+            self._record(name, code)
+            return self.send_error(code)
         data = self.hub.files[name]
-        announced = self.hub.announce.get(name, sha(data))
-        self._record(f"resolve/{name}", 302, 0)
+        if name in self.hub.non_lfs:
+            return self._serve(name, body, git_etag=True)
+        self._record(name, 302)
         self.send_response(302)
-        self.send_header("Location", f"/cdn/{name}")
-        if announced is not None:
-            self.send_header("X-Linked-Etag", f'"{announced}"')
-            self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("Location", f"{self.hub.cdn_url}/cdn/{name}")
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("X-Linked-Etag", f'"{sha(data)}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("ETag", f'"{sha(data)}"')
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _serve(self, name: str, body: bool) -> None:
-        data = self.hub.files[name]
+    def _serve(self, name: str, body: bool, git_etag: bool = False) -> None:
+        data = self.hub.served.get(name, self.hub.files.get(name))
+        if data is None:
+            self._record(name, 404)
+            return self.send_error(404)
+        data = data + bytes(self.hub.extra_bytes.get(name, 0))
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        start = int(match.group(1)) if match and self.hub.honour_range else 0
-        if start >= len(data) and start:
-            self._record(name, 416, 0)
-            return self.send_error(416)
+        start = int(match.group(1)) if match else 0
         chunk = data[start:]
-        self.send_response(206 if start else 200)
+        status = 206 if start else 200
+        self.send_response(status)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if git_etag:
+            self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+            self.send_header("X-Repo-Commit", COMMIT)
         self.send_header("Content-Length", str(len(chunk)))
         self.end_headers()
+        sent = 0
         if body:
-            chunk = chunk[: self.hub.hang_up_after.pop(name, len(chunk))]  # HTTP/1.0: returning closes the socket
-            self.wfile.write(chunk)
-        self._record(name, 206 if start else 200, len(chunk) if body else 0)
+            chunk = chunk[
+                : self.hub.hang_up_after.pop(name, len(chunk))
+            ]  # HTTP/1.0: returning closes the socket
+            try:
+                for i in range(0, len(chunk), MiB):
+                    self.wfile.write(chunk[i : i + MiB])
+                    sent += len(chunk[i : i + MiB])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading
+        self._record(name, status, sent)
+
+
+def _serve(hub: FakeHub, where: str) -> tuple[ThreadingHTTPServer, threading.Thread, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Handler,), {"hub": hub, "where": where}))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.fixture
 def hub() -> FakeHub:
     state = FakeHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"hub": state}))
-    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    servers = [_serve(state, "hub"), _serve(state, "cdn")]
+    state.base_url, state.cdn_url = servers[0][2], servers[1][2]  # two ports: two origins, like hub and CDN
     yield state
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    for server, thread, _ in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.fixture(autouse=True)
-def hermetic_env(monkeypatch) -> None:
-    """No token, mirror or proxy from the environment may reach the tests."""
-    for var in ("HF_TOKEN", "HF_ENDPOINT", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-                "ALL_PROXY"):  # fmt: skip
+def hermetic(monkeypatch) -> None:
+    """No token, mirror, offline flag or proxy from the environment; the fake autoencoder is the pinned file."""
+    for var in (
+        "HF_TOKEN",
+        "HF_ENDPOINT",
+        "HF_HUB_OFFLINE",
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setattr(download.constants, "HF_HUB_OFFLINE", False)  # huggingface_hub read it when imported
+    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
+    data = FILES[PINNED]
+    manifest["pins"] = {
+        f"{HF_REPO}/models/{PINNED}": {"sha256": sha(data), "size": len(data), "source": "test"}
+    }
+    monkeypatch.setattr(download, "load_manifest", lambda: manifest)
 
 
-def fetch(base_url: str, dest: Path, *extra: str) -> int:
-    return main(["--variant", "rflow-ct", "--dest", str(dest), "--base-url", base_url, *extra])
+def fetch(base_url: str, dest: Path, *extra: str, cache: Path | None = None) -> int:
+    cache = cache or dest.parent / "hf-cache"
+    args = ["--variant", "rflow-ct", "--dest", str(dest), "--base-url", base_url, "--cache-dir", str(cache)]
+    return main([*args, *extra])
+
+
+def lock_of(dest: Path) -> dict:
+    return json.loads((dest / download.LOCK_NAME).read_text())["files"]
 
 
 def assert_installed(dest: Path, names=RFLOW) -> None:
     for name in names:
         assert (dest / name).read_bytes() == FILES[name], name
-        assert (dest / f"{name}.sha256").read_text() == f"{sha(FILES[name])}  {name}\n"
-        assert not (dest / f"{name}.part").exists()
+    assert not [p.name for p in dest.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
 def closed_port() -> int:
@@ -140,169 +208,272 @@ def closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once it is closed
 
 
-# ---------------------------------------------------------------- success, skip, force
+# ---------------------------------------------------------------- success, reuse, force
 
 
-def test_downloads_verifies_then_skips(hub, tmp_path, capsys):
+def test_downloads_records_first_use_then_verifies_reuse_without_the_host(hub, tmp_path, capsys):
     dest = tmp_path / "models" / "maisi"
     assert fetch(hub.base_url, dest) == 0
     out = capsys.readouterr().out
     assert_installed(dest)
     assert out.count("Licence:") == 1 and "NVIDIA" in out
     assert "3 downloaded, 0 skipped (already present), 0 failed" in out
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*RFLOW, *(f"{n}.sha256" for n in RFLOW)])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*RFLOW, download.LOCK_NAME])
+    lock = lock_of(dest)
+    assert sorted(lock) == sorted(f"{HF_REPO}/models/{n}" for n in TOFU)  # the pinned file needs no entry
+    for name in TOFU:
+        entry = lock[f"{HF_REPO}/models/{name}"]
+        assert entry["sha256"] == sha(FILES[name]) and entry["size"] == len(FILES[name])
+        assert entry["revision"] == COMMIT and "X-Linked-Etag" in entry["source"]
 
     hub.log.clear()
     assert fetch(hub.base_url, dest) == 0
     out = capsys.readouterr().out
-    assert out.count("already present, verified") == 3 and "0 downloaded, 3 skipped" in out
-    assert not [r for r in hub.log if r[0] == "GET"]  # only the checksum probes
-    assert_installed(dest)
+    assert out.count("already present, verified against") == 3 and "0 downloaded, 3 skipped" in out
+    assert f"{PINNED}: already present, verified against the SHA-256 pinned in" in out
+    assert hub.log == []  # every reuse is verified by hashing the bytes against the pin or the lock file
 
 
 def test_force_downloads_again(hub, tmp_path, capsys):
-    assert fetch(hub.base_url, tmp_path) == 0
+    assert fetch(hub.base_url, tmp_path / "d") == 0
     hub.log.clear()
-    assert fetch(hub.base_url, tmp_path, "--force") == 0
+    assert fetch(hub.base_url, tmp_path / "d", "--force") == 0
     assert "3 downloaded, 0 skipped" in capsys.readouterr().out
     assert all(hub.requests("GET", name) for name in RFLOW)
-    assert_installed(tmp_path)
+    assert_installed(tmp_path / "d")
 
 
-def test_file_put_there_by_hand_is_hashed_once_and_a_wrong_one_replaced(hub, tmp_path, capsys):
-    (tmp_path / RFLOW[0]).write_bytes(FILES[RFLOW[0]])  # right bytes, no sidecar
-    (tmp_path / RFLOW[1]).write_bytes(b"x" * len(FILES[RFLOW[1]]))  # wrong bytes, right size
-    assert fetch(hub.base_url, tmp_path) == 0
-    out = capsys.readouterr().out
-    assert f"{RFLOW[0]}: already present, verified (checksum computed)" in out
-    assert not hub.requests("GET", RFLOW[0]) and hub.requests("GET", RFLOW[1])
-    assert_installed(tmp_path)
-
-
-def test_offline_rerun_trusts_earlier_verification(hub, tmp_path, capsys):
-    assert fetch(hub.base_url, tmp_path) == 0
+def test_corrupted_file_of_the_right_size_is_not_trusted(hub, tmp_path, capsys):
+    dest = tmp_path / "d"
+    assert fetch(hub.base_url, dest) == 0
+    for name in (PINNED, TOFU[0]):  # one checked against the pin, one against the lock file
+        data = bytearray((dest / name).read_bytes())
+        data[1000] ^= 0xFF
+        (dest / name).write_bytes(bytes(data))
     capsys.readouterr()
-    assert fetch(f"http://127.0.0.1:{closed_port()}", tmp_path) == 0
-    assert capsys.readouterr().out.count("already present, verified earlier (host not reached)") == 3
+    assert fetch(hub.base_url, dest) == 0
+    out = capsys.readouterr().out
+    assert f"{PINNED}: present, but its sha256" in out and f"{TOFU[0]}: present, but its sha256" in out
+    # --dest holds hard links of the cache's copies, so the cache was damaged too: found, and fetched anew
+    assert out.count("the copy in the download cache is damaged") == 2
+    assert "2 downloaded, 1 skipped" in out
+    assert_installed(dest)
 
 
-# ---------------------------------------------------------------- verification
+def test_file_put_there_by_hand_is_checked_and_recorded_or_replaced(hub, tmp_path, capsys):
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / TOFU[0]).write_bytes(FILES[TOFU[0]])  # right bytes, no lock entry
+    (dest / TOFU[1]).write_bytes(b"x" * len(FILES[TOFU[1]]))  # wrong bytes, right size
+    assert fetch(hub.base_url, dest) == 0
+    out = capsys.readouterr().out
+    assert f"{TOFU[0]}: already present, verified against the SHA-256 127.0.0.1" in out
+    assert f"recorded in {download.LOCK_NAME}" in out
+    assert not hub.requests("GET", TOFU[0]) and hub.requests("GET", TOFU[1])
+    assert sorted(lock_of(dest)) == sorted(f"{HF_REPO}/models/{n}" for n in TOFU)
+    assert_installed(dest)
 
 
-def test_wrong_announced_checksum_fails_and_leaves_nothing(hub, tmp_path, capsys):
-    bad = RFLOW[1]
-    hub.announce[bad] = "0" * 64
-    assert fetch(hub.base_url, tmp_path) == 1
+# ---------------------------------------------------------------- trust
+
+
+def test_host_that_later_announces_another_file_is_refused(hub, tmp_path, capsys):
+    dest = tmp_path / "d"
+    assert fetch(hub.base_url, dest) == 0
+    (dest / TOFU[0]).unlink()
+    hub.files[TOFU[0]] = b"a new release" * 1000
+    hub.log.clear()
+    capsys.readouterr()
+    assert fetch(hub.base_url, dest) == 1
     err = capsys.readouterr().err
-    assert f"checksum mismatch for {bad}: expected sha256 {'0' * 64}, got {sha(FILES[bad])}" in err
+    assert f"now serves a different {TOFU[0]} (sha256 {sha(hub.files[TOFU[0]])}" in err
+    assert f"than the SHA-256 recorded in {dest / download.LOCK_NAME}" in err
+    assert "delete its entry from the lock file" in err
+    assert not hub.requests("GET", TOFU[0]) and not (dest / TOFU[0]).exists()
+
+
+def test_pin_that_the_host_contradicts_is_refused_before_the_transfer(hub, tmp_path, capsys):
+    hub.files[PINNED] = b"not the released autoencoder"
+    assert fetch(hub.base_url, tmp_path / "d") == 1
+    err = capsys.readouterr().err
+    assert (
+        f"now serves a different {PINNED}" in err
+        and "than the SHA-256 pinned in released_weights.json" in err
+    )
+    assert not hub.requests("GET", PINNED) and not (tmp_path / "d" / PINNED).exists()
+    assert_installed(tmp_path / "d", TOFU)  # the others are not held back
+
+
+def test_tampered_bytes_are_rejected_deleted_and_fetched_again_next_run(hub, tmp_path, capsys):
+    name, dest = TOFU[1], tmp_path / "d"
+    hub.served[name] = bytes(len(FILES[name]))  # the CDN serves other bytes of the announced size
+    assert fetch(hub.base_url, dest) == 1
+    err = capsys.readouterr().err
+    assert f"checksum mismatch for {name}: expected sha256 {sha(FILES[name])}" in err
     assert "maisi.download: failed: 1 of 3 file(s) failed" in err
-    assert not (tmp_path / bad).exists() and not (tmp_path / f"{bad}.part").exists()
-    assert not (tmp_path / f"{bad}.sha256").exists()
-    assert_installed(tmp_path, [RFLOW[0], RFLOW[2]])  # the others are not held back
+    assert not (dest / name).exists() and f"{HF_REPO}/models/{name}" not in lock_of(dest)
+    assert_installed(dest, RFLOW[:2])
+    del hub.served[name]  # the corrupt copy was dropped from the cache too: the next run fetches it again
+    assert fetch(hub.base_url, dest) == 0
+    assert_installed(dest)
 
 
-def test_no_checksum_is_refused_unless_allowed(hub, tmp_path, capsys):
-    hub.announce = dict.fromkeys(RFLOW)  # like a plain (non-LFS) file: no X-Linked-Etag
-    assert fetch(hub.base_url, tmp_path) == 2
+def test_over_long_body_is_cut_off_and_not_installed(hub, tmp_path, capsys):
+    name, dest = TOFU[0], tmp_path / "d"
+    hub.extra_bytes[name] = 200 * MiB
+    assert fetch(hub.base_url, dest) == 1
+    assert (
+        f"{name}: the host sent more than the {len(FILES[name])} bytes the file has"
+        in capsys.readouterr().err
+    )
+    assert not (dest / name).exists()
+    sent = hub.requests("GET", name)[0]["sent"]
+    print(f"over-long body: {sent} bytes sent of {len(FILES[name]) + 200 * MiB} offered")
+    assert sent < 60 * MiB  # stopped after about one 10 MiB chunk, not after the 200 MiB the host offered
+    assert not [p for p in (tmp_path / "hf-cache").rglob("*") if p.is_file() and p.stat().st_size > MiB]
+
+
+def test_non_lfs_file_has_no_checksum_and_is_refused_unless_allowed(hub, tmp_path, capsys):
+    hub.non_lfs = set(RFLOW)
+    dest = tmp_path / "d"
+    assert fetch(hub.base_url, dest) == 2
     err = capsys.readouterr().err
-    assert f"no checksum for {RFLOW[0]}" in err and "--allow-unverified" in err
-    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    assert fetch(hub.base_url, tmp_path, "--allow-unverified") == 0
-    assert_installed(tmp_path)  # the sidecar holds the computed checksum
+    assert f"no checksum for {TOFU[0]}" in err and "--allow-unverified" in err
+    assert sorted(p.name for p in dest.iterdir()) == [PINNED]  # the pin still verifies the autoencoder
+    assert fetch(hub.base_url, dest, "--allow-unverified") == 0
+    assert_installed(dest)
+    entry = lock_of(dest)[f"{HF_REPO}/models/{TOFU[0]}"]
+    assert entry["sha256"] == sha(FILES[TOFU[0]]) and entry["source"].startswith("unverified")
 
 
-def test_manifest_pin_is_used_and_must_agree_with_the_host(hub, tmp_path, monkeypatch, capsys):
-    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
-    entry = manifest["variants"]["rflow-ct"]["files"][0]
-    entry.update(sha256=sha(FILES[RFLOW[0]]), size=len(FILES[RFLOW[0]]))
-    monkeypatch.setattr(download, "load_manifest", lambda: manifest)
-    hub.announce[RFLOW[0]] = None
-    assert fetch(hub.base_url, tmp_path) == 0
-    assert not hub.requests("HEAD", f"resolve/{RFLOW[0]}")  # fully pinned: nothing to ask
-    assert_installed(tmp_path)
-
-    entry.update(sha256="1" * 64, size=None)
-    hub.announce[RFLOW[0]] = sha(FILES[RFLOW[0]])
-    assert fetch(hub.base_url, tmp_path / "again") == 1
-    assert f"now serves a different {RFLOW[0]}" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- resume
+def test_plain_http_host_may_not_supply_checksums(tmp_path, capsys):
+    dest = tmp_path / "d"
+    assert fetch("http://weights-mirror.example", dest) == 2
+    err = capsys.readouterr().err
+    assert "--base-url http://weights-mirror.example is plain http" in err
+    assert f"{TOFU[0]}, {TOFU[1]} would be verified against the hash that host announces" in err
+    assert not dest.exists()  # nothing created
+    for url in ("https://mirror.example", "http://127.0.0.5:8000", "http://localhost:1", "http://[::1]:80"):
+        assert download.may_announce_hash(url), url
+    assert not download.may_announce_hash("http://10.0.0.1")
+    files = [download.RemoteFile(HF_REPO, f"models/{PINNED}")]
+    pins = download.manifest_pins(download.load_manifest())
+    download.check_transport(
+        files, pins, download.Lock(dest), "http://weights-mirror.example"
+    )  # pinned: fine
 
 
-def test_resume_appends_after_a_range_request(hub, tmp_path, capsys):
-    name, half = RFLOW[1], len(FILES[RFLOW[1]]) // 2
-    (tmp_path / f"{name}.part").write_bytes(FILES[name][:half])
-    assert fetch(hub.base_url, tmp_path) == 0
-    assert hub.requests("GET", name) == [("GET", name, f"bytes={half}-", 206, len(FILES[name]) - half)]
-    assert f"{name}: resuming at byte {half}" in capsys.readouterr().out
-    assert_installed(tmp_path)
+def test_token_is_sent_to_huggingface_only(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    assert fetch(hub.base_url, tmp_path / "d") == 0
+    assert hub.log and not [r for r in hub.log if r["auth"]]
+    assert download.token_for("https://huggingface.co") is None  # huggingface_hub sends the user's token
+    assert download.token_for("https://hf-mirror.com") is False
 
 
-def test_host_ignoring_the_range_restarts_from_zero(hub, tmp_path, capsys):
-    hub.honour_range = False
-    name = RFLOW[0]
-    (tmp_path / f"{name}.part").write_bytes(b"junk" * 1000)  # appending to it would fail the checksum
-    assert fetch(hub.base_url, tmp_path) == 0
-    assert hub.requests("GET", name) == [("GET", name, "bytes=4000-", 200, len(FILES[name]))]
-    assert f"{name}: the host ignored the resume request; starting again from zero" in capsys.readouterr().out
-    assert_installed(tmp_path)
+def test_hf_endpoint_is_the_default_base_url(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", hub.base_url)
+    args = ["--variant", "rflow-ct", "--dest", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    assert "3 downloaded" in capsys.readouterr().out and hub.requests("HEAD", PINNED, "hub")
+    assert_installed(tmp_path / "d")
 
 
-def test_cut_transfer_keeps_the_part_and_the_next_run_resumes(hub, tmp_path, capsys):
-    name = RFLOW[2]
-    hub.hang_up_after[name] = 100_000
-    assert fetch(hub.base_url, tmp_path) == 1
-    assert f"{name}: transfer interrupted at 100000 bytes" in capsys.readouterr().err
-    assert (tmp_path / f"{name}.part").stat().st_size == 100_000 and not (tmp_path / name).exists()
-    assert fetch(hub.base_url, tmp_path) == 0
-    assert hub.requests("GET", name)[-1][2:4] == ("bytes=100000-", 206)
-    assert_installed(tmp_path)
+# ---------------------------------------------------------------- offline, the user's to fix, the network's
 
 
-# ---------------------------------------------------------------- the user's to fix, or the network's
+def test_offline_rerun_and_hf_hub_offline(hub, tmp_path, capsys, monkeypatch):
+    dest, cache = tmp_path / "d", tmp_path / "hf-cache"
+    assert fetch(hub.base_url, dest) == 0
+    capsys.readouterr()
+    assert (
+        fetch(f"http://127.0.0.1:{closed_port()}", dest) == 0
+    )  # verified against pin and lock, host not needed
+    assert capsys.readouterr().out.count("already present, verified") == 3
+
+    (
+        dest / TOFU[0]
+    ).unlink()  # host unreachable: huggingface_hub's cached copy, checked against the lock file
+    assert fetch(f"http://127.0.0.1:{closed_port()}", dest) == 0
+    assert f"{TOFU[0]}: downloaded" in capsys.readouterr().out
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (dest / TOFU[1]).unlink()
+    hub.log.clear()
+    assert fetch(hub.base_url, dest) == 0  # taken from huggingface_hub's cache, checked against the lock file
+    assert hub.log == [] and capsys.readouterr().out.count("downloaded") == 2
+    assert_installed(dest)
+
+    assert fetch(hub.base_url, tmp_path / "elsewhere", cache=tmp_path / "empty-cache") == 2
+    err = capsys.readouterr().err
+    assert f"HF_HUB_OFFLINE is set and {PINNED} is neither in" in err
+    assert f"no checksum for {TOFU[0]}" in err and hub.log == [] and cache.exists()
 
 
 def test_unreachable_host_one_clear_message_and_stop(tmp_path, capsys):
     port = closed_port()
-    assert fetch(f"http://127.0.0.1:{port}", tmp_path) == 1
+    assert fetch(f"http://127.0.0.1:{port}", tmp_path / "d") == 1
     captured = capsys.readouterr()
-    url = f"http://127.0.0.1:{port}/{HF_REPO}/resolve/main/models/{RFLOW[0]}"
-    assert f"cannot reach 127.0.0.1:{port} ({url}:" in captured.err
-    assert f"download the files by hand from https://huggingface.co/{HF_REPO}/tree/main/models and put them in " \
-           f"{tmp_path}" in captured.err  # fmt: skip
     assert captured.err.count("cannot reach") == 1  # the other files are not tried
+    assert (
+        f"cannot reach 127.0.0.1:{port} (http://127.0.0.1:{port}/{HF_REPO}/resolve/main/models/{PINNED}:"
+        in (captured.err)
+    )
+    assert (
+        f"download the files by hand from https://huggingface.co/{HF_REPO}/tree/main/models" in captured.err
+    )
     assert "0 downloaded, 0 skipped (already present), 1 failed, 2 not tried" in captured.out
-    assert f"failed: 1 of 3 file(s) failed ({RFLOW[0]}), 2 not tried ({RFLOW[1]}, {RFLOW[2]})" in captured.err
+    assert f"failed: 1 of 3 file(s) failed ({PINNED}), 2 not tried ({TOFU[0]}, {TOFU[1]})" in captured.err
     assert "Traceback" not in captured.err
 
 
-def test_missing_file_is_a_404_for_the_user(hub, tmp_path, capsys):
-    missing = RFLOW[2]
-    del hub.files[missing]
-    assert fetch(hub.base_url, tmp_path) == 2
+@pytest.mark.parametrize(
+    "code, says", [(404, "the file is not there; check --base-url"), (403, "the repository may be gated")]
+)
+def test_missing_or_refused_file_is_the_users_to_fix(hub, tmp_path, capsys, code, says):
+    hub.status[TOFU[1]] = code
+    assert fetch(hub.base_url, tmp_path / "d") == 2
     err = capsys.readouterr().err
-    assert f"{hub.base_url}/{HF_REPO}/resolve/main/models/{missing} answered HTTP 404" in err
-    assert "check --base-url" in err and "maisi.download: error: 1 of 3 file(s) failed" in err
-    assert_installed(tmp_path, RFLOW[:2])
+    assert f"{hub.base_url}/{HF_REPO}/resolve/main/models/{TOFU[1]} answered HTTP {code}: {says}" in err
+    assert "maisi.download: error: 1 of 3 file(s) failed" in err
+    assert_installed(tmp_path / "d", RFLOW[:2])
 
 
-def test_unwritable_dest_and_bad_variant_exit_2(tmp_path, capsys):
+def test_broken_transfer_is_resumed_within_the_run(hub, tmp_path):
+    name, data = TOFU[1], random.Random(1).randbytes(12 * MiB)  # resumes count whole 10 MiB chunks
+    hub.files[name] = data
+    hub.hang_up_after[name] = 11 * MiB
+    assert fetch(hub.base_url, tmp_path / "d") == 0
+    gets = hub.requests("GET", name)
+    assert [(g["range"], g["status"]) for g in gets] == [(None, 200), (f"bytes={10 * MiB}-", 206)]
+    assert (tmp_path / "d" / name).read_bytes() == data
+
+
+def test_unwritable_dest_bad_lock_and_bad_variant_exit_2(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert fetch("http://127.0.0.1:9", blocker / "maisi") == 2
     assert f"cannot write to --dest {blocker / 'maisi'}" in capsys.readouterr().err
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / download.LOCK_NAME).write_text("{not json")
+    assert fetch("http://127.0.0.1:9", dest) == 2
+    assert f"cannot read the lock file {dest / download.LOCK_NAME}" in capsys.readouterr().err
+    assert sorted(p.name for p in dest.iterdir()) == [download.LOCK_NAME]
     with pytest.raises(SystemExit) as exc:
         main(["--variant", "rflow-mr", "--dest", str(tmp_path)])
     assert exc.value.code == 2
 
 
-def test_manifest_lists_what_the_configs_load():
-    manifest = download.load_manifest()
+def test_shipped_manifest_lists_what_the_configs_load_and_sourced_pins():
+    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
     for variant in ("rflow-ct", "ddpm-ct"):
         files = download.variant_files(manifest, variant)
-        config = json.loads((REPO / "configs" / f"inference_maisi_{variant.replace('-', '_')}.json").read_text())
-        expected = sorted(Path(p).name for p in config["checkpoints"].values())
-        assert sorted(f.name for f in files) == expected
+        config = json.loads(
+            (REPO / "configs" / f"inference_maisi_{variant.replace('-', '_')}.json").read_text()
+        )
+        assert sorted(f.name for f in files) == sorted(Path(p).name for p in config["checkpoints"].values())
         assert all(f.repo == HF_REPO and f.path == f"models/{f.name}" for f in files)
-        assert all(f.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", f.sha256) for f in files)
+    pins = download.manifest_pins(manifest)
+    assert set(pins) == {f"{HF_REPO}/models/autoencoder_v1.pt"}
+    assert all(len(pin["source"]) > 40 for pin in manifest["pins"].values())  # says where the hash comes from

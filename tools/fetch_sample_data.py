@@ -15,7 +15,6 @@ archive checksum are skipped. Exit codes: 0 done, 1 a download failed, 2 bad inp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from maisi.atomic import atomic_path, write_json
 from maisi.data.datalist import build_datalist, write_datalist
 from maisi.data.io import Volume, read_geometry, read_mask, read_volume, write_volume
 from maisi.errors import InputError
+from maisi.files import ChecksumMismatch, check_file
 from maisi.labels import BODY_LABEL, load_label_dict
 from maisi.labels.envelope import add_body_label
 from maisi.labels.mapping import LabelMapping, RemapReport, load_mapping, remap
@@ -164,25 +164,20 @@ def parse_sources(text: str | None, known: dict[str, Source]) -> list[str]:
 # ---------------------------------------------------------------- download
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_archive(path: Path, expected: str) -> None:
     """Check ``path`` against the pinned SHA-256; a mismatching file is deleted.
 
     Raises:
         ChecksumError: the digests differ (the message gives both).
     """
-    actual = sha256_of(path)
-    if actual != expected.lower():
+    try:
+        check_file(path, expected)
+    except ChecksumMismatch as e:
         path.unlink(missing_ok=True)
-        raise ChecksumError(f"{path.name}: SHA-256 {actual} does not match the pinned {expected} (file removed; "
-                            "the registry served a different file, or the manifest is wrong)")  # fmt: skip
+        raise ChecksumError(
+            f"{path.name}: SHA-256 {e.actual} does not match the pinned {e.expected} (file removed; "
+            "the registry served a different file, or the manifest is wrong)"
+        ) from None
 
 
 def run_pip(python: str, args: list[str]) -> subprocess.CompletedProcess:
