@@ -49,3 +49,13 @@ def test_walkthrough_adds_the_class_finetunes_and_generates(tmp_path, tiny_check
     # the 192 x 192 x 160 mm box around the tumour, at the walkthrough's 2 x 2 x 2.5 mm
     assert ct.shape == mask.shape == (96, 96, 64) and np.allclose(ct.spacing, (2.0, 2.0, 2.5))
     assert set(np.unique(mask.array)) == {0, new_id, 200}  # the tumour kept its new id through every step
+
+
+def test_walkthrough_without_maisi_says_what_to_activate(tmp_path):
+    env = {**os.environ, "WORK": str(tmp_path / "walk"), "PYTHON": "/bin/false"}  # an interpreter lacking maisi
+    done = subprocess.run(
+        ["bash", str(REPO / "tools" / "walkthrough_new_class.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "cannot import maisi" in done.stderr and ".venv/bin/activate" in done.stderr
+    assert "Traceback" not in done.stderr

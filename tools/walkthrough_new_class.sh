@@ -10,7 +10,7 @@
 # INFER_STEPS (rectified-flow steps of the generation, 30), CROP_MM (box around the tumour, "192 192 160"),
 # SPACING (mm of the latents, "2.0, 2.0, 2.5": finer than the demo's 3.5 x 3.5 x 5 so the lesion spans latent voxels),
 # CT / TUMOUR (the CT and its tumour mask, value 1; default: the fetched lung1 case), MODELS (demo weights),
-# LR (finetune learning rate, 0.001), DEVICE (auto). The last line printed is the generated CT's metadata JSON.
+# LR (finetune learning rate, 0.001), DEVICE (auto), PYTHON (default: .venv/bin/python if present). The last line printed is the generated CT's metadata JSON.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +25,15 @@ DEVICE="${DEVICE:-auto}"
 CASES=".cache/sample_data/cases/pyradiomics_lung1"
 CT="${CT:-$CASES/ct.nii.gz}"
 TUMOUR="${TUMOUR:-$CASES/label_source.nii.gz}"
-PY="${PYTHON:-python}"
+# The interpreter that has maisi installed: $PYTHON, else the repository's .venv, else python on the PATH.
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"
+else PY=python; fi
+if ! "$PY" -c "import maisi" 2>/dev/null; then
+  echo "walkthrough: $PY cannot import maisi; activate the venv the README's install made (. .venv/bin/activate)" \
+    "or set PYTHON=/path/to/that/python" >&2
+  exit 2
+fi
 for f in "$CT" "$TUMOUR" "$MODELS/autoencoder.pt" "$MODELS/diffusion_unet.pt" "$MODELS/controlnet.pt"; do
   [ -f "$f" ] || { echo "walkthrough: missing $f (fetch the sample data / demo weights first)" >&2; exit 2; }
 done
