@@ -10,6 +10,7 @@ Used by ``maisi.infer``; usable from Python::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -214,6 +215,12 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
     grid = " x ".join(map(str, plan.shape))
     advice = "generate a smaller grid or use a machine with more memory"
     ram = available_ram_bytes()
+    if need.host_bytes > ram and plan.config.decoding.method == "tiled":
+        # The tiled decoder's whole-volume intermediates on the host are often what does not fit.
+        window = dataclasses.replace(plan.config.decoding, method="sliding_window")
+        other = dataclasses.replace(plan, config=dataclasses.replace(plan.config, decoding=window))
+        if estimate_memory(other, device).host_bytes <= ram:
+            advice = "set $.decoding.method to 'sliding_window' (approximate), " + advice
     if need.host_bytes > ram:
         raise InputError(
             f"{where}: a {grid} grid needs at least {need.host_bytes / GIB:.1f} GiB of RAM (estimate for preset "

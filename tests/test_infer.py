@@ -353,6 +353,17 @@ def test_a_grid_too_large_for_the_gpu_is_refused(infer_config, monkeypatch):
     assert generation.check_memory(plan, torch.device("cpu")).host_bytes < 10 << 20  # 32 x 32 x 16 fits
 
 
+def test_when_only_the_tiled_decoder_does_not_fit_the_refusal_says_so(infer_config, monkeypatch):
+    plan = generation.plan_generation(load_config(infer_config(), "infer"))
+    tiled = generation.estimate_memory(plan, torch.device("cpu")).host_bytes
+    monkeypatch.setattr(generation, "available_ram_bytes", lambda: tiled - 1)
+    with pytest.raises(InputError, match="set \\$.decoding.method to 'sliding_window'"):
+        generation.check_memory(plan, torch.device("cpu"))
+    monkeypatch.setattr(generation, "available_ram_bytes", lambda: 1000)  # nothing fits: no such advice
+    with pytest.raises(InputError, match="; generate a smaller grid"):
+        generation.check_memory(plan, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
 def test_an_unusable_output_location_exits_2_before_the_networks_load(
     case, infer_config, tmp_path, monkeypatch, capsys
