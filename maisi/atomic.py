@@ -68,9 +68,12 @@ def remove_stale_temporaries(folder: str | Path, prefix: str, started: float) ->
         match = TMP_PATTERN.match(path.name)
         if not match or not match.group(2).startswith(prefix) or not path.is_file():
             continue
-        if pid_alive(int(match.group(1))) or path.stat().st_mtime >= started:
+        try:
+            if pid_alive(int(match.group(1))) or path.stat().st_mtime >= started:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # renamed or removed meanwhile by whoever wrote it
             continue
-        path.unlink(missing_ok=True)
         removed.append(path)
     return removed
 

@@ -80,7 +80,8 @@ def _mask_problems(mask: Volume, preset: Preset, config: InferConfig, label_dict
     if not mask.array.any():
         # Nothing to condition on: the result would be air everywhere, a blank CT.
         problems.append(
-            f"has no labelled voxel (every voxel is 0, background); a mask needs at least the body label {BODY_LABEL}"
+            f"has no labelled voxel (every voxel is 0, background); a mask needs at least the body label "
+            f"{BODY_LABEL}"
         )
         return problems
     unknown = labels_not_in_dict(mask.array, label_dict)
@@ -223,17 +224,17 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
             advice = "set $.decoding.method to 'sliding_window' (approximate), " + advice
     if need.host_bytes > ram:
         raise InputError(
-            f"{where}: a {grid} grid needs at least {need.host_bytes / GIB:.1f} GiB of RAM (estimate for preset "
-            f"'{plan.preset.name}', {plan.config.decoding.method} decoding on {device.type}), but this machine "
-            f"has {ram / GIB:.1f} GiB; {advice}"
+            f"{where}: a {grid} grid needs at least {need.host_bytes / GIB:.1f} GiB of RAM (estimate for "
+            f"preset '{plan.preset.name}', {plan.config.decoding.method} decoding on {device.type}), but "
+            f"this machine has {ram / GIB:.1f} GiB; {advice}"
         )
     if device.type == "cuda":
         gpu = torch.cuda.get_device_properties(device).total_memory
         if need.device_bytes > gpu:
             raise InputError(
-                f"{where}: a {grid} grid needs at least {need.device_bytes / GIB:.1f} GiB of GPU memory (estimate "
-                f"for preset '{plan.preset.name}', {plan.config.decoding.method} decoding), but {device} has "
-                f"{gpu / GIB:.1f} GiB; {advice}"
+                f"{where}: a {grid} grid needs at least {need.device_bytes / GIB:.1f} GiB of GPU memory "
+                f"(estimate for preset '{plan.preset.name}', {plan.config.decoding.method} decoding), but "
+                f"{device} has {gpu / GIB:.1f} GiB; {advice}"
             )
     return need
 

@@ -65,7 +65,9 @@ def held_lock(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         yield folder, holder

@@ -263,7 +263,9 @@ def last_line(caplog) -> str:
     return caplog.records[-1].getMessage()
 
 
-def test_a_mask_without_a_checked_organ_is_not_checked_not_passed(infer_config, tmp_path, monkeypatch, caplog):
+def test_a_mask_without_a_checked_organ_is_not_checked_not_passed(
+    infer_config, tmp_path, monkeypatch, caplog
+):
     mask = phantom_mask()
     mask[mask == 1] = 23  # a lung tumour and the body: no organ the HU check knows
     mask[mask == 28] = 200
@@ -318,12 +320,13 @@ def test_fail_on_error_is_in_the_schema_with_a_default_of_false(infer_config):
 
 
 def image_only(infer_config, size: int):
-    return infer_config(
-        mask=None, output_size=[size] * 3, spacing=[1.0, 1.0, 1.0], body_region={"top": "chest", "bottom": "chest"}
-    )
+    region = {"top": "chest", "bottom": "chest"}
+    return infer_config(mask=None, output_size=[size] * 3, spacing=[1.0, 1.0, 1.0], body_region=region)
 
 
-def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(infer_config, tmp_path, monkeypatch, capsys):
+def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(
+    infer_config, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(generation, "available_ram_bytes", lambda: 64 << 30)
     config = image_only(infer_config, 2048)
     for flags in ((), ("--dry-run",)):
@@ -347,7 +350,8 @@ def test_memory_estimate_follows_its_formula_on_cpu_and_cuda(infer_config, tiny_
 
 def test_a_grid_too_large_for_the_gpu_is_refused(infer_config, monkeypatch):
     plan = generation.plan_generation(load_config(infer_config(), "infer"))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1 << 20))
+    gpu = SimpleNamespace(total_memory=1 << 20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
     with pytest.raises(InputError, match=r"needs at least 0\.0 GiB of GPU memory .* but cuda has 0\.0 GiB"):
         generation.check_memory(plan, torch.device("cuda"))
     assert generation.check_memory(plan, torch.device("cpu")).host_bytes < 10 << 20  # 32 x 32 x 16 fits
@@ -405,7 +409,9 @@ def test_a_run_removes_the_temporaries_a_killed_run_left(infer_config, tmp_path,
     assert f"removed {stale.name}, left by a run that was killed" in caplog.text
 
 
-def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(held_lock, infer_config, monkeypatch, capsys):
+def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(
+    held_lock, infer_config, monkeypatch, capsys
+):
     folder, holder = held_lock
     monkeypatch.setattr(generation, "generate", fake_generate(set()))
     assert run_cli(infer_config()) == 2
@@ -417,7 +423,8 @@ def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(held_lock, 
 def test_each_job_keeps_its_own_resolved_config(infer_config, tmp_path, monkeypatch):
     monkeypatch.setattr(generation, "generate", fake_generate(set()))
     assert run_cli(infer_config()) == 0
-    assert run_cli(infer_config(seed=1, sampling={"num_inference_steps": 2})) == 0  # another job, another seed
+    another_job = infer_config(seed=1, sampling={"num_inference_steps": 2})
+    assert run_cli(another_job) == 0
     out = tmp_path / "out"
     for seed, steps in ((0, 3), (1, 2)):
         key = json.loads((out / f"sample_seed{seed}.json").read_text())["job_key"]
@@ -486,5 +493,6 @@ def test_overrides_are_held_to_the_schema_bounds(flag, value, bounds, capsys):
 
 
 def test_overrides_at_the_schema_bounds_are_accepted():
-    args = infer.build_parser().parse_args(["--config", "x", "--seed", "4294967295", "--num-samples", "100000"])
+    argv = ["--config", "x", "--seed", "4294967295", "--num-samples", "100000"]
+    args = infer.build_parser().parse_args(argv)
     assert (args.seed, args.num_samples) == (4294967295, 100000)
