@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Callable
 
-from maisi.config import load_config, to_jsonable
+from maisi.config import load_config, load_schema, to_jsonable
 from maisi.errors import InputError, RunFailure
 
 EXIT_OK = 0
@@ -31,6 +31,27 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def schema_int(kind: str, key: str) -> Callable[[str], int]:
+    """An argparse ``type`` for a flag that overrides the integer ``$.<key>`` of a ``kind`` config.
+
+    The flag is held to the bounds the schema gives the key, so a command line cannot pass what the
+    config file could not; a value outside them is a usage error (exit 2) naming the flag and the bounds.
+    """
+    spec = load_schema(kind)["properties"][key]
+    low, high = spec.get("minimum"), spec.get("maximum")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}], the bounds of $.{key}")
+        return value
+
+    return parse
 
 
 def setup_logging(verbose: bool) -> None:

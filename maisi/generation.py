@@ -3,15 +3,19 @@
 Used by ``maisi.infer``; usable from Python::
 
     plan = plan_generation(config)          # reads the mask, checks labels and grid; writes nothing
+    check_memory(plan, device)              # refuses grids whose estimated memory exceeds the machine's
     models = load_models(plan, device)      # builds the preset's networks, loads checkpoints strictly
     ct = generate(plan, models, seed=0)     # a Volume of int16 HU on the plan's grid
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +77,13 @@ def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, flo
 
 def _mask_problems(mask: Volume, preset: Preset, config: InferConfig, label_dict: dict[str, int]) -> list[str]:
     problems = []
+    if not mask.array.any():
+        # Nothing to condition on: the result would be air everywhere, a blank CT.
+        problems.append(
+            f"has no labelled voxel (every voxel is 0, background); a mask needs at least the body label "
+            f"{BODY_LABEL}"
+        )
+        return problems
     unknown = labels_not_in_dict(mask.array, label_dict)
     if unknown:
         shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
@@ -123,6 +134,109 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
         top, bottom = derived
     conditions = Conditions(mask.spacing, top, bottom, config.modality)
     return GenerationPlan(config, preset, mask.shape, mask.affine, conditions, mask, tuple(warnings))
+
+
+GIB = 1 << 30
+LATENT_WORKING_COPIES = 4  # noise, current latents, the UNet's output and the scheduler's update
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A lower bound of a sample's peak memory: on the host and, when it is not the host, the GPU."""
+
+    host_bytes: int
+    device_bytes: int  # 0 when the compute device is the CPU (everything is then counted on the host)
+
+
+def estimate_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
+    """Bytes one sample needs at least, from the grid, the preset and the checkpoints' sizes.
+
+    A simple lower bound, not a profile: with N output voxels, L latent elements, c0 the VAE decoder's
+    full-resolution channels and s = 4 bytes (float32) or 2 (half precision):
+
+    - latents: 4 L bytes x 4 working copies (noise, latents, UNet output, scheduler update), on the device;
+    - networks: the checkpoint files' sizes, on the device;
+    - mask mode: the mask itself on the host, plus its ControlNet bit-planes: 48 N on the host while they
+      are built (int64 labels 8 N, bool planes 8 N, float32 planes 32 N), then 32 N on the device;
+    - decoding: the float32 image (4 N), a float32 temporary of the HU conversion (4 N) and the int16 HU
+      (2 N) on the host; 'tiled' keeps the whole-volume intermediates of its last steps on the host
+      (c0 s N), 'full' holds the last block's input on the device (c0 s N), 'sliding_window' adds MONAI's
+      float32 weight map on the host (4 N);
+    - on CPU, host and device are one: the device's share is added to the host's.
+    """
+    config, preset = plan.config, plan.preset
+    voxels = int(np.prod(plan.shape))
+    latent = int(np.prod(plan.latent_shape))
+    half = autocast_dtype(config.precision, device) is not None
+    stored = preset.autoencoder["num_channels"][0] * (2 if half else 4) * voxels
+    parts = ["autoencoder", "diffusion_unet"] + (["controlnet"] if plan.mask is not None else [])
+    weights = sum(_file_size(getattr(config.checkpoints, part)) for part in parts)
+    mask = plan.mask.array.nbytes if plan.mask is not None else 0
+    planes = 32 * voxels if plan.mask is not None else 0
+    on_device = weights + 4 * latent * LATENT_WORKING_COPIES + planes
+    decode_host = 10 * voxels
+    method = config.decoding.method
+    if method == "tiled":
+        decode_host += stored  # its tiles' working memory is bounded by memory_budget_mb, not counted here
+    elif method == "full":
+        on_device += stored
+    else:
+        decode_host += 4 * voxels
+    building_planes = mask + (48 * voxels if plan.mask is not None else 0)
+    if device.type == "cpu":
+        return MemoryEstimate(max(building_planes, mask + decode_host + on_device), 0)
+    return MemoryEstimate(max(building_planes, mask + decode_host), on_device)
+
+
+def _file_size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:  # a missing checkpoint is reported when the networks load
+        return 0
+
+
+def available_ram_bytes() -> int:
+    """Physical memory of this machine, or the container's cgroup limit when that is lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" when unlimited
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
+    """Refuse a grid whose estimated memory exceeds the RAM (and on CUDA the GPU's memory).
+
+    Raises:
+        InputError: naming the grid, the estimate and what the machine has.
+    """
+    need = estimate_memory(plan, device)
+    where = f"mask {plan.config.mask}" if plan.mask is not None else "$.output_size"
+    grid = " x ".join(map(str, plan.shape))
+    advice = "generate a smaller grid or use a machine with more memory"
+    ram = available_ram_bytes()
+    if need.host_bytes > ram and plan.config.decoding.method == "tiled":
+        # The tiled decoder's whole-volume intermediates on the host are often what does not fit.
+        window = dataclasses.replace(plan.config.decoding, method="sliding_window")
+        other = dataclasses.replace(plan, config=dataclasses.replace(plan.config, decoding=window))
+        if estimate_memory(other, device).host_bytes <= ram:
+            advice = "set $.decoding.method to 'sliding_window' (approximate), " + advice
+    if need.host_bytes > ram:
+        raise InputError(
+            f"{where}: a {grid} grid needs at least {need.host_bytes / GIB:.1f} GiB of RAM (estimate for "
+            f"preset '{plan.preset.name}', {plan.config.decoding.method} decoding on {device.type}), but "
+            f"this machine has {ram / GIB:.1f} GiB; {advice}"
+        )
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_properties(device).total_memory
+        if need.device_bytes > gpu:
+            raise InputError(
+                f"{where}: a {grid} grid needs at least {need.device_bytes / GIB:.1f} GiB of GPU memory "
+                f"(estimate for preset '{plan.preset.name}', {plan.config.decoding.method} decoding), but "
+                f"{device} has {gpu / GIB:.1f} GiB; {advice}"
+            )
+    return need
 
 
 def load_models(plan: GenerationPlan, device: torch.device) -> Models:
@@ -213,6 +327,9 @@ def generate_checked(plan: GenerationPlan, models: Models, seed: int,
         tries.append({"seed": try_seed, **result.to_json()})
         if best is None or len(result.failed) < best[0]:
             best = (len(result.failed), ct)
+        if result.passed is None:  # nothing to judge in this mask: another seed would not change that
+            log.warning("seed %d: HU check not checked: %s", try_seed, result.reason)
+            break
         if result.passed:
             break
         log.warning("seed %d: HU check failed for %s (try %d of %d)", try_seed, ", ".join(result.failed), k + 1,

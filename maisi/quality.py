@@ -62,21 +62,42 @@ class OrganCheck:
 
 @dataclass(frozen=True)
 class HUCheck:
-    """The HU check of one CT: every organ judged, and which failed."""
+    """The HU check of one CT: every organ judged, and which failed.
+
+    ``passed`` is None ("not checked") when no checked organ is in the mask: nothing was judged, so
+    nothing passed; ``reason`` then says why.
+    """
 
     organs: tuple[OrganCheck, ...]
+    asked: tuple[str, ...] = tuple(ORGAN_LABELS)
 
     @property
-    def passed(self) -> bool:
+    def passed(self) -> bool | None:
+        if not self.organs:
+            return None
         return all(o.passed for o in self.organs)
 
     @property
     def failed(self) -> list[str]:
         return [o.organ for o in self.organs if not o.passed]
 
+    @property
+    def reason(self) -> str | None:
+        """Why the check judged nothing (None when it judged at least one organ)."""
+        if self.organs:
+            return None
+        organs = ", ".join(self.asked)
+        return f"no checked organ ({organs}) has {MIN_VOXELS} or more voxels in the mask"
+
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "failed": self.failed,
-                "organs": {o.organ: {**asdict(o), "passed": o.passed} for o in self.organs}}  # fmt: skip
+        report: dict[str, Any] = {
+            "passed": self.passed,
+            "failed": self.failed,
+            "organs": {o.organ: {**asdict(o), "passed": o.passed} for o in self.organs},
+        }
+        if self.reason is not None:
+            report["reason"] = self.reason
+        return report
 
 
 def hu_check(ct: Volume, mask: Volume, organs: list[str] | None = None) -> HUCheck:
@@ -103,7 +124,7 @@ def hu_check(ct: Volume, mask: Volume, organs: list[str] | None = None) -> HUChe
         if count >= MIN_VOXELS:
             low, high = ranges[organ]
             results.append(OrganCheck(organ, count, float(np.median(ct.array[inside])), low, high))
-    return HUCheck(tuple(results))
+    return HUCheck(tuple(results), tuple(names))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:

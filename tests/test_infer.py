@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -13,10 +16,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from maisi import infer
+from maisi import generation, infer
 from maisi.checkpoints import file_sha256
+from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
+from maisi.errors import InputError
 from tests.conftest import phantom_mask
+from tests.test_atomic import dead_pid, held_lock  # noqa: F401 - held_lock is a fixture
 
 
 def run_cli(config: Path, *flags: str) -> int:
@@ -46,8 +52,11 @@ def test_from_mask_writes_ct_on_the_mask_grid(infer_config, mask_file, tmp_path,
     assert meta["conditions"]["spacing_mm"] == [2.0, 2.0, 3.0] and meta["sampler"]["scheduler"] == "rflow"
     assert set(meta["timings_s"]) == {"sampling", "decoding", "writing", "total"}
     assert meta["config"]["preset"] == "tiny-rflow"
-    assert json.loads((out / "sample_resolved_config.json").read_text())["mask"] == str(mask_file)
-    assert not list(out.glob(".tmp-*"))
+    job_configs = list(out.glob("sample_job-*_config.json"))
+    assert [p.name for p in job_configs] == [f"sample_job-{meta['job_key'][:12]}_config.json"]
+    assert json.loads(job_configs[0].read_text())["mask"] == str(mask_file)
+    assert meta["outputs_sha256"] == {k: file_sha256(out / name) for k, name in meta["files"].items()}
+    assert not list(out.glob(".tmp-*")) and not (out / ".maisi.lock").exists()
 
 
 def fake_generate(bad_seeds: set[int]):
@@ -123,9 +132,8 @@ def test_seeds_are_reproducible_and_reruns_skip_finished_samples(infer_config, t
     a, b = (read_volume(out / f"sample_seed{s}_image.nii.gz").array for s in (0, 1))
     assert not np.array_equal(a, b)
     assert run_cli(config) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in first and "resolved" not in p.name} == {
-        k: v for k, v in first.items() if "resolved" not in k}  # fmt: skip
-    assert "2 skipped" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == first  # the job's config included
+    assert "0 generated, 2 skipped" in caplog.text
     (out / "sample_seed1.json").unlink()  # an unfinished sample is redone
     assert run_cli(config) == 0
     assert np.array_equal(read_volume(out / "sample_seed1_image.nii.gz").array, b)
@@ -160,6 +168,7 @@ def _broken_masks(tmp_path: Path) -> dict[str, Path]:
     unknown[6, 6, 6] = 250
     masks["unknown"] = write_volume(tmp_path / "unknown.nii.gz", Volume(unknown, affine))
     masks["size"] = write_volume(tmp_path / "size.nii.gz", Volume(phantom_mask((30, 32, 16)), affine))
+    masks["empty"] = write_volume(tmp_path / "empty.nii.gz", Volume(np.zeros((32, 32, 16), np.uint8), affine))
     return masks
 
 
@@ -178,12 +187,16 @@ BROKEN = [
     ("mask labels unknown", {"mask": "unknown"}, "labels not in the label dictionary: 250"),
     ("mask size", {"mask": "size"}, "size [30, 32, 16] is not a multiple of 16"),
     ("mask missing", {"mask": "/nonexistent/mask.nii.gz"}, "/nonexistent/mask.nii.gz: file not found"),
+    ("mask all zero", {"mask": "empty"}, "empty.nii.gz:\n  has no labelled voxel (every voxel is 0"),
+    ("controlnet missing", {"checkpoints": "no-controlnet"}, "controlnet checkpoint not found"),
+    ("label dict missing", {"label_dict": "/nonexistent/labels.json"}, "not found: /nonexistent/labels.json"),
 ]
 
 
+@pytest.mark.parametrize("flags", [(), ("--dry-run",)], ids=["run", "dry-run"])
 @pytest.mark.parametrize("changes, fragment", [(c, f) for _, c, f in BROKEN], ids=[n for n, _, _ in BROKEN])
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
-    changes, fragment, infer_config, tiny_checkpoints, tmp_path, capsys
+    changes, fragment, flags, infer_config, tiny_checkpoints, tmp_path, capsys
 ):
     changes = dict(changes)
     masks = _broken_masks(tmp_path)
@@ -194,14 +207,17 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
         changes["checkpoints"] = {**ckpt, "diffusion_unet": str(tmp_path / "nope.pt")}
     elif changes.get("checkpoints") == "ddpm-unet":
         changes["checkpoints"] = {**ckpt, "diffusion_unet": str(tiny_checkpoints["tiny-ddpm"]["diffusion_unet"])}
+    elif changes.get("checkpoints") == "no-controlnet":
+        changes["checkpoints"] = {**ckpt, "controlnet": str(tmp_path / "gone" / "controlnet.pt")}
     elif changes.get("checkpoints") == "no-scale":
         raw = torch.load(ckpt["diffusion_unet"], weights_only=True)
         torch.save({"unet_state_dict": raw["state_dict"]}, tmp_path / "released_unet.pt")
         changes["checkpoints"] = {**ckpt, "diffusion_unet": str(tmp_path / "released_unet.pt")}
-    assert run_cli(infer_config(**changes)) == 2
-    err = capsys.readouterr().err
+    assert run_cli(infer_config(**changes), *flags) == 2
+    captured = capsys.readouterr()
+    err = captured.err
     assert err.startswith("maisi.infer: error:") and fragment in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and captured.out == ""  # a dry run prints no config when a check fails
     assert not (tmp_path / "out").exists()
 
 
@@ -241,3 +257,242 @@ def test_module_entry_point_runs_in_a_fresh_process(infer_config, tmp_path):
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "sample_seed0_image.nii.gz").is_file()
+
+
+def last_line(caplog) -> str:
+    return caplog.records[-1].getMessage()
+
+
+def test_a_mask_without_a_checked_organ_is_not_checked_not_passed(
+    infer_config, tmp_path, monkeypatch, caplog
+):
+    mask = phantom_mask()
+    mask[mask == 1] = 23  # a lung tumour and the body: no organ the HU check knows
+    mask[mask == 28] = 200
+    path = write_volume(tmp_path / "tumour.nii.gz", Volume(mask, np.diag([2.0, 2.0, 3.0, 1.0])))
+    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    region = {"top": "chest", "bottom": "chest"}
+    assert run_cli(infer_config(mask=str(path), body_region=region, quality_check={"max_tries": 3})) == 0
+    check = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())["quality_check"]
+    assert check["passed"] is None and check["reason"].startswith("no checked organ (liver, spleen")
+    assert len(check["tries"]) == 1 and check["tries"][0]["organs"] == {}  # another seed would not change it
+    assert "seed 0: HU check not checked: no checked organ" in caplog.text
+    out = tmp_path / "out"
+    assert last_line(caplog) == (
+        f"finished: 1 generated, 0 skipped; HU check: 0 passed, 0 FAILED, 1 not checked; output in {out}"
+    )
+
+
+def test_summary_line_counts_the_verdicts_and_strict_quality_makes_a_failure_exit_1(
+    infer_config, tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "out"
+    monkeypatch.setattr(generation, "generate", fake_generate({1}))
+    config = infer_config(num_samples=2)  # one try per sample: seed 1 fails
+    assert run_cli(config) == 0
+    summary = "HU check: 1 passed, 1 FAILED (seeds 1), 0 not checked; output in"
+    assert last_line(caplog) == f"finished: 2 generated, 0 skipped; {summary} {out}"
+    assert caplog.records[-1].levelname == "WARNING"
+    caplog.clear()
+    # Skipped samples count with the verdict recorded in their metadata.
+    assert run_cli(config, "--strict-quality") == 1
+    strict = "; exit code 1: 1 sample(s) failed the HU check (strict quality)"
+    assert last_line(caplog) == f"finished: 0 generated, 2 skipped; {summary} {out}{strict}"
+    assert caplog.records[-1].levelname == "ERROR"
+    caplog.clear()
+    monkeypatch.setattr(generation, "generate", fake_generate({2}))
+    by_config = infer_config(seed=2, quality_check={"max_tries": 1, "fail_on_error": True})
+    assert run_cli(by_config) == 1
+    assert (out / "sample_seed2_image.nii.gz").is_file()  # the failed sample is still written
+    assert json.loads((out / "sample_seed2.json").read_text())["quality_check"]["passed"] is False
+    assert last_line(caplog).endswith(strict) and "1 generated, 0 skipped" in last_line(caplog)
+    caplog.clear()
+    assert run_cli(infer_config(seed=0, quality_check={"max_tries": 1, "fail_on_error": True})) == 0
+    assert "0 FAILED" in last_line(caplog) and caplog.records[-1].levelname == "INFO"
+
+
+def test_fail_on_error_is_in_the_schema_with_a_default_of_false(infer_config):
+    from maisi.config import load_schema
+
+    spec = load_schema("infer")["properties"]["quality_check"]["properties"]["fail_on_error"]
+    assert spec["type"] == "boolean" and spec["default"] is False and "exit" in spec["description"]
+    assert load_config(infer_config(), "infer").quality_check.fail_on_error is False
+
+
+def image_only(infer_config, size: int):
+    region = {"top": "chest", "bottom": "chest"}
+    return infer_config(mask=None, output_size=[size] * 3, spacing=[1.0, 1.0, 1.0], body_region=region)
+
+
+def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(
+    infer_config, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(generation, "available_ram_bytes", lambda: 64 << 30)
+    config = image_only(infer_config, 2048)
+    for flags in ((), ("--dry-run",)):
+        assert run_cli(config, *flags) == 2
+        err = capsys.readouterr().err
+        assert "$.output_size: a 2048 x 2048 x 2048 grid needs at least 344.0 GiB of RAM" in err, err
+        assert "but this machine has 64.0 GiB" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_estimate_follows_its_formula_on_cpu_and_cuda(infer_config, tiny_checkpoints):
+    plan = generation.plan_generation(load_config(infer_config(), "infer"))
+    n, latent = 32 * 32 * 16, 4 * 8 * 8 * 4
+    weights = sum(os.path.getsize(p) for p in tiny_checkpoints["tiny-rflow"].values())
+    # host: mask (1 byte a voxel), image 10 N, tiled intermediates 8 channels x 4 bytes, bit-planes 32 N
+    cpu = generation.estimate_memory(plan, torch.device("cpu"))
+    assert cpu == generation.MemoryEstimate(n + 10 * n + 32 * n + 32 * n + 16 * latent + weights, 0)
+    cuda = generation.estimate_memory(plan, torch.device("cuda"))  # float16: intermediates 2 bytes a channel
+    assert cuda == generation.MemoryEstimate(n + 48 * n, weights + 16 * latent + 32 * n)
+
+
+def test_a_grid_too_large_for_the_gpu_is_refused(infer_config, monkeypatch):
+    plan = generation.plan_generation(load_config(infer_config(), "infer"))
+    gpu = SimpleNamespace(total_memory=1 << 20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    with pytest.raises(InputError, match=r"needs at least 0\.0 GiB of GPU memory .* but cuda has 0\.0 GiB"):
+        generation.check_memory(plan, torch.device("cuda"))
+    assert generation.check_memory(plan, torch.device("cpu")).host_bytes < 10 << 20  # 32 x 32 x 16 fits
+
+
+def test_when_only_the_tiled_decoder_does_not_fit_the_refusal_says_so(infer_config, monkeypatch):
+    plan = generation.plan_generation(load_config(infer_config(), "infer"))
+    tiled = generation.estimate_memory(plan, torch.device("cpu")).host_bytes
+    monkeypatch.setattr(generation, "available_ram_bytes", lambda: tiled - 1)
+    with pytest.raises(InputError, match="set \\$.decoding.method to 'sliding_window'"):
+        generation.check_memory(plan, torch.device("cpu"))
+    monkeypatch.setattr(generation, "available_ram_bytes", lambda: 1000)  # nothing fits: no such advice
+    with pytest.raises(InputError, match="; generate a smaller grid"):
+        generation.check_memory(plan, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
+def test_an_unusable_output_location_exits_2_before_the_networks_load(
+    case, infer_config, tmp_path, monkeypatch, capsys
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the networks were loaded before the output location was checked")
+
+    monkeypatch.setattr(infer, "load_models", no_loading)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    target, expected = {
+        "a file": (blocker, "is a file, not a folder"),
+        "under a file": (blocker / "sub" / "out", f"cannot be created: {blocker} is a file"),
+        "not writable": (readonly / "out", f"cannot be created: {readonly} is not writable"),
+    }[case]
+    access = os.access  # tests may run as root, which may write anywhere: the check is what is tested
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != readonly and access(path, mode))
+    config = infer_config(output={"dir": str(target)})
+    for flags in ((), ("--dry-run",)):
+        assert run_cli(config, *flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"maisi.infer: error: output directory {target}") and expected in err, err
+    assert blocker.read_text() == "a file" and list(readonly.iterdir()) == []
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left(infer_config, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".tmp-{dead_pid()}-sample_seed0_image.nii.gz"
+    stale.write_bytes(b"half an image")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    live = out / f".tmp-{os.getpid()}-sample_seed7.json"  # its writer is alive: not ours to remove
+    live.write_text("{")
+    assert run_cli(infer_config()) == 0
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale.name}, left by a run that was killed" in caplog.text
+
+
+def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(
+    held_lock, infer_config, monkeypatch, capsys
+):
+    folder, holder = held_lock
+    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    assert run_cli(infer_config()) == 2
+    err = capsys.readouterr().err
+    assert f"output directory {folder} is in use by another run (pid {holder.pid}" in err, err
+    assert [p.name for p in folder.iterdir()] == [".maisi.lock"]  # nothing written
+
+
+def test_each_job_keeps_its_own_resolved_config(infer_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    assert run_cli(infer_config()) == 0
+    another_job = infer_config(seed=1, sampling={"num_inference_steps": 2})
+    assert run_cli(another_job) == 0
+    out = tmp_path / "out"
+    for seed, steps in ((0, 3), (1, 2)):
+        key = json.loads((out / f"sample_seed{seed}.json").read_text())["job_key"]
+        resolved = json.loads((out / f"sample_job-{key[:12]}_config.json").read_text())
+        assert resolved["sampling"]["num_inference_steps"] == steps and resolved["seed"] == seed
+    assert len(list(out.glob("*_config.json"))) == 2
+
+
+def _truncate_image(files):
+    data = files["image"].read_bytes()
+    files["image"].write_bytes(data[: len(data) // 2])
+
+
+def _drop_checksums(files):
+    meta = json.loads(files["metadata"].read_text())
+    del meta["outputs_sha256"]
+    files["metadata"].write_text(json.dumps(meta))
+
+
+DAMAGE = {
+    "truncated image": (
+        _truncate_image,
+        "sample_seed0_image.nii.gz does not match the SHA-256 recorded in sample_seed0.json",
+    ),
+    "missing preview": (lambda files: files["preview"].unlink(), "sample_seed0_preview.png is missing"),
+    "older metadata": (_drop_checksums, "sample_seed0.json records no checksums of the sample's files"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_sample_whose_files_do_not_match_their_checksums_is_generated_again(
+    damage, infer_config, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    config = infer_config()
+    assert run_cli(config) == 0
+    files = infer.sample_files(load_config(config, "infer"), 0)
+    original = read_volume(files["image"]).array
+    harm, reason = DAMAGE[damage]
+    harm(files)
+    caplog.clear()
+    assert run_cli(config) == 0
+    assert f"seed 0: generating again: {reason}" in caplog.text
+    assert "finished: 1 generated, 0 skipped" in last_line(caplog)
+    assert np.array_equal(read_volume(files["image"]).array, original)
+    meta = json.loads(files["metadata"].read_text())
+    assert meta["outputs_sha256"] == {k: file_sha256(p) for k, p in files.items() if k != "metadata"}
+
+
+@pytest.mark.parametrize(
+    "flag, value, bounds",
+    [
+        ("--seed", str(2**64), "[0, 4294967295]"),
+        ("--seed", "4294967296", "[0, 4294967295]"),
+        ("--seed", "-1", "[0, 4294967295]"),
+        ("--num-samples", "100001", "[1, 100000]"),
+        ("--num-samples", "0", "[1, 100000]"),
+    ],
+)
+def test_overrides_are_held_to_the_schema_bounds(flag, value, bounds, capsys):
+    with pytest.raises(SystemExit) as info:
+        infer.main(["--config", "x.json", f"{flag}={value}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {value} is outside {bounds}, the bounds of $." in err, err
+
+
+def test_overrides_at_the_schema_bounds_are_accepted():
+    argv = ["--config", "x", "--seed", "4294967295", "--num-samples", "100000"]
+    args = infer.build_parser().parse_args(argv)
+    assert (args.seed, args.num_samples) == (4294967295, 100000)

@@ -123,3 +123,16 @@ def test_label_hu_table_names_labels_and_gives_median_and_iqr(abdomen):
     assert liver["id"] == 1 and liver["voxels"] == int((mask.array == 1).sum())
     assert liver["median_hu"] == float(np.median(ct.array[mask.array == 1])) and 0 < liver["iqr_hu"] < 100
     assert "body" in table and all(entry["id"] != 0 for entry in table.values())
+
+
+def test_mask_without_a_checked_organ_is_not_checked_rather_than_passed(chest):
+    ct, mask = chest
+    tumour_and_body = np.where(mask.array > 0, 200, 0).astype(np.uint8)
+    tumour_and_body[60:80, 60:80, 20:30] = 23  # lung tumour: not one of the checked organs
+    result = hu_check(ct, mask.with_array(tumour_and_body))
+    assert result.organs == () and result.passed is None and result.failed == []
+    report = result.to_json()
+    assert report["passed"] is None and "no checked organ" in report["reason"] and "liver" in report["reason"]
+    only = hu_check(ct, mask, ["brain"])  # an organ list none of which is in the mask
+    assert only.passed is None and only.reason == "no checked organ (brain) has 10 or more voxels in the mask"
+    assert "reason" not in hu_check(ct, mask).to_json()  # judged organs: no reason

@@ -54,6 +54,7 @@ class QualityCheckConfig:
     enabled: bool
     max_tries: int
     organs: tuple[str, ...] | None
+    fail_on_error: bool
 
 
 @dataclass(frozen=True)
