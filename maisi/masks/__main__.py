@@ -98,9 +98,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     done = report.indexed + report.kept
     rate = report.indexed / report.seconds if report.seconds > 0 else 0.0
     print(
-        f"wrote {args.output}: {len(report.records)} entries ({report.indexed} indexed, {report.kept} unchanged "
-        f"kept, {len(report.dropped)} gone dropped, {len(report.bad)} bad skipped) in {report.seconds:.1f} s "
-        f"({rate:.2f} indexed masks/s, {done} masks)"
+        f"wrote {args.output}: {len(report.records)} entries ({report.indexed} indexed, "
+        f"{report.kept} unchanged kept, {len(report.dropped)} gone dropped, {len(report.bad)} bad skipped) "
+        f"in {report.seconds:.1f} s ({rate:.2f} indexed masks/s, {done} masks)"
     )
     return EXIT_OK
 
@@ -159,14 +159,15 @@ def cmd_query(args: argparse.Namespace) -> int:
         f"{args.spacing} mm (FOV {fov} mm), {args.num} sample(s), seed {args.seed}"
     )
     print(
-        f"{selection.matched} of {len(db.entries)} entries pass the filter, {len(selection.ranked)} are large "
-        f"enough; drawing from the best {selection.pool_size}"
+        f"{selection.matched} of {len(db.entries)} entries pass the filter, {len(selection.ranked)} are "
+        f"large enough; drawing from the best {selection.pool_size}"
     )
     for i, c in enumerate(selection.picks):
         e = c.entry
         print(
-            f"sample {i}: {db.mask_path(e)}  rank {c.rank}/{len(selection.ranked)}  dim {list(e.dim)}  spacing "
-            f"{[round(s, 3) for s in e.spacing]} mm  FOV {[round(v, 1) for v in e.fov_mm]} mm  {c.why()}"
+            f"sample {i}: {db.mask_path(e)}  rank {c.rank}/{len(selection.ranked)}  dim {list(e.dim)}  "
+            f"spacing {[round(s, 3) for s in e.spacing]} mm  FOV {[round(v, 1) for v in e.fov_mm]} mm  "
+            f"{c.why()}"
         )
     return EXIT_OK
 

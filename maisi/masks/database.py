@@ -152,15 +152,13 @@ def parse_database(data: Any, source: str | Path) -> list[MaskEntry]:
         raise DatabaseError(source, problems)
     entries, seen = [], {}
     for i, record in enumerate(data):
+        path = record["pseudo_label_filename"]
+        if path in seen:
+            problems.append(f"{json_path([i, 'pseudo_label_filename'])}: '{path}' is also in $[{seen[path]}]")
+        seen.setdefault(path, i)
         entry = _entry(i, record, problems)
-        if entry is None:
-            continue
-        if entry.path in seen:
-            problems.append(
-                f"{json_path([i, 'pseudo_label_filename'])}: '{entry.path}' is also in $[{seen[entry.path]}]"
-            )
-        seen.setdefault(entry.path, i)
-        entries.append(entry)
+        if entry is not None:
+            entries.append(entry)
     if problems:
         raise DatabaseError(source, problems)
     return entries
