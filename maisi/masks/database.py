@@ -253,6 +253,16 @@ def grid_problems(volume: Volume) -> list[str]:
     return problems
 
 
+def label_counts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label ids present and their voxel counts: ``np.bincount`` (one linear pass) for labels in 0..65535,
+    ``np.unique`` (a sort, several times slower on a 512 x 512 x 256 mask) otherwise."""
+    if array.dtype.kind in "iu" and array.size and int(array.min()) >= 0 and int(array.max()) < 65536:
+        counts = np.bincount(array.ravel())
+        ids = np.flatnonzero(counts)
+        return ids, counts[ids]
+    return np.unique(array, return_counts=True)
+
+
 def describe_mask(path: str | Path, relative_path: str, label_dict: dict[str, int]) -> dict[str, Any]:
     """A database record for one mask file (reads the voxels: ``label_list`` needs them).
 
@@ -264,12 +274,12 @@ def describe_mask(path: str | Path, relative_path: str, label_dict: dict[str, in
     sha = file_sha256(path)
     volume = read_mask(path)
     problems = grid_problems(volume)
-    unknown = labels_not_in_dict(volume.array, label_dict)
+    ids, counts = label_counts(volume.array)
+    unknown = labels_not_in_dict(ids, label_dict)
     if unknown:
         problems.append(f"labels not in the label dictionary: {unknown[:20]} (remap it to MAISI ids)")
     if problems:
         raise VolumeError(f"{path}: " + "; ".join(problems))
-    ids, counts = np.unique(volume.array, return_counts=True)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     present = [(int(i), int(c)) for i, c in zip(ids, counts) if i != 0]
     record: dict[str, Any] = {

@@ -20,6 +20,7 @@ from maisi.masks.database import (
     DatabaseError,
     build_database,
     index_masks,
+    label_counts,
     load_database,
     read_entry_mask,
     summarise,
@@ -285,3 +286,13 @@ def test_torchrun_shards_the_work_and_rank0_writes(real_masks, tmp_path):
     assert result.returncode == 0, result.stderr
     single = build_database([real_masks / "masks"], tmp_path / "single.json", mask_root=real_masks)
     assert json.loads(out.read_text()) == single.records
+
+
+@pytest.mark.parametrize(
+    "dtype, low, high", [(np.uint8, 0, 256), (np.int16, -5, 300), (np.int32, 0, 70000), (np.uint16, 0, 1)]
+)
+def test_label_counts_equal_numpys_unique(dtype, low, high):
+    array = np.random.default_rng(0).integers(low, high, size=(9, 7, 5)).astype(dtype)
+    ids, counts = label_counts(array)
+    expected_ids, expected_counts = np.unique(array, return_counts=True)
+    assert ids.tolist() == expected_ids.tolist() and counts.tolist() == expected_counts.tolist()
