@@ -5,7 +5,8 @@ the requested size, then times, per mask:
 
 - header only (``read_geometry``): enough for ``dim`` and ``spacing``;
 - SHA-256 of the file: what a restart reads to keep an unchanged entry;
-- full read + ``np.unique`` (``read_mask``): what ``label_list``, the regions and the voxel counts need;
+- full read + label counts (``read_mask``, one ``np.bincount`` pass): what ``label_list``, the regions
+  and the voxel counts need;
 - ``index`` from scratch with 1..W local workers, and a restart over the unchanged masks.
 
 ``label_list`` needs every voxel, so a fresh index cannot be header-only; a restart is (it hashes the
@@ -26,7 +27,7 @@ import numpy as np
 
 from maisi.data.io import Volume, read_geometry, read_mask, write_volume
 from maisi.files import file_sha256
-from maisi.masks.database import build_database, write_database
+from maisi.masks.database import build_database, label_counts, write_database
 
 ORGANS = (1, 3, 4, 5, 14, 28, 30, 62, 93)  # liver, spleen, pancreas, kidneys, lung lobes, colon, femur
 
@@ -77,8 +78,8 @@ def main() -> None:
         print(f"{args.num} masks of {list(size)} uint8 voxels ({args.format}, {megabytes:.2f} MB per file)")
         print(f"  header only (dim, spacing)          {per_second(files, read_geometry):8.1f} masks/s")
         print(f"  SHA-256 (restart check)             {per_second(files, file_sha256):8.1f} masks/s")
-        full = per_second(files, lambda p: np.unique(read_mask(p).array, return_counts=True))
-        print(f"  full read + unique (label_list)     {full:8.1f} masks/s")
+        full = per_second(files, lambda p: label_counts(read_mask(p).array))
+        print(f"  full read + counts (label_list)     {full:8.1f} masks/s")
         database = folder / "db.json"
         for workers in args.workers:
             report = build_database([folder / "masks"], database, workers=workers)
