@@ -26,6 +26,7 @@ from maisi.masks.database import (
     summarise,
     write_database,
 )
+from maisi.masks.retrieval import select_masks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,6 +103,8 @@ def test_maisi_released_layout_loads_unchanged(real_masks, tmp_path):
     assert ts.spacing == (3.0, 3.0, 3.0) and ts.regions == (1, 2) and 0 not in ts.label_ids
     assert chest.regions == (1, 1)  # no indices: lung lobes in label_list -> chest
     assert read_entry_mask(db, ts).shape == (122, 101, 30)
+    picks = select_masks(db, ["liver"], ["chest"], (128, 128, 32), (3.0, 3.0, 3.0), 1, 0).picks
+    assert [c.entry.path for c in picks] == ["TotalSeg/cases/ts.nii.gz"]
     assert ts.record == released[0] and database.read_bytes() == before
 
 
