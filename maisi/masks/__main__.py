@@ -1,0 +1,185 @@
+"""``python -m maisi.masks``: mask databases in MAISI's candidate format.
+
+    index  build or update a database from folders / globs of masks in MAISI ids (restartable;
+           ``--workers N`` local processes, or ``torchrun --nproc_per_node=N -m maisi.masks index ...``)
+    show   summarise a database: entries, classes, body regions, dim / spacing / FOV ranges
+    query  print the masks a request would use (path, FOV, score terms), reproducibly for a seed
+
+Exit codes: 0 success, 2 bad input (one message naming the file, key or value; nothing written),
+1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from maisi.cli import EXIT_OK, run_guarded, setup_logging
+from maisi.distributed import finish, init_from_env
+from maisi.errors import InputError
+from maisi.labels import load_label_dict
+from maisi.masks.database import index_masks, load_database, summarise
+from maisi.masks.retrieval import REGION_INDEX, Candidate, select_masks
+
+PROG = "maisi.masks"
+log = logging.getLogger(PROG)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Mask databases in MAISI's candidate format.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    idx = sub.add_parser("index", help="build or update a database from masks in MAISI ids")
+    idx.add_argument("--masks", required=True, nargs="+", metavar="SRC", help="folders (recursive) or globs")
+    idx.add_argument("--output", required=True, help="the database JSON (updated in place if it exists)")
+    idx.add_argument(
+        "--mask-root", default=None, help="folder mask paths are relative to (default: --output's)"
+    )
+    idx.add_argument(
+        "--label-dict", default=None, help="ids the masks may hold (default: MAISI's dictionary)"
+    )
+    idx.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    idx.add_argument(
+        "--skip-bad", action="store_true", help="list bad masks and leave them out (default: exit 2)"
+    )
+
+    for name, text in (("show", "summarise a database"), ("query", "print the masks a request would use")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--database", required=True, help="database JSON (ours or MAISI's released file)")
+        cmd.add_argument(
+            "--mask-root", default=None, help="folder mask paths are relative to (default: its own)"
+        )
+        cmd.add_argument("--label-dict", default=None, help="name -> id JSON (default: MAISI's dictionary)")
+        cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if name == "query":
+            cmd.add_argument("--anatomy", nargs="+", default=[], metavar="NAME", help="label names to hold")
+            cmd.add_argument(
+                "--region",
+                nargs="+",
+                default=[],
+                metavar="NAME",
+                help=f"body regions ({', '.join(REGION_INDEX)})",
+            )
+            cmd.add_argument("--output-size", required=True, nargs=3, type=int, metavar=("X", "Y", "Z"))
+            cmd.add_argument("--spacing", required=True, nargs=3, type=float, metavar=("SX", "SY", "SZ"))
+            cmd.add_argument("--num", type=int, default=1, help="number of samples (default 1)")
+            cmd.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise InputError(f"--workers {args.workers}: expected at least 1")
+    label_dict = load_label_dict(args.label_dict)
+    ranks = init_from_env(torch.device("cpu"))
+    try:
+        report = index_masks(
+            args.masks,
+            args.output,
+            mask_root=args.mask_root,
+            label_dict=label_dict,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            ranks=ranks,
+            show_progress=True,
+        )
+    finally:
+        finish(ranks)
+    if not ranks.is_main:
+        return EXIT_OK
+    for _, reason in report.bad:
+        log.warning("skipped: %s", reason)
+    done = report.indexed + report.kept
+    rate = report.indexed / report.seconds if report.seconds > 0 else 0.0
+    print(
+        f"wrote {args.output}: {len(report.records)} entries ({report.indexed} indexed, "
+        f"{report.kept} unchanged kept, {len(report.dropped)} gone dropped, {len(report.bad)} bad skipped) "
+        f"in {report.seconds:.1f} s ({rate:.2f} indexed masks/s, {done} masks)"
+    )
+    return EXIT_OK
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print(f"database  {summary['database']} (masks under {summary['mask_root']})")
+    print(f"entries   {summary['entries']}")
+    for key, unit in (("dim", "voxels"), ("spacing_mm", "mm"), ("fov_mm", "mm")):
+        value = summary[key]
+        if value:
+            print(f"{key:<9} {value['min']} .. {value['max']} {unit}")
+    print("regions   " + ", ".join(f"{span}: {n}" for span, n in summary["regions"].items()))
+    print(f"classes   {len(summary['classes'])} (id, name, entries holding it)")
+    for item in summary["classes"]:
+        print(f"  {item['id']:3d} {item['name']:<40} {item['entries']}")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    label_dict = load_label_dict(args.label_dict)
+    summary = summarise(load_database(args.database, args.mask_root), label_dict)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return EXIT_OK
+
+
+def _candidate_json(sample: int | None, c: Candidate) -> dict[str, Any]:
+    e = c.entry
+    return {
+        **({"sample": sample} if sample is not None else {}),
+        "path": e.path,
+        "rank": c.rank,
+        "dim": list(e.dim),
+        "spacing": list(e.spacing),
+        "fov_mm": [round(v, 1) for v in e.fov_mm],
+        "score": round(c.score, 4),
+        "fov_term": round(c.fov_term, 4),
+        "dim_term": round(c.dim_term, 4),
+        "spacing_term": round(c.spacing_term, 4),
+    }
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    label_dict = load_label_dict(args.label_dict)
+    db = load_database(args.database, args.mask_root)
+    selection = select_masks(
+        db, args.anatomy, args.region, args.output_size, args.spacing, args.num, args.seed, label_dict
+    )
+    if args.json:
+        print(json.dumps({"picks": [_candidate_json(i, c) for i, c in enumerate(selection.picks)]}, indent=2))
+        return EXIT_OK
+    fov = [round(n * s, 1) for n, s in zip(args.output_size, args.spacing)]
+    print(
+        f"request: anatomy {args.anatomy} within {args.region or 'any region'}, output {args.output_size} at "
+        f"{args.spacing} mm (FOV {fov} mm), {args.num} sample(s), seed {args.seed}"
+    )
+    print(
+        f"{selection.matched} of {len(db.entries)} entries pass the filter, {len(selection.ranked)} are "
+        f"large enough; drawing from the best {selection.pool_size}"
+    )
+    for i, c in enumerate(selection.picks):
+        e = c.entry
+        print(
+            f"sample {i}: {db.mask_path(e)}  rank {c.rank}/{len(selection.ranked)}  dim {list(e.dim)}  "
+            f"spacing {[round(s, 3) for s in e.spacing]} mm  FOV {[round(v, 1) for v in e.fov_mm]} mm  "
+            f"{c.why()}"
+        )
+    return EXIT_OK
+
+
+COMMANDS = {"index": cmd_index, "show": cmd_show, "query": cmd_query}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_guarded(PROG, lambda: COMMANDS[args.command](args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
