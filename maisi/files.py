@@ -82,3 +82,23 @@ def install_verified(src: str | Path, dest: str | Path, sha256: str | None, size
         except OSError:  # another file system, or links not supported
             shutil.copyfile(src, tmp)
         return check_file(tmp, sha256, size)
+
+
+def check_output_dir(out: str | Path, setting: str) -> None:
+    """Refuse an output folder that cannot be created or written, before any work; creates nothing.
+
+    Args:
+        out: the folder.
+        setting: where the user sets it, for the message (e.g. ``"--output-dir or $.output.dir"``).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output directory {out} is a file, not a folder (set another {setting})")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"output directory {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == out else f"cannot be created: {existing} is not writable"
+        raise InputError(f"output directory {out} {what}")

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from maisi import generation, infer
+from maisi import generation, generation_run, infer
 from maisi.checkpoints import file_sha256
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
@@ -239,7 +239,7 @@ def test_runtime_failure_exits_1_with_a_traceback(infer_config, monkeypatch, cap
     def explode(*args, **kwargs):
         raise RuntimeError("simulated out of memory")
 
-    monkeypatch.setattr(infer, "generate_checked", explode)
+    monkeypatch.setattr(generation_run, "generate_checked", explode)
     assert run_cli(infer_config()) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "simulated out of memory" in err and "runtime failure" in err
@@ -375,7 +375,7 @@ def test_an_unusable_output_location_exits_2_before_the_networks_load(
     def no_loading(*args, **kwargs):
         raise AssertionError("the networks were loaded before the output location was checked")
 
-    monkeypatch.setattr(infer, "load_models", no_loading)
+    monkeypatch.setattr(generation_run, "load_models", no_loading)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
     readonly = tmp_path / "readonly"
@@ -461,7 +461,7 @@ def test_a_sample_whose_files_do_not_match_their_checksums_is_generated_again(
     monkeypatch.setattr(generation, "generate", fake_generate(set()))
     config = infer_config()
     assert run_cli(config) == 0
-    files = infer.sample_files(load_config(config, "infer"), 0)
+    files = generation_run.sample_files(load_config(config, "infer"), 0)
     original = read_volume(files["image"]).array
     harm, reason = DAMAGE[damage]
     harm(files)
