@@ -72,7 +72,7 @@ def _is_state_dict(obj: Any) -> bool:
 # would not build; its wording differs between torch versions, so it is matched loosely, case-insensitively.
 _CODE_PATTERNS = (
     re.compile(r"\bGLOBAL\s+(\S+?)\.?(?:\s|$)", re.IGNORECASE),
-    re.compile(r"call reduce for (?:unrecognized )?function (.+?)(?: which belongs to .*)?$", re.IGNORECASE | re.M),
+    re.compile(r"call reduce for (?:unrecognized )?function (.+?)(?: which belongs to .*)?$", re.I | re.M),
     re.compile(r"(?:create new object|build) .*?but got (\S+)", re.IGNORECASE),
 )
 
@@ -88,8 +88,12 @@ def code_in_pickle_error(message: str) -> str | None:
 
 
 def _torch_load(path: Path, what: str, noun: str = "PyTorch checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` of ``path``; CheckpointError (``what`` first) for files that hold code
-    (refused, nothing run) or are not PyTorch files at all (``noun`` says what was expected)."""
+    """``torch.load(weights_only=True)`` of ``path``.
+
+    Raises:
+        CheckpointError: (message starting with ``what``) the file holds code (refused, nothing run) or is not
+            a PyTorch file at all (``noun`` says what was expected).
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -97,8 +101,10 @@ def _torch_load(path: Path, what: str, noun: str = "PyTorch checkpoint") -> Any:
         if code is None:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{what}{path}: not a readable {noun} ({first})") from None
-        raise CheckpointError(f"{what}{path}: refused: it holds code ({code}), not only weights; checkpoints are "
-                              "loaded with torch.load(weights_only=True), which never runs code from a file") from None
+        raise CheckpointError(
+            f"{what}{path}: refused: it holds code ({code}), not only weights; checkpoints are loaded with "
+            "torch.load(weights_only=True), which never runs code from a file"
+        ) from None
     except Exception as e:  # noqa: BLE001 - zip/EOF/format errors all mean "not a checkpoint"
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise CheckpointError(f"{what}{path}: not a readable {noun} ({type(e).__name__}: {first})") from None
@@ -117,11 +123,15 @@ def _checked_state_dict(obj: dict, field: str, path: Path, layout: str) -> dict[
         raise _malformed(path, layout, field, f"has type {type(value).__name__}, expected a dict of tensors")
     if not value:
         raise _malformed(path, layout, field, "is empty, expected the network's tensors")
-    bad = [f"{k!r} ({type(v).__name__})" for k, v in value.items()
-           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [
+        f"{k!r} ({type(v).__name__})"
+        for k, v in value.items()
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+    ]
     if bad:
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise _malformed(path, layout, field, f"holds entries that are not named tensors: {', '.join(bad[:3])}{more}")
+        problem = f"holds entries that are not named tensors: {', '.join(bad[:3])}{more}"
+        raise _malformed(path, layout, field, problem)
     return value
 
 
@@ -135,20 +145,23 @@ def _checked_scale_factor(obj: dict, path: Path, layout: str) -> float | None:
         return None
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise _malformed(path, layout, "scale_factor",
-                             f"is a {value.dtype} tensor of shape {list(value.shape)}, expected one real number")
+            problem = f"is a {value.dtype} tensor of shape {list(value.shape)}, expected one real number"
+            raise _malformed(path, layout, "scale_factor", problem)
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _malformed(path, layout, "scale_factor", f"is {value!r} ({type(value).__name__}), expected a number")
+        problem = f"is {value!r} ({type(value).__name__}), expected a number"
+        raise _malformed(path, layout, "scale_factor", problem)
     if not math.isfinite(value) or value <= 0:
         raise _malformed(path, layout, "scale_factor", f"is {value}, expected a finite number > 0")
     return float(value)
 
 
 def _checked_optional(obj: dict, field: str, kind: type, path: Path) -> Any:
+    """``obj[field]`` when it is null, absent or of type ``kind``; CheckpointError naming the field else."""
     value = obj.get(field)
     if value is not None and not isinstance(value, kind):
-        raise _malformed(path, FORMAT, field, f"has type {type(value).__name__}, expected a {kind.__name__} or null")
+        problem = f"has type {type(value).__name__}, expected a {kind.__name__} or null"
+        raise _malformed(path, FORMAT, field, problem)
     return value
 
 
@@ -168,9 +181,14 @@ def _read_ours(obj: dict, path: Path, part: Part) -> Weights:
     architecture = _checked_optional(obj, "architecture", dict, path)
     if architecture is not None and not all(isinstance(k, str) for k in architecture):
         raise _malformed(path, FORMAT, "architecture", "has keys that are not strings")
-    return Weights(path, _checked_state_dict(obj, "state_dict", path, FORMAT), "maisi",
-                   _checked_scale_factor(obj, path, FORMAT), _checked_optional(obj, "preset", str, path),
-                   architecture)
+    return Weights(
+        path,
+        _checked_state_dict(obj, "state_dict", path, FORMAT),
+        "maisi",
+        _checked_scale_factor(obj, path, FORMAT),
+        _checked_optional(obj, "preset", str, path),
+        architecture,
+    )
 
 
 def read_weights(path: str | Path, part: Part) -> Weights:
@@ -191,7 +209,8 @@ def read_weights(path: str | Path, part: Part) -> Weights:
             if key in obj:
                 if holder != part:
                     raise CheckpointError(
-                        f"{path}: holds a released MAISI {holder} checkpoint ('{key}'), expected a {part} checkpoint"
+                        f"{path}: holds a released MAISI {holder} checkpoint ('{key}'), "
+                        f"expected a {part} checkpoint"
                     )
                 fmt: SourceFormat = "released-unet" if holder == "diffusion_unet" else "released-controlnet"
                 layout = f"released MAISI {holder}"
@@ -212,7 +231,7 @@ def read_plain_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]
     MedicalNet's release layout), ``module.`` prefixes dropped. ``key`` is the config key the path came from.
 
     Raises:
-        CheckpointError: missing or unreadable file, a file holding code, or a file holding no dict of tensors.
+        CheckpointError: missing or unreadable file, a file holding code, or one holding no dict of tensors.
     """
     path = Path(path)
     if not path.is_file():

@@ -178,7 +178,9 @@ def _non_finite_paths(data: Any, parts: tuple[Any, ...] = ()) -> list[str]:
     return []
 
 
-def read_json(path: str | Path, *, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+def read_json(
+    path: str | Path, *, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
+) -> Any:
     """Parse a user's JSON file (config, datalist, mapping, label dictionary ...): the one shared reader.
 
     Refuses, as a ConfigError naming the file: a missing or unreadable file, text that is not UTF-8 (a BOM is
@@ -203,11 +205,12 @@ def read_json(path: str | Path, *, object_pairs_hook: Callable[[list[tuple[str, 
     try:
         text = raw.decode("utf-8-sig")  # a BOM (Windows editors) is harmless
     except UnicodeDecodeError as e:
-        raise ConfigError(str(path), [f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                                      "save the file as UTF-8"]) from None
+        problem = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        raise ConfigError(str(path), [problem]) from None
     try:
-        data = json.loads(text, parse_constant=_NonFinite, parse_float=_parse_float,
-                          object_pairs_hook=object_pairs_hook)
+        data = json.loads(
+            text, parse_constant=_NonFinite, parse_float=_parse_float, object_pairs_hook=object_pairs_hook
+        )
     except json.JSONDecodeError as e:
         raise ConfigError(str(path), [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from None
     non_finite = _non_finite_paths(data)

@@ -157,25 +157,32 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.json", "infer")
 
 
-# --------------------------------------------------------------------- what Python's json accepts but JSON is not
+# ------------------------------------------------------------ what Python's json accepts but JSON is not
 
-SHIPPED = {"infer": "inference.json", "encode": "encode_sample_data.json", "evaluate": "evaluate_example.json",
-           "train": "train_sample_data.json"}
+SHIPPED = {
+    "infer": "inference.json",
+    "encode": "encode_sample_data.json",
+    "evaluate": "evaluate_example.json",
+    "train": "train_sample_data.json",
+}
+NOT_FINITE = "expected a finite number (JSON has no NaN or Infinity)"
 
 
 @pytest.mark.parametrize(
-    "literal, shown", [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"), ("1e999", "1e999")]
+    "literal, shown",
+    [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"), ("1e999", "1e999")],
 )
 def test_non_finite_numbers_are_refused_with_their_json_path(tmp_path, literal, shown):
     """``"spacing": [NaN, ...]`` used to validate (NaN compares false to every bound) and fail deep inside."""
-    text = json.dumps(_minimal(tmp_path)).replace('"spacing": [1.0, 1.0, 2.0]', f'"spacing": [1.0, {literal}, 2.0]')
-    text = text[:-1] + f', "sampling": {{"conditioning_scale": {literal}}}, "decoding": {{"sw_overlap": {literal}}}}}'
+    data = {**_minimal(tmp_path), "sampling": {"conditioning_scale": "X"}, "decoding": {"sw_overlap": "X"}}
+    data["spacing"] = [1.0, "X", 2.0]
+    text = json.dumps(data).replace('"X"', literal)
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text)
     assert info.value.errors == [
-        f"$.spacing[1]: got {shown}, expected a finite number (JSON has no NaN or Infinity)",
-        f"$.sampling.conditioning_scale: got {shown}, expected a finite number (JSON has no NaN or Infinity)",
-        f"$.decoding.sw_overlap: got {shown}, expected a finite number (JSON has no NaN or Infinity)",
+        f"$.spacing[1]: got {shown}, {NOT_FINITE}",
+        f"$.sampling.conditioning_scale: got {shown}, {NOT_FINITE}",
+        f"$.decoding.sw_overlap: got {shown}, {NOT_FINITE}",
     ]
     assert str(tmp_path / "cfg.json") in str(info.value)
 
@@ -189,7 +196,7 @@ def test_every_config_kind_refuses_nan(tmp_path, kind, shipped):
     path.write_text(json.dumps(data).replace('"__NAN__"', "NaN"))
     with pytest.raises(ConfigError) as info:
         load_config(path, kind)
-    assert info.value.errors == ["$.seed: got NaN, expected a finite number (JSON has no NaN or Infinity)"]
+    assert info.value.errors == [f"$.seed: got NaN, {NOT_FINITE}"]
 
 
 def test_a_string_spelled_nan_is_only_a_string(tmp_path):
@@ -222,7 +229,7 @@ def test_config_path_that_is_a_directory(tmp_path):
 
 
 def test_datalists_and_mappings_share_the_reader(tmp_path):
-    """The datalist and label-mapping readers go through ``read_json``: NaN and non-UTF-8 are refused there too."""
+    """The datalist and label-mapping readers go through ``read_json``: NaN and non-UTF-8 are refused too."""
     from maisi.data.datalist import read_datalist
     from maisi.labels import load_label_dict
     from maisi.labels.mapping import load_mapping
@@ -232,6 +239,7 @@ def test_datalists_and_mappings_share_the_reader(tmp_path):
     with pytest.raises(ConfigError, match=r"\$\.training\[0\]\.spacing\[1\]: got NaN"):
         read_datalist(datalist)
     mapping = tmp_path / "mapping.json"
-    mapping.write_bytes('{"mapping": [{"source_id": 1, "source_name": "f\xf6o", "target": "liver"}]}'.encode("cp1252"))
+    text = '{"mapping": [{"source_id": 1, "source_name": "f\xf6o", "target": "liver"}]}'
+    mapping.write_bytes(text.encode("cp1252"))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_mapping(str(mapping), load_label_dict())
