@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +28,7 @@ import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
 from maisi.files import file_sha256  # noqa: F401 - re-exported: callers import it from here
-from maisi.networks import Part, Preset, RuntimeOptions, architecture_of, build_network
+from maisi.networks import PARTS, Part, Preset, RuntimeOptions, architecture_of, build_network
 
 FORMAT = "maisi-checkpoint"
 FORMAT_VERSION = 1
@@ -51,51 +53,163 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _as_float(value: Any) -> float | None:
+# torch's weights_only unpickler names the callable or class it refused ("Unsupported global: GLOBAL print was
+# not an allowed global", "unsupported GLOBAL posix.system whose module posix is blocked") or the object it
+# would not build; its wording differs between torch versions, so it is matched loosely, case-insensitively.
+_CODE_PATTERNS = (
+    re.compile(r"\bGLOBAL\s+(\S+?)\.?(?:\s|$)", re.IGNORECASE),
+    re.compile(r"call reduce for (?:unrecognized )?function (.+?)(?: which belongs to .*)?$", re.I | re.M),
+    re.compile(r"(?:create new object|build) .*?but got (\S+)", re.IGNORECASE),
+)
+
+
+def code_in_pickle_error(message: str) -> str | None:
+    """What torch's weights_only unpickler refused to run or build (e.g. ``posix.system``), or None when
+    ``message`` is about something else (a corrupt or truncated file)."""
+    for pattern in _CODE_PATTERNS:
+        found = pattern.search(message)
+        if found:
+            return found.group(1).strip("`'\".,")
+    return None
+
+
+def _torch_load(path: Path, what: str, noun: str = "PyTorch checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` of ``path``.
+
+    Raises:
+        CheckpointError: (message starting with ``what``) the file holds code (refused, nothing run) or is not
+            a PyTorch file at all (``noun`` says what was expected).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = code_in_pickle_error(str(e))
+        if code is None:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{what}{path}: not a readable {noun} ({first})") from None
+        raise CheckpointError(
+            f"{what}{path}: refused: it holds code ({code}), not only weights; checkpoints are loaded with "
+            "torch.load(weights_only=True), which never runs code from a file"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - zip/EOF/format errors all mean "not a checkpoint"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"{what}{path}: not a readable {noun} ({type(e).__name__}: {first})") from None
+
+
+def _malformed(path: Path, layout: str, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: malformed {layout} checkpoint: field '{field}' {problem}")
+
+
+def _checked_state_dict(obj: dict, field: str, path: Path, layout: str) -> dict[str, torch.Tensor]:
+    """``obj[field]`` when it is a non-empty dict of name -> tensor; CheckpointError naming the field else."""
+    if field not in obj:
+        raise _malformed(path, layout, field, "is missing")
+    value = obj[field]
+    if not isinstance(value, dict):
+        raise _malformed(path, layout, field, f"has type {type(value).__name__}, expected a dict of tensors")
+    if not value:
+        raise _malformed(path, layout, field, "is empty, expected the network's tensors")
+    bad = [
+        f"{k!r} ({type(v).__name__})"
+        for k, v in value.items()
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+    ]
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        problem = f"holds entries that are not named tensors: {', '.join(bad[:3])}{more}"
+        raise _malformed(path, layout, field, problem)
+    return value
+
+
+def _checked_scale_factor(obj: dict, path: Path, layout: str) -> float | None:
+    """The ``scale_factor`` as a finite positive float (None when absent or null).
+
+    A NaN, infinite, zero or negative factor would decode every latent to a blank or NaN image.
+    """
+    value = obj.get("scale_factor")
     if value is None:
         return None
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            problem = f"is a {value.dtype} tensor of shape {list(value.shape)}, expected one real number"
+            raise _malformed(path, layout, "scale_factor", problem)
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problem = f"is {value!r} ({type(value).__name__}), expected a number"
+        raise _malformed(path, layout, "scale_factor", problem)
+    if not math.isfinite(value) or value <= 0:
+        raise _malformed(path, layout, "scale_factor", f"is {value}, expected a finite number > 0")
+    return float(value)
+
+
+def _checked_optional(obj: dict, field: str, kind: type, path: Path) -> Any:
+    """``obj[field]`` when it is null, absent or of type ``kind``; CheckpointError naming the field else."""
+    value = obj.get(field)
+    if value is not None and not isinstance(value, kind):
+        problem = f"has type {type(value).__name__}, expected a {kind.__name__} or null"
+        raise _malformed(path, FORMAT, field, problem)
+    return value
+
+
+def _read_ours(obj: dict, path: Path, part: Part) -> Weights:
+    """Our format, every field that loading uses checked."""
+    version = obj.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _malformed(path, FORMAT, "format_version", f"is {version!r}, expected an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: {FORMAT} format_version {version} is newer than this maisi "
+                              f"{maisi.__version__} reads ({FORMAT_VERSION}); update maisi")
+    holder = obj.get("part")
+    if holder not in PARTS:
+        raise _malformed(path, FORMAT, "part", f"is {holder!r}, expected one of {list(PARTS)}")
+    if holder != part:
+        raise CheckpointError(f"{path}: holds a {holder} checkpoint, expected a {part} checkpoint")
+    architecture = _checked_optional(obj, "architecture", dict, path)
+    if architecture is not None and not all(isinstance(k, str) for k in architecture):
+        raise _malformed(path, FORMAT, "architecture", "has keys that are not strings")
+    return Weights(
+        path,
+        _checked_state_dict(obj, "state_dict", path, FORMAT),
+        "maisi",
+        _checked_scale_factor(obj, path, FORMAT),
+        _checked_optional(obj, "preset", str, path),
+        architecture,
+    )
 
 
 def read_weights(path: str | Path, part: Part) -> Weights:
     """Read the weights of ``part`` from ``path`` in any supported layout.
 
     Raises:
-        CheckpointError: missing/unreadable file, a file holding code, or the weights of another part.
+        CheckpointError: missing/unreadable file, a file holding code, the weights of another part, or a
+            malformed field (named, with the file).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{part} checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
-        if reason is None:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or not a checkpoint)") from None
-        raise CheckpointError(f"{path}: refused to load: it holds code or objects, not only weights "
-                              f"(loading is weights_only for safety). {reason}") from None
-    except Exception as e:  # noqa: BLE001 - zip/EOF/format errors all mean "not a checkpoint"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-
+    obj = _torch_load(path, "")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        if obj.get("part") != part:
-            raise CheckpointError(f"{path}: holds a {obj.get('part')} checkpoint, expected a {part} checkpoint")
-        return Weights(path, obj["state_dict"], "maisi", _as_float(obj.get("scale_factor")),
-                       obj.get("preset"), obj.get("architecture"))  # fmt: skip
+        return _read_ours(obj, path, part)
     if isinstance(obj, dict):
         for key, holder in _RELEASED_KEYS.items():
             if key in obj:
                 if holder != part:
-                    raise CheckpointError(f"{path}: holds a released MAISI {holder} checkpoint ('{key}'), "
-                                          f"expected a {part} checkpoint")  # fmt: skip
+                    raise CheckpointError(
+                        f"{path}: holds a released MAISI {holder} checkpoint ('{key}'), "
+                        f"expected a {part} checkpoint"
+                    )
                 fmt: SourceFormat = "released-unet" if holder == "diffusion_unet" else "released-controlnet"
-                return Weights(path, obj[key], fmt, _as_float(obj.get("scale_factor")), None, None)
+                layout = f"released MAISI {holder}"
+                state_dict = _checked_state_dict(obj, key, path, layout)
+                return Weights(path, state_dict, fmt, _checked_scale_factor(obj, path, layout), None, None)
     if _is_state_dict(obj):
         return Weights(path, obj, "released-vae", None, None, None)
     kind = type(obj).__name__
     keys = f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""
-    raise CheckpointError(f"{path}: unrecognised checkpoint layout ({kind}{keys}); expected our format, "
-                          "a plain state_dict, or MAISI's unet_state_dict / controlnet_state_dict files")  # fmt: skip
+    raise CheckpointError(
+        f"{path}: unrecognised checkpoint layout ({kind}{keys}); expected our format, "
+        "a plain state_dict, or MAISI's unet_state_dict / controlnet_state_dict files"
+    )
 
 
 def read_plain_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
@@ -103,17 +217,12 @@ def read_plain_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]
     MedicalNet's release layout), ``module.`` prefixes dropped. ``key`` is the config key the path came from.
 
     Raises:
-        CheckpointError: missing or unreadable file, or a file holding no dict of tensors.
+        CheckpointError: missing or unreadable file, a file holding code, or one holding no dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{key}: file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle/zip/EOF errors all mean "not a weights file"
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{key}: {path} is not a readable weights file (torch.load, weights_only): "
-                              f"{first}") from None  # fmt: skip
+    obj = _torch_load(path, f"{key}: ", "weights file (torch.load, weights_only)")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):

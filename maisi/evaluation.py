@@ -1,10 +1,13 @@
 """Metrics of real and synthetic CT: VAE reconstruction, MS-SSIM diversity, 2.5D FID, and a montage.
 
 * **Reconstruction** (real CT through the VAE): HU [-1000, 1000] -> [0, 1] (MAISI's intensity transform),
-  padded with 0 (-1000 HU) to a multiple of the VAE factor (MONAI ``DivisiblePad``), encoded to the posterior
+  optionally resampled to a target spacing as ``maisi.encode`` does (MONAI ``Spacing``, bilinear), padded
+  with 0 (-1000 HU) to a multiple of the VAE factor (MONAI ``DivisiblePad``), encoded to the posterior
   mean and decoded exactly (GroupNorm statistics of the whole volume, in tiles bounded by the memory budget),
   cropped back and clipped to [0, 1]; then PSNR (``max_val=1``),
-  SSIM and MS-SSIM (3D, ``data_range=1``) against the input, per case and their mean.
+  SSIM and MS-SSIM (3D, ``data_range=1``) against the (resampled) input, per case and their mean. A metric a
+  volume is too small for is null for that case, with the reason; the mean says over how many cases each
+  metric was computed.
 * **Diversity**: mean pairwise MS-SSIM among the synthetic volumes (lower is more diverse) and, as the
   reference, among the real ones. Volumes of a set must share one shape (nothing is resampled).
 * **FID**: :mod:`maisi.fid` (2.5D, MONAI ``FIDMetric``, a local 2D ResNet).
@@ -13,8 +16,10 @@
   every row is scaled to 256 pixels high.
 
 MS-SSIM uses MONAI's 5 scales; MONAI accepts a volume only when every axis has at least
-``kernel_size * (scales - 1) ** 2`` voxels (176 for the default kernel of 11); that is checked up front for
-every volume, before anything is computed.
+``kernel_size * (scales - 1) ** 2`` voxels (176 for the default kernel of 11). For the diversity that is
+checked up front for every volume, before anything is computed; a reconstruction case skips it (and SSIM,
+when an axis is shorter than the window) with the reason. The output locations are checked before any
+work, too.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import glob
 import itertools
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +49,13 @@ from maisi.config.loader import to_jsonable
 from maisi.data.datalist import read_datalist
 from maisi.data.io import Volume, read_geometry, read_volume
 from maisi.decoding import decode, encode
+from maisi.encoding import transform
 from maisi.device import autocast_dtype, resolve_device
 from maisi.errors import InputError
 from maisi.fid import (PLANES, FeatureNetwork, fid_25d, load_feature_network, slice_counts,
                        volume_features)  # fmt: skip
 from maisi.intensity import hu_to_unit
-from maisi.networks import RuntimeOptions, get_preset
+from maisi.networks import Preset, RuntimeOptions, get_preset
 from maisi.preview import GAP, montage, three_planes, window
 
 log = logging.getLogger("maisi.evaluation")
@@ -94,21 +101,65 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 11, kernel_sigm
     return float(metric(a.float(), b.float()).mean())
 
 
+def metric_size_problems(shape: Shape, kernel_size: int) -> dict[str, str]:
+    """{metric: why it cannot be computed on a volume of ``shape``} for SSIM and MS-SSIM (empty: both can)."""
+    problems: dict[str, str] = {}
+    if min(shape) < kernel_size:
+        problems["ssim"] = (
+            f"volume {list(shape)} is thinner than the SSIM window: every axis needs at least "
+            f"kernel_size {kernel_size} voxels"
+        )
+    need = ms_ssim_min_size(kernel_size)
+    if min(shape) < need:
+        problems["ms_ssim"] = (
+            f"volume {list(shape)} is too small for MS-SSIM's {MS_SSIM_SCALES} scales with "
+            f"kernel_size {kernel_size}: every axis needs at least {need} voxels"
+        )
+    return problems
+
+
 def image_metrics(
     pred: torch.Tensor, target: torch.Tensor, kernel_size: int = 11, kernel_sigma: float = 1.5
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """PSNR (``max_val=1``; inf for identical images), SSIM and MS-SSIM of (1, 1, X, Y, Z) images in [0, 1].
 
-    Raises:
-        InputError: the images are too small for MS-SSIM's scales (the message says which size is needed).
+    Returns:
+        ``{"psnr", "ssim", "ms_ssim", "skipped"}``: a metric the images are too small for is None, and
+        ``skipped`` maps it to the reason (the size it needs); ``skipped`` is empty when all were computed.
     """
     pred, target = pred.float(), target.float()
-    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel_size, kernel_sigma=kernel_sigma)
-    return {
-        "psnr": float(PSNRMetric(max_val=1.0)(pred, target).mean()),
-        "ssim": float(ssim(pred, target).mean()),
-        "ms_ssim": ms_ssim(pred, target, kernel_size, kernel_sigma),
-    }
+    skipped = metric_size_problems(tuple(target.shape[2:]), kernel_size)  # type: ignore[arg-type]
+    out: dict[str, Any] = {"psnr": float(PSNRMetric(max_val=1.0)(pred, target).mean()), "ssim": None,
+                           "ms_ssim": None, "skipped": skipped}
+    if "ssim" not in skipped:
+        ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel_size, kernel_sigma=kernel_sigma)
+        out["ssim"] = float(ssim(pred, target).mean())
+    if "ms_ssim" not in skipped:
+        out["ms_ssim"] = ms_ssim(pred, target, kernel_size, kernel_sigma)
+    return out
+
+
+RECONSTRUCTION_METRICS = ("psnr", "ssim", "ms_ssim")
+
+
+def summarise_cases(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each metric over the cases it was computed for, how many those were, and why any were left out.
+
+    Returns:
+        ``{"mean": {metric: float | None}, "count": {metric: int}, "skipped": {metric: reason}}``; a metric
+        computed for no case has a null mean and a reason.
+    """
+    summary: dict[str, Any] = {"mean": {}, "count": {}, "skipped": {}}
+    for metric in RECONSTRUCTION_METRICS:
+        values = [c[metric] for c in cases if c[metric] is not None]
+        summary["mean"][metric] = float(np.mean(values)) if values else None
+        summary["count"][metric] = len(values)
+        if len(values) < len(cases):
+            left_out = len(cases) - len(values)
+            summary["skipped"][metric] = (
+                f"not computed for {left_out} of {len(cases)} case(s), too small for it (each case says why)"
+            )
+    return summary
 
 
 def reconstruct(
@@ -127,6 +178,34 @@ def reconstruct(
     image = decode(autoencoder, latent.to(device), 1.0, method="tiled", memory_budget_bytes=budget,
                    autocast_dtype=dtype)  # fmt: skip
     return image[..., : size[0], : size[1], : size[2]].clamp(0.0, 1.0)
+
+
+def reconstruction_case(
+    vae: torch.nn.Module,
+    preset: Preset,
+    volume: Volume,
+    path: Path,
+    config: EvaluateConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One real volume through the VAE and its metrics.
+
+    Returns:
+        ``image``, ``shape`` (as read), ``evaluated_shape`` and ``evaluated_spacing`` (after the optional
+        resampling), ``psnr``, ``ssim``, ``ms_ssim`` and ``skipped`` (see :func:`image_metrics`).
+    """
+    rec = config.reconstruction
+    unit = volume.with_array(hu_to_unit(volume.array))
+    if rec.target_spacing is not None:  # the same resampling as maisi.encode (MONAI Spacing, bilinear)
+        resampled = transform(unit, list(rec.target_spacing), 1, "bilinear")
+        unit = Volume(resampled[0].numpy().astype(np.float32), resampled.affine.numpy().astype(np.float64))
+    image = torch.from_numpy(np.ascontiguousarray(unit.array, dtype=np.float32))[None, None]
+    dtype = autocast_dtype(config.precision, device)
+    recon = reconstruct(vae, image, preset.vae_factor, rec.memory_budget_mb, dtype)
+    ssim = config.ssim
+    metrics = image_metrics(recon.to(device), image.to(device), ssim.kernel_size, ssim.kernel_sigma)
+    return {"image": str(path), "shape": list(volume.shape), "evaluated_shape": list(unit.shape),
+            "evaluated_spacing": [round(float(s), 6) for s in unit.spacing], **metrics}
 
 
 def pairwise_ms_ssim(volumes: list[torch.Tensor], kernel_size: int, kernel_sigma: float, device: torch.device,
@@ -223,6 +302,41 @@ def gather_inputs(config: EvaluateConfig) -> tuple[list[Path], list[Path]]:
     return real, synthetic
 
 
+def _output_problem(path: Path, key: str) -> str | None:
+    """Why ``path`` cannot be written as a file (an existing folder, under a file, no permission), or None."""
+    if path.is_dir():
+        return f"{key}: {path} is an existing directory; give a file name"
+    folder = path.parent
+    while not folder.exists():  # the nearest existing ancestor decides (folders are created on writing)
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{key}: {path} lies under {folder}, which is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{key}: cannot write under {folder} (permission denied)"
+    return None
+
+
+def check_outputs(config: EvaluateConfig, inputs: list[Path]) -> None:
+    """Refuse, before any work, report and montage paths that cannot be written or would overwrite an input.
+
+    Raises:
+        InputError: listing every problem, each naming the config key and the path.
+    """
+    outputs = {"$.output.report": Path(config.output.report)}
+    if config.output.montage is not None:
+        outputs["$.output.montage"] = Path(config.output.montage)
+    problems = [problem for key, path in outputs.items() if (problem := _output_problem(path, key))]
+    if len(outputs) == 2 and len({p.resolve() for p in outputs.values()}) == 1:
+        problems.append(f"$.output.montage: {outputs['$.output.montage']} is also $.output.report")
+    given = [config.real_datalist, config.reconstruction.autoencoder, config.fid.weights]
+    sources = {Path(p).resolve() for p in [*inputs, *(g for g in given if g is not None)]}
+    for key, path in outputs.items():
+        if path.resolve() in sources:
+            problems.append(f"{key}: {path} is an input of this evaluation; writing it would overwrite it")
+    if problems:
+        raise InputError("cannot write the outputs:\n  " + "\n  ".join(problems))
+
+
 def _plan_diversity(config: EvaluateConfig, real: list[Path], synthetic: list[Path],
                     shapes: dict[Path, Shape]) -> dict[str, str | None]:  # fmt: skip
     """{set: None (compute) or the reason it is skipped}.
@@ -276,7 +390,9 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
 
     Returns:
         The report as written: ``inputs`` (real and synthetic files); ``reconstruction`` (null when disabled;
-        else ``preset``, ``autoencoder``, ``cases`` [{image, shape, psnr, ssim, ms_ssim}] and their ``mean``);
+        else ``preset``, ``autoencoder``, ``target_spacing``, ``cases`` [{image, shape, evaluated_shape,
+        evaluated_spacing, psnr, ssim, ms_ssim, skipped}] and, per metric, the ``mean`` over the cases it was
+        computed for, that ``count`` and why it was ``skipped`` for some);
         ``diversity`` (null when disabled; else per set ``{count, pairs, ms_ssim_mean, ms_ssim_std, ms_ssim_min,
         ms_ssim_max}`` or ``{skipped: reason}``); ``fid`` (null when skipped; else ``xy``, ``yz``, ``zx``,
         ``mean``, ``network``, ``features``, ``weights``, ``slice_step``, ``image_size``, ``slices``) and
@@ -285,16 +401,14 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         ``device``. Infinite values (PSNR of a perfect reconstruction) are written as null.
 
     Raises:
-        InputError: missing files, mismatched grids, volumes too small for MS-SSIM, too few samples, bad weights.
+        InputError: missing files, output paths that cannot be written, mismatched grids, synthetic volumes
+            too small for MS-SSIM, too few samples, bad weights.
     """
     device = resolve_device(config.device)
     real, synthetic = gather_inputs(config)
+    check_outputs(config, real + synthetic)
     shapes = {p: read_geometry(p)[0] for p in real + synthetic}
     k, sigma = config.ssim.kernel_size, config.ssim.kernel_sigma
-    if config.reconstruction.enabled:
-        problem = ms_ssim_size_problem({p: shapes[p] for p in real}, k)
-        if problem:
-            raise InputError(f"reconstruction: {problem}")
     diversity_plan = _plan_diversity(config, real, synthetic, shapes) if config.diversity.enabled else {}
     fid_net, fid_skipped = _fid_plan(config, real, synthetic, shapes, device)
     vae = preset = None
@@ -303,7 +417,6 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         vae, _ = load_network(preset, "autoencoder", config.reconstruction.autoencoder,  # type: ignore[arg-type]
                               RuntimeOptions.for_device(device))  # fmt: skip
         vae = vae.to(device)
-    Path(config.output.report).parent.mkdir(parents=True, exist_ok=True)
 
     features: dict[str, dict[str, list[torch.Tensor]]] = {}
     rows: list[tuple[str, Path, np.ndarray]] = []
@@ -316,11 +429,9 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
             volume = read_volume(path)
             unit = torch.from_numpy(hu_to_unit(volume.array))[None, None]
             if name == "real" and vae is not None and preset is not None:
-                rec = config.reconstruction
-                recon = reconstruct(vae, unit, preset.vae_factor, rec.memory_budget_mb,
-                                    autocast_dtype(config.precision, device))  # fmt: skip
-                cases.append({"image": str(path), "shape": list(volume.shape),
-                              **image_metrics(recon.to(device), unit.to(device), k, sigma)})  # fmt: skip
+                cases.append(reconstruction_case(vae, preset, volume, path, config, device))
+                for metric, reason in cases[-1]["skipped"].items():
+                    log.warning("%s of %s skipped: %s", metric, path, reason)
             if fid_net is not None:
                 for plane, f in volume_features(fid_net, volume.array, config.fid.slice_step, config.fid.image_size,
                                                 config.fid.batch_size, device).items():  # fmt: skip
@@ -343,9 +454,14 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         "config": to_jsonable(config),
     }
     if cases:
-        mean = {m: float(np.mean([c[m] for c in cases])) for m in ("psnr", "ssim", "ms_ssim")}
         rec = config.reconstruction
-        report["reconstruction"] = {"preset": rec.preset, "autoencoder": rec.autoencoder, "cases": cases, "mean": mean}
+        report["reconstruction"] = {
+            "preset": rec.preset,
+            "autoencoder": rec.autoencoder,
+            "target_spacing": list(rec.target_spacing) if rec.target_spacing else None,
+            "cases": cases,
+            **summarise_cases(cases),
+        }
     if config.diversity.enabled:
         report["diversity"] = {
             name: {"skipped": reason} if reason else pairwise_ms_ssim(keep[name], k, sigma, device, progress)

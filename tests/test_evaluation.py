@@ -1,8 +1,9 @@
 """``maisi.evaluation`` / ``maisi.fid`` / ``maisi.evaluate``: metrics on real CT, the report and montage, bad input.
 
 Real CT: ``totalseg_example_ct_sm.nii.gz`` (122 x 101 x 30 at 3 mm). Its 30 slices are too few for MS-SSIM's
-5 scales even with a 3-voxel window (48 needed): that is asserted as the clear error, and the positive MS-SSIM
-tests use a 64 x 64 x 48 crop of the same CT padded with air in z. The feature network is a randomly
+5 scales even with a 3-voxel window (48 needed): its MS-SSIM is skipped with the reason while PSNR and SSIM
+are computed, and the positive MS-SSIM tests use a 64 x 64 x 48 crop of the same CT padded with air in z. The
+feature network is a randomly
 initialised quarter-width ResNet-18 saved to a local file (128 features: the FID's matrix square root stays fast).
 """
 
@@ -23,6 +24,7 @@ from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.errors import CheckpointError, ConfigError, InputError
+from maisi.encoding import transform
 from maisi.evaluate import main
 from maisi.evaluation import image_metrics, montage_row, ms_ssim_min_size, pairwise_ms_ssim, reconstruct
 from maisi.fid import PLANES, build_resnet, fid_25d, load_feature_network, preprocess, slice_counts, volume_features
@@ -59,13 +61,17 @@ def ct() -> Volume:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, ct) -> dict[str, Path]:
-    """A 64 x 64 x 48 real-CT crop, two noisy copies as 'synthetic' samples, a datalist, a VAE, feature weights."""
+    """A 64 x 64 x 48 real-CT crop (and its 64 x 64 x 30 original), two noisy copies as 'synthetic' samples, a
+    datalist, a VAE, feature weights."""
     root = tmp_path_factory.mktemp("evaluation")
     array = np.full((64, 64, 48), -1000, dtype=np.int16)
     array[:, :, 9:39] = ct.array[29:93, 18:82, :]
     base = Volume(array, ct.affine.copy())
     rng = np.random.default_rng(0)
     out = {"ct48": write_volume(root / "real" / "ct48.nii.gz", base)}
+    crop_affine = ct.affine.copy()
+    crop_affine[:3, 3] += crop_affine[:3, :3] @ [29, 18, 0]  # the crop keeps its place in the world
+    out["thin"] = write_volume(root / "real" / "thin.nii.gz", Volume(ct.array[29:93, 18:82, :], crop_affine))
     for i, sigma in enumerate((30.0, 100.0)):
         noisy = (array + rng.normal(0.0, sigma, array.shape)).round().astype(np.int16)
         out[f"syn{i}"] = write_volume(root / "synthetic" / f"sample{i}_image.nii.gz", base.with_array(noisy))
@@ -175,11 +181,16 @@ def test_ms_ssim_size_rule_matches_monai_and_too_small_volumes_say_what_is_neede
     with pytest.raises(ValueError):  # MONAI itself refuses one voxel less
         metric(torch.rand(1, 1, 47, 48), torch.rand(1, 1, 47, 48))
     u = unit(ct)
-    with pytest.raises(InputError, match=r"MS-SSIM's 5 scales with kernel_size 3: every axis needs at least 48 "
-                                         r"voxels \(kernel_size x 16\); got image \[122, 101, 30\]"):  # fmt: skip
-        image_metrics(u, u, kernel_size=3)
-    with pytest.raises(InputError, match="at least 176 voxels"):
-        image_metrics(u, u)
+    thin = image_metrics(u, u, kernel_size=3)  # 30 slices: PSNR and SSIM, not MS-SSIM
+    assert thin["psnr"] == math.inf and thin["ssim"] == pytest.approx(1.0) and thin["ms_ssim"] is None
+    assert thin["skipped"] == {"ms_ssim": "volume [122, 101, 30] is too small for MS-SSIM's 5 scales with "
+                                          "kernel_size 3: every axis needs at least 48 voxels"}
+    assert image_metrics(u, u)["skipped"]["ms_ssim"].endswith("at least 176 voxels")
+    flat = image_metrics(u[..., :2], u[..., :2], kernel_size=3)  # thinner than the SSIM window itself
+    assert flat["ssim"] is None and flat["ms_ssim"] is None and flat["psnr"] == math.inf
+    assert flat["skipped"]["ssim"] == (
+        "volume [122, 101, 2] is thinner than the SSIM window: every axis needs at least kernel_size 3 voxels"
+    )
 
 
 def test_reconstruction_metrics_are_finite_and_a_perfect_reconstruction_is_inf(files):
@@ -188,6 +199,7 @@ def test_reconstruction_metrics_are_finite_and_a_perfect_reconstruction_is_inf(f
     recon = reconstruct(vae, u, 4, 16)  # a 16 MiB budget: many tiles
     assert recon.shape == u.shape and recon.min() >= 0 and recon.max() <= 1
     metrics = image_metrics(recon, u, kernel_size=3)
+    assert metrics.pop("skipped") == {}
     assert set(metrics) == {"psnr", "ssim", "ms_ssim"} and all(math.isfinite(v) for v in metrics.values())
     assert metrics["psnr"] < 40 and metrics["ssim"] < 0.99  # a random VAE does not reconstruct
     perfect = image_metrics(u, u, kernel_size=3)
@@ -238,8 +250,11 @@ def test_cli_writes_the_report_and_the_montage(tmp_path, files):
     assert {"inputs", "reconstruction", "diversity", "fid", "fid_skipped", "montage", "config"} <= set(report)
     assert report["inputs"] == {"real": [str(files["ct48"])], "synthetic": [str(files["syn0"]), str(files["syn1"])]}
     case = report["reconstruction"]["cases"][0]
-    assert case["image"] == str(files["ct48"]) and case["shape"] == [64, 64, 48]
+    assert case["image"] == str(files["ct48"]) and case["shape"] == case["evaluated_shape"] == [64, 64, 48]
+    assert case["evaluated_spacing"] == [3.0, 3.0, 3.0] and case["skipped"] == {}
     assert all(math.isfinite(report["reconstruction"]["mean"][m]) for m in ("psnr", "ssim", "ms_ssim"))
+    assert report["reconstruction"]["count"] == {"psnr": 1, "ssim": 1, "ms_ssim": 1}
+    assert report["reconstruction"]["skipped"] == {} and report["reconstruction"]["target_spacing"] is None
     synthetic = report["diversity"]["synthetic"]
     assert synthetic["count"] == 2 and synthetic["pairs"] == 1 and 0 < synthetic["ms_ssim_mean"] < 1
     assert "at least 2 volumes, got 1" in report["diversity"]["real"]["skipped"]
@@ -280,8 +295,9 @@ BAD_INPUT = [
      ["synthetic set: diversity needs volumes of one shape", "[64, 64, 48]: ", "sample0_image.nii.gz",
       "[128, 128, 34]: ", "slicerio_CTChest4.nrrd"]),
     ("one sample", {"synthetic": ["{syn0}"]}, ["synthetic set: diversity needs at least 2 volumes, got 1"]),
-    ("too small for MS-SSIM", {"real_datalist": "{small_datalist}", "fid": {"weights": None}},
-     ["reconstruction: volumes too small for MS-SSIM's 5 scales", "needs at least 48 voxels", "[122, 101, 30]"]),
+    ("synthetic too small for MS-SSIM", {"synthetic": [str(CT), str(CT)], "fid": {"weights": None}},
+     ["synthetic set: volumes too small for MS-SSIM's 5 scales", "needs at least 48 voxels",
+      "[122, 101, 30]"]),
     ("wrong feature weights", {"fid": {"weights": "{weights_1ch}", "slice_step": 8, "image_size": 32}},
      ["weights do not fit the resnet18 x0.25 width feature network", "conv1.weight: file (16, 1, 7, 7)"]),
     ("too few FID slices", {"fid": {"weights": "{weights}", "slice_step": 64}},
@@ -309,6 +325,126 @@ def test_bad_input_exits_2_with_a_message(tmp_path, files, capsys, changes, expe
     for text in expected:
         assert text in err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_volume_too_thin_for_ms_ssim_skips_only_that_metric(tmp_path, files, caplog):
+    """A 30-slice CT beside a 48-slice one: PSNR and SSIM for both, MS-SSIM for one (the run used to stop)."""
+    both = {"training": [{"image": str(files["ct48"])}, {"image": str(files["thin"])}]}
+    both = write_config(tmp_path / "both.json", both)
+    reconstruction = {"enabled": True, "preset": "tiny-rflow", "autoencoder": str(files["vae"])}
+    config = evaluate_config(tmp_path, files, real_datalist=str(both), synthetic=None, fid={"weights": None},
+                             diversity={"enabled": False}, output={"report": "r.json"},
+                             reconstruction=reconstruction)
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    rec = _strict_json(tmp_path / "r.json")["reconstruction"]
+    full, thin = rec["cases"]
+    assert thin["image"] == str(files["thin"]) and thin["ms_ssim"] is None
+    assert thin["skipped"] == {"ms_ssim": "volume [64, 64, 30] is too small for MS-SSIM's 5 scales with "
+                                          "kernel_size 3: every axis needs at least 48 voxels"}
+    assert all(math.isfinite(c[m]) for c in (full, thin) for m in ("psnr", "ssim")) and full["skipped"] == {}
+    assert rec["count"] == {"psnr": 2, "ssim": 2, "ms_ssim": 1}
+    assert rec["mean"]["ms_ssim"] == full["ms_ssim"]
+    assert rec["mean"]["psnr"] == pytest.approx((full["psnr"] + thin["psnr"]) / 2)
+    why = "not computed for 1 of 2 case(s), too small for it (each case says why)"
+    assert rec["skipped"] == {"ms_ssim": why}
+    assert f"ms_ssim of {files['thin']} skipped" in caplog.text
+
+
+def test_target_spacing_resamples_the_real_ct_as_encode_does(tmp_path, files):
+    """The 3 mm CT at 6 x 6 x 4.5 mm: the case is scored on the grid maisi.encoding.transform makes."""
+    datalist = write_config(tmp_path / "thin.json", {"training": [{"image": str(files["thin"])}]})
+    reconstruction = {"enabled": True, "preset": "tiny-rflow", "autoencoder": str(files["vae"]),
+                      "target_spacing": [6.0, 6.0, 4.5]}
+    config = evaluate_config(tmp_path, files, real_datalist=str(datalist), synthetic=None,
+                             fid={"weights": None}, diversity={"enabled": False}, output={"report": "r.json"},
+                             reconstruction=reconstruction)
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    rec = _strict_json(tmp_path / "r.json")["reconstruction"]
+    case = rec["cases"][0]
+    thin = read_volume(files["thin"])
+    expected = transform(thin.with_array(hu_to_unit(thin.array)), [6.0, 6.0, 4.5], 1, "bilinear")
+    assert rec["target_spacing"] == [6.0, 6.0, 4.5] and case["evaluated_spacing"] == [6.0, 6.0, 4.5]
+    assert case["shape"] == [64, 64, 30] and case["evaluated_shape"] == list(expected.shape[1:])
+    assert case["evaluated_shape"] in ([32, 32, 20], [33, 33, 21])  # half the voxels in x/y, 2/3 in z
+    vae, _ = load_network(get_preset("tiny-rflow"), "autoencoder", files["vae"])
+    image = expected.as_tensor()[None].float()
+    by_hand = image_metrics(reconstruct(vae, image, 4, 1024), image, kernel_size=3)
+    assert case["psnr"] == pytest.approx(by_hand["psnr"], rel=1e-5)
+    assert case["ssim"] == pytest.approx(by_hand["ssim"], rel=1e-5)
+
+
+def test_target_spacing_is_checked_by_the_schema(tmp_path, files):
+    config = evaluate_config(tmp_path, files, reconstruction={"enabled": True, "preset": "tiny-rflow",
+                                                              "autoencoder": str(files["vae"]),
+                                                              "target_spacing": [1.0, 0.0]})
+    with pytest.raises(ConfigError) as info:
+        load_config(config, "evaluate")
+    assert [e.split(":")[0] for e in info.value.errors] == ["$.reconstruction.target_spacing",
+                                                            "$.reconstruction.target_spacing[1]"]
+
+
+OUTPUTS = [
+    ("report is a folder", {"report": "out"}, ["$.output.report: ", "out is an existing directory"]),
+    ("report under a file", {"report": "blocker/r.json"}, ["$.output.report: ", "blocker, which is a file"]),
+    ("montage under a file", {"report": "out/r.json", "montage": "blocker/sub/m.png"},
+     ["$.output.montage: ", "blocker, which is a file"]),
+    ("montage is the report", {"report": "out/r.json", "montage": "out/r.json"}, ["is also $.output.report"]),
+    ("report is the VAE", {"report": "{vae}"}, ["vae.pt is an input of this evaluation"]),
+]
+
+
+@pytest.mark.parametrize("output, expected", [(o, e) for _, o, e in OUTPUTS], ids=[n for n, _, _ in OUTPUTS])
+def test_output_locations_are_checked_before_any_work(tmp_path, files, capsys, monkeypatch, output, expected):
+    """They used to be found only when the report was written, after all the metrics."""
+    import maisi.evaluation
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the outputs were checked")
+
+    monkeypatch.setattr(maisi.evaluation, "load_network", no_work)
+    monkeypatch.setattr(maisi.evaluation, "read_volume", no_work)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "blocker").write_text("a file")
+    vae_bytes = files["vae"].read_bytes()
+    output = {k: v.format(vae=files["vae"]) for k, v in output.items()}
+    config = evaluate_config(tmp_path, files, output=output)
+    assert main(["--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot write the outputs" in err
+    for text in expected:
+        assert text in err
+    assert list((tmp_path / "out").iterdir()) == [] and (tmp_path / "blocker").read_text() == "a file"
+    assert files["vae"].read_bytes() == vae_bytes
+
+
+BAD_TEXT = [
+    (b'{"output": {"report": "r.json"}, "synthetic": ["a.nii.gz"], "ssim": {"kernel_sigma": NaN}}',
+     "$.ssim.kernel_sigma: got NaN, expected a finite number"),
+    ('{"output": {"report": "r\u00e9.json"}, "synthetic": ["a.nii.gz"]}'.encode("utf-16"), "not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("raw, expected", BAD_TEXT, ids=["NaN", "UTF-16"])
+def test_bad_config_text_exits_2_naming_the_file(tmp_path, capsys, raw, expected):
+    path = tmp_path / "evaluate.json"
+    path.write_bytes(raw)
+    assert main(["--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(path) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluate.json"]
+
+
+def test_malformed_vae_checkpoint_exits_2_naming_the_field(tmp_path, files, capsys):
+    obj = torch.load(files["vae"], weights_only=True)
+    obj["architecture"] = ["not", "a", "dict"]
+    torch.save(obj, tmp_path / "vae.pt")
+    config = evaluate_config(tmp_path, files, reconstruction={"enabled": True, "preset": "tiny-rflow",
+                                                              "autoencoder": str(tmp_path / "vae.pt")})
+    assert main(["--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    malformed = "malformed maisi-checkpoint checkpoint: field 'architecture' has type list"
+    assert f"{tmp_path / 'vae.pt'}: {malformed}" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_relative_synthetic_files_resolve_against_the_config_folder(tmp_path, files, capsys):

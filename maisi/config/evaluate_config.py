@@ -15,6 +15,7 @@ class ReconstructionConfig:
     preset: str
     autoencoder: str | None
     memory_budget_mb: int
+    target_spacing: tuple[float, float, float] | None
 
 
 @dataclass(frozen=True)

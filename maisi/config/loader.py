@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from functools import lru_cache
@@ -157,18 +158,65 @@ def register_kind(name: str, kind: ConfigKind) -> None:
     _KINDS[name] = kind
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file, turning I/O and syntax errors into a ConfigError naming the position."""
+class _NonFinite(str):
+    """Placeholder for a NaN/Infinity literal (or an overflowing number such as 1e999) while parsing."""
+
+
+def _parse_float(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _non_finite_paths(data: Any, parts: tuple[Any, ...] = ()) -> list[str]:
+    """``$.path: ...`` for every placeholder left by the parser, in document order."""
+    if isinstance(data, _NonFinite):
+        return [f"{json_path(parts)}: got {data}, expected a finite number (JSON has no NaN or Infinity)"]
+    if isinstance(data, dict):
+        return [line for k, v in data.items() for line in _non_finite_paths(v, (*parts, k))]
+    if isinstance(data, list):
+        return [line for i, v in enumerate(data) for line in _non_finite_paths(v, (*parts, i))]
+    return []
+
+
+def read_json(
+    path: str | Path, *, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
+) -> Any:
+    """Parse a user's JSON file (config, datalist, mapping, label dictionary ...): the one shared reader.
+
+    Refuses, as a ConfigError naming the file: a missing or unreadable file, text that is not UTF-8 (a BOM is
+    allowed), invalid JSON (with line and column), and the non-standard literals ``NaN``, ``Infinity`` and
+    ``-Infinity`` or numbers too large for a float, which Python's ``json`` would accept (each with its JSON
+    path, all at once).
+
+    Args:
+        path: the file.
+        object_pairs_hook: passed to :func:`json.loads` (e.g. to refuse duplicate keys); it should return a
+            dict for the non-finite check to see inside the objects.
+    """
+    path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(path), ["file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), ["is a directory, expected a JSON file"]) from None
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read file: {e.strerror}"]) from None
     try:
-        return json.loads(text)
+        text = raw.decode("utf-8-sig")  # a BOM (Windows editors) is harmless
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        raise ConfigError(str(path), [problem]) from None
+    try:
+        data = json.loads(
+            text, parse_constant=_NonFinite, parse_float=_parse_float, object_pairs_hook=object_pairs_hook
+        )
     except json.JSONDecodeError as e:
         raise ConfigError(str(path), [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from None
+    non_finite = _non_finite_paths(data)
+    if non_finite:
+        raise ConfigError(str(path), non_finite)
+    return data
 
 
 def load_config(path: str | Path, kind: str) -> Any:

@@ -155,3 +155,91 @@ def test_unparsable_or_non_object_config(tmp_path, text, fragment):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.json", "infer")
+
+
+# ------------------------------------------------------------ what Python's json accepts but JSON is not
+
+SHIPPED = {
+    "infer": "inference.json",
+    "encode": "encode_sample_data.json",
+    "evaluate": "evaluate_example.json",
+    "train": "train_sample_data.json",
+}
+NOT_FINITE = "expected a finite number (JSON has no NaN or Infinity)"
+
+
+@pytest.mark.parametrize(
+    "literal, shown",
+    [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"), ("1e999", "1e999")],
+)
+def test_non_finite_numbers_are_refused_with_their_json_path(tmp_path, literal, shown):
+    """``"spacing": [NaN, ...]`` used to validate (NaN compares false to every bound) and fail deep inside."""
+    data = {**_minimal(tmp_path), "sampling": {"conditioning_scale": "X"}, "decoding": {"sw_overlap": "X"}}
+    data["spacing"] = [1.0, "X", 2.0]
+    text = json.dumps(data).replace('"X"', literal)
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    assert info.value.errors == [
+        f"$.spacing[1]: got {shown}, {NOT_FINITE}",
+        f"$.sampling.conditioning_scale: got {shown}, {NOT_FINITE}",
+        f"$.decoding.sw_overlap: got {shown}, {NOT_FINITE}",
+    ]
+    assert str(tmp_path / "cfg.json") in str(info.value)
+
+
+@pytest.mark.parametrize("kind, shipped", sorted(SHIPPED.items()))
+def test_every_config_kind_refuses_nan(tmp_path, kind, shipped):
+    """One place (the loader) guards every kind: a NaN in a shipped config is refused before the schema."""
+    data = json.loads((REPO / "configs" / shipped).read_text())
+    data["seed"] = "__NAN__"
+    path = tmp_path / f"{kind}.json"
+    path.write_text(json.dumps(data).replace('"__NAN__"', "NaN"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, kind)
+    assert info.value.errors == [f"$.seed: got NaN, {NOT_FINITE}"]
+
+
+def test_a_string_spelled_nan_is_only_a_string(tmp_path):
+    """Only the bare literal is refused: ``"NaN"`` in quotes is an ordinary (here: wrongly typed) string."""
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, {**_minimal(tmp_path), "seed": "NaN"})
+    assert info.value.errors == ['$.seed: got "NaN", expected type integer']
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    path = tmp_path / "cfg.json"
+    text = json.dumps({**_minimal(tmp_path), "output": {"prefix": "é"}}, ensure_ascii=False)
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, "infer")
+    assert str(path) in str(info.value)
+    assert info.value.errors == [f"not UTF-8 text (byte 0xe9 at offset {path.read_bytes().index(0xE9)}); "
+                                 "save the file as UTF-8"]
+
+
+def test_utf8_with_bom_is_read(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({**_minimal(tmp_path), "mask": None}).encode())
+    assert load_config(path, "infer").spacing == (1.0, 1.0, 2.0)
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, expected a JSON file"):
+        load_config(tmp_path, "infer")
+
+
+def test_datalists_and_mappings_share_the_reader(tmp_path):
+    """The datalist and label-mapping readers go through ``read_json``: NaN and non-UTF-8 are refused too."""
+    from maisi.data.datalist import read_datalist
+    from maisi.labels import load_label_dict
+    from maisi.labels.mapping import load_mapping
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text('{"training": [{"image": "a.nii.gz", "spacing": [1.0, NaN, 1.0]}]}')
+    with pytest.raises(ConfigError, match=r"\$\.training\[0\]\.spacing\[1\]: got NaN"):
+        read_datalist(datalist)
+    mapping = tmp_path / "mapping.json"
+    text = '{"mapping": [{"source_id": 1, "source_name": "f\xf6o", "target": "liver"}]}'
+    mapping.write_bytes(text.encode("cp1252"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_mapping(str(mapping), load_label_dict())
