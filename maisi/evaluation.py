@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.transforms import DivisiblePad
@@ -42,7 +41,7 @@ from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
 import maisi
-from maisi.atomic import atomic_path, write_json
+from maisi.atomic import write_json
 from maisi.checkpoints import load_network
 from maisi.config.evaluate_config import EvaluateConfig
 from maisi.config.loader import to_jsonable
@@ -56,7 +55,7 @@ from maisi.fid import (PLANES, FeatureNetwork, fid_25d, load_feature_network, sl
                        volume_features)  # fmt: skip
 from maisi.intensity import hu_to_unit
 from maisi.networks import Preset, RuntimeOptions, get_preset
-from maisi.preview import GAP, montage, three_planes, window
+from maisi.preview import montage, resize_nearest, stack_rows, three_planes, window, write_png
 
 log = logging.getLogger("maisi.evaluation")
 MS_SSIM_SCALES = 5  # MONAI's default weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -247,32 +246,7 @@ def montage_row(volume: Volume, height: int | None = MONTAGE_ROW_HEIGHT) -> np.n
     """Axial, coronal and sagittal mid-slices side by side (uint8, soft-tissue window), scaled (nearest
     neighbour, aspect kept) to ``height`` pixels; None keeps the preview's own size."""
     row = montage([window(p.astype(np.float32), *MONTAGE_WINDOW) for p in three_planes(volume)])
-    if height is None:
-        return row
-    factor = height / row.shape[0]
-    rows = np.minimum((np.arange(height) / factor).astype(int), row.shape[0] - 1)
-    cols = np.minimum((np.arange(round(row.shape[1] * factor)) / factor).astype(int), row.shape[1] - 1)
-    return row[np.ix_(rows, cols)]
-
-
-def stack_rows(rows: list[np.ndarray], split: int | None = None) -> np.ndarray:
-    """Rows top to bottom, left-aligned, ``GAP`` pixels apart; a grey line in the gap before row ``split``."""
-    height = sum(r.shape[0] for r in rows) + GAP * (len(rows) - 1)
-    canvas = np.zeros((height, max(r.shape[1] for r in rows)), dtype=np.uint8)
-    top = 0
-    for i, row in enumerate(rows):
-        if i and i == split:
-            canvas[top - GAP // 2 - 1, :] = 128
-        canvas[top : top + row.shape[0], : row.shape[1]] = row
-        top += row.shape[0] + GAP
-    return canvas
-
-
-def write_png(path: str | Path, picture: np.ndarray) -> Path:
-    """A greyscale uint8 picture (rows, cols) as PNG, atomically."""
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(sitk.GetImageFromArray(picture), str(tmp))
-    return Path(path)
+    return row if height is None else resize_nearest(row, height)
 
 
 # ------------------------------------------------------------------------------------------- the run
