@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Callable
 
-from maisi.config import load_config, load_schema, to_jsonable
+from maisi.config import load_schema, to_jsonable
 from maisi.errors import InputError, RunFailure
 
 EXIT_OK = 0
@@ -86,7 +86,9 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
 
 def load_cli_config(args: argparse.Namespace, kind: str):
     """The config named by ``--config``, with ``--device`` applied when given."""
-    config = load_config(args.config, kind)
+    from maisi.preset_checks import load_checked_config
+
+    config = load_checked_config(args.config, kind)
     return dataclasses.replace(config, device=args.device) if args.device else config
 
 

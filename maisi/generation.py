@@ -30,7 +30,8 @@ from maisi.device import autocast_dtype
 from maisi.errors import CheckpointError, InputError, VolumeError
 from maisi.intensity import set_outside_body, unit_to_hu
 from maisi.labels import BODY_LABEL, load_label_dict, labels_not_in_dict
-from maisi.networks import Preset, RuntimeOptions, get_preset
+from maisi.networks import RuntimeOptions
+from maisi.presets import Preset, get_preset, grid_problems
 from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
 
@@ -89,15 +90,7 @@ def _mask_problems(mask: Volume, preset: Preset, config: InferConfig, label_dict
         shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
         problems.append(f"labels not in the label dictionary: {shown} (remap the mask to MAISI ids or "
                         "extend the dictionary with $.label_dict)")  # fmt: skip
-    m = preset.spatial_multiple
-    if any(s % m for s in mask.shape):
-        target = [((s + m - 1) // m) * m for s in mask.shape]
-        problems.append(f"size {list(mask.shape)} is not a multiple of {m} per axis, as preset '{preset.name}' "
-                        f"needs; pad or crop it (e.g. pad to {target})")  # fmt: skip
-    if config.enforce_preset_limits and preset.limits:
-        spacing = tuple(round(s, 4) for s in mask.spacing)
-        for reason in preset.limits.violations(mask.shape, spacing):  # type: ignore[arg-type]
-            problems.append(f"{reason} (preset '{preset.name}' limits; $.enforce_preset_limits false relaxes them)")
+    problems.extend(grid_problems(preset, mask.shape, mask.spacing, config.enforce_preset_limits))
     return problems
 
 

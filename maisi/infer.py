@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from maisi.cli import EXIT_OK, EXIT_RUNTIME, make_parser, run_guarded, schema_int, setup_logging
-from maisi.config import InferConfig, load_config, to_jsonable
+from maisi.config import InferConfig, to_jsonable
+from maisi.preset_checks import load_checked_config
 
 PROG = "maisi.infer"
 log = logging.getLogger(PROG)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        config = apply_overrides(load_config(args.config, "infer"), args)
+        config = apply_overrides(load_checked_config(args.config, "infer"), args)
         from maisi import generation_run  # imports torch and MONAI: after parsing, so --help stays fast
 
         if args.dry_run:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maisi.device import DeviceName, Precision
-from maisi.errors import InputError
-from maisi.networks import get_preset
+from maisi.options import DeviceName, Precision
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,6 @@ def check_evaluate_config(config: EvaluateConfig) -> list[str]:
             problems.append("$.real_datalist: required when $.reconstruction.enabled is true")
         if rec.autoencoder is None:
             problems.append("$.reconstruction.autoencoder: required when $.reconstruction.enabled is true")
-        try:
-            get_preset(rec.preset)
-        except InputError as e:
-            problems.append(f"$.reconstruction.preset: {e}")
     if config.fid.weights is not None and (config.real_datalist is None or config.synthetic is None):
         problems.append("$.fid.weights: the FID compares two sets; set both $.real_datalist and $.synthetic "
                         "(or set $.fid.weights to null)")  # fmt: skip

@@ -1,16 +1,22 @@
 """The ``maisi.infer`` config: frozen dataclasses mirroring ``schemas/infer.schema.json`` and the checks
-JSON Schema cannot express (they need the preset registry or relate several keys)."""
+JSON Schema cannot express that relate several keys. Checks against the preset are in :mod:`maisi.preset_checks`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maisi.conditioning import BodyRegion
-from maisi.decoding import DecodeMethod
-from maisi.device import DeviceName, Precision
-from maisi.errors import InputError
-from maisi.networks import PRESETS, get_preset
-from maisi.sampling import DEFAULT_STEPS, Sampler, check_sampler
+from maisi.options import (
+    DEFAULT_STEPS,
+    BodyRegion,
+    CheckedOrgan,
+    DecodeMethod,
+    DeviceName,
+    Modality,
+    Precision,
+    Sampler,
+    VolumeFormat,
+)
+from maisi.presets import PRESETS
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class DecodingConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str
-    format: str
+    format: VolumeFormat
     prefix: str
     preview: bool
 
@@ -53,7 +59,7 @@ class OutputConfig:
 class QualityCheckConfig:
     enabled: bool
     max_tries: int
-    organs: tuple[str, ...] | None
+    organs: tuple[CheckedOrgan, ...] | None
     fail_on_error: bool
 
 
@@ -65,7 +71,7 @@ class InferConfig:
     output_size: tuple[int, int, int] | None
     spacing: tuple[float, float, float] | None
     body_region: BodyRegionRange | None
-    modality: str
+    modality: Modality
     label_dict: str | None
     sampling: SamplingConfig
     decoding: DecodingConfig
@@ -94,11 +100,6 @@ class InferConfig:
 def check_infer_config(config: InferConfig) -> list[str]:
     """Cross-key checks; each message starts with the JSON path it concerns."""
     problems: list[str] = []
-    try:
-        preset = get_preset(config.preset)
-    except InputError as e:
-        return [f"$.preset: {e}"]
-
     if config.from_mask:
         for key in ("output_size", "spacing"):
             if getattr(config, key) is not None:
@@ -109,19 +110,4 @@ def check_infer_config(config: InferConfig) -> list[str]:
         for key in ("output_size", "spacing"):
             if getattr(config, key) is None:
                 problems.append(f"$.{key}: required in image-only mode (set it, or set $.mask)")
-        if preset.uses_body_region and config.body_region is None:
-            problems.append(f"$.body_region: required in image-only mode: preset '{preset.name}' is "
-                            "conditioned on body region")  # fmt: skip
-        if config.output_size is not None:
-            bad = [s for s in config.output_size if s % preset.spatial_multiple]
-            if bad:
-                problems.append(f"$.output_size: {list(config.output_size)} must be multiples of "
-                                f"{preset.spatial_multiple} for preset '{preset.name}'")  # fmt: skip
-        if config.enforce_preset_limits and preset.limits and config.output_size and config.spacing:
-            for reason in preset.limits.violations(config.output_size, config.spacing):
-                problems.append(f"$.output_size/$.spacing: {reason} (preset '{preset.name}' limits; "
-                                "set $.enforce_preset_limits to false to experiment)")  # fmt: skip
-
-    for reason in check_sampler(preset.schedule, config.sampler, config.num_inference_steps):
-        problems.append(f"$.sampling: {reason}")
     return problems

@@ -16,7 +16,7 @@ import typing
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jsonschema
 
@@ -142,22 +142,6 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-@dataclasses.dataclass(frozen=True)
-class ConfigKind:
-    """What a config kind needs: its schema name, its dataclass and its semantic checks."""
-
-    schema: str
-    dataclass: type
-    check: Callable[[Any], list[str]]
-
-
-_KINDS: dict[str, ConfigKind] = {}
-
-
-def register_kind(name: str, kind: ConfigKind) -> None:
-    _KINDS[name] = kind
-
-
 class _NonFinite(str):
     """Placeholder for a NaN/Infinity literal (or an overflowing number such as 1e999) while parsing."""
 
@@ -219,12 +203,14 @@ def read_json(
     return data
 
 
-def load_config(path: str | Path, kind: str) -> Any:
+def load_config(path: str | Path, kind: str, checks: Iterable[Callable[[Any], list[str]]] = ()) -> Any:
     """Load, validate and freeze a config.
 
     Args:
         path: the JSON file.
-        kind: config kind, e.g. ``"infer"``; selects the schema, the dataclass and the semantic checks.
+        kind: config kind, e.g. ``"infer"``; selects the schema, the dataclass and the cross-key checks.
+        checks: further checks of the frozen config (e.g. against the preset it names,
+            :mod:`maisi.preset_checks`); their problems are reported with the cross-key ones.
 
     Returns:
         The frozen dataclass of this kind, with defaults filled and paths absolute.
@@ -232,9 +218,11 @@ def load_config(path: str | Path, kind: str) -> Any:
     Raises:
         ConfigError: listing every problem, each as ``$.json.path: message``.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"unknown config kind {kind!r}; known: {sorted(_KINDS)}")
-    spec = _KINDS[kind]
+    from maisi.config.registry import KINDS  # the kinds import their dataclasses, which need nothing of this
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown config kind {kind!r}; known: {sorted(KINDS)}")
+    spec = KINDS[kind]
     path = Path(path)
     data = read_json(path)
     schema = load_schema(spec.schema)
@@ -243,7 +231,9 @@ def load_config(path: str | Path, kind: str) -> Any:
         raise ConfigError(str(path), errors)
     filled = resolve_paths(fill_defaults(data, schema), schema, path.parent.resolve())
     config = build_dataclass(spec.dataclass, filled)
-    semantic = spec.check(config)
-    if semantic:
-        raise ConfigError(str(path), semantic)
+    problems = list(spec.check(config))
+    for check in checks:
+        problems.extend(check(config))
+    if problems:
+        raise ConfigError(str(path), problems)
     return config

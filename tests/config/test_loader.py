@@ -11,6 +11,7 @@ import pytest
 
 from maisi.config import ConfigError, EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config, load_schema, to_jsonable
 from maisi.config.loader import _strip_optional
+from maisi.preset_checks import load_checked_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_KINDS = {"inference": "infer", "encode": "encode", "train": "train", "evaluate": "evaluate"}  # file-name prefix -> config kind
@@ -25,7 +26,7 @@ def test_every_shipped_config_validates(path):
         return
     kind = next((k for prefix, k in CONFIG_KINDS.items() if path.name.startswith(prefix)), None)
     assert kind is not None, f"{path.name}: unknown kind of config; add its prefix to CONFIG_KINDS"
-    load_config(path, kind)
+    load_checked_config(path, kind)
 
 
 def _object_schemas(schema: dict, where: str = "$"):
@@ -74,7 +75,7 @@ def _minimal(tmp_path: Path) -> dict:
 def _load(tmp_path: Path, data) -> InferConfig:
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(data) if not isinstance(data, str) else data)
-    return load_config(path, "infer")
+    return load_checked_config(path, "infer")
 
 
 def test_defaults_are_filled_and_paths_resolved_against_the_config_folder(tmp_path):
@@ -105,7 +106,7 @@ BROKEN = [
      ["$.output_size: must be null when $.mask is set", "$.spacing: must be null"]),
     ("mask without controlnet", {"mask": "m.nii.gz", "output_size": None, "spacing": None},
      ["$.checkpoints.controlnet: required when generating from a mask"]),
-    ("size not multiple", {"output_size": [40, 32, 16]}, ["$.output_size: [40, 32, 16] must be multiples of 16"]),
+    ("size not multiple", {"output_size": [40, 32, 16]}, ["$.output_size/$.spacing: size [40, 32, 16] is not a multiple of 16"]),
     ("sampler mismatch", {"sampling": {"scheduler": "ddim"}}, ["$.sampling: sampler 'ddim' cannot sample a rflow-trained UNet"]),
     ("ddpm needs region", {"preset": "tiny-ddpm"}, ["$.body_region: required in image-only mode"]),
     ("released size", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 96], "spacing": [1.5, 1.5, 2.0]},

@@ -1,0 +1,58 @@
+"""Checks of a loaded config against the preset it names: one function per config kind.
+
+The config layer (:mod:`maisi.config`) checks what a file says on its own; these checks need the preset
+registry (:mod:`maisi.presets`, plain data). Every CLI loads its config through :func:`load_checked_config`,
+so both kinds of problem are reported together, each with its JSON path, before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from maisi.config import EvaluateConfig, InferConfig, load_config
+from maisi.errors import InputError
+from maisi.presets import Preset, check_sampler, get_preset, grid_problems
+
+
+def _preset(name: str, key: str) -> tuple[Preset | None, list[str]]:
+    try:
+        return get_preset(name), []
+    except InputError as e:
+        return None, [f"{key}: {e}"]
+
+
+def infer_problems(config: InferConfig) -> list[str]:
+    """Grid, body region and sampler of an infer config against its preset."""
+    preset, problems = _preset(config.preset, "$.preset")
+    if preset is None:
+        return problems
+    if not config.from_mask:
+        if preset.uses_body_region and config.body_region is None:
+            problems.append(
+                f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on body region"
+            )
+        if config.output_size is not None:
+            spacing = config.spacing or (1.0, 1.0, 1.0)
+            enforce = config.enforce_preset_limits and config.spacing is not None
+            for reason in grid_problems(preset, config.output_size, spacing, enforce):
+                problems.append(f"$.output_size/$.spacing: {reason}")
+    for reason in check_sampler(preset.schedule, config.sampler, config.num_inference_steps):
+        problems.append(f"$.sampling: {reason}")
+    return problems
+
+
+def evaluate_problems(config: EvaluateConfig) -> list[str]:
+    """The reconstruction's preset exists."""
+    if not config.reconstruction.enabled:
+        return []
+    return _preset(config.reconstruction.preset, "$.reconstruction.preset")[1]
+
+
+CHECKS: dict[str, Callable[[Any], list[str]]] = {"infer": infer_problems, "evaluate": evaluate_problems}
+
+
+def load_checked_config(path: str | Path, kind: str) -> Any:
+    """:func:`maisi.config.load_config` plus the preset checks of ``kind``, all problems reported at once."""
+    check = CHECKS.get(kind)
+    return load_config(path, kind, checks=(check,) if check else ())
