@@ -4,7 +4,8 @@ Writes ``<name>_emb.nii.gz`` + ``<name>_emb.nii.gz.json`` per case (and ``<name>
 latent's image grid when the case has a label), then a datalist of the latents for training. Restartable:
 finished, intact cases are skipped. With ``torchrun --nproc_per_node=N -m maisi.encode ...`` every rank
 encodes its share and rank 0 writes the datalist. Exit codes: 0 all encoded, 1 some case failed (the others
-are still done), 2 bad input.
+are still done), 2 bad input: checked before the model loads and before anything is written, including
+output locations and any output that would land on an input of the run or on another case's output.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Also launchable as ``torchrun --nproc_per_node=N -m maisi.train ...``: every process trains on its own
 batches, gradients are averaged (DDP), rank 0 alone writes. The run folder holds ``train_config.json``
 (the resolved config and its hash), ``state/last.pt`` (resumable), the inference checkpoint(s) that
-``maisi.infer`` loads, and ``tensorboard/``.
+``maisi.infer`` loads, and ``tensorboard/``. A folder with ``train_config.json`` but no state holds a run
+stopped before its first checkpoint: rerunning it (with or without ``--resume``) starts it over.
 """
 
 from __future__ import annotations
