@@ -92,7 +92,8 @@ def _file_keys(path: Path) -> set:
 
 
 def _run_inputs(config: EncodeConfig, entries: list[dict[str, Any]], root: Path) -> list[tuple[Path, str]]:
-    inputs = [(Path(config.datalist), "the input datalist"), (Path(config.autoencoder), "the autoencoder checkpoint")]
+    inputs = [(Path(config.datalist), "the input datalist")]
+    inputs.append((Path(config.autoencoder), "the autoencoder checkpoint"))
     for i, entry in enumerate(entries):
         inputs.append((root / entry["image"], f"the image of $.training[{i}]"))
         if entry.get("label"):
@@ -100,8 +101,13 @@ def _run_inputs(config: EncodeConfig, entries: list[dict[str, Any]], root: Path)
     return inputs
 
 
-def _run_outputs(config: EncodeConfig, entries: list[dict[str, Any]], out_datalist: Path) -> list[tuple[Path, str, str]]:
-    """(path, what it is, who writes it) for every file the run may write; a case is ``$.training[i] (image)``."""
+def _run_outputs(
+    config: EncodeConfig, entries: list[dict[str, Any]], out_datalist: Path
+) -> list[tuple[Path, str, str]]:
+    """(path, what it is, who writes it) of each file the run may write.
+
+    A case is named ``$.training[i] (image)``.
+    """
     outputs = []
     out = Path(config.output_dir)
     for i, entry in enumerate(entries):
@@ -114,7 +120,9 @@ def _run_outputs(config: EncodeConfig, entries: list[dict[str, Any]], out_datali
     return outputs + [(out_datalist, "the output datalist", "the output datalist")]
 
 
-def check_outputs(config: EncodeConfig, entries: list[dict[str, Any]], root: Path, out_datalist: Path) -> None:
+def check_outputs(
+    config: EncodeConfig, entries: list[dict[str, Any]], root: Path, out_datalist: Path
+) -> None:
     """Refuse, before any work, a run that would write onto one of its own inputs or write one file twice.
 
     Raises:
@@ -182,13 +190,18 @@ def _outputs_intact(sidecar: dict, latent: Path, label: Path | None) -> bool:
     return label is None or (label.is_file() and file_sha256(label) == sidecar.get("label_sha256_out"))
 
 
-def _may_skip(job: EncodeJob, previous: dict | None, fingerprint: dict, latent: Path, label: Path | None) -> bool:
+def _may_skip(
+    job: EncodeJob, previous: dict | None, fingerprint: dict, latent: Path, label: Path | None
+) -> bool:
     """A finished case is skipped when its sidecar matches today's inputs and its files are intact."""
-    if not previous or previous.get("fingerprint") != fingerprint or not _outputs_intact(previous, latent, label):
+    if not previous or previous.get("fingerprint") != fingerprint:
+        return False
+    if not _outputs_intact(previous, latent, label):
         return False
     if "nonfinite_filled" not in previous:  # written before non-finite checks existed: its latent may be NaN
         return bool(np.isfinite(read_latent(latent)[0]).all())
-    return job.config.nonfinite == "fill_air" or previous["nonfinite_filled"] == 0  # "error" redoes filled cases
+    # under "error", a case whose voxels were filled earlier is redone (and fails)
+    return job.config.nonfinite == "fill_air" or previous["nonfinite_filled"] == 0
 
 
 def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
@@ -213,8 +226,8 @@ def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
 def _check_finite_latent(latent: torch.Tensor, image_path: Path) -> None:
     bad = int((~torch.isfinite(latent)).sum())
     if bad:
-        raise RunFailure(f"{image_path}: its latent has {bad} non-finite value(s) of {latent.numel()}; nothing of "
-                         "this case was written (check the autoencoder checkpoint and the precision)")
+        raise RunFailure(f"{image_path}: its latent has {bad} non-finite value(s) of {latent.numel()}; "
+                         "nothing of this case was written (check the VAE checkpoint and the precision)")
 
 
 def _datalist_entry(job: EncodeJob, sidecar: dict, latent: Path, label: Path | None) -> dict[str, Any]:

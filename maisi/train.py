@@ -91,20 +91,22 @@ def starting_state(config: TrainConfig, stage: str, digest: str, resume: bool) -
             what = (read_run_record(folder) or {}).get("stage", "a")
         except InputError:
             what = "a"
-        raise InputError(f"output directory {folder} holds {what} run already; pass --resume to continue it or "
-                         "choose another output_dir")
+        raise InputError(f"output directory {folder} holds {what} run already; pass --resume to continue it "
+                         "or choose another output_dir")
     record = read_run_record(folder)
     if record is None:
         if resume:
             raise InputError(f"--resume: {folder} holds no training state ({state_path(folder)} is missing)")
         return None
-    stopped = f"output directory {folder} holds a '{record['stage']}' run that stopped before its first checkpoint"
+    stopped = f"output directory {folder} holds a '{record['stage']}' run stopped before its first checkpoint"
     if record["stage"] != stage:
         raise InputError(f"{stopped}, not '{stage}'; choose another output_dir")
-    changed = [] if record["config_sha256"] == digest else config_differences(record["config"], to_jsonable(config))
+    changed = []
+    if record["config_sha256"] != digest:
+        changed = config_differences(record["config"], to_jsonable(config))
     if changed:
-        raise InputError(f"{stopped}, with another config; rerun it with that config or choose another output_dir. "
-                         "Changed: " + "; ".join(changed))
+        raise InputError(f"{stopped}, with another config; rerun it with that config or choose another "
+                         "output_dir. Changed: " + "; ".join(changed))
     log.info("%s holds no training state yet (its run stopped before the first checkpoint): starting %s from "
              "step 0", folder, stage)
     return None

@@ -129,6 +129,6 @@ def test_validate_reports_duplicates_and_cases_whose_latents_would_collide(real_
     assert main(["validate", "--datalist", str(root / "dl.json")]) == 2
     err = capsys.readouterr().err
     assert "$.training[2].image: './case1/imaging.nii.gz' is also case 1" in err, err
-    assert ("$.training[3].image: 'case0/imaging.nrrd' and case 0 ('case0/imaging.nii.gz') would both be encoded "
-            "to <output_dir>/case0/imaging_emb.nii.gz") in err, err
+    assert ("$.training[3].image: 'case0/imaging.nrrd' and case 0 ('case0/imaging.nii.gz') would both be "
+            "encoded to <output_dir>/case0/imaging_emb.nii.gz") in err, err
     assert "2 problem(s)" in err

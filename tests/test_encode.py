@@ -189,7 +189,8 @@ CT = Path(__file__).parent / "data" / "totalseg_example_ct_sm.nii.gz"
 
 
 def _small_case(folder: Path, name: str = "ct", suffix: str = ".nii.gz", nan_at: tuple = ()) -> None:
-    """A 32 x 32 x 16 crop of the real CT (float32 HU) and its label ``<name>_label.nii.gz``, NaN at ``nan_at``."""
+    """A 32 x 32 x 16 crop of the real CT (float32 HU) and its label ``<name>_label.nii.gz``; NaN at the
+    voxels ``nan_at``, the last of two or more inf."""
     from maisi.data.io import Volume, read_volume, write_volume
 
     ct = read_volume(CT)
@@ -206,8 +207,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def small_data(tmp_path, tiny_checkpoints):
-    """Factory: ``tmp/data`` with cases c0 (and c1) of ``<name>.nii.gz`` + ``<name>_label.nii.gz``, a datalist in
-    it, and an encode config over them with top-level keys replaced by ``changes``."""
+    """Factory: ``tmp/data`` with cases c0 and c1 (``ct.nii.gz`` + ``ct_label.nii.gz``), a datalist of
+    ``entries`` in it (default: both cases), and an encode config with top-level keys set by ``changes``."""
     data = tmp_path / "data"
 
     def make(entries: list[dict] | None = None, **changes) -> Path:
@@ -241,9 +242,10 @@ def test_output_dir_on_the_data_never_overwrites_an_input(where, small_data, tmp
     if where == "a symlink to it":
         (tmp_path / "link").symlink_to(data)
         config = small_data(output_dir=str(tmp_path / "link"))
-    elif where == "a folder containing it":  # a datalist beside the data with '../' paths: outputs keep 'data/'
+    elif where == "a folder containing it":  # a datalist beside the data, '../' paths: outputs keep 'data/'
         (tmp_path / "lists").mkdir()
-        entries = [{"image": f"../data/c{i}/ct.nii.gz", "label": f"../data/c{i}/ct_label.nii.gz"} for i in range(2)]
+        entries = [{"image": f"../data/c{i}/ct.nii.gz", "label": f"../data/c{i}/ct_label.nii.gz"}
+                   for i in range(2)]
         write_datalist(tmp_path / "lists" / "dl.json", {"training": entries})
         config = small_data(datalist=str(tmp_path / "lists" / "dl.json"), output_dir=str(tmp_path),
                             output_datalist=str(tmp_path / "lists" / "dl.json"))
@@ -256,7 +258,8 @@ def test_output_dir_on_the_data_never_overwrites_an_input(where, small_data, tmp
     err = capsys.readouterr().err
     assert "Traceback" not in err and "refusing to encode" in err, err
     label = str(data.resolve() / "c0" / "ct_label.nii.gz")
-    assert any(label in line and "would overwrite the label of $.training[0]" in line for line in err.splitlines()), err
+    overwrite = "would overwrite the label of $.training[0]"
+    assert any(label in line and overwrite in line for line in err.splitlines()), err
     assert "the output datalist would overwrite the input datalist" in err, err
     assert _snapshot(tmp_path) == before  # nothing written, nothing changed
 
@@ -266,11 +269,13 @@ def test_output_dir_beside_the_inputs_is_fine_when_nothing_collides(small_data, 
     small_data()
     (tmp_path / "data" / "c0" / "ct_label.nii.gz").rename(tmp_path / "data" / "c0" / "seg.nii.gz")
     entries = [{"image": "c0/ct.nii.gz", "label": "c0/seg.nii.gz"}]
-    config = small_data(entries, output_dir=str(tmp_path / "data"), output_datalist=str(tmp_path / "latents.json"))
+    config = small_data(entries, output_dir=str(tmp_path / "data"),
+                        output_datalist=str(tmp_path / "latents.json"))
     before = _snapshot(tmp_path / "data")
     assert main(["--config", str(config)]) == 0
     after = _snapshot(tmp_path / "data")
-    assert {k: after[k] for k in before} == before and {"c0/ct_emb.nii.gz", "c0/ct_label.nii.gz"} <= set(after)
+    assert {k: after[k] for k in before} == before
+    assert {"c0/ct_emb.nii.gz", "c0/ct_label.nii.gz"} <= set(after)
 
 
 def test_two_images_encoding_to_one_latent_are_refused(small_data, tmp_path, monkeypatch, capsys):
@@ -285,14 +290,19 @@ def test_two_images_encoding_to_one_latent_are_refused(small_data, tmp_path, mon
     assert main(["--config", str(small_data(entries))]) == 2
     err = capsys.readouterr().err
     latent = tmp_path / "emb" / "c0" / "ct_emb.nii.gz"
-    assert f"{latent}: $.training[0] (c0/ct.nii.gz) and $.training[2] (c0/ct.nrrd) would both write it" in err, err
+    both = f"{latent}: $.training[0] (c0/ct.nii.gz) and $.training[2] (c0/ct.nrrd) would both write it"
+    assert both in err, err
     assert err.count("would both write") == 1 and "Traceback" not in err  # one line per pair of cases
     assert not (tmp_path / "emb").exists()
 
 
-@pytest.mark.parametrize("case", ["output_dir is a file", "output_dir under a file", "output_datalist a folder",
-                                  "output_datalist under a file", "output_dir not writable"])
-def test_bad_output_locations_are_refused_before_the_model_loads(case, small_data, tmp_path, monkeypatch, capsys):
+BAD_LOCATIONS = ["output_dir is a file", "output_dir under a file", "output_datalist a folder",
+                 "output_datalist under a file", "output_dir not writable"]
+
+
+@pytest.mark.parametrize("case", BAD_LOCATIONS)
+def test_bad_output_locations_are_refused_before_the_model_loads(case, small_data, tmp_path, monkeypatch,
+                                                                 capsys):
     (tmp_path / "a_file").write_text("keep me")
     changes = {
         "output_dir is a file": {"output_dir": str(tmp_path / "a_file")},
@@ -301,13 +311,15 @@ def test_bad_output_locations_are_refused_before_the_model_loads(case, small_dat
         "output_datalist under a file": {"output_datalist": str(tmp_path / "a_file" / "dl.json")},
         "output_dir not writable": {},
     }[case]
-    fragment = {"output_datalist a folder": f"output datalist {tmp_path} is a folder",
-                "output_datalist under a file": f"{tmp_path / 'a_file'} is a file, not a folder",
-                "output_dir not writable": f"no write permission on {tmp_path}"}.get(case, "is not writable: ")
+    fragments = {"output_datalist a folder": f"output datalist {tmp_path} is a folder",
+                 "output_datalist under a file": f"{tmp_path / 'a_file'} is a file, not a folder",
+                 "output_dir not writable": f"no write permission on {tmp_path}"}
+    fragment = fragments.get(case, "is not writable: ")
     config = small_data(**changes)
     if case == "output_dir not writable":  # root may write anywhere: stand in for a read-only folder
         real_access = os.access
-        monkeypatch.setattr("maisi.encode.os.access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+        monkeypatch.setattr("maisi.encode.os.access",
+                            lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
     _no_model_load(monkeypatch)
     capsys.readouterr()
     assert main(["--config", str(config)]) == 2

@@ -179,8 +179,9 @@ def _duplicates_and_collisions(entries: list[dict[str, Any]], root: Path) -> lis
         latent = encoded_relpaths(entry["image"])[0]
         if latent in latents:
             j = latents[latent]
-            problems.append(f"$.training[{i}].image: '{entry['image']}' and case {j} ('{entries[j]['image']}') would "
-                            f"both be encoded to <output_dir>/{latent.as_posix()} (rename one)")
+            first = entries[j]["image"]
+            problems.append(f"$.training[{i}].image: '{entry['image']}' and case {j} ('{first}') would both "
+                            f"be encoded to <output_dir>/{latent.as_posix()} (rename one)")
         latents.setdefault(latent, i)
     return problems
 

@@ -44,8 +44,8 @@ def load_latent(path: Path) -> np.ndarray:
     data = read_latent(path)[0]
     bad = int((~np.isfinite(data)).sum())
     if bad:
-        raise VolumeError(f"{path}: latent holds {bad} non-finite value(s) (NaN or inf) of {data.size}; re-encode it "
-                          "(maisi.encode refuses non-finite CT voxels unless its nonfinite policy is fill_air)")
+        raise VolumeError(f"{path}: latent holds {bad} non-finite value(s) (NaN or inf) of {data.size}; "
+                          "re-encode it (maisi.encode refuses non-finite CT unless nonfinite is fill_air)")
     return data
 
 

@@ -44,8 +44,10 @@ def save_train_state(output_dir: str | Path, state: TrainState) -> Path:
 
 
 # What a state must hold to be resumed, with the type each entry must have.
-REQUIRED_FIELDS: dict[str, type] = {"stage": str, "step": int, "config_sha256": str, "model": dict, "optimizer": dict,
-                                    "lr_scheduler": dict, "scaler": dict, "stage_state": dict}
+REQUIRED_FIELDS: dict[str, type] = {
+    "stage": str, "step": int, "config_sha256": str, "model": dict, "optimizer": dict, "lr_scheduler": dict,
+    "scaler": dict, "stage_state": dict,
+}
 
 
 def _check_fields(raw: dict[str, Any], path: Path) -> None:
@@ -84,7 +86,9 @@ def load_train_state(output_dir: str | Path, stage: str) -> TrainState:
     return TrainState(**fields)
 
 
-def check_restorable(state: TrainState, model: torch.nn.Module, stage_state: dict[str, Any], path: Path) -> None:
+def check_restorable(
+    state: TrainState, model: torch.nn.Module, stage_state: dict[str, Any], path: Path
+) -> None:
     """The state fits the networks built now (checked before anything is written).
 
     Raises:
@@ -99,14 +103,16 @@ def check_restorable(state: TrainState, model: torch.nn.Module, stage_state: dic
     for what, keys in (("lacks weights", missing), ("has unexpected weights", unexpected),
                        ("has weights of another shape", reshaped)):
         if keys:
-            problems.append(f"model {what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})")
+            more = " ..." if len(keys) > 5 else ""
+            problems.append(f"model {what}: {', '.join(keys[:5])}{more} ({len(keys)})")
     for what, needed, saved in (("optimizer", ("state", "param_groups"), state.optimizer),
                                 ("stage_state", tuple(stage_state), state.stage_state)):
         lacking = [k for k in needed if k not in saved]
         if lacking:
             problems.append(f"{what} lacks {', '.join(lacking)}")
     if problems:
-        raise CheckpointError(f"{path}: training state does not fit the {state.stage} networks: " + "; ".join(problems))
+        raise CheckpointError(f"{path}: training state does not fit the {state.stage} networks: "
+                              + "; ".join(problems))
 
 
 def read_run_record(output_dir: str | Path) -> dict[str, Any] | None:
@@ -121,9 +127,10 @@ def read_run_record(output_dir: str | Path) -> dict[str, Any] | None:
     try:
         record = json.loads(marker.read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"{marker}: unreadable run record ({e}); restore it or choose another output_dir") from None
+        problem = f"{marker}: unreadable run record ({e}); restore it or choose another output_dir"
+        raise InputError(problem) from None
     expected = (("stage", str), ("config_sha256", str), ("config", dict))
     if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in expected):
-        raise InputError(f"{marker}: not a maisi run record (stage, config_sha256, config); restore it or choose "
-                         "another output_dir")
+        raise InputError(f"{marker}: not a maisi run record (stage, config_sha256, config); restore it or "
+                         "choose another output_dir")
     return record

@@ -241,18 +241,21 @@ def test_trained_controlnet_drives_generation_from_a_mask(train_config, tmp_path
     assert meta["checkpoints"]["controlnet"]["format"] == "maisi"
 
 
-QUICK = {"fold": None, "tensorboard": False}  # no validation set, no event files: the runs below only need to run
+QUICK = {"fold": None, "tensorboard": False}  # no validation, no event files: these runs only need to run
 
 
 @pytest.mark.parametrize("case", ["output_dir is a file", "output_dir under a file", "run record unreadable"])
 def test_unusable_output_dir_exits_2_before_any_work(case, train_config, tmp_path, monkeypatch, capsys):
     (tmp_path / "a_file").write_text("keep me")
-    output_dir = {"output_dir is a file": tmp_path / "a_file", "output_dir under a file": tmp_path / "a_file" / "run",
+    output_dir = {"output_dir is a file": tmp_path / "a_file",
+                  "output_dir under a file": tmp_path / "a_file" / "run",
                   "run record unreadable": tmp_path / "run"}[case]
     if case == "run record unreadable":
         output_dir.mkdir()
         (output_dir / "train_config.json").write_text("{")
-    fragment = f"{tmp_path / 'a_file'} is a file, not a folder" if "file" in case else "train_config.json: unreadable"
+    fragment = "train_config.json: unreadable"
+    if "file" in case:
+        fragment = f"{tmp_path / 'a_file'} is a file, not a folder"
 
     def no_work(*args, **kwargs):
         raise AssertionError("the stage was built before the output folder was checked")
@@ -278,9 +281,10 @@ def _killed_before_first_checkpoint(config: Path, monkeypatch) -> None:
     assert (run / "train_config.json").is_file() and not (run / "state").exists()
 
 
-def test_a_run_killed_before_its_first_checkpoint_reruns_or_resumes_from_step_0(train_config, tmp_path, monkeypatch,
-                                                                                 caplog, capsys):
-    """Issue 18: such a folder could be neither rerun ('holds a run already') nor resumed ('holds no state')."""
+def test_a_run_killed_before_its_first_checkpoint_reruns_or_resumes_from_step_0(train_config, tmp_path,
+                                                                                 monkeypatch, caplog, capsys):
+    """Issue 18: such a folder could be neither rerun ('holds a run already') nor resumed ('holds no
+    state')."""
     rerun = train_config("a.json", output_dir=str(tmp_path / "a"), steps=2, **QUICK)
     _killed_before_first_checkpoint(rerun, monkeypatch)
     assert main(["diffusion", "--config", str(rerun)]) == 0  # same config: starts over
@@ -297,7 +301,8 @@ def test_a_run_killed_before_its_first_checkpoint_reruns_or_resumes_from_step_0(
     _killed_before_first_checkpoint(other, monkeypatch)
     capsys.readouterr()
     for flags in ([], ["--resume"]):  # another config is refused, naming the key, either way
-        changed = train_config("c.json", output_dir=str(tmp_path / "c"), steps=2, **QUICK, optimizer={"lr": 0.5})
+        changed = train_config("c.json", output_dir=str(tmp_path / "c"), steps=2, **QUICK,
+                               optimizer={"lr": 0.5})
         assert main(["diffusion", "--config", str(changed), *flags]) == 2
         err = capsys.readouterr().err
         assert "stopped before its first checkpoint, with another config" in err, err
@@ -345,5 +350,6 @@ def test_a_non_finite_latent_is_refused_by_name(stage, train_config, encoded_cas
     capsys.readouterr()
     assert main([stage, "--config", str(train_config(datalist=str(datalist)))]) == 2
     err = capsys.readouterr().err
-    assert f"{latent_path}: latent holds 1 non-finite value(s) (NaN or inf)" in err and "Traceback" not in err, err
+    assert f"{latent_path}: latent holds 1 non-finite value(s) (NaN or inf)" in err, err
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
