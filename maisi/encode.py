@@ -4,15 +4,16 @@ Writes ``<name>_emb.nii.gz`` + ``<name>_emb.nii.gz.json`` per case (and ``<name>
 latent's image grid when the case has a label), then a datalist of the latents for training. Restartable:
 finished, intact cases are skipped. With ``torchrun --nproc_per_node=N -m maisi.encode ...`` every rank
 encodes its share and rank 0 writes the datalist. Exit codes: 0 all encoded, 1 some case failed (the others
-are still done), 2 bad input.
+are still done), 2 bad input: checked before the model loads and before anything is written, including
+output locations and any output that would land on an input of the run or on another case's output.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
-import uuid
 from pathlib import Path
 
 import torch
@@ -24,23 +25,39 @@ from maisi.config import EncodeConfig
 from maisi.data.datalist import read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device
 from maisi.distributed import Ranks, finish, gather, init_from_env
-from maisi.encoding import CaseResult, EncodeJob, encode_case
-from maisi.errors import InputError
+from maisi.encoding import CaseResult, EncodeJob, check_outputs, encode_case
+from maisi.errors import InputError, RunFailure
 from maisi.networks import RuntimeOptions, get_preset
 
 PROG = "maisi.encode"
 log = logging.getLogger(PROG)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early (exit 2) rather than after the first encoded case."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"output directory {folder} is not writable ({e.strerror})") from None
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_folder(folder: Path, what: str) -> None:
+    """``folder`` is (or can be made) a writable folder; checked without creating anything.
+
+    Raises:
+        InputError: it is a file, lies under a file, or its nearest existing folder is not writable.
+    """
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise InputError(f"{what} {folder} is not writable: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {folder} is not writable (no write permission on {existing})")
+
+
+def check_output_locations(output_dir: Path, out_datalist: Path) -> None:
+    """Every output location, checked before any model loads or any file is written."""
+    check_folder(output_dir, "output directory")
+    if out_datalist.is_dir():
+        raise InputError(f"output datalist {out_datalist} is a folder; name a JSON file ($.output_datalist)")
+    check_folder(out_datalist.parent, "the output datalist's folder")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -50,14 +67,20 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def output_datalist_path(config: EncodeConfig) -> Path:
+    return Path(config.output_datalist or Path(config.output_dir) / "datalist.json")
+
+
 def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
+    """Check every input and output location (nothing is written), then load the autoencoder."""
     device = ranks.device(resolve_device(config.device))
     datalist = read_datalist(config.datalist)
     root = Path(config.data_root) if config.data_root else Path(config.datalist).parent
+    out_datalist = output_datalist_path(config)
+    check_output_locations(Path(config.output_dir), out_datalist)
+    check_outputs(config, datalist["training"], root, out_datalist)
     preset = get_preset(config.preset)
     vae, weights = load_network(preset, "autoencoder", config.autoencoder, RuntimeOptions.for_device(device))
-    check_writable(Path(config.output_dir))  # last input check: it creates the folder
-    out_datalist = Path(config.output_datalist or Path(config.output_dir) / "datalist.json")
     job = EncodeJob(config, vae.to(device), preset.vae_factor, file_sha256(weights.path), root, out_datalist.parent,
                     device, autocast_dtype(config.precision, device))  # fmt: skip
     return job, list(enumerate(datalist["training"]))
@@ -72,7 +95,7 @@ def encode_share(job: EncodeJob, cases: list, max_cases: int | None, show_progre
             continue
         try:
             result = encode_case(job, index, entry)
-        except InputError as e:
+        except (InputError, RunFailure) as e:  # the message says it all
             result = CaseResult(index, entry["image"], "failed", str(e))
         except Exception as e:  # noqa: BLE001 - one broken case must not stop the others
             log.debug("case %d failed", index, exc_info=True)
@@ -106,7 +129,7 @@ def run(config: EncodeConfig, max_cases: int | None = None) -> int:
             summarise(results, peaks, job.device)
             done = [r.entry for r in results if r.entry is not None]
             if done:
-                path = Path(config.output_datalist or Path(config.output_dir) / "datalist.json")
+                path = output_datalist_path(config)
                 write_datalist(path, {"description": f"latents of {config.datalist}", "training": done})
                 log.info("wrote %s (%d of %d cases)", path, len(done), len(results))
         return EXIT_RUNTIME if any(r.status == "failed" for r in results) else EXIT_OK

@@ -4,7 +4,11 @@ Per case: read the CT in RAS, map HU [-1000, 1000] to [0, 1] (MAISI's intensity 
 resample to a target spacing (MONAI ``Spacing``), pad to a multiple (MONAI ``DivisiblePad``, -1000 HU),
 encode with bounded memory, and write the label on the same grid, then the latent, then the sidecar (last:
 it marks the case finished). A finished case whose sidecar still matches its inputs and whose files still
-match their checksums is skipped.
+match their checksums is skipped. Non-finite CT voxels fail the case unless the config's ``nonfinite`` is
+"fill_air"; a latent that came out non-finite is never written.
+
+Before any case runs, :func:`check_outputs` refuses a run whose outputs would land on one of its inputs
+or on each other.
 """
 
 from __future__ import annotations
@@ -26,9 +30,17 @@ from maisi.conditioning import body_region_from_mask
 from maisi.config.encode_config import EncodeConfig
 from maisi.data.datalist import one_hot
 from maisi.data.io import Volume, read_mask, read_volume, write_volume
-from maisi.data.latents import latent_affine, read_sidecar, stem, write_latent, write_sidecar
+from maisi.data.latents import (
+    encoded_relpaths,
+    latent_affine,
+    read_latent,
+    read_sidecar,
+    sidecar_path,
+    write_latent,
+    write_sidecar,
+)
 from maisi.decoding import encode
-from maisi.errors import InputError
+from maisi.errors import InputError, RunFailure
 from maisi.intensity import HU_MAX, HU_MIN, hu_to_unit
 
 
@@ -59,15 +71,93 @@ class EncodeJob:
 
 
 def output_paths(job: EncodeJob, image_rel: str, has_label: bool) -> tuple[Path, Path | None]:
-    """Latent and transformed-label paths of a case, keeping the datalist's sub-folders.
+    """Latent and transformed-label paths of a case, keeping the datalist's sub-folders (see
+    :func:`maisi.data.latents.encoded_relpaths`)."""
+    latent, label = encoded_relpaths(image_rel)
+    out = Path(job.config.output_dir)
+    return out / latent, (out / label if has_label else None)
 
-    Outputs never leave ``output_dir``: ``..`` and root parts of the image path are dropped
-    (``../cases/c1/ct.nii.gz`` -> ``<output_dir>/cases/c1/ct_emb.nii.gz``).
+
+def _file_keys(path: Path) -> set:
+    """Keys under which two spellings name one file: the absolute path as written (a symlink there would be
+    replaced), the path with every symlink resolved, and device + inode of an existing file (hard links,
+    bind mounts, case-insensitive file systems)."""
+    keys: set = {os.path.abspath(path), str(path.resolve())}
+    try:
+        st = path.stat()
+        keys.add((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    return keys
+
+
+def _run_inputs(config: EncodeConfig, entries: list[dict[str, Any]], root: Path) -> list[tuple[Path, str]]:
+    inputs = [(Path(config.datalist), "the input datalist")]
+    inputs.append((Path(config.autoencoder), "the autoencoder checkpoint"))
+    for i, entry in enumerate(entries):
+        inputs.append((root / entry["image"], f"the image of $.training[{i}]"))
+        if entry.get("label"):
+            inputs.append((root / entry["label"], f"the label of $.training[{i}]"))
+    return inputs
+
+
+def _run_outputs(
+    config: EncodeConfig, entries: list[dict[str, Any]], out_datalist: Path
+) -> list[tuple[Path, str, str]]:
+    """(path, what it is, who writes it) of each file the run may write.
+
+    A case is named ``$.training[i] (image)``.
     """
-    parts = [p for p in Path(image_rel).parent.parts if p not in ("..", ".", "/") and not Path(p).anchor]
-    folder = Path(job.config.output_dir).joinpath(*parts)
-    name = stem(image_rel)
-    return folder / f"{name}_emb.nii.gz", (folder / f"{name}_label.nii.gz" if has_label else None)
+    outputs = []
+    out = Path(config.output_dir)
+    for i, entry in enumerate(entries):
+        latent, label = encoded_relpaths(entry["image"])
+        case = f"$.training[{i}] ({entry['image']})"
+        outputs.append((out / latent, f"the latent of {case}", case))
+        outputs.append((sidecar_path(out / latent), f"the sidecar of {case}", case))
+        if entry.get("label"):
+            outputs.append((out / label, f"the transformed label of {case}", case))
+    return outputs + [(out_datalist, "the output datalist", "the output datalist")]
+
+
+def check_outputs(
+    config: EncodeConfig, entries: list[dict[str, Any]], root: Path, out_datalist: Path
+) -> None:
+    """Refuse, before any work, a run that would write onto one of its own inputs or write one file twice.
+
+    Raises:
+        InputError: listing every output that is an input (or lies inside an input folder, e.g. a DICOM
+            series) and every pair of cases whose outputs collide, each naming both sides and the path.
+    """
+    inputs: dict = {}
+    input_dirs: dict[str, str] = {}
+    for path, what in _run_inputs(config, entries, root):
+        for key in _file_keys(path):
+            inputs.setdefault(key, what)
+        if path.is_dir():
+            input_dirs.setdefault(str(path.resolve()), what)
+    problems: list[str] = []
+    claimed: dict = {}
+    reported: set[tuple[str, str]] = set()
+    for path, what, owner in _run_outputs(config, entries, out_datalist):
+        keys = _file_keys(path)
+        shown = path if path.resolve() == Path(os.path.abspath(path)) else f"{path} (= {path.resolve()})"
+        hit = next((inputs[k] for k in keys if k in inputs), None)
+        if hit is not None:
+            problems.append(f"{shown}: {what} would overwrite {hit}")
+        inside = next((input_dirs[str(d)] for d in path.resolve().parents if str(d) in input_dirs), None)
+        if inside is not None:
+            problems.append(f"{shown}: {what} would be written inside the folder of {inside}")
+        other = next((claimed[k] for k in keys if k in claimed), None)
+        if other is not None and (other, owner) not in reported:
+            reported.add((other, owner))  # a latent's sidecar and label collide too: one line per pair
+            problems.append(f"{shown}: {other} and {owner} would both write it")
+        for key in keys:
+            claimed.setdefault(key, owner)
+    if problems:
+        raise InputError(f"refusing to encode: {len(problems)} output(s) would overwrite an input or another "
+                         "output (choose another output_dir / output_datalist, or rename the images):\n  "
+                         + "\n  ".join(problems))
 
 
 def _fingerprint(job: EncodeJob, index: int, entry: dict[str, Any], source_sha: str, label_sha: str | None) -> dict:
@@ -100,6 +190,46 @@ def _outputs_intact(sidecar: dict, latent: Path, label: Path | None) -> bool:
     return label is None or (label.is_file() and file_sha256(label) == sidecar.get("label_sha256_out"))
 
 
+def _may_skip(
+    job: EncodeJob, previous: dict | None, fingerprint: dict, latent: Path, label: Path | None
+) -> bool:
+    """A finished case is skipped when its sidecar matches today's inputs and its files are intact."""
+    if not previous or previous.get("fingerprint") != fingerprint:
+        return False
+    if not _outputs_intact(previous, latent, label):
+        return False
+    if "nonfinite_filled" not in previous:  # written before non-finite checks existed: its latent may be NaN
+        return bool(np.isfinite(read_latent(latent)[0]).all())
+    # under "error", a case whose voxels were filled earlier is redone (and fails)
+    return job.config.nonfinite == "fill_air" or previous["nonfinite_filled"] == 0
+
+
+def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
+    """The CT with its non-finite voxels handled by ``policy``, and how many there were.
+
+    One NaN voxel spreads through the encoder's convolutions and normalisations to the whole latent, so
+    "error" refuses the case; "fill_air" sets those voxels to -1000 HU.
+
+    Raises:
+        InputError: non-finite voxels under the "error" policy, naming the file and the count.
+    """
+    bad = ~np.isfinite(ct.array)
+    count = int(bad.sum())
+    if count == 0:
+        return ct, 0
+    if policy == "error":
+        raise InputError(f"{path}: {count} non-finite voxel(s) (NaN or inf) in the CT; fix the image, or set "
+                         '"nonfinite": "fill_air" in the encode config to encode them as air (-1000 HU)')
+    return ct.with_array(np.where(bad, HU_MIN, ct.array)), count
+
+
+def _check_finite_latent(latent: torch.Tensor, image_path: Path) -> None:
+    bad = int((~torch.isfinite(latent)).sum())
+    if bad:
+        raise RunFailure(f"{image_path}: its latent has {bad} non-finite value(s) of {latent.numel()}; "
+                         "nothing of this case was written (check the VAE checkpoint and the precision)")
+
+
 def _datalist_entry(job: EncodeJob, sidecar: dict, latent: Path, label: Path | None) -> dict[str, Any]:
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), job.output_datalist_dir.resolve())).as_posix()
@@ -121,11 +251,11 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
             raise InputError(f"file not found: {p}")
     fingerprint = _fingerprint(job, index, entry, file_sha256(image_path), file_sha256(label_path) if label_path else None)
     previous = read_sidecar(latent_out)
-    if previous and previous.get("fingerprint") == fingerprint and _outputs_intact(previous, latent_out, label_out):
+    if _may_skip(job, previous, fingerprint, latent_out, label_out):
         return CaseResult(index, entry["image"], "skipped", entry=_datalist_entry(job, previous, latent_out, label_out))
 
     c = job.config
-    ct = read_volume(image_path)
+    ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite)
     unit = ct.with_array(hu_to_unit(ct.array))
     image_t = transform(unit, c.target_spacing, c.multiple, "bilinear")
     regions = None
@@ -141,6 +271,7 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
                     roi_size=c.tiling.roi_size, overlap=c.tiling.overlap,
                     memory_budget_bytes=c.tiling.memory_budget_mb << 20, sample=c.latent == "sample",
                     generator=generator, autocast_dtype=job.dtype)[0]  # fmt: skip
+    _check_finite_latent(latent, image_path)  # before anything of the case is written
     image_affine = image_t.affine.numpy().astype(np.float64)
     sidecar: dict[str, Any] = {
         "dim": list(image_t.shape[1:]),
@@ -150,6 +281,7 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         "latent_shape": list(latent.shape),
         "intensity": {"hu_window": [HU_MIN, HU_MAX], "scaled_to": [0.0, 1.0], "pad_value_hu": HU_MIN},
         "maisi_version": maisi.__version__,
+        "nonfinite_filled": filled,  # CT voxels set to -1000 HU by the "fill_air" policy
     }
     for key, value in (("top_region_index", 0), ("bottom_region_index", 1)):
         if entry.get(key) is not None:

@@ -3,7 +3,8 @@
 Also launchable as ``torchrun --nproc_per_node=N -m maisi.train ...``: every process trains on its own
 batches, gradients are averaged (DDP), rank 0 alone writes. The run folder holds ``train_config.json``
 (the resolved config and its hash), ``state/last.pt`` (resumable), the inference checkpoint(s) that
-``maisi.infer`` loads, and ``tensorboard/``.
+``maisi.infer`` loads, and ``tensorboard/``. A folder with ``train_config.json`` but no state holds a run
+stopped before its first checkpoint: rerunning it (with or without ``--resume``) starts it over.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +30,14 @@ from maisi.errors import InputError
 from maisi.networks import get_preset
 from maisi.training.loop import Stage, train
 from maisi.training.resume import RESUMABLE_CHANGES, comparable, config_differences, saved_run_config
-from maisi.training.state import TrainState, check_fresh_output, load_train_state, save_train_state
+from maisi.training.state import (
+    TrainState,
+    check_restorable,
+    load_train_state,
+    read_run_record,
+    save_train_state,
+    state_path,
+)
 
 PROG = "maisi.train"
 log = logging.getLogger(PROG)
@@ -54,6 +63,53 @@ def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
         raise InputError(f"{refusal}. Changed: " + "; ".join(changed))
     log.info("resuming: the config matches the run's key by key (keys added to the schema since take their defaults)")
     return state
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` is (or can be made) a writable folder; checked without creating anything."""
+    folder = existing = Path(output_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"$.output_dir: {folder} cannot be a run folder: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"$.output_dir: {folder} is not writable (no write permission on {existing})")
+
+
+def starting_state(config: TrainConfig, stage: str, digest: str, resume: bool) -> TrainState | None:
+    """The state to continue from, or None to start at step 0; refuses a folder that holds another run.
+
+    A folder with ``train_config.json`` but no state holds a run stopped before its first checkpoint:
+    there is nothing to continue, so a rerun (or ``--resume``) starts it over at step 0, provided the
+    config is the run's own (the keys ``--resume`` may change aside).
+    """
+    folder = Path(config.output_dir)
+    if state_path(folder).exists():
+        if resume:
+            return resumable_state(config, stage, digest)
+        try:
+            what = (read_run_record(folder) or {}).get("stage", "a")
+        except InputError:
+            what = "a"
+        raise InputError(f"output directory {folder} holds {what} run already; pass --resume to continue it "
+                         "or choose another output_dir")
+    record = read_run_record(folder)
+    if record is None:
+        if resume:
+            raise InputError(f"--resume: {folder} holds no training state ({state_path(folder)} is missing)")
+        return None
+    stopped = f"output directory {folder} holds a '{record['stage']}' run stopped before its first checkpoint"
+    if record["stage"] != stage:
+        raise InputError(f"{stopped}, not '{stage}'; choose another output_dir")
+    changed = []
+    if record["config_sha256"] != digest:
+        changed = config_differences(record["config"], to_jsonable(config))
+    if changed:
+        raise InputError(f"{stopped}, with another config; rerun it with that config or choose another "
+                         "output_dir. Changed: " + "; ".join(changed))
+    log.info("%s holds no training state yet (its run stopped before the first checkpoint): starting %s from "
+             "step 0", folder, stage)
+    return None
 
 
 def split_cases(config: TrainConfig) -> tuple[list, list]:
@@ -99,11 +155,12 @@ def run(stage_name: str, config: TrainConfig, resume: bool) -> int:
     try:
         device = ranks.device(device)
         digest = config_hash(config, stage_name)
-        state = resumable_state(config, stage_name, digest) if resume else None
-        if not resume:
-            check_fresh_output(config.output_dir)
+        check_output_dir(config.output_dir)
+        state = starting_state(config, stage_name, digest, resume)
         torch.manual_seed(config.seed)  # fresh networks start from the same weights on every run and rank
         stage = build_stage(stage_name, config, ranks, device)
+        if state is not None:
+            check_restorable(state, stage.model, stage.state(), state_path(config.output_dir))
         if ranks.is_main:
             if state is not None and state.config_sha256 != digest:
                 # matched key by key: re-record the state under today's config first, so that the marker

@@ -116,3 +116,19 @@ def test_validate_flags_a_single_fold(real_cases):
     data = {"training": [{"image": f"case{i}/imaging.nii.gz", "fold": 0} for i in range(3)]}
     problems = validate_datalist(data, real_cases, load_label_dict())
     assert any("every case is in fold 0" in p for p in problems)
+
+
+def test_validate_reports_duplicates_and_cases_whose_latents_would_collide(real_cases, tmp_path, capsys):
+    """Issue 18: c3/ct.nii.gz and c3/ct.nrrd encode to one c3/ct_emb.nii.gz, and validate passed."""
+    root = tmp_path / "data"
+    shutil.copytree(real_cases, root)
+    write_volume(root / "case0" / "imaging.nrrd", read_volume(root / "case0" / "imaging.nii.gz"))
+    entries = [{"image": "case0/imaging.nii.gz"}, {"image": "case1/imaging.nii.gz"},
+               {"image": "./case1/imaging.nii.gz"}, {"image": "case0/imaging.nrrd"}]
+    (root / "dl.json").write_text(json.dumps({"training": entries}))
+    assert main(["validate", "--datalist", str(root / "dl.json")]) == 2
+    err = capsys.readouterr().err
+    assert "$.training[2].image: './case1/imaging.nii.gz' is also case 1" in err, err
+    assert ("$.training[3].image: 'case0/imaging.nrrd' and case 0 ('case0/imaging.nii.gz') would both be "
+            "encoded to <output_dir>/case0/imaging_emb.nii.gz") in err, err
+    assert "2 problem(s)" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,195 @@ def test_outputs_stay_inside_output_dir_when_paths_climb(encode_setup, real_case
     assert main(["--config", str(config)]) == 0
     assert (tmp_path / "emb" / real_cases.name / "case0" / "imaging_emb.nii.gz").is_file()
     assert not list(real_cases.rglob("*_emb.nii.gz"))
+
+
+CT = Path(__file__).parent / "data" / "totalseg_example_ct_sm.nii.gz"
+
+
+def _small_case(folder: Path, name: str = "ct", suffix: str = ".nii.gz", nan_at: tuple = ()) -> None:
+    """A 32 x 32 x 16 crop of the real CT (float32 HU) and its label ``<name>_label.nii.gz``; NaN at the
+    voxels ``nan_at``, the last of two or more inf."""
+    from maisi.data.io import Volume, read_volume, write_volume
+
+    ct = read_volume(CT)
+    array = ct.array[40:72, 30:62, 6:22].astype(np.float32)
+    for voxel in nan_at:
+        array[voxel] = np.nan if len(nan_at) < 2 or voxel != nan_at[-1] else np.inf
+    write_volume(folder / f"{name}{suffix}", Volume(array, ct.affine))
+    write_volume(folder / f"{name}_label.nii.gz", Volume((array > -200).astype(np.uint8), ct.affine))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_data(tmp_path, tiny_checkpoints):
+    """Factory: ``tmp/data`` with cases c0 and c1 (``ct.nii.gz`` + ``ct_label.nii.gz``), a datalist of
+    ``entries`` in it (default: both cases), and an encode config with top-level keys set by ``changes``."""
+    data = tmp_path / "data"
+
+    def make(entries: list[dict] | None = None, **changes) -> Path:
+        if not data.exists():
+            for case in ("c0", "c1"):
+                _small_case(data / case)
+        listed = entries or [{"image": f"c{i}/ct.nii.gz", "label": f"c{i}/ct_label.nii.gz"} for i in range(2)]
+        write_datalist(data / "datalist.json", {"training": listed})
+        config = {"preset": "tiny-rflow", "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+                  "datalist": str(data / "datalist.json"), "output_dir": str(tmp_path / "emb"),
+                  "tiling": {"method": "full"}, "device": "cpu", **changes}
+        return write_config(tmp_path / "encode.json", config)
+
+    return make
+
+
+def _no_model_load(monkeypatch) -> None:
+    """Refusals must come before the autoencoder loads: loading it now fails the run with exit 1."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the autoencoder was loaded before the inputs were checked")
+
+    monkeypatch.setattr("maisi.encode.load_network", refuse)
+
+
+@pytest.mark.parametrize("where", ["the data folder", "a symlink to it", "a folder containing it"])
+def test_output_dir_on_the_data_never_overwrites_an_input(where, small_data, tmp_path, monkeypatch, capsys):
+    """Issue 18: output_dir = data folder resampled c0/ct_label.nii.gz in place and replaced datalist.json."""
+    config = small_data()
+    data = tmp_path / "data"
+    if where == "a symlink to it":
+        (tmp_path / "link").symlink_to(data)
+        config = small_data(output_dir=str(tmp_path / "link"))
+    elif where == "a folder containing it":  # a datalist beside the data, '../' paths: outputs keep 'data/'
+        (tmp_path / "lists").mkdir()
+        entries = [{"image": f"../data/c{i}/ct.nii.gz", "label": f"../data/c{i}/ct_label.nii.gz"}
+                   for i in range(2)]
+        write_datalist(tmp_path / "lists" / "dl.json", {"training": entries})
+        config = small_data(datalist=str(tmp_path / "lists" / "dl.json"), output_dir=str(tmp_path),
+                            output_datalist=str(tmp_path / "lists" / "dl.json"))
+    else:
+        config = small_data(output_dir=str(data))
+    before = _snapshot(tmp_path)
+    _no_model_load(monkeypatch)
+    capsys.readouterr()
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "refusing to encode" in err, err
+    label = str(data.resolve() / "c0" / "ct_label.nii.gz")
+    overwrite = "would overwrite the label of $.training[0]"
+    assert any(label in line and overwrite in line for line in err.splitlines()), err
+    assert "the output datalist would overwrite the input datalist" in err, err
+    assert _snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_output_dir_beside_the_inputs_is_fine_when_nothing_collides(small_data, tmp_path):
+    """Outputs may share the data folder as long as no input is written: only collisions are refused."""
+    small_data()
+    (tmp_path / "data" / "c0" / "ct_label.nii.gz").rename(tmp_path / "data" / "c0" / "seg.nii.gz")
+    entries = [{"image": "c0/ct.nii.gz", "label": "c0/seg.nii.gz"}]
+    config = small_data(entries, output_dir=str(tmp_path / "data"),
+                        output_datalist=str(tmp_path / "latents.json"))
+    before = _snapshot(tmp_path / "data")
+    assert main(["--config", str(config)]) == 0
+    after = _snapshot(tmp_path / "data")
+    assert {k: after[k] for k in before} == before
+    assert {"c0/ct_emb.nii.gz", "c0/ct_label.nii.gz"} <= set(after)
+
+
+def test_two_images_encoding_to_one_latent_are_refused(small_data, tmp_path, monkeypatch, capsys):
+    """Issue 18: c3/ct.nii.gz and c3/ct.nrrd both became c3/ct_emb.nii.gz; the second overwrote the first."""
+    small_data()
+    from maisi.data.io import read_volume, write_volume
+
+    write_volume(tmp_path / "data" / "c0" / "ct.nrrd", read_volume(tmp_path / "data" / "c0" / "ct.nii.gz"))
+    entries = [{"image": "c0/ct.nii.gz"}, {"image": "c1/ct.nii.gz"}, {"image": "c0/ct.nrrd"}]
+    _no_model_load(monkeypatch)
+    capsys.readouterr()
+    assert main(["--config", str(small_data(entries))]) == 2
+    err = capsys.readouterr().err
+    latent = tmp_path / "emb" / "c0" / "ct_emb.nii.gz"
+    both = f"{latent}: $.training[0] (c0/ct.nii.gz) and $.training[2] (c0/ct.nrrd) would both write it"
+    assert both in err, err
+    assert err.count("would both write") == 1 and "Traceback" not in err  # one line per pair of cases
+    assert not (tmp_path / "emb").exists()
+
+
+BAD_LOCATIONS = ["output_dir is a file", "output_dir under a file", "output_datalist a folder",
+                 "output_datalist under a file", "output_dir not writable"]
+
+
+@pytest.mark.parametrize("case", BAD_LOCATIONS)
+def test_bad_output_locations_are_refused_before_the_model_loads(case, small_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    (tmp_path / "a_file").write_text("keep me")
+    changes = {
+        "output_dir is a file": {"output_dir": str(tmp_path / "a_file")},
+        "output_dir under a file": {"output_dir": str(tmp_path / "a_file" / "emb")},
+        "output_datalist a folder": {"output_datalist": str(tmp_path)},
+        "output_datalist under a file": {"output_datalist": str(tmp_path / "a_file" / "dl.json")},
+        "output_dir not writable": {},
+    }[case]
+    fragments = {"output_datalist a folder": f"output datalist {tmp_path} is a folder",
+                 "output_datalist under a file": f"{tmp_path / 'a_file'} is a file, not a folder",
+                 "output_dir not writable": f"no write permission on {tmp_path}"}
+    fragment = fragments.get(case, "is not writable: ")
+    config = small_data(**changes)
+    if case == "output_dir not writable":  # root may write anywhere: stand in for a read-only folder
+        real_access = os.access
+        monkeypatch.setattr("maisi.encode.os.access",
+                            lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+    _no_model_load(monkeypatch)
+    capsys.readouterr()
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+    assert (tmp_path / "a_file").read_text() == "keep me" and not (tmp_path / "emb").exists()
+
+
+def test_non_finite_ct_voxels_fail_that_case_unless_filled_as_air(small_data, tmp_path, caplog):
+    """Issue 18: one NaN voxel made the whole latent NaN and the sidecar marked the case finished."""
+    small_data()
+    _small_case(tmp_path / "data" / "c1", nan_at=((3, 4, 5), (10, 10, 10)))  # a NaN and an inf
+    assert main(["--config", str(small_data())]) == 1
+    assert "1 encoded, 0 skipped, 1 failed" in caplog.text
+    assert f"{tmp_path / 'data' / 'c1' / 'ct.nii.gz'}: 2 non-finite voxel(s) (NaN or inf)" in caplog.text
+    out = tmp_path / "emb"
+    assert not (out / "c1").exists()  # nothing of the failed case
+    assert [e["image"] for e in read_datalist(out / "datalist.json")["training"]] == ["c0/ct_emb.nii.gz"]
+    caplog.clear()
+    assert main(["--config", str(small_data(nonfinite="fill_air"))]) == 0
+    assert "1 encoded, 1 skipped, 0 failed" in caplog.text
+    assert np.isfinite(read_latent(out / "c1" / "ct_emb.nii.gz")[0]).all()
+    assert read_sidecar(out / "c1" / "ct_emb.nii.gz")["nonfinite_filled"] == 2
+    assert read_sidecar(out / "c0" / "ct_emb.nii.gz")["nonfinite_filled"] == 0
+    caplog.clear()  # back to "error": the filled case is not taken as finished
+    assert main(["--config", str(small_data())]) == 1
+    assert "0 encoded, 1 skipped, 1 failed" in caplog.text
+
+
+def test_a_non_finite_latent_is_never_written(small_data, tmp_path, monkeypatch, caplog):
+    import maisi.encoding
+
+    real = maisi.encoding.encode
+    monkeypatch.setattr(maisi.encoding, "encode", lambda *a, **k: real(*a, **k) * float("nan"))
+    entries = [{"image": "c0/ct.nii.gz", "label": "c0/ct_label.nii.gz"}]
+    assert main(["--config", str(small_data(entries))]) == 1
+    assert "ct.nii.gz: its latent has " in caplog.text and "non-finite value(s)" in caplog.text
+    assert not (tmp_path / "emb").exists()
+
+
+def test_a_nan_latent_from_before_the_checks_is_encoded_again(small_data, tmp_path, caplog):
+    from maisi.checkpoints import file_sha256
+    from maisi.data.latents import write_latent, write_sidecar
+
+    config = small_data([{"image": "c0/ct.nii.gz"}])
+    assert main(["--config", str(config)]) == 0
+    latent_path = tmp_path / "emb" / "c0" / "ct_emb.nii.gz"
+    latent, affine = read_latent(latent_path)
+    write_latent(latent_path, latent * np.nan, affine)  # as an older version wrote a case whose CT held a NaN
+    side = read_sidecar(latent_path)
+    side.pop("nonfinite_filled", None)
+    write_sidecar(latent_path, {**side, "latent_sha256": file_sha256(latent_path)})
+    caplog.clear()
+    assert main(["--config", str(config)]) == 0
+    assert "1 encoded, 0 skipped" in caplog.text and np.isfinite(read_latent(latent_path)[0]).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from maisi.decoding import DecodeMethod
 from maisi.device import DeviceName, Precision
@@ -34,6 +35,7 @@ class EncodeConfig:
     modality: str
     device: DeviceName
     precision: Precision
+    nonfinite: Literal["error", "fill_air"]
 
     @property
     def multiple(self) -> int:

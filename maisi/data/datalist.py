@@ -21,6 +21,7 @@ from maisi.atomic import write_json
 from maisi.conditioning import BODY_REGIONS, body_region_from_mask
 from maisi.config.loader import load_schema, read_json, schema_errors
 from maisi.data.io import read_geometry, read_mask
+from maisi.data.latents import encoded_relpaths
 from maisi.errors import ConfigError, InputError
 from maisi.labels import labels_not_in_dict
 
@@ -163,18 +164,37 @@ def _fold_problems(entries: list[dict[str, Any]], num_folds: int | None) -> list
     return problems
 
 
+def _duplicates_and_collisions(entries: list[dict[str, Any]], root: Path) -> list[str]:
+    """Images listed twice (compared as resolved paths: ``./a`` is ``a``), and different images that
+    ``maisi.encode`` would encode to one latent (``c3/ct.nii.gz`` and ``c3/ct.nrrd``)."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    latents: dict[Path, int] = {}
+    for i, entry in enumerate(entries):
+        image = str((root / entry["image"]).resolve())
+        if image in seen:
+            problems.append(f"$.training[{i}].image: '{entry['image']}' is also case {seen[image]}")
+            continue
+        seen[image] = i
+        latent = encoded_relpaths(entry["image"])[0]
+        if latent in latents:
+            j = latents[latent]
+            first = entries[j]["image"]
+            problems.append(f"$.training[{i}].image: '{entry['image']}' and case {j} ('{first}') would both "
+                            f"be encoded to <output_dir>/{latent.as_posix()} (rename one)")
+        latents.setdefault(latent, i)
+    return problems
+
+
 def validate_datalist(
     data: dict[str, Any], root: str | Path, label_dict: dict[str, int], num_folds: int | None = None
 ) -> list[str]:
-    """Every problem of a (schema-valid) datalist: files, grids, labels, header facts, folds."""
+    """Every problem of a (schema-valid) datalist: duplicates, encode collisions, files, grids, labels, header
+    facts, folds."""
     root = Path(root)
-    problems: list[str] = []
-    seen: dict[str, int] = {}
+    problems = _duplicates_and_collisions(data["training"], root)
     for i, entry in enumerate(data["training"]):
         where = f"$.training[{i}]"
-        if entry["image"] in seen:
-            problems.append(f"{where}.image: '{entry['image']}' is also case {seen[entry['image']]}")
-        seen.setdefault(entry["image"], i)
         image = root / entry["image"]
         label = root / entry["label"] if entry.get("label") else None
         missing = [p for p in (image, label) if p is not None and not p.exists()]

@@ -30,6 +30,19 @@ def stem(path: str | Path) -> str:
     return name
 
 
+def encoded_relpaths(image_rel: str | Path) -> tuple[Path, Path]:
+    """(latent, transformed label) of a datalist image, relative to ``maisi.encode``'s output_dir.
+
+    The image's sub-folders are kept; ``..`` and root parts are dropped so that outputs never leave
+    output_dir (``../cases/c1/ct.nii.gz`` -> ``cases/c1/ct_emb.nii.gz``). Two images of one stem in one
+    folder (``ct.nii.gz``, ``ct.nrrd``) map to the same outputs: callers must refuse that.
+    """
+    parts = [p for p in Path(image_rel).parent.parts if p not in ("..", ".", "/") and not Path(p).anchor]
+    folder = Path(*parts) if parts else Path()
+    name = stem(image_rel)
+    return folder / f"{name}_emb.nii.gz", folder / f"{name}_label.nii.gz"
+
+
 def latent_affine(image_affine: np.ndarray, factor: int) -> np.ndarray:
     """Affine of a latent whose voxel (i, j, k) summarises image voxels factor*i .. factor*i + factor - 1."""
     scale = np.diag([factor, factor, factor, 1.0])

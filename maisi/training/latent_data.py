@@ -1,7 +1,8 @@
 """Pre-encoded latents (from ``maisi.encode``) as training cases, checked before the first step.
 
-Every case is verified up front: the latent exists, its sidecar's checksum and shape agree with the file,
-the conditions the preset needs are there, and a label (ControlNet) lies on the grid ``factor`` times the
+Every case is verified up front: the latent exists, is readable and finite (a NaN or inf latent would
+turn the loss NaN, or worse the scale factor), its sidecar's checksum and shape agree with the file, the
+conditions the preset needs are there, and a label (ControlNet) lies on the grid ``factor`` times the
 latent's. Problems are listed all at once.
 """
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -19,7 +19,7 @@ from maisi.checkpoints import file_sha256
 from maisi.conditioning import BODY_REGIONS, Conditions, binarize_labels
 from maisi.data.io import read_geometry, read_mask
 from maisi.data.latents import read_latent, read_sidecar
-from maisi.errors import InputError
+from maisi.errors import InputError, VolumeError
 from maisi.networks import Preset
 
 
@@ -35,6 +35,20 @@ def _region(one_hot: list[int] | None):
     return BODY_REGIONS[list(one_hot).index(1)] if one_hot and 1 in one_hot else None
 
 
+def load_latent(path: Path) -> np.ndarray:
+    """(C, x, y, z) latent, refused when any value is NaN or infinite.
+
+    Raises:
+        VolumeError: unreadable, not 4D, or not finite (naming the file and the count).
+    """
+    data = read_latent(path)[0]
+    bad = int((~np.isfinite(data)).sum())
+    if bad:
+        raise VolumeError(f"{path}: latent holds {bad} non-finite value(s) (NaN or inf) of {data.size}; "
+                          "re-encode it (maisi.encode refuses non-finite CT unless nonfinite is fill_air)")
+    return data
+
+
 def _check_case(i: int, entry: dict[str, Any], root: Path, preset: Preset, need_label: bool) -> tuple[LatentCase | None, list[str]]:
     where = f"$.training[{i}]"
     latent = root / entry["image"]
@@ -43,9 +57,11 @@ def _check_case(i: int, entry: dict[str, Any], root: Path, preset: Preset, need_
     sidecar = read_sidecar(latent)
     if sidecar is None:
         return None, [f"{where}.image: {latent} has no readable sidecar {latent}.json (unfinished encode?)"]
+    try:
+        shape = tuple(int(s) for s in load_latent(latent).shape)
+    except VolumeError as e:
+        return None, [f"{where}.image: {e}"]
     problems = []
-    shape = tuple(int(s) for s in nib.load(latent).shape)
-    shape = (shape[3], *shape[:3]) if len(shape) == 4 else shape
     if list(shape) != list(sidecar.get("latent_shape", [])):
         problems.append(f"{where}: {latent} has shape {list(shape)} but its sidecar says {sidecar.get('latent_shape')}")
     if sidecar.get("latent_sha256") and file_sha256(latent) != sidecar["latent_sha256"]:
@@ -99,7 +115,7 @@ class LatentCases:
         if len({c.shape for c in chosen}) > 1:
             raise InputError(f"a batch mixes latent shapes {sorted({c.shape for c in chosen})}; use batch_size 1 "
                              "or encode to a common size")  # fmt: skip
-        latents = torch.stack([torch.from_numpy(read_latent(c.latent)[0]) for c in chosen]).to(device)
+        latents = torch.stack([torch.from_numpy(load_latent(c.latent)) for c in chosen]).to(device)
         inputs = [c.conditions.network_inputs(self.preset, 1, device) for c in chosen]
         out: dict[str, Any] = {"latents": latents, "unet_inputs": {k: torch.cat([d[k] for d in inputs]) for k in inputs[0]}}
         if all(c.label is not None for c in chosen):

@@ -239,3 +239,117 @@ def test_trained_controlnet_drives_generation_from_a_mask(train_config, tmp_path
     assert infer_main(["--config", str(infer_cfg)]) == 0
     meta = json.loads((tmp_path / "gen" / "sample_seed0.json").read_text())
     assert meta["checkpoints"]["controlnet"]["format"] == "maisi"
+
+
+QUICK = {"fold": None, "tensorboard": False}  # no validation, no event files: these runs only need to run
+
+
+@pytest.mark.parametrize("case", ["output_dir is a file", "output_dir under a file", "run record unreadable"])
+def test_unusable_output_dir_exits_2_before_any_work(case, train_config, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("keep me")
+    output_dir = {"output_dir is a file": tmp_path / "a_file",
+                  "output_dir under a file": tmp_path / "a_file" / "run",
+                  "run record unreadable": tmp_path / "run"}[case]
+    if case == "run record unreadable":
+        output_dir.mkdir()
+        (output_dir / "train_config.json").write_text("{")
+    fragment = "train_config.json: unreadable"
+    if "file" in case:
+        fragment = f"{tmp_path / 'a_file'} is a file, not a folder"
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the stage was built before the output folder was checked")
+
+    monkeypatch.setattr("maisi.train.build_stage", no_work)
+    capsys.readouterr()
+    assert main(["diffusion", "--config", str(train_config(output_dir=str(output_dir)))]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def _killed_before_first_checkpoint(config: Path, monkeypatch) -> None:
+    """Run until train() starts, then stop as a kill would: train_config.json written, no state."""
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("maisi.train.train", killed)
+        assert main(["diffusion", "--config", str(config)]) == 1
+    run = Path(json.loads(config.read_text())["output_dir"])
+    assert (run / "train_config.json").is_file() and not (run / "state").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_reruns_or_resumes_from_step_0(train_config, tmp_path,
+                                                                                 monkeypatch, caplog, capsys):
+    """Issue 18: such a folder could be neither rerun ('holds a run already') nor resumed ('holds no
+    state')."""
+    rerun = train_config("a.json", output_dir=str(tmp_path / "a"), steps=2, **QUICK)
+    _killed_before_first_checkpoint(rerun, monkeypatch)
+    assert main(["diffusion", "--config", str(rerun)]) == 0  # same config: starts over
+    assert "holds no training state yet" in caplog.text and "starting diffusion from step 0" in caplog.text
+    resumed = train_config("b.json", output_dir=str(tmp_path / "b"), steps=2, **QUICK)
+    _killed_before_first_checkpoint(resumed, monkeypatch)
+    caplog.clear()
+    assert main(["diffusion", "--config", str(resumed), "--resume"]) == 0
+    assert "starting diffusion from step 0" in caplog.text
+    for run in ("a", "b"):
+        assert torch.load(tmp_path / run / "state" / "last.pt", weights_only=True)["step"] == 2
+    assert _state_dicts_equal(tmp_path / "a" / "diffusion_unet.pt", tmp_path / "b" / "diffusion_unet.pt")
+    other = train_config("c.json", output_dir=str(tmp_path / "c"), steps=2, **QUICK)
+    _killed_before_first_checkpoint(other, monkeypatch)
+    capsys.readouterr()
+    for flags in ([], ["--resume"]):  # another config is refused, naming the key, either way
+        changed = train_config("c.json", output_dir=str(tmp_path / "c"), steps=2, **QUICK,
+                               optimizer={"lr": 0.5})
+        assert main(["diffusion", "--config", str(changed), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "stopped before its first checkpoint, with another config" in err, err
+        assert "Changed: $.optimizer.lr: 0.0001 in the run, 0.5 now" in err and "Traceback" not in err
+    assert not (tmp_path / "c" / "state").exists()
+
+
+@pytest.mark.parametrize("damage", ["top-level keys", "stage_state key", "model weight"])
+def test_resume_from_a_state_missing_keys_exits_2_naming_them(damage, train_config, tmp_path, capsys):
+    config = train_config(steps=1, **QUICK)
+    assert main(["diffusion", "--config", str(config)]) == 0
+    state_file = tmp_path / "run" / "state" / "last.pt"
+    state = torch.load(state_file, weights_only=True)
+    if damage == "top-level keys":  # e.g. hand-edited, or saved by a truncated script
+        del state["optimizer"], state["stage_state"]
+        fragment = "training state lacks optimizer, stage_state (truncated or edited?)"
+    elif damage == "stage_state key":
+        state["stage_state"] = {}
+        fragment = "does not fit the diffusion networks: stage_state lacks scale_factor"
+    else:
+        dropped = sorted(state["model"])[0]
+        del state["model"][dropped]
+        fragment = f"model lacks weights: {dropped} (1)"
+    torch.save(state, state_file)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["diffusion", "--config", str(train_config(steps=2, **QUICK)), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{state_file}: " in err and fragment in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("stage", ["diffusion", "controlnet"])
+def test_a_non_finite_latent_is_refused_by_name(stage, train_config, encoded_cases, tmp_path, capsys):
+    """Issue 18: a NaN latent (encoded from a CT with a NaN voxel) trained on; refuse it when loaded."""
+    from maisi.checkpoints import file_sha256
+    from maisi.data.latents import read_latent, read_sidecar, write_latent, write_sidecar
+
+    datalist = _copy_latents(encoded_cases, tmp_path)
+    latent_path = datalist.parent / json.loads(datalist.read_text())["training"][2]["image"]
+    latent, affine = read_latent(latent_path)
+    latent[1, 3, 4, 5] = np.nan
+    write_latent(latent_path, latent, affine)  # a checksum that matches: only the values give it away
+    write_sidecar(latent_path, {**read_sidecar(latent_path), "latent_sha256": file_sha256(latent_path)})
+    capsys.readouterr()
+    assert main([stage, "--config", str(train_config(datalist=str(datalist)))]) == 2
+    err = capsys.readouterr().err
+    assert f"{latent_path}: latent holds 1 non-finite value(s) (NaN or inf)" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
