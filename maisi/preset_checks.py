@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from maisi.config import EvaluateConfig, InferConfig, load_config
+from maisi.config import EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config
 from maisi.errors import InputError
 from maisi.presets import Preset, check_sampler, get_preset, grid_problems
 
@@ -49,7 +49,37 @@ def evaluate_problems(config: EvaluateConfig) -> list[str]:
     return _preset(config.reconstruction.preset, "$.reconstruction.preset")[1]
 
 
-CHECKS: dict[str, Callable[[Any], list[str]]] = {"infer": infer_problems, "evaluate": evaluate_problems}
+def encode_problems(config: EncodeConfig) -> list[str]:
+    """Padding and sliding-window tiles in whole latent voxels of the preset's VAE."""
+    preset, problems = _preset(config.preset, "$.preset")
+    if preset is None:
+        return problems
+    f = preset.vae_factor
+    if config.pad_to_multiple is not None and config.pad_to_multiple % f:
+        problems.append(f"$.pad_to_multiple: {config.pad_to_multiple} is not a multiple of the VAE factor {f}")
+    if config.tiling.method == "sliding_window" and any(r % f for r in config.tiling.roi_size):
+        problems.append(f"$.tiling.roi_size: {list(config.tiling.roi_size)} must be multiples of the VAE factor {f}")
+    return problems
+
+
+def train_problems(config: TrainConfig) -> list[str]:
+    """VAE patches and validation windows in whole latent voxels of the preset's VAE."""
+    preset, problems = _preset(config.preset, "$.preset")
+    if preset is None:
+        return problems
+    f = preset.vae_factor
+    for key in ("patch_size", "val_roi_size"):
+        if any(s % f for s in getattr(config.autoencoder, key)):
+            problems.append(f"$.autoencoder.{key}: {list(getattr(config.autoencoder, key))} must be multiples of {f}")
+    return problems
+
+
+CHECKS: dict[str, Callable[[Any], list[str]]] = {
+    "infer": infer_problems,
+    "encode": encode_problems,
+    "train": train_problems,
+    "evaluate": evaluate_problems,
+}
 
 
 def load_checked_config(path: str | Path, kind: str) -> Any:

@@ -1,14 +1,13 @@
-"""The ``maisi.encode`` config: dataclasses mirroring ``schemas/encode.schema.json`` and cross-key checks."""
+"""The ``maisi.encode`` config: dataclasses mirroring ``schemas/encode.schema.json``; checks against the preset
+are in :mod:`maisi.preset_checks`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from maisi.decoding import DecodeMethod
-from maisi.device import DeviceName, Precision
-from maisi.errors import InputError
-from maisi.networks import get_preset
+from maisi.options import DecodeMethod, DeviceName, Modality, Precision
+from maisi.presets import get_preset
 
 
 @dataclass(frozen=True)
@@ -29,10 +28,10 @@ class EncodeConfig:
     output_datalist: str | None
     target_spacing: tuple[float, float, float] | None
     pad_to_multiple: int | None
-    latent: str
+    latent: Literal["mean", "sample"]
     seed: int
     tiling: TilingConfig
-    modality: str
+    modality: Modality
     device: DeviceName
     precision: Precision
     nonfinite: Literal["error", "fill_air"]
@@ -44,14 +43,5 @@ class EncodeConfig:
 
 
 def check_encode_config(config: EncodeConfig) -> list[str]:
-    try:
-        preset = get_preset(config.preset)
-    except InputError as e:
-        return [f"$.preset: {e}"]
-    problems = []
-    f = preset.vae_factor
-    if config.pad_to_multiple is not None and config.pad_to_multiple % f:
-        problems.append(f"$.pad_to_multiple: {config.pad_to_multiple} is not a multiple of the VAE factor {f}")
-    if config.tiling.method == "sliding_window" and any(r % f for r in config.tiling.roi_size):
-        problems.append(f"$.tiling.roi_size: {list(config.tiling.roi_size)} must be multiples of the VAE factor {f}")
-    return problems
+    """Nothing relates several keys of an encode config beyond what the schema says."""
+    return []

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maisi.device import DeviceName
-from maisi.errors import InputError
-from maisi.networks import get_preset
+from maisi.options import DeviceName
 
 Stage = Literal["autoencoder", "diffusion", "controlnet"]
 STAGES: tuple[Stage, ...] = ("autoencoder", "diffusion", "controlnet")
@@ -87,15 +85,7 @@ class TrainConfig:
 
 def check_train_config(config: TrainConfig) -> list[str]:
     """Checks that hold for every stage; stage-specific needs are checked when the stage starts."""
-    try:
-        preset = get_preset(config.preset)
-    except InputError as e:
-        return [f"$.preset: {e}"]
     problems = []
-    f = preset.vae_factor
-    for key in ("patch_size", "val_roi_size"):
-        if any(s % f for s in getattr(config.autoencoder, key)):
-            problems.append(f"$.autoencoder.{key}: {list(getattr(config.autoencoder, key))} must be multiples of {f}")
     if config.optimizer.warmup_steps >= config.steps and config.optimizer.warmup_steps > 0:
         problems.append(f"$.optimizer.warmup_steps: {config.optimizer.warmup_steps} is not below $.steps {config.steps}")
     return problems
