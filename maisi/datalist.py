@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 from maisi.cli import EXIT_INPUT, EXIT_OK, run_guarded, setup_logging
-from maisi.data.datalist import build_datalist, read_datalist, validate_datalist, write_datalist
-from maisi.labels import load_label_dict
 
 PROG = "maisi.datalist"
 
@@ -40,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from maisi.data.datalist import build_datalist, write_datalist  # reads volumes: imported after parsing
+    from maisi.labels import load_label_dict
+
     data = build_datalist(args.root, args.images, args.labels, args.output, load_label_dict(args.label_dict),
                           num_folds=args.num_folds, seed=args.seed, modality=args.modality)  # fmt: skip
     write_datalist(args.output, data)
@@ -49,6 +50,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from maisi.data.datalist import read_datalist, validate_datalist  # reads volumes: imported after parsing
+    from maisi.labels import load_label_dict
+
     data = read_datalist(args.datalist)
     root = Path(args.root) if args.root else Path(args.datalist).resolve().parent
     problems = validate_datalist(data, root, load_label_dict(args.label_dict), args.num_folds)

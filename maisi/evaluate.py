@@ -14,7 +14,6 @@ import logging
 import sys
 
 from maisi.cli import EXIT_OK, load_cli_config, make_parser, print_config, run_guarded, setup_logging
-from maisi.evaluation import run_evaluation
 
 PROG = "maisi.evaluate"
 log = logging.getLogger(PROG)
@@ -30,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_cli_config(args, "evaluate")
         if args.dry_run:
             return print_config(config)
+        from maisi.evaluation import run_evaluation  # imports torch and MONAI: after parsing, so --help stays fast
+
         report = run_evaluation(config, progress=not args.no_progress)
         log.info("wrote %s%s", config.output.report, f" and {report['montage']['path']}" if report["montage"] else "")
         return EXIT_OK

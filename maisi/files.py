@@ -84,21 +84,28 @@ def install_verified(src: str | Path, dest: str | Path, sha256: str | None, size
         return check_file(tmp, sha256, size)
 
 
-def check_output_dir(out: str | Path, setting: str) -> None:
-    """Refuse an output folder that cannot be created or written, before any work; creates nothing.
+def output_folder_problem(folder: str | Path, what: str) -> str | None:
+    """Why ``folder`` cannot be (made) a writable folder, or None when it can; nothing is created.
 
     Args:
-        out: the folder.
-        setting: where the user sets it, for the message (e.g. ``"--output-dir or $.output.dir"``).
+        folder: the folder.
+        what: how the message names it (e.g. ``"output directory"``, ``"$.output_dir"``).
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output directory {out} is a file, not a folder (set another {setting})")
-    existing = out
-    while not existing.exists():
+    folder = existing = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return f"{what} {folder} is a file, not a folder"
+    while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise InputError(f"output directory {out} cannot be created: {existing} is a file, not a folder")
+        return f"{what} {folder} cannot be created: {existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == out else f"cannot be created: {existing} is not writable"
-        raise InputError(f"output directory {out} {what}")
+        where = "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
+        return f"{what} {folder} {where} (no write permission on {existing})"
+    return None
+
+
+def check_output_dir(folder: str | Path, what: str = "output directory") -> None:
+    """Raise InputError when ``folder`` cannot be (made) a writable folder: see :func:`output_folder_problem`."""
+    problem = output_folder_problem(folder, what)
+    if problem:
+        raise InputError(problem)

@@ -116,7 +116,7 @@ def prepare(config: InferConfig) -> Job:
     """
     device = resolve_device(config.device)
     plan = plan_generation(config)
-    check_output_dir(Path(config.output.dir), "--output-dir or $.output.dir")
+    check_output_dir(config.output.dir)
     check_memory(plan, device)
     for warning in plan.warnings:
         log.warning(warning)

@@ -21,3 +21,18 @@ DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
 DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)
 BODY_REGIONS: tuple[BodyRegion, ...] = get_args(BodyRegion)
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "rflow": 30}  # inference steps per sampler
+
+# Body-region names as MAISI spells them (its configs and find_masks) and as we do; value: index in BODY_REGIONS.
+REGION_INDEX: dict[str, int] = {
+    "head": 0,
+    "head_neck": 0,
+    "head/neck": 0,
+    "chest": 1,
+    "thorax": 1,
+    "chest/thorax": 1,
+    "abdomen": 2,
+    "pelvis": 3,
+    "lower": 3,
+    "pelvis/lower": 3,
+    "pelvis_lower": 3,
+}

@@ -105,7 +105,8 @@ def test_folds_are_seeded_and_balanced():
 def test_configured_fold_is_the_validation_set():
     data = {"training": [{"image": f"{i}", "fold": i % 3} for i in range(6)]}
     train, val = split_by_fold(data, 1)
-    assert [e["image"] for e in val] == ["1", "4"] and len(train) == 4
+    assert [(i, e["image"]) for i, e in val] == [(1, "1"), (4, "4")] and len(train) == 4
+    assert split_by_fold(data, None) == (list(enumerate(data["training"])), [])
     with pytest.raises(InputError, match="no case has fold 5"):
         split_by_fold(data, 5)
     with pytest.raises(InputError, match="training set would be empty"):

@@ -114,7 +114,7 @@ def test_bad_input_exits_2(case, encode_setup, tiny_checkpoints, tmp_path, capsy
     if case == "unwritable":
         (tmp_path / "a_file").write_text("")
         changes["output_dir"] = str(tmp_path / "a_file" / "emb")
-        fragment = "is not writable"
+        fragment = f"cannot be created: {tmp_path / 'a_file'} is a file, not a folder"
     elif case == "vae mismatch":
         changes["preset"] = "small-rflow"
         fragment = "autoencoder checkpoint was made for preset 'tiny-rflow', which differs from preset 'small-rflow'"
@@ -231,7 +231,7 @@ def _no_model_load(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the autoencoder was loaded before the inputs were checked")
 
-    monkeypatch.setattr("maisi.encode.load_network", refuse)
+    monkeypatch.setattr("maisi.encoding_run.load_network", refuse)
 
 
 @pytest.mark.parametrize("where", ["the data folder", "a symlink to it", "a folder containing it"])
@@ -314,11 +314,11 @@ def test_bad_output_locations_are_refused_before_the_model_loads(case, small_dat
     fragments = {"output_datalist a folder": f"output datalist {tmp_path} is a folder",
                  "output_datalist under a file": f"{tmp_path / 'a_file'} is a file, not a folder",
                  "output_dir not writable": f"no write permission on {tmp_path}"}
-    fragment = fragments.get(case, "is not writable: ")
+    fragment = fragments.get(case, f"{tmp_path / 'a_file'} is a file, not a folder")
     config = small_data(**changes)
     if case == "output_dir not writable":  # root may write anywhere: stand in for a read-only folder
         real_access = os.access
-        monkeypatch.setattr("maisi.encode.os.access",
+        monkeypatch.setattr("maisi.files.os.access",
                             lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
     _no_model_load(monkeypatch)
     capsys.readouterr()

@@ -217,18 +217,22 @@ def validate_datalist(
     return problems + _fold_problems(data["training"], num_folds)
 
 
-def split_by_fold(data: dict[str, Any], fold: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training, validation): cases whose ``fold`` equals ``fold`` validate, the others train.
+def split_by_fold(data: dict[str, Any], fold: int | None) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """(training, validation) as (index in the datalist, entry) pairs: cases whose ``fold`` equals ``fold``
+    validate, the others train; ``fold`` None trains on every case.
 
     Raises:
-        InputError: when either side would be empty.
+        InputError: when either side would be empty (naming ``$.fold``).
     """
-    train = [e for e in data["training"] if e.get("fold") != fold]
-    val = [e for e in data["training"] if e.get("fold") == fold]
+    entries = list(enumerate(data["training"]))
+    if fold is None:
+        return entries, []
+    train = [(i, e) for i, e in entries if e.get("fold") != fold]
+    val = [(i, e) for i, e in entries if e.get("fold") == fold]
     if not val:
-        raise InputError(f"no case has fold {fold}: the validation set would be empty")
+        raise InputError(f"$.fold: no case has fold {fold}: the validation set would be empty")
     if not train:
-        raise InputError(f"every case has fold {fold}: the training set would be empty")
+        raise InputError(f"$.fold: every case has fold {fold}: the training set would be empty")
     return train, val
 
 

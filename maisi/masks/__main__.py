@@ -17,14 +17,9 @@ import logging
 import sys
 from typing import Any
 
-import torch
-
 from maisi.cli import EXIT_OK, run_guarded, setup_logging
-from maisi.distributed import finish, init_from_env
 from maisi.errors import InputError
-from maisi.labels import load_label_dict
-from maisi.masks.database import index_masks, load_database, summarise
-from maisi.masks.retrieval import REGION_INDEX, Candidate, select_masks
+from maisi.options import REGION_INDEX
 
 PROG = "maisi.masks"
 log = logging.getLogger(PROG)
@@ -74,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    import torch  # the library reads volumes and may run under torchrun: imported after parsing
+
+    from maisi.distributed import finish, init_from_env
+    from maisi.labels import load_label_dict
+    from maisi.masks.database import index_masks
+
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: expected at least 1")
     label_dict = load_label_dict(args.label_dict)
@@ -119,6 +120,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from maisi.labels import load_label_dict
+    from maisi.masks.database import load_database, summarise
+
     label_dict = load_label_dict(args.label_dict)
     summary = summarise(load_database(args.database, args.mask_root), label_dict)
     if args.json:
@@ -128,7 +132,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _candidate_json(sample: int | None, c: Candidate) -> dict[str, Any]:
+def _candidate_json(sample: int | None, c: Any) -> dict[str, Any]:
     e = c.entry
     return {
         **({"sample": sample} if sample is not None else {}),
@@ -145,6 +149,10 @@ def _candidate_json(sample: int | None, c: Candidate) -> dict[str, Any]:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from maisi.labels import load_label_dict
+    from maisi.masks.database import load_database
+    from maisi.masks.retrieval import select_masks
+
     label_dict = load_label_dict(args.label_dict)
     db = load_database(args.database, args.mask_root)
     selection = select_masks(

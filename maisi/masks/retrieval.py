@@ -23,24 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from maisi.errors import InputError
+from maisi.options import REGION_INDEX
 from maisi.labels import load_label_dict
 from maisi.masks.database import MaskDatabase, MaskEntry
 from maisi.resources import load_json
 
-# MAISI's spellings (find_masks.convert_body_region) plus ours (maisi.conditioning.BODY_REGIONS).
-REGION_INDEX: dict[str, int] = {
-    "head": 0,
-    "head_neck": 0,
-    "head/neck": 0,
-    "chest": 1,
-    "thorax": 1,
-    "chest/thorax": 1,
-    "abdomen": 2,
-    "pelvis": 3,
-    "lower": 3,
-    "pelvis/lower": 3,
-    "pelvis_lower": 3,
-}
 MAISI_TUMOUR_IDS: frozenset[int] = frozenset({23, 24, 26, 27, 128})
 UPSAMPLE_MARGIN = 128  # v2: reject dim <= output_size - 128 on any axis
 MIN_POOL = 5  # MAISI keeps at least 5 candidates

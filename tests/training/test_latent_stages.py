@@ -16,7 +16,8 @@ from maisi.checkpoints import load_network, read_weights
 from maisi.config import load_config
 from maisi.distributed import Ranks
 from maisi.networks import get_preset
-from maisi.train import build_stage, main
+from maisi.train import main
+from maisi.training.run import build_stage
 from maisi.training.controlnet import lesion_weights
 from maisi.training.loop import train
 from tests.conftest import write_config
@@ -260,7 +261,7 @@ def test_unusable_output_dir_exits_2_before_any_work(case, train_config, tmp_pat
     def no_work(*args, **kwargs):
         raise AssertionError("the stage was built before the output folder was checked")
 
-    monkeypatch.setattr("maisi.train.build_stage", no_work)
+    monkeypatch.setattr("maisi.training.run.build_stage", no_work)
     capsys.readouterr()
     assert main(["diffusion", "--config", str(train_config(output_dir=str(output_dir)))]) == 2
     err = capsys.readouterr().err
@@ -275,7 +276,7 @@ def _killed_before_first_checkpoint(config: Path, monkeypatch) -> None:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr("maisi.train.train", killed)
+        m.setattr("maisi.training.run.train", killed)
         assert main(["diffusion", "--config", str(config)]) == 1
     run = Path(json.loads(config.read_text())["output_dir"])
     assert (run / "train_config.json").is_file() and not (run / "state").exists()

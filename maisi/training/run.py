@@ -1,0 +1,148 @@
+"""A training run of one stage: the run folder, starting fresh or resuming, building the stage, training.
+
+The run folder holds ``train_config.json`` (the resolved config and its hash), ``state/last.pt``
+(resumable), the inference checkpoint(s) that ``maisi.infer`` loads, and ``tensorboard/``. A folder with
+``train_config.json`` but no state holds a run stopped before its first checkpoint: rerunning it (with or
+without ``--resume``) starts it over. Under torchrun every process trains on its own batches (DDP) and rank 0
+alone writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from maisi.atomic import write_json
+from maisi.config import TrainConfig, to_jsonable
+from maisi.data.datalist import read_datalist, split_by_fold
+from maisi.device import resolve_device
+from maisi.distributed import Ranks, finish, init_from_env
+from maisi.errors import InputError
+from maisi.files import check_output_dir
+from maisi.networks import get_preset
+from maisi.training.loop import Stage, train
+from maisi.training.resume import RESUMABLE_CHANGES, comparable, config_differences, saved_run_config
+from maisi.training.state import (
+    TrainState,
+    check_restorable,
+    load_train_state,
+    read_run_record,
+    save_train_state,
+    state_path,
+)
+
+log = logging.getLogger("maisi.train")
+
+
+def config_hash(config: TrainConfig, stage: str) -> str:
+    data = comparable(to_jsonable(config))
+    return hashlib.sha256(json.dumps({"stage": stage, **data}, sort_keys=True).encode()).hexdigest()
+
+
+def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
+    """The run's state, if the config given now may continue it; else InputError naming each changed key."""
+    state = load_train_state(config.output_dir, stage)
+    if state.config_sha256 == digest:
+        return state
+    saved = saved_run_config(config.output_dir, state.config, state.config_sha256)
+    may_change = ", ".join(f"$.{key}" for key in RESUMABLE_CHANGES)
+    refusal = f"--resume: {config.output_dir} was trained with another config; only {may_change} may change"
+    if saved is None:
+        raise InputError(f"{refusal} (its record of that config is gone)")
+    changed = config_differences(saved, to_jsonable(config))
+    if changed:
+        raise InputError(f"{refusal}. Changed: " + "; ".join(changed))
+    log.info("resuming: the config matches the run's key by key (keys added to the schema since take their defaults)")
+    return state
+
+
+def starting_state(config: TrainConfig, stage: str, digest: str, resume: bool) -> TrainState | None:
+    """The state to continue from, or None to start at step 0; refuses a folder that holds another run.
+
+    A folder with ``train_config.json`` but no state holds a run stopped before its first checkpoint:
+    there is nothing to continue, so a rerun (or ``--resume``) starts it over at step 0, provided the
+    config is the run's own (the keys ``--resume`` may change aside).
+    """
+    folder = Path(config.output_dir)
+    if state_path(folder).exists():
+        if resume:
+            return resumable_state(config, stage, digest)
+        try:
+            what = (read_run_record(folder) or {}).get("stage", "a")
+        except InputError:
+            what = "a"
+        raise InputError(f"output directory {folder} holds {what} run already; pass --resume to continue it "
+                         "or choose another output_dir")
+    record = read_run_record(folder)
+    if record is None:
+        if resume:
+            raise InputError(f"--resume: {folder} holds no training state ({state_path(folder)} is missing)")
+        return None
+    stopped = f"output directory {folder} holds a '{record['stage']}' run stopped before its first checkpoint"
+    if record["stage"] != stage:
+        raise InputError(f"{stopped}, not '{stage}'; choose another output_dir")
+    changed = []
+    if record["config_sha256"] != digest:
+        changed = config_differences(record["config"], to_jsonable(config))
+    if changed:
+        raise InputError(f"{stopped}, with another config; rerun it with that config or choose another "
+                         "output_dir. Changed: " + "; ".join(changed))
+    log.info("%s holds no training state yet (its run stopped before the first checkpoint): starting %s from "
+             "step 0", folder, stage)
+    return None
+
+
+def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.device) -> Stage:
+    """Check the stage's inputs and build it (networks, data)."""
+    preset = get_preset(config.preset)
+    train_entries, val_entries = split_by_fold(read_datalist(config.datalist), config.fold)
+    root = Path(config.data_root) if config.data_root else Path(config.datalist).parent
+    if name == "autoencoder":
+        from maisi.training.autoencoder import AutoencoderStage
+
+        return AutoencoderStage(config, preset, root, train_entries, val_entries, device)
+    from maisi.training.latent_data import LatentCases
+
+    need_label = name == "controlnet"
+    train = LatentCases(train_entries, root, preset, need_label)
+    val = LatentCases(val_entries, root, preset, need_label) if val_entries else None
+    if name == "diffusion":
+        from maisi.training.diffusion import DiffusionStage
+
+        return DiffusionStage(config, preset, train, val, ranks, device)
+    from maisi.training.controlnet import ControlNetStage
+
+    return ControlNetStage(config, preset, train, val, device)
+
+
+def run(stage_name: str, config: TrainConfig, resume: bool) -> None:
+    """Train ``stage_name`` as ``config`` says, fresh or (``resume``) from the run folder's state."""
+    device = resolve_device(config.device)
+    ranks = init_from_env(device)
+    try:
+        device = ranks.device(device)
+        digest = config_hash(config, stage_name)
+        check_output_dir(config.output_dir, "$.output_dir")
+        state = starting_state(config, stage_name, digest, resume)
+        torch.manual_seed(config.seed)  # fresh networks start from the same weights on every run and rank
+        stage = build_stage(stage_name, config, ranks, device)
+        if state is not None:
+            check_restorable(state, stage.model, stage.state(), state_path(config.output_dir))
+        if ranks.is_main:
+            if state is not None and state.config_sha256 != digest:
+                # matched key by key: re-record the state under today's config first, so that the marker
+                # written next never points at a hash the state lacks (a later --resume would find no record)
+                state = replace(state, config_sha256=digest, config=to_jsonable(config))
+                save_train_state(config.output_dir, state)
+            write_json(Path(config.output_dir) / "train_config.json",
+                       {"stage": stage_name, "config_sha256": digest, "config": to_jsonable(config)})  # fmt: skip
+        train(stage, config, ranks, device, digest, state)
+    finally:
+        finish(ranks)
+
+
