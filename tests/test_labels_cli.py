@@ -22,12 +22,12 @@ CHEST_CT, CHEST_SEG = DATA / "slicerio_CTChest4.nrrd", DATA / "slicerio_Segmenta
 def test_add_takes_the_first_dummy_slot_and_prints_its_id(tmp_path, capsys):
     out = tmp_path / "labels.json"
     assert main(["add", "--name", "kidney tumor", "--output", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == "2"
+    assert capsys.readouterr().out.strip() == "16"  # dummy2: dummy1 (id 2) was a body-region marker
     extended = json.loads(out.read_text())
-    assert extended["kidney tumor"] == 2 and "dummy1" not in extended and len(extended) == 133
+    assert extended["kidney tumor"] == 16 and "dummy2" not in extended and len(extended) == 133
     assert main(["add", "--name", "lung nodule", "--label-dict", str(out)]) == 0  # in place, next slot
-    assert capsys.readouterr().out.strip() == "16"
-    assert json.loads(out.read_text())["lung nodule"] == 16
+    assert capsys.readouterr().out.strip() == "18"
+    assert json.loads(out.read_text())["lung nodule"] == 18
     assert main(["add", "--name", "cyst x", "--id", "150", "--label-dict", str(out)]) == 0
     assert json.loads(out.read_text())["cyst x"] == 150
 

@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = sub.add_parser("add", help="add a class to a label dictionary and print its id")
     add.add_argument("--name", required=True, help='class name, e.g. "kidney tumor"')
-    add.add_argument("--id", type=int, default=None, help="a free id or dummy-slot id (default: first dummy slot)")
+    add.add_argument(
+        "--id",
+        type=int,
+        default=None,
+        help="a free id or dummy-slot id (default: the first free dummy slot; id 2, once a body-region "
+        "marker, only when no other is left)",
+    )
     add.add_argument("--label-dict", default=None, help="dictionary to extend (default: MAISI's)")
     add.add_argument("--output", default=None, help="where to write (default: in place; required for MAISI's)")
 
