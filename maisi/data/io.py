@@ -8,6 +8,7 @@ through SimpleITK (which works in LPS). The LPS/RAS conversion happens here and 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -319,6 +320,36 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     return ras_shape, affine @ nib.orientations.inv_ornt_aff(transform, shape)  # type: ignore[return-value]
 
 
+def check_output_path(
+    path: str | Path, option: str, inputs: dict[str, str | Path] | None = None, volume: bool = True
+) -> Path:
+    """Refuse an output location before any work is done.
+
+    Args:
+        path: where the output will be written.
+        option: how the user named it (``--output``), for the message.
+        inputs: the inputs of the same command by option name; the output must be none of them.
+        volume: the output is a volume, so its suffix must be one :func:`write_volume` can write.
+
+    Raises:
+        VolumeError: the path is a folder, lies under a file, is one of ``inputs``, or (``volume``) has a
+            suffix no writer knows.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise VolumeError(f"{option} {path}: is a folder; give a file name")
+    blocker = next((parent for parent in path.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise VolumeError(f"{option} {path}: cannot be written, {blocker} is a file, not a folder")
+    for name, source in (inputs or {}).items():
+        if source is not None and Path(source).resolve() == path.resolve():
+            raise VolumeError(f"{option} {path}: is the input given as {name}; write to another file")
+    if volume and not path.name.lower().endswith(tuple(f".{f}" for f in OUTPUT_FORMATS)):
+        formats = ", ".join("." + f for f in OUTPUT_FORMATS)
+        raise VolumeError(f"{option} {path}: cannot write this format; use one of {formats}")
+    return path
+
+
 def write_volume(path: str | Path, volume: Volume) -> Path:
     """Write ``volume`` with its geometry; the format follows the suffix (.nii.gz, .nii, .nrrd, .mha).
 
@@ -360,3 +391,17 @@ def read_mask(path: str | Path) -> Volume:
     lo, hi = float(array.min()), float(array.max())
     dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int32
     return volume.with_array(array.astype(dtype))
+
+
+def write_volumes(items: list[tuple[str | Path, Volume]]) -> list[Path]:
+    """Write several volumes (a CT and its mask) so that either all of them appear or none.
+
+    Every volume is written under a temporary name first; the files are renamed into place only once all
+    of them are written, so a failure on the last leaves none of the new files.
+    """
+    paths = [Path(path) for path, _ in items]
+    with contextlib.ExitStack() as stack:
+        temporaries = [stack.enter_context(atomic_path(path)) for path in paths]
+        for tmp, (_, volume) in zip(temporaries, items):
+            write_volume(tmp, volume)
+    return paths

@@ -62,10 +62,18 @@ def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
     if path is None:
         return validate_label_dict(load_json("maisi_label_dict.json"), "maisi_label_dict.json (packaged)")
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"label dictionary {path}: is a folder; give the JSON file")
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_DuplicateNames.from_pairs)
+        # utf-8-sig: JSON is UTF-8, and a byte-order mark some editors write is harmless
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_DuplicateNames.from_pairs)
     except FileNotFoundError:
         raise InputError(f"label dictionary not found: {path}") from None
+    except UnicodeDecodeError as e:
+        where = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise InputError(f"{path}: not UTF-8 text ({where}); save the label dictionary as UTF-8 JSON") from None
+    except OSError as e:
+        raise InputError(f"label dictionary {path}: cannot be read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(data, dict):
