@@ -18,6 +18,7 @@ from maisi.labels.mapping import load_mapping, remap
 DATA = Path(__file__).parent / "data"
 TS_CT, TS_SEG = DATA / "totalseg_example_ct_sm.nii.gz", DATA / "totalseg_example_seg.nii.gz"
 CHEST_CT, CHEST_SEG = DATA / "slicerio_CTChest4.nrrd", DATA / "slicerio_Segmentation.seg.nrrd"
+REMAP_TS = ["remap", "--mask", str(TS_SEG), "--mapping", "totalsegmentator"]
 
 
 def test_add_takes_the_first_dummy_slot_and_prints_its_id(tmp_path, capsys):
@@ -171,35 +172,39 @@ def test_crop_of_a_mask_on_another_grid_is_refused(tmp_path, capsys):
     assert "CT and mask grids differ" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-# ------------------------------------------------------------------------------------- lungs in the envelope
+# ----------------------------------------------------------------------------- lungs in the envelope
 
 
 @pytest.fixture(scope="module")
 def chest_without_lungs(tmp_path_factory) -> Path:
     """slicerio's chest mask in MAISI ids: its lungs (and all but its 'tissue' class) have no target."""
     out = tmp_path_factory.mktemp("chest") / "no_lungs.nii.gz"
-    assert main(["remap", "--mask", str(CHEST_SEG), "--mapping", "slicerio_chest_sample", "--output", str(out)]) == 0
+    args = ["remap", "--mask", str(CHEST_SEG), "--mapping", "slicerio_chest_sample", "--output", str(out)]
+    assert main(args) == 0
     assert set(np.unique(read_mask(out).array).tolist()) == {0, BODY_LABEL}
     return out
 
 
-def test_envelope_of_a_chest_mask_without_lungs_warns_with_the_numbers(tmp_path, capsys, caplog,
-                                                                      chest_without_lungs):  # fmt: skip
+def test_envelope_of_a_chest_mask_without_lungs_warns_with_the_numbers(
+    tmp_path, capsys, caplog, chest_without_lungs
+):
     out = tmp_path / "body.nii.gz"
-    assert main(["envelope", "--image", str(CHEST_CT), "--mask", str(chest_without_lungs), "--output", str(out)]) == 0
+    args = ["envelope", "--image", str(CHEST_CT), "--mask", str(chest_without_lungs), "--output", str(out)]
+    assert main(args) == 0
     ct = read_volume(CHEST_CT)
     body = (read_mask(out).array == BODY_LABEL) & (read_mask(chest_without_lungs).array == 0)  # added
     below = int((ct.array[body] < -400).sum())
     assert below / body.sum() > 0.5  # this tight chest crop is mostly lung
     warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert f"{below} of the {int(body.sum())} voxels labelled body ({100 * below / body.sum():.1f}%)" in warning
+    share = f"{100 * below / body.sum():.1f}%"
+    assert f"{below} of the {int(body.sum())} voxels labelled body ({share})" in warning
     assert "below -400 HU and the mask has no lung labels" in warning and "--lungs-from-hu" in warning
-    assert f"{100 * below / body.sum():.1f}% of them below -400 HU" in capsys.readouterr().out
+    assert f"{share} of them below -400 HU" in capsys.readouterr().out
 
 
 def test_envelope_of_a_mask_with_lungs_does_not_warn(tmp_path, caplog):
     maisi_ids = tmp_path / "maisi.nii.gz"
-    assert main(["remap", "--mask", str(TS_SEG), "--mapping", "totalsegmentator", "--output", str(maisi_ids)]) == 0
+    assert main([*REMAP_TS, "--output", str(maisi_ids)]) == 0
     assert np.isin(read_mask(maisi_ids).array, [28, 29, 30, 31, 32]).any()  # the lung bases are labelled
     caplog.clear()
     out = tmp_path / "body.nii.gz"
@@ -237,15 +242,15 @@ def test_lungs_from_hu_keeps_labelled_organs(tmp_path):
     partial = seg.with_array(np.where(seg.array == 5, 7, 0).astype(np.uint8))
     mask = write_volume(tmp_path / "right_lung_as_7.nii.gz", partial)
     out = tmp_path / "o.nii.gz"
-    assert main(["envelope", "--image", str(CHEST_CT), "--mask", str(mask), "--output", str(out),
-                 "--lungs-from-hu", "29"]) == 0  # fmt: skip
+    args = ["envelope", "--image", str(CHEST_CT), "--mask", str(mask), "--output", str(out)]
+    assert main([*args, "--lungs-from-hu", "29"]) == 0
     result = read_mask(out).array
     assert np.array_equal(result[partial.array == 7], partial.array[partial.array == 7])
     left = seg.array == 6
     assert (result[left] == 29).mean() > 0.95  # the unlabelled left lung is found
 
 
-# ------------------------------------------------------------------------------------- bad input, nothing written
+# ----------------------------------------------------------------------------- bad input, nothing written
 
 
 def _listing(folder: Path) -> list[str]:
@@ -253,8 +258,10 @@ def _listing(folder: Path) -> list[str]:
 
 
 def _commands(work: Path) -> dict[str, list[str]]:
-    """One valid call of every subcommand that writes, with {out} for the output; inputs are copies in ``work``
-    (a missing check must not overwrite the repository's test data)."""
+    """One valid call of every subcommand that writes, with {out} for the output.
+
+    The inputs are copies in ``work``: a missing check must not overwrite the repository's test data.
+    """
     ct, seg = work / "ct.nii.gz", work / "seg.nii.gz"
     for src, dst in ((TS_CT, ct), (TS_SEG, seg)):
         dst.write_bytes(src.read_bytes())
@@ -297,37 +304,31 @@ def test_every_output_location_is_checked_before_work(tmp_path, capsys, command,
     err = capsys.readouterr().err
     assert str(out) in err and fragment in err, err
     assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before  # nothing written or changed
-    assert sorted(work.rglob("*")) == sorted([*before, work / "existing.nii.gz"] if where == "a folder" else before)
+    expected = [*before, work / "existing.nii.gz"] if where == "a folder" else list(before)
+    assert sorted(work.rglob("*")) == sorted(expected)
 
 
+ENVELOPE = ["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG)]
+CROP = ["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "5"]
+CROP_30 = [*CROP, "--size-mm", "30", "30", "30"]
 BAD_VALUES = {
-    "threshold nan": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--threshold", "nan"],
-                      "--threshold nan: must be a number in [-1000, 0] HU"),
-    "threshold inf": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--threshold", "inf"],
-                      "--threshold inf"),
-    "threshold above tissue": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--threshold", "300"],
-                               "--threshold 300: must be a number in [-1000, 0] HU"),
-    "opening nan": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--opening-mm", "nan"],
-                    "--opening-mm nan: must be a number in [0, 50] mm"),
-    "opening inf": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--opening-mm", "inf"],
-                    "--opening-mm inf"),
-    "opening negative": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--opening-mm", "-1"],
-                         "--opening-mm -1"),
-    "lung id 200": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--lungs-from-hu", "200"],
-                    "--lungs-from-hu 200: must be a label id in 1..255, not 200"),
-    "lung id 0": (["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG), "--lungs-from-hu", "0"],
-                  "--lungs-from-hu 0"),
-    "crop size nan": (["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "5", "--size-mm", "30",
-                       "nan", "30", "--output-image", "{dir}/c.nii.gz"], "--size-mm nan: must be a number"),
-    "crop size inf": (["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "5", "--size-mm", "inf",
-                       "30", "30", "--output-image", "{dir}/c.nii.gz"], "--size-mm inf"),
-}  # fmt: skip
+    "threshold nan": ([*ENVELOPE, "--threshold", "nan"], "--threshold nan: must be a number in [-1000, 0]"),
+    "threshold inf": ([*ENVELOPE, "--threshold", "inf"], "--threshold inf"),
+    "threshold above tissue": ([*ENVELOPE, "--threshold", "300"], "--threshold 300: must be a number in"),
+    "opening nan": ([*ENVELOPE, "--opening-mm", "nan"], "--opening-mm nan: must be a number in [0, 50] mm"),
+    "opening inf": ([*ENVELOPE, "--opening-mm", "inf"], "--opening-mm inf"),
+    "opening negative": ([*ENVELOPE, "--opening-mm", "-1"], "--opening-mm -1"),
+    "lung id 200": ([*ENVELOPE, "--lungs-from-hu", "200"], "--lungs-from-hu 200: must be a label id"),
+    "lung id 0": ([*ENVELOPE, "--lungs-from-hu", "0"], "--lungs-from-hu 0"),
+    "crop size nan": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "9", "nan", "9"], "--size-mm nan"),
+    "crop size inf": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "inf", "9", "9"], "--size-mm inf"),
+}
 
 
 @pytest.mark.parametrize("case", BAD_VALUES, ids=list(BAD_VALUES))
 def test_bad_numbers_are_refused_before_work(tmp_path, capsys, case):
     args, fragment = BAD_VALUES[case]
-    output = ["--output-mask", str(tmp_path / "m.nii.gz")] if args[0] == "crop" else ["--output", str(tmp_path / "o.nii.gz")]
+    output = ["--output-mask" if args[0] == "crop" else "--output", str(tmp_path / "o.nii.gz")]
     assert main([a.format(dir=tmp_path) for a in args] + output) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
@@ -346,9 +347,8 @@ def test_non_utf8_label_dictionary_is_refused_naming_it(tmp_path, capsys, comman
     args = {
         "show": ["show", "--label-dict", str(labels)],
         "add": ["add", "--name", "x", "--label-dict", str(labels), "--output", str(tmp_path / "o.json")],
-        "remap": ["remap", "--mask", str(TS_SEG), "--mapping", "totalsegmentator", "--label-dict", str(labels),
-                  "--output", str(tmp_path / "o.nii.gz")],
-    }[command]  # fmt: skip
+        "remap": [*REMAP_TS, "--label-dict", str(labels), "--output", str(tmp_path / "o.nii.gz")],
+    }[command]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{labels}: not UTF-8 text (byte 0xe9" in err and "Traceback" not in err
@@ -364,8 +364,8 @@ def test_label_dictionary_with_a_utf8_byte_order_mark_loads(tmp_path):
 def test_crop_with_an_unwritable_mask_format_writes_neither(tmp_path, capsys):
     """It used to write the CT and then fail on the mask: half a pair."""
     ct_out, mask_out = tmp_path / "ct.nii.gz", tmp_path / "mask.png"
-    assert main(["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "5", "--size-mm", "30", "30",
-                 "30", "--output-image", str(ct_out), "--output-mask", str(mask_out)]) == 2  # fmt: skip
+    crop = [*CROP_30, "--output-image", str(ct_out), "--output-mask", str(mask_out)]
+    assert main(crop) == 2
     assert "--output-mask" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
@@ -382,13 +382,13 @@ def test_crop_that_fails_writing_the_mask_leaves_neither_file(tmp_path, capsys, 
 
     monkeypatch.setattr(sitk, "WriteImage", write_then_fail)
     ct_out, mask_out = tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
-    assert main(["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "5", "--size-mm", "30", "30",
-                 "30", "--output-image", str(ct_out), "--output-mask", str(mask_out)]) == 1  # fmt: skip
+    crop = [*CROP_30, "--output-image", str(ct_out), "--output-mask", str(mask_out)]
+    assert main(crop) == 1
     assert len(calls) == 2 and "disk full" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # neither output, no temporary file
 
 
-# ------------------------------------------------------------------------------------- broken volumes via the CLI
+# ----------------------------------------------------------------------------- broken volumes via the CLI
 
 
 def test_envelope_of_a_dicom_series_with_a_truncated_slice_is_refused(tmp_path, capsys):
