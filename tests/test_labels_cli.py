@@ -320,8 +320,8 @@ BAD_VALUES = {
     "opening negative": ([*ENVELOPE, "--opening-mm", "-1"], "--opening-mm -1"),
     "lung id 200": ([*ENVELOPE, "--lungs-from-hu", "200"], "--lungs-from-hu 200: must be a label id"),
     "lung id 0": ([*ENVELOPE, "--lungs-from-hu", "0"], "--lungs-from-hu 0"),
-    "crop size nan": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "9", "nan", "9"], "--size-mm nan"),
-    "crop size inf": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "inf", "9", "9"], "--size-mm inf"),
+    "size nan": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "9", "nan", "9"], "--size-mm nan"),
+    "size inf": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "inf", "9", "9"], "--size-mm inf"),
 }
 
 
