@@ -111,7 +111,8 @@ def _finite(value: float, option: str, low: float, high: float, unit: str) -> No
 def cmd_add(args: argparse.Namespace) -> int:
     if args.label_dict is None and args.output is None:
         raise InputError("--output is required when extending MAISI's packaged dictionary")
-    output = check_output_path(args.output or args.label_dict, "--output", volume=False)  # in place is allowed
+    option = "--output" if args.output else "--label-dict"  # without --output it writes in place
+    output = check_output_path(args.output or args.label_dict, option, volume=False)
     label_dict = load_label_dict(args.label_dict)
     updated, label_id = add_class(label_dict, args.name, args.id)
     write_json(output, updated)
