@@ -20,12 +20,13 @@ from maisi.resources import load_json
 
 BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]
 BODY_REGIONS: tuple[BodyRegion, ...] = ("head_neck", "chest", "abdomen", "pelvis_lower")
-# MAISI ids whose presence puts a region in the volume (brain/skull; lung lobes; liver, spleen, pancreas,
-# kidneys; femurs), as in MAISI's own derivation.
+# MAISI ids whose presence puts a region in the volume: brain, skull; the five lung lobes; liver, spleen,
+# pancreas, right and left kidney; left and right femur. Real organ classes only: id 2 (MAISI's dummy1, a
+# free slot that `maisi.labels add` may give to a new class) was listed for the abdomen until issue 18.
 REGION_MARKER_LABELS: dict[BodyRegion, tuple[int, ...]] = {
     "head_neck": (22, 120),
     "chest": (28, 29, 30, 31, 32),
-    "abdomen": (1, 2, 3, 4, 5, 14),
+    "abdomen": (1, 3, 4, 5, 14),
     "pelvis_lower": (93, 94),
 }
 LABEL_BITS = 8  # the ControlNet takes 8 bit-planes: labels 0..255

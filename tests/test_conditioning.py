@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from maisi.conditioning import (
-    Conditions, binarize_labels, body_region_from_mask, modality_code, region_tensor, spacing_tensor,
-)  # fmt: skip
+    REGION_MARKER_LABELS,
+    Conditions,
+    binarize_labels,
+    body_region_from_mask,
+    modality_code,
+    region_tensor,
+    spacing_tensor,
+)
 from maisi.errors import InputError
+from maisi.labels import add_class, is_dummy, load_label_dict
 from maisi.networks import get_preset
 
 
@@ -72,3 +79,25 @@ def test_network_inputs_only_what_the_preset_takes():
     assert sorted(rflow) == ["class_labels", "spacing_tensor"] and rflow["class_labels"].tolist() == [1, 1]
     with pytest.raises(InputError, match="conditioned on body region"):
         Conditions((1.0, 1.0, 1.0)).network_inputs(get_preset("tiny-ddpm"), 1, torch.device("cpu"))
+
+
+def test_region_markers_are_real_organ_classes_of_maisi():
+    """A dummy slot can become any new class: a marker there would put that class in a body region."""
+    names = {i: n for n, i in load_label_dict().items()}
+    for region, ids in REGION_MARKER_LABELS.items():
+        for label_id in ids:
+            assert label_id in names and not is_dummy(names[label_id]), (region, label_id)
+    assert names[2] == "dummy1" and 2 not in REGION_MARKER_LABELS["abdomen"]
+
+
+def test_a_class_added_with_labels_add_does_not_move_a_chest_mask_to_the_abdomen():
+    label_dict, new_id = add_class(load_label_dict(), "lung nodule")
+    chest = np.zeros((16, 16, 8), dtype=np.uint8)
+    chest[2:14, 2:14, 1:7] = 200
+    chest[3:7, 3:12, 2:6] = label_dict["left lung upper lobe"]
+    chest[9:13, 3:12, 2:6] = label_dict["right lung lower lobe"]
+    chest[4:6, 5:7, 3:5] = new_id  # the nodule inside the left lung
+    assert body_region_from_mask(chest) == ("chest", "chest")
+    # also if the new class took MAISI's dummy1 (id 2), as `add` did before issue 18
+    chest[chest == new_id] = 2
+    assert body_region_from_mask(chest) == ("chest", "chest")

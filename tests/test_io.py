@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from maisi.data.io import OUTPUT_FORMATS, Volume, read_mask, read_volume, to_ras, write_volume
+from maisi.data.io import OUTPUT_FORMATS, Volume, read_geometry, read_mask, read_volume, to_ras, write_volume
 from maisi.errors import InputError, VolumeError
 
 DATA = Path(__file__).parent / "data"
@@ -393,3 +394,137 @@ def test_unsupported_output_format_is_an_input_error(tmp_path):
     with pytest.raises(VolumeError, match="cannot write this format; use one of .nii.gz"):
         write_volume(tmp_path / "x.png", Volume(np.zeros((2, 2, 2), np.int16), np.eye(4)))
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- broken DICOM
+
+SLICES = sorted(p.name for p in DICOM_DIR.iterdir())  # ...16590 (z -800.5), 16591 (-802.5), 16592 (-804.5)
+
+
+def _dicom_copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for name in SLICES:
+        (folder / name).write_bytes((DICOM_DIR / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_dicom_series_with_a_damaged_slice_is_refused_naming_it(tmp_path, damage):
+    """GDCM silently drops such a slice: the series used to read as 2 slices 4 mm apart."""
+    folder = _dicom_copy(tmp_path)
+    middle = folder / SLICES[1]
+    data = middle.read_bytes()
+    garbage = np.random.default_rng(0).bytes(5000)
+    middle.write_bytes(data[: len(data) // 2] if damage == "truncated" else garbage)
+    with pytest.raises(VolumeError) as info:
+        read_volume(folder)
+    message = str(info.value)
+    assert str(folder) in message and SLICES[1] in message and "not part of the DICOM series" in message
+
+
+def test_dicom_series_with_a_missing_slice_is_refused_naming_its_neighbours(tmp_path):
+    folder = _dicom_copy(tmp_path)
+    (folder / SLICES[1]).unlink()  # the two left are evenly spaced (one step of 4 mm): only numbering tells
+    with pytest.raises(VolumeError) as info:
+        read_volume(folder)
+    message = str(info.value)
+    assert "slice(s) missing" in message and "InstanceNumber jumps from 286 to 284" in message
+    assert SLICES[0] in message and SLICES[2] in message and "4.000 mm apart" in message
+
+
+def test_dicom_series_with_uneven_spacing_is_refused(tmp_path):
+    folder = _dicom_copy(tmp_path)
+    top = folder / SLICES[0]
+    position = b"-437.51171875\\-800.5"  # ImagePositionPatient of the top slice; moved up by 1 mm
+    assert top.read_bytes().count(position) == 1
+    top.write_bytes(top.read_bytes().replace(position, b"-437.51171875\\-799.5"))
+    with pytest.raises(VolumeError) as info:
+        read_volume(folder)
+    message = str(info.value)
+    assert "uneven slice spacing (2.000 to 3.000 mm)" in message and SLICES[1] in message
+
+
+def test_dicom_series_with_a_duplicated_slice_is_refused(tmp_path):
+    folder = _dicom_copy(tmp_path)
+    (folder / "copy_of_middle").write_bytes((folder / SLICES[1]).read_bytes())
+    with pytest.raises(VolumeError, match="copy_of_middle lie at the same position|and copy_of_middle"):
+        read_volume(folder)
+
+
+def test_dicom_folder_with_a_stray_file_is_refused_but_dicomdir_and_hidden_files_are_not(tmp_path):
+    folder = _dicom_copy(tmp_path)
+    (folder / ".DS_Store").write_bytes(b"\0" * 10)
+    (folder / "DICOMDIR").write_bytes(b"\0" * 10)
+    assert read_volume(folder).shape == (512, 512, 3)
+    (folder / "notes.txt").write_text("scan of 2022\n")
+    with pytest.raises(VolumeError, match="1 file.s. are not part of the DICOM series .*: notes.txt"):
+        read_volume(folder)
+
+
+# ------------------------------------------------------------------------------------------- bad geometry
+
+
+def _nifti_with_sform(path: Path, linear: np.ndarray) -> Path:
+    """A NIfTI whose sform is written as given (nibabel refuses to build an image from such an affine)."""
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    header = img.header
+    for row, key in enumerate(("srow_x", "srow_y", "srow_z")):
+        header[key] = [*linear[row], 0.0]
+    nib.save(nib.Nifti1Image(img.dataobj, None, header), path)
+    return path
+
+
+BAD_SFORMS = {
+    "zero spacing": (np.diag([0.0, 1.0, 1.0]), "voxel spacing [0.0, 1.0, 1.0] mm is not usable"),
+    "absurd spacing": (np.diag([1e6, 1.0, 1.0]), "voxel spacing [1000000.0, 1.0, 1.0] mm is not usable"),
+    "non-finite": (np.diag([np.nan, 1.0, 1.0]), "non-finite"),
+    "singular": (np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), "singular"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SFORMS, ids=list(BAD_SFORMS))
+@pytest.mark.parametrize("reader", [read_volume, read_mask, read_geometry])
+def test_unusable_nifti_affine_is_refused_naming_the_file(tmp_path, case, reader):
+    linear, fragment = BAD_SFORMS[case]
+    path = _nifti_with_sform(tmp_path / "bad_geometry.nii.gz", linear)
+    with pytest.raises(VolumeError) as info:
+        reader(path)
+    message = str(info.value)
+    assert str(path) in message and fragment in message
+    if "spacing" in case:
+        assert "(0, 100] mm" in message  # the limit is stated
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, np.nan])
+@pytest.mark.parametrize("suffix", ["nii", "nii.gz"])
+def test_nifti_pixdim_that_nibabel_would_silently_repair_is_refused(tmp_path, value, suffix):
+    """Without an sform nibabel reads a zero pixdim as 1 mm and a negative one as its absolute value."""
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(np.eye(4), code=1)
+    raw = bytearray(img.header.binaryblock) + bytes(4) + np.zeros(64, np.uint8).tobytes()
+    raw[80:84] = np.float32(value).tobytes()  # pixdim[1]; the header is little-endian on this machine
+    path = tmp_path / f"pixdim.{suffix}"
+    path.write_bytes(gzip.compress(bytes(raw)) if suffix == "nii.gz" else bytes(raw))
+    for reader in (read_volume, read_geometry):
+        with pytest.raises(VolumeError) as info:
+            reader(path)
+        assert str(path) in str(info.value) and f"pixdim) [{value}, 1.0, 1.0]" in str(info.value)
+
+
+@pytest.mark.parametrize("spacing", ["0 1 1", "nan 1 1", "1000000 1 1"])
+def test_unusable_metaimage_spacing_is_refused_naming_the_limit(tmp_path, spacing):
+    path = tmp_path / "bad.mha"
+    header = f"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementSpacing = {spacing}\n"
+    path.write_bytes((header + "ElementType = MET_UCHAR\nElementDataFile = LOCAL\n").encode() + bytes(64))
+    for reader in (read_volume, read_mask, read_geometry):
+        with pytest.raises(VolumeError) as info:
+            reader(path)
+        assert str(path) in str(info.value) and "(0, 100] mm" in str(info.value)
+
+
+def test_thick_slices_within_the_limit_are_read(tmp_path):
+    volume = Volume(np.zeros((4, 4, 4), np.int16), np.diag([0.5, 0.5, 100.0, 1.0]))
+    back = read_volume(write_volume(tmp_path / "thick.nii.gz", volume))
+    assert back.spacing == pytest.approx((0.5, 0.5, 100.0))

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from maisi.errors import InputError
-from maisi.labels import BODY_LABEL, labels_not_in_dict, load_label_dict, validate_label_dict
+from maisi.labels import (
+    BODY_LABEL,
+    add_class,
+    free_ids,
+    labels_not_in_dict,
+    load_label_dict,
+    validate_label_dict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +119,15 @@ def test_labels_not_in_dict(maisi_dict):
     assert labels_not_in_dict(np.zeros((2, 2, 2), np.int32), maisi_dict) == []
     unknown = labels_not_in_dict(np.array([[[0, 133, 5, 255, 199]]], dtype=np.int16), maisi_dict)
     assert unknown == [133, 199, 255] and all(type(v) is int for v in unknown)
+
+
+def test_dummy_slot_that_was_a_region_marker_is_handed_out_last(maisi_dict):
+    """dummy1 (id 2) was an abdomen marker of body-region derivation: new classes go elsewhere first."""
+    assert free_ids(maisi_dict)[:8] == [16, 18, 20, 21, 129, 130, 131, 2]
+    label_dict, taken = dict(maisi_dict), []
+    for k in range(8):
+        label_dict, new_id = add_class(label_dict, f"class {k}")
+        taken.append(new_id)
+    assert taken == [16, 18, 20, 21, 129, 130, 131, 2]
+    assert add_class(label_dict, "ninth")[1] == 133  # then the first unused id
+    assert add_class(maisi_dict, "asked for", 2)[1] == 2  # still free to take on request

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -17,17 +18,18 @@ from maisi.labels.mapping import load_mapping, remap
 DATA = Path(__file__).parent / "data"
 TS_CT, TS_SEG = DATA / "totalseg_example_ct_sm.nii.gz", DATA / "totalseg_example_seg.nii.gz"
 CHEST_CT, CHEST_SEG = DATA / "slicerio_CTChest4.nrrd", DATA / "slicerio_Segmentation.seg.nrrd"
+REMAP_TS = ["remap", "--mask", str(TS_SEG), "--mapping", "totalsegmentator"]
 
 
 def test_add_takes_the_first_dummy_slot_and_prints_its_id(tmp_path, capsys):
     out = tmp_path / "labels.json"
     assert main(["add", "--name", "kidney tumor", "--output", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == "2"
+    assert capsys.readouterr().out.strip() == "16"  # dummy2: dummy1 (id 2) was a body-region marker
     extended = json.loads(out.read_text())
-    assert extended["kidney tumor"] == 2 and "dummy1" not in extended and len(extended) == 133
+    assert extended["kidney tumor"] == 16 and "dummy2" not in extended and len(extended) == 133
     assert main(["add", "--name", "lung nodule", "--label-dict", str(out)]) == 0  # in place, next slot
-    assert capsys.readouterr().out.strip() == "16"
-    assert json.loads(out.read_text())["lung nodule"] == 16
+    assert capsys.readouterr().out.strip() == "18"
+    assert json.loads(out.read_text())["lung nodule"] == 18
     assert main(["add", "--name", "cyst x", "--id", "150", "--label-dict", str(out)]) == 0
     assert json.loads(out.read_text())["cyst x"] == 150
 
@@ -168,3 +170,249 @@ def test_crop_of_a_mask_on_another_grid_is_refused(tmp_path, capsys):
     assert main(["crop", "--image", str(TS_CT), "--mask", str(CHEST_SEG), "--around", "5", "--size-mm", "50", "50",
                  "50", "--output-image", str(tmp_path / "c.nii.gz"), "--output-mask", str(tmp_path / "m.nii.gz")]) == 2  # fmt: skip
     assert "CT and mask grids differ" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- lungs in the envelope
+
+
+@pytest.fixture(scope="module")
+def chest_without_lungs(tmp_path_factory) -> Path:
+    """slicerio's chest mask in MAISI ids: its lungs (and all but its 'tissue' class) have no target."""
+    out = tmp_path_factory.mktemp("chest") / "no_lungs.nii.gz"
+    args = ["remap", "--mask", str(CHEST_SEG), "--mapping", "slicerio_chest_sample", "--output", str(out)]
+    assert main(args) == 0
+    assert set(np.unique(read_mask(out).array).tolist()) == {0, BODY_LABEL}
+    return out
+
+
+def test_envelope_of_a_chest_mask_without_lungs_warns_with_the_numbers(
+    tmp_path, capsys, caplog, chest_without_lungs
+):
+    out = tmp_path / "body.nii.gz"
+    args = ["envelope", "--image", str(CHEST_CT), "--mask", str(chest_without_lungs), "--output", str(out)]
+    assert main(args) == 0
+    ct = read_volume(CHEST_CT)
+    body = (read_mask(out).array == BODY_LABEL) & (read_mask(chest_without_lungs).array == 0)  # added
+    below = int((ct.array[body] < -400).sum())
+    assert below / body.sum() > 0.5  # this tight chest crop is mostly lung
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    share = f"{100 * below / body.sum():.1f}%"
+    assert f"{below} of the {int(body.sum())} voxels labelled body ({share})" in warning
+    assert "below -400 HU and the mask has no lung labels" in warning and "--lungs-from-hu" in warning
+    assert f"{share} of them below -400 HU" in capsys.readouterr().out
+
+
+def test_envelope_of_a_mask_with_lungs_does_not_warn(tmp_path, caplog):
+    maisi_ids = tmp_path / "maisi.nii.gz"
+    assert main([*REMAP_TS, "--output", str(maisi_ids)]) == 0
+    assert np.isin(read_mask(maisi_ids).array, [28, 29, 30, 31, 32]).any()  # the lung bases are labelled
+    caplog.clear()
+    out = tmp_path / "body.nii.gz"
+    assert main(["envelope", "--image", str(TS_CT), "--mask", str(maisi_ids), "--output", str(out)]) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_lungs_from_hu_labels_the_lungs_of_a_real_chest(tmp_path, capsys, caplog, chest_without_lungs):
+    out = tmp_path / "body_lungs.nii.gz"
+    args = ["envelope", "--image", str(CHEST_CT), "--mask", str(chest_without_lungs), "--output", str(out)]
+    assert main([*args, "--lungs-from-hu", "28"]) == 0
+    result, ct = read_mask(out).array, read_volume(CHEST_CT).array
+    lungs = np.isin(read_mask(CHEST_SEG).array, [5, 6])  # slicerio's right and left lung segments
+    found = result == 28
+    dice = 2 * (found & lungs).sum() / (found.sum() + lungs.sum())
+    assert dice > 0.97, dice
+    # bowel gas below the lungs (separate air components of 137 and 72 mL) stays body, the outside stays air
+    gas = (ct < -400) & (result == BODY_LABEL)
+    assert gas.sum() > 2000 and not (gas & lungs).sum() > 0.01 * lungs.sum()
+    changed = result != read_mask(chest_without_lungs).array
+    assert not np.any(changed & ~body_envelope(read_volume(CHEST_CT)))  # nothing outside the body
+    assert set(np.unique(result).tolist()) == {0, 28, BODY_LABEL}
+    printed = capsys.readouterr().out
+    assert f"labelled {int(found.sum())} voxels" in printed and "as lung id 28" in printed
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # the mask now derives the chest region
+    from maisi.conditioning import body_region_from_mask
+
+    assert body_region_from_mask(result) == ("chest", "chest")
+
+
+def test_lungs_from_hu_keeps_labelled_organs(tmp_path):
+    """Voxels the mask labels already (here the right lung as some class 7) are never relabelled."""
+    seg = read_mask(CHEST_SEG)
+    partial = seg.with_array(np.where(seg.array == 5, 7, 0).astype(np.uint8))
+    mask = write_volume(tmp_path / "right_lung_as_7.nii.gz", partial)
+    out = tmp_path / "o.nii.gz"
+    args = ["envelope", "--image", str(CHEST_CT), "--mask", str(mask), "--output", str(out)]
+    assert main([*args, "--lungs-from-hu", "29"]) == 0
+    result = read_mask(out).array
+    assert np.array_equal(result[partial.array == 7], partial.array[partial.array == 7])
+    left = seg.array == 6
+    assert (result[left] == 29).mean() > 0.95  # the unlabelled left lung is found
+
+
+# ----------------------------------------------------------------------------- bad input, nothing written
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _commands(work: Path) -> dict[str, list[str]]:
+    """One valid call of every subcommand that writes, with {out} for the output.
+
+    The inputs are copies in ``work``: a missing check must not overwrite the repository's test data.
+    """
+    ct, seg = work / "ct.nii.gz", work / "seg.nii.gz"
+    for src, dst in ((TS_CT, ct), (TS_SEG, seg)):
+        dst.write_bytes(src.read_bytes())
+    crop = ["crop", "--image", str(ct), "--mask", str(seg), "--around", "5", "--size-mm", "30", "30", "30"]
+    return {
+        "add": ["add", "--name", "new class", "--output", "{out}"],
+        "remap": ["remap", "--mask", str(seg), "--mapping", "totalsegmentator", "--output", "{out}"],
+        "envelope": ["envelope", "--image", str(ct), "--mask", str(seg), "--output", "{out}"],
+        "crop image": [*crop, "--output-image", "{out}", "--output-mask", str(work / "m.nii.gz")],
+        "crop mask": [*crop, "--output-image", str(work / "c.nii.gz"), "--output-mask", "{out}"],
+    }
+
+
+OUTPUT_CASES = [
+    (command, where)
+    for command in ("add", "remap", "envelope", "crop image", "crop mask")
+    for where in ("a folder", "under a file", "an input")
+    if (command, where) != ("add", "an input")  # add writes in place without --output: documented
+]
+
+
+@pytest.mark.parametrize("command, where", OUTPUT_CASES)
+def test_every_output_location_is_checked_before_work(tmp_path, capsys, command, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a_file.txt").write_text("x\n")
+    args = _commands(work)[command]
+    if where == "a folder":
+        out = work / "existing.nii.gz"
+        out.mkdir()
+        fragment = "is a folder"
+    elif where == "under a file":
+        out = work / "a_file.txt" / "o.nii.gz"
+        fragment = "a_file.txt is a file, not a folder"
+    else:
+        out = work / "seg.nii.gz"
+        fragment = "is the input given as --mask"
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    assert main([a.format(out=out) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and fragment in err, err
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before  # nothing written or changed
+    expected = [*before, work / "existing.nii.gz"] if where == "a folder" else list(before)
+    assert sorted(work.rglob("*")) == sorted(expected)
+
+
+ENVELOPE = ["envelope", "--image", str(TS_CT), "--mask", str(TS_SEG)]
+CROP = ["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "5"]
+CROP_30 = [*CROP, "--size-mm", "30", "30", "30"]
+BAD_VALUES = {
+    "threshold nan": ([*ENVELOPE, "--threshold", "nan"], "--threshold nan: must be a number in [-1000, 0]"),
+    "threshold inf": ([*ENVELOPE, "--threshold", "inf"], "--threshold inf"),
+    "threshold above tissue": ([*ENVELOPE, "--threshold", "300"], "--threshold 300: must be a number in"),
+    "opening nan": ([*ENVELOPE, "--opening-mm", "nan"], "--opening-mm nan: must be a number in [0, 50] mm"),
+    "opening inf": ([*ENVELOPE, "--opening-mm", "inf"], "--opening-mm inf"),
+    "opening negative": ([*ENVELOPE, "--opening-mm", "-1"], "--opening-mm -1"),
+    "lung id 200": ([*ENVELOPE, "--lungs-from-hu", "200"], "--lungs-from-hu 200: must be a label id"),
+    "lung id 0": ([*ENVELOPE, "--lungs-from-hu", "0"], "--lungs-from-hu 0"),
+    "size nan": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "9", "nan", "9"], "--size-mm nan"),
+    "size inf": ([*CROP, "--output-image", "{dir}/c.nii.gz", "--size-mm", "inf", "9", "9"], "--size-mm inf"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=list(BAD_VALUES))
+def test_bad_numbers_are_refused_before_work(tmp_path, capsys, case):
+    args, fragment = BAD_VALUES[case]
+    output = ["--output-mask" if args[0] == "crop" else "--output", str(tmp_path / "o.nii.gz")]
+    assert main([a.format(dir=tmp_path) for a in args] + output) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_show_of_a_folder_is_refused(tmp_path, capsys):
+    assert main(["show", "--label-dict", str(tmp_path)]) == 2
+    assert f"label dictionary {tmp_path}: is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["show", "add", "remap"])
+def test_non_utf8_label_dictionary_is_refused_naming_it(tmp_path, capsys, command):
+    labels = tmp_path / "labels_latin1.json"
+    labels.write_bytes('{"liver": 1, "tumeur hépatique": 2}'.encode("latin-1"))
+    args = {
+        "show": ["show", "--label-dict", str(labels)],
+        "add": ["add", "--name", "x", "--label-dict", str(labels), "--output", str(tmp_path / "o.json")],
+        "remap": [*REMAP_TS, "--label-dict", str(labels), "--output", str(tmp_path / "o.nii.gz")],
+    }[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{labels}: not UTF-8 text (byte 0xe9" in err and "Traceback" not in err
+    assert _listing(tmp_path) == ["labels_latin1.json"]
+
+
+def test_label_dictionary_with_a_utf8_byte_order_mark_loads(tmp_path):
+    labels = tmp_path / "bom.json"
+    labels.write_bytes(b"\xef\xbb\xbf" + '{"liver": 1, "tumeur hépatique": 2}'.encode())
+    assert load_label_dict(labels) == {"liver": 1, "tumeur hépatique": 2}
+
+
+def test_crop_with_an_unwritable_mask_format_writes_neither(tmp_path, capsys):
+    """It used to write the CT and then fail on the mask: half a pair."""
+    ct_out, mask_out = tmp_path / "ct.nii.gz", tmp_path / "mask.png"
+    crop = [*CROP_30, "--output-image", str(ct_out), "--output-mask", str(mask_out)]
+    assert main(crop) == 2
+    assert "--output-mask" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_crop_that_fails_writing_the_mask_leaves_neither_file(tmp_path, capsys, monkeypatch):
+    import SimpleITK as sitk
+
+    real_write, calls = sitk.WriteImage, []
+
+    def write_then_fail(image, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real_write(image, filename, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", write_then_fail)
+    ct_out, mask_out = tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
+    crop = [*CROP_30, "--output-image", str(ct_out), "--output-mask", str(mask_out)]
+    assert main(crop) == 1
+    assert len(calls) == 2 and "disk full" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # neither output, no temporary file
+
+
+# ----------------------------------------------------------------------------- broken volumes via the CLI
+
+
+def test_envelope_of_a_dicom_series_with_a_truncated_slice_is_refused(tmp_path, capsys):
+    series = tmp_path / "series"
+    series.mkdir()
+    for src in sorted((DATA / "totalseg_dicom3").iterdir()):
+        (series / src.name).write_bytes(src.read_bytes())
+    middle = sorted(series.iterdir())[1]
+    middle.write_bytes(middle.read_bytes()[:50000])
+    mask = write_volume(tmp_path / "mask.nii.gz", Volume(np.zeros((512, 512, 3), np.uint8), np.eye(4)))
+    out = tmp_path / "o.nii.gz"
+    assert main(["envelope", "--image", str(series), "--mask", str(mask), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert middle.name in err and "not part of the DICOM series" in err and not out.exists()
+
+
+def test_remap_of_a_mask_with_zero_spacing_is_refused(tmp_path, capsys):
+    """It used to end in a ValueError traceback (exit 1)."""
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4))
+    img.header["srow_x"] = [0.0, 0.0, 0.0, 0.0]
+    mask = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(img.dataobj, None, img.header), mask)
+    out = tmp_path / "o.nii.gz"
+    assert main(["remap", "--mask", str(mask), "--mapping", "totalsegmentator", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{mask}: voxel spacing [0.0, 1.0, 1.0] mm is not usable" in err and "(0, 100] mm" in err
+    assert not out.exists()

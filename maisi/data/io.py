@@ -8,6 +8,7 @@ through SimpleITK (which works in LPS). The LPS/RAS conversion happens here and 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,8 @@ from maisi.errors import VolumeError
 OutputFormat = Literal["nii.gz", "nii", "nrrd", "mha"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("nii.gz", "nii", "nrrd", "mha")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Largest voxel spacing accepted, in mm: thick CT slices are 5-10 mm; 100 mm and more is a broken header.
+MAX_SPACING_MM = 100.0
 
 
 @dataclass(frozen=True, eq=False)  # arrays have no single truth value
@@ -63,18 +66,150 @@ def require_same_grid(ct: Volume, mask: Volume) -> None:
                           "differ); resample the mask onto the CT first")  # fmt: skip
 
 
+def _dicom_series_files(folder: Path) -> list[str]:
+    """File names of the one DICOM series in ``folder``, in GDCM's slice order.
+
+    Raises:
+        VolumeError: no series, several series, or files in the folder that are not part of the series
+            (GDCM silently leaves out a truncated or garbage slice, which would read as a series with a gap).
+    """
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise VolumeError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise VolumeError(
+            f"{folder}: folder holds {len(series)} DICOM series ({', '.join(series)}); "
+            "point to a folder with exactly one"
+        )
+    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    members = {Path(n).resolve() for n in names}
+    # DICOMDIR indexes a medium and hidden files are the system's; anything else must be a slice.
+    others = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR" and p.resolve() not in members
+    )
+    if others:
+        raise VolumeError(
+            f"{folder}: {len(others)} file(s) are not part of the DICOM series "
+            f"(unreadable, truncated or not DICOM): {_some(others)}; remove them or repair the series"
+        )
+    return names
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    """At most ``limit`` names, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _slice_header(name: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Origin (LPS mm), direction (3x3) and InstanceNumber (None if absent) of one DICOM file, header only."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    reader.ReadImageInformation()
+    number = reader.GetMetaData("0020|0013").strip() if reader.HasMetaDataKey("0020|0013") else ""
+    direction = np.array(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
+    origin = np.array(reader.GetOrigin(), dtype=np.float64)
+    return origin, direction, int(number) if number.isdigit() else None
+
+
+def _sorted_slices(folder: Path, names: list[str]) -> list[str]:
+    """The series' files sorted along the slice normal, once the slice positions are checked.
+
+    Refused: unreadable slices, two slices at one position, uneven spacing or a missing slice. ITK reads such
+    a series anyway, with one spacing for the whole stack: a gap makes every slice sit at the wrong height.
+    A slice is judged missing when the positions are even but the InstanceNumbers, which follow the
+    positions, jump by more than one.
+
+    Raises:
+        VolumeError: naming the files concerned.
+    """
+    headers, unreadable = [], []
+    for name in names:
+        try:
+            headers.append(_slice_header(name))
+        except RuntimeError:
+            unreadable.append(Path(name).name)
+    if unreadable:
+        raise VolumeError(f"{folder}: unreadable DICOM slice(s): {_some(unreadable)}")
+    if len(names) < 2:
+        return names
+    normal = headers[0][1][:, 2]
+    heights = np.array([origin @ normal for origin, _, _ in headers])
+    order = np.argsort(heights, kind="stable")  # GDCM does not always sort (e.g. with a duplicated slice)
+    names, heights = [names[i] for i in order], heights[order]
+    numbers = [headers[i][2] for i in order]
+    files = [Path(n).name for n in names]
+    steps = np.diff(heights)
+    if np.any(steps < 1e-3):
+        i = int(np.argmin(steps))
+        raise VolumeError(f"{folder}: slices {files[i]} and {files[i + 1]} lie at the same position")
+    typical = float(np.median(steps))
+    tolerance = max(0.01, 0.01 * typical)  # mm: rounding in ImagePositionPatient, not a real difference
+    if np.any(np.abs(steps - typical) > tolerance):
+        i = int(np.argmax(np.abs(steps - typical)))
+        raise VolumeError(
+            f"{folder}: uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm): {steps[i]:.3f} mm "
+            f"between {files[i]} and {files[i + 1]} (a missing or extra slice?)"
+        )
+    if None not in numbers:
+        jumps = np.diff(np.array(numbers, dtype=np.int64))
+        if (np.all(jumps > 0) or np.all(jumps < 0)) and np.any(np.abs(jumps) != 1):
+            i = int(np.flatnonzero(np.abs(jumps) != 1)[0])
+            raise VolumeError(
+                f"{folder}: slice(s) missing: InstanceNumber jumps from {numbers[i]} to {numbers[i + 1]} "
+                f"between {files[i]} and {files[i + 1]} ({steps[i]:.3f} mm apart)"
+            )
+    return names
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if path.is_dir():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        if not series:
-            raise VolumeError(f"{path}: folder holds no DICOM series")
-        if len(series) > 1:
-            raise VolumeError(f"{path}: folder holds {len(series)} DICOM series ({', '.join(series)}); "
-                              "point to a folder with exactly one")  # fmt: skip
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+        reader.SetFileNames(_sorted_slices(path, _dicom_series_files(path)))
         return reader.Execute()
     return sitk.ReadImage(str(path))
+
+
+def check_affine(path: str | Path, affine: np.ndarray) -> None:
+    """Refuse a voxel -> world mapping no scan can have.
+
+    That is: non-finite values, a spacing outside (0, MAX_SPACING_MM] mm, or parallel axes (singular).
+
+    Raises:
+        VolumeError: naming ``path`` and the offending spacing.
+    """
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(affine)):
+        raise VolumeError(f"{path}: the voxel -> world mapping holds non-finite values; fix the header")
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0) or np.any(spacing > MAX_SPACING_MM):
+        shown = [float(f"{s:.6g}") for s in spacing]
+        raise VolumeError(
+            f"{path}: voxel spacing {shown} mm is not usable; "
+            f"every spacing must lie in (0, {MAX_SPACING_MM:g}] mm"
+        )
+    # With unit columns |det| is 1 for orthogonal axes and 0 for parallel ones.
+    if abs(np.linalg.det(linear / spacing)) < 1e-3:
+        raise VolumeError(f"{path}: the voxel -> world mapping is singular (two voxel axes are parallel)")
+
+
+def _check_nifti_pixdim(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a zero, negative or non-finite pixdim where the geometry comes from it (no sform).
+
+    nibabel silently sets a zero pixdim to 1 and makes a negative one positive, so the raw header is read.
+    """
+    if int(image.header["sform_code"]) > 0:
+        return
+    with nib.openers.ImageOpener(path) as f:
+        raw = type(image.header).from_fileobj(f, check=False)
+    pixdim = [float(v) for v in raw["pixdim"][1:4]]
+    if not all(np.isfinite(v) and 0 < v <= MAX_SPACING_MM for v in pixdim):
+        raise VolumeError(
+            f"{path}: voxel spacing (pixdim) {pixdim} mm is not usable; every spacing must lie in "
+            f"(0, {MAX_SPACING_MM:g}] mm"
+        )
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -83,11 +218,21 @@ def _read_nifti(path: Path) -> Volume:
         array = np.asanyarray(image.dataobj)
     except Exception as e:  # noqa: BLE001 - nibabel raises many types for corrupt files
         raise VolumeError(f"{path}: cannot read as a medical image ({type(e).__name__}: {e})") from None
+    _check_nifti_pixdim(path, image)
+    check_affine(path, image.affine)
     while array.ndim > 3 and array.shape[-1] == 1:  # (x, y, z, 1) as some tools write it
         array = array[..., 0]
     if array.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D volume with one value per voxel, got shape {array.shape}")
     return to_ras(Volume(array, image.affine.astype(np.float64)))
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The last line of an ITK exception, with a hint where ITK refused the file's spacing."""
+    reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else "unknown reason"
+    if "spacing" in reason.lower():  # ITK refuses a zero or NaN spacing, and may show NaN as 0
+        reason += f"; every voxel spacing must lie in (0, {MAX_SPACING_MM:g}] mm"
+    return reason
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -97,7 +242,9 @@ def read_volume(path: str | Path) -> Volume:
         path: a NIfTI / NRRD / MHA file, or a folder holding one DICOM series.
 
     Raises:
-        VolumeError: missing or unreadable file, not 3D, or more than one component per voxel.
+        VolumeError: missing or unreadable file, not 3D, more than one component per voxel, an unusable
+            spacing or affine (see :func:`check_affine`), or a DICOM folder with unreadable, missing or
+            unevenly spaced slices.
     """
     path = Path(path)
     if not path.exists():
@@ -107,8 +254,7 @@ def read_volume(path: str | Path) -> Volume:
     try:
         image = _read_sitk(path)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "unknown reason"
-        raise VolumeError(f"{path}: cannot read as a medical image ({reason})") from None
+        raise VolumeError(f"{path}: cannot read as a medical image ({_itk_reason(e)})") from None
     if image.GetDimension() != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got {image.GetDimension()}D")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -118,6 +264,7 @@ def read_volume(path: str | Path) -> Volume:
     lps = np.eye(4)
     lps[:3, :3] = direction @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
+    check_affine(path, lps)
     return to_ras(Volume(array, _LPS_TO_RAS @ lps))
 
 
@@ -150,6 +297,7 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     try:
         if path.name.lower().endswith((".nii", ".nii.gz")):
             header = nib.load(path)
+            _check_nifti_pixdim(path, header)
             shape, affine = tuple(int(s) for s in header.shape[:3]), header.affine.astype(np.float64)
         else:
             reader = sitk.ImageFileReader()
@@ -160,11 +308,46 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
             lps[:3, :3] = direction @ np.diag(reader.GetSpacing())
             lps[:3, 3] = reader.GetOrigin()
             shape, affine = tuple(int(s) for s in reader.GetSize()[:3]), _LPS_TO_RAS @ lps
+    except VolumeError:
+        raise
+    except RuntimeError as e:  # SimpleITK
+        raise VolumeError(f"{path}: cannot read as a medical image ({_itk_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 - both readers raise several types for corrupt headers
         raise VolumeError(f"{path}: cannot read as a medical image ({type(e).__name__})") from None
+    check_affine(path, affine)
     transform = _ras_transform(affine)
     ras_shape = tuple(int(shape[int(axis)]) for axis in np.argsort(transform[:, 0]))
     return ras_shape, affine @ nib.orientations.inv_ornt_aff(transform, shape)  # type: ignore[return-value]
+
+
+def check_output_path(
+    path: str | Path, option: str, inputs: dict[str, str | Path] | None = None, volume: bool = True
+) -> Path:
+    """Refuse an output location before any work is done.
+
+    Args:
+        path: where the output will be written.
+        option: how the user named it (``--output``), for the message.
+        inputs: the inputs of the same command by option name; the output must be none of them.
+        volume: the output is a volume, so its suffix must be one :func:`write_volume` can write.
+
+    Raises:
+        VolumeError: the path is a folder, lies under a file, is one of ``inputs``, or (``volume``) has a
+            suffix no writer knows.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise VolumeError(f"{option} {path}: is a folder; give a file name")
+    blocker = next((parent for parent in path.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise VolumeError(f"{option} {path}: cannot be written, {blocker} is a file, not a folder")
+    for name, source in (inputs or {}).items():
+        if source is not None and Path(source).resolve() == path.resolve():
+            raise VolumeError(f"{option} {path}: is the input given as {name}; write to another file")
+    if volume and not path.name.lower().endswith(tuple(f".{f}" for f in OUTPUT_FORMATS)):
+        formats = ", ".join("." + f for f in OUTPUT_FORMATS)
+        raise VolumeError(f"{option} {path}: cannot write this format; use one of {formats}")
+    return path
 
 
 def write_volume(path: str | Path, volume: Volume) -> Path:
@@ -208,3 +391,17 @@ def read_mask(path: str | Path) -> Volume:
     lo, hi = float(array.min()), float(array.max())
     dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int32
     return volume.with_array(array.astype(dtype))
+
+
+def write_volumes(items: list[tuple[str | Path, Volume]]) -> list[Path]:
+    """Write several volumes (a CT and its mask) so that either all of them appear or none.
+
+    Every volume is written under a temporary name first; the files are renamed into place only once all
+    of them are written, so a failure on the last leaves none of the new files.
+    """
+    paths = [Path(path) for path, _ in items]
+    with contextlib.ExitStack() as stack:
+        temporaries = [stack.enter_context(atomic_path(path)) for path in paths]
+        for tmp, (_, volume) in zip(temporaries, items):
+            write_volume(tmp, volume)
+    return paths

@@ -16,6 +16,9 @@ from maisi.resources import load_json
 
 BODY_LABEL = 200
 MAX_LABEL = 255  # the ControlNet sees 8 bit-planes
+# Dummy slots that once meant something: id 2 (dummy1) was an abdomen marker of this project's body-region
+# derivation (maisi.conditioning) until issue 18; a new class gets it only when no other dummy slot is free.
+SLOTS_WITH_A_ROLE = frozenset({2})
 
 
 class _DuplicateNames(dict):
@@ -59,10 +62,18 @@ def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
     if path is None:
         return validate_label_dict(load_json("maisi_label_dict.json"), "maisi_label_dict.json (packaged)")
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"label dictionary {path}: is a folder; give the JSON file")
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_DuplicateNames.from_pairs)
+        # utf-8-sig: JSON is UTF-8, and a byte-order mark some editors write is harmless
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_DuplicateNames.from_pairs)
     except FileNotFoundError:
         raise InputError(f"label dictionary not found: {path}") from None
+    except UnicodeDecodeError as e:
+        where = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise InputError(f"{path}: not UTF-8 text ({where}); save the label dictionary as UTF-8 JSON") from None
+    except OSError as e:
+        raise InputError(f"label dictionary {path}: cannot be read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(data, dict):
@@ -82,8 +93,13 @@ def is_dummy(name: str) -> bool:
 
 
 def free_ids(label_dict: dict[str, int]) -> list[int]:
-    """Ids a new class may take: dummy slots first (in id order), then unused ids in 1..255 except 200."""
-    dummies = sorted(i for n, i in label_dict.items() if is_dummy(n))
+    """Ids a new class may take: dummy slots first, then unused ids in 1..255 except 200.
+
+    Dummy slots in id order, except that slots which ever had a role (:data:`SLOTS_WITH_A_ROLE`) come after
+    the others: code or data made before the role was removed may still read them that way.
+    """
+    dummies = [i for n, i in label_dict.items() if is_dummy(n)]
+    dummies.sort(key=lambda i: (i in SLOTS_WITH_A_ROLE, i))
     used = set(label_dict.values()) | {BODY_LABEL}
     return dummies + [i for i in range(1, MAX_LABEL + 1) if i not in used]
 
@@ -91,8 +107,9 @@ def free_ids(label_dict: dict[str, int]) -> list[int]:
 def add_class(label_dict: dict[str, int], name: str, label_id: int | None = None) -> tuple[dict[str, int], int]:
     """Return a new dictionary with class ``name`` added, and the id it got.
 
-    Without ``label_id`` the class takes the first dummy slot (the slot's ``dummyN`` entry is replaced),
-    or the first unused id when no dummy is left. With ``label_id`` that id must be a dummy slot or unused.
+    Without ``label_id`` the class takes the first dummy slot of :func:`free_ids` (the slot's ``dummyN``
+    entry is replaced), or the first unused id when no dummy is left. With ``label_id`` that id must be a
+    dummy slot or unused.
 
     Raises:
         InputError: the name exists already, the id is taken by a real class, or no id is free.

@@ -2,7 +2,7 @@
 
     add       put a new class into a free dummy slot (or a given free id); prints the id
     remap     convert a mask from another vocabulary (e.g. TotalSegmentator) to MAISI ids
-    envelope  add the body label 200 to a mask from its CT
+    envelope  add the body label 200 to a mask from its CT (and, on request, the lungs from its air)
     crop      cut a CT and its mask to a box around some labels (e.g. a lesion)
     show      print a label dictionary
 """
@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
-from pathlib import Path
 
 from maisi.atomic import write_json
 from maisi.cli import EXIT_INPUT, EXIT_OK, run_guarded, setup_logging
-from maisi.data.io import read_mask, read_volume, write_volume
+from maisi.data.io import check_output_path, read_mask, read_volume, write_volume, write_volumes
 from maisi.errors import InputError
-from maisi.labels import add_class, load_label_dict
+from maisi.labels import BODY_LABEL, MAX_LABEL, add_class, load_label_dict
 from maisi.labels.crop import crop_pair
-from maisi.labels.envelope import DEFAULT_OPENING_MM, DEFAULT_THRESHOLD_HU, add_body_label
+from maisi.labels.envelope import (
+    DEFAULT_OPENING_MM,
+    DEFAULT_THRESHOLD_HU,
+    LUNG_AIR_HU,
+    LUNG_LABELS,
+    label_body,
+)
 from maisi.labels.mapping import BUILTIN_ALIASES, builtin_mappings, load_mapping, remap
 
 PROG = "maisi.labels"
 log = logging.getLogger(PROG)
+THRESHOLD_RANGE = (-1000.0, 0.0)  # HU: between air and soft tissue, or the envelope is not the body
+MAX_OPENING_MM = 50.0  # a larger opening erases the body itself
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = sub.add_parser("add", help="add a class to a label dictionary and print its id")
     add.add_argument("--name", required=True, help='class name, e.g. "kidney tumor"')
-    add.add_argument("--id", type=int, default=None, help="a free id or dummy-slot id (default: first dummy slot)")
+    add.add_argument(
+        "--id",
+        type=int,
+        default=None,
+        help="a free id or dummy-slot id (default: the first free dummy slot; id 2, once a body-region "
+        "marker, only when no other is left)",
+    )
     add.add_argument("--label-dict", default=None, help="dictionary to extend (default: MAISI's)")
     add.add_argument("--output", default=None, help="where to write (default: in place; required for MAISI's)")
 
@@ -50,8 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--image", required=True, help="the CT (HU) the mask belongs to")
     env.add_argument("--mask", required=True)
     env.add_argument("--output", required=True)
-    env.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD_HU, help="air threshold in HU")
-    env.add_argument("--opening-mm", type=float, default=DEFAULT_OPENING_MM, help="table-removal opening radius")
+    env.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD_HU,
+        help=f"air threshold in HU, in [{THRESHOLD_RANGE[0]:g}, {THRESHOLD_RANGE[1]:g}] "
+        "(default: %(default)g)",
+    )
+    env.add_argument(
+        "--opening-mm",
+        type=float,
+        default=DEFAULT_OPENING_MM,
+        help=f"table-removal opening radius in mm, 0 to {MAX_OPENING_MM:g}; 0 disables it "
+        "(default: %(default)g)",
+    )
+    env.add_argument(
+        "--lungs-from-hu",
+        type=int,
+        default=None,
+        metavar="ID",
+        help=f"label the lungs from the CT as ID instead of body: unlabelled air below {LUNG_AIR_HU:g} HU "
+        "inside the body, in the largest connected air component (and a second one of at least a fifth of "
+        "its size); smaller air pockets (bowel gas) stay body. For masks without lung labels; MAISI's lung "
+        f"lobes are {', '.join(map(str, LUNG_LABELS))} (e.g. 28)",
+    )
 
     cr = sub.add_parser("crop", help="cut a CT and its mask to a box centred on some labels")
     cr.add_argument("--image", required=True, help="the CT")
@@ -66,12 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _finite(value: float, option: str, low: float, high: float, unit: str) -> None:
+    """Refuse a NaN, infinite or out-of-range number given as ``option``."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InputError(f"{option} {value:g}: must be a number in [{low:g}, {high:g}] {unit}")
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     if args.label_dict is None and args.output is None:
         raise InputError("--output is required when extending MAISI's packaged dictionary")
+    option = "--output" if args.output else "--label-dict"  # without --output it writes in place
+    output = check_output_path(args.output or args.label_dict, option, volume=False)
     label_dict = load_label_dict(args.label_dict)
     updated, label_id = add_class(label_dict, args.name, args.id)
-    output = Path(args.output or args.label_dict)
     write_json(output, updated)
     log.info("'%s' -> id %d, written to %s", args.name, label_id, output)
     print(label_id)
@@ -79,6 +122,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remap(args: argparse.Namespace) -> int:
+    inputs = {"--mask": args.mask, "--mapping": args.mapping, "--label-dict": args.label_dict}
+    check_output_path(args.output, "--output", inputs)
     label_dict = load_label_dict(args.label_dict)
     mapping = load_mapping(args.mapping, label_dict)
     mask = read_mask(args.mask)
@@ -98,21 +143,43 @@ def cmd_remap(args: argparse.Namespace) -> int:
 
 
 def cmd_envelope(args: argparse.Namespace) -> int:
+    _finite(args.threshold, "--threshold", *THRESHOLD_RANGE, "HU")
+    _finite(args.opening_mm, "--opening-mm", 0.0, MAX_OPENING_MM, "mm")
+    lung = args.lungs_from_hu
+    if lung is not None and not (0 < lung <= MAX_LABEL and lung != BODY_LABEL):
+        raise InputError(f"--lungs-from-hu {lung}: must be a label id in 1..{MAX_LABEL}, not {BODY_LABEL}")
+    check_output_path(args.output, "--output", {"--image": args.image, "--mask": args.mask})
     ct, mask = read_volume(args.image), read_mask(args.mask)
-    labelled, added = add_body_label(mask, ct, args.threshold, args.opening_mm)
+    labelled, report = label_body(mask, ct, args.threshold, args.opening_mm, lung)
     write_volume(args.output, labelled)
-    print(f"added body label to {added} voxels ({100.0 * added / labelled.array.size:.1f}% of the volume)")
+    share, air = 100.0 * report.body_added / labelled.array.size, 100.0 * report.body_air_fraction
+    print(
+        f"added body label to {report.body_added} voxels ({share:.1f}% of the volume; "
+        f"{air:.1f}% of them below {LUNG_AIR_HU:g} HU)"
+    )
+    if lung is not None:
+        ml = report.lung_added * math.prod(labelled.spacing) / 1000.0
+        print(
+            f"labelled {report.lung_added} voxels ({ml:.0f} mL) of air in {report.lung_components} "
+            f"component(s) as lung id {lung}"
+        )
+    if report.warning():
+        log.warning("%s", report.warning())
     return EXIT_OK
 
 
 def cmd_crop(args: argparse.Namespace) -> int:
+    inputs = {"--image": args.image, "--mask": args.mask}
+    check_output_path(args.output_image, "--output-image", inputs)
+    check_output_path(args.output_mask, "--output-mask", {**inputs, "--output-image": args.output_image})
+    for size in args.size_mm:
+        _finite(size, "--size-mm", 0.0, math.inf, "mm")
     ct, mask = read_volume(args.image), read_mask(args.mask)
     try:
         ct_box, mask_box = crop_pair(ct, mask, args.around, tuple(args.size_mm))
     except InputError as e:
         raise InputError(f"{args.mask}: {e}") from None
-    write_volume(args.output_image, ct_box)
-    write_volume(args.output_mask, mask_box)
+    write_volumes([(args.output_image, ct_box), (args.output_mask, mask_box)])  # both or neither
     mm = [round(n * s, 1) for n, s in zip(mask_box.shape, mask_box.spacing)]
     print(f"cropped to {list(mask_box.shape)} voxels ({mm} mm) around labels {args.around}")
     return EXIT_OK
