@@ -4,8 +4,9 @@
         [--maisi-root DIR] [--data-root DIR] [--weights-dir DIR]
     python -m maisi.config validate FILE --kind infer|encode|train|evaluate
 
-``import-maisi`` writes the translated config (atomically, only once it passes our loader) and lists what became
-of every MAISI key: translated and not needed on stdout, NOT translated on stderr (exit 0 all the same).
+``import-maisi`` writes the translated config (atomically, only once it passes our loader) and lists
+what became of every MAISI key: translated and not needed on stdout, NOT translated on stderr (exit 0
+all the same).
 Exit 2: the input is not a MAISI inference config (not JSON, not an object, ours, none of MAISI's keys, an
 output_size or spacing that is code), an MR config, unknown region or anatomy names, a translation that our
 loader refuses (each problem with the MAISI key it came from), or an ``--output`` that cannot be written or
@@ -33,7 +34,9 @@ PROG = "maisi.config"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Translate MAISI inference configs; validate configs.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Translate MAISI inference configs; validate configs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser(
         "import-maisi",
@@ -41,25 +44,46 @@ def build_parser() -> argparse.ArgumentParser:
         description="Translate a MAISI inference config into a maisi.infer config (anatomy mode); every key "
         "that cannot be translated is named on stderr.",
     )
-    imp.add_argument("file", help="MAISI config_infer*.json, or the model-zoo bundle's configs/inference.json")
-    imp.add_argument("--output", required=True, help="the maisi.infer config to write")
-    imp.add_argument("--environment", help="MAISI environment_*.json: weights, mask database, output folder")
-    imp.add_argument("--preset", choices=PRESETS, help="default: from the weights' names, else maisi-ct-rflow")
     imp.add_argument(
-        "--maisi-root", default=".", help="the folder MAISI ran in; its relative paths start there (default: .)"
+        "file",
+        help="MAISI config_infer*.json, or the model-zoo bundle's configs/inference.json",
+    )
+    imp.add_argument("--output", required=True, help="the maisi.infer config to write")
+    imp.add_argument(
+        "--environment",
+        help="MAISI environment_*.json: weights, mask database, output folder",
+    )
+    imp.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="default: from the weights' names, else maisi-ct-rflow",
+    )
+    imp.add_argument(
+        "--maisi-root",
+        default=".",
+        help="the folder MAISI ran in; its relative paths start there (default: .)",
     )
     imp.add_argument(
         "--data-root",
-        help="where MAISI put paths containing 'datasets/' (default: $MONAI_DATA_DIRECTORY, else --maisi-root)",
+        help="where MAISI put paths containing 'datasets/' "
+        "(default: $MONAI_DATA_DIRECTORY, else --maisi-root)",
     )
     imp.add_argument(
         "--weights-dir",
         default="models/maisi",
         help="maisi.download's --dest, for the files the MAISI config does not name (default: models/maisi)",
     )
-    val = sub.add_parser("validate", help="check a config as the CLIs do (schema, cross-key and preset checks)")
+    val = sub.add_parser(
+        "validate",
+        help="check a config as the CLIs do (schema, cross-key and preset checks)",
+    )
     val.add_argument("file", help="the config")
-    val.add_argument("--kind", required=True, choices=sorted(KINDS), help="which command the config is for")
+    val.add_argument(
+        "--kind",
+        required=True,
+        choices=sorted(KINDS),
+        help="which command the config is for",
+    )
     return parser
 
 
@@ -67,12 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_output(output: Path, inputs: list[Path]) -> None:
-    """Refuse an --output that is a folder, an input, or in a folder that cannot be written (nothing created)."""
+    """Refuse an --output that is a folder, an input, or in a folder that cannot be written."""
     if output.is_dir():
-        raise InputError(f"--output {output} is a folder; give the file name of the config to write")
+        raise InputError(
+            f"--output {output} is a folder; give the file name of the config to write"
+        )
     for path in inputs:
         if output.resolve() == path.resolve():
-            raise InputError(f"--output {output} is the input {path}; write the translation to another file")
+            raise InputError(
+                f"--output {output} is the input {path}; write the translation to another file"
+            )
     problem = output_folder_problem(output.parent, "--output folder")
     if problem:
         raise InputError(problem)
@@ -90,8 +118,8 @@ def _problems_with_sources(errors: list[str], t: Translation) -> list[str]:
 def check_translation(t: Translation, output: Path) -> list[str]:
     """Validate the translated config with the loader and the preset checks; returns notes.
 
-    While the infer schema has no ``anatomy`` key (the anatomy mode lands separately), the rest of the config is
-    checked against the schema only: the cross-key checks would judge it as an image-only config.
+    While the infer schema has no ``anatomy`` key (the anatomy mode lands separately), the rest of the
+    config is checked against the schema only: the cross-key checks would judge it as an image-only config.
 
     Raises:
         InputError: every problem, each with the MAISI key it came from.
@@ -103,14 +131,18 @@ def check_translation(t: Translation, output: Path) -> list[str]:
         errors = schema_errors(rest, load_schema("infer"))
         if errors:
             raise ConfigError(str(output), _problems_with_sources(errors, t))
-        return ["$.anatomy was not validated: this version's infer schema has no 'anatomy' key yet"]
+        return [
+            "$.anatomy was not validated: this version's infer schema has no 'anatomy' key yet"
+        ]
     with tempfile.TemporaryDirectory(prefix="maisi-import-") as tmp:
         path = Path(tmp) / output.name
         path.write_text(json.dumps(t.config))
         try:
             load_checked_config(path, "infer")
         except ConfigError as err:
-            raise ConfigError(str(output), _problems_with_sources(err.errors, t)) from None
+            raise ConfigError(
+                str(output), _problems_with_sources(err.errors, t)
+            ) from None
     return []
 
 
@@ -128,7 +160,10 @@ def _report(t: Translation, source: Path, output: Path, notes: list[str]) -> Non
         print(f"{PROG} import-maisi: NOT translated: {key}: {why}", file=sys.stderr)
     if t.untranslated:
         keys = ", ".join(key for key, _ in t.untranslated)
-        print(f"{PROG} import-maisi: {len(t.untranslated)} key(s) NOT translated ({keys})", file=sys.stderr)
+        print(
+            f"{PROG} import-maisi: {len(t.untranslated)} key(s) NOT translated ({keys})",
+            file=sys.stderr,
+        )
 
 
 def run_import(args: argparse.Namespace) -> int:

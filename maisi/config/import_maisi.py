@@ -1,10 +1,10 @@
 """Translate a MAISI inference config into a ``maisi.infer`` config (anatomy mode).
 
-Reads what MAISI users have: ``config_infer*.json`` of NV-Generate-CTMR or the MONAI tutorials (optionally with
-the ``environment_*.json`` that names the weights and the mask database), or the model-zoo bundle
-``maisi_ct_generative``'s ``configs/inference.json``. Every key ends in one of three lists: translated (with the
-key of ours it became), not needed (our presets and defaults already do what it does) and NOT translated (it
-changes the result and we have no counterpart: the user must decide).
+Reads what MAISI users have: ``config_infer*.json`` of NV-Generate-CTMR or the MONAI tutorials
+(optionally with the ``environment_*.json`` that names the weights and the mask database), or the
+model-zoo bundle ``maisi_ct_generative``'s ``configs/inference.json``. Every key ends in one of three
+lists: translated (with the key of ours it became), not needed (our presets and defaults already do
+what it does) and NOT translated (it changes the result and we have no counterpart: the user decides).
 
 Bundle configs hold code (``"$torch.device(...)"``); nothing is evaluated. Two forms that are plain data are
 resolved: a reference ``"@key"`` to another key and a path join ``"$@key + '/file.pt'"``.
@@ -28,7 +28,10 @@ from maisi.options import REGION_INDEX
 from maisi.resources import load_json
 
 PRESETS = ("maisi-ct-rflow", "maisi-ct-ddpm")
-VARIANT = {"maisi-ct-rflow": "rflow-ct", "maisi-ct-ddpm": "ddpm-ct"}  # maisi.download's variant of a preset
+VARIANT = {
+    "maisi-ct-rflow": "rflow-ct",
+    "maisi-ct-ddpm": "ddpm-ct",
+}  # maisi.download's variant of a preset
 FORMATS = ("nii.gz", "nii", "nrrd", "mha")
 # Keys that only a MAISI inference config (or its environment) has; one of them must be present.
 SIGNATURE = (
@@ -46,11 +49,16 @@ _PATH_JOIN = re.compile(r"""\$@(\w+)\s*\+\s*(['"])([^'"]*)\2""")
 
 _NETWORKS = "a network definition: the preset builds the networks (MONAI classes, the released arguments)"
 _PATH_A = "used by mask generation (MAISI's Path A) only; the translated config retrieves masks (Path B)"
-_BUNDLE = "bundle machinery (imports, loaders, the run list): maisi.infer does this itself"
+_BUNDLE = (
+    "bundle machinery (imports, loaders, the run list): maisi.infer does this itself"
+)
 # MAISI key -> why it needs no counterpart here.
 NOT_NEEDED: dict[str, str] = {
     **dict.fromkeys(("autoencoder", "diffusion_unet", "controlnet"), _NETWORKS),
-    **dict.fromkeys(("autoencoder_def", "diffusion_unet_def", "controlnet_def", "noise_scheduler"), _NETWORKS),
+    **dict.fromkeys(
+        ("autoencoder_def", "diffusion_unet_def", "controlnet_def", "noise_scheduler"),
+        _NETWORKS,
+    ),
     **dict.fromkeys(("spatial_dims", "image_channels", "latent_channels"), _NETWORKS),
     "latent_shape": "derived from output_size by the preset (output_size / 4)",
     **dict.fromkeys(
@@ -101,7 +109,8 @@ NOT_NEEDED: dict[str, str] = {
         _BUNDLE,
     ),
     **dict.fromkeys(
-        ("output_size_xy", "output_size_z", "spacing_xy", "spacing_z"), "read through output_size / spacing"
+        ("output_size_xy", "output_size_z", "spacing_xy", "spacing_z"),
+        "read through output_size / spacing",
     ),
     "device": "device 'auto' (CUDA when there is one) is the default",
     "autoencoder_tp_num_splits": "splits the VAE's convolutions to save GPU memory; no effect on the result",
@@ -138,6 +147,7 @@ class Translation:
 
     def source_of(self, json_path: str) -> str | None:
         """The MAISI key our ``$.a.b`` came from (for messages about the translated config)."""
+
         def within(p: str) -> bool:
             return json_path == p or json_path.startswith((f"{p}.", f"{p}[", f"{p}/"))
 
@@ -179,7 +189,9 @@ def read_maisi_json(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, dict):
-        raise _not_a_maisi_config(path, f"expected a JSON object ({what}), got a {type(data).__name__}")
+        raise _not_a_maisi_config(
+            path, f"expected a JSON object ({what}), got a {type(data).__name__}"
+        )
     return data
 
 
@@ -191,7 +203,9 @@ def check_is_maisi_config(path: Path, data: dict[str, Any]) -> None:
             f"check it with: python -m maisi.config validate {path} --kind infer"
         )
     if not any(key in data for key in SIGNATURE):
-        raise _not_a_maisi_config(path, f"it has none of MAISI's inference keys ({', '.join(SIGNATURE)})")
+        raise _not_a_maisi_config(
+            path, f"it has none of MAISI's inference keys ({', '.join(SIGNATURE)})"
+        )
 
 
 @dataclass(frozen=True)
@@ -199,7 +213,9 @@ class Places:
     """Where paths point: MAISI's working folders in, the translated config's folder out."""
 
     maisi_root: Path  # the folder MAISI ran in: its relative paths start there
-    data_root: Path  # where MAISI v2 puts paths containing "datasets/" ($MONAI_DATA_DIRECTORY)
+    data_root: (
+        Path  # where MAISI v2 puts paths containing "datasets/" ($MONAI_DATA_DIRECTORY)
+    )
     weights_dir: Path  # maisi.download's --dest, for what the MAISI files do not name
     output_dir: Path  # the translated config's folder: its relative paths start there
 
@@ -208,7 +224,7 @@ class Places:
         return (root / Path(value).expanduser()).resolve()
 
     def ours(self, path: Path) -> str:
-        """``path`` as the translated config names it: relative to its folder, absolute when they share only /."""
+        """``path`` as the config names it: relative to its folder (absolute if only / is shared)."""
         if os.path.commonpath([path, self.output_dir]) == os.path.sep:
             return str(path)
         return os.path.relpath(path, self.output_dir)
@@ -220,8 +236,9 @@ def _literal(data: dict[str, Any], key: str, path: Path) -> Any:
         return resolve(data[key], data)
     except Unresolved as err:
         raise InputError(
-            f"{path}: $.{key} holds the bundle expression {str(err)!r}; maisi does not evaluate code in configs. "
-            f"Replace it with its value (e.g. \"{key}\": [256, 256, 128]) and translate again"
+            f"{path}: $.{key} holds the bundle expression {str(err)!r}; maisi does not evaluate code in "
+            "configs. "
+            f'Replace it with its value (e.g. "{key}": [256, 256, 128]) and translate again'
         ) from None
 
 
@@ -229,30 +246,46 @@ def _check_regions(regions: list[Any], path: Path) -> None:
     bad = []
     for name in regions:
         if not isinstance(name, str) or name.strip().lower() not in REGION_INDEX:
-            hints = difflib.get_close_matches(str(name).strip().lower(), list(REGION_INDEX), n=1)
-            bad.append(f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else ""))
+            hints = difflib.get_close_matches(
+                str(name).strip().lower(), list(REGION_INDEX), n=1
+            )
+            bad.append(
+                f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else "")
+            )
     if bad:
         raise InputError(
             f"{path}: $.body_region: unknown region {', '.join(bad)}; known: {', '.join(REGION_INDEX)}"
         )
 
 
-def _check_anatomy(names: list[Any], label_dict: dict[str, Any], source: str, path: Path) -> None:
+def _check_anatomy(
+    names: list[Any], label_dict: dict[str, Any], source: str, path: Path
+) -> None:
     bad = []
     for name in names:
         if not isinstance(name, str) or name not in label_dict:
             hints = difflib.get_close_matches(str(name), list(label_dict), n=1)
-            bad.append(f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else ""))
+            bad.append(
+                f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else "")
+            )
     if bad:
-        raise InputError(f"{path}: $.anatomy_list: {', '.join(bad)} not in the label dictionary {source}")
+        raise InputError(
+            f"{path}: $.anatomy_list: {', '.join(bad)} not in the label dictionary {source}"
+        )
 
 
 def _modality(value: Any, path: Path) -> str | None:
     """Our modality name for MAISI's code or name; None for a CT code with no name; MR refused."""
     codes = load_json("maisi_modality_mapping.json")
     names = {v: k for k, v in codes.items()}
-    name = names.get(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (isinstance(name, str) and name.startswith("mri")) or (isinstance(value, int) and value >= 8):
+    name = (
+        names.get(value)
+        if isinstance(value, int) and not isinstance(value, bool)
+        else value
+    )
+    if (isinstance(name, str) and name.startswith("mri")) or (
+        isinstance(value, int) and value >= 8
+    ):
         raise InputError(
             f"{path}: $.modality is {value!r} (MR): maisi generates CT only; MR configs cannot be translated"
         )
@@ -264,7 +297,9 @@ def _choose_preset(data: dict[str, Any], requested: str | None, t: Translation) 
     if requested:
         return requested
     unet = data.get("trained_diffusion_path")
-    hint = unet if isinstance(unet, str) else json.dumps(data.get("noise_scheduler", ""))
+    hint = (
+        unet if isinstance(unet, str) else json.dumps(data.get("noise_scheduler", ""))
+    )
     for word, preset in (("ddpm", "maisi-ct-ddpm"), ("rflow", "maisi-ct-rflow")):
         if word in hint.lower():
             t.notes.append(f"preset {preset}: chosen from {hint!r}")
@@ -280,9 +315,20 @@ def _released_files(preset: str) -> dict[str, Any]:
     """The files maisi.download fetches for ``preset``: weights by role, and the mask database."""
     variant = load_json("released_weights.json")["variants"][VARIANT[preset]]
     names = [Path(f["path"]).name for f in variant["files"]]
-    roles = {"autoencoder": "autoencoder", "diffusion_unet": "diff_unet", "controlnet": "controlnet"}
-    weights = {role: next(n for n in names if n.startswith(prefix)) for role, prefix in roles.items()}
-    database = next(f["save_as"] for f in variant.get("datasets", []) if "candidate_masks" in f["path"])
+    roles = {
+        "autoencoder": "autoencoder",
+        "diffusion_unet": "diff_unet",
+        "controlnet": "controlnet",
+    }
+    weights = {
+        role: next(n for n in names if n.startswith(prefix))
+        for role, prefix in roles.items()
+    }
+    database = next(
+        f["save_as"]
+        for f in variant.get("datasets", [])
+        if "candidate_masks" in f["path"]
+    )
     archive = variant.get("mask_archive", {}).get("extract_to")
     return {"weights": weights, "database": database, "mask_root": archive}
 
@@ -335,12 +381,15 @@ class _Job:
         return _literal(self.data, key, self.origin[key])
 
     def maybe(self, key: str) -> tuple[bool, Any]:
-        """(True, value) with references resolved, or (False, None) after naming the expression as untranslated."""
+        """(True, value) with references resolved, or (False, None) once named as untranslated."""
         self.done.add(key)
         try:
             return True, resolve(self.data[key], self.data)
         except Unresolved as err:
-            self.refuse(key, f"the bundle expression {str(err)!r} is code, which maisi does not evaluate")
+            self.refuse(
+                key,
+                f"the bundle expression {str(err)!r} is code, which maisi does not evaluate",
+            )
             return False, None
 
     def skip(self, key: str, why: str) -> None:
@@ -358,7 +407,9 @@ def _copy_plain_keys(job: _Job) -> None:
         if ok:
             job.t.put(key, ours, value)
     if isinstance(job.t.config.get("anatomy", {}).get("body_region"), list):
-        _check_regions(job.t.config["anatomy"]["body_region"], job.origin["body_region"])
+        _check_regions(
+            job.t.config["anatomy"]["body_region"], job.origin["body_region"]
+        )
     for key in ("output_size", "spacing"):
         if key not in job.data:
             raise InputError(
@@ -381,12 +432,19 @@ def _copy_plain_keys(job: _Job) -> None:
 def _copy_conditional_keys(job: _Job) -> None:
     """Keys whose MAISI default is what maisi does anyway; any other value cannot be translated."""
     defaults = {
-        "controllable_anatomy_size": ([], "empty: masks are retrieved from the database, as here"),
+        "controllable_anatomy_size": (
+            [],
+            "empty: masks are retrieved from the database, as here",
+        ),
         "cfg_guidance_scale": (0, "0: no classifier-free guidance, as here"),
-        "controllable_demographics": (None, "null: no demographic conditioning, as here"),
+        "controllable_demographics": (
+            None,
+            "null: no demographic conditioning, as here",
+        ),
     }
     refusals = {
-        "controllable_anatomy_size": "selects mask generation (MAISI's Path A), which maisi does not have yet; "
+        "controllable_anatomy_size": "selects mask generation (MAISI's Path A), which maisi does not have "
+        "yet; "
         "the translated config retrieves database masks holding anatomy_list instead",
         "cfg_guidance_scale": "classifier-free guidance is not available in maisi.infer; the config samples "
         "without it (scale 0)",
@@ -406,7 +464,10 @@ def _copy_modality_and_formats(job: _Job) -> None:
     if ok:
         name = _modality(value, job.origin["modality"])
         if name is None:
-            job.refuse("modality", f"{value!r} has no name in MAISI's modality mapping; 'ct' is used")
+            job.refuse(
+                "modality",
+                f"{value!r} has no name in MAISI's modality mapping; 'ct' is used",
+            )
         else:
             job.t.put("modality", "modality", name)
     formats = {}
@@ -417,7 +478,10 @@ def _copy_modality_and_formats(job: _Job) -> None:
     image = formats.get("image_output_ext", formats.get("label_output_ext"))
     for key, fmt in formats.items():
         if fmt not in FORMATS:
-            job.refuse(key, f"{fmt!r} is not one of maisi's formats ({', '.join(FORMATS)}); nii.gz is used")
+            job.refuse(
+                key,
+                f"{fmt!r} is not one of maisi's formats ({', '.join(FORMATS)}); nii.gz is used",
+            )
         elif fmt != image:
             job.refuse(key, f"image and mask are written in one format here ({image})")
         elif "format" in job.t.config.get("output", {}):
@@ -440,7 +504,8 @@ def _copy_decoding(job: _Job) -> None:
         if ok:
             job.t.put(key, f"decoding.{keys[key]}", value)
     job.t.notes.append(
-        "decoding.method 'sliding_window' reproduces MAISI's approximate tiled decode; maisi's default 'tiled' "
+        "decoding.method 'sliding_window' reproduces MAISI's approximate tiled decode; "
+        "maisi's default 'tiled' "
         "is exact with bounded memory (decoding.memory_budget_mb): consider switching"
     )
 
@@ -462,7 +527,7 @@ def _copy_paths(job: _Job) -> None:
 
 
 def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
-    """``label_dict_json`` -> ``$.label_dict`` (null when it is MAISI's own); returns the dictionary if readable."""
+    """``label_dict_json`` -> ``$.label_dict`` (null when MAISI's own); the dictionary if readable."""
     packaged = load_json("maisi_label_dict.json")
     if "label_dict_json" not in job.data:
         return packaged
@@ -475,14 +540,19 @@ def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
     except InputError:
         label_dict = None
     if label_dict == packaged:
-        job.skip("label_dict_json", "MAISI's label dictionary, which maisi ships ($.label_dict null)")
+        job.skip(
+            "label_dict_json",
+            "MAISI's label dictionary, which maisi ships ($.label_dict null)",
+        )
         return packaged
     if path is None:
         job.refuse("label_dict_json", f"{value!r} is not a path")
         return packaged
     job.t.put("label_dict_json", "label_dict", job.places.ours(path))
     if not isinstance(label_dict, dict):
-        job.t.notes.append(f"$.label_dict: {path} cannot be read now; anatomy names were not checked")
+        job.t.notes.append(
+            f"$.label_dict: {path} cannot be read now; anatomy names were not checked"
+        )
     return label_dict if isinstance(label_dict, dict) else None
 
 
@@ -492,7 +562,9 @@ def _fill_released_defaults(job: _Job) -> None:
     released = _released_files(preset)
     dest = job.places.weights_dir
     how = f"python -m maisi.download --variant {VARIANT[preset]} --dest {dest}"
-    wanted = {f"checkpoints.{role}": dest / name for role, name in released["weights"].items()}
+    wanted = {
+        f"checkpoints.{role}": dest / name for role, name in released["weights"].items()
+    }
     wanted["anatomy.mask_database"] = dest / released["database"]
     if released["mask_root"]:
         wanted["anatomy.mask_root"] = dest / released["mask_root"]
@@ -501,7 +573,9 @@ def _fill_released_defaults(job: _Job) -> None:
         if key not in job.t.config.get(section, {}):
             job.t.config.setdefault(section, {})[key] = job.places.ours(path)
             extra = " --with-mask-archive" if ours == "anatomy.mask_root" else ""
-            job.t.notes.append(f"$.{ours}: {job.places.ours(path)} (released; {how}{extra})")
+            job.t.notes.append(
+                f"$.{ours}: {job.places.ours(path)} (released; {how}{extra})"
+            )
 
 
 def translate(
@@ -514,11 +588,13 @@ def translate(
     """Translate a MAISI inference config (and its environment file) into a ``maisi.infer`` config.
 
     Args:
-        config_path: ``config_infer*.json`` (NV-Generate-CTMR, MONAI tutorials) or the bundle's ``inference.json``.
+        config_path: ``config_infer*.json`` (NV-Generate-CTMR, MONAI tutorials) or the bundle's
+            ``inference.json``.
         places: where MAISI's relative paths start and where the translated config will be written.
         environment: MAISI's ``environment_*.json`` (weights, mask database, output folder); its keys yield to
             the config's, as in MAISI's scripts.
-        preset: ``maisi-ct-rflow`` or ``maisi-ct-ddpm``; None: from the weights' names or the bundle's scheduler.
+        preset: ``maisi-ct-rflow`` or ``maisi-ct-ddpm``; None: from the weights' names or the
+            bundle's scheduler.
 
     Returns:
         The translation; its ``config`` still has to pass the loader (:func:`maisi.config.load_config`).
@@ -528,12 +604,17 @@ def translate(
             output_size or spacing that is missing or code, an MR modality, unknown region or anatomy names.
     """
     config_path = Path(config_path)
-    data = read_maisi_json(config_path, "a MAISI config_infer.json or the bundle's inference.json")
+    data = read_maisi_json(
+        config_path, "a MAISI config_infer.json or the bundle's inference.json"
+    )
     check_is_maisi_config(config_path, data)
     env: dict[str, Any] = {}
     if environment is not None:
         env = read_maisi_json(environment, "a MAISI environment_*.json")
-    origin = {**dict.fromkeys(env, Path(environment or "")), **dict.fromkeys(data, config_path)}
+    origin = {
+        **dict.fromkeys(env, Path(environment or "")),
+        **dict.fromkeys(data, config_path),
+    }
     job = _Job({**env, **data}, origin, places, Translation(config={}), config_path)
     job.t.config["preset"] = _choose_preset(job.data, preset, job.t)
     _copy_plain_keys(job)
@@ -542,9 +623,16 @@ def translate(
     _copy_decoding(job)
     _copy_paths(job)
     label_dict = _copy_label_dict(job)
-    if label_dict is not None and isinstance(job.t.config.get("anatomy", {}).get("anatomy_list"), list):
+    if label_dict is not None and isinstance(
+        job.t.config.get("anatomy", {}).get("anatomy_list"), list
+    ):
         where = job.t.config.get("label_dict") or "(MAISI's, shipped with maisi)"
-        _check_anatomy(job.t.config["anatomy"]["anatomy_list"], label_dict, where, origin["anatomy_list"])
+        _check_anatomy(
+            job.t.config["anatomy"]["anatomy_list"],
+            label_dict,
+            where,
+            origin["anatomy_list"],
+        )
     _fill_released_defaults(job)
     for key in job.data:
         if key in job.done:
@@ -554,7 +642,11 @@ def translate(
         else:
             job.refuse(key, "no counterpart in maisi.infer")
     steps = job.t.config.get("sampling", {}).get("num_inference_steps")
-    if job.t.config["preset"] == "maisi-ct-ddpm" and isinstance(steps, int) and steps < 1000:
+    if (
+        job.t.config["preset"] == "maisi-ct-ddpm"
+        and isinstance(steps, int)
+        and steps < 1000
+    ):
         job.t.notes.append(
             f"{steps} DDPM steps: MAISI's DDPM model was sampled with 1000; with fewer, consider "
             '"sampling": {"scheduler": "ddim"}'

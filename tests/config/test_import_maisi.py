@@ -1,8 +1,8 @@
 """``python -m maisi.config import-maisi`` on MAISI's own config files, and ``validate``.
 
 The MAISI files below are copies of the released ones (NV-Generate-CTMR ``configs/config_infer.json`` and
-``configs/environment_rflow-ct.json``; the model-zoo bundle ``maisi_ct_generative`` ``configs/inference.json``,
-shortened to its inference settings and a sample of its code keys).
+``configs/environment_rflow-ct.json``; the model-zoo bundle ``maisi_ct_generative``
+``configs/inference.json``, shortened to its inference settings and a sample of its code keys).
 """
 
 from __future__ import annotations
@@ -87,13 +87,24 @@ BUNDLE = {  # model-zoo maisi_ct_generative configs/inference.json (its settings
     "spacing_xy": 1.5,
     "spacing_z": 1.5,
     "spacing": ["@spacing_xy", "@spacing_xy", "@spacing_z"],
-    "latent_shape": ["@latent_channels", "$@output_size[0]//4", "$@output_size[1]//4", "$@output_size[2]//4"],
+    "latent_shape": [
+        "@latent_channels",
+        "$@output_size[0]//4",
+        "$@output_size[1]//4",
+        "$@output_size[2]//4",
+    ],
     "autoencoder_sliding_window_infer_size": [80, 80, 80],
     "autoencoder_sliding_window_infer_overlap": 0.4,
     "autoencoder": "$@autoencoder_def.to(@device)",
     "checkpoint_autoencoder": "$torch.load(@trained_autoencoder_path, weights_only=True)",
-    "noise_scheduler": {"_target_": "scripts.rectified_flow.RFlowScheduler", "num_train_timesteps": 1000},
-    "run": ["$monai.utils.set_determinism(seed=@random_seed)", "$@ldm_sampler.sample_multiple_images(@num_output_samples)"],
+    "noise_scheduler": {
+        "_target_": "scripts.rectified_flow.RFlowScheduler",
+        "num_train_timesteps": 1000,
+    },
+    "run": [
+        "$monai.utils.set_determinism(seed=@random_seed)",
+        "$@ldm_sampler.sample_multiple_images(@num_output_samples)",
+    ],
 }
 ANATOMY_IN_SCHEMA = "anatomy" in load_schema("infer")["properties"]
 
@@ -104,7 +115,9 @@ def write(path: Path, data) -> Path:
     return path
 
 
-def run(tmp_path: Path, config, *extra: str, name: str = "config_infer.json") -> tuple[int, Path]:
+def run(
+    tmp_path: Path, config, *extra: str, name: str = "config_infer.json"
+) -> tuple[int, Path]:
     source = write(tmp_path / "maisi" / name, config)
     output = tmp_path / "ours" / "infer.json"
     return main(["import-maisi", str(source), "--output", str(output), *extra]), output
@@ -112,17 +125,28 @@ def run(tmp_path: Path, config, *extra: str, name: str = "config_infer.json") ->
 
 def without_anatomy(config: dict, tmp_path: Path) -> Path:
     """The translated config minus anatomy: an image-only config today's loader checks in full."""
-    return write(tmp_path / "ours" / "image_only.json", {k: v for k, v in config.items() if k != "anatomy"})
+    return write(
+        tmp_path / "ours" / "image_only.json",
+        {k: v for k, v in config.items() if k != "anatomy"},
+    )
 
 
 # ---------------------------------------------------------------- MAISI's files
 
 
 def test_config_infer_with_environment_translates_every_key(tmp_path, capsys):
-    env = write(tmp_path / "NV-Generate-CTMR" / "configs" / "environment_rflow-ct.json", ENVIRONMENT)
+    env = write(
+        tmp_path / "NV-Generate-CTMR" / "configs" / "environment_rflow-ct.json",
+        ENVIRONMENT,
+    )
     root = env.parent.parent
-    write(root / "configs" / "label_dict.json", (REPO / "maisi/resources/maisi_label_dict.json").read_text())
-    code, output = run(tmp_path, CONFIG_INFER, "--environment", str(env), "--maisi-root", str(root))
+    write(
+        root / "configs" / "label_dict.json",
+        (REPO / "maisi/resources/maisi_label_dict.json").read_text(),
+    )
+    code, output = run(
+        tmp_path, CONFIG_INFER, "--environment", str(env), "--maisi-root", str(root)
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "NOT translated" not in captured.err
@@ -136,30 +160,52 @@ def test_config_infer_with_environment_translates_every_key(tmp_path, capsys):
         "anatomy": {
             "anatomy_list": ["lung tumor"],
             "body_region": ["chest"],
-            "mask_database": "../NV-Generate-CTMR/datasets/candidate_masks_flexible_size_and_spacing_4000.json",
+            "mask_database": "../NV-Generate-CTMR/datasets/"
+            "candidate_masks_flexible_size_and_spacing_4000.json",
             "mask_root": "../NV-Generate-CTMR/datasets/all_masks_flexible_size_and_spacing_4000",
         },
         "output_size": [256, 256, 256],
         "spacing": [1.5, 1.5, 2.0],
         "modality": "ct",
         "sampling": {"num_inference_steps": 30},
-        "decoding": {"method": "sliding_window", "sw_roi_size": [48, 48, 48], "sw_overlap": 0.6666},
+        "decoding": {
+            "method": "sliding_window",
+            "sw_roi_size": [48, 48, 48],
+            "sw_overlap": 0.6666,
+        },
         "num_samples": 1,
         "output": {"format": "nii.gz", "dir": "../NV-Generate-CTMR/output"},
     }
     out = captured.out
     assert "num_output_samples -> $.num_samples = 1" in out
-    assert "label_dict_json: MAISI's label dictionary, which maisi ships" in out  # same content: $.label_dict null
+    assert (
+        "label_dict_json: MAISI's label dictionary, which maisi ships" in out
+    )  # same content: $.label_dict null
     assert "cfg_guidance_scale: 0: no classifier-free guidance" in out
     assert "preset maisi-ct-rflow: chosen from 'models/diff_unet_3d_rflow-ct.pt'" in out
-    config = load_checked_config(without_anatomy(json.loads(output.read_text()), tmp_path), "infer")
-    assert config.num_inference_steps == 30 and config.decoding.sw_roi_size == (48, 48, 48)
-    assert config.checkpoints.controlnet == str(root / "models" / "controlnet_3d_rflow-ct.pt")
+    config = load_checked_config(
+        without_anatomy(json.loads(output.read_text()), tmp_path), "infer"
+    )
+    assert config.num_inference_steps == 30 and config.decoding.sw_roi_size == (
+        48,
+        48,
+        48,
+    )
+    assert config.checkpoints.controlnet == str(
+        root / "models" / "controlnet_3d_rflow-ct.pt"
+    )
 
 
 def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
     weights = tmp_path / "models" / "maisi"
-    code, output = run(tmp_path, CONFIG_INFER, "--preset", "maisi-ct-ddpm", "--weights-dir", str(weights))
+    code, output = run(
+        tmp_path,
+        CONFIG_INFER,
+        "--preset",
+        "maisi-ct-ddpm",
+        "--weights-dir",
+        str(weights),
+    )
     assert code == 0
     config = json.loads(output.read_text())
     assert config["preset"] == "maisi-ct-ddpm"
@@ -171,7 +217,10 @@ def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
     assert config["anatomy"]["mask_database"] == (
         "../models/maisi/datasets/candidate_masks_flexible_size_and_spacing_3000.json"
     )
-    assert config["anatomy"]["mask_root"] == "../models/maisi/datasets/all_masks_flexible_size_and_spacing_4000"
+    assert (
+        config["anatomy"]["mask_root"]
+        == "../models/maisi/datasets/all_masks_flexible_size_and_spacing_4000"
+    )
     out = capsys.readouterr().out
     assert "--variant ddpm-ct" in out and "--with-mask-archive" in out
     assert "30 DDPM steps: MAISI's DDPM model was sampled with 1000" in out
@@ -179,22 +228,46 @@ def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
 
 def test_bundle_inference_json_references_resolved_code_named(tmp_path, capsys):
     bundle = tmp_path / "maisi_ct_generative"
-    code, output = run(tmp_path, BUNDLE, "--maisi-root", str(bundle), name="inference.json")
+    code, output = run(
+        tmp_path, BUNDLE, "--maisi-root", str(bundle), name="inference.json"
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     config = json.loads(output.read_text())
     assert config["preset"] == "maisi-ct-rflow"  # from the bundle's RFlowScheduler
-    assert config["output_size"] == [256, 256, 256] and config["spacing"] == [1.5, 1.5, 1.5]
+    assert config["output_size"] == [256, 256, 256] and config["spacing"] == [
+        1.5,
+        1.5,
+        1.5,
+    ]
     assert config["seed"] == 10 and config["modality"] == "ct"
-    assert config["checkpoints"]["diffusion_unet"] == "../maisi_ct_generative/models/diff_unet_ckpt_epoch19350.pt"
+    assert (
+        config["checkpoints"]["diffusion_unet"]
+        == "../maisi_ct_generative/models/diff_unet_ckpt_epoch19350.pt"
+    )
     assert config["anatomy"]["mask_database"] == (
         "../maisi_ct_generative/configs/candidate_masks_flexible_size_and_spacing_4000.json"
     )
-    assert config["anatomy"]["body_region"] == [] and config["anatomy"]["anatomy_list"] == ["hepatic tumor"]
+    assert config["anatomy"]["body_region"] == [] and config["anatomy"][
+        "anatomy_list"
+    ] == ["hepatic tumor"]
     assert config["output"] == {"dir": "../maisi_ct_generative/output"}
-    assert config["decoding"] == {"method": "sliding_window", "sw_roi_size": [80, 80, 80], "sw_overlap": 0.4}
-    assert "NOT translated" not in captured.err  # every code key is bundle machinery maisi does itself
-    for key in ("imports", "create_output_dir", "device", "latent_shape", "checkpoint_autoencoder", "run"):
+    assert config["decoding"] == {
+        "method": "sliding_window",
+        "sw_roi_size": [80, 80, 80],
+        "sw_overlap": 0.4,
+    }
+    assert (
+        "NOT translated" not in captured.err
+    )  # every code key is bundle machinery maisi does itself
+    for key in (
+        "imports",
+        "create_output_dir",
+        "device",
+        "latent_shape",
+        "checkpoint_autoencoder",
+        "run",
+    ):
         assert f"\n  {key}: " in captured.out, key
     load_checked_config(without_anatomy(config, tmp_path), "infer")
 
@@ -226,17 +299,26 @@ def test_untranslatable_keys_are_named_and_the_rest_is_written(tmp_path, capsys)
         assert f"{PROG}: NOT translated: {key}: {why}" in err, key
     assert f"{len(expected)} key(s) NOT translated" in err
     config = json.loads(output.read_text())
-    assert "seed" not in config and "modality" not in config and "sampling" not in config
-    assert config["anatomy"]["anatomy_list"] == ["lung tumor"] and config["output"] == {"format": "nii.gz"}
+    assert (
+        "seed" not in config and "modality" not in config and "sampling" not in config
+    )
+    assert config["anatomy"]["anatomy_list"] == ["lung tumor"] and config["output"] == {
+        "format": "nii.gz"
+    }
     load_checked_config(without_anatomy(config, tmp_path), "infer")
 
 
-@pytest.mark.skipif(not ANATOMY_IN_SCHEMA, reason="the infer schema has no 'anatomy' key yet (anatomy mode)")
+@pytest.mark.skipif(
+    not ANATOMY_IN_SCHEMA,
+    reason="the infer schema has no 'anatomy' key yet (anatomy mode)",
+)
 def test_translation_loads_whole_once_the_schema_has_anatomy(tmp_path):
     code, output = run(tmp_path, CONFIG_INFER, "--weights-dir", str(tmp_path / "w"))
     assert code == 0
     config = load_checked_config(output, "infer")
-    assert config.anatomy.anatomy_list == ("lung tumor",) and config.anatomy.body_region == ("chest",)
+    assert config.anatomy.anatomy_list == (
+        "lung tumor",
+    ) and config.anatomy.body_region == ("chest",)
 
 
 # ---------------------------------------------------------------- bad input: exit 2, nothing written
@@ -247,18 +329,42 @@ def _as_ours(tmp_path: Path) -> dict:
 
 
 BAD = [
-    ("not json", '{"output_size": [256, 256,', "not valid JSON: Expecting value at line 1"),
+    (
+        "not json",
+        '{"output_size": [256, 256,',
+        "not valid JSON: Expecting value at line 1",
+    ),
     ("a list", [CONFIG_INFER], "not a MAISI inference config: expected a JSON object"),
-    ("ours", "OURS", "is a maisi config already ($.preset / $.checkpoints); check it with: python -m maisi.config"),
-    ("no maisi key", {"learning_rate": 1e-4}, "not a MAISI inference config: it has none of MAISI's inference keys"),
+    (
+        "ours",
+        "OURS",
+        "is a maisi config already ($.preset / $.checkpoints); check it with: python -m maisi.config",
+    ),
+    (
+        "no maisi key",
+        {"learning_rate": 1e-4},
+        "not a MAISI inference config: it has none of MAISI's inference keys",
+    ),
     (
         "output_size is code",
         {**CONFIG_INFER, "output_size": "$[@x] * 3"},
         "$.output_size holds the bundle expression '$[@x] * 3'; maisi does not evaluate code in configs",
     ),
-    ("spacing missing", {k: v for k, v in CONFIG_INFER.items() if k != "spacing"}, "$.spacing is missing"),
-    ("MR", {**CONFIG_INFER, "modality": 9}, "$.modality is 9 (MR): maisi generates CT only"),
-    ("region", {**CONFIG_INFER, "body_region": ["chestt"]}, "unknown region 'chestt' (did you mean 'chest'?)"),
+    (
+        "spacing missing",
+        {k: v for k, v in CONFIG_INFER.items() if k != "spacing"},
+        "$.spacing is missing",
+    ),
+    (
+        "MR",
+        {**CONFIG_INFER, "modality": 9},
+        "$.modality is 9 (MR): maisi generates CT only",
+    ),
+    (
+        "region",
+        {**CONFIG_INFER, "body_region": ["chestt"]},
+        "unknown region 'chestt' (did you mean 'chest'?)",
+    ),
     (
         "anatomy",
         {**CONFIG_INFER, "anatomy_list": ["lung tumour"]},
@@ -273,22 +379,30 @@ BAD = [
 
 
 @pytest.mark.parametrize("case, maisi, says", BAD, ids=[c[0] for c in BAD])
-def test_bad_input_exit_2_one_message_nothing_written(tmp_path, capsys, case, maisi, says):
+def test_bad_input_exit_2_one_message_nothing_written(
+    tmp_path, capsys, case, maisi, says
+):
     if maisi == "OURS":
         maisi = _as_ours(tmp_path)
     code, output = run(tmp_path, maisi)
     err = capsys.readouterr().err
     assert code == 2, err
     assert says in err and "Traceback" not in err
-    assert str(tmp_path / "maisi" / "config_infer.json") in err or str(output) in err  # names the file
+    assert (
+        str(tmp_path / "maisi" / "config_infer.json") in err or str(output) in err
+    )  # names the file
     assert not (tmp_path / "ours").exists()  # nothing written, not even the folder
 
 
 def test_schema_refusal_lists_every_problem_with_its_maisi_key(tmp_path, capsys):
-    code, _ = run(tmp_path, {**CONFIG_INFER, "num_output_samples": 0, "output_size": [256, 256]})
+    code, _ = run(
+        tmp_path, {**CONFIG_INFER, "num_output_samples": 0, "output_size": [256, 256]}
+    )
     err = capsys.readouterr().err
     assert code == 2 and "(2 problem(s))" in err
-    assert "$.output_size: got [256, 256]" in err and "(from MAISI's output_size)" in err
+    assert (
+        "$.output_size: got [256, 256]" in err and "(from MAISI's output_size)" in err
+    )
 
 
 def test_output_that_is_an_input_or_a_folder_is_refused(tmp_path, capsys):
@@ -301,24 +415,42 @@ def test_output_that_is_an_input_or_a_folder_is_refused(tmp_path, capsys):
     assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
     blocker = write(tmp_path / "blocker", "")
     assert main(["import-maisi", str(source), "--output", str(blocker / "x.json")]) == 2
-    assert f"--output folder {blocker} is a file, not a folder" in capsys.readouterr().err
+    assert (
+        f"--output folder {blocker} is a file, not a folder" in capsys.readouterr().err
+    )
 
 
 def test_environment_that_is_not_an_object_is_refused(tmp_path, capsys):
     env = write(tmp_path / "env.json", "[1, 2]")
     code, _ = run(tmp_path, CONFIG_INFER, "--environment", str(env))
     assert code == 2
-    assert f"{env}: not a MAISI inference config: expected a JSON object (a MAISI environment" in capsys.readouterr().err
+    assert (
+        f"{env}: not a MAISI inference config: expected a JSON object (a MAISI environment"
+        in capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------- the pieces
 
 
 def test_resolve_follows_references_and_joins_but_runs_no_code():
-    data = {"root": ".", "models": "$@root + '/models'", "xy": 256, "size": ["@xy", "@xy", 128], "a": "@b", "b": "@a"}
-    assert resolve("$@models + \"/vae.pt\"", data) == "./models/vae.pt"
+    data = {
+        "root": ".",
+        "models": "$@root + '/models'",
+        "xy": 256,
+        "size": ["@xy", "@xy", 128],
+        "a": "@b",
+        "b": "@a",
+    }
+    assert resolve('$@models + "/vae.pt"', data) == "./models/vae.pt"
     assert resolve(data["size"], data) == [256, 256, 128]
-    for expression in ("@a", "@missing", "$@xy + '/x'", "$torch.device('cpu')", "%configs/x.json#key"):
+    for expression in (
+        "@a",
+        "@missing",
+        "$@xy + '/x'",
+        "$torch.device('cpu')",
+        "%configs/x.json#key",
+    ):
         with pytest.raises(Unresolved):
             resolve(expression, data)
 
@@ -328,7 +460,13 @@ def test_the_translation_and_its_cli_import_no_torch_numpy_or_monai():
         "import sys, maisi.config, maisi.config.import_maisi, maisi.config.__main__\n"
         "print(sorted(m for m in ('torch', 'numpy', 'monai') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -339,9 +477,14 @@ def test_validate_accepts_a_shipped_config_and_names_every_problem(tmp_path, cap
     shipped = REPO / "configs" / "inference_maisi_rflow_ct.json"
     assert main(["validate", str(shipped), "--kind", "infer"]) == 0
     assert f"{shipped}: a valid infer config" in capsys.readouterr().out
-    broken = write(tmp_path / "broken.json", {**_as_ours(tmp_path), "num_samples": 0, "sampling": {"steps": 3}})
+    broken = write(
+        tmp_path / "broken.json",
+        {**_as_ours(tmp_path), "num_samples": 0, "sampling": {"steps": 3}},
+    )
     assert main(["validate", str(broken), "--kind", "infer"]) == 2
     err = capsys.readouterr().err
-    assert "$.num_samples: got 0" in err and "$.sampling.steps: unknown key 'steps'" in err
+    assert (
+        "$.num_samples: got 0" in err and "$.sampling.steps: unknown key 'steps'" in err
+    )
     assert main(["validate", str(tmp_path / "missing.json"), "--kind", "train"]) == 2
     assert "file not found" in capsys.readouterr().err
