@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from maisi.atomic import TMP_PATTERN, pid_alive
@@ -43,7 +44,7 @@ def member_problem(info: zipfile.ZipInfo) -> str | None:
     )  # the Unix st_mode, when the archive was written on Unix
     if stat.S_ISLNK(mode):
         return "a symbolic link"
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no file type recorded
         return "not a regular file or folder"
     return None
 
@@ -154,10 +155,12 @@ def extract_archive(archive: str | Path, target: str | Path, sha256: str) -> str
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
-    except (zipfile.BadZipFile, EOFError) as err:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise RunFailure(
-            f"{archive.name} is damaged ({err}); nothing was extracted, download it again"
+            f"{archive.name} is damaged ({err}); nothing was extracted, download it again (--force)"
         ) from None
+    except OSError as err:  # e.g. the disk filled up after all
+        raise RunFailure(f"extracting {archive.name} into {target} failed ({err}); nothing was kept") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -77,7 +77,7 @@ LOCK_NAME = "maisi-weights.lock.json"
 DEFAULT_BASE_URL = "https://huggingface.co"
 HUB_HOSTS = ("huggingface.co", "hf.co")  # the only hosts that get the user's token
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-EXTRACTION = " (extraction)"  # marks the archive's extraction among the failed files
+EXTRACTION = " (extraction)"  # an archive that was fetched but could not be extracted
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +523,7 @@ def extract_mask_archive(manifest: dict[str, Any], variant: str, job: Job, summa
     try:
         outcome = extract_archive(job.dest / file.local, target, sha256)
     except (InputError, RunFailure) as err:
-        summary.failed.append((entry["extract_to"] + EXTRACTION, err))
+        summary.failed.append((file.local + EXTRACTION, err))
         print(f"{PROG}: {file.local}: {err}", file=sys.stderr)
         return
     print(f"{file.local}: {outcome}")
@@ -621,7 +621,7 @@ def run(args: argparse.Namespace) -> int:
     summary = fetch_files(files, job)
     if args.with_mask_archive:
         extract_mask_archive(manifest, args.variant, job, summary)
-    total = len(files) + sum(name.endswith(EXTRACTION) for name, _ in summary.failed)
+    total = len(files)  # a failed extraction counts as its archive's failure
     line = (
         f"{args.variant} -> {dest}: {len(summary.downloaded)} downloaded, {len(summary.skipped)} skipped "
         f"(already present), {len(summary.failed)} failed"
