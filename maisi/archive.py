@@ -160,7 +160,9 @@ def extract_archive(archive: str | Path, target: str | Path, sha256: str) -> str
             f"{archive.name} is damaged ({err}); nothing was extracted, download it again (--force)"
         ) from None
     except OSError as err:  # e.g. the disk filled up after all
-        raise RunFailure(f"extracting {archive.name} into {target} failed ({err}); nothing was kept") from None
+        raise RunFailure(
+            f"extracting {archive.name} into {target} failed ({err}); nothing was kept"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -249,7 +249,7 @@ def test_unrecognised_layout_lists_its_keys(tmp_path):
 def test_sha256_of_files_and_folders(tmp_path):
     import hashlib
 
-    from maisi.checkpoints import file_sha256
+    from maisi.files import file_sha256
 
     (tmp_path / "a.bin").write_bytes(b"abc")
     assert file_sha256(tmp_path / "a.bin") == hashlib.sha256(b"abc").hexdigest()

@@ -567,8 +567,9 @@ def test_mask_archive_is_verified_then_extracted_where_the_database_expects_it(d
     assert f"datasets/{ARCHIVE}: extracted 2 files" in out and "6 downloaded" in out
     assert f"{HF_REPO}/datasets/{ARCHIVE}" in lock_of(dest)
     files = extracted(dest)
-    assert {k: v for k, v in files.items() if k != archive.MARKER} == MASKS  # the zip's top folder not repeated
-    assert not [p for p in (dest / "datasets").iterdir() if p.name.startswith(".")]  # no temporary folder left
+    # the zip's top folder is not repeated, and no temporary folder is left
+    assert {k: v for k, v in files.items() if k != archive.MARKER} == MASKS
+    assert not [p for p in (dest / "datasets").iterdir() if p.name.startswith(".")]
 
     mtime = (dest / "datasets" / "all_masks_flexible_size_and_spacing_4000" / "ds1/case1_label.nii.gz").stat()
     assert fetch(database.base_url, dest, "--with-mask-archive") == 0

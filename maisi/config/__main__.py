@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from maisi.atomic import write_json
-from maisi.cli import EXIT_OK, run_guarded
+from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
 from maisi.config.import_maisi import PRESETS, Places, Translation, translate
 from maisi.config.loader import load_schema, schema_errors
 from maisi.config.registry import KINDS
@@ -34,56 +34,33 @@ PROG = "maisi.config"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Translate MAISI inference configs; validate configs."
-    )
+    parser = new_parser(PROG, "Translate MAISI inference configs into ours; validate configs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser(
+    imp = add_subcommand(
+        sub,
         "import-maisi",
-        help="translate a MAISI config_infer.json (or the bundle's inference.json) into a maisi.infer config",
-        description="Translate a MAISI inference config into a maisi.infer config (anatomy mode); every key "
-        "that cannot be translated is named on stderr.",
+        "translate a MAISI config_infer.json (or the bundle's inference.json) into a maisi.infer config; "
+        "every key that cannot be translated is named on stderr",
     )
-    imp.add_argument(
-        "file",
-        help="MAISI config_infer*.json, or the model-zoo bundle's configs/inference.json",
-    )
+    imp.add_argument("file", help="MAISI config_infer*.json, or the bundle's configs/inference.json")
     imp.add_argument("--output", required=True, help="the maisi.infer config to write")
+    imp.add_argument("--environment", help="MAISI environment_*.json: weights, mask database, output folder")
     imp.add_argument(
-        "--environment",
-        help="MAISI environment_*.json: weights, mask database, output folder",
+        "--preset", choices=PRESETS, help="the model (default: from the weights' names, else maisi-ct-rflow)"
     )
-    imp.add_argument(
-        "--preset",
-        choices=PRESETS,
-        help="default: from the weights' names, else maisi-ct-rflow",
-    )
-    imp.add_argument(
-        "--maisi-root",
-        default=".",
-        help="the folder MAISI ran in; its relative paths start there (default: .)",
-    )
+    imp.add_argument("--maisi-root", default=".", help="the folder MAISI ran in (its paths start there)")
     imp.add_argument(
         "--data-root",
-        help="where MAISI put paths containing 'datasets/' "
-        "(default: $MONAI_DATA_DIRECTORY, else --maisi-root)",
+        help="where MAISI put paths holding 'datasets/' (default: $MONAI_DATA_DIRECTORY, else --maisi-root)",
     )
     imp.add_argument(
         "--weights-dir",
         default="models/maisi",
-        help="maisi.download's --dest, for the files the MAISI config does not name (default: models/maisi)",
+        help="maisi.download's --dest, for the files the MAISI config does not name",
     )
-    val = sub.add_parser(
-        "validate",
-        help="check a config as the CLIs do (schema, cross-key and preset checks)",
-    )
+    val = add_subcommand(sub, "validate", "check a config as the CLIs do (schema, cross-key, preset checks)")
     val.add_argument("file", help="the config")
-    val.add_argument(
-        "--kind",
-        required=True,
-        choices=sorted(KINDS),
-        help="which command the config is for",
-    )
+    val.add_argument("--kind", required=True, choices=sorted(KINDS), help="which command the config is for")
     return parser
 
 
@@ -198,6 +175,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_cli(args)
     body = run_import if args.command == "import-maisi" else run_validate
     return run_guarded(f"{PROG} {args.command}", lambda: body(args))
 
