@@ -24,7 +24,7 @@ from pathlib import Path
 
 from maisi.atomic import write_json
 from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
-from maisi.config.import_maisi import PRESETS, Places, Translation, translate
+from maisi.config.import_maisi import PATH_KEYS, PRESETS, Places, Translation, translate
 from maisi.config.loader import load_schema, schema_errors
 from maisi.config.registry import KINDS
 from maisi.errors import ConfigError, InputError
@@ -34,7 +34,9 @@ PROG = "maisi.config"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(PROG, "Translate MAISI inference configs into ours; validate configs.")
+    parser = new_parser(
+        PROG, "Translate MAISI inference configs into ours; validate configs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = add_subcommand(
         sub,
@@ -42,13 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
         "translate a MAISI config_infer.json (or the bundle's inference.json) into a maisi.infer config; "
         "every key that cannot be translated is named on stderr",
     )
-    imp.add_argument("file", help="MAISI config_infer*.json, or the bundle's configs/inference.json")
-    imp.add_argument("--output", required=True, help="the maisi.infer config to write")
-    imp.add_argument("--environment", help="MAISI environment_*.json: weights, mask database, output folder")
     imp.add_argument(
-        "--preset", choices=PRESETS, help="the model (default: from the weights' names, else maisi-ct-rflow)"
+        "file", help="MAISI config_infer*.json, or the bundle's configs/inference.json"
     )
-    imp.add_argument("--maisi-root", default=".", help="the folder MAISI ran in (its paths start there)")
+    imp.add_argument("--output", required=True, help="the maisi.infer config to write")
+    imp.add_argument(
+        "--environment",
+        help="MAISI environment_*.json: weights, mask database, output folder",
+    )
+    imp.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="the model (default: from the weights' names, else maisi-ct-rflow)",
+    )
+    imp.add_argument(
+        "--maisi-root",
+        default=".",
+        help="the folder MAISI ran in (its paths start there)",
+    )
     imp.add_argument(
         "--data-root",
         help="where MAISI put paths holding 'datasets/' (default: $MONAI_DATA_DIRECTORY, else --maisi-root)",
@@ -58,9 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="models/maisi",
         help="maisi.download's --dest, for the files the MAISI config does not name",
     )
-    val = add_subcommand(sub, "validate", "check a config as the CLIs do (schema, cross-key, preset checks)")
+    val = add_subcommand(
+        sub,
+        "validate",
+        "check a config as the CLIs do (schema, cross-key, preset checks)",
+    )
     val.add_argument("file", help="the config")
-    val.add_argument("--kind", required=True, choices=sorted(KINDS), help="which command the config is for")
+    val.add_argument(
+        "--kind",
+        required=True,
+        choices=sorted(KINDS),
+        help="which command the config is for",
+    )
     return parser
 
 
@@ -92,6 +114,16 @@ def _problems_with_sources(errors: list[str], t: Translation) -> list[str]:
     return lines
 
 
+def absolute_paths(t: Translation, folder: Path) -> dict:
+    """The config with its relative paths made absolute against ``folder``, to be checked from elsewhere."""
+    config = json.loads(json.dumps(t.config))
+    for section, key in PATH_KEYS:
+        node = config.get(section, {}) if section else config
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str(folder / node[key])
+    return config
+
+
 def check_translation(t: Translation, output: Path) -> list[str]:
     """Validate the translated config with the loader and the preset checks; returns notes.
 
@@ -112,8 +144,10 @@ def check_translation(t: Translation, output: Path) -> list[str]:
             "$.anatomy was not validated: this version's infer schema has no 'anatomy' key yet"
         ]
     with tempfile.TemporaryDirectory(prefix="maisi-import-") as tmp:
-        path = Path(tmp) / output.name
-        path.write_text(json.dumps(t.config))
+        path = (
+            Path(tmp) / output.name
+        )  # nothing in the output folder until the config is valid
+        path.write_text(json.dumps(absolute_paths(t, output.parent.resolve())))
         try:
             load_checked_config(path, "infer")
         except ConfigError as err:

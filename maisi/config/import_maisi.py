@@ -349,6 +349,11 @@ _PATHS = {
     "all_mask_files_base_dir": "anatomy.mask_root",
     "output_dir": "output.dir",
 }
+# The keys of ours that hold paths: (section or "", key).
+PATH_KEYS = (
+    *(tuple(path.split(".")) for path in _PATHS.values()),
+    ("", "label_dict"),
+)
 _ORDER = (
     "preset",
     "checkpoints",
@@ -534,25 +539,32 @@ def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
     ok, value = job.maybe("label_dict_json")
     if not ok:
         return None
-    path = job.places.maisi_path(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        job.refuse(
+            "label_dict_json",
+            f"{value!r} is not a path; $.label_dict stays null (MAISI's)",
+        )
+        return packaged
+    path = job.places.maisi_path(value)
     try:
-        label_dict = read_json(path) if path else None
-    except InputError:
-        label_dict = None
+        label_dict = read_json(path)
+    except (
+        InputError
+    ) as err:  # MAISI's own file most of the time: keep the one maisi ships
+        why = str(err).splitlines()[-1].split(": ")[-1]
+        job.refuse(
+            "label_dict_json",
+            f"{path} cannot be read ({why}); $.label_dict stays null (MAISI's dictionary, shipped with "
+            "maisi): set it to your copy if yours differs",
+        )
+        return packaged
     if label_dict == packaged:
         job.skip(
             "label_dict_json",
             "MAISI's label dictionary, which maisi ships ($.label_dict null)",
         )
         return packaged
-    if path is None:
-        job.refuse("label_dict_json", f"{value!r} is not a path")
-        return packaged
     job.t.put("label_dict_json", "label_dict", job.places.ours(path))
-    if not isinstance(label_dict, dict):
-        job.t.notes.append(
-            f"$.label_dict: {path} cannot be read now; anatomy names were not checked"
-        )
     return label_dict if isinstance(label_dict, dict) else None
 
 

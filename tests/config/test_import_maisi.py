@@ -228,6 +228,10 @@ def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
 
 def test_bundle_inference_json_references_resolved_code_named(tmp_path, capsys):
     bundle = tmp_path / "maisi_ct_generative"
+    label_dict = (REPO / "maisi/resources/maisi_label_dict.json").read_text()
+    write(
+        bundle / "configs" / "label_dict.json", label_dict
+    )  # the bundle ships MAISI's
     code, output = run(
         tmp_path, BUNDLE, "--maisi-root", str(bundle), name="inference.json"
     )
@@ -306,6 +310,22 @@ def test_untranslatable_keys_are_named_and_the_rest_is_written(tmp_path, capsys)
         "format": "nii.gz"
     }
     load_checked_config(without_anatomy(config, tmp_path), "infer")
+
+
+def test_label_dict_that_cannot_be_read_is_named_and_left_to_maisi_s(tmp_path, capsys):
+    env = write(tmp_path / "env.json", {"label_dict_json": "./configs/label_dict.json"})
+    code, output = run(
+        tmp_path, CONFIG_INFER, "--environment", str(env), "--maisi-root", str(tmp_path)
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert (
+        f"NOT translated: label_dict_json: {tmp_path / 'configs' / 'label_dict.json'} cannot be read"
+        in err
+    )
+    assert "$.label_dict stays null" in err and "label_dict" not in json.loads(
+        output.read_text()
+    )
 
 
 @pytest.mark.skipif(
