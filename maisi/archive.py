@@ -31,17 +31,13 @@ class UnsafeArchive(RunFailure):
 
 def member_problem(info: zipfile.ZipInfo) -> str | None:
     """Why ``info`` may not be extracted, or None when it is a plain file or folder inside the target."""
-    name = info.filename.replace(
-        "\\", "/"
-    )  # a zip written on Windows may use backslashes
+    name = info.filename.replace("\\", "/")  # a zip written on Windows may use backslashes
     parts = PurePosixPath(name).parts
     if not name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         return "an absolute path"
     if ".." in parts:
         return "a '..' component (outside the target folder)"
-    mode = (
-        info.external_attr >> 16
-    )  # the Unix st_mode, when the archive was written on Unix
+    mode = info.external_attr >> 16  # the Unix st_mode, when the archive was written on Unix
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no file type recorded
@@ -67,19 +63,12 @@ def check_members(infos: list[zipfile.ZipInfo], archive: Path) -> None:
         )
 
 
-def _relative_names(
-    infos: list[zipfile.ZipInfo], folder: str
-) -> dict[str, zipfile.ZipInfo]:
+def _relative_names(infos: list[zipfile.ZipInfo], folder: str) -> dict[str, zipfile.ZipInfo]:
     """File members by their path inside the target; a top folder named like the target is dropped."""
     files = [i for i in infos if not i.is_dir()]
     names = [PurePosixPath(i.filename.replace("\\", "/")) for i in files]
-    strip = bool(names) and all(
-        len(n.parts) > 1 and n.parts[0] == folder for n in names
-    )
-    return {
-        str(PurePosixPath(*n.parts[1:]) if strip else n): i
-        for n, i in zip(names, files)
-    }
+    strip = bool(names) and all(len(n.parts) > 1 and n.parts[0] == folder for n in names)
+    return {str(PurePosixPath(*n.parts[1:]) if strip else n): i for n, i in zip(names, files)}
 
 
 def _intact(target: Path, sha256: str) -> dict | None:
@@ -104,9 +93,7 @@ def _remove_stale(parent: Path, name: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _extract_into(
-    zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], folder: Path
-) -> None:
+def _extract_into(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], folder: Path) -> None:
     for name, info in members.items():
         out = folder / name
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,9 +136,7 @@ def extract_archive(archive: str | Path, target: str | Path, sha256: str) -> str
             tmp.mkdir()
             _extract_into(zf, members, tmp)
         files = {name: info.file_size for name, info in members.items()}
-        (tmp / MARKER).write_text(
-            json.dumps({"archive": archive.name, "sha256": sha256, "files": files})
-        )
+        (tmp / MARKER).write_text(json.dumps({"archive": archive.name, "sha256": sha256, "files": files}))
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)

@@ -34,9 +34,7 @@ PROG = "maisi.config"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(
-        PROG, "Translate MAISI inference configs into ours; validate configs."
-    )
+    parser = new_parser(PROG, "Translate MAISI inference configs into ours; validate configs.")
     sub = parser.add_subparsers(dest="command", required=True)
     imp = add_subcommand(
         sub,
@@ -44,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "translate a MAISI config_infer.json (or the bundle's inference.json) into a maisi.infer config; "
         "every key that cannot be translated is named on stderr",
     )
-    imp.add_argument(
-        "file", help="MAISI config_infer*.json, or the bundle's configs/inference.json"
-    )
+    imp.add_argument("file", help="MAISI config_infer*.json, or the bundle's configs/inference.json")
     imp.add_argument("--output", required=True, help="the maisi.infer config to write")
     imp.add_argument(
         "--environment",
@@ -92,14 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_output(output: Path, inputs: list[Path]) -> None:
     """Refuse an --output that is a folder, an input, or in a folder that cannot be written."""
     if output.is_dir():
-        raise InputError(
-            f"--output {output} is a folder; give the file name of the config to write"
-        )
+        raise InputError(f"--output {output} is a folder; give the file name of the config to write")
     for path in inputs:
         if output.resolve() == path.resolve():
-            raise InputError(
-                f"--output {output} is the input {path}; write the translation to another file"
-            )
+            raise InputError(f"--output {output} is the input {path}; write the translation to another file")
     problem = output_folder_problem(output.parent, "--output folder")
     if problem:
         raise InputError(problem)
@@ -140,20 +132,14 @@ def check_translation(t: Translation, output: Path) -> list[str]:
         errors = schema_errors(rest, load_schema("infer"))
         if errors:
             raise ConfigError(str(output), _problems_with_sources(errors, t))
-        return [
-            "$.anatomy was not validated: this version's infer schema has no 'anatomy' key yet"
-        ]
+        return ["$.anatomy was not validated: this version's infer schema has no 'anatomy' key yet"]
     with tempfile.TemporaryDirectory(prefix="maisi-import-") as tmp:
-        path = (
-            Path(tmp) / output.name
-        )  # nothing in the output folder until the config is valid
+        path = Path(tmp) / output.name  # nothing in the output folder until the config is valid
         path.write_text(json.dumps(absolute_paths(t, output.parent.resolve())))
         try:
             load_checked_config(path, "infer")
         except ConfigError as err:
-            raise ConfigError(
-                str(output), _problems_with_sources(err.errors, t)
-            ) from None
+            raise ConfigError(str(output), _problems_with_sources(err.errors, t)) from None
     return []
 
 

@@ -49,9 +49,7 @@ _PATH_JOIN = re.compile(r"""\$@(\w+)\s*\+\s*(['"])([^'"]*)\2""")
 
 _NETWORKS = "a network definition: the preset builds the networks (MONAI classes, the released arguments)"
 _PATH_A = "used by mask generation (MAISI's Path A) only; the translated config retrieves masks (Path B)"
-_BUNDLE = (
-    "bundle machinery (imports, loaders, the run list): maisi.infer does this itself"
-)
+_BUNDLE = "bundle machinery (imports, loaders, the run list): maisi.infer does this itself"
 # MAISI key -> why it needs no counterpart here.
 NOT_NEEDED: dict[str, str] = {
     **dict.fromkeys(("autoencoder", "diffusion_unet", "controlnet"), _NETWORKS),
@@ -189,9 +187,7 @@ def read_maisi_json(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, dict):
-        raise _not_a_maisi_config(
-            path, f"expected a JSON object ({what}), got a {type(data).__name__}"
-        )
+        raise _not_a_maisi_config(path, f"expected a JSON object ({what}), got a {type(data).__name__}")
     return data
 
 
@@ -203,9 +199,7 @@ def check_is_maisi_config(path: Path, data: dict[str, Any]) -> None:
             f"check it with: python -m maisi.config validate {path} --kind infer"
         )
     if not any(key in data for key in SIGNATURE):
-        raise _not_a_maisi_config(
-            path, f"it has none of MAISI's inference keys ({', '.join(SIGNATURE)})"
-        )
+        raise _not_a_maisi_config(path, f"it has none of MAISI's inference keys ({', '.join(SIGNATURE)})")
 
 
 @dataclass(frozen=True)
@@ -213,9 +207,7 @@ class Places:
     """Where paths point: MAISI's working folders in, the translated config's folder out."""
 
     maisi_root: Path  # the folder MAISI ran in: its relative paths start there
-    data_root: (
-        Path  # where MAISI v2 puts paths containing "datasets/" ($MONAI_DATA_DIRECTORY)
-    )
+    data_root: Path  # where MAISI v2 puts paths containing "datasets/" ($MONAI_DATA_DIRECTORY)
     weights_dir: Path  # maisi.download's --dest, for what the MAISI files do not name
     output_dir: Path  # the translated config's folder: its relative paths start there
 
@@ -246,46 +238,30 @@ def _check_regions(regions: list[Any], path: Path) -> None:
     bad = []
     for name in regions:
         if not isinstance(name, str) or name.strip().lower() not in REGION_INDEX:
-            hints = difflib.get_close_matches(
-                str(name).strip().lower(), list(REGION_INDEX), n=1
-            )
-            bad.append(
-                f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else "")
-            )
+            hints = difflib.get_close_matches(str(name).strip().lower(), list(REGION_INDEX), n=1)
+            bad.append(f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else ""))
     if bad:
         raise InputError(
             f"{path}: $.body_region: unknown region {', '.join(bad)}; known: {', '.join(REGION_INDEX)}"
         )
 
 
-def _check_anatomy(
-    names: list[Any], label_dict: dict[str, Any], source: str, path: Path
-) -> None:
+def _check_anatomy(names: list[Any], label_dict: dict[str, Any], source: str, path: Path) -> None:
     bad = []
     for name in names:
         if not isinstance(name, str) or name not in label_dict:
             hints = difflib.get_close_matches(str(name), list(label_dict), n=1)
-            bad.append(
-                f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else "")
-            )
+            bad.append(f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else ""))
     if bad:
-        raise InputError(
-            f"{path}: $.anatomy_list: {', '.join(bad)} not in the label dictionary {source}"
-        )
+        raise InputError(f"{path}: $.anatomy_list: {', '.join(bad)} not in the label dictionary {source}")
 
 
 def _modality(value: Any, path: Path) -> str | None:
     """Our modality name for MAISI's code or name; None for a CT code with no name; MR refused."""
     codes = load_json("maisi_modality_mapping.json")
     names = {v: k for k, v in codes.items()}
-    name = (
-        names.get(value)
-        if isinstance(value, int) and not isinstance(value, bool)
-        else value
-    )
-    if (isinstance(name, str) and name.startswith("mri")) or (
-        isinstance(value, int) and value >= 8
-    ):
+    name = names.get(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (isinstance(name, str) and name.startswith("mri")) or (isinstance(value, int) and value >= 8):
         raise InputError(
             f"{path}: $.modality is {value!r} (MR): maisi generates CT only; MR configs cannot be translated"
         )
@@ -297,9 +273,7 @@ def _choose_preset(data: dict[str, Any], requested: str | None, t: Translation) 
     if requested:
         return requested
     unet = data.get("trained_diffusion_path")
-    hint = (
-        unet if isinstance(unet, str) else json.dumps(data.get("noise_scheduler", ""))
-    )
+    hint = unet if isinstance(unet, str) else json.dumps(data.get("noise_scheduler", ""))
     for word, preset in (("ddpm", "maisi-ct-ddpm"), ("rflow", "maisi-ct-rflow")):
         if word in hint.lower():
             t.notes.append(f"preset {preset}: chosen from {hint!r}")
@@ -320,15 +294,8 @@ def _released_files(preset: str) -> dict[str, Any]:
         "diffusion_unet": "diff_unet",
         "controlnet": "controlnet",
     }
-    weights = {
-        role: next(n for n in names if n.startswith(prefix))
-        for role, prefix in roles.items()
-    }
-    database = next(
-        f["save_as"]
-        for f in variant.get("datasets", [])
-        if "candidate_masks" in f["path"]
-    )
+    weights = {role: next(n for n in names if n.startswith(prefix)) for role, prefix in roles.items()}
+    database = next(f["save_as"] for f in variant.get("datasets", []) if "candidate_masks" in f["path"])
     archive = variant.get("mask_archive", {}).get("extract_to")
     return {"weights": weights, "database": database, "mask_root": archive}
 
@@ -412,9 +379,7 @@ def _copy_plain_keys(job: _Job) -> None:
         if ok:
             job.t.put(key, ours, value)
     if isinstance(job.t.config.get("anatomy", {}).get("body_region"), list):
-        _check_regions(
-            job.t.config["anatomy"]["body_region"], job.origin["body_region"]
-        )
+        _check_regions(job.t.config["anatomy"]["body_region"], job.origin["body_region"])
     for key in ("output_size", "spacing"):
         if key not in job.data:
             raise InputError(
@@ -548,9 +513,7 @@ def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
     path = job.places.maisi_path(value)
     try:
         label_dict = read_json(path)
-    except (
-        InputError
-    ) as err:  # MAISI's own file most of the time: keep the one maisi ships
+    except InputError as err:  # MAISI's own file most of the time: keep the one maisi ships
         why = str(err).splitlines()[-1].split(": ")[-1]
         job.refuse(
             "label_dict_json",
@@ -574,9 +537,7 @@ def _fill_released_defaults(job: _Job) -> None:
     released = _released_files(preset)
     dest = job.places.weights_dir
     how = f"python -m maisi.download --variant {VARIANT[preset]} --dest {dest}"
-    wanted = {
-        f"checkpoints.{role}": dest / name for role, name in released["weights"].items()
-    }
+    wanted = {f"checkpoints.{role}": dest / name for role, name in released["weights"].items()}
     wanted["anatomy.mask_database"] = dest / released["database"]
     if released["mask_root"]:
         wanted["anatomy.mask_root"] = dest / released["mask_root"]
@@ -585,9 +546,7 @@ def _fill_released_defaults(job: _Job) -> None:
         if key not in job.t.config.get(section, {}):
             job.t.config.setdefault(section, {})[key] = job.places.ours(path)
             extra = " --with-mask-archive" if ours == "anatomy.mask_root" else ""
-            job.t.notes.append(
-                f"$.{ours}: {job.places.ours(path)} (released; {how}{extra})"
-            )
+            job.t.notes.append(f"$.{ours}: {job.places.ours(path)} (released; {how}{extra})")
 
 
 def translate(
@@ -616,9 +575,7 @@ def translate(
             output_size or spacing that is missing or code, an MR modality, unknown region or anatomy names.
     """
     config_path = Path(config_path)
-    data = read_maisi_json(
-        config_path, "a MAISI config_infer.json or the bundle's inference.json"
-    )
+    data = read_maisi_json(config_path, "a MAISI config_infer.json or the bundle's inference.json")
     check_is_maisi_config(config_path, data)
     env: dict[str, Any] = {}
     if environment is not None:
@@ -635,9 +592,7 @@ def translate(
     _copy_decoding(job)
     _copy_paths(job)
     label_dict = _copy_label_dict(job)
-    if label_dict is not None and isinstance(
-        job.t.config.get("anatomy", {}).get("anatomy_list"), list
-    ):
+    if label_dict is not None and isinstance(job.t.config.get("anatomy", {}).get("anatomy_list"), list):
         where = job.t.config.get("label_dict") or "(MAISI's, shipped with maisi)"
         _check_anatomy(
             job.t.config["anatomy"]["anatomy_list"],
@@ -654,11 +609,7 @@ def translate(
         else:
             job.refuse(key, "no counterpart in maisi.infer")
     steps = job.t.config.get("sampling", {}).get("num_inference_steps")
-    if (
-        job.t.config["preset"] == "maisi-ct-ddpm"
-        and isinstance(steps, int)
-        and steps < 1000
-    ):
+    if job.t.config["preset"] == "maisi-ct-ddpm" and isinstance(steps, int) and steps < 1000:
         job.t.notes.append(
             f"{steps} DDPM steps: MAISI's DDPM model was sampled with 1000; with fewer, consider "
             '"sampling": {"scheduler": "ddim"}'

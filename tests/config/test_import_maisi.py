@@ -115,9 +115,7 @@ def write(path: Path, data) -> Path:
     return path
 
 
-def run(
-    tmp_path: Path, config, *extra: str, name: str = "config_infer.json"
-) -> tuple[int, Path]:
+def run(tmp_path: Path, config, *extra: str, name: str = "config_infer.json") -> tuple[int, Path]:
     source = write(tmp_path / "maisi" / name, config)
     output = tmp_path / "ours" / "infer.json"
     return main(["import-maisi", str(source), "--output", str(output), *extra]), output
@@ -144,9 +142,7 @@ def test_config_infer_with_environment_translates_every_key(tmp_path, capsys):
         root / "configs" / "label_dict.json",
         (REPO / "maisi/resources/maisi_label_dict.json").read_text(),
     )
-    code, output = run(
-        tmp_path, CONFIG_INFER, "--environment", str(env), "--maisi-root", str(root)
-    )
+    code, output = run(tmp_path, CONFIG_INFER, "--environment", str(env), "--maisi-root", str(root))
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "NOT translated" not in captured.err
@@ -183,17 +179,13 @@ def test_config_infer_with_environment_translates_every_key(tmp_path, capsys):
     )  # same content: $.label_dict null
     assert "cfg_guidance_scale: 0: no classifier-free guidance" in out
     assert "preset maisi-ct-rflow: chosen from 'models/diff_unet_3d_rflow-ct.pt'" in out
-    config = load_checked_config(
-        without_anatomy(json.loads(output.read_text()), tmp_path), "infer"
-    )
+    config = load_checked_config(without_anatomy(json.loads(output.read_text()), tmp_path), "infer")
     assert config.num_inference_steps == 30 and config.decoding.sw_roi_size == (
         48,
         48,
         48,
     )
-    assert config.checkpoints.controlnet == str(
-        root / "models" / "controlnet_3d_rflow-ct.pt"
-    )
+    assert config.checkpoints.controlnet == str(root / "models" / "controlnet_3d_rflow-ct.pt")
 
 
 def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
@@ -218,8 +210,7 @@ def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
         "../models/maisi/datasets/candidate_masks_flexible_size_and_spacing_3000.json"
     )
     assert (
-        config["anatomy"]["mask_root"]
-        == "../models/maisi/datasets/all_masks_flexible_size_and_spacing_4000"
+        config["anatomy"]["mask_root"] == "../models/maisi/datasets/all_masks_flexible_size_and_spacing_4000"
     )
     out = capsys.readouterr().out
     assert "--variant ddpm-ct" in out and "--with-mask-archive" in out
@@ -229,12 +220,8 @@ def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
 def test_bundle_inference_json_references_resolved_code_named(tmp_path, capsys):
     bundle = tmp_path / "maisi_ct_generative"
     label_dict = (REPO / "maisi/resources/maisi_label_dict.json").read_text()
-    write(
-        bundle / "configs" / "label_dict.json", label_dict
-    )  # the bundle ships MAISI's
-    code, output = run(
-        tmp_path, BUNDLE, "--maisi-root", str(bundle), name="inference.json"
-    )
+    write(bundle / "configs" / "label_dict.json", label_dict)  # the bundle ships MAISI's
+    code, output = run(tmp_path, BUNDLE, "--maisi-root", str(bundle), name="inference.json")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     config = json.loads(output.read_text())
@@ -252,18 +239,14 @@ def test_bundle_inference_json_references_resolved_code_named(tmp_path, capsys):
     assert config["anatomy"]["mask_database"] == (
         "../maisi_ct_generative/configs/candidate_masks_flexible_size_and_spacing_4000.json"
     )
-    assert config["anatomy"]["body_region"] == [] and config["anatomy"][
-        "anatomy_list"
-    ] == ["hepatic tumor"]
+    assert config["anatomy"]["body_region"] == [] and config["anatomy"]["anatomy_list"] == ["hepatic tumor"]
     assert config["output"] == {"dir": "../maisi_ct_generative/output"}
     assert config["decoding"] == {
         "method": "sliding_window",
         "sw_roi_size": [80, 80, 80],
         "sw_overlap": 0.4,
     }
-    assert (
-        "NOT translated" not in captured.err
-    )  # every code key is bundle machinery maisi does itself
+    assert "NOT translated" not in captured.err  # every code key is bundle machinery maisi does itself
     for key in (
         "imports",
         "create_output_dir",
@@ -303,29 +286,20 @@ def test_untranslatable_keys_are_named_and_the_rest_is_written(tmp_path, capsys)
         assert f"{PROG}: NOT translated: {key}: {why}" in err, key
     assert f"{len(expected)} key(s) NOT translated" in err
     config = json.loads(output.read_text())
-    assert (
-        "seed" not in config and "modality" not in config and "sampling" not in config
-    )
-    assert config["anatomy"]["anatomy_list"] == ["lung tumor"] and config["output"] == {
-        "format": "nii.gz"
-    }
+    assert "seed" not in config and "modality" not in config and "sampling" not in config
+    assert config["anatomy"]["anatomy_list"] == ["lung tumor"] and config["output"] == {"format": "nii.gz"}
     load_checked_config(without_anatomy(config, tmp_path), "infer")
 
 
 def test_label_dict_that_cannot_be_read_is_named_and_left_to_maisi_s(tmp_path, capsys):
     env = write(tmp_path / "env.json", {"label_dict_json": "./configs/label_dict.json"})
-    code, output = run(
-        tmp_path, CONFIG_INFER, "--environment", str(env), "--maisi-root", str(tmp_path)
-    )
+    code, output = run(tmp_path, CONFIG_INFER, "--environment", str(env), "--maisi-root", str(tmp_path))
     assert code == 0
     err = capsys.readouterr().err
     assert (
-        f"NOT translated: label_dict_json: {tmp_path / 'configs' / 'label_dict.json'} cannot be read"
-        in err
+        f"NOT translated: label_dict_json: {tmp_path / 'configs' / 'label_dict.json'} cannot be read" in err
     )
-    assert "$.label_dict stays null" in err and "label_dict" not in json.loads(
-        output.read_text()
-    )
+    assert "$.label_dict stays null" in err and "label_dict" not in json.loads(output.read_text())
 
 
 @pytest.mark.skipif(
@@ -336,9 +310,7 @@ def test_translation_loads_whole_once_the_schema_has_anatomy(tmp_path):
     code, output = run(tmp_path, CONFIG_INFER, "--weights-dir", str(tmp_path / "w"))
     assert code == 0
     config = load_checked_config(output, "infer")
-    assert config.anatomy.anatomy_list == (
-        "lung tumor",
-    ) and config.anatomy.body_region == ("chest",)
+    assert config.anatomy.anatomy_list == ("lung tumor",) and config.anatomy.body_region == ("chest",)
 
 
 # ---------------------------------------------------------------- bad input: exit 2, nothing written
@@ -399,30 +371,22 @@ BAD = [
 
 
 @pytest.mark.parametrize("case, maisi, says", BAD, ids=[c[0] for c in BAD])
-def test_bad_input_exit_2_one_message_nothing_written(
-    tmp_path, capsys, case, maisi, says
-):
+def test_bad_input_exit_2_one_message_nothing_written(tmp_path, capsys, case, maisi, says):
     if maisi == "OURS":
         maisi = _as_ours(tmp_path)
     code, output = run(tmp_path, maisi)
     err = capsys.readouterr().err
     assert code == 2, err
     assert says in err and "Traceback" not in err
-    assert (
-        str(tmp_path / "maisi" / "config_infer.json") in err or str(output) in err
-    )  # names the file
+    assert str(tmp_path / "maisi" / "config_infer.json") in err or str(output) in err  # names the file
     assert not (tmp_path / "ours").exists()  # nothing written, not even the folder
 
 
 def test_schema_refusal_lists_every_problem_with_its_maisi_key(tmp_path, capsys):
-    code, _ = run(
-        tmp_path, {**CONFIG_INFER, "num_output_samples": 0, "output_size": [256, 256]}
-    )
+    code, _ = run(tmp_path, {**CONFIG_INFER, "num_output_samples": 0, "output_size": [256, 256]})
     err = capsys.readouterr().err
     assert code == 2 and "(2 problem(s))" in err
-    assert (
-        "$.output_size: got [256, 256]" in err and "(from MAISI's output_size)" in err
-    )
+    assert "$.output_size: got [256, 256]" in err and "(from MAISI's output_size)" in err
 
 
 def test_output_that_is_an_input_or_a_folder_is_refused(tmp_path, capsys):
@@ -435,9 +399,7 @@ def test_output_that_is_an_input_or_a_folder_is_refused(tmp_path, capsys):
     assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
     blocker = write(tmp_path / "blocker", "")
     assert main(["import-maisi", str(source), "--output", str(blocker / "x.json")]) == 2
-    assert (
-        f"--output folder {blocker} is a file, not a folder" in capsys.readouterr().err
-    )
+    assert f"--output folder {blocker} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_environment_that_is_not_an_object_is_refused(tmp_path, capsys):
@@ -503,8 +465,6 @@ def test_validate_accepts_a_shipped_config_and_names_every_problem(tmp_path, cap
     )
     assert main(["validate", str(broken), "--kind", "infer"]) == 2
     err = capsys.readouterr().err
-    assert (
-        "$.num_samples: got 0" in err and "$.sampling.steps: unknown key 'steps'" in err
-    )
+    assert "$.num_samples: got 0" in err and "$.sampling.steps: unknown key 'steps'" in err
     assert main(["validate", str(tmp_path / "missing.json"), "--kind", "train"]) == 2
     assert "file not found" in capsys.readouterr().err
