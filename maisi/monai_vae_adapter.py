@@ -24,8 +24,9 @@ Anything else (attention, ``AEKLResBlock``, a transposed upsampling, a subclass)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,9 @@ def _exact(module: Any, cls: type, path: str, children: tuple[str, ...] | None =
     if type(module) is not cls:
         raise UnsupportedStructure(f"{path} is {type(module).__name__}, expected MONAI's {cls.__name__}")
     if children is not None and (names := [n for n, _ in module.named_children()]) != list(children):
-        raise UnsupportedStructure(f"{path} ({cls.__name__}) has submodules {names}, expected {list(children)}")
+        raise UnsupportedStructure(
+            f"{path} ({cls.__name__}) has submodules {names}, expected {list(children)}"
+        )
 
 
 def _conv3d(block: Any, path: str) -> torch.nn.Conv3d:
@@ -109,8 +112,10 @@ def _conv3d(block: Any, path: str) -> torch.nn.Conv3d:
     _exact(conv, torch.nn.Conv3d, f"{path}.conv.conv", ())
     uniform = all(len(set(v)) == 1 for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))  # type: ignore[union-attr]
     if not uniform or conv.padding_mode != "zeros" or conv.groups != 1:  # type: ignore[union-attr]
-        raise UnsupportedStructure(f"{path}.conv.conv is {conv}, expected cubic kernel/stride/padding/dilation, "
-                                   "zero padding and one group")
+        raise UnsupportedStructure(
+            f"{path}.conv.conv is {conv}, expected cubic kernel/stride/padding/dilation, "
+            "zero padding and one group"
+        )
     return conv  # type: ignore[return-value]
 
 
@@ -125,8 +130,10 @@ def _res_steps(block: MaisiResBlock, name: str) -> list[Step]:
         _exact(block.nin_shortcut, torch.nn.Identity, f"{name}.nin_shortcut", ())
         shortcut = None
     conv1, conv2 = _conv3d(block.conv1, f"{name}.conv1"), _conv3d(block.conv2, f"{name}.conv2")
-    return [Step(f"{name}.conv1", conv1, block.norm1, True, role="res_a", shortcut=shortcut),
-            Step(f"{name}.conv2", conv2, block.norm2, True, role="res_b")]
+    return [
+        Step(f"{name}.conv1", conv1, block.norm1, True, role="res_a", shortcut=shortcut),
+        Step(f"{name}.conv2", conv2, block.norm2, True, role="res_b"),
+    ]
 
 
 def _why_not(block: torch.nn.Module) -> str:
@@ -151,7 +158,9 @@ def program(autoencoder: torch.nn.Module, part: Part) -> list[Step]:
         UnsupportedStructure: a module is not the one this adapter knows; the message names its path and type.
     """
     if not isinstance(autoencoder, AutoencoderKL):
-        raise UnsupportedStructure(f"autoencoder is {type(autoencoder).__name__}, expected MONAI's AutoencoderKL")
+        raise UnsupportedStructure(
+            f"autoencoder is {type(autoencoder).__name__}, expected MONAI's AutoencoderKL"
+        )
     module = getattr(autoencoder, part, None)
     _exact(module, _PART_TYPES[part], part, ("blocks",))
     blocks = module.blocks  # type: ignore[union-attr]
@@ -161,8 +170,9 @@ def program(autoencoder: torch.nn.Module, part: Part) -> list[Step]:
     for i, block in enumerate(blocks):  # type: ignore[arg-type]
         name = f"{part}.blocks.{i}"
         if norm is not None and type(block) is not MaisiConvolution:
-            raise UnsupportedStructure(f"{name} is {type(block).__name__} after a GroupNorm, expected a "
-                                       "MaisiConvolution")
+            raise UnsupportedStructure(
+                f"{name} is {type(block).__name__} after a GroupNorm, expected a MaisiConvolution"
+            )
         if type(block) is MaisiGroupNorm3D:
             _exact(block, MaisiGroupNorm3D, name, ())
             norm = block
@@ -180,14 +190,18 @@ def program(autoencoder: torch.nn.Module, part: Part) -> list[Step]:
         else:
             raise UnsupportedStructure(f"cannot tile {name} ({type(block).__name__}): {_why_not(block)}")
     if norm is not None:
-        raise UnsupportedStructure(f"{part}.blocks ends with a GroupNorm, expected a MaisiConvolution after it")
+        raise UnsupportedStructure(
+            f"{part}.blocks ends with a GroupNorm, expected a MaisiConvolution after it"
+        )
     _check_all_used(module, steps, part)  # type: ignore[arg-type]
     return steps
 
 
 def _check_all_used(module: torch.nn.Module, steps: list[Step], part: str) -> None:
     """Every parameter and buffer of ``module`` is one the steps apply; anything else changes the result."""
-    used = {id(t) for s in steps for m in (s.conv, s.shortcut, s.norm) if m is not None for t in m.parameters()}
+    used = {
+        id(t) for s in steps for m in (s.conv, s.shortcut, s.norm) if m is not None for t in m.parameters()
+    }
     unused = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) not in used]
     if unused:
         raise UnsupportedStructure(f"{part}.{unused[0]} is not used by the tiled path ({len(unused)} unused)")
@@ -206,20 +220,24 @@ def check_structure(autoencoder: torch.nn.Module, part: Part) -> str | None:
     return None
 
 
-def norm_params(step: Step, mean: torch.Tensor, var: torch.Tensor, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_params(
+    step: Step, mean: torch.Tensor, var: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel float32 mean and ``sqrt(var + eps)`` from per-(sample, group) whole-volume statistics,
     each (N, C, 1, 1, 1), in MaisiGroupNorm3D's arithmetic (float32 variance, then ``add_(eps).sqrt_()``)."""
     norm = step.norm
     assert norm is not None
     reps, view = norm.num_channels // norm.num_groups, (mean.shape[0], norm.num_channels, 1, 1, 1)
     std = var.float().add_(norm.eps).sqrt_()
-    return (mean.float().repeat_interleave(reps, dim=1).view(view).to(device),
-            std.repeat_interleave(reps, dim=1).view(view).to(device))
+    return (
+        mean.float().repeat_interleave(reps, dim=1).view(view).to(device),
+        std.repeat_interleave(reps, dim=1).view(view).to(device),
+    )
 
 
-def normalise(buf: torch.Tensor, inside: list[slice], step: Step, params: tuple[torch.Tensor, torch.Tensor]
-              ) -> torch.Tensor:
+def normalise(
+    buf: torch.Tensor, inside: list[slice], step: Step, params: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """GroupNorm (+ SiLU) of the in-volume part ``inside`` of ``buf``, in place, in MaisiGroupNorm3D's
     arithmetic: float32 ``(x - mean) / std``, the optional float16 cast, then the affine parameters. The zero
     fill outside the volume stays zero: it is the convolution's padding.
@@ -248,7 +266,12 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
 
 
 def conv(conv3d: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """The module's own weights with padding 0: the tile's halo (or zero fill at the border) is the padding."""
+    """The module's own weights with padding 0: the tile's halo (or zero fill at the border) is the padding.
+
+    Plain ``F.conv3d``: calling ``torch.mkldnn_convolution`` directly (PyTorch sends inputs with
+    N*C*X*Y <= 20480 to a slower kernel) saved nothing at the default 1 GiB budget on the released VAE
+    (22-24 CPU s either way, 2 cores) and 13-14% only for budgets small enough to make tiles that thin.
+    """
     return F.conv3d(x, conv3d.weight, conv3d.bias, conv3d.stride, 0, conv3d.dilation, conv3d.groups)
 
 
@@ -264,43 +287,17 @@ class _PartReplaced:
         return getattr(self._autoencoder, name)
 
 
-def run_decode(autoencoder: torch.nn.Module, z: torch.Tensor, decoder: Callable[[torch.Tensor], torch.Tensor]
-               ) -> torch.Tensor:
+def run_decode(
+    autoencoder: torch.nn.Module, z: torch.Tensor, decoder: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """MONAI's own ``decode(z)`` (the latent 1x1 convolution, then the decoder) with ``decoder`` in place of
     ``autoencoder.decoder``."""
     return type(autoencoder).decode(_PartReplaced(autoencoder, "decoder", decoder), z)  # type: ignore[arg-type]
 
 
-def run_encode(autoencoder: torch.nn.Module, x: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def run_encode(
+    autoencoder: torch.nn.Module, x: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MONAI's own ``encode(x)`` (the encoder, then the posterior's 1x1 convolutions and clamp) with ``encoder``
     in place of ``autoencoder.encoder``; returns ``(z_mu, z_sigma)``."""
     return type(autoencoder).encode(_PartReplaced(autoencoder, "encoder", encoder), x)  # type: ignore[arg-type]
-
-
-
-# TEMPORARY (benchmark switches; decided below before commit)
-_USE_MKLDNN = True
-_USE_TRIM = True
-import ctypes  # noqa: E402
-import ctypes.util  # noqa: E402
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim  # noqa: B018
-except (OSError, AttributeError):
-    _LIBC = None
-
-
-def release_freed_host_memory() -> None:
-    if _USE_TRIM and _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def conv(conv3d: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:  # noqa: F811
-    if (_USE_MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and hasattr(torch, "mkldnn_convolution")
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu")):
-        return torch.mkldnn_convolution(x.contiguous(), conv3d.weight, conv3d.bias, [0, 0, 0], list(conv3d.stride),
-                                        list(conv3d.dilation), conv3d.groups)
-    return F.conv3d(x, conv3d.weight, conv3d.bias, conv3d.stride, 0, conv3d.dilation, conv3d.groups)
