@@ -45,7 +45,7 @@ def _can_tile(autoencoder: torch.nn.Module, part: Part) -> bool:
         f"tiled VAE {_VERB[part]} does not recognise this model ({reason}); running MONAI's whole-volume "
         "pass instead: exact, but its memory grows with the volume (method 'sliding_window' bounds it)",
         TilingFallbackWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of decode()/encode(), past torch.no_grad's wrapper
     )
     return False
 

@@ -261,8 +261,10 @@ def test_unrecognised_structure_warns_once_and_runs_the_whole_volume(tiny, part)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = run("tiled")
-    fallbacks = [str(w.message) for w in caught if issubclass(w.category, TilingFallbackWarning)]
-    assert len(fallbacks) == 1, fallbacks
+    fallbacks = [w for w in caught if issubclass(w.category, TilingFallbackWarning)]
+    assert len(fallbacks) == 1, [str(w.message) for w in caught]
+    assert fallbacks[0].filename == __file__  # points at the caller of decode()/encode()
+    fallbacks = [str(fallbacks[0].message)]
     assert f"cannot tile {part}.blocks.{k} (_Wrapped): not a block this adapter knows" in fallbacks[0]
     assert "whole-volume" in fallbacks[0]
     assert torch.equal(got, run("full"))  # bit-identical: the whole-volume pass ran, not tiles
