@@ -217,6 +217,8 @@ def check_structure(autoencoder: torch.nn.Module, part: Part) -> str | None:
         program(autoencoder, part)
     except UnsupportedStructure as err:
         return str(err)
+    except AttributeError as err:  # an attribute this adapter reads is gone (another MONAI version)
+        return f"{part}: {err}"
     return None
 
 

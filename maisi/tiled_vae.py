@@ -317,6 +317,9 @@ def plan_tiles(
 def _program(autoencoder: torch.nn.Module, part: str) -> list[Step]:
     if part not in ("decoder", "encoder"):
         raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
+    reason = adapter.check_structure(autoencoder, part)  # type: ignore[arg-type]
+    if reason is not None:
+        raise UnsupportedStructure(reason)
     return adapter.program(autoencoder, part)  # type: ignore[arg-type]
 
 

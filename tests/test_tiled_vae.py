@@ -285,6 +285,8 @@ def _mutated(tiny: torch.nn.Module, how: str) -> torch.nn.Module:
     elif how == "transposed":
         kwargs = {**get_preset("tiny-rflow").autoencoder, "use_convtranspose": True}
         vae = AutoencoderKlMaisi(**kwargs, num_splits=1, dim_split=0)
+    elif how == "attribute":  # an attribute the adapter reads, gone (as another MONAI version might have it)
+        del vae.decoder.blocks[2].use_convtranspose
     elif how == "not_a_vae":
         vae = torch.nn.Sequential(torch.nn.Conv3d(4, 1, 1))
     return vae
@@ -295,6 +297,7 @@ def _mutated(tiny: torch.nn.Module, how: str) -> torch.nn.Module:
     ("activation", "decoder.blocks.0.conv (Convolution) has submodules ['conv', 'adn'], expected ['conv']"),
     ("parameter", "decoder.blocks.1.scale is not used by the tiled path (1 unused)"),
     ("transposed", "cannot tile decoder.blocks.2 (MaisiUpsample): upsampling by transposed convolution"),
+    ("attribute", "decoder: 'MaisiUpsample' object has no attribute 'use_convtranspose'"),
     ("not_a_vae", "autoencoder is Sequential, expected MONAI's AutoencoderKL"),
 ])
 def test_structure_check_names_what_it_does_not_know(tiny, how, message):
