@@ -38,7 +38,7 @@ def _phantom() -> np.ndarray:
     mask = np.zeros(SHAPE, dtype=np.uint8)
     grid = np.indices(SHAPE, dtype=np.float32)
     mask[((grid[0] - 32) / 30) ** 2 + ((grid[1] - 32) / 28) ** 2 + ((grid[2] - 32) / 31) ** 2 <= 1] = 200
-    ring = np.hypot(np.hypot(grid[0] - 32, grid[1] - 32) - 16, grid[2] - 8) <= 4  # colon: a torus
+    ring = np.hypot(np.hypot(grid[0] - 32, grid[1] - 32) - 16, grid[2] - 8) <= 5  # colon: a torus
     mask[ring] = 62
     mask[_ball((20, 30, 20), 15)] = 1
     mask[_ball((22, 46, 16), 4)] = GALLBLADDER  # cuts a notch into the liver
@@ -105,30 +105,38 @@ def test_rules_carry_maisis_figures():
     assert set(BONES) >= {33, 56, 63, 97, 114, 127} and 128 not in BONES
 
 
-def test_liver_tumour_stays_in_liver_over_50_seeds():
+def test_liver_tumour_stays_in_liver_over_12_seeds():
     mask = _with_tumour(26)
     centres = set()
-    for seed in range(50):
+    for seed in range(12):
         out, record = augment_mask(mask, seed=seed)
         _check_tumour_rule(mask, out, record, RULE[26])
         centres.add(tuple(np.round(ndimage.center_of_mass(out == 26)).astype(int)))
-    assert len(centres) > 25  # the tumour really moves, differently per seed
+    assert len(centres) > 6  # the tumour really moves, differently per seed
 
 
-@pytest.mark.parametrize("tumour", [23, 24, 27, 128])
-def test_other_tumours_stay_in_host_over_5_seeds(tumour: int):
+def test_bone_lesion_stays_in_bone_over_50_seeds():
+    mask = _with_tumour(128)
+    for seed in range(50):
+        out, record = augment_mask(mask, seed=seed)
+        _check_tumour_rule(mask, out, record, RULE[128])
+        assert (out[(mask == 128) & (out != 128)] == 200).all()  # MAISI refills a bone lesion with body
+
+
+@pytest.mark.parametrize("tumour", [23, 24, 27])
+def test_other_tumours_stay_in_host_over_4_seeds(tumour: int):
     mask = _with_tumour(tumour)
     moved = 0
-    for seed in range(5):
+    for seed in range(4):
         out, record = augment_mask(mask, seed=seed)
         _check_tumour_rule(mask, out, record, RULE[tumour])
         moved += not np.array_equal(out == tumour, mask == tumour)
-    assert moved >= 4
+    assert moved >= 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tumour", [23, 24, 27, 128])
-def test_other_tumours_stay_in_host_over_50_seeds(tumour: int):
+@pytest.mark.parametrize("tumour", [26, 23, 24, 27])
+def test_every_tumour_stays_in_host_over_50_seeds(tumour: int):
     mask = _with_tumour(tumour)
     for seed in range(50):
         out, record = augment_mask(mask, seed=seed)
@@ -245,7 +253,7 @@ def real_mask_with_liver_tumour() -> np.ndarray:
 
 def test_real_mask_liver_tumour_stays_in_liver(real_mask_with_liver_tumour: np.ndarray):
     mask = real_mask_with_liver_tumour
-    for seed in range(5):
+    for seed in range(4):
         out, record = augment_mask(mask, seed=seed)
         _check_tumour_rule(mask, out, record, RULE[26])
 
