@@ -1,6 +1,9 @@
-"""Pieces every command-line entry point shares: logging set-up and the exit-code contract.
+"""Pieces every command-line entry point shares: parsers, logging, progress bars and the exit-code contract.
 
-Exit codes: 0 success, 2 bad input (one clear message, no traceback), 1 runtime failure.
+Every CLI is ``main(argv) -> int``: it parses (importing nothing heavy, so ``--help`` is instant), loads and
+checks its inputs, then calls the library. Every CLI has ``-v/--verbose`` and ``--no-progress``, and every option
+has help text with its default. Exit codes: 0 success, 2 bad input (one clear message, no traceback), 1 runtime
+failure.
 """
 
 from __future__ import annotations
@@ -11,26 +14,68 @@ import json
 import logging
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from maisi.config import load_schema, to_jsonable
 from maisi.errors import InputError, RunFailure
+from maisi.options import DEVICE_NAMES
+from maisi.progress import set_enabled as set_progress
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_INPUT = 2
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless the help text already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        return text if quiet or "default" in text else f"{text} (default: %(default)s)"
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """``-v`` and ``--no-progress``; on subcommands their defaults are suppressed so that they do not undo
+    the same flag given before the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    extra = {"default": argparse.SUPPRESS} if suppress else {}
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging", **extra)
+    common.add_argument("--no-progress", action="store_true", help="no progress bars", **extra)
+    return common
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the options every CLI has (``-v``, ``--no-progress``); bad flags exit 2."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=HelpFormatter, parents=[_common_options(False)]
+    )
+
+
+def add_subcommand(subparsers: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand (``python -m maisi.labels add``) with the common options and the same help style."""
+    return subparsers.add_parser(
+        name, help=help, description=help, formatter_class=HelpFormatter, parents=[_common_options(True)]
+    )
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """Parser with the options every CLI has (``--config``, ``--device``, ``--dry-run``, ``-v``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)  # exits 2 on bad flags
+    """Parser of a config-driven CLI: the common options plus ``--config``, ``--device`` and ``--dry-run``."""
+    parser = new_parser(prog, description)
     parser.add_argument("--config", required=True, help="path to the JSON config file")
     parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides the config's device"
+        "--device", choices=DEVICE_NAMES, default=None, help="overrides the config's device (default: the config's)"
     )
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--dry-run", action="store_true", help="check everything, print the resolved config, exit")
     return parser
+
+
+def setup_cli(args: argparse.Namespace) -> None:
+    """Apply the common options: log level and progress bars."""
+    setup_logging(getattr(args, "verbose", False))
+    set_progress(not getattr(args, "no_progress", False))
 
 
 def schema_int(kind: str, key: str) -> Callable[[str], int]:
@@ -68,7 +113,8 @@ def setup_logging(verbose: bool) -> None:
 def run_guarded(prog: str, body: Callable[[], int]) -> int:
     """Run ``body`` and map exceptions onto the exit-code contract."""
     try:
-        return body()
+        with logging_redirect_tqdm(loggers=[logging.getLogger("maisi")]):  # log lines above the bars, not in them
+            return body()
     except InputError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_INPUT

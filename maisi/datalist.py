@@ -10,27 +10,28 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
-from maisi.cli import EXIT_INPUT, EXIT_OK, run_guarded, setup_logging
+from maisi.options import Modality
+from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
 
 PROG = "maisi.datalist"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="KiTS-style datalists for maisi.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = new_parser(PROG, "KiTS-style datalists for maisi.")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build a datalist from a folder of image/label pairs")
+    build = add_subcommand(sub, "build", help="build a datalist from a folder of image/label pairs")
     build.add_argument("--root", required=True, help="data folder")
     build.add_argument("--images", required=True, help="glob under --root, e.g. '*/imaging.nii.gz'")
     build.add_argument("--labels", default=None, help="glob pairing by the '*' parts, e.g. '*/segmentation.nii.gz'")
     build.add_argument("--output", required=True, help="datalist JSON to write (paths become relative to it)")
-    build.add_argument("--num-folds", type=int, default=5)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--modality", default="ct", choices=["unknown", "ct", "ct_wo_contrast", "ct_contrast"])
+    build.add_argument("--num-folds", type=int, default=5, help="cases are split into this many folds")
+    build.add_argument("--seed", type=int, default=0, help="seed of the fold split")
+    build.add_argument("--modality", default="ct", choices=get_args(Modality), help="modality of every case")
     build.add_argument("--label-dict", default=None, help="default: MAISI's")
-    val = sub.add_parser("validate", help="check every entry of a datalist")
-    val.add_argument("--datalist", required=True)
+    val = add_subcommand(sub, "validate", help="check every entry of a datalist")
+    val.add_argument("--datalist", required=True, help="the datalist JSON to check")
     val.add_argument("--root", default=None, help="data root (default: the datalist's folder)")
     val.add_argument("--num-folds", type=int, default=None, help="expected number of folds")
     val.add_argument("--label-dict", default=None, help="default: MAISI's")
@@ -67,7 +68,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_cli(args)
     return run_guarded(PROG, lambda: (cmd_build if args.command == "build" else cmd_validate)(args))
 
 

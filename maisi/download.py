@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 import maisi
 from maisi.atomic import write_json
-from maisi.cli import EXIT_OK, run_guarded, setup_logging
+from maisi.cli import EXIT_OK, new_parser, run_guarded, setup_cli
 from maisi.errors import InputError, RunFailure
 from maisi.files import ChecksumMismatch, check_file, install_verified, require_free_space
 from maisi.resources import load_json
@@ -531,21 +531,21 @@ def check_transport(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Download the released MAISI CT weights (verified)."
+    parser = new_parser(PROG, "Download the released MAISI CT weights (verified).")
+    parser.add_argument(
+        "--variant", required=True, choices=sorted(load_manifest()["variants"]), help="which released model"
     )
-    parser.add_argument("--variant", required=True, choices=sorted(load_manifest()["variants"]))
-    parser.add_argument("--dest", default="models/maisi", help="folder for the files (default: models/maisi)")
+    parser.add_argument("--dest", default="models/maisi", help="folder for the files")
     parser.add_argument(
         "--base-url",
         default=os.environ.get("HF_ENDPOINT", DEFAULT_BASE_URL),
         help="Hugging Face Hub or mirror serving {base_url}/{repo}/resolve/{revision}/{path} "
-        f"(default: $HF_ENDPOINT or {DEFAULT_BASE_URL})",
+        f"($HF_ENDPOINT, else {DEFAULT_BASE_URL})",
     )
     parser.add_argument(
         "--cache-dir",
         default=constants.HF_HUB_CACHE,
-        help="huggingface_hub's download cache (default: %(default)s, from HF_HUB_CACHE/HF_HOME)",
+        help="huggingface_hub's download cache (from HF_HUB_CACHE/HF_HOME)",
     )
     parser.add_argument(
         "--force", action="store_true", help="download again even if verified files are present"
@@ -556,7 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a file for which neither the manifest, the lock file nor the host gives a "
         "checksum (its computed hash is recorded in the lock file)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
@@ -583,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_cli(args)
     return run_guarded(PROG, lambda: run(args))
 
 

@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import sys
 
-from maisi.cli import EXIT_OK, EXIT_RUNTIME, load_cli_config, make_parser, print_config, run_guarded, setup_logging
+from maisi.cli import EXIT_OK, EXIT_RUNTIME, load_cli_config, make_parser, print_config, run_guarded, setup_cli
 
 PROG = "maisi.encode"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     parser = make_parser(PROG, "Pre-encode CT images into VAE latents for training.")
-    parser.add_argument("--max-cases", type=int, default=None,
-                        help="encode at most this many cases (per rank) in this run; a rerun continues")  # fmt: skip
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    parser.add_argument(
+        "--max-cases",
+        type=int,
+        default=None,
+        help="encode at most this many cases (per rank) in this run; a rerun continues (default: all)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_cli(args)
 
     def body() -> int:
         config = load_cli_config(args, "encode")

@@ -11,7 +11,6 @@ import resource
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from maisi.checkpoints import file_sha256, load_network
 from maisi.config import EncodeConfig
@@ -22,6 +21,7 @@ from maisi.encoding import CaseResult, EncodeJob, check_outputs, encode_case
 from maisi.errors import InputError, RunFailure
 from maisi.files import check_output_dir
 from maisi.networks import RuntimeOptions, get_preset
+from maisi.progress import progress_bar
 
 log = logging.getLogger("maisi.encode")
 
@@ -63,7 +63,7 @@ def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
 def encode_share(job: EncodeJob, cases: list, max_cases: int | None, show_progress: bool) -> list[CaseResult]:
     results: list[CaseResult] = []
     encoded = 0
-    for index, entry in tqdm(cases, desc="encoding", disable=not show_progress):
+    for index, entry in progress_bar(cases, desc="encoding", enabled=show_progress):
         if max_cases is not None and encoded >= max_cases:
             results.append(CaseResult(index, entry["image"], "pending", "--max-cases reached; rerun to continue"))
             continue

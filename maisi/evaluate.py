@@ -13,17 +13,19 @@ from __future__ import annotations
 import logging
 import sys
 
-from maisi.cli import EXIT_OK, load_cli_config, make_parser, print_config, run_guarded, setup_logging
+from maisi.cli import EXIT_OK, load_cli_config, make_parser, print_config, run_guarded, setup_cli
 
 PROG = "maisi.evaluate"
 log = logging.getLogger(PROG)
 
 
+def build_parser():
+    return make_parser(PROG, "Evaluate synthetic CT: VAE reconstruction, diversity, 2.5D FID, montage.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser(PROG, "Evaluate synthetic CT: VAE reconstruction, diversity, 2.5D FID, montage.")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = build_parser().parse_args(argv)
+    setup_cli(args)
 
     def body() -> int:
         config = load_cli_config(args, "evaluate")

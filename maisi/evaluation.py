@@ -38,7 +38,6 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.transforms import DivisiblePad
 from monai.utils import convert_to_tensor
-from tqdm.auto import tqdm
 
 import maisi
 from maisi.atomic import write_json
@@ -48,14 +47,28 @@ from maisi.config.loader import to_jsonable
 from maisi.data.datalist import read_datalist
 from maisi.data.io import Volume, read_geometry, read_volume
 from maisi.decoding import decode, encode
-from maisi.encoding import transform
 from maisi.device import autocast_dtype, resolve_device
+from maisi.encoding import transform
 from maisi.errors import InputError
-from maisi.fid import (PLANES, FeatureNetwork, fid_25d, load_feature_network, slice_counts,
-                       volume_features)  # fmt: skip
+from maisi.fid import (
+    PLANES,
+    FeatureNetwork,
+    fid_25d,
+    load_feature_network,
+    slice_counts,
+    volume_features,  # fmt: skip
+)
 from maisi.intensity import hu_to_unit
 from maisi.networks import Preset, RuntimeOptions, get_preset
-from maisi.preview import montage, resize_nearest, stack_rows, three_planes, window, write_png
+from maisi.preview import (
+    montage,
+    resize_nearest,
+    stack_rows,
+    three_planes,
+    window,
+    write_png,
+)
+from maisi.progress import progress_bar
 
 log = logging.getLogger("maisi.evaluation")
 MS_SSIM_SCALES = 5  # MONAI's default weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -218,7 +231,7 @@ def pairwise_ms_ssim(volumes: list[torch.Tensor], kernel_size: int, kernel_sigma
         raise InputError(f"diversity needs at least 2 volumes, got {len(volumes)}")
     pairs = list(itertools.combinations(range(len(volumes)), 2))
     scores = [ms_ssim(volumes[i].to(device), volumes[j].to(device), kernel_size, kernel_sigma)
-              for i, j in tqdm(pairs, desc="diversity", disable=not progress)]  # fmt: skip
+              for i, j in progress_bar(pairs, desc="diversity", enabled=progress)]  # fmt: skip
     return {"count": len(volumes), "pairs": len(pairs), "ms_ssim_mean": float(np.mean(scores)),
             "ms_ssim_std": float(np.std(scores)), "ms_ssim_min": float(min(scores)),
             "ms_ssim_max": float(max(scores))}  # fmt: skip
@@ -399,7 +412,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
     for name, paths in (("real", real), ("synthetic", synthetic)):
         features[name] = {p: [] for p in PLANES}
         keep[name] = []
-        for index, path in enumerate(tqdm(paths, desc=f"{name} volumes", disable=not progress)):
+        for index, path in enumerate(progress_bar(paths, desc=f"{name} volumes", enabled=progress)):
             volume = read_volume(path)
             unit = torch.from_numpy(hu_to_unit(volume.array))[None, None]
             if name == "real" and vae is not None and preset is not None:

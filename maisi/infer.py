@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from maisi.cli import EXIT_OK, EXIT_RUNTIME, make_parser, run_guarded, schema_int, setup_logging
+from maisi.cli import EXIT_OK, EXIT_RUNTIME, make_parser, run_guarded, schema_int, setup_cli
 from maisi.config import InferConfig, to_jsonable
 from maisi.preset_checks import load_checked_config
 
@@ -55,7 +55,7 @@ def apply_overrides(config: InferConfig, args: Any) -> InferConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_cli(args)
 
     def body() -> int:
         config = apply_overrides(load_checked_config(args.config, "infer"), args)

@@ -182,16 +182,6 @@ def get_preset(name: str) -> Preset:
 
 
 
-def get_preset(name: str) -> Preset:
-    """Look a preset up by name; an unknown name raises InputError with the closest known names."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        hint = difflib.get_close_matches(name, PRESETS, n=1)
-        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
-        raise InputError(f"unknown preset '{name}'.{suggestion} Known presets: {', '.join(PRESETS)}") from None
-
-
 def grid_problems(
     preset: Preset, shape: tuple[int, int, int], spacing: tuple[float, float, float], enforce_limits: bool
 ) -> list[str]:

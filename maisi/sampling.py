@@ -6,14 +6,20 @@ Schedulers come from ``monai.networks.schedulers``; this module only chooses and
 from __future__ import annotations
 
 import math
+
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
-from tqdm.auto import tqdm
+from monai.networks.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    RFlowScheduler,
+    Scheduler,
+)
 
 from maisi.device import autocast
 from maisi.errors import InputError
 from maisi.options import DEFAULT_STEPS, Sampler
 from maisi.presets import NoiseSchedule, check_sampler
+from maisi.progress import progress_bar
 
 __all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_scheduler", "set_timesteps"]
 
@@ -92,7 +98,7 @@ def denoise(
     next_timesteps = torch.cat((timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)))
     class_labels = unet_inputs.get("class_labels")
     x = noise
-    for t, next_t in tqdm(zip(timesteps, next_timesteps), total=len(timesteps), disable=not progress,
+    for t, next_t in progress_bar(zip(timesteps, next_timesteps), total=len(timesteps), enabled=progress,
                           desc="denoising", leave=False):  # fmt: skip
         t_batch = torch.full((x.shape[0],), float(t), device=device)
         with autocast(device, autocast_dtype):

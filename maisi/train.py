@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import sys
 
-from maisi.cli import EXIT_OK, load_cli_config, make_parser, print_config, run_guarded, setup_logging
+from maisi.cli import EXIT_OK, load_cli_config, make_parser, print_config, run_guarded, setup_cli
 from maisi.config.train_config import STAGES
 
 PROG = "maisi.train"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     parser = make_parser(PROG, "Train a MAISI-style autoencoder, diffusion UNet or ControlNet.")
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=STAGES, help="which network to train")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_cli(args)
 
     def body() -> int:
         config = load_cli_config(args, "train")

@@ -15,7 +15,7 @@ import math
 import sys
 
 from maisi.atomic import write_json
-from maisi.cli import EXIT_INPUT, EXIT_OK, run_guarded, setup_logging
+from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
 from maisi.data.io import check_output_path, read_mask, read_volume, write_volume, write_volumes
 from maisi.errors import InputError
 from maisi.labels import BODY_LABEL, MAX_LABEL, add_class, load_label_dict
@@ -36,11 +36,10 @@ MAX_OPENING_MM = 50.0  # a larger opening erases the body itself
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Label dictionaries and masks for MAISI.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = new_parser(PROG, "Label dictionaries and masks for MAISI.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    add = sub.add_parser("add", help="add a class to a label dictionary and print its id")
+    add = add_subcommand(sub, "add", help="add a class to a label dictionary and print its id")
     add.add_argument("--name", required=True, help='class name, e.g. "kidney tumor"')
     add.add_argument(
         "--id",
@@ -52,18 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--label-dict", default=None, help="dictionary to extend (default: MAISI's)")
     add.add_argument("--output", default=None, help="where to write (default: in place; required for MAISI's)")
 
-    rm = sub.add_parser("remap", help="convert a mask to MAISI ids through a mapping")
-    rm.add_argument("--mask", required=True)
+    rm = add_subcommand(sub, "remap", help="convert a mask to MAISI ids through a mapping")
+    rm.add_argument("--mask", required=True, help="the mask to convert (NIfTI, NRRD, MHA or a DICOM folder)")
     rm.add_argument("--mapping", required=True,
                     help=f"built-in ({', '.join([*BUILTIN_ALIASES, *builtin_mappings()])}) or a mapping JSON")  # fmt: skip
-    rm.add_argument("--output", required=True)
+    rm.add_argument("--output", required=True, help="the mask in MAISI ids (never one of the inputs)")
     rm.add_argument("--label-dict", default=None, help="target dictionary (default: MAISI's)")
     rm.add_argument("--strict", action="store_true", help="fail (exit 2) if any class present has no target")
 
-    env = sub.add_parser("envelope", help="label the body (200) where the mask is background")
+    env = add_subcommand(sub, "envelope", help="label the body (200) where the mask is background")
     env.add_argument("--image", required=True, help="the CT (HU) the mask belongs to")
-    env.add_argument("--mask", required=True)
-    env.add_argument("--output", required=True)
+    env.add_argument("--mask", required=True, help="its mask in MAISI ids, on the same grid")
+    env.add_argument("--output", required=True, help="the mask with the body label 200 added")
     env.add_argument(
         "--threshold",
         type=float,
@@ -89,16 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"lobes are {', '.join(map(str, LUNG_LABELS))} (e.g. 28)",
     )
 
-    cr = sub.add_parser("crop", help="cut a CT and its mask to a box centred on some labels")
+    cr = add_subcommand(sub, "crop", help="cut a CT and its mask to a box centred on some labels")
     cr.add_argument("--image", required=True, help="the CT")
     cr.add_argument("--mask", required=True, help="its mask, on the same grid")
     cr.add_argument("--around", required=True, nargs="+", type=int, metavar="ID", help="label id(s) to centre on")
     cr.add_argument("--size-mm", required=True, nargs=3, type=float, metavar=("X", "Y", "Z"), help="box size in mm")
-    cr.add_argument("--output-image", required=True)
-    cr.add_argument("--output-mask", required=True)
+    cr.add_argument("--output-image", required=True, help="the cropped CT")
+    cr.add_argument("--output-mask", required=True, help="the cropped mask")
 
-    show = sub.add_parser("show", help="print a label dictionary as 'id name' lines")
-    show.add_argument("--label-dict", default=None)
+    show = add_subcommand(sub, "show", help="print a label dictionary as 'id name' lines")
+    show.add_argument("--label-dict", default=None, help="the dictionary to print (default: MAISI's)")
     return parser
 
 
@@ -196,7 +195,7 @@ COMMANDS = {"add": cmd_add, "remap": cmd_remap, "envelope": cmd_envelope, "crop"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_cli(args)
     return run_guarded(PROG, lambda: COMMANDS[args.command](args))
 
 

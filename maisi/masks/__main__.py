@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from maisi.cli import EXIT_OK, run_guarded, setup_logging
+from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
 from maisi.errors import InputError
 from maisi.options import REGION_INDEX
 
@@ -26,11 +26,10 @@ log = logging.getLogger(PROG)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Mask databases in MAISI's candidate format.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = new_parser(PROG, "Mask databases in MAISI's candidate format.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    idx = sub.add_parser("index", help="build or update a database from masks in MAISI ids")
+    idx = add_subcommand(sub, "index", help="build or update a database from masks in MAISI ids")
     idx.add_argument("--masks", required=True, nargs="+", metavar="SRC", help="folders (recursive) or globs")
     idx.add_argument("--output", required=True, help="the database JSON (updated in place if it exists)")
     idx.add_argument(
@@ -45,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     for name, text in (("show", "summarise a database"), ("query", "print the masks a request would use")):
-        cmd = sub.add_parser(name, help=text)
+        cmd = add_subcommand(sub, name, help=text)
         cmd.add_argument("--database", required=True, help="database JSON (ours or MAISI's released file)")
         cmd.add_argument(
             "--mask-root", default=None, help="folder mask paths are relative to (default: its own)"
@@ -61,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="NAME",
                 help=f"body regions ({', '.join(REGION_INDEX)})",
             )
-            cmd.add_argument("--output-size", required=True, nargs=3, type=int, metavar=("X", "Y", "Z"))
-            cmd.add_argument("--spacing", required=True, nargs=3, type=float, metavar=("SX", "SY", "SZ"))
-            cmd.add_argument("--num", type=int, default=1, help="number of samples (default 1)")
-            cmd.add_argument("--seed", type=int, default=0)
+            cmd.add_argument(
+                "--output-size", required=True, nargs=3, type=int, metavar=("X", "Y", "Z"), help="output grid, voxels"
+            )
+            cmd.add_argument(
+                "--spacing", required=True, nargs=3, type=float, metavar=("SX", "SY", "SZ"), help="output spacing, mm"
+            )
+            cmd.add_argument("--num", type=int, default=1, help="number of samples")
+            cmd.add_argument("--seed", type=int, default=0, help="seed of the draw among the best-ranked masks")
     return parser
 
 
@@ -185,7 +188,7 @@ COMMANDS = {"index": cmd_index, "show": cmd_show, "query": cmd_query}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_cli(args)
     return run_guarded(PROG, lambda: COMMANDS[args.command](args))
 
 
