@@ -200,7 +200,9 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
                           crop_box=box, mask_grid=mask_grid)  # fmt: skip
 
 
-def plan_for_seed(plan: GenerationPlan, seed: int, planned_digest: str | None = None) -> GenerationPlan:
+def plan_for_seed(
+    plan: GenerationPlan, seed: int, planned_digest: str | None = None, device: str = "cpu"
+) -> GenerationPlan:
     """Anatomy mode: the plan of one sample, with its prepared mask and the body region derived from it.
     Other modes: the plan itself.
 
@@ -210,7 +212,7 @@ def plan_for_seed(plan: GenerationPlan, seed: int, planned_digest: str | None = 
     """
     if plan.anatomy is None:
         return plan
-    sample = sample_mask(plan.anatomy, seed, planned_digest)
+    sample = sample_mask(plan.anatomy, seed, planned_digest, device)
     conditions = plan.conditions
     if conditions.top_region is None and plan.preset.uses_body_region:
         derived = body_region_from_mask(sample.volume.array)

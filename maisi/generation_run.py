@@ -128,7 +128,7 @@ def prepare(config: InferConfig) -> Job:
         # Every sample's mask is made now (retrieval, resampling, augmentation, lesions): a request that
         # fails for one seed stops the run before the networks load and before anything is written.
         seeds = range(config.seed, config.seed + config.num_samples)
-        digests = prepare_all(plan.anatomy, seeds)
+        digests = prepare_all(plan.anatomy, seeds, str(device))
         for seed in seeds:
             log.info("seed %d: %s", seed, describe_pick(plan, seed))
     models = load_models(plan, device)
@@ -186,7 +186,7 @@ def write_sample(job: Job, seed: int, files: dict[str, Path]) -> dict[str, Any]:
     """Generate one sample and write its files; the metadata JSON, with their checksums, goes last."""
     models = job.models
     t0 = time.perf_counter()
-    plan = plan_for_seed(job.plan, seed, job.mask_digests.get(seed))
+    plan = plan_for_seed(job.plan, seed, job.mask_digests.get(seed), str(models.device))
     ct, timings, tries = generate_checked(plan, models, seed)
     t1 = time.perf_counter()
     mask = plan.output_mask

@@ -246,12 +246,12 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
     raise _lost_everywhere(plan, tried)
 
 
-def _augment(plan: AnatomyPlan, mask: Volume, seed: int) -> tuple[Volume, dict[str, Any]]:
+def _augment(plan: AnatomyPlan, mask: Volume, seed: int, device: str) -> tuple[Volume, dict[str, Any]]:
     if not plan.anatomy.augment:
         return mask, {"applied": False, "reason": "$.anatomy.augment is false"}
     from maisi.masks.augment import augment_mask  # imported on use: MONAI's random transforms
 
-    array, record = augment_mask(mask.array, seed=seed)
+    array, record = augment_mask(mask.array, seed=seed, device=device)
     lost = sorted(set(plan.anatomy_ids) - _present(np.asarray(array), plan.anatomy_ids))
     if lost:  # the augmentation's own checks should prevent it; never trade a requested class for it
         log.warning("seed %d: augmentation removed %s; the mask is used unaugmented", seed, plan.names(lost))
@@ -284,15 +284,17 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def build_sample_mask(plan: AnatomyPlan, seed: int) -> SampleMask:
+def build_sample_mask(plan: AnatomyPlan, seed: int, device: str = "cpu") -> SampleMask:
     """Retrieve, read, resample (with fallback), augment and place lesions for the sample of ``seed``.
+
+    ``device`` is where the augmentation runs (``cpu`` or ``cuda``).
 
     Raises:
         InputError: no candidate keeps the requested classes on the output grid, a lesion's host is not in
             the mask or too small, or a database mask that is not what its entry says.
     """
     candidate, mask, resampling, tried = _retrieve(plan, seed)
-    mask, augmentation = _augment(plan, mask, seed)
+    mask, augmentation = _augment(plan, mask, seed, device)
     mask, lesions = _place(plan, mask, seed, candidate.entry.path)
     entry = candidate.entry
     path = plan.database.mask_path(entry)
@@ -318,7 +320,7 @@ def build_sample_mask(plan: AnatomyPlan, seed: int) -> SampleMask:
     return SampleMask(mask, record, _digest(mask.array))
 
 
-def prepare_all(plan: AnatomyPlan, seeds: Sequence[int]) -> dict[int, str]:
+def prepare_all(plan: AnatomyPlan, seeds: Sequence[int], device: str = "cpu") -> dict[int, str]:
     """Build every sample's mask once, so that bad input surfaces before any work.
 
     Masks are kept while they fit :data:`CACHE_BYTES`; :func:`sample_mask` builds the others again (the same
@@ -326,7 +328,7 @@ def prepare_all(plan: AnatomyPlan, seeds: Sequence[int]) -> dict[int, str]:
     """
     digests, kept = {}, 0
     for seed in seeds:
-        sample = build_sample_mask(plan, seed)
+        sample = build_sample_mask(plan, seed, device)
         digests[seed] = sample.digest
         if kept + sample.volume.array.nbytes <= CACHE_BYTES:
             plan._cache[seed] = sample
@@ -334,11 +336,13 @@ def prepare_all(plan: AnatomyPlan, seeds: Sequence[int]) -> dict[int, str]:
     return digests
 
 
-def sample_mask(plan: AnatomyPlan, seed: int, planned_digest: str | None = None) -> SampleMask:
+def sample_mask(
+    plan: AnatomyPlan, seed: int, planned_digest: str | None = None, device: str = "cpu"
+) -> SampleMask:
     """The prepared mask of a seed: the kept one, or built again (checked against ``planned_digest``)."""
     if seed in plan._cache:
         return plan._cache.pop(seed)
-    sample = build_sample_mask(plan, seed)
+    sample = build_sample_mask(plan, seed, device)
     if planned_digest is not None and sample.digest != planned_digest:
         raise RuntimeError(f"seed {seed}: the mask built again differs from the planned one (non-deterministic)")
     return sample

@@ -7,8 +7,9 @@ where it is) and then ``ResizeWithPadOrCrop(spatial_size=output_size)`` (centred
 the world geometry in the affine. :func:`pad_to_size` is the other way to fit a preset: no resampling, a
 centred background border, and the box of the original voxels to crop the generated CT back to.
 
-Cost on 2 CPU cores: 512 x 512 x 160 at 0.8 x 0.8 x 2 mm -> 512 x 512 x 256 at 0.9 x 0.9 x 1.25 mm takes
-about 5 s and 2 GB (MONAI resamples in float32).
+MONAI's ``Spacing`` resamples the whole volume in float64 (3.5 GB and 7-11 s for 512 x 512 x 160 ->
+455 x 455 x 255 on 2 cores); for the axis-aligned grids of RAS masks the same voxels come from MONAI's
+resampling of one index ramp per axis and a gather (about 1 s, the output's memory).
 """
 
 from __future__ import annotations
@@ -51,10 +52,57 @@ def _check_target(
     )
 
 
+def _spacing_monai(mask: Volume, spacing: tuple[float, ...]):
+    """MAISI's call on the whole volume: MONAI ``Spacing(pixdim, mode="nearest")`` (float64 resampling)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    data = MetaTensor(torch.from_numpy(mask.array.astype(np.float64))[None], affine=torch.from_numpy(mask.affine))
+    out = Spacing(pixdim=spacing, mode="nearest")(data)
+    array = np.rint(out.as_tensor()[0].numpy()).astype(mask.array.dtype)
+    return Volume(array, np.asarray(out.affine, dtype=np.float64))
+
+
+def _spacing_separable(mask: Volume, spacing: tuple[float, ...]) -> Volume | None:
+    """The same result as :func:`_spacing_monai` for an axis-aligned resampling, at a fraction of its cost.
+
+    Spacing keeps the voxel axes' directions, so output index i along an axis reads one input index along
+    the same axis. MONAI itself resamples a 1-voxel-thick ramp per axis (its exact rounding and border
+    rule, in float64), and the labels are then gathered with those indices: 1 s and the output's memory
+    instead of 7 s and 3.5 GB for 512 x 512 x 160 -> 400 x 400 x 265. None when the grid is not separable.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.data.utils import compute_shape_offset, zoom_affine
+    from monai.transforms import Spacing
+
+    new_affine = zoom_affine(mask.affine, spacing, diagonal=False)
+    shape, offset = compute_shape_offset(mask.shape, mask.affine, new_affine)
+    new_affine[:3, 3] = offset[:3]
+    voxel_map = np.linalg.solve(mask.affine, new_affine)[:3, :3]
+    if np.abs(voxel_map - np.diag(np.diag(voxel_map))).max() > 1e-9:
+        return None
+    indices = []
+    for axis, n in enumerate(mask.shape):
+        probe = [1, 1, 1]
+        probe[axis] = n
+        ramp = torch.arange(n, dtype=torch.float64).reshape(probe)[None]
+        out = Spacing(pixdim=spacing, mode="nearest")(MetaTensor(ramp, affine=torch.from_numpy(mask.affine)))
+        line = out.as_tensor()[0].movedim(axis, 0).reshape(out.shape[1 + axis], -1)[:, 0]
+        if len(line) != int(shape[axis]):
+            return None
+        indices.append(np.rint(line.numpy()).astype(np.intp))
+    return Volume(mask.array[np.ix_(*indices)], np.asarray(new_affine, dtype=np.float64))
+
+
 def resample_mask(
     mask: Volume, spacing: Sequence[float] | None = None, size: Sequence[int] | None = None
 ) -> tuple[Volume, dict[str, Any]]:
     """Resample (nearest neighbour) to ``spacing`` and pad or crop (centred) to ``size``, as MAISI does.
+
+    The voxels equal those of MAISI's ``Spacing(pixdim=spacing, mode="nearest")`` then
+    ``ResizeWithPadOrCrop(size)`` (checked by the tests); an axis-aligned grid takes a cheap exact path.
 
     Args:
         mask: integer label mask (x, y, z), RAS affine.
@@ -68,25 +116,20 @@ def resample_mask(
     Raises:
         InputError: neither target given, or a target that is not a grid.
     """
-    import torch  # MONAI's transforms work on tensors; imported here so that the module stays light
+    import torch
     from monai.data import MetaTensor
-    from monai.transforms import ResizeWithPadOrCrop, Spacing
+    from monai.transforms import ResizeWithPadOrCrop
 
     spacing, size = _check_target(spacing, size, mask)
-    record: dict[str, Any] = {"method": "nearest (MONAI Spacing, then centred ResizeWithPadOrCrop)"}
+    record: dict[str, Any] = {"method": "nearest (MONAI Spacing, then centred ResizeWithPadOrCrop), as MAISI"}
     record["from"] = grid_record(mask)
-    same_spacing = spacing is None or np.allclose(mask.spacing, spacing, rtol=1e-6, atol=1e-9)
-    if same_spacing and (size is None or tuple(size) == mask.shape):
-        record["to"] = grid_record(mask)
-        return mask, record
-    # float32 holds every label id exactly (ids are < 2**24) and halves the memory of MONAI's float64 default
-    data = MetaTensor(torch.from_numpy(np.ascontiguousarray(mask.array))[None], affine=torch.from_numpy(mask.affine))
-    if not same_spacing:
-        data = Spacing(pixdim=spacing, mode="nearest", dtype=torch.float32)(data)
-    if size is not None and tuple(data.shape[1:]) != tuple(size):
-        data = ResizeWithPadOrCrop(spatial_size=size)(data)
-    array = np.rint(data.as_tensor()[0].numpy()).astype(mask.array.dtype)
-    out = Volume(np.ascontiguousarray(array), np.asarray(data.affine, dtype=np.float64))
+    out = mask
+    if spacing is not None and not np.allclose(mask.spacing, spacing, rtol=1e-6, atol=1e-9):
+        out = _spacing_separable(mask, spacing) or _spacing_monai(mask, spacing)
+    if size is not None and out.shape != tuple(size):
+        data = MetaTensor(torch.from_numpy(np.ascontiguousarray(out.array))[None], affine=torch.from_numpy(out.affine))
+        data = ResizeWithPadOrCrop(spatial_size=size)(data)  # centred; pads with background 0
+        out = Volume(np.ascontiguousarray(data.as_tensor()[0].numpy()), np.asarray(data.affine, dtype=np.float64))
     record["to"] = grid_record(out)
     return out, record
 
