@@ -115,7 +115,9 @@ def _mask_problems(mask: Volume, preset: Preset, config: InferConfig, label_dict
     return problems
 
 
-def fitting_size(preset: Preset, shape: tuple[int, int, int], enforce_limits: bool) -> tuple[int, int, int] | None:
+def fitting_size(
+    preset: Preset, shape: tuple[int, int, int], enforce_limits: bool
+) -> tuple[int, int, int] | None:
     """The smallest size at least ``shape`` on every axis that the preset takes, or None when none is."""
     m = preset.spatial_multiple
 
@@ -130,8 +132,9 @@ def fitting_size(preset: Preset, shape: tuple[int, int, int], enforce_limits: bo
     return (up(shape[0]), up(shape[1]), up(shape[2]))  # type: ignore[return-value]
 
 
-def _fit_mask(mask: Volume, preset: Preset, config: InferConfig) -> tuple[Volume, dict[str, Any] | None,
-                                                                          tuple[slice, ...] | None, list[str]]:
+def _fit_mask(
+    mask: Volume, preset: Preset, config: InferConfig
+) -> tuple[Volume, dict[str, Any] | None, tuple[slice, ...] | None, list[str]]:
     """Bring a user's mask to a grid the preset takes: resampled to $.spacing / $.output_size when given,
     else padded (background) to the next size it takes. Returns the mask, a record, the crop box and the
     grid problems left."""
@@ -164,11 +167,12 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
     warnings: list[str] = []
     top, bottom = (config.body_region.top, config.body_region.bottom) if config.body_region else (None, None)
     if config.anatomy is not None:
-        assert config.output_size is not None and config.spacing is not None  # guaranteed by the config checks
+        assert config.output_size is not None and config.spacing is not None  # the config checks see to it
         shape, spacing = config.output_size, config.spacing
         anatomy = plan_anatomy(config, load_label_dict(config.label_dict))
-        conditions = Conditions(spacing, top, bottom, config.modality)  # body region: per sample, from its mask
-        return GenerationPlan(config, preset, shape, centred_affine(shape, spacing), conditions, None, anatomy=anatomy)
+        conditions = Conditions(spacing, top, bottom, config.modality)  # body region: per sample, from a mask
+        affine = centred_affine(shape, spacing)
+        return GenerationPlan(config, preset, shape, affine, conditions, None, anatomy=anatomy)
     if config.mask is None:
         assert config.output_size is not None and config.spacing is not None  # guaranteed by the config checks
         shape, spacing = config.output_size, config.spacing
@@ -196,8 +200,8 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
                              "organ or femur label); set $.body_region in the config")  # fmt: skip
         top, bottom = derived
     conditions = Conditions(mask.spacing, top, bottom, config.modality)
-    return GenerationPlan(config, preset, mask.shape, mask.affine, conditions, mask, tuple(warnings),
-                          crop_box=box, mask_grid=mask_grid)  # fmt: skip
+    fit = {"crop_box": box, "mask_grid": mask_grid}
+    return GenerationPlan(config, preset, mask.shape, mask.affine, conditions, mask, tuple(warnings), **fit)
 
 
 def plan_for_seed(
@@ -219,16 +223,19 @@ def plan_for_seed(
         if derived is None:
             regions = sorted(REGION_INDEX[r.strip().lower()] for r in plan.anatomy.anatomy.body_region)
             if not regions:
-                raise InputError(f"seed {seed}: cannot derive the body region of the mask of "
-                                 f"{sample.record['entry']['path']} (no marker organ); set $.body_region "
-                                 "or $.anatomy.body_region")  # fmt: skip
+                raise InputError(
+                    f"seed {seed}: cannot derive the body region of the mask of "
+                    f"{sample.record['entry']['path']} (no marker organ); set $.body_region "
+                    "or $.anatomy.body_region"
+                )
             derived = (BODY_REGIONS[regions[0]], BODY_REGIONS[regions[-1]])
         conditions = dataclasses.replace(conditions, top_region=derived[0], bottom_region=derived[1])
     # The CT takes the geometry of the resampled database mask (as MAISI saves it), so that world positions
     # in the record (lesion centres) hold for the files.
     volume = sample.volume
-    return dataclasses.replace(plan, mask=volume, affine=volume.affine.copy(), conditions=conditions,
-                               sample_record=sample.record)  # fmt: skip
+    return dataclasses.replace(
+        plan, mask=volume, affine=volume.affine.copy(), conditions=conditions, sample_record=sample.record
+    )
 
 
 GIB = 1 << 30

@@ -107,7 +107,7 @@ class Job:
     models: Models
     checksums: dict[str, str]
     key: str
-    mask_digests: dict[int, str] = dataclasses.field(default_factory=dict)  # anatomy mode: seed -> voxels' SHA-256
+    mask_digests: dict[int, str] = dataclasses.field(default_factory=dict)  # anatomy: seed -> voxel SHA-256
 
 
 def prepare(config: InferConfig) -> Job:

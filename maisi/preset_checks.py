@@ -48,7 +48,7 @@ def infer_problems(config: InferConfig) -> list[str]:
 def _anatomy_name_problems(config: InferConfig) -> list[str]:
     """The anatomy request's names against the label dictionary (a file: checked here, not in the config)."""
     from maisi.labels import load_label_dict
-    from maisi.masks.anatomy import anatomy_problems  # imports torch (through the databases): anatomy mode only
+    from maisi.masks.anatomy import anatomy_problems  # imports torch (the databases): anatomy mode only
 
     try:
         label_dict = load_label_dict(config.label_dict)

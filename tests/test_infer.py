@@ -167,7 +167,7 @@ def _broken_masks(tmp_path: Path) -> dict[str, Path]:
     unknown = phantom_mask()
     unknown[6, 6, 6] = 250
     masks["unknown"] = write_volume(tmp_path / "unknown.nii.gz", Volume(unknown, affine))
-    coarse = np.diag([2.0, 2.0, 6.0, 1.0])  # z spacing outside the released presets' limits: padding cannot help
+    coarse = np.diag([2.0, 2.0, 6.0, 1.0])  # z spacing outside the released presets' limits: padding fails
     masks["coarse"] = write_volume(tmp_path / "coarse.nii.gz", Volume(phantom_mask((30, 32, 16)), coarse))
     masks["empty"] = write_volume(tmp_path / "empty.nii.gz", Volume(np.zeros((32, 32, 16), np.uint8), affine))
     return masks

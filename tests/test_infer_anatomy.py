@@ -78,7 +78,9 @@ def test_each_sample_holds_the_request_every_organ_and_its_records(anatomy_confi
         meta = json.loads((out / f"sample_seed{seed}.json").read_text())
         label = read_mask(out / f"sample_seed{seed}_label.nii.gz")
         image = read_volume(out / f"sample_seed{seed}_image.nii.gz")
-        assert label.shape == image.shape == (48, 48, 32) and np.allclose(label.spacing, (7, 7, 10), atol=1e-4)
+        assert label.shape == image.shape == (48, 48, 32) and np.allclose(
+            label.spacing, (7, 7, 10), atol=1e-4
+        )
         assert np.allclose(label.affine, image.affine, atol=1e-4)
         assert ids([*LUNGS, "lung tumor"]) <= present(label)  # the request and the placed lesion
         record = meta["anatomy"]
@@ -95,12 +97,17 @@ def test_each_sample_holds_the_request_every_organ_and_its_records(anatomy_confi
         assert record["augmentation"] == {"applied": False, "reason": "$.anatomy.augment is false"}
         lesion = record["lesions"][0]
         assert lesion["label"] == LABELS["lung tumor"] and lesion["label_name"] == "lung tumor"
-        assert lesion["host_names"] == ["right lung upper lobe"] and abs(lesion["equivalent_diameter_mm"] - 30) < 3
+        assert (
+            lesion["host_names"] == ["right lung upper lobe"]
+            and abs(lesion["equivalent_diameter_mm"] - 30) < 3
+        )
         tumour = label.array == LABELS["lung tumor"]
         assert tumour.sum() == lesion["voxels"]
         voxel_ml = 7 * 7 * 10 / 1000
         for name in (*LUNGS, "lung tumor", "body"):
-            assert record["organ_volumes_ml"][name] == pytest.approx((label.array == LABELS[name]).sum() * voxel_ml)
+            assert record["organ_volumes_ml"][name] == pytest.approx(
+                (label.array == LABELS[name]).sum() * voxel_ml
+            )
         assert image.array[label.array == 0].max() == -1000  # air outside the mask
     assert len(entries) == 2  # distinct database masks where the database allows
 
@@ -120,7 +127,9 @@ def test_dry_run_names_each_seeds_mask_and_writes_nothing(anatomy_config, tmp_pa
     assert main(["--config", str(anatomy_config(num_samples=2)), "--dry-run"]) == 0
     json.loads(capsys.readouterr().out)  # the resolved config
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("seed ")]
-    assert len(lines) == 2 and all("masks/" in line and "rank" in line and "lung tumor" in line for line in lines)
+    assert len(lines) == 2 and all(
+        "masks/" in line and "rank" in line and "lung tumor" in line for line in lines
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -128,37 +137,81 @@ def test_dry_run_names_each_seeds_mask_and_writes_nothing(anatomy_config, tmp_pa
 
 
 BAD = [
-    ("unknown anatomy", {"anatomy": {"anatomy_list": ["left lung uper lobe"]}},
-     "$.anatomy.anatomy_list[0]: 'left lung uper lobe' is not in the label dictionary; did you mean 'left lung upper lobe'"),
-    ("unknown region", {"anatomy": {"body_region": ["chets"]}},
-     "$.anatomy.body_region[0]: unknown body region 'chets'; did you mean 'chest'"),
-    ("two tumours", {"anatomy": {"anatomy_list": [*LUNGS, "hepatic tumor"]}},
-     "$.anatomy: 2 tumour classes requested ('hepatic tumor', 'lung tumor')"),
-    ("unknown lesion host", {"anatomy": {"lesions": [{"label": "lung tumor", "diameter_mm": 20, "host": "lung"}]}},
-     "$.anatomy.lesions[0].host: 'lung' is not in the label dictionary"),
-    ("lesion host absent", {"anatomy": {"lesions": [{"label": "lung tumor", "diameter_mm": 20, "host": "brain"}]}},
-     "$.anatomy.lesions[0]: lesion label 23 in host [22] at 20 mm: host [22] is not in the mask"),
-    ("lesion host too small", {"anatomy": {"lesions": [{"label": "lung tumor", "diameter_mm": 150,
-                                                        "host": "right lung upper lobe"}]}},
-     "$.anatomy.lesions[0]: lesion label 23 in host [30] at 150 mm: host too small"),
-    ("lesion label is its host", {"anatomy": {"lesions": [{"label": "liver", "diameter_mm": 20, "host": "liver"}]}},
-     "$.anatomy.lesions[0]: label 'liver' is also its host"),
-    ("unsatisfiable", {"anatomy": {"anatomy_list": ["brain"], "body_region": ["head"], "lesions": []}},
-     "cannot select masks: no entry of"),
-    ("not a multiple", {"output_size": [50, 48, 32]}, "$.output_size/$.spacing: size [50, 48, 32] is not a multiple of 16"),
-    ("released limits", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [0.4, 0.4, 1.0]},
-     "spacing x/y 0.4 mm is outside [0.5, 3] mm"),
+    (
+        "unknown anatomy",
+        {"anatomy": {"anatomy_list": ["left lung uper lobe"]}},
+        "$.anatomy.anatomy_list[0]: 'left lung uper lobe' is not in the label dictionary; "
+        "did you mean 'left lung upper lobe'",
+    ),
+    (
+        "unknown region",
+        {"anatomy": {"body_region": ["chets"]}},
+        "$.anatomy.body_region[0]: unknown body region 'chets'; did you mean 'chest'",
+    ),
+    (
+        "two tumours",
+        {"anatomy": {"anatomy_list": [*LUNGS, "hepatic tumor"]}},
+        "$.anatomy: 2 tumour classes requested ('hepatic tumor', 'lung tumor')",
+    ),
+    (
+        "unknown lesion host",
+        {"anatomy": {"lesions": [{"label": "lung tumor", "diameter_mm": 20, "host": "lung"}]}},
+        "$.anatomy.lesions[0].host: 'lung' is not in the label dictionary",
+    ),
+    (
+        "lesion host absent",
+        {"anatomy": {"lesions": [{"label": "lung tumor", "diameter_mm": 20, "host": "brain"}]}},
+        "$.anatomy.lesions[0]: lesion label 23 in host [22] at 20 mm: host [22] is not in the mask",
+    ),
+    (
+        "lesion host too small",
+        {
+            "anatomy": {
+                "lesions": [{"label": "lung tumor", "diameter_mm": 150, "host": "right lung upper lobe"}]
+            }
+        },
+        "$.anatomy.lesions[0]: lesion label 23 in host [30] at 150 mm: host too small",
+    ),
+    (
+        "lesion label is its host",
+        {"anatomy": {"lesions": [{"label": "liver", "diameter_mm": 20, "host": "liver"}]}},
+        "$.anatomy.lesions[0]: label 'liver' is also its host",
+    ),
+    (
+        "unsatisfiable",
+        {"anatomy": {"anatomy_list": ["brain"], "body_region": ["head"], "lesions": []}},
+        "cannot select masks: no entry of",
+    ),
+    (
+        "not a multiple",
+        {"output_size": [50, 48, 32]},
+        "$.output_size/$.spacing: size [50, 48, 32] is not a multiple of 16",
+    ),
+    (
+        "released limits",
+        {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [0.4, 0.4, 1.0]},
+        "spacing x/y 0.4 mm is outside [0.5, 3] mm",
+    ),
     ("no output size", {"output_size": "<drop>"}, "$.output_size: required in anatomy mode"),
     ("with a mask", {"mask": "mask.nii.gz"}, "$.anatomy: cannot be combined with $.mask"),
-    ("mask generation", {"anatomy": {"controllable_anatomy_size": [["liver", 0.5]]}},
-     "$.anatomy.controllable_anatomy_size: got"),
-    ("missing database", {"anatomy": {"mask_database": "nowhere/db.json"}}, "db.json ($.anatomy.mask_database) not found"),
+    (
+        "mask generation",
+        {"anatomy": {"controllable_anatomy_size": [["liver", 0.5]]}},
+        "$.anatomy.controllable_anatomy_size: got",
+    ),
+    (
+        "missing database",
+        {"anatomy": {"mask_database": "nowhere/db.json"}},
+        "db.json ($.anatomy.mask_database) not found",
+    ),
     ("unknown key", {"anatomy": {"anatomy": ["liver"]}}, "$.anatomy.anatomy: unknown key 'anatomy'"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("changes, fragment", [(c, f) for _, c, f in BAD], ids=[n for n, _, _ in BAD])
-def test_bad_requests_exit_2_naming_the_key_and_write_nothing(changes, fragment, anatomy_config, tmp_path, capsys):
+def test_bad_requests_exit_2_naming_the_key_and_write_nothing(
+    changes, fragment, anatomy_config, tmp_path, capsys
+):
     code = main(["--config", str(anatomy_config(**changes))])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -219,7 +272,9 @@ def test_when_every_candidate_loses_a_class_the_request_is_refused_naming_it(thi
         build_sample_mask(plan.anatomy, 0)
     message = str(caught.value)
     assert "resampled mask does not contain required class labels 'esophagus'" in message
-    assert "masks/a_thin.nii.gz loses 'esophagus'" in message and "tune $.spacing and $.output_size" in message
+    assert (
+        "masks/a_thin.nii.gz loses 'esophagus'" in message and "tune $.spacing and $.output_size" in message
+    )
 
 
 # ------------------------------------------------------------------------------------------ augmentation
@@ -247,7 +302,10 @@ def test_augmentation_gets_the_sample_seed_and_is_recorded(tmp_path, monkeypatch
 
 def test_an_augmentation_that_removes_a_requested_class_is_not_used(tmp_path, monkeypatch, caplog):
     fake = type(sys)("maisi.masks.augment")
-    fake.augment_mask = lambda mask, *, seed, device="cpu": (np.where(mask == LABELS["esophagus"], 0, mask), {"r": 1})
+    fake.augment_mask = lambda mask, *, seed, device="cpu": (
+        np.where(mask == LABELS["esophagus"], 0, mask),
+        {"r": 1},
+    )
     monkeypatch.setitem(sys.modules, "maisi.masks.augment", fake)
     from maisi.masks.anatomy import build_sample_mask
 
@@ -266,12 +324,18 @@ def test_a_mask_of_a_size_the_preset_cannot_take_is_padded_and_the_ct_cropped_ba
     mask = write_volume(tmp_path / "odd.nii.gz", Volume(phantom_mask((30, 20, 10)), affine))
     assert main(["--config", str(infer_config(mask=str(mask)))]) == 0
     out = tmp_path / "out"
-    image, label = read_volume(out / "sample_seed0_image.nii.gz"), read_mask(out / "sample_seed0_label.nii.gz")
+    image, label = (
+        read_volume(out / "sample_seed0_image.nii.gz"),
+        read_mask(out / "sample_seed0_label.nii.gz"),
+    )
     assert image.shape == (30, 20, 10) and np.allclose(image.affine, affine, atol=1e-4)
     assert np.array_equal(label.array, phantom_mask((30, 20, 10)))
     meta = json.loads((out / "sample_seed0.json").read_text())
-    assert meta["mask_grid"]["padding"] == {"from": [30, 20, 10], "to": [32, 32, 16],
-                                            "crop_box": [[1, 31], [6, 26], [3, 13]]}  # fmt: skip
+    assert meta["mask_grid"]["padding"] == {
+        "from": [30, 20, 10],
+        "to": [32, 32, 16],
+        "crop_box": [[1, 31], [6, 26], [3, 13]],
+    }
     assert meta["shape"] == [30, 20, 10]
 
 
@@ -280,7 +344,10 @@ def test_a_mask_is_resampled_to_the_configured_grid(infer_config, mask_file, tmp
     assert main(["--config", str(config)]) == 0
     out = tmp_path / "out"
     expected, _ = resample_mask(read_mask(mask_file), (4.0, 4.0, 3.0), (16, 16, 16))
-    label, image = read_mask(out / "sample_seed0_label.nii.gz"), read_volume(out / "sample_seed0_image.nii.gz")
+    label, image = (
+        read_mask(out / "sample_seed0_label.nii.gz"),
+        read_volume(out / "sample_seed0_image.nii.gz"),
+    )
     assert np.array_equal(label.array, expected.array) and image.shape == (16, 16, 16)
     assert np.allclose(image.affine, expected.affine, atol=1e-4)
     meta = json.loads((out / "sample_seed0.json").read_text())
@@ -300,13 +367,20 @@ def test_the_shipped_anatomy_config_runs_with_the_demo_weights(tmp_path):
     shutil.copytree(REPO / "models" / "demo", tmp_path / "models" / "demo")
     shutil.copytree(REPO / "dataset" / "anatomy", tmp_path / "dataset" / "anatomy")
     write_config(config, data)
-    done = subprocess.run([sys.executable, "-m", "maisi.infer", "--config", str(config), "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "maisi.infer", "--config", str(config), "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     out = tmp_path / "output" / "anatomy"
     label = read_mask(out / "sample_seed0_label.nii.gz")
     assert ids(data["anatomy"]["anatomy_list"] + ["lung tumor"]) <= present(label)
     meta = json.loads((out / "sample_seed0.json").read_text())
     lesion = meta["anatomy"]["lesions"][0]
-    assert abs(lesion["equivalent_diameter_mm"] - 20) <= 3 and lesion["host_names"] == ["right lung upper lobe"]
+    assert abs(lesion["equivalent_diameter_mm"] - 20) <= 3 and lesion["host_names"] == [
+        "right lung upper lobe"
+    ]
     assert meta["anatomy"]["augmentation"]["applied"] in (True, False) and meta["quality_check"]["tries"]

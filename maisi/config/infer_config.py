@@ -154,9 +154,8 @@ def _region_problems(regions: tuple[str, ...]) -> list[str]:
             continue
         hints = difflib.get_close_matches(key, list(REGION_INDEX), n=2, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
-        problems.append(
-            f"$.anatomy.body_region[{i}]: unknown body region '{name}'{hint} (known: {', '.join(REGION_INDEX)})"
-        )
+        known = ", ".join(REGION_INDEX)
+        problems.append(f"$.anatomy.body_region[{i}]: unknown body region '{name}'{hint} (known: {known})")
     return problems
 
 

@@ -97,14 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--output-image", required=True, help="the cropped CT")
     cr.add_argument("--output-mask", required=True, help="the cropped mask")
 
-    rs = add_subcommand(sub, "resample", help="resample a mask (nearest) to a spacing and/or pad or crop it to a size")
+    rs = add_subcommand(sub, "resample", help="resample a mask (nearest) to a spacing and/or pad or crop it")
     rs.add_argument("--mask", required=True, help="the mask (NIfTI, NRRD, MHA or a DICOM folder)")
     rs.add_argument("--output", required=True, help="the resampled mask")
-    rs.add_argument("--spacing", nargs=3, type=float, default=None, metavar=("SX", "SY", "SZ"),
-                    help="target voxel size in mm; labels resampled by nearest neighbour (default: the mask's)")
-    rs.add_argument("--size", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                    help="target size in voxels: centred padding with background 0 or cropping, after the "
-                    "resampling (default: what the resampling gives)")
+    rs.add_argument(
+        "--spacing",
+        nargs=3,
+        type=float,
+        default=None,
+        metavar=("SX", "SY", "SZ"),
+        help="target voxel size in mm, labels resampled by nearest neighbour (default: the mask's)",
+    )
+    rs.add_argument(
+        "--size",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="target size in voxels: centred padding with background 0 or cropping, after the resampling "
+        "(default: what the resampling gives)",
+    )
 
     show = add_subcommand(sub, "show", help="print a label dictionary as 'id name' lines")
     show.add_argument("--label-dict", default=None, help="the dictionary to print (default: MAISI's)")
@@ -211,7 +223,8 @@ def cmd_resample(args: argparse.Namespace) -> int:
     before = [round(s, 4) for s in mask.spacing]
     lost = sorted(set(label_counts(mask.array)[0].tolist()) - set(label_counts(out.array)[0].tolist()))
     write_volume(args.output, out)
-    print(f"{list(mask.shape)} at {before} mm -> {list(out.shape)} at {[round(s, 4) for s in out.spacing]} mm")
+    after = [round(s, 4) for s in out.spacing]
+    print(f"{list(mask.shape)} at {before} mm -> {list(out.shape)} at {after} mm")
     if lost:
         log.warning("labels no longer present after resampling: %s", lost)
     return EXIT_OK

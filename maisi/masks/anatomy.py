@@ -83,11 +83,17 @@ def anatomy_problems(anatomy: AnatomyConfig, label_dict: dict[str, int]) -> list
             problems.append(_unknown(lesion.label, f"{where}.label", label_dict))
         for j, host in enumerate(lesion.host):
             if host not in label_dict:
-                problems.append(_unknown(host, f"{where}.host" + (f"[{j}]" if len(lesion.host) > 1 else ""), label_dict))
+                problems.append(
+                    _unknown(host, f"{where}.host" + (f"[{j}]" if len(lesion.host) > 1 else ""), label_dict)
+                )
         if lesion.label in lesion.host:
-            problems.append(f"{where}: label '{lesion.label}' is also its host; a lesion needs a class of its own")
+            problems.append(
+                f"{where}: label '{lesion.label}' is also its host; a lesion needs a class of its own"
+            )
         if label_dict.get(lesion.label) == BODY_LABEL:
-            problems.append(f"{where}.label: '{lesion.label}' is the body label {BODY_LABEL}; choose a lesion class")
+            problems.append(
+                f"{where}.label: '{lesion.label}' is the body label {BODY_LABEL}; choose a lesion class"
+            )
     tumours = tumour_ids(label_dict)
     requested = [*anatomy.anatomy_list, *(lesion.label for lesion in anatomy.lesions)]
     named = list(dict.fromkeys(n for n in requested if label_dict.get(n) in tumours))
@@ -165,7 +171,9 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int]) -> AnatomyPlan
     assert anatomy is not None and config.output_size is not None and config.spacing is not None
     path = Path(anatomy.mask_database) if anatomy.mask_database else default_database(config.preset)
     if not path.is_file():
-        which = "$.anatomy.mask_database" if anatomy.mask_database else f"the default of preset '{config.preset}'"
+        which = (
+            "$.anatomy.mask_database" if anatomy.mask_database else f"the default of preset '{config.preset}'"
+        )
         advice = (
             "download MAISI's mask database (python -m maisi.download) or set $.anatomy.mask_database"
             if config.preset in RELEASED_DATABASES
@@ -174,18 +182,32 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int]) -> AnatomyPlan
         raise InputError(f"mask database {path} ({which}) not found; {advice}")
     database = load_database(path, anatomy.mask_root)
     selection = select_masks(
-        database, anatomy.anatomy_list, anatomy.body_region, config.output_size, config.spacing,
-        config.num_samples, config.seed, label_dict,
-    )  # fmt: skip
+        database,
+        anatomy.anatomy_list,
+        anatomy.body_region,
+        config.output_size,
+        config.spacing,
+        config.num_samples,
+        config.seed,
+        label_dict,
+    )
     lesions = tuple(
         LesionRequest(label_dict[spec.label], spec.diameter_mm, tuple(label_dict[h] for h in spec.host))
         for spec in anatomy.lesions
     )
     ids = tuple(label_dict[n] for n in anatomy.anatomy_list)
     return AnatomyPlan(
-        database, file_sha256(path), selection, anatomy, ids, lesions, label_dict,
-        config.output_size, config.spacing, config.seed,
-    )  # fmt: skip
+        database,
+        file_sha256(path),
+        selection,
+        anatomy,
+        ids,
+        lesions,
+        label_dict,
+        config.output_size,
+        config.spacing,
+        config.seed,
+    )
 
 
 # ------------------------------------------------------------------------------------------ per sample
@@ -212,7 +234,11 @@ def _fallback_order(plan: AnatomyPlan, seed: int) -> list[Candidate]:
     mine = plan.pick(seed)
     others = {c.entry.index for c in plan.selection.picks} - {mine.entry.index}
     rest = [c for c in plan.selection.ranked if c.entry.index != mine.entry.index]
-    return [mine] + [c for c in rest if c.entry.index not in others] + [c for c in rest if c.entry.index in others]
+    return (
+        [mine]
+        + [c for c in rest if c.entry.index not in others]
+        + [c for c in rest if c.entry.index in others]
+    )
 
 
 def _lost_everywhere(plan: AnatomyPlan, tried: list[dict[str, Any]]) -> InputError:
@@ -221,9 +247,10 @@ def _lost_everywhere(plan: AnatomyPlan, tried: list[dict[str, Any]]) -> InputErr
     shown = "; ".join(f"{t['path']} loses {', '.join(repr(n) for n in t['lost'])}" for t in tried[:5])
     more = f"; and {len(tried) - 5} more" if len(tried) > 5 else ""
     return InputError(
-        f"$.anatomy: resampled mask does not contain required class labels {', '.join(repr(n) for n in lost)}: "
-        f"every candidate of {plan.database.path} loses some of them on the output grid {grid} ({shown}{more}); "
-        "tune $.spacing and $.output_size (a larger field of view or a finer spacing keeps small organs)"
+        "$.anatomy: resampled mask does not contain required class labels "
+        f"{', '.join(repr(n) for n in lost)}: every candidate of {plan.database.path} loses some of them "
+        f"on the output grid {grid} ({shown}{more}); tune $.spacing and $.output_size (a larger field of "
+        "view or a finer spacing keeps small organs)"
     )
 
 
@@ -232,7 +259,9 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
     tried: list[dict[str, Any]] = []
     for candidate in _fallback_order(plan, seed):
         if candidate.entry.index in plan._lost:
-            tried.append({"path": candidate.entry.path, "lost": plan.names(plan._lost[candidate.entry.index])})
+            tried.append(
+                {"path": candidate.entry.path, "lost": plan.names(plan._lost[candidate.entry.index])}
+            )
             continue
         volume, record, lost = _resampled(plan, candidate)
         if not lost:
@@ -241,8 +270,10 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
         tried.append({"path": candidate.entry.path, "lost": plan.names(lost)})
         log.warning(
             "seed %d: %s loses %s when resampled to the output grid; trying the next candidate",
-            seed, candidate.entry.path, ", ".join(plan.names(lost)),
-        )  # fmt: skip
+            seed,
+            candidate.entry.path,
+            ", ".join(plan.names(lost)),
+        )
     raise _lost_everywhere(plan, tried)
 
 
@@ -255,11 +286,17 @@ def _augment(plan: AnatomyPlan, mask: Volume, seed: int, device: str) -> tuple[V
     lost = sorted(set(plan.anatomy_ids) - _present(np.asarray(array), plan.anatomy_ids))
     if lost:  # the augmentation's own checks should prevent it; never trade a requested class for it
         log.warning("seed %d: augmentation removed %s; the mask is used unaugmented", seed, plan.names(lost))
-        return mask, {"applied": False, "reason": f"augmentation removed {plan.names(lost)}", "attempt": record}
+        return mask, {
+            "applied": False,
+            "reason": f"augmentation removed {plan.names(lost)}",
+            "attempt": record,
+        }
     return mask.with_array(np.asarray(array, dtype=mask.array.dtype)), {"applied": True, **record}
 
 
-def _place(plan: AnatomyPlan, mask: Volume, seed: int, entry_path: str) -> tuple[Volume, list[dict[str, Any]]]:
+def _place(
+    plan: AnatomyPlan, mask: Volume, seed: int, entry_path: str
+) -> tuple[Volume, list[dict[str, Any]]]:
     if not plan.lesions:
         return mask, []
     try:
@@ -303,19 +340,28 @@ def build_sample_mask(plan: AnatomyPlan, seed: int, device: str = "cpu") -> Samp
             "anatomy_list": list(plan.anatomy.anatomy_list),
             "body_region": list(plan.anatomy.body_region),
         },
-        "database": {"path": str(plan.database.path), "sha256": plan.database_sha256,
-                     "entries": len(plan.database.entries)},
+        "database": {
+            "path": str(plan.database.path),
+            "sha256": plan.database_sha256,
+            "entries": len(plan.database.entries),
+        },
         "entry": {
-            "index": entry.index, "path": entry.path, "file": str(path), "sha256": entry.record.get("sha256")
-            or file_sha256(path), "dim": list(entry.dim), "spacing": list(entry.spacing),
-            "rank": candidate.rank, "score": round(candidate.score, 4), "why": candidate.why(),
+            "index": entry.index,
+            "path": entry.path,
+            "file": str(path),
+            "sha256": entry.record.get("sha256") or file_sha256(path),
+            "dim": list(entry.dim),
+            "spacing": list(entry.spacing),
+            "rank": candidate.rank,
+            "score": round(candidate.score, 4),
+            "why": candidate.why(),
         },
         "fallback_from": tried,
         "resampling": resampling,
         "augmentation": augmentation,
         "lesions": lesions,
         "organ_volumes_ml": organ_volumes_ml(mask, plan),
-    }  # fmt: skip
+    }
     plan._records[seed] = record
     return SampleMask(mask, record, _digest(mask.array))
 
@@ -344,5 +390,7 @@ def sample_mask(
         return plan._cache.pop(seed)
     sample = build_sample_mask(plan, seed, device)
     if planned_digest is not None and sample.digest != planned_digest:
-        raise RuntimeError(f"seed {seed}: the mask built again differs from the planned one (non-deterministic)")
+        raise RuntimeError(
+            f"seed {seed}: the mask built again differs from the planned one (non-deterministic)"
+        )
     return sample

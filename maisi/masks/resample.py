@@ -34,7 +34,9 @@ def _check_target(
 ) -> tuple[tuple[float, ...] | None, tuple[int, ...] | None]:
     if spacing is None and size is None:
         raise InputError("resample: give a spacing, a size or both")
-    if spacing is not None and (len(spacing) != 3 or not all(np.isfinite(s) and 0 < s <= 100 for s in spacing)):
+    if spacing is not None and (
+        len(spacing) != 3 or not all(np.isfinite(s) and 0 < s <= 100 for s in spacing)
+    ):
         raise InputError(f"spacing {list(spacing)}: expected 3 values in (0, 100] mm")
     if size is not None and (len(size) != 3 or not all(int(n) == n and 1 <= n <= 2048 for n in size)):
         raise InputError(f"size {list(size)}: expected 3 whole numbers in 1..2048")
@@ -43,7 +45,8 @@ def _check_target(
         if float(np.prod(np.maximum(resampled, 1.0))) > MAX_VOXELS:
             raise InputError(
                 f"spacing {list(spacing)}: the mask ({list(source.shape)} at "
-                f"{np.round(source.spacing, 4).tolist()} mm) would become {np.ceil(resampled).astype(int).tolist()} "
+                f"{np.round(source.spacing, 4).tolist()} mm) would become "
+                f"{np.ceil(resampled).astype(int).tolist()} "
                 "voxels; choose a coarser spacing"
             )
     return (
@@ -58,7 +61,9 @@ def _spacing_monai(mask: Volume, spacing: tuple[float, ...]):
     from monai.data import MetaTensor
     from monai.transforms import Spacing
 
-    data = MetaTensor(torch.from_numpy(mask.array.astype(np.float64))[None], affine=torch.from_numpy(mask.affine))
+    data = MetaTensor(
+        torch.from_numpy(mask.array.astype(np.float64))[None], affine=torch.from_numpy(mask.affine)
+    )
     out = Spacing(pixdim=spacing, mode="nearest")(data)
     array = np.rint(out.as_tensor()[0].numpy()).astype(mask.array.dtype)
     return Volume(array, np.asarray(out.affine, dtype=np.float64))
@@ -127,9 +132,13 @@ def resample_mask(
     if spacing is not None and not np.allclose(mask.spacing, spacing, rtol=1e-6, atol=1e-9):
         out = _spacing_separable(mask, spacing) or _spacing_monai(mask, spacing)
     if size is not None and out.shape != tuple(size):
-        data = MetaTensor(torch.from_numpy(np.ascontiguousarray(out.array))[None], affine=torch.from_numpy(out.affine))
+        data = MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(out.array))[None], affine=torch.from_numpy(out.affine)
+        )
         data = ResizeWithPadOrCrop(spatial_size=size)(data)  # centred; pads with background 0
-        out = Volume(np.ascontiguousarray(data.as_tensor()[0].numpy()), np.asarray(data.affine, dtype=np.float64))
+        out = Volume(
+            np.ascontiguousarray(data.as_tensor()[0].numpy()), np.asarray(data.affine, dtype=np.float64)
+        )
     record["to"] = grid_record(out)
     return out, record
 

@@ -32,7 +32,9 @@ def ts_mask() -> Volume:
 def test_resampling_is_monai_spacing_then_centred_pad_or_crop_as_in_maisi(ts_mask):
     spacing, size = (3.5, 3.5, 5.0), (96, 96, 32)
     out, record = resample_mask(ts_mask, spacing, size)
-    meta = MetaTensor(torch.from_numpy(ts_mask.array.astype(np.float32))[None], affine=torch.from_numpy(ts_mask.affine))
+    meta = MetaTensor(
+        torch.from_numpy(ts_mask.array.astype(np.float32))[None], affine=torch.from_numpy(ts_mask.affine)
+    )
     expected = ResizeWithPadOrCrop(size)(Spacing(pixdim=spacing, mode="nearest")(meta))
     assert np.array_equal(out.array, expected.numpy()[0].astype(np.uint8))
     assert np.allclose(out.affine, expected.affine.numpy())
@@ -69,9 +71,13 @@ def test_padding_keeps_world_positions_and_cropping_restores_the_mask(ts_mask):
 
 @pytest.mark.parametrize(
     "spacing, size, fragment",
-    [(None, None, "give a spacing, a size or both"), ((0.0, 1.0, 1.0), None, "expected 3 values in (0, 100]"),
-     (None, (10, 10, 0), "expected 3 whole numbers"), ((0.01, 0.01, 0.01), None, "choose a coarser spacing")],
-)  # fmt: skip
+    [
+        (None, None, "give a spacing, a size or both"),
+        ((0.0, 1.0, 1.0), None, "expected 3 values in (0, 100]"),
+        (None, (10, 10, 0), "expected 3 whole numbers"),
+        ((0.01, 0.01, 0.01), None, "choose a coarser spacing"),
+    ],
+)
 def test_bad_targets_are_refused(ts_mask, spacing, size, fragment):
     from maisi.errors import InputError
 
@@ -82,20 +88,44 @@ def test_bad_targets_are_refused(ts_mask, spacing, size, fragment):
 
 def test_labels_resample_command_writes_the_resampled_mask(tmp_path, capsys, ts_mask):
     out = tmp_path / "out" / "resampled.nii.gz"
-    code = labels_main(["resample", "--mask", str(DATA / "totalseg_example_seg.nii.gz"), "--output", str(out),
-                        "--spacing", "3.5", "3.5", "5", "--size", "96", "96", "32"])  # fmt: skip
+    code = labels_main(
+        [
+            "resample",
+            "--mask",
+            str(DATA / "totalseg_example_seg.nii.gz"),
+            "--output",
+            str(out),
+            "--spacing",
+            "3.5",
+            "3.5",
+            "5",
+            "--size",
+            "96",
+            "96",
+            "32",
+        ]
+    )
     assert code == 0
     written = read_mask(out)
     expected, _ = resample_mask(ts_mask, (3.5, 3.5, 5.0), (96, 96, 32))
-    assert np.array_equal(written.array, expected.array) and np.allclose(written.affine, expected.affine, atol=1e-4)
-    assert "[122, 101, 30] at [3.0, 3.0, 3.0] mm -> [96, 96, 32] at [3.5, 3.5, 5.0] mm" in capsys.readouterr().out
+    assert np.array_equal(written.array, expected.array) and np.allclose(
+        written.affine, expected.affine, atol=1e-4
+    )
+    assert (
+        "[122, 101, 30] at [3.0, 3.0, 3.0] mm -> [96, 96, 32] at [3.5, 3.5, 5.0] mm"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize(
     "extra, fragment",
-    [([], "give --spacing, --size or both"), (["--spacing", "0", "1", "1"], "--spacing 0: must be a number"),
-     (["--size", "0", "4", "4"], "--size 0: must be a whole number"), (["--output-is-input"], "is the input")],
-)  # fmt: skip
+    [
+        ([], "give --spacing, --size or both"),
+        (["--spacing", "0", "1", "1"], "--spacing 0: must be a number"),
+        (["--size", "0", "4", "4"], "--size 0: must be a whole number"),
+        (["--output-is-input"], "is the input"),
+    ],
+)
 def test_labels_resample_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, fragment):
     mask = write_volume(tmp_path / "mask.nii.gz", Volume(np.ones((8, 8, 8), np.uint8), np.eye(4)))
     before = mask.read_bytes()
