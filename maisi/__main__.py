@@ -15,6 +15,7 @@ CLI_MODULES = (
     "maisi.train",
     "maisi.evaluate",
     "maisi.download",
+    "maisi.config",
 )
 
 

@@ -186,7 +186,7 @@ def read_weights(path: str | Path, part: Part) -> Weights:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{part} checkpoint not found: {path}")
+        raise CheckpointError(f"{part} checkpoint not found: {path}{_download_hint(path)}")
     obj = _torch_load(path, "")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _read_ours(obj, path, part)
@@ -265,6 +265,17 @@ def check_fits(weights: Weights, preset: Preset, part: Part, network: torch.nn.M
             f"{weights.path}: weights do not fit the {part} of preset '{preset.name}' "
             f"(a checkpoint of another architecture?):\n{summary}"
         )
+
+
+def _download_hint(path: Path) -> str:
+    """For a released MAISI file, the command that fetches it."""
+    from maisi.resources import load_json  # the manifest of released files
+
+    variants = load_json("released_weights.json")["variants"]
+    for name, spec in variants.items():
+        if any(Path(f.get("path", "")).name == path.name for f in spec.get("files", [])):
+            return f" (a released MAISI file: python -m maisi.download --variant {name} --dest {path.parent})"
+    return ""
 
 
 def load_network(

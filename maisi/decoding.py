@@ -4,26 +4,50 @@
 * ``"sliding_window"``: MONAI's ``SlidingWindowInferer`` with Gaussian blending (MAISI's approach;
   approximate at tile seams, GroupNorm statistics per window, overlap computed several times).
 * ``"tiled"``: :mod:`maisi.tiled_vae`, exact (equal to ``"full"`` up to float rounding) with the compute
-  device's working memory bounded by ``memory_budget_bytes``; intermediates stay on the host.
+  device's working memory bounded by ``memory_budget_bytes``; intermediates stay on the host. It relies on
+  MONAI's private module structure; a model the adapter does not recognise runs the ``"full"`` pass instead,
+  with one :class:`TilingFallbackWarning` naming what was not recognised.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, get_args
 
 import torch
 from monai.inferers import SlidingWindowInferer
 
 from maisi.device import autocast
+from maisi.monai_vae_adapter import Part, check_structure
 from maisi.tiled_vae import decode_tiled, encode_tiled
 
 DecodeMethod = Literal["full", "sliding_window", "tiled"]
 DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)
+_VERB = {"decoder": "decoding", "encoder": "encoding"}
+
+
+class TilingFallbackWarning(UserWarning):
+    """The tiled method could not run this model; MONAI's whole-volume pass ran instead."""
 
 
 def _check_method(method: str) -> None:
     if method not in DECODE_METHODS:
         raise ValueError(f"method must be one of {list(DECODE_METHODS)}, got {method!r}")
+
+
+def _can_tile(autoencoder: torch.nn.Module, part: Part) -> bool:
+    """Whether the tiled path knows this model's ``part``; if not, one warning naming what it did not know."""
+    reason = check_structure(autoencoder, part)
+    if reason is None:
+        return True
+    # Whole volume rather than sliding windows: it stays exact, as "tiled" is; only the memory bound is lost.
+    warnings.warn(
+        f"tiled VAE {_VERB[part]} does not recognise this model ({reason}); running MONAI's whole-volume "
+        "pass instead: exact, but its memory grows with the volume (method 'sliding_window' bounds it)",
+        TilingFallbackWarning,
+        stacklevel=4,  # the caller of decode()/encode(), past torch.no_grad's wrapper
+    )
+    return False
 
 
 @torch.no_grad()
@@ -49,7 +73,8 @@ def decode(
         roi_size: sliding-window tile in latent voxels; a tile covering the whole latent means one pass.
         overlap: sliding-window overlap fraction.
         memory_budget_bytes: ``"tiled"``: bound on one tile's working memory on the compute device
-            (default 1 GiB); tile sizes are derived from it per layer.
+            (default 1 GiB); tile sizes are derived from it per layer. A model the tiled path does not
+            recognise is decoded in one pass, with a :class:`TilingFallbackWarning`.
         autocast_dtype: half-precision dtype, or None for float32.
         progress: progress bar over the tiles.
 
@@ -61,9 +86,9 @@ def decode(
     device = latents.device
     whole = all(r >= s for r, s in zip(roi_size, z.shape[2:]))
     with autocast(device, autocast_dtype):
-        if method == "tiled":
+        if method == "tiled" and _can_tile(autoencoder, "decoder"):
             image = decode_tiled(autoencoder, z, memory_budget_bytes=memory_budget_bytes, progress=progress)
-        elif method == "full" or whole:
+        elif method in ("full", "tiled") or whole:
             image = autoencoder.decode_stage_2_outputs(z)
         else:
             inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=overlap, mode="gaussian",
@@ -95,7 +120,8 @@ def encode(
             approximate) or ``"tiled"`` (exact, bounded memory).
         roi_size: sliding-window tile in image voxels (multiples of the VAE factor).
         overlap: sliding-window overlap fraction.
-        memory_budget_bytes: ``"tiled"``: bound on one tile's working memory (default 1 GiB).
+        memory_budget_bytes: ``"tiled"``: bound on one tile's working memory (default 1 GiB). A model the
+            tiled path does not recognise is encoded in one pass, with a :class:`TilingFallbackWarning`.
         sample: draw ``mu + sigma * eps`` (as MAISI's ``encode_stage_2_inputs``) instead of returning ``mu``.
         generator: CPU generator for ``eps`` when sampling.
         autocast_dtype: half-precision dtype, or None for float32.
@@ -113,10 +139,10 @@ def encode(
 
     whole = all(r >= s for r, s in zip(roi_size, images.shape[2:]))
     with autocast(device, autocast_dtype):
-        if method == "tiled":
+        if method == "tiled" and _can_tile(autoencoder, "encoder"):
             both = torch.cat(encode_tiled(autoencoder, images, memory_budget_bytes=memory_budget_bytes,
                                           progress=progress), dim=1)  # fmt: skip
-        elif method == "full" or whole:
+        elif method in ("full", "tiled") or whole:
             both = mu_sigma(images)
         else:
             inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=overlap, mode="gaussian",

@@ -1,7 +1,13 @@
 """``python -m maisi.download``: fetch the released MAISI CT weights into ``models/maisi``, verified.
 
     python -m maisi.download --variant rflow-ct --dest models/maisi [--base-url URL] [--cache-dir DIR]
-        [--force] [--allow-unverified] [-v]
+        [--force] [--allow-unverified] [--weights-only] [--with-mask-archive] [-v]
+
+With the weights come MAISI's mask-database files (``datasets/candidate_masks_flexible_size_and_spacing_<N>.json``,
+``datasets/all_anatomy_size_conditions.json``; ``--weights-only`` skips them), saved under ``<dest>/datasets/``.
+``--with-mask-archive`` adds the masks themselves (a zip of several GB), verified like every file and then
+extracted safely and atomically (:mod:`maisi.archive`) into ``<dest>/datasets/all_masks_flexible_size_and_spacing_
+4000/``, the folder the database's paths are relative to (``anatomy.mask_root``).
 
 Transfers are huggingface_hub's ``hf_hub_download``: its cache (``--cache-dir``, default the Hugging Face cache),
 its in-run retry and resume of a broken transfer, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` (the default ``--base-url``)
@@ -58,6 +64,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from tqdm.auto import tqdm
 
 import maisi
+from maisi.archive import extract_archive
 from maisi.atomic import write_json
 from maisi.cli import EXIT_OK, new_parser, run_guarded, setup_cli
 from maisi.errors import InputError, RunFailure
@@ -70,6 +77,7 @@ LOCK_NAME = "maisi-weights.lock.json"
 DEFAULT_BASE_URL = "https://huggingface.co"
 HUB_HOSTS = ("huggingface.co", "hf.co")  # the only hosts that get the user's token
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+EXTRACTION = " (extraction)"  # an archive that was fetched but could not be extracted
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +96,15 @@ class RemoteFile:
 
     repo: str
     path: str
+    save_as: str | None = None  # where in --dest (relative); None: flat, under its base name
 
     @property
     def name(self) -> str:
         return PurePosixPath(self.path).name
+
+    @property
+    def local(self) -> str:
+        return self.save_as or self.name
 
     @property
     def key(self) -> str:
@@ -127,8 +140,15 @@ def load_manifest() -> dict[str, Any]:
     return load_json(MANIFEST)
 
 
-def variant_files(manifest: dict[str, Any], variant: str) -> list[RemoteFile]:
-    return [RemoteFile(f["repo"], f["path"]) for f in manifest["variants"][variant]["files"]]
+def variant_files(
+    manifest: dict[str, Any], variant: str, *, datasets: bool = False, mask_archive: bool = False
+) -> list[RemoteFile]:
+    """The weights of ``variant``, then (if asked) its mask-database files, then its mask archive."""
+    entry = manifest["variants"][variant]
+    chosen = [*entry["files"], *(entry.get("datasets", []) if datasets else [])]
+    if mask_archive and "mask_archive" in entry:
+        chosen.append(entry["mask_archive"])
+    return [RemoteFile(f["repo"], f["path"], f.get("save_as")) for f in chosen]
 
 
 def manifest_pins(manifest: dict[str, Any]) -> dict[str, Expected]:
@@ -242,7 +262,8 @@ def announce(file: RemoteFile, base_url: str) -> Announced:
 def _explain(err: Exception, file: RemoteFile, base_url: str, dest: Path) -> InputError | RunFailure:
     """A network or HTTP error as one line saying what happened and what to do."""
     url = file.url(base_url)
-    by_hand = f"download {file.name} by hand from {file.url(DEFAULT_BASE_URL)} and put it in {dest}"
+    folder = (dest / file.local).parent
+    by_hand = f"download {file.name} by hand from {file.url(DEFAULT_BASE_URL)} and put it in {folder}"
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         what = f"{url} answered HTTP {err.response.status_code}"
         if err.response.status_code == 404:
@@ -416,7 +437,7 @@ def _fetch_and_install(
     file: RemoteFile, job: Job, expected: Expected | None, limit: int | None, unreachable: Exception | None
 ) -> str:
     """Through huggingface_hub's cache into ``--dest``, verified; returns the SHA-256 installed."""
-    final, local_only = job.dest / file.name, job.offline or unreachable is not None
+    final, local_only = job.dest / file.local, job.offline or unreachable is not None
     cached = not job.force and isinstance(
         try_to_load_from_cache(file.repo, file.path, cache_dir=job.cache_dir), str
     )
@@ -430,7 +451,7 @@ def _fetch_and_install(
         raise InputError(
             f"HF_HUB_OFFLINE is set and {file.name} is neither in {job.dest} nor in the download cache "
             f"{job.cache_dir}; unset HF_HUB_OFFLINE, or download it by hand from "
-            f"{file.url(DEFAULT_BASE_URL)} and put it in {job.dest}"
+            f"{file.url(DEFAULT_BASE_URL)} and put it in {final.parent}"
         ) from None
     except ChecksumMismatch as err:
         if not cached or local_only:
@@ -447,7 +468,7 @@ def _fetch_and_install(
 
 def fetch_one(file: RemoteFile, job: Job) -> str:
     """Make ``dest/NAME`` the verified file; returns "downloaded" or why it was skipped."""
-    final, expected = job.dest / file.name, job.expected(file)
+    final, expected = job.dest / file.local, job.expected(file)
     if not job.force and final.is_file() and expected and (reason := verified_copy(final, expected)):
         return reason
     announced, unreachable = _ask_host(file, job, expected)
@@ -475,21 +496,37 @@ def fetch_one(file: RemoteFile, job: Job) -> str:
 # ---------------------------------------------------------------- a variant, the CLI
 
 
-def fetch_variant(variant: str, job: Job) -> Summary:
-    files, summary = variant_files(load_manifest(), variant), Summary()
+def fetch_files(files: list[RemoteFile], job: Job) -> Summary:
+    summary = Summary()
     for i, file in enumerate(files):
         try:
             outcome = fetch_one(file, job)
         except (InputError, RunFailure) as err:
-            summary.failed.append((file.name, err))
-            print(f"{PROG}: {file.name}: {err}", file=sys.stderr)
+            summary.failed.append((file.local, err))
+            print(f"{PROG}: {file.local}: {err}", file=sys.stderr)
             if isinstance(err, HostUnreachable):
-                summary.not_tried = [f.name for f in files[i + 1 :]]
+                summary.not_tried = [f.local for f in files[i + 1 :]]
                 break
             continue
-        (summary.downloaded if outcome == "downloaded" else summary.skipped).append(file.name)
-        print(f"{file.name}: {outcome}")
+        (summary.downloaded if outcome == "downloaded" else summary.skipped).append(file.local)
+        print(f"{file.local}: {outcome}")
     return summary
+
+
+def extract_mask_archive(manifest: dict[str, Any], variant: str, job: Job, summary: Summary) -> None:
+    """Unpack the verified mask archive where MAISI's database expects its masks (``extract_to``)."""
+    entry = manifest["variants"][variant]["mask_archive"]
+    file = RemoteFile(entry["repo"], entry["path"], entry.get("save_as"))
+    if file.local not in summary.downloaded + summary.skipped:
+        return  # not fetched: already reported
+    target, sha256 = job.dest / entry["extract_to"], job.expected(file).sha256
+    try:
+        outcome = extract_archive(job.dest / file.local, target, sha256)
+    except (InputError, RunFailure) as err:
+        summary.failed.append((file.local + EXTRACTION, err))
+        print(f"{PROG}: {file.local}: {err}", file=sys.stderr)
+        return
+    print(f"{file.local}: {outcome}")
 
 
 def _final_error(summary: Summary, total: int) -> InputError | RunFailure:
@@ -556,20 +593,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a file for which neither the manifest, the lock file nor the host gives a "
         "checksum (its computed hash is recorded in the lock file)",
     )
+    parser.add_argument(
+        "--weights-only", action="store_true", help="skip MAISI's mask-database files (datasets/*.json)"
+    )
+    parser.add_argument(
+        "--with-mask-archive",
+        action="store_true",
+        help="also fetch the masks of the database (a zip of several GB) and extract them into "
+        "DEST/datasets/all_masks_flexible_size_and_spacing_4000",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     manifest = load_manifest()
-    files, pins = variant_files(manifest, args.variant), manifest_pins(manifest)
+    files = variant_files(
+        manifest, args.variant, datasets=not args.weights_only, mask_archive=args.with_mask_archive
+    )
+    pins = manifest_pins(manifest)
     dest = Path(args.dest)
     lock = Lock(dest)  # read (and checked) before anything is created
     check_transport(files, pins, lock, args.base_url)
     dest, cache_dir = writable_folder(dest, "--dest"), writable_folder(args.cache_dir, "--cache-dir")
     print(f"Licence: {manifest['licence']}: {manifest['model_page']}")
     job = Job(dest, args.base_url, cache_dir, args.force, args.allow_unverified, offline_mode(), pins, lock)
-    summary = fetch_variant(args.variant, job)
-    total = len(summary.downloaded) + len(summary.skipped) + len(summary.failed) + len(summary.not_tried)
+    summary = fetch_files(files, job)
+    if args.with_mask_archive:
+        extract_mask_archive(manifest, args.variant, job, summary)
+    total = len(files)  # a failed extraction counts as its archive's failure
     line = (
         f"{args.variant} -> {dest}: {len(summary.downloaded)} downloaded, {len(summary.skipped)} skipped "
         f"(already present), {len(summary.failed)} failed"

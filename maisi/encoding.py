@@ -25,7 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import DivisiblePad, Spacing
 
 import maisi
-from maisi.checkpoints import file_sha256
+from maisi.files import file_sha256
 from maisi.conditioning import body_region_from_mask
 from maisi.config.encode_config import EncodeConfig
 from maisi.data.datalist import one_hot

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from maisi.checkpoints import file_sha256, load_network
+from maisi.checkpoints import load_network
+from maisi.files import file_sha256
 from maisi.config import EncodeConfig
 from maisi.data.datalist import read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device

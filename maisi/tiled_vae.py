@@ -1,9 +1,10 @@
 """Exact VAE decoding and encoding in tiles, with bounded memory on the compute device.
 
 The result equals one whole-volume pass of MONAI's ``AutoencoderKlMaisi`` up to float summation order.
-The network's own modules are driven tile by tile (``nn.Conv3d`` weights, GroupNorm parameters, MONAI's
-``F.interpolate`` call); none is reimplemented. The decoder (or encoder) is a chain of convolutions, each
-preceded by a GroupNorm (+ SiLU), a trilinear x2 upsampling or nothing; we run one convolution at a time:
+This module is the streaming engine and knows nothing of MONAI's classes: :mod:`maisi.monai_vae_adapter`
+turns the decoder (or encoder) into a chain of convolutions, each preceded by a GroupNorm (+ SiLU), a
+trilinear x2 upsampling or nothing, and holds the arithmetic that must match MONAI's. We run one
+convolution at a time:
 
 * each convolution is streamed over output tiles. A tile reads its input with a halo as wide as the kernel
   reaches (1 voxel for 3x3x3, plus the source voxels trilinear upsampling reads), zero-filled only outside
@@ -14,38 +15,28 @@ preceded by a GroupNorm (+ SiLU), a trilinear x2 upsampling or nothing; we run o
   along x. A consumed input's slabs are freed once no later tile reads them, so a step holds about
   max(input, output) plus one tile, where MONAI's pass holds input, output and several temporaries.
 
-Attention blocks are global and cannot be tiled; a VAE with them is refused (the released one has none).
+Attention blocks are global and cannot be tiled; a VAE with them, or with any module the adapter does not
+know, is refused with :class:`UnsupportedStructure` (the released VAE has none); :mod:`maisi.decoding` then
+falls back to the whole-volume pass with a warning.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
-    MaisiConvolution,
-    MaisiDownsample,
-    MaisiGroupNorm3D,
-    MaisiResBlock,
-    MaisiUpsample,
-)
 from tqdm.auto import tqdm
+
+from maisi import monai_vae_adapter as adapter
+from maisi.monai_vae_adapter import Part, Step, UnsupportedStructure
 
 Shape3 = tuple[int, int, int]
 DEFAULT_BUDGET_BYTES = 1 << 30
 MIN_SLABS = 8  # slabs along x per volume, so that a consumed input is freed while the next one grows
-# Order in which tile extents shrink to fit a budget: x-slabs down to 2 voxels (thin slabs convolve as fast
-# as the whole volume on oneDNN; 1-voxel slabs and small cubes are 3-10x slower), then y, then z.
+# Order in which tile extents shrink to fit a budget: x-slabs down to 2 voxels (1-voxel slabs and small
+# cubes convolve 3-10x slower than the whole volume), then y, then z.
 _SHRINK_ORDER = ((0, 2), (1, 8), (2, 8), (0, 1), (1, 1), (2, 1))
-try:  # glibc's malloc_trim, see _Volume.free_below
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim  # noqa: B018
-except (OSError, AttributeError):
-    _LIBC = None
 
 
 @dataclass
@@ -70,79 +61,6 @@ class StepPlan:
     channels: tuple[int, int]
     tile: Shape3
     tile_bytes: int
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One streamed convolution, what precedes it, and its role in a ResBlock ("res_a": conv1 and the 1x1
-    shortcut of the same input; "res_b": conv2, added to the residual)."""
-
-    name: str
-    conv: torch.nn.Conv3d
-    norm: MaisiGroupNorm3D | None = None
-    silu: bool = False
-    upsample: bool = False
-    end_pad: bool = False  # MaisiDownsample: one zero after each axis, then a convolution without padding
-    role: str = "plain"
-    shortcut: torch.nn.Conv3d | None = None
-
-    @property
-    def pad(self) -> tuple[int, int]:
-        return (0, 1) if self.end_pad else (self.conv.padding[0], self.conv.padding[0])  # type: ignore[return-value]
-
-    def out_size(self, size: int) -> int:
-        k, s, d = self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0]
-        return ((2 * size if self.upsample else size) + sum(self.pad) - d * (k - 1) - 1) // s + 1
-
-    def conv_box(self, lo: int, hi: int) -> tuple[int, int]:
-        """Convolution input [lo, hi) (on the upsampled grid if any) of the outputs [lo, hi)."""
-        k, s, d = self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0]
-        return lo * s - self.pad[0], (hi - 1) * s - self.pad[0] + d * (k - 1) + 1
-
-    def source_box(self, lo: int, hi: int, size: int) -> tuple[int, int]:
-        """Stored input [lo, hi) read for the outputs [lo, hi), the input having ``size`` voxels."""
-        a, b = self.conv_box(lo, hi)
-        if not self.upsample:
-            return a, b
-        # Trilinear x2, align_corners False: output j reads inputs (j - 1) // 2 and the next one, clamped
-        # to the volume; reading a region clipped to the volume reproduces that clamping exactly.
-        a, b = max(a, 0), min(b, 2 * size)
-        return max((a - 1) // 2, 0), min((b - 2) // 2 + 2, size)
-
-
-def _conv3d(block: torch.nn.Module) -> torch.nn.Conv3d:
-    conv = block.conv.conv  # MaisiConvolution -> MONAI Convolution (conv_only) -> nn.Conv3d
-    ok = isinstance(conv, torch.nn.Conv3d) and conv.padding_mode == "zeros" and conv.groups == 1
-    if not ok or any(len(set(v)) != 1 for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation)):
-        raise ValueError(f"tiled VAE: unsupported convolution {conv}")
-    return conv
-
-
-def _program(blocks: torch.nn.ModuleList, prefix: str) -> list[_Step]:
-    """The MONAI blocks as streamed convolutions; refuses blocks that cannot be tiled exactly."""
-    steps: list[_Step] = []
-    norm: MaisiGroupNorm3D | None = None
-    for i, block in enumerate(blocks):
-        name = f"{prefix}.{i}"
-        if norm is not None and not isinstance(block, MaisiConvolution):
-            raise ValueError(f"tiled VAE: {name} ({type(block).__name__}) follows a GroupNorm; expected a conv")
-        if isinstance(block, MaisiGroupNorm3D):
-            norm = block
-        elif isinstance(block, MaisiConvolution):
-            steps.append(_Step(name, _conv3d(block), norm=norm))
-            norm = None
-        elif isinstance(block, MaisiResBlock):
-            nin = None if isinstance(block.nin_shortcut, torch.nn.Identity) else _conv3d(block.nin_shortcut)
-            steps.append(_Step(f"{name}.conv1", _conv3d(block.conv1), block.norm1, True, role="res_a", shortcut=nin))
-            steps.append(_Step(f"{name}.conv2", _conv3d(block.conv2), block.norm2, True, role="res_b"))
-        elif isinstance(block, MaisiUpsample) and not block.use_convtranspose:
-            steps.append(_Step(name, _conv3d(block.conv), upsample=True))
-        elif isinstance(block, MaisiDownsample) and tuple(block.pad) == (0, 1) * 3:
-            steps.append(_Step(name, _conv3d(block.conv), end_pad=True))
-        else:
-            raise ValueError(f"tiled VAE: cannot tile {name} ({type(block).__name__}); attention needs the whole "
-                             "volume; use decoding method 'full' or 'sliding_window'")  # fmt: skip
-    return steps
 
 
 class _Stats:
@@ -173,8 +91,15 @@ class _Stats:
 class _Volume:
     """A (N, C, X, Y, Z) tensor kept as slabs along x on the storage device, with running statistics."""
 
-    def __init__(self, shape: tuple[int, ...], slab: int, device: torch.device, dtype: torch.dtype | None,
-                 pin: bool = False, read_only: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        slab: int,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        pin: bool = False,
+        read_only: bool = False,
+    ) -> None:
         self.shape, self.device, self.dtype, self.pin, self.read_only = shape, device, dtype, pin, read_only
         self.edges = [*range(0, shape[2], slab), shape[2]]
         self.slabs: list[torch.Tensor | None] = [None] * (len(self.edges) - 1)
@@ -195,7 +120,9 @@ class _Volume:
             if a < hi and lo < b:
                 yield k, a, max(lo, a), min(hi, b)
 
-    def read(self, box: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+    def read(
+        self, box: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, list]:
         """Region ``box`` (per axis [lo, hi), may leave the volume) on ``device``, zeros outside; and per
         axis the slice of the region that lies inside the volume."""
         inside = [(max(lo, 0), min(hi, size)) for (lo, hi), size in zip(box, self.shape[2:])]
@@ -218,8 +145,9 @@ class _Volume:
             slab = self.slabs[k]
             if slab is None:
                 shape = (*self.shape[:2], self.edges[k + 1] - a, *self.shape[3:])
-                slab = self.slabs[k] = torch.empty(shape, dtype=self.dtype or tile.dtype, device=self.device,
-                                                   pin_memory=self.pin)  # fmt: skip
+                slab = self.slabs[k] = torch.empty(
+                    shape, dtype=self.dtype or tile.dtype, device=self.device, pin_memory=self.pin
+                )
             slab[:, :, x0 - a : x1 - a, y0:y1, z0:z1].copy_(tile[:, :, x0 - lo[0] : x1 - lo[0]])
 
     def free_below(self, x: int) -> None:
@@ -227,10 +155,9 @@ class _Volume:
         freed = [k for k, b in enumerate(self.edges[1:]) if b <= x and self.slabs[k] is not None]
         for k in freed:
             self.slabs[k] = None
-        if freed and self.device.type == "cpu" and _LIBC is not None:
-            # glibc keeps freed blocks under its mmap threshold (up to 32 MB) resident; hand them back, or
-            # freeing an input while its successor grows would not lower the process's peak memory.
-            _LIBC.malloc_trim(0)
+        # No glibc malloc_trim (ctypes) here, a trade-off rather than a clear win (2 cores, fresh processes):
+        # it lowered the decode's added peak RSS by a median 13% (-1..33%, 10 pairs; ~23% for thin tiles)
+        # and cost about 10% more CPU time. The <= 0.5x-of-one-pass memory target holds without it.
 
     def tensor(self) -> torch.Tensor:
         slabs = [s for s in self.slabs if s is not None]
@@ -238,7 +165,7 @@ class _Volume:
         return slabs[0] if len(slabs) == 1 else torch.cat(slabs, dim=2)
 
 
-def _tile_bytes(step: _Step, tile: Shape3, batch: int) -> int:
+def _tile_bytes(step: Step, tile: Shape3, batch: int) -> int:
     """Estimated peak bytes of one interior tile: the tensors :func:`_run_step` holds at once, plus one copy
     of input and output for the convolution backend's own layouts (oneDNN reorders)."""
     c_in, c_out = step.conv.in_channels, step.conv.out_channels
@@ -250,7 +177,7 @@ def _tile_bytes(step: _Step, tile: Shape3, batch: int) -> int:
     return 4 * batch * total
 
 
-def _plan_tile(step: _Step, out_size: Shape3, batch: int, budget: int | None, voxels: int | None) -> Shape3:
+def _plan_tile(step: Step, out_size: Shape3, batch: int, budget: int | None, voxels: int | None) -> Shape3:
     """Largest tile (thin x-slabs first, then split in y, then z) whose estimated bytes and voxels fit."""
     tile = [math.ceil(out_size[0] / MIN_SLABS), out_size[1], out_size[2]]
     while (voxels is not None and math.prod(tile) > voxels) or (
@@ -258,51 +185,13 @@ def _plan_tile(step: _Step, out_size: Shape3, batch: int, budget: int | None, vo
     ):
         axis = next((a for a, floor in _SHRINK_ORDER if tile[a] > floor), None)
         if axis is None:
-            raise ValueError(f"memory_budget_bytes {budget} / max_tile_voxels {voxels} is below one voxel of "
-                             f"{step.name} ({_tile_bytes(step, (1, 1, 1), batch)} bytes); raise it")  # fmt: skip
+            raise ValueError(
+                f"memory_budget_bytes {budget} / max_tile_voxels {voxels} is below one voxel of "
+                f"{step.name} ({_tile_bytes(step, (1, 1, 1), batch)} bytes); raise it"
+            )
         # the largest extent below the current one that splits the axis evenly (no sliver as the last tile)
         tile[axis] = math.ceil(out_size[axis] / math.ceil(out_size[axis] / (tile[axis] - 1)))
     return tuple(tile)  # type: ignore[return-value]
-
-
-def _norm_params(norm: MaisiGroupNorm3D, stats: _Stats, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel float32 mean and ``sqrt(var + eps)`` of the whole volume, (N, C, 1, 1, 1)."""
-    mean, var = stats.groups(norm.num_groups)
-    reps, view = norm.num_channels // norm.num_groups, (mean.shape[0], norm.num_channels, 1, 1, 1)
-    std = var.float().add_(norm.eps).sqrt_()  # float32, as MaisiGroupNorm3D
-    return (mean.float().repeat_interleave(reps, dim=1).view(view).to(device),
-            std.repeat_interleave(reps, dim=1).view(view).to(device))  # fmt: skip
-
-
-def _normalise(buf: torch.Tensor, inside: list, step: _Step, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """GroupNorm (+ SiLU) of the in-volume part of ``buf``, in place, in MaisiGroupNorm3D's arithmetic:
-    float32 ``(x - mean) / std``, the optional float16 cast, then the affine parameters. The zero fill
-    outside the volume stays zero: it is the convolution's padding."""
-    norm = step.norm
-    assert norm is not None
-    region = (slice(None), slice(None), *inside)
-    x = buf[region]
-    x.sub_(params[0]).div_(params[1])
-    if norm.norm_float16:
-        buf = buf.to(torch.float16)
-        x = buf[region]
-    if norm.affine:
-        x.mul_(norm.weight.view(1, -1, 1, 1, 1)).add_(norm.bias.view(1, -1, 1, 1, 1))
-    if step.silu:
-        F.silu(x, inplace=True)
-    return buf
-
-
-def _conv(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """The module's own weights with padding 0: the halo (or the zero fill at the border) is the padding."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and hasattr(torch, "mkldnn_convolution")
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu")):  # fmt: skip
-        # PyTorch sends inputs with N*C*D*H <= 20480 (thin tiles) to its slow reference kernel, 3-5x slower
-        # than oneDNN, which it uses for the whole volume; call oneDNN directly (the same arithmetic).
-        return torch.mkldnn_convolution(x.contiguous(), conv.weight, conv.bias, [0, 0, 0], list(conv.stride),
-                                        list(conv.dilation), conv.groups)  # fmt: skip
-    return F.conv3d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 @dataclass
@@ -318,20 +207,35 @@ class _Run:
         return _Volume(shape, slab, self.storage, self.storage_dtype, pin=pin)
 
 
-def _run_step(step: _Step, src: _Volume, tile: Shape3, run: _Run, *, consume: bool,
-              residual: _Volume | None = None, slab: int | None = None) -> tuple[_Volume, _Volume | None]:  # fmt: skip
+def _run_step(
+    step: Step,
+    src: _Volume,
+    tile: Shape3,
+    run: _Run,
+    *,
+    consume: bool,
+    residual: _Volume | None = None,
+    slab: int | None = None,
+) -> tuple[_Volume, _Volume | None]:
     """Stream one convolution over the volume; returns its output and, for ``res_a``, the shortcut."""
     in_size, batch, c_out = src.shape[2:], src.shape[0], step.conv.out_channels
     out_shape = (batch, c_out, *(step.out_size(s) for s in in_size))
     out = residual if residual is not None and not residual.read_only else run.new(out_shape, slab or tile[0])
     out.stats = _Stats()  # an in-place residual sum overwrites the residual; its statistics are spent
     short = run.new(out_shape, tile[0]) if step.shortcut is not None else None
-    # GroupNorm computes in float32 (as MaisiGroupNorm3D); otherwise keep the stored dtype, as MONAI does
-    dtype = torch.float32 if step.norm is not None else src.stored_dtype
-    params = _norm_params(step.norm, src.stats, run.device) if step.norm is not None else None
-    tiles = [(lo, tuple(min(a + t, s) for a, t, s in zip(lo, tile, out_shape[2:])))
-             for lo in ((x, y, z) for x in range(0, out_shape[2], tile[0]) for y in range(0, out_shape[3], tile[1])
-                        for z in range(0, out_shape[4], tile[2]))]  # fmt: skip
+    dtype = step.read_dtype(src.stored_dtype)
+    params = None
+    if step.norm is not None:
+        params = adapter.norm_params(step, *src.stats.groups(step.norm.num_groups), run.device)
+    tiles = [
+        (lo, tuple(min(a + t, s) for a, t, s in zip(lo, tile, out_shape[2:])))
+        for lo in (
+            (x, y, z)
+            for x in range(0, out_shape[2], tile[0])
+            for y in range(0, out_shape[3], tile[1])
+            for z in range(0, out_shape[4], tile[2])
+        )
+    ]
     run.trace.steps.append((step.name, tile, len(tiles)))
     whole = (slice(None), slice(None))
     for i, (lo, hi) in enumerate(tiles):
@@ -339,25 +243,31 @@ def _run_step(step: _Step, src: _Volume, tile: Shape3, run: _Run, *, consume: bo
         buf, inside = src.read(box, run.device, dtype)
         held = buf.nbytes
         if step.upsample:
-            region = _normalise(buf, inside, step, params) if params is not None else buf
-            up = F.interpolate(region, scale_factor=2.0, mode="trilinear")  # the call MaisiUpsample makes
+            region = adapter.normalise(buf, inside, step, params) if params is not None else buf
+            up = adapter.upsample(region)
             conv_box = [step.conv_box(a, b) for a, b in zip(lo, hi)]
             inner = [(max(a, 0), min(b, 2 * s)) for (a, b), s in zip(conv_box, in_size)]
-            buf = torch.zeros(*buf.shape[:2], *(b - a for a, b in conv_box), dtype=up.dtype, device=run.device)
+            buf = torch.zeros(
+                *buf.shape[:2], *(b - a for a, b in conv_box), dtype=up.dtype, device=run.device
+            )
             dst = [slice(a - c[0], b - c[0]) for (a, b), c in zip(inner, conv_box)]
-            buf[(*whole, *dst)] = up[(*whole, *(slice(a - 2 * s[0], b - 2 * s[0]) for (a, b), s in zip(inner, box)))]
+            buf[(*whole, *dst)] = up[
+                (*whole, *(slice(a - 2 * s[0], b - 2 * s[0]) for (a, b), s in zip(inner, box)))
+            ]
             held += up.nbytes + buf.nbytes
             del up, region
         else:
-            if short is not None:  # the ResBlock's 1x1 shortcut reads the un-normalised core of the same input
+            if (
+                short is not None
+            ):  # the ResBlock's 1x1 shortcut reads the un-normalised core of the same input
                 core = tuple(slice(a - b[0], c - b[0]) for a, c, b in zip(lo, hi, box))
-                s_tile = _conv(step.shortcut, buf[(*whole, *core)])  # type: ignore[arg-type]
+                s_tile = adapter.conv(step.shortcut, buf[(*whole, *core)])  # type: ignore[arg-type]
                 short.write(lo, s_tile)
                 held += s_tile.nbytes
                 del s_tile
             if params is not None:
-                buf = _normalise(buf, inside, step, params)
-        y = _conv(step.conv, buf)
+                buf = adapter.normalise(buf, inside, step, params)
+        y = adapter.conv(step.conv, buf)
         held += y.nbytes
         del buf
         if residual is not None:
@@ -373,8 +283,14 @@ def _run_step(step: _Step, src: _Volume, tile: Shape3, run: _Run, *, consume: bo
     return out, short
 
 
-def plan_tiles(autoencoder: torch.nn.Module, input_shape: tuple[int, ...], *, part: str = "decoder",
-               memory_budget_bytes: int | None = None, max_tile_voxels: int | None = None) -> list[StepPlan]:  # fmt: skip
+def plan_tiles(
+    autoencoder: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    part: Part = "decoder",
+    memory_budget_bytes: int | None = None,
+    max_tile_voxels: int | None = None,
+) -> list[StepPlan]:
     """Map a memory budget (or a tile size) to the output tile of every streamed convolution.
 
     Each convolution gets the largest tile whose estimated working set fits: x-slabs (at least
@@ -391,15 +307,23 @@ def plan_tiles(autoencoder: torch.nn.Module, input_shape: tuple[int, ...], *, pa
         One :class:`StepPlan` per convolution, in execution order.
 
     Raises:
-        ValueError: an unsupported block, a non-positive limit, or a budget below one voxel of some layer.
+        UnsupportedStructure: a module the adapter does not know (a ValueError naming it).
+        ValueError: a non-positive limit, or a budget below one voxel of some layer.
     """
-    if part not in ("decoder", "encoder"):
-        raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
-    steps = _program(getattr(autoencoder, part).blocks, f"{part}.blocks")
+    steps = _program(autoencoder, part)
     return [plan for _, plan in _plans(steps, input_shape, memory_budget_bytes, max_tile_voxels)]
 
 
-def _plans(steps: list[_Step], input_shape: tuple[int, ...], budget: int | None, voxels: int | None):
+def _program(autoencoder: torch.nn.Module, part: str) -> list[Step]:
+    if part not in ("decoder", "encoder"):
+        raise ValueError(f"part must be 'decoder' or 'encoder', got {part!r}")
+    reason = adapter.check_structure(autoencoder, part)  # type: ignore[arg-type]
+    if reason is not None:
+        raise UnsupportedStructure(reason)
+    return adapter.program(autoencoder, part)  # type: ignore[arg-type]
+
+
+def _plans(steps: list[Step], input_shape: tuple[int, ...], budget: int | None, voxels: int | None):
     for label, value in (("memory_budget_bytes", budget), ("max_tile_voxels", voxels)):
         if value is not None and value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value}")
@@ -413,16 +337,28 @@ def _plans(steps: list[_Step], input_shape: tuple[int, ...], budget: int | None,
         size = out
 
 
-def _execute(part: str, autoencoder: torch.nn.Module, x: torch.Tensor, budget: int | None, voxels: int | None,
-             storage_device: torch.device | str | None, storage_dtype: torch.dtype | None,
-             trace: TilingTrace | None, progress: bool) -> torch.Tensor:  # fmt: skip
-    device = next(autoencoder.parameters()).device
-    if budget is None and voxels is None:
-        budget = DEFAULT_BUDGET_BYTES
-    plans = list(_plans(_program(getattr(autoencoder, part).blocks, f"{part}.blocks"), tuple(x.shape), budget, voxels))
+@dataclass(frozen=True)
+class _Options:
+    """How a tiled run bounds its memory and where it keeps its intermediates (see :func:`decode_tiled`)."""
+
+    budget: int | None
+    voxels: int | None
+    storage_device: torch.device | str | None
+    storage_dtype: torch.dtype | None
+    trace: TilingTrace | None
+    progress: bool
+
+
+def _execute(
+    part: str, steps: list[Step], x: torch.Tensor, device: torch.device, opts: _Options
+) -> torch.Tensor:
+    """Stream ``steps`` over ``x`` on ``device``; the result is one tensor on the storage device."""
+    budget = DEFAULT_BUDGET_BYTES if opts.budget is None and opts.voxels is None else opts.budget
+    plans = list(_plans(steps, tuple(x.shape), budget, opts.voxels))
     total = sum(math.prod(math.ceil(o / t) for o, t in zip(p.out_shape, p.tile)) for _, p in plans)
-    with tqdm(total=total, disable=not progress, desc=f"tiled {part}", leave=False) as bar:
-        run = _Run(device, torch.device(storage_device or "cpu"), storage_dtype, trace or TilingTrace(), bar)
+    with tqdm(total=total, disable=not opts.progress, desc=f"tiled {part}", leave=False) as bar:
+        storage = torch.device(opts.storage_device or "cpu")
+        run = _Run(device, storage, opts.storage_dtype, opts.trace or TilingTrace(), bar)
         cur, residual = _Volume.wrap(x), None
         for i, (step, plan) in enumerate(plans):
             slab = plan.out_shape[0] if i + 1 == len(plans) else None  # the result is returned as one tensor
@@ -440,11 +376,20 @@ def _execute(part: str, autoencoder: torch.nn.Module, x: torch.Tensor, budget: i
 
 
 @torch.no_grad()
-def decode_tiled(autoencoder: torch.nn.Module, z: torch.Tensor, *, memory_budget_bytes: int | None = None,
-                 max_tile_voxels: int | None = None, storage_device: torch.device | str | None = None,
-                 storage_dtype: torch.dtype | None = None, trace: TilingTrace | None = None,
-                 progress: bool = False) -> torch.Tensor:  # fmt: skip
+def decode_tiled(
+    autoencoder: torch.nn.Module,
+    z: torch.Tensor,
+    *,
+    memory_budget_bytes: int | None = None,
+    max_tile_voxels: int | None = None,
+    storage_device: torch.device | str | None = None,
+    storage_dtype: torch.dtype | None = None,
+    trace: TilingTrace | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Decode latents tile by tile; equals ``autoencoder.decode_stage_2_outputs(z)`` up to float rounding.
+
+    MONAI's own ``decode`` runs, with its decoder streamed in tiles (see :mod:`maisi.monai_vae_adapter`).
 
     Args:
         autoencoder: ``AutoencoderKlMaisi`` without attention blocks, on the compute device.
@@ -461,18 +406,36 @@ def decode_tiled(autoencoder: torch.nn.Module, z: torch.Tensor, *, memory_budget
 
     Returns:
         (N, C_out, fx, fy, fz) images on ``storage_device``, in the dtype of the last convolution.
+
+    Raises:
+        UnsupportedStructure: the decoder is not built the way the adapter knows (check first with
+            :func:`maisi.monai_vae_adapter.check_structure`).
     """
-    h = autoencoder.post_quant_conv(z.to(next(autoencoder.parameters()).device))  # 1x1 on the latent: whole
-    return _execute("decoder", autoencoder, h, memory_budget_bytes, max_tile_voxels, storage_device, storage_dtype,
-                    trace, progress)  # fmt: skip
+    device = next(autoencoder.parameters()).device
+    steps = _program(autoencoder, "decoder")
+    opts = _Options(memory_budget_bytes, max_tile_voxels, storage_device, storage_dtype, trace, progress)
+
+    def decoder(h: torch.Tensor) -> torch.Tensor:
+        return _execute("decoder", steps, h, device, opts)
+
+    return adapter.run_decode(autoencoder, z.to(device), decoder)
 
 
 @torch.no_grad()
-def encode_tiled(autoencoder: torch.nn.Module, images: torch.Tensor, *, memory_budget_bytes: int | None = None,
-                 max_tile_voxels: int | None = None, storage_device: torch.device | str | None = None,
-                 storage_dtype: torch.dtype | None = None, trace: TilingTrace | None = None,
-                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def encode_tiled(
+    autoencoder: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    memory_budget_bytes: int | None = None,
+    max_tile_voxels: int | None = None,
+    storage_device: torch.device | str | None = None,
+    storage_dtype: torch.dtype | None = None,
+    trace: TilingTrace | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode images tile by tile; equals ``autoencoder.encode(images)`` up to float rounding.
+
+    MONAI's own ``encode`` runs (posterior and clamp included), with its encoder streamed in tiles.
 
     Args:
         autoencoder: ``AutoencoderKlMaisi`` without attention blocks, on the compute device.
@@ -483,9 +446,20 @@ def encode_tiled(autoencoder: torch.nn.Module, images: torch.Tensor, *, memory_b
 
     Returns:
         ``(z_mu, z_sigma)``, each (N, C_latent, X/f, Y/f, Z/f), on the compute device.
+
+    Raises:
+        UnsupportedStructure: as in :func:`decode_tiled`.
     """
-    h = _execute("encoder", autoencoder, images, memory_budget_bytes, max_tile_voxels, storage_device,
-                 storage_dtype, trace, progress).to(next(autoencoder.parameters()).device)  # fmt: skip
-    # The posterior exactly as AutoencoderKL.encode computes it from the encoder output (small: latent size).
-    z_log_var = torch.clamp(autoencoder.quant_conv_log_sigma(h), -30.0, 20.0)
-    return autoencoder.quant_conv_mu(h), torch.exp(z_log_var / 2)
+    device = next(autoencoder.parameters()).device
+    steps = _program(autoencoder, "encoder")
+    opts = _Options(memory_budget_bytes, max_tile_voxels, storage_device, storage_dtype, trace, progress)
+
+    def encoder(x: torch.Tensor) -> torch.Tensor:
+        return _execute("encoder", steps, x, device, opts).to(
+            device
+        )  # the posterior runs where the weights are
+
+    return adapter.run_encode(autoencoder, images, encoder)
+
+
+__all__ = ["StepPlan", "TilingTrace", "UnsupportedStructure", "decode_tiled", "encode_tiled", "plan_tiles"]

@@ -249,7 +249,7 @@ def test_unrecognised_layout_lists_its_keys(tmp_path):
 def test_sha256_of_files_and_folders(tmp_path):
     import hashlib
 
-    from maisi.checkpoints import file_sha256
+    from maisi.files import file_sha256
 
     (tmp_path / "a.bin").write_bytes(b"abc")
     assert file_sha256(tmp_path / "a.bin") == hashlib.sha256(b"abc").hexdigest()
@@ -259,3 +259,16 @@ def test_sha256_of_files_and_folders(tmp_path):
     before = file_sha256(series)
     (series / "1.dcm").write_bytes(b"two")
     assert file_sha256(series) != before  # a DICOM folder's content is part of its identity
+
+
+def test_a_missing_released_file_points_to_the_download_command(tmp_path):
+    from maisi.checkpoints import load_network
+    from maisi.errors import CheckpointError
+    from maisi.networks import get_preset
+
+    with pytest.raises(CheckpointError) as info:
+        load_network(get_preset("maisi-ct-rflow"), "controlnet", tmp_path / "controlnet_3d_rflow-ct.pt")
+    assert f"python -m maisi.download --variant rflow-ct --dest {tmp_path}" in str(info.value)
+    with pytest.raises(CheckpointError) as info:
+        load_network(get_preset("tiny-rflow"), "controlnet", tmp_path / "mine.pt")
+    assert "maisi.download" not in str(info.value)

@@ -10,18 +10,21 @@ the bytes and honours ``Range: bytes=N-``. A non-LFS file is answered directly w
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import re
 import socket
+import stat
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from maisi import download
+from maisi import archive, download
 from maisi.download import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _answer(self, body: bool) -> None:
-        match = re.fullmatch(rf"/{HF_REPO}/resolve/(main|{COMMIT})/models/([^/]+)", self.path)
+        match = re.fullmatch(rf"/{HF_REPO}/resolve/(main|{COMMIT})/(?:models|datasets)/([^/]+)", self.path)
         if self.where == "hub" and match:
             return self._resolve(match.group(2), body)
         if self.where == "cdn" and self.path.startswith("/cdn/"):
@@ -161,6 +164,19 @@ def hub() -> FakeHub:
         thread.join()
 
 
+def manifest_for_tests(datasets: bool) -> dict:
+    """The shipped manifest with the fake autoencoder pinned; without the mask-database files unless asked."""
+    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
+    data = FILES[PINNED]
+    manifest["pins"] = {
+        f"{HF_REPO}/models/{PINNED}": {"sha256": sha(data), "size": len(data), "source": "test"}
+    }
+    if not datasets:  # the weights' tests below predate the database files
+        for variant in manifest["variants"].values():
+            del variant["datasets"], variant["mask_archive"]
+    return manifest
+
+
 @pytest.fixture(autouse=True)
 def hermetic(monkeypatch) -> None:
     """No token, mirror, offline flag or proxy from the environment; the fake autoencoder is the pinned file."""
@@ -178,11 +194,7 @@ def hermetic(monkeypatch) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "*")
     monkeypatch.setattr(download.constants, "HF_HUB_OFFLINE", False)  # huggingface_hub read it when imported
-    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
-    data = FILES[PINNED]
-    manifest["pins"] = {
-        f"{HF_REPO}/models/{PINNED}": {"sha256": sha(data), "size": len(data), "source": "test"}
-    }
+    manifest = manifest_for_tests(datasets=False)
     monkeypatch.setattr(download, "load_manifest", lambda: manifest)
 
 
@@ -465,6 +477,22 @@ def test_unwritable_dest_bad_lock_and_bad_variant_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_shipped_manifest_lists_the_mask_database_of_each_variant():
+    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
+    for variant, n in (("rflow-ct", 4000), ("ddpm-ct", 3000)):
+        files = download.variant_files(manifest, variant, datasets=True, mask_archive=True)
+        assert [f.local for f in files[3:]] == [
+            f"datasets/candidate_masks_flexible_size_and_spacing_{n}.json",
+            "datasets/all_anatomy_size_conditions.json",
+            # MAISI's ddpm-ct environment too reads its _3000 database's masks from the _4000 archive
+            "datasets/all_masks_flexible_size_and_spacing_4000.zip",
+        ]
+        assert all(f.path == f.local and f.repo == HF_REPO for f in files[3:])
+        assert manifest["variants"][variant]["mask_archive"]["extract_to"] == (
+            "datasets/all_masks_flexible_size_and_spacing_4000"
+        )
+
+
 def test_shipped_manifest_lists_what_the_configs_load_and_sourced_pins():
     manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
     for variant in ("rflow-ct", "ddpm-ct"):
@@ -477,3 +505,116 @@ def test_shipped_manifest_lists_what_the_configs_load_and_sourced_pins():
     pins = download.manifest_pins(manifest)
     assert set(pins) == {f"{HF_REPO}/models/autoencoder_v1.pt"}
     assert all(len(pin["source"]) > 40 for pin in manifest["pins"].values())  # says where the hash comes from
+
+
+# ---------------------------------------------------------------- the mask database and its archive
+
+DB_JSON = "candidate_masks_flexible_size_and_spacing_4000.json"
+SIZES_JSON = "all_anatomy_size_conditions.json"
+ARCHIVE = "all_masks_flexible_size_and_spacing_4000.zip"
+MASKS = {"ds1/case1_label.nii.gz": b"mask one" * 500, "ds2/sub/case2_label.nii.gz": b"mask two" * 700}
+
+
+def make_zip(members: dict[str, bytes], symlinks: dict[str, str] = {}) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for name, target in symlinks.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return buffer.getvalue()
+
+
+MASK_ZIP = make_zip({f"all_masks_flexible_size_and_spacing_4000/{k}": v for k, v in MASKS.items()})
+
+
+@pytest.fixture
+def database(hub, monkeypatch) -> FakeHub:
+    """The hub also serves the database files and a small mask archive; the manifest lists them."""
+    manifest = manifest_for_tests(datasets=True)
+    monkeypatch.setattr(download, "load_manifest", lambda: manifest)
+    hub.files.update({DB_JSON: b'[{"pseudo_label_filename": "./ds1/case1_label.nii.gz"}]', SIZES_JSON: b"[]"})
+    hub.files[ARCHIVE] = MASK_ZIP
+    return hub
+
+
+def extracted(dest: Path) -> dict[str, bytes]:
+    folder = dest / "datasets" / "all_masks_flexible_size_and_spacing_4000"
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_database_files_come_with_the_weights_archive_only_when_asked(database, tmp_path, capsys):
+    dest = tmp_path / "d"
+    assert fetch(database.base_url, dest) == 0
+    out = capsys.readouterr().out
+    assert "5 downloaded, 0 skipped" in out and f"datasets/{DB_JSON}: downloaded" in out
+    assert (dest / "datasets" / DB_JSON).read_bytes() == database.files[DB_JSON]
+    assert (dest / "datasets" / SIZES_JSON).read_bytes() == b"[]"
+    assert f"{HF_REPO}/datasets/{DB_JSON}" in lock_of(dest)  # checked like the weights (trust on first use)
+    assert not database.requests("GET", ARCHIVE) and not database.requests("HEAD", ARCHIVE, "hub")
+    assert not (dest / "datasets" / "all_masks_flexible_size_and_spacing_4000").exists()
+
+    assert fetch(database.base_url, tmp_path / "w", "--weights-only") == 0
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == sorted([*RFLOW, download.LOCK_NAME])
+
+
+def test_mask_archive_is_verified_then_extracted_where_the_database_expects_it(database, tmp_path, capsys):
+    dest = tmp_path / "d"
+    assert fetch(database.base_url, dest, "--with-mask-archive") == 0
+    out = capsys.readouterr().out
+    assert f"datasets/{ARCHIVE}: extracted 2 files" in out and "6 downloaded" in out
+    assert f"{HF_REPO}/datasets/{ARCHIVE}" in lock_of(dest)
+    files = extracted(dest)
+    # the zip's top folder is not repeated, and no temporary folder is left
+    assert {k: v for k, v in files.items() if k != archive.MARKER} == MASKS
+    assert not [p for p in (dest / "datasets").iterdir() if p.name.startswith(".")]
+
+    mtime = (dest / "datasets" / "all_masks_flexible_size_and_spacing_4000" / "ds1/case1_label.nii.gz").stat()
+    assert fetch(database.base_url, dest, "--with-mask-archive") == 0
+    assert "already extracted in" in capsys.readouterr().out
+    case1 = dest / "datasets" / "all_masks_flexible_size_and_spacing_4000" / "ds1/case1_label.nii.gz"
+    assert case1.stat().st_mtime_ns == mtime.st_mtime_ns  # nothing extracted again
+
+    case1.write_bytes(b"truncated")  # a damaged extraction is noticed by name and size and redone
+    assert fetch(database.base_url, dest, "--with-mask-archive") == 0
+    assert f"datasets/{ARCHIVE}: extracted 2 files" in capsys.readouterr().out
+    assert case1.read_bytes() == MASKS["ds1/case1_label.nii.gz"]
+
+
+def test_hostile_archive_is_refused_whole_and_nothing_is_extracted(database, tmp_path, capsys):
+    dest = tmp_path / "models" / "maisi"
+    database.files[ARCHIVE] = make_zip(
+        {"ds1/ok.nii.gz": b"fine", "../../escaped.txt": b"x", "/abs.txt": b"x", "ds1/ok.nii.gz.": b"x"},
+        symlinks={"ds1/link": "/etc/passwd"},
+    )
+    assert fetch(database.base_url, dest, "--with-mask-archive") == 1
+    err = capsys.readouterr().err
+    assert f"{ARCHIVE} holds 3 unsafe member(s): '../../escaped.txt' (a '..' component" in err
+    assert "'/abs.txt' (an absolute path)" in err and "'ds1/link' (a symbolic link)" in err
+    assert "nothing was extracted" in err
+    assert f"failed: 1 of 6 file(s) failed (datasets/{ARCHIVE} (extraction))" in err
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "models" / "escaped.txt").exists()
+    assert sorted(p.name for p in (dest / "datasets").iterdir()) == sorted([DB_JSON, SIZES_JSON, ARCHIVE])
+
+
+def test_archive_without_a_top_folder_extracts_into_the_target(tmp_path):
+    zip_path = tmp_path / "a.zip"
+    zip_path.write_bytes(make_zip(MASKS))
+    target = tmp_path / "datasets" / "all_masks_flexible_size_and_spacing_4000"
+    assert archive.extract_archive(zip_path, target, "0" * 64).startswith("extracted 2 files")
+    assert {k: v for k, v in extracted(tmp_path).items() if k != archive.MARKER} == MASKS
+    assert archive.extract_archive(zip_path, target, "0" * 64).startswith("already extracted")
+    assert archive.extract_archive(zip_path, target, "1" * 64).startswith("extracted")  # another archive
+
+
+def test_damaged_archive_fails_and_keeps_nothing(tmp_path):
+    data = bytearray(make_zip(MASKS))
+    data[60:80] = bytes(20)  # inside the first member's compressed bytes: its CRC no longer matches
+    zip_path = tmp_path / "a.zip"
+    zip_path.write_bytes(bytes(data))
+    target = tmp_path / "out" / "masks"
+    with pytest.raises(download.RunFailure, match="a.zip is damaged"):
+        archive.extract_archive(zip_path, target, "0" * 64)
+    assert list((tmp_path / "out").iterdir()) == []

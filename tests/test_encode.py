@@ -361,7 +361,7 @@ def test_a_non_finite_latent_is_never_written(small_data, tmp_path, monkeypatch,
 
 
 def test_a_nan_latent_from_before_the_checks_is_encoded_again(small_data, tmp_path, caplog):
-    from maisi.checkpoints import file_sha256
+    from maisi.files import file_sha256
     from maisi.data.latents import write_latent, write_sidecar
 
     config = small_data([{"image": "c0/ct.nii.gz"}])

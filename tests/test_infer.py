@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from maisi import generation, generation_run, infer
-from maisi.checkpoints import file_sha256
+from maisi.files import file_sha256
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.errors import InputError

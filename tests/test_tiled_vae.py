@@ -1,19 +1,25 @@
-"""Tiled VAE decoding/encoding equals MONAI's whole-volume pass, within a measured memory bound."""
+"""Tiled VAE decoding/encoding equals MONAI's whole-volume pass, within a measured memory bound; the adapter
+that reads MONAI's structure matches MONAI's forward, and a model it does not know falls back with a warning."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiResBlock
+from monai.networks.blocks import Convolution
 
-from maisi.decoding import decode, encode
-from maisi.networks import build_network, get_preset
-from maisi.tiled_vae import TilingTrace, decode_tiled, encode_tiled, plan_tiles
+from maisi.decoding import TilingFallbackWarning, decode, encode
+from maisi.monai_vae_adapter import Step, check_structure, program
+from maisi.networks import PRESETS, build_network, get_preset
+from maisi.tiled_vae import TilingTrace, UnsupportedStructure, decode_tiled, encode_tiled, plan_tiles
 
 TOL = 1e-4  # float32: only the summation order differs from the whole-volume pass
 
@@ -152,7 +158,7 @@ def test_tiled_decode_peak_memory_is_at_most_half_of_untiled():
     """Peak RSS in fresh processes: what the decode adds on top of the loaded network."""
     added = {}
     for method in ("full", "tiled"):
-        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, method], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, method], check=False, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout.strip().splitlines()[-1])
         added[method] = result["peak"] - result["base"]
@@ -183,3 +189,119 @@ def test_refusals(tiny):
     attention = AutoencoderKlMaisi(**kwargs, num_splits=1, dim_split=1)
     with pytest.raises(ValueError, match="attention needs the whole volume"):
         decode_tiled(attention, _latent(4, 4, 4))
+
+
+def _kind(step: Step) -> str:
+    """What the tiled engine does for a step, as a name (the adapter's vocabulary)."""
+    extras = [("shortcut", step.shortcut is not None), ("upsample", step.upsample), ("end_pad", step.end_pad),
+              ("norm", step.norm is not None and step.role == "plain")]
+    return "+".join([step.role] + [name for name, on in extras if on])
+
+
+@pytest.mark.parametrize("arch", [
+    {},  # the tiny preset: channels 8/16/16, one ResBlock per level
+    {"num_channels": [8, 8, 16], "num_res_blocks": [2, 1, 2], "num_splits": 2, "dim_split": 1},  # MONAI's splits
+])
+def test_adapter_parity_with_monai_forward(arch):
+    """Tiled == MONAI's own decode and encode (posterior clamp included) on tiny VAEs that use every kind of
+    step the adapter emits: run for the installed MONAI, i.e. for every version the pin lets CI install."""
+    kwargs = {**get_preset("tiny-rflow").autoencoder, "num_splits": 1, "dim_split": 0, **arch}
+    torch.manual_seed(0)
+    vae = AutoencoderKlMaisi(**kwargs).eval()
+    with torch.no_grad():  # log-variance far beyond both clamp bounds in two of the four channels
+        vae.quant_conv_log_sigma.conv.bias.copy_(torch.tensor([40.0, -40.0, 0.0, 0.0]))
+    kinds = {_kind(step) for part in ("decoder", "encoder") for step in program(vae, part)}
+    assert kinds == {"plain", "plain+norm", "plain+upsample", "plain+end_pad", "res_a", "res_a+shortcut", "res_b"}
+    z = _latent(5, 8, 3, batch=2)
+    with torch.no_grad():
+        expected = vae.decode_stage_2_outputs(z)
+        mu, sigma = vae.encode(expected.clamp(0, 1))
+    assert (decode_tiled(vae, z, max_tile_voxels=40) - expected).abs().max().item() <= TOL
+    got_mu, got_sigma = encode_tiled(vae, expected.clamp(0, 1), max_tile_voxels=40)
+    assert got_mu.shape == mu.shape == (2, 4, 5, 8, 3)
+    assert (got_mu - mu).abs().max().item() <= TOL
+    assert torch.equal(got_sigma[:, :2], sigma[:, :2])  # exp(20 / 2) and exp(-30 / 2): MONAI's clamp
+    assert torch.allclose(got_sigma, sigma, rtol=1e-5, atol=TOL)
+
+
+def test_every_preset_vae_is_recognised():
+    """The default decode of every shipped preset (the released MAISI VAE included) takes the tiled path."""
+    for name in PRESETS:
+        torch.manual_seed(0)
+        vae = build_network(get_preset(name), "autoencoder")
+        assert [check_structure(vae, part) for part in ("decoder", "encoder")] == [None, None], name
+
+
+class _Wrapped(torch.nn.Module):
+    """A module the adapter does not know, with the same arithmetic as the block it wraps."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def _with_wrapped_resblock(vae: torch.nn.Module, part: str) -> tuple[torch.nn.Module, int]:
+    vae = copy.deepcopy(vae)
+    blocks = getattr(vae, part).blocks
+    k = next(i for i, block in enumerate(blocks) if type(block) is MaisiResBlock)
+    blocks[k] = _Wrapped(blocks[k])
+    return vae, k
+
+
+@pytest.mark.parametrize("part", ["decoder", "encoder"])
+def test_unrecognised_structure_warns_once_and_runs_the_whole_volume(tiny, part):
+    vae, k = _with_wrapped_resblock(tiny, part)
+    z = _latent(5, 6, 4)
+    x = decode(tiny, z, 1.0, method="full").clamp(0, 1)
+    run = {"decoder": lambda method: decode(vae, 2.0 * z, 2.0, method=method, memory_budget_bytes=1 << 19),
+           "encoder": lambda method: encode(vae, x, method=method, memory_budget_bytes=1 << 19)}[part]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run("tiled")
+    fallbacks = [w for w in caught if issubclass(w.category, TilingFallbackWarning)]
+    assert len(fallbacks) == 1, [str(w.message) for w in caught]
+    assert fallbacks[0].filename == __file__  # points at the caller of decode()/encode()
+    fallbacks = [str(fallbacks[0].message)]
+    assert f"cannot tile {part}.blocks.{k} (_Wrapped): not a block this adapter knows" in fallbacks[0]
+    assert "whole-volume" in fallbacks[0]
+    assert torch.equal(got, run("full"))  # bit-identical: the whole-volume pass ran, not tiles
+    other = "encoder" if part == "decoder" else "decoder"
+    assert check_structure(vae, other) is None  # the untouched part still tiles
+
+
+def _mutated(tiny: torch.nn.Module, how: str) -> torch.nn.Module:
+    vae = copy.deepcopy(tiny)
+    block = vae.decoder.blocks[1]
+    assert type(block) is MaisiResBlock
+    if how == "subclass":  # a subclass may override forward()
+        block.__class__ = type("MyResBlock", (MaisiResBlock,), {})
+    elif how == "activation":  # a MONAI Convolution with norm/activation after the convolution
+        vae.decoder.blocks[0].conv = Convolution(3, 4, 16, kernel_size=3, act="PRELU", norm=None)
+    elif how == "parameter":  # a parameter MONAI's forward might use and the tiles would not
+        block.scale = torch.nn.Parameter(torch.ones(1))
+    elif how == "transposed":
+        kwargs = {**get_preset("tiny-rflow").autoencoder, "use_convtranspose": True}
+        vae = AutoencoderKlMaisi(**kwargs, num_splits=1, dim_split=0)
+    elif how == "attribute":  # an attribute the adapter reads, gone (as another MONAI version might have it)
+        del vae.decoder.blocks[2].use_convtranspose
+    elif how == "not_a_vae":
+        vae = torch.nn.Sequential(torch.nn.Conv3d(4, 1, 1))
+    return vae
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("subclass", "decoder.blocks.1 (MyResBlock): a subclass of MONAI's MaisiResBlock, whose forward may differ"),
+    ("activation", "decoder.blocks.0.conv (Convolution) has submodules ['conv', 'adn'], expected ['conv']"),
+    ("parameter", "decoder.blocks.1.scale is not used by the tiled path (1 unused)"),
+    ("transposed", "cannot tile decoder.blocks.2 (MaisiUpsample): upsampling by transposed convolution"),
+    ("attribute", "decoder: 'MaisiUpsample' object has no attribute 'use_convtranspose'"),
+    ("not_a_vae", "autoencoder is Sequential, expected MONAI's AutoencoderKL"),
+])
+def test_structure_check_names_what_it_does_not_know(tiny, how, message):
+    vae = _mutated(tiny, how)
+    assert message in check_structure(vae, "decoder")
+    with pytest.raises(UnsupportedStructure, match=re.escape(message)):
+        decode_tiled(vae, _latent(4, 4, 4))

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maisi.checkpoints import file_sha256, save_checkpoint
+from maisi.checkpoints import save_checkpoint
+from maisi.files import file_sha256
 from maisi.data.datalist import write_datalist
 from maisi.data.io import Volume, write_volume
 from maisi.data.latents import write_latent, write_sidecar

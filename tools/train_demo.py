@@ -43,7 +43,7 @@ from monai.transforms import Spacing
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from maisi.checkpoints import file_sha256  # noqa: E402
+from maisi.files import file_sha256  # noqa: E402
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
 from maisi.quality import BONE_LABELS, ORGAN_LABELS  # noqa: E402
 

@@ -260,12 +260,17 @@ def read_volume(path: str | Path) -> Volume:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(f"{path}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
     array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = _itk_ras_affine(image)
+    check_affine(path, affine)
+    return to_ras(Volume(array, affine))
+
+
+def _itk_ras_affine(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
+    """The RAS affine of an ITK image or of a reader's header (ITK gives direction, spacing, origin in LPS)."""
     lps = np.eye(4)
-    lps[:3, :3] = direction @ np.diag(image.GetSpacing())
+    lps[:3, :3] = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
-    check_affine(path, lps)
-    return to_ras(Volume(array, _LPS_TO_RAS @ lps))
+    return _LPS_TO_RAS @ lps
 
 
 def _ras_transform(affine: np.ndarray) -> np.ndarray:
@@ -303,11 +308,7 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
-            direction = np.array(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
-            lps = np.eye(4)
-            lps[:3, :3] = direction @ np.diag(reader.GetSpacing())
-            lps[:3, 3] = reader.GetOrigin()
-            shape, affine = tuple(int(s) for s in reader.GetSize()[:3]), _LPS_TO_RAS @ lps
+            shape, affine = tuple(int(s) for s in reader.GetSize()[:3]), _itk_ras_affine(reader)
     except VolumeError:
         raise
     except RuntimeError as e:  # SimpleITK
