@@ -30,7 +30,11 @@ from maisi.device import autocast_dtype
 from maisi.errors import CheckpointError, InputError, VolumeError
 from maisi.intensity import set_outside_body, unit_to_hu
 from maisi.labels import BODY_LABEL, load_label_dict, labels_not_in_dict
+from maisi.labels.crop import crop
+from maisi.masks.anatomy import AnatomyPlan, plan_anatomy, sample_mask
+from maisi.masks.resample import pad_to_size, resample_mask
 from maisi.networks import RuntimeOptions
+from maisi.options import BODY_REGIONS, REGION_INDEX
 from maisi.presets import Preset, get_preset, grid_problems
 from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
@@ -49,6 +53,22 @@ class GenerationPlan:
     conditions: Conditions
     mask: Volume | None
     warnings: tuple[str, ...] = ()
+    anatomy: AnatomyPlan | None = None  # anatomy mode: the request and its database picks
+    crop_box: tuple[slice, ...] | None = None  # mask padded to a size the preset takes: the original voxels
+    mask_grid: dict[str, Any] | None = None  # mask mode: how the mask was brought to the generation grid
+    sample_record: dict[str, Any] | None = None  # anatomy mode, per sample: how its mask was made
+
+    @property
+    def output_mask(self) -> Volume | None:
+        """The mask on the grid of the saved CT (the generation grid without the padding)."""
+        if self.mask is None or self.crop_box is None:
+            return self.mask
+        return crop(self.mask, self.crop_box)
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether samples are generated from a mask (given or retrieved): the ControlNet is used."""
+        return self.mask is not None or self.anatomy is not None
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -88,21 +108,71 @@ def _mask_problems(mask: Volume, preset: Preset, config: InferConfig, label_dict
     unknown = labels_not_in_dict(mask.array, label_dict)
     if unknown:
         shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
-        problems.append(f"labels not in the label dictionary: {shown} (remap the mask to MAISI ids or "
-                        "extend the dictionary with $.label_dict)")  # fmt: skip
-    problems.extend(grid_problems(preset, mask.shape, mask.spacing, config.enforce_preset_limits))
+        problems.append(
+            f"labels not in the label dictionary: {shown} (remap the mask to MAISI ids or "
+            "extend the dictionary with $.label_dict)"
+        )
     return problems
 
 
+def fitting_size(
+    preset: Preset, shape: tuple[int, int, int], enforce_limits: bool
+) -> tuple[int, int, int] | None:
+    """The smallest size at least ``shape`` on every axis that the preset takes, or None when none is."""
+    m = preset.spatial_multiple
+
+    def up(n: int, allowed: tuple[int, ...] | None = None) -> int | None:
+        if allowed is None:
+            return -(-n // m) * m
+        return min((a for a in allowed if a >= n and a % m == 0), default=None)
+
+    if enforce_limits and preset.limits:
+        xy, z = up(max(shape[:2]), preset.limits.xy_sizes), up(shape[2], preset.limits.z_sizes)
+        return None if xy is None or z is None else (xy, xy, z)
+    return (up(shape[0]), up(shape[1]), up(shape[2]))  # type: ignore[return-value]
+
+
+def _fit_mask(
+    mask: Volume, preset: Preset, config: InferConfig
+) -> tuple[Volume, dict[str, Any] | None, tuple[slice, ...] | None, list[str]]:
+    """Bring a user's mask to a grid the preset takes: resampled to $.spacing / $.output_size when given,
+    else padded (background) to the next size it takes. Returns the mask, a record, the crop box and the
+    grid problems left."""
+    record: dict[str, Any] | None = None
+    if config.output_size is not None or config.spacing is not None:
+        mask, resampling = resample_mask(mask, config.spacing, config.output_size)
+        record = {"resampling": resampling}
+    enforce = config.enforce_preset_limits
+    problems = grid_problems(preset, mask.shape, mask.spacing, enforce)
+    box = None
+    if problems and config.output_size is None:
+        size = fitting_size(preset, mask.shape, enforce)
+        if size is not None and not grid_problems(preset, size, mask.spacing, enforce):
+            original = mask
+            mask, box = pad_to_size(mask, size)
+            record = {**(record or {}), "padding": {"from": list(original.shape), "to": list(size),
+                      "crop_box": [[b.start, b.stop] for b in box]}}
+            problems = []
+    return mask, record, box, problems
+
+
 def plan_generation(config: InferConfig) -> GenerationPlan:
-    """Check the inputs a config names (mask, labels, grid) and fix the grid and the conditions.
+    """Check the inputs a config names (mask or database, labels, grid) and fix the grid and the conditions.
 
     Raises:
-        InputError: listing every problem found with the mask, or naming the missing body region.
+        InputError: listing every problem found with the mask, or naming the missing body region; in
+            anatomy mode, any problem of the database or the request (see :func:`plan_anatomy`).
     """
     preset = get_preset(config.preset)
     warnings: list[str] = []
     top, bottom = (config.body_region.top, config.body_region.bottom) if config.body_region else (None, None)
+    if config.anatomy is not None:
+        assert config.output_size is not None and config.spacing is not None  # the config checks see to it
+        shape, spacing = config.output_size, config.spacing
+        anatomy = plan_anatomy(config, load_label_dict(config.label_dict))
+        conditions = Conditions(spacing, top, bottom, config.modality)  # body region: per sample, from a mask
+        affine = centred_affine(shape, spacing)
+        return GenerationPlan(config, preset, shape, affine, conditions, None, anatomy=anatomy)
     if config.mask is None:
         assert config.output_size is not None and config.spacing is not None  # guaranteed by the config checks
         shape, spacing = config.output_size, config.spacing
@@ -114,6 +184,10 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
     problems = _mask_problems(mask, preset, config, label_dict)
     if problems:
         raise VolumeError(f"mask {config.mask}:\n  " + "\n  ".join(problems))
+    mask, mask_grid, box, problems = _fit_mask(mask, preset, config)
+    if problems:
+        where = "resampled to $.spacing/$.output_size" if mask_grid else "its grid"
+        raise VolumeError(f"mask {config.mask} ({where}):\n  " + "\n  ".join(problems))
     if not np.any(mask.array == BODY_LABEL):
         warnings.append(f"mask {config.mask} has no body label {BODY_LABEL}: MAISI's ControlNet expects every "
                         f"body voxel that is not an organ labelled {BODY_LABEL}; without it images are poor. Add it "
@@ -126,7 +200,42 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
                              "organ or femur label); set $.body_region in the config")  # fmt: skip
         top, bottom = derived
     conditions = Conditions(mask.spacing, top, bottom, config.modality)
-    return GenerationPlan(config, preset, mask.shape, mask.affine, conditions, mask, tuple(warnings))
+    fit = {"crop_box": box, "mask_grid": mask_grid}
+    return GenerationPlan(config, preset, mask.shape, mask.affine, conditions, mask, tuple(warnings), **fit)
+
+
+def plan_for_seed(
+    plan: GenerationPlan, seed: int, planned_digest: str | None = None, device: str = "cpu"
+) -> GenerationPlan:
+    """Anatomy mode: the plan of one sample, with its prepared mask and the body region derived from it.
+    Other modes: the plan itself.
+
+    Raises:
+        InputError: the sample's mask cannot be made (see :func:`maisi.masks.anatomy.build_sample_mask`), or
+            its body region cannot be derived for a preset conditioned on it.
+    """
+    if plan.anatomy is None:
+        return plan
+    sample = sample_mask(plan.anatomy, seed, planned_digest, device)
+    conditions = plan.conditions
+    if conditions.top_region is None and plan.preset.uses_body_region:
+        derived = body_region_from_mask(sample.volume.array)
+        if derived is None:
+            regions = sorted(REGION_INDEX[r.strip().lower()] for r in plan.anatomy.anatomy.body_region)
+            if not regions:
+                raise InputError(
+                    f"seed {seed}: cannot derive the body region of the mask of "
+                    f"{sample.record['entry']['path']} (no marker organ); set $.body_region "
+                    "or $.anatomy.body_region"
+                )
+            derived = (BODY_REGIONS[regions[0]], BODY_REGIONS[regions[-1]])
+        conditions = dataclasses.replace(conditions, top_region=derived[0], bottom_region=derived[1])
+    # The CT takes the geometry of the resampled database mask (as MAISI saves it), so that world positions
+    # in the record (lesion centres) hold for the files.
+    volume = sample.volume
+    return dataclasses.replace(
+        plan, mask=volume, affine=volume.affine.copy(), conditions=conditions, sample_record=sample.record
+    )
 
 
 GIB = 1 << 30
@@ -162,10 +271,10 @@ def estimate_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimat
     latent = int(np.prod(plan.latent_shape))
     half = autocast_dtype(config.precision, device) is not None
     stored = preset.autoencoder["num_channels"][0] * (2 if half else 4) * voxels
-    parts = ["autoencoder", "diffusion_unet"] + (["controlnet"] if plan.mask is not None else [])
+    parts = ["autoencoder", "diffusion_unet"] + (["controlnet"] if plan.has_mask else [])
     weights = sum(_file_size(getattr(config.checkpoints, part)) for part in parts)
-    mask = plan.mask.array.nbytes if plan.mask is not None else 0
-    planes = 32 * voxels if plan.mask is not None else 0
+    mask = plan.mask.array.nbytes if plan.mask is not None else (voxels if plan.has_mask else 0)  # uint8
+    planes = 32 * voxels if plan.has_mask else 0
     on_device = weights + 4 * latent * LATENT_WORKING_COPIES + planes
     decode_host = 10 * voxels
     method = config.decoding.method
@@ -175,7 +284,7 @@ def estimate_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimat
         on_device += stored
     else:
         decode_host += 4 * voxels
-    building_planes = mask + (48 * voxels if plan.mask is not None else 0)
+    building_planes = mask + (48 * voxels if plan.has_mask else 0)
     if device.type == "cpu":
         return MemoryEstimate(max(building_planes, mask + decode_host + on_device), 0)
     return MemoryEstimate(max(building_planes, mask + decode_host), on_device)
@@ -205,7 +314,7 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
         InputError: naming the grid, the estimate and what the machine has.
     """
     need = estimate_memory(plan, device)
-    where = f"mask {plan.config.mask}" if plan.mask is not None else "$.output_size"
+    where = f"mask {plan.config.mask}" if plan.config.mask is not None else "$.output_size"
     grid = " x ".join(map(str, plan.shape))
     advice = "generate a smaller grid or use a machine with more memory"
     ram = available_ram_bytes()
@@ -247,7 +356,7 @@ def load_models(plan: GenerationPlan, device: torch.device) -> Models:
                               "trained model (1 / std of the training latents) and cannot be guessed")  # fmt: skip
     weights = {"autoencoder": vae_w, "diffusion_unet": unet_w}
     controlnet = None
-    if plan.mask is not None:
+    if plan.has_mask:
         assert config.checkpoints.controlnet is not None  # guaranteed by the config checks
         controlnet, weights["controlnet"] = load_network(preset, "controlnet", config.checkpoints.controlnet, runtime)
         controlnet = controlnet.to(device)
@@ -265,6 +374,8 @@ def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = T
         mode), and the seconds spent in sampling and decoding.
     """
     config, device = plan.config, models.device
+    if plan.has_mask and plan.mask is None:
+        raise ValueError("anatomy mode: generate from the plan of a sample (plan_for_seed)")
     # Noise is drawn on the CPU so a seed gives the same starting point on every device.
     noise = torch.randn(plan.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     step_generator = torch.Generator(device=device).manual_seed(seed + 1)
@@ -289,7 +400,10 @@ def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = T
     hu = unit_to_hu(image[0, 0].numpy())
     if plan.mask is not None:
         hu = set_outside_body(hu, plan.mask.array)
-    return Volume(hu, plan.affine.copy()), {"sampling_s": t1 - t0, "decoding_s": t2 - t1}
+    ct = Volume(hu, plan.affine.copy())
+    if plan.crop_box is not None:  # the mask was padded to a size the preset takes: back to its grid
+        ct = crop(ct, plan.crop_box)
+    return ct, {"sampling_s": t1 - t0, "decoding_s": t2 - t1}
 
 
 RETRY_SEED_STRIDE = 1_000_003  # try k of a sample uses seed + k * stride: far from the other samples' seeds
@@ -316,7 +430,7 @@ def generate_checked(plan: GenerationPlan, models: Models, seed: int,
         ct, timings = generate(plan, models, try_seed, progress)
         for key, value in timings.items():
             totals[key] = totals.get(key, 0.0) + value
-        result = hu_check(ct, plan.mask, organs)
+        result = hu_check(ct, plan.output_mask, organs)
         tries.append({"seed": try_seed, **result.to_json()})
         if best is None or len(result.failed) < best[0]:
             best = (len(result.failed), ct)

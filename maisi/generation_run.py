@@ -34,8 +34,10 @@ from maisi.generation import (
     check_memory,
     generate_checked,
     load_models,
+    plan_for_seed,
     plan_generation,
 )
+from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
 from maisi.quality import mask_fidelity
 
@@ -55,7 +57,7 @@ def job_key(config: InferConfig, checksums: dict[str, str]) -> str:
 def sample_files(config: InferConfig, seed: int) -> dict[str, Path]:
     out, stem, fmt = Path(config.output.dir), f"{config.output.prefix}_seed{seed}", config.output.format
     files = {"image": out / f"{stem}_image.{fmt}", "metadata": out / f"{stem}.json"}
-    if config.mask is not None:
+    if config.writes_mask:
         files["label"] = out / f"{stem}_label.{fmt}"
     if config.output.preview:
         files["preview"] = out / f"{stem}_preview.png"
@@ -105,6 +107,7 @@ class Job:
     models: Models
     checksums: dict[str, str]
     key: str
+    mask_digests: dict[int, str] = dataclasses.field(default_factory=dict)  # anatomy: seed -> voxel SHA-256
 
 
 def prepare(config: InferConfig) -> Job:
@@ -120,13 +123,39 @@ def prepare(config: InferConfig) -> Job:
     check_memory(plan, device)
     for warning in plan.warnings:
         log.warning(warning)
+    digests = {}
+    if plan.anatomy is not None:
+        # Every sample's mask is made now (retrieval, resampling, augmentation, lesions): a request that
+        # fails for one seed stops the run before the networks load and before anything is written.
+        seeds = range(config.seed, config.seed + config.num_samples)
+        digests = prepare_all(plan.anatomy, seeds, str(device))
+        for seed in seeds:
+            log.info("seed %d: %s", seed, describe_pick(plan, seed))
     models = load_models(plan, device)
     checksums = {part: file_sha256(w.path) for part, w in models.weights.items()}
     if config.mask is not None:
         checksums["mask"] = file_sha256(config.mask)
+    if plan.anatomy is not None:
+        checksums["mask_database"] = plan.anatomy.database_sha256
     key = job_key(config, checksums)
     check_no_foreign_samples(config, key)
-    return Job(plan, models, checksums, key)
+    return Job(plan, models, checksums, key, digests)
+
+
+def describe_pick(plan: GenerationPlan, seed: int) -> str:
+    """Anatomy mode: which database mask a seed uses, for the log and --dry-run."""
+    assert plan.anatomy is not None
+    record = plan.anatomy.sample_record(seed)
+    entry, fallback = record["entry"], record["fallback_from"]
+    text = f"mask {entry['path']} of {record['database']['path']} (rank {entry['rank']}, {entry['why']})"
+    if fallback:
+        text += "; instead of " + ", ".join(f"{f['path']} (loses {', '.join(f['lost'])})" for f in fallback)
+    lesions = record["lesions"]
+    if lesions:
+        text += "; lesions " + ", ".join(
+            f"'{r['label_name']}' {r['equivalent_diameter_mm']:g} mm in {r['host_names']}" for r in lesions
+        )
+    return text
 
 
 def check_no_foreign_samples(config: InferConfig, key: str) -> None:
@@ -155,16 +184,18 @@ def quality_record(tries: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def write_sample(job: Job, seed: int, files: dict[str, Path]) -> dict[str, Any]:
     """Generate one sample and write its files; the metadata JSON, with their checksums, goes last."""
-    plan, models = job.plan, job.models
+    models = job.models
     t0 = time.perf_counter()
+    plan = plan_for_seed(job.plan, seed, job.mask_digests.get(seed), str(models.device))
     ct, timings, tries = generate_checked(plan, models, seed)
     t1 = time.perf_counter()
+    mask = plan.output_mask
     write_volume(files["image"], ct)
     if "label" in files:
-        assert plan.mask is not None
-        write_volume(files["label"], plan.mask)
+        assert mask is not None
+        write_volume(files["label"], mask)
     if "preview" in files:
-        write_preview(files["preview"], ct, plan.mask)
+        write_preview(files["preview"], ct, mask)
     timings.update(writing_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
     metadata = {
         "job_key": job.key,
@@ -179,12 +210,14 @@ def write_sample(job: Job, seed: int, files: dict[str, Path]) -> dict[str, Any]:
         "sampler": {"scheduler": plan.config.sampler, "num_inference_steps": plan.config.num_inference_steps},
         "scale_factor": models.scale_factor,
         "quality_check": quality_record(tries),
-        "mask_fidelity": mask_fidelity(ct, plan.mask) if plan.mask is not None else None,
+        "mask_fidelity": mask_fidelity(ct, mask) if mask is not None else None,
         "checkpoints": {
             part: {"path": str(w.path), "format": w.source_format, "sha256": job.checksums[part]}
             for part, w in models.weights.items()
         },
         "mask": {"path": plan.config.mask, "sha256": job.checksums.get("mask")} if plan.config.mask else None,
+        "mask_grid": plan.mask_grid,
+        "anatomy": plan.sample_record,
         "timings_s": {k.removesuffix("_s"): round(v, 3) for k, v in timings.items()},
         "device": str(models.device),
         "versions": {

@@ -23,23 +23,39 @@ def _preset(name: str, key: str) -> tuple[Preset | None, list[str]]:
 
 
 def infer_problems(config: InferConfig) -> list[str]:
-    """Grid, body region and sampler of an infer config against its preset."""
+    """Grid, body region, sampler and (anatomy mode) the requested names of an infer config."""
     preset, problems = _preset(config.preset, "$.preset")
     if preset is None:
         return problems
-    if not config.from_mask:
+    if not config.from_mask and not config.from_anatomy:
         if preset.uses_body_region and config.body_region is None:
             problems.append(
                 f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on body region"
             )
-        if config.output_size is not None:
-            spacing = config.spacing or (1.0, 1.0, 1.0)
-            enforce = config.enforce_preset_limits and config.spacing is not None
-            for reason in grid_problems(preset, config.output_size, spacing, enforce):
-                problems.append(f"$.output_size/$.spacing: {reason}")
+    if config.output_size is not None:
+        # In mask mode without a spacing the mask's own spacing applies: only the size can be judged here.
+        spacing = config.spacing or (1.0, 1.0, 1.0)
+        enforce = config.enforce_preset_limits and config.spacing is not None
+        for reason in grid_problems(preset, config.output_size, spacing, enforce):
+            problems.append(f"$.output_size/$.spacing: {reason}")
     for reason in check_sampler(preset.schedule, config.sampler, config.num_inference_steps):
         problems.append(f"$.sampling: {reason}")
+    if config.from_anatomy:
+        problems += _anatomy_name_problems(config)
     return problems
+
+
+def _anatomy_name_problems(config: InferConfig) -> list[str]:
+    """The anatomy request's names against the label dictionary (a file: checked here, not in the config)."""
+    from maisi.labels import load_label_dict
+    from maisi.masks.anatomy import anatomy_problems  # imports torch (the databases): anatomy mode only
+
+    try:
+        label_dict = load_label_dict(config.label_dict)
+    except InputError as e:
+        return [f"$.label_dict: {e}"]
+    assert config.anatomy is not None
+    return anatomy_problems(config.anatomy, label_dict)
 
 
 def evaluate_problems(config: EvaluateConfig) -> list[str]:

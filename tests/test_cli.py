@@ -71,7 +71,7 @@ def test_listing_names_every_command_and_subcommand_and_the_console_scripts_matc
     text = listing()
     for name in CLI_MODULES:
         assert f"python -m {name} " in text
-    assert "add|remap|envelope|crop|show" in text and "index|show|query" in text
+    assert "add|remap|envelope|crop|resample|show" in text and "index|show|query" in text
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     targets = {target.split(":")[0].removesuffix(".__main__") for target in scripts.values()}
     assert targets == set(CLI_MODULES)

@@ -167,7 +167,8 @@ def _broken_masks(tmp_path: Path) -> dict[str, Path]:
     unknown = phantom_mask()
     unknown[6, 6, 6] = 250
     masks["unknown"] = write_volume(tmp_path / "unknown.nii.gz", Volume(unknown, affine))
-    masks["size"] = write_volume(tmp_path / "size.nii.gz", Volume(phantom_mask((30, 32, 16)), affine))
+    coarse = np.diag([2.0, 2.0, 6.0, 1.0])  # z spacing outside the released presets' limits: padding fails
+    masks["coarse"] = write_volume(tmp_path / "coarse.nii.gz", Volume(phantom_mask((30, 32, 16)), coarse))
     masks["empty"] = write_volume(tmp_path / "empty.nii.gz", Volume(np.zeros((32, 32, 16), np.uint8), affine))
     return masks
 
@@ -185,7 +186,7 @@ BROKEN = [
     ("mask unreadable", {"mask": "text"}, "cannot read as a medical image"),
     ("mask not integer", {"mask": "float"}, "must hold integer labels, found 0.5"),
     ("mask labels unknown", {"mask": "unknown"}, "labels not in the label dictionary: 250"),
-    ("mask size", {"mask": "size"}, "size [30, 32, 16] is not a multiple of 16"),
+    ("mask grid", {"preset": "maisi-ct-rflow", "mask": "coarse"}, "spacing z 6 mm is outside [0.5, 5] mm"),
     ("mask missing", {"mask": "/nonexistent/mask.nii.gz"}, "/nonexistent/mask.nii.gz: file not found"),
     ("mask all zero", {"mask": "empty"}, "empty.nii.gz:\n  has no labelled voxel (every voxel is 0"),
     ("controlnet missing", {"checkpoints": "no-controlnet"}, "controlnet checkpoint not found"),

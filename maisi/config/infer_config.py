@@ -3,13 +3,16 @@ JSON Schema cannot express that relate several keys. Checks against the preset a
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Any
 
 from maisi.options import (
     DEFAULT_STEPS,
     BodyRegion,
     CheckedOrgan,
     DecodeMethod,
+    REGION_INDEX,
     DeviceName,
     Modality,
     Precision,
@@ -64,10 +67,46 @@ class QualityCheckConfig:
 
 
 @dataclass(frozen=True)
+class LesionSpec:
+    """A lesion to place in the retrieved mask: a label-dictionary name, its size and its host organ(s)."""
+
+    label: str
+    diameter_mm: float
+    host: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AnatomyConfig:
+    """Anatomy mode: what the CT must hold; the mask comes from a database (MAISI's retrieval path)."""
+
+    anatomy_list: tuple[str, ...]
+    body_region: tuple[str, ...]
+    mask_database: str | None
+    mask_root: str | None
+    augment: bool
+    lesions: tuple[LesionSpec, ...]
+    controllable_anatomy_size: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        # The loader builds nested dataclasses only for object fields; the lesions arrive as plain objects.
+        lesions = tuple(
+            item if isinstance(item, LesionSpec) else _lesion(item) for item in self.lesions
+        )
+        object.__setattr__(self, "lesions", lesions)
+
+
+def _lesion(item: dict[str, Any]) -> LesionSpec:
+    host = item["host"]
+    hosts = (host,) if isinstance(host, str) else tuple(host)
+    return LesionSpec(item["label"], float(item["diameter_mm"]), hosts)
+
+
+@dataclass(frozen=True)
 class InferConfig:
     preset: str
     checkpoints: Checkpoints
     mask: str | None
+    anatomy: AnatomyConfig | None
     output_size: tuple[int, int, int] | None
     spacing: tuple[float, float, float] | None
     body_region: BodyRegionRange | None
@@ -88,6 +127,15 @@ class InferConfig:
         return self.mask is not None
 
     @property
+    def from_anatomy(self) -> bool:
+        return self.anatomy is not None
+
+    @property
+    def writes_mask(self) -> bool:
+        """Whether each sample has a mask (saved next to its CT): mask and anatomy modes."""
+        return self.mask is not None or self.anatomy is not None
+
+    @property
     def sampler(self) -> Sampler:
         """The sampler to use: the configured one or the preset's own."""
         return self.sampling.scheduler or PRESETS[self.preset].schedule.kind
@@ -97,17 +145,38 @@ class InferConfig:
         return self.sampling.num_inference_steps or DEFAULT_STEPS[self.sampler]
 
 
+def _region_problems(regions: tuple[str, ...]) -> list[str]:
+    """Unknown body-region names, with did-you-mean (MAISI's spellings and ours, case-insensitive)."""
+    problems = []
+    for i, name in enumerate(regions):
+        key = name.strip().lower()
+        if key in REGION_INDEX:
+            continue
+        hints = difflib.get_close_matches(key, list(REGION_INDEX), n=2, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
+        known = ", ".join(REGION_INDEX)
+        problems.append(f"$.anatomy.body_region[{i}]: unknown body region '{name}'{hint} (known: {known})")
+    return problems
+
+
 def check_infer_config(config: InferConfig) -> list[str]:
     """Cross-key checks; each message starts with the JSON path it concerns."""
     problems: list[str] = []
-    if config.from_mask:
+    if config.from_mask and config.from_anatomy:
+        return ["$.anatomy: cannot be combined with $.mask (a mask is given or retrieved, not both)"]
+    if config.from_anatomy:
+        assert config.anatomy is not None
         for key in ("output_size", "spacing"):
-            if getattr(config, key) is not None:
-                problems.append(f"$.{key}: must be null when $.mask is set (the mask defines the grid)")
+            if getattr(config, key) is None:
+                problems.append(f"$.{key}: required in anatomy mode ($.anatomy is set): the grid to generate")
+        if config.checkpoints.controlnet is None:
+            problems.append("$.checkpoints.controlnet: required in anatomy mode ($.anatomy is set)")
+        problems += _region_problems(config.anatomy.body_region)
+    elif config.from_mask:
         if config.checkpoints.controlnet is None:
             problems.append("$.checkpoints.controlnet: required when generating from a mask ($.mask is set)")
     else:
         for key in ("output_size", "spacing"):
             if getattr(config, key) is None:
-                problems.append(f"$.{key}: required in image-only mode (set it, or set $.mask)")
+                problems.append(f"$.{key}: required in image-only mode (set it, or set $.mask or $.anatomy)")
     return problems

@@ -4,6 +4,7 @@
     remap     convert a mask from another vocabulary (e.g. TotalSegmentator) to MAISI ids
     envelope  add the body label 200 to a mask from its CT (and, on request, the lungs from its air)
     crop      cut a CT and its mask to a box around some labels (e.g. a lesion)
+    resample  bring a mask to a spacing and/or size (nearest neighbour, centred pad/crop), as maisi.infer does
     show      print a label dictionary
 """
 
@@ -96,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--output-image", required=True, help="the cropped CT")
     cr.add_argument("--output-mask", required=True, help="the cropped mask")
 
+    rs = add_subcommand(sub, "resample", help="resample a mask (nearest) to a spacing and/or pad or crop it")
+    rs.add_argument("--mask", required=True, help="the mask (NIfTI, NRRD, MHA or a DICOM folder)")
+    rs.add_argument("--output", required=True, help="the resampled mask")
+    rs.add_argument(
+        "--spacing",
+        nargs=3,
+        type=float,
+        default=None,
+        metavar=("SX", "SY", "SZ"),
+        help="target voxel size in mm, labels resampled by nearest neighbour (default: the mask's)",
+    )
+    rs.add_argument(
+        "--size",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="target size in voxels: centred padding with background 0 or cropping, after the resampling "
+        "(default: what the resampling gives)",
+    )
+
     show = add_subcommand(sub, "show", help="print a label dictionary as 'id name' lines")
     show.add_argument("--label-dict", default=None, help="the dictionary to print (default: MAISI's)")
     return parser
@@ -184,13 +206,44 @@ def cmd_crop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_resample(args: argparse.Namespace) -> int:
+    from maisi.masks.database import label_counts
+    from maisi.masks.resample import resample_mask  # MONAI's transforms: imported after parsing
+
+    if args.spacing is None and args.size is None:
+        raise InputError("give --spacing, --size or both")
+    for value in args.spacing or ():
+        _finite(value, "--spacing", 1e-3, 100.0, "mm")
+    for value in args.size or ():
+        if not 1 <= value <= 2048:
+            raise InputError(f"--size {value}: must be a whole number in 1..2048")
+    check_output_path(args.output, "--output", {"--mask": args.mask})
+    mask = read_mask(args.mask)
+    out, record = resample_mask(mask, args.spacing, args.size)
+    before = [round(s, 4) for s in mask.spacing]
+    lost = sorted(set(label_counts(mask.array)[0].tolist()) - set(label_counts(out.array)[0].tolist()))
+    write_volume(args.output, out)
+    after = [round(s, 4) for s in out.spacing]
+    print(f"{list(mask.shape)} at {before} mm -> {list(out.shape)} at {after} mm")
+    if lost:
+        log.warning("labels no longer present after resampling: %s", lost)
+    return EXIT_OK
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     for name, label_id in sorted(load_label_dict(args.label_dict).items(), key=lambda item: item[1]):
         print(f"{label_id:3d} {name}")
     return EXIT_OK
 
 
-COMMANDS = {"add": cmd_add, "remap": cmd_remap, "envelope": cmd_envelope, "crop": cmd_crop, "show": cmd_show}
+COMMANDS = {
+    "add": cmd_add,
+    "remap": cmd_remap,
+    "envelope": cmd_envelope,
+    "crop": cmd_crop,
+    "resample": cmd_resample,
+    "show": cmd_show,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
