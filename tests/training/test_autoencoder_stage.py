@@ -16,7 +16,8 @@ from maisi.data.io import Volume, read_volume, write_volume
 from maisi.intensity import hu_to_unit
 from maisi.networks import get_preset
 from maisi.train import main
-from maisi.training.autoencoder import discriminator_fits, draw_patches, kl_divergence
+from maisi.training.autoencoder import discriminator_fits, kl_divergence
+from maisi.training.ct_data import draw_patches
 from maisi.training.perceptual import (
     _medicalnet_backbone,
     _MedicalNetSimilarity,
