@@ -149,7 +149,9 @@ def round_trip(
     padded = DivisiblePad(k=vae_factor, mode="constant", value=0, method="end")(unit[0])
     padded = convert_to_tensor(padded, track_meta=False)[None]
     budget = memory_budget_mb << 20
-    latent = encode(autoencoder, padded.to(device), method="tiled", memory_budget_bytes=budget, autocast_dtype=dtype)
+    latent = encode(
+        autoencoder, padded.to(device), method="tiled", memory_budget_bytes=budget, autocast_dtype=dtype
+    )
     image = decode(
         autoencoder, latent.to(device), 1.0, method="tiled", memory_budget_bytes=budget, autocast_dtype=dtype
     )

@@ -109,8 +109,16 @@ class AutoencoderStage:
 
     name = "autoencoder"
 
-    def __init__(self, config: TrainConfig, preset: Preset, root: Path, train: list[tuple[int, dict[str, Any]]],
-                 val: list[tuple[int, dict[str, Any]]], device: torch.device, ranks: Ranks | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        preset: Preset,
+        root: Path,
+        train: list[tuple[int, dict[str, Any]]],
+        val: list[tuple[int, dict[str, Any]]],
+        device: torch.device,
+        ranks: Ranks | None = None,
+    ):
         """Check every CT, read those to hold, then build the VAE, the perceptual loss and the discriminator.
 
         Args:
@@ -123,8 +131,8 @@ class AutoencoderStage:
             ranks: this process among torchrun's (None: the only one).
 
         Raises:
-            InputError: missing or unreadable images, or held images with NaN/inf voxels (all listed at once), or
-                a missing package.
+            InputError: missing or unreadable images, or held images with NaN/inf voxels (all listed at
+                once), or a missing package.
             CheckpointError: init or perceptual weights that do not fit.
         """
         self.config, self.preset, self.device = config, preset, device
@@ -153,8 +161,8 @@ class AutoencoderStage:
             self._d_step = torch.nn.parallel.DistributedDataParallel(self.discriminator)
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
         log.info(
-            "autoencoder: %d training and %d validation volumes (%d and %d held in memory), patch %s (at least "
-            "%.0f%% above -950 HU), %s loss",
+            "autoencoder: %d training and %d validation volumes (%d and %d held in memory), patch %s "
+            "(at least %.0f%% above -950 HU), %s loss",
             len(self.volumes),
             len(self.val_volumes),
             self.volumes.held,
@@ -165,10 +173,15 @@ class AutoencoderStage:
         )
 
     def _read_images(
-        self, root: Path, train: list[tuple[int, dict[str, Any]]], val: list[tuple[int, dict[str, Any]]], ranks: Ranks
+        self,
+        root: Path,
+        train: list[tuple[int, dict[str, Any]]],
+        val: list[tuple[int, dict[str, Any]]],
+        ranks: Ranks,
     ) -> tuple[CTVolumes, CTVolumes]:
-        """Check every image's header, then read the images to hold: this process's share of the training images
-        (under torchrun), the validation images on the validating process only. Problems are listed at once."""
+        """Check every image's header, then read the images to hold: this process's share of the training
+        images (under torchrun), the validation images on the validating process only. Problems are listed at
+        once."""
         train_items, problems = check_images(train, root, "training")
         val_items, val_problems = check_images(val, root, "validation")
         _refuse(problems + val_problems)

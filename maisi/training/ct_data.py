@@ -1,11 +1,11 @@
 """CT images for the autoencoder stage: checked up front, held in memory up to a ``cache_rate``, patches drawn
 from a generator the caller seeds.
 
-Every image's header is read before the first step (missing or unreadable files are listed at once). The first
-``cache_rate`` of the images are then read, converted to the VAE's [0, 1] scale and held (MONAI
-``CacheDataset``); the others are read from disk each time a patch is drawn from them, so with ``cache_rate`` 0
-memory holds only the batches in flight, whatever the size of the datalist. A held image with NaN/inf voxels is
-refused before the first step; one read later stops the run naming its file.
+Every image's header is read before the first step (missing or unreadable files are listed at once). The
+first ``cache_rate`` of the images are then read, converted to the VAE's [0, 1] scale and held (MONAI
+``CacheDataset``); the others are read from disk each time a patch is drawn from them, so with ``cache_rate``
+0 memory holds only the batches in flight, whatever the size of the datalist. A held image with NaN/inf voxels
+is refused before the first step; one read later stops the run naming its file.
 """
 
 from __future__ import annotations
@@ -24,11 +24,15 @@ from maisi.data.io import read_geometry, read_volume
 from maisi.errors import InputError
 from maisi.intensity import hu_to_unit
 
-FOREGROUND_UNIT = (-950.0 + 1000.0) / 2000.0  # -950 HU on the VAE's [0, 1] scale: lung and tissue, not outside air
+FOREGROUND_UNIT = (
+    -950.0 + 1000.0
+) / 2000.0  # -950 HU on the VAE's [0, 1] scale: lung and tissue, not outside air
 MAX_REDRAWS = 10
 
 
-def check_images(entries: list[tuple[int, dict[str, Any]]], root: Path, what: str) -> tuple[list[dict], list[str]]:
+def check_images(
+    entries: list[tuple[int, dict[str, Any]]], root: Path, what: str
+) -> tuple[list[dict], list[str]]:
     """Headers of every image of ``entries`` (cheap: no voxels are read).
 
     Args:
@@ -37,8 +41,8 @@ def check_images(entries: list[tuple[int, dict[str, Any]]], root: Path, what: st
         what: ``"training"`` or ``"validation"``, for messages.
 
     Returns:
-        (items, problems): ``{"image": path, "where": datalist position}`` per readable image, and one message per
-        missing or unreadable one.
+        (items, problems): ``{"image": path, "where": datalist position}`` per readable image, and one
+        message per missing or unreadable one.
     """
     items, problems = [], []
     for i, entry in entries:
@@ -57,13 +61,15 @@ def check_images(entries: list[tuple[int, dict[str, Any]]], root: Path, what: st
 
 
 class LoadUnitCTd(Transform):
-    """``{"image": path, "where": ...}`` -> ``{"image": (1, X, Y, Z) float32 in [0, 1], RAS}``, padded (constant 0,
-    i.e. -1000 HU, symmetric) to at least ``min_size``; or ``{"problem": message}`` for an unreadable or non-finite
-    image. Problems are returned, not raised: raised in a DataLoader worker they would arrive wrapped in its
-    traceback."""
+    """``{"image": path, "where": ...}`` -> ``{"image": (1, X, Y, Z) float32 in [0, 1], RAS}``, padded
+    (constant 0, i.e. -1000 HU, symmetric) to at least ``min_size``; or ``{"problem": message}`` for an
+    unreadable or non-finite image. Problems are returned, not raised: raised in a DataLoader worker they
+    would arrive wrapped in its traceback."""
 
     def __init__(self, min_size: tuple[int, int, int] | None):
-        self.pad = SpatialPad(spatial_size=min_size, method="symmetric", mode="constant") if min_size else None
+        self.pad = (
+            SpatialPad(spatial_size=min_size, method="symmetric", mode="constant") if min_size else None
+        )
 
     def __call__(self, item: dict[str, str]) -> dict[str, Any]:
         try:
@@ -86,11 +92,23 @@ class CTVolumes:
     The first ``int(cache_rate * n)`` are read here and held; the others are read on every access.
     """
 
-    def __init__(self, items: list[dict], min_size: tuple[int, int, int] | None, cache_rate: float,
-                 threads: int = 1, progress: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        items: list[dict],
+        min_size: tuple[int, int, int] | None,
+        cache_rate: float,
+        threads: int = 1,
+        progress: bool = False,
+    ):
         """Read the held share (``threads`` reader threads; a progress bar if ``progress``)."""
-        self.data = CacheDataset(items, Compose([LoadUnitCTd(min_size)]), cache_rate=cache_rate,
-                                 num_workers=max(1, threads), progress=progress, copy_cache=False)  # fmt: skip
+        self.data = CacheDataset(
+            items,
+            Compose([LoadUnitCTd(min_size)]),
+            cache_rate=cache_rate,
+            num_workers=max(1, threads),
+            progress=progress,
+            copy_cache=False,
+        )
         held = [self.data[i] for i in range(self.held)]  # from the cache: nothing is read again
         self.problems: list[str] = [item["problem"] for item in held if "problem" in item]
 
@@ -114,8 +132,13 @@ class CTVolumes:
         return item["image"]
 
 
-def draw_patches(volumes: Sequence[torch.Tensor], batch_size: int, patch: tuple[int, int, int],
-                 min_foreground: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def draw_patches(
+    volumes: Sequence[torch.Tensor],
+    batch_size: int,
+    patch: tuple[int, int, int],
+    min_foreground: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``batch_size`` random patches (N, 1, *patch) from random volumes, drawn with ``generator`` only (None:
     torch's global one).
 
@@ -130,7 +153,9 @@ def draw_patches(volumes: Sequence[torch.Tensor], batch_size: int, patch: tuple[
             drawn = int(torch.randint(len(volumes), (), generator=generator))
             if drawn != index:  # a redraw of the same image does not read it again
                 index, v = drawn, volumes[drawn]
-            corner = [int(torch.randint(s - p + 1, (), generator=generator)) for s, p in zip(v.shape[1:], patch)]
+            corner = [
+                int(torch.randint(s - p + 1, (), generator=generator)) for s, p in zip(v.shape[1:], patch)
+            ]
             x, y, z = corner
             crop = v[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]]
             if min_foreground <= 0 or float((crop > FOREGROUND_UNIT).float().mean()) >= min_foreground:

@@ -138,7 +138,7 @@ class LatentCases:
 
     @staticmethod
     def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        """A batch from :meth:`read` on ``device``, with ``control`` (the bit-encoded labels) if it has labels."""
+        """A batch from :meth:`read` on ``device``, plus ``control`` (bit-encoded labels) if it has labels."""
         out: dict[str, Any] = {
             "latents": batch["latents"].to(device),
             "unet_inputs": {k: v.to(device) for k, v in batch["unet_inputs"].items()},

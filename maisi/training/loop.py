@@ -68,8 +68,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class StepBatches(Dataset):
-    """Item ``step``: ``(step, batch, state)``, the batch of that training step drawn by ``draw`` with a generator
-    seeded from (seed, step, rank), and that generator's state after the draw.
+    """Item ``step``: ``(step, batch, state)``, the batch of that training step drawn by ``draw`` with a
+    generator seeded from (seed, step, rank), and that generator's state after the draw.
 
     The batch depends on nothing else (not on the worker that drew it, nor when), so workers may read ahead in
     any order. An input problem found while drawing comes back as the message in place of the state: raised in
@@ -91,8 +91,13 @@ class StepBatches(Dataset):
         return step, batch, generator.get_state()
 
 
-def step_batches(draw: Callable[[torch.Generator], Any], config: TrainConfig, rank: int, start: int,
-                 pin_memory: bool = False) -> Iterator[tuple[int, Any, torch.Tensor]]:  # fmt: skip
+def step_batches(
+    draw: Callable[[torch.Generator], Any],
+    config: TrainConfig,
+    rank: int,
+    start: int,
+    pin_memory: bool = False,
+) -> Iterator[tuple[int, Any, torch.Tensor]]:
     """``(step, batch, generator state)`` for steps ``start`` .. ``config.steps - 1`` in order, read ahead by
     ``config.loader.num_workers`` worker processes (0: drawn here when asked for).
 
@@ -204,7 +209,7 @@ def train(stage: Stage, config: TrainConfig, ranks: Ranks, device: torch.device,
             drawn, batch, state = next(batches)
             if drawn != step:
                 raise RuntimeError(f"the data loader gave the batch of step {drawn} for step {step}")
-            torch.set_rng_state(state)  # continue where the draw left the stream, as if it had been drawn here
+            torch.set_rng_state(state)  # the stream continues where the draw left it, as if drawn here
             model.train()
             with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
                 terms = stage.train_loss(wrapped, batch)
@@ -212,7 +217,8 @@ def train(stage: Stage, config: TrainConfig, ranks: Ranks, device: torch.device,
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip if opt.grad_clip else float("inf"))
+            clip = opt.grad_clip if opt.grad_clip else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

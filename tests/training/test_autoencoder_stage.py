@@ -199,8 +199,11 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, crop
     # the validation method and its sizes may change on resume, and so may how the images are read (held or
     # read per draw, by worker processes): none of them moves the weights
     validation = {"val_method": "sliding_window", "val_roi_size": [24, 24, 24], "val_memory_budget_mb": 64}
-    more = make_config(tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"),
-                       autoencoder={**gan, **validation}, loader={"num_workers": 2, "cache_rate": 0.0})  # fmt: skip
+    loader = {"num_workers": 2, "cache_rate": 0.0}
+    more = make_config(
+        tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"),
+        autoencoder={**gan, **validation}, loader=loader,
+    )
     assert main(["autoencoder", "--config", str(more), "--resume"]) == 0
     assert "2 training and 0 validation volumes (0 and 0 held in memory)" in caplog.text
     assert "adversarial loss on: PatchDiscriminator (8 channels), weight 0.1, from step 2" in caplog.text
