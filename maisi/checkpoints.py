@@ -27,7 +27,7 @@ import torch
 import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
-from maisi.files import file_sha256  # noqa: F401 - re-exported: callers import it from here
+
 from maisi.networks import PARTS, Part, Preset, RuntimeOptions, architecture_of, build_network
 
 FORMAT = "maisi-checkpoint"

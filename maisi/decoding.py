@@ -16,6 +16,8 @@ from typing import Literal, get_args
 
 import torch
 from monai.inferers import SlidingWindowInferer
+from monai.transforms import DivisiblePad
+from monai.utils import convert_to_tensor
 
 from maisi.device import autocast
 from maisi.monai_vae_adapter import Part, check_structure
@@ -152,3 +154,31 @@ def encode(
     if not sample:
         return mu
     return mu + sigma * torch.randn(mu.shape, generator=generator)
+
+
+def round_trip(
+    autoencoder: torch.nn.Module,
+    unit: torch.Tensor,
+    vae_factor: int,
+    memory_budget_mb: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The VAE round trip of a (1, 1, X, Y, Z) image in [0, 1] (on the VAE's device) as the pipeline does it:
+    padded to the VAE factor, encoded to the posterior mean, decoded (exact tiles within the memory budget),
+    cropped back. Shared by training's validation and ``maisi.evaluate``.
+
+    Returns:
+        (1, 1, X, Y, Z) float32 in [0, 1] on the CPU.
+    """
+    device = next(autoencoder.parameters()).device
+    size = unit.shape[2:]
+    padded = DivisiblePad(k=vae_factor, mode="constant", value=0, method="end")(unit[0])
+    padded = convert_to_tensor(padded, track_meta=False)[None]
+    budget = memory_budget_mb << 20
+    latent = encode(
+        autoencoder, padded.to(device), method="tiled", memory_budget_bytes=budget, autocast_dtype=dtype
+    )
+    image = decode(
+        autoencoder, latent.to(device), 1.0, method="tiled", memory_budget_bytes=budget, autocast_dtype=dtype
+    )
+    return image[..., : size[0], : size[1], : size[2]].clamp(0.0, 1.0)

@@ -36,8 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-from monai.transforms import DivisiblePad
-from monai.utils import convert_to_tensor
 
 import maisi
 from maisi.atomic import write_json
@@ -46,7 +44,7 @@ from maisi.config.evaluate_config import EvaluateConfig
 from maisi.config.loader import to_jsonable
 from maisi.data.datalist import read_datalist
 from maisi.data.io import Volume, read_geometry, read_volume
-from maisi.decoding import decode, encode
+from maisi.decoding import round_trip as reconstruct  # the name maisi.evaluate users know
 from maisi.device import autocast_dtype, resolve_device
 from maisi.encoding import transform
 from maisi.errors import InputError
@@ -172,24 +170,6 @@ def summarise_cases(cases: list[dict[str, Any]]) -> dict[str, Any]:
                 f"not computed for {left_out} of {len(cases)} case(s), too small for it (each case says why)"
             )
     return summary
-
-
-def reconstruct(
-    autoencoder: torch.nn.Module, unit: torch.Tensor, vae_factor: int, memory_budget_mb: int,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """VAE round trip of a (1, 1, X, Y, Z) image in [0, 1] (on the VAE's device): padded, encoded to the posterior
-    mean, decoded (exact tiles within the memory budget), cropped back; returns (1, 1, X, Y, Z) float32 in [0, 1]
-    on the CPU."""
-    device = next(autoencoder.parameters()).device
-    size = unit.shape[2:]
-    padded = convert_to_tensor(DivisiblePad(k=vae_factor, mode="constant", value=0, method="end")(unit[0]),
-                               track_meta=False)[None]  # fmt: skip
-    budget = memory_budget_mb << 20
-    latent = encode(autoencoder, padded.to(device), method="tiled", memory_budget_bytes=budget, autocast_dtype=dtype)
-    image = decode(autoencoder, latent.to(device), 1.0, method="tiled", memory_budget_bytes=budget,
-                   autocast_dtype=dtype)  # fmt: skip
-    return image[..., : size[0], : size[1], : size[2]].clamp(0.0, 1.0)
 
 
 def reconstruction_case(

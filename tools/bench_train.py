@@ -31,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 RATE = re.compile(r"(\d+) steps in ([\d.]+) s \(([\d.]+) steps/s")
 
 
-def make_latents(folder: Path, preset_name: str, size: tuple[int, int, int]) -> Path:
+def make_latents(folder: Path, preset_name: str, size: tuple[int, int, int], count: int = 2) -> Path:
+    """``count`` random latents with valid sidecars, label masks, a datalist and a UNet (``unet.pt``)."""
     preset = get_preset(preset_name)
     rng = np.random.default_rng(0)
     entries = []
-    for i in range(2):
+    for i in range(count):
         latent = rng.standard_normal((preset.latent_channels, *size)).astype(np.float32)
         path = write_latent(folder / f"case{i}_emb.nii.gz", latent, np.eye(4) * 4)
         label = np.full([preset.vae_factor * s for s in size], 200, dtype=np.uint8)

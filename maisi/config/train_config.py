@@ -61,6 +61,13 @@ class AutoencoderStageConfig:
 
 
 @dataclass(frozen=True)
+class LoaderConfig:
+    num_workers: int
+    prefetch_factor: int
+    cache_rate: float
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     preset: str
     datalist: str
@@ -80,6 +87,7 @@ class TrainConfig:
     diffusion: DiffusionStageConfig
     controlnet: ControlNetStageConfig
     autoencoder: AutoencoderStageConfig
+    loader: LoaderConfig
     device: DeviceName
 
 

@@ -12,10 +12,14 @@ Loss, as MAISI::
   after ``adversarial_warmup_steps``; the discriminator has its own AdamW and is updated in ``after_step`` on
   the batch the generator just saw. Its weights and optimiser state are part of the resumable state.
 
-Patches are drawn with torch's global generator only (the loop re-seeds it every step), so a resumed run
-repeats the uninterrupted one exactly. Validation reconstructs every held-out volume from ``z_mu`` (no
-sampling) as the pipeline does (whole volume, exact tiles) or by MAISI's sliding windows
-(``$.autoencoder.val_method``), and reports PSNR and SSIM on the [0, 1] intensity scale.
+Images are read and held as ``$.loader.cache_rate`` says (:mod:`maisi.training.ct_data`); under torchrun each
+process draws from, and holds, its own share of the training images. A step's patches are drawn with the
+generator the loop seeds from (seed, step, rank), in a DataLoader worker or in the training process, with the
+same draws as before workers existed, so a resumed run repeats the uninterrupted one exactly.
+
+Validation reconstructs every held-out volume from ``z_mu`` (no sampling) as the pipeline does (whole volume,
+exact tiles; :func:`maisi.decoding.round_trip`) or by MAISI's sliding windows (``$.autoencoder.val_method``),
+and reports PSNR and SSIM on the [0, 1] intensity scale.
 """
 
 from __future__ import annotations
@@ -31,88 +35,21 @@ from monai.inferers import SlidingWindowInferer
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
-from monai.transforms import SpatialPad
 from monai.utils import convert_to_tensor
 from torch import nn
 
 from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config.train_config import TrainConfig
-from maisi.data.io import read_volume
+from maisi.decoding import round_trip
+from maisi.distributed import Ranks
 from maisi.errors import CheckpointError, InputError, TrainingDiverged
-from maisi.evaluation import reconstruct as round_trip
-from maisi.intensity import hu_to_unit
 from maisi.networks import Preset, RuntimeOptions, build_network
+from maisi.training.ct_data import CTVolumes, PatchDraw, check_images
 from maisi.training.perceptual import build_perceptual_loss
 
 log = logging.getLogger(__name__)
 
 VAL_OVERLAP = 0.25
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-def load_ct_volumes(entries: list[tuple[int, dict[str, Any]]], root: Path, min_size: tuple[int, int, int] | None,
-                    what: str) -> tuple[list[torch.Tensor], list[str]]:  # fmt: skip
-    """Read every CT of ``entries`` as (1, X, Y, Z) float32 tensors in [0, 1] (RAS).
-
-    Args:
-        entries: ``(index in the datalist, entry)`` pairs; ``entry["image"]`` is relative to ``root``.
-        root: folder of the datalist's paths.
-        min_size: pad (constant 0, i.e. -1000 HU, symmetric) every volume to at least this size; None: no padding.
-        what: ``"training"`` or ``"validation"``, for messages.
-
-    Returns:
-        (volumes, problems): one message per unreadable or missing image; ``volumes`` is complete only when
-        ``problems`` is empty.
-    """
-    pad = SpatialPad(spatial_size=min_size, method="symmetric", mode="constant") if min_size else None
-    volumes, problems = [], []
-    for i, entry in entries:
-        where = f"$.training[{i}].image ({what})"
-        if not isinstance(entry.get("image"), str):
-            problems.append(f"{where}: missing (each entry needs the path of a CT image)")
-            continue
-        try:
-            volume = read_volume(root / entry["image"])
-        except InputError as e:
-            problems.append(f"{where}: {e}")
-            continue
-        hu = np.asarray(volume.array, dtype=np.float32)
-        bad = int(hu.size - np.isfinite(hu).sum())
-        if bad:
-            problems.append(f"{where}: {root / entry['image']} holds {bad} NaN/infinite voxels")
-            continue
-        x = torch.from_numpy(hu_to_unit(hu))[None]
-        if pad is not None:
-            x = convert_to_tensor(pad(x), track_meta=False)
-        volumes.append(x.contiguous())
-    return volumes, problems
-
-
-FOREGROUND_UNIT = (-950.0 + 1000.0) / 2000.0  # -950 HU on the VAE's [0, 1] scale: lung and tissue, not outside air
-MAX_REDRAWS = 10
-
-
-def draw_patches(volumes: list[torch.Tensor], batch_size: int, patch: tuple[int, int, int],
-                 min_foreground: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """``batch_size`` random patches (N, 1, *patch) from random volumes, using torch's global generator only.
-
-    Every volume must be at least ``patch`` in size (see :func:`load_ct_volumes`). With ``min_foreground`` > 0 a
-    patch with a smaller fraction of voxels above -950 HU is redrawn (up to ``MAX_REDRAWS`` times, then the
-    last draw is kept): chest scans are mostly air around the body, which teaches the VAE nothing.
-    """
-    out = []
-    for _ in range(batch_size):
-        for _ in range(MAX_REDRAWS + 1):
-            v = volumes[int(torch.randint(len(volumes), ()))]
-            corner = [int(torch.randint(s - p + 1, ())) for s, p in zip(v.shape[1:], patch)]
-            x, y, z = corner
-            crop = v[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]]
-            if min_foreground <= 0 or float((crop > FOREGROUND_UNIT).float().mean()) >= min_foreground:
-                break
-        out.append(crop)
-    return torch.stack(out)
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -158,6 +95,11 @@ def freeze_encoder(model: nn.Module) -> None:
         getattr(model, name).requires_grad_(False)
 
 
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise InputError(f"autoencoder datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+
+
 def _in_ddp() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -167,9 +109,17 @@ class AutoencoderStage:
 
     name = "autoencoder"
 
-    def __init__(self, config: TrainConfig, preset: Preset, root: Path, train: list[tuple[int, dict[str, Any]]],
-                 val: list[tuple[int, dict[str, Any]]], device: torch.device):  # fmt: skip
-        """Read every CT, then build the VAE, the perceptual loss and the discriminator.
+    def __init__(
+        self,
+        config: TrainConfig,
+        preset: Preset,
+        root: Path,
+        train: list[tuple[int, dict[str, Any]]],
+        val: list[tuple[int, dict[str, Any]]],
+        device: torch.device,
+        ranks: Ranks | None = None,
+    ):
+        """Check every CT, read those to hold, then build the VAE, the perceptual loss and the discriminator.
 
         Args:
             config: the train config (``config.autoencoder`` holds this stage's settings).
@@ -178,21 +128,18 @@ class AutoencoderStage:
             train: ``(datalist index, entry)`` of the training cases (CT images).
             val: the same for the validation cases (may be empty).
             device: where the networks run.
+            ranks: this process among torchrun's (None: the only one).
 
         Raises:
-            InputError: missing or unreadable images (all listed at once), or a missing package.
+            InputError: missing or unreadable images, or held images with NaN/inf voxels (all listed at
+                once), or a missing package.
             CheckpointError: init or perceptual weights that do not fit.
         """
         self.config, self.preset, self.device = config, preset, device
         ac = self.settings = config.autoencoder
-        self.patch = tuple(int(p) for p in ac.patch_size)
-        self.volumes, problems = load_ct_volumes(train, root, self.patch, "training")  # type: ignore[arg-type]
-        self.val_volumes, val_problems = load_ct_volumes(val, root, None, "validation")
-        problems += val_problems
-        if problems:
-            raise InputError(f"autoencoder datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
-        if not self.volumes:
-            raise InputError("the autoencoder stage has no training images")
+        px, py, pz = (int(p) for p in ac.patch_size)
+        self.patch = (px, py, pz)
+        self.volumes, self.val_volumes = self._read_images(root, train, val, ranks or Ranks())
         if ac.train_decoder_only and not config.init.autoencoder:
             raise InputError("$.autoencoder.train_decoder_only: needs $.init.autoencoder (the VAE whose encoder "
                              "and latent space are kept)")  # fmt: skip
@@ -213,9 +160,41 @@ class AutoencoderStage:
         if self.discriminator is not None and _in_ddp():
             self._d_step = torch.nn.parallel.DistributedDataParallel(self.discriminator)
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
-        log.info("autoencoder: %d training and %d validation volumes, patch %s (at least %.0f%% above -950 HU), %s loss",
-                 len(self.volumes), len(self.val_volumes), list(self.patch), 100 * ac.min_foreground,
-                 ac.recon_loss.upper())  # fmt: skip
+        log.info(
+            "autoencoder: %d training and %d validation volumes (%d and %d held in memory), patch %s "
+            "(at least %.0f%% above -950 HU), %s loss",
+            len(self.volumes),
+            len(self.val_volumes),
+            self.volumes.held,
+            self.val_volumes.held,
+            list(self.patch),
+            100 * ac.min_foreground,
+            ac.recon_loss.upper(),
+        )
+
+    def _read_images(
+        self,
+        root: Path,
+        train: list[tuple[int, dict[str, Any]]],
+        val: list[tuple[int, dict[str, Any]]],
+        ranks: Ranks,
+    ) -> tuple[CTVolumes, CTVolumes]:
+        """Check every image's header, then read the images to hold: this process's share of the training
+        images (under torchrun), the validation images on the validating process only. Problems are listed at
+        once."""
+        train_items, problems = check_images(train, root, "training")
+        val_items, val_problems = check_images(val, root, "validation")
+        _refuse(problems + val_problems)
+        if not train_items:
+            raise InputError("the autoencoder stage has no training images")
+        if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
+            train_items = ranks.shard(train_items)
+        loader = self.config.loader
+        volumes = CTVolumes(train_items, self.patch, loader.cache_rate, loader.num_workers, ranks.is_main)
+        val_rate = loader.cache_rate if ranks.is_main else 0.0
+        val_volumes = CTVolumes(val_items, None, val_rate, loader.num_workers, ranks.is_main)
+        _refuse(volumes.problems + val_volumes.problems)
+        return volumes, val_volumes
 
     def _build_perceptual(self) -> nn.Module | None:
         ac = self.settings
@@ -235,7 +214,7 @@ class AutoencoderStage:
         if ac.adversarial_weight == 0:
             log.info("adversarial loss off: $.autoencoder.adversarial_weight is 0")
             return None, None
-        if not discriminator_fits(self.patch):  # type: ignore[arg-type]
+        if not discriminator_fits(self.patch):
             raise InputError(f"$.autoencoder.patch_size: {list(self.patch)} is too small for the PatchDiscriminator "
                              f"(3 layers): it needs at least {DISCRIMINATOR_MIN_PATCH} voxels per axis; use a larger "
                              "patch or set $.autoencoder.adversarial_weight to 0")  # fmt: skip
@@ -253,10 +232,14 @@ class AutoencoderStage:
     def adversarial_active(self) -> bool:
         return self.discriminator is not None and self.step >= self.settings.adversarial_warmup_steps
 
-    def train_loss(self, model: nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
-        """Loss terms on ``batch_size`` fresh random patches; ``"loss"`` is their weighted sum."""
+    def batch_draw(self) -> PatchDraw:
+        """Draws ``$.batch_size`` random patches (N, 1, *patch_size) per step."""
+        return PatchDraw(self.volumes, self.config.batch_size, self.patch, self.settings.min_foreground)
+
+    def train_loss(self, model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms on the step's patches (N, 1, *patch_size); ``"loss"`` is their weighted sum."""
         ac = self.settings
-        x = draw_patches(self.volumes, batch_size, self.patch, ac.min_foreground).to(self.device)  # type: ignore[arg-type]
+        x = batch.to(self.device)
         recon, z_mu, z_sigma = model(x)
         recon = recon.float()
         error = recon - x
@@ -314,13 +297,14 @@ class AutoencoderStage:
     @torch.no_grad()
     def validate(self, model: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """PSNR and SSIM (data range 1) of the held-out volumes' reconstructions; mid-slices of the first."""
-        if not self.val_volumes:
+        if not len(self.val_volumes):
             return {}, {}
         was_training = model.training
         model.eval()
         psnr, ssim = PSNRMetric(max_val=1.0), []
         images: dict[str, np.ndarray] = {}
-        for i, volume in enumerate(self.val_volumes):
+        for i in range(len(self.val_volumes)):
+            volume = self.val_volumes[i]
             recon = self.reconstruct(model, volume).clamp(0, 1)
             psnr(recon[None], volume[None])
             win = min(11, *[s - (1 - s % 2) for s in volume.shape[1:]])  # odd, within the volume

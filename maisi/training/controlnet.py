@@ -22,7 +22,7 @@ from maisi.errors import CheckpointError, InputError
 from maisi.labels import is_dummy, load_label_dict
 from maisi.networks import Preset, RuntimeOptions, build_network
 from maisi.training.diffusion import denoising_loss, training_scheduler, validation_loss
-from maisi.training.latent_data import LatentCases
+from maisi.training.latent_data import CaseDraw, LatentCases
 
 
 def lesion_weights(labels: torch.Tensor, label_ids: tuple[int, ...], weight: float, factor: int) -> torch.Tensor:
@@ -79,8 +79,11 @@ class ControlNetStage:
         return denoising_loss(self.unet, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"],
                               residuals=residuals, weights=weights, generator=generator)  # fmt: skip
 
-    def train_loss(self, model: torch.nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
-        batch = self.train.batch(torch.randint(len(self.train), (batch_size,)).tolist(), self.device)
+    def batch_draw(self) -> CaseDraw:
+        return CaseDraw(self.train, self.config.batch_size)
+
+    def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        batch = self.train.to_device(batch, self.device)
         return {"loss": self._loss(model, batch)[0]}
 
     def after_step(self, step: int) -> dict[str, float]:

@@ -21,7 +21,7 @@ from maisi.config.train_config import TrainConfig
 from maisi.distributed import Ranks
 from maisi.networks import Preset, RuntimeOptions, build_network
 from maisi.sampling import make_scheduler
-from maisi.training.latent_data import LatentCases
+from maisi.training.latent_data import CaseDraw, LatentCases
 
 log = logging.getLogger(__name__)
 VALIDATION_SEED = 12345
@@ -119,8 +119,11 @@ class DiffusionStage:
             log.info("scale_factor = 1 / std of the training latents = %.5f", scale)
         self.scale_factor = float(scale)
 
-    def train_loss(self, model: torch.nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
-        batch = self.train.batch(torch.randint(len(self.train), (batch_size,)).tolist(), self.device)
+    def batch_draw(self) -> CaseDraw:
+        return CaseDraw(self.train, self.config.batch_size)
+
+    def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        batch = self.train.to_device(batch, self.device)
         loss, _, _ = denoising_loss(model, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"])
         return {"loss": loss}
 

@@ -3,7 +3,9 @@
 Every case is verified up front: the latent exists, is readable and finite (a NaN or inf latent would
 turn the loss NaN, or worse the scale factor), its sidecar's checksum and shape agree with the file, the
 conditions the preset needs are there, and a label (ControlNet) lies on the grid ``factor`` times the
-latent's. Problems are listed all at once.
+latent's. Problems are listed all at once. Only paths and conditions are kept: training reads each step's
+latents (and labels) when it draws them, in DataLoader workers ahead of the step when ``$.loader.num_workers``
+asks for them (:class:`CaseDraw`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from maisi.checkpoints import file_sha256
+from maisi.files import file_sha256
 from maisi.conditioning import BODY_REGIONS, Conditions, binarize_labels
 from maisi.data.io import read_geometry, read_mask
 from maisi.data.latents import read_latent, read_sidecar
@@ -109,17 +111,56 @@ class LatentCases:
     def __len__(self) -> int:
         return len(self.cases)
 
-    def batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
-        """Stack cases: latents (N, C, x, y, z), UNet condition tensors, labels (N, 1, X, Y, Z) if any."""
+    def read(self, indices: list[int]) -> dict[str, Any]:
+        """Read and stack cases on the CPU: ``latents`` (N, C, x, y, z), ``unet_inputs`` (the condition
+        tensors) and, when every case has one, ``labels`` (N, 1, X, Y, Z) int64.
+
+        Raises:
+            InputError: the cases differ in shape, or a latent turned non-finite since it was checked.
+        """
         chosen = [self.cases[i] for i in indices]
         if len({c.shape for c in chosen}) > 1:
-            raise InputError(f"a batch mixes latent shapes {sorted({c.shape for c in chosen})}; use batch_size 1 "
-                             "or encode to a common size")  # fmt: skip
-        latents = torch.stack([torch.from_numpy(load_latent(c.latent)) for c in chosen]).to(device)
-        inputs = [c.conditions.network_inputs(self.preset, 1, device) for c in chosen]
-        out: dict[str, Any] = {"latents": latents, "unet_inputs": {k: torch.cat([d[k] for d in inputs]) for k in inputs[0]}}
-        if all(c.label is not None for c in chosen):
-            labels = [torch.from_numpy(read_mask(c.label).array.astype(np.int64)) for c in chosen]  # type: ignore[arg-type]
-            out["labels"] = torch.stack(labels)[:, None].to(device)
+            raise InputError(
+                f"a batch mixes latent shapes {sorted({c.shape for c in chosen})}; use batch_size 1 "
+                "or encode to a common size"
+            )
+        cpu = torch.device("cpu")
+        inputs = [c.conditions.network_inputs(self.preset, 1, cpu) for c in chosen]
+        out: dict[str, Any] = {
+            "latents": torch.stack([torch.from_numpy(load_latent(c.latent)) for c in chosen]),
+            "unet_inputs": {k: torch.cat([d[k] for d in inputs]) for k in inputs[0]},
+        }
+        labels = [c.label for c in chosen if c.label is not None]
+        if len(labels) == len(chosen):
+            arrays = [torch.from_numpy(read_mask(path).array.astype(np.int64)) for path in labels]
+            out["labels"] = torch.stack(arrays)[:, None]
+        return out
+
+    @staticmethod
+    def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """A batch from :meth:`read` on ``device``, plus ``control`` (bit-encoded labels) if it has labels."""
+        out: dict[str, Any] = {
+            "latents": batch["latents"].to(device),
+            "unet_inputs": {k: v.to(device) for k, v in batch["unet_inputs"].items()},
+        }
+        if "labels" in batch:
+            out["labels"] = batch["labels"].to(device)
             out["control"] = binarize_labels(out["labels"])
         return out
+
+    def batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        """:meth:`read` then :meth:`to_device`: the cases at ``indices``, ready for the networks."""
+        return self.to_device(self.read(indices), device)
+
+
+@dataclass(frozen=True)
+class CaseDraw:
+    """One step's batch: ``batch_size`` cases drawn uniformly (with replacement) with the generator given,
+    read on the CPU (runs in DataLoader workers)."""
+
+    cases: LatentCases
+    batch_size: int
+
+    def __call__(self, generator: torch.Generator) -> dict[str, Any]:
+        indices = torch.randint(len(self.cases), (self.batch_size,), generator=generator).tolist()
+        return self.cases.read(indices)

@@ -3,8 +3,13 @@
 AdamW with linear warm-up and constant/linear/cosine decay, gradient clipping, AMP on CUDA (bfloat16 where
 supported), DistributedDataParallel under torchrun (gloo on CPU, NCCL on CUDA; rank 0 alone writes),
 atomic resumable state, TensorBoard scalars and images, a progress bar, and a stop with a clear message
-when a loss term turns NaN/inf. The random state is re-seeded from (seed, step, rank) at every step, so a
-resumed run repeats the uninterrupted one exactly.
+when a loss term turns NaN/inf.
+
+Batches come from a DataLoader over step numbers (:class:`StepBatches`): the batch of step ``s`` is drawn with
+a generator seeded from (seed, s, rank), in a worker process or here, and the step then continues the random
+stream where that draw left it. Everything random is thus a function of (seed, step, rank): any number of
+workers trains the same weights, and a resumed run (the sampler's only state is the step) repeats the
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -12,18 +17,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import closing
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from maisi.config import to_jsonable
 from maisi.config.train_config import OptimizerConfig, TrainConfig
 from maisi.distributed import Ranks
-from maisi.errors import TrainingDiverged
+from maisi.errors import InputError, TrainingDiverged
 from maisi.training.state import TrainState, save_train_state
 
 log = logging.getLogger(__name__)
@@ -35,8 +42,12 @@ class Stage(Protocol):
     name: str
     model: torch.nn.Module  # the module being trained
 
-    def train_loss(self, model: torch.nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
-        """Loss terms of one step on a freshly drawn batch; ``"loss"`` is the one optimised."""
+    def batch_draw(self) -> Callable[[torch.Generator], Any]:
+        """What draws one step's batch (CPU tensors) with the generator it is given, drawing nothing from any
+        other; it runs in DataLoader workers, so it must pickle and hold no network."""
+
+    def train_loss(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Loss terms of one step on its batch (from :meth:`batch_draw`); ``"loss"`` is the one optimised."""
 
     def after_step(self, step: int) -> dict[str, float]:
         """Extra updates after the optimiser step (e.g. a discriminator); returns values to log."""
@@ -54,6 +65,59 @@ class Stage(Protocol):
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+class StepBatches(Dataset):
+    """Item ``step``: ``(step, batch, state)``, the batch of that training step drawn by ``draw`` with a
+    generator seeded from (seed, step, rank), and that generator's state after the draw.
+
+    The batch depends on nothing else (not on the worker that drew it, nor when), so workers may read ahead in
+    any order. An input problem found while drawing comes back as the message in place of the state: raised in
+    a worker, it would reach the user wrapped in the worker's traceback.
+    """
+
+    def __init__(self, draw: Callable[[torch.Generator], Any], seed: int, rank: int, steps: int):
+        self.draw, self.seed, self.rank, self.steps = draw, seed, rank, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[int, Any, torch.Tensor | str]:
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank))
+        try:
+            batch = self.draw(generator)
+        except InputError as e:
+            return step, None, str(e)
+        return step, batch, generator.get_state()
+
+
+def step_batches(
+    draw: Callable[[torch.Generator], Any],
+    config: TrainConfig,
+    rank: int,
+    start: int,
+    pin_memory: bool = False,
+) -> Iterator[tuple[int, Any, torch.Tensor]]:
+    """``(step, batch, generator state)`` for steps ``start`` .. ``config.steps - 1`` in order, read ahead by
+    ``config.loader.num_workers`` worker processes (0: drawn here when asked for).
+
+    Raises:
+        InputError: a file found unreadable or non-finite when its batch was read (its message names it).
+    """
+    workers = config.loader.num_workers
+    loader = DataLoader(
+        StepBatches(draw, config.seed, rank, config.steps),
+        batch_size=None,  # an item is a whole step's batch
+        sampler=range(start, config.steps),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=config.loader.prefetch_factor if workers else None,
+        generator=torch.Generator().manual_seed(config.seed),  # its worker seeds: not from the global stream
+    )
+    for step, batch, state in loader:
+        if isinstance(state, str):
+            raise InputError(state)
+        yield step, batch, state
 
 
 def lr_factor(opt: OptimizerConfig, steps: int):
@@ -134,38 +198,47 @@ def train(stage: Stage, config: TrainConfig, ranks: Ranks, device: torch.device,
             for k, img in images.items():
                 writer.add_image(f"val/{k}", img[None], step)
 
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=stage.name, disable=not ranks.is_main)
+    steps = range(start, config.steps)
+    bar = tqdm(steps, initial=start, total=config.steps, desc=stage.name, disable=not ranks.is_main)
+    draw = stage.batch_draw()
     t0, done = time.perf_counter(), 0
-    for step in bar:
-        torch.manual_seed(step_seed(config.seed, step, ranks.rank))
-        model.train()
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-            terms = stage.train_loss(wrapped, config.batch_size)
-        _check_finite(terms, step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip if opt.grad_clip else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        extra = stage.after_step(step)
-        done += 1
-        rate = done / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{terms['loss'].item():.4g}", steps_s=f"{rate:.2f}")
-        if writer and (step + 1) % config.log_every == 0:
-            for k, v in terms.items():
-                writer.add_scalar(f"train/{k}", v.item(), step + 1)
-            for k, v in extra.items():
-                writer.add_scalar(f"train/{k}", v, step + 1)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
-            writer.add_scalar("train/grad_norm", float(grad_norm), step + 1)
-            writer.add_scalar("train/steps_per_s", rate, step + 1)
-        last = step + 1 == config.steps
-        if last or (step + 1) % config.checkpoint_every == 0:
-            save(step + 1)
-        if last or (step + 1) % config.validate_every == 0:
-            validate(step + 1)
+    # closing: the workers stop when training stops, by success or by error
+    with closing(step_batches(draw, config, ranks.rank, start, pin_memory=device.type == "cuda")) as batches:
+        for step in bar:
+            torch.manual_seed(step_seed(config.seed, step, ranks.rank))  # CUDA's generator too
+            drawn, batch, state = next(batches)
+            if drawn != step:
+                raise RuntimeError(f"the data loader gave the batch of step {drawn} for step {step}")
+            torch.set_rng_state(state)  # the stream continues where the draw left it, as if drawn here
+            model.train()
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
+                terms = stage.train_loss(wrapped, batch)
+            _check_finite(terms, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.unscale_(optimizer)
+            clip = opt.grad_clip if opt.grad_clip else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            extra = stage.after_step(step)
+            done += 1
+            rate = done / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{terms['loss'].item():.4g}", steps_s=f"{rate:.2f}")
+            if writer and (step + 1) % config.log_every == 0:
+                for k, v in terms.items():
+                    writer.add_scalar(f"train/{k}", v.item(), step + 1)
+                for k, v in extra.items():
+                    writer.add_scalar(f"train/{k}", v, step + 1)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
+                writer.add_scalar("train/grad_norm", float(grad_norm), step + 1)
+                writer.add_scalar("train/steps_per_s", rate, step + 1)
+            last = step + 1 == config.steps
+            if last or (step + 1) % config.checkpoint_every == 0:
+                save(step + 1)
+            if last or (step + 1) % config.validate_every == 0:
+                validate(step + 1)
     if writer:
         writer.close()
     if done:

@@ -17,7 +17,8 @@ from maisi.config.loader import fill_defaults, json_path, load_schema
 
 # Keys that may change between an interrupted run and its resumption: none of them moves the weights.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "log_every", "tensorboard", "device", "output_dir",
-                     "autoencoder.val_method", "autoencoder.val_memory_budget_mb", "autoencoder.val_roi_size")
+                     "autoencoder.val_method", "autoencoder.val_memory_budget_mb", "autoencoder.val_roi_size",
+                     "loader.num_workers", "loader.prefetch_factor", "loader.cache_rate")
 _ABSENT = object()
 
 
@@ -28,6 +29,8 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         section, _, key = dotted.partition(".")
         if key and isinstance(kept.get(section), dict):
             kept[section] = {k: v for k, v in kept[section].items() if k != key}
+            if not kept[section]:  # a section of resumable keys only: configs hash as before it existed
+                del kept[section]
     return kept
 
 

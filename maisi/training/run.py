@@ -105,7 +105,7 @@ def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.devi
     if name == "autoencoder":
         from maisi.training.autoencoder import AutoencoderStage
 
-        return AutoencoderStage(config, preset, root, train_entries, val_entries, device)
+        return AutoencoderStage(config, preset, root, train_entries, val_entries, device, ranks)
     from maisi.training.latent_data import LatentCases
 
     need_label = name == "controlnet"

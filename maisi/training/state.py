@@ -33,10 +33,13 @@ def state_path(output_dir: str | Path) -> Path:
 
 
 def save_train_state(output_dir: str | Path, state: TrainState) -> Path:
-    """Write the state (with the RNG states, for the record) under a temporary name, then rename."""
-    payload = {"format": FORMAT, **asdict(state), "rng_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        payload["rng_cuda"] = torch.cuda.get_rng_state_all()
+    """Write the state under a temporary name, then rename.
+
+    No random-number state is saved: every step re-seeds from (seed, step, rank) and draws its batch from a
+    generator seeded the same way, so the step is all a resumed run needs (states of older versions hold
+    ``rng_cpu``/``rng_cuda``, which loading ignores).
+    """
+    payload = {"format": FORMAT, **asdict(state)}
     path = state_path(output_dir)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

@@ -16,7 +16,9 @@ from maisi.data.io import Volume, read_volume, write_volume
 from maisi.intensity import hu_to_unit
 from maisi.networks import get_preset
 from maisi.train import main
-from maisi.training.autoencoder import discriminator_fits, draw_patches, kl_divergence
+from maisi.training.autoencoder import discriminator_fits, kl_divergence
+from maisi.training.ct_data import CTVolumes, PatchDraw, check_images, draw_patches
+from maisi.training.loop import StepBatches, step_seed
 from maisi.training.perceptual import (
     _medicalnet_backbone,
     _MedicalNetSimilarity,
@@ -194,17 +196,24 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, crop
     assert main(["autoencoder", "--config", str(straight)]) == 0
     first = make_config(tmp_path, crops, images, "b.json", steps=3, output_dir=str(tmp_path / "b"), autoencoder=gan)
     assert main(["autoencoder", "--config", str(first)]) == 0
-    # the validation method and its sizes may change on resume: they do not move the weights
+    # the validation method and its sizes may change on resume, and so may how the images are read (held or
+    # read per draw, by worker processes): none of them moves the weights
     validation = {"val_method": "sliding_window", "val_roi_size": [24, 24, 24], "val_memory_budget_mb": 64}
-    more = make_config(tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"),
-                       autoencoder={**gan, **validation})  # fmt: skip
+    loader = {"num_workers": 2, "cache_rate": 0.0}
+    more = make_config(
+        tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"),
+        autoencoder={**gan, **validation}, loader=loader,
+    )
     assert main(["autoencoder", "--config", str(more), "--resume"]) == 0
+    assert "2 training and 0 validation volumes (0 and 0 held in memory)" in caplog.text
     assert "adversarial loss on: PatchDiscriminator (8 channels), weight 0.1, from step 2" in caplog.text
     a, b = state_dict_of(tmp_path / "a" / "autoencoder.pt"), state_dict_of(tmp_path / "b" / "autoencoder.pt")
     assert_equal_tensors(a, b)
     sa = torch.load(tmp_path / "a" / "state" / "last.pt", weights_only=True)["stage_state"]
     sb = torch.load(tmp_path / "b" / "state" / "last.pt", weights_only=True)["stage_state"]
     assert sa["step"] == sb["step"] == 6 and "discriminator" in sa
+    saved = torch.load(tmp_path / "b" / "state" / "last.pt", weights_only=True)
+    assert not [k for k in saved if k.startswith("rng")]  # (seed, step, rank) is all a resumed run needs
     assert_equal_tensors(sa["discriminator"], sb["discriminator"])
     assert_equal_tensors(sa["discriminator_optimizer"]["state"], sb["discriminator_optimizer"]["state"])
     # the adversarial terms ran after the warm-up, and only then
@@ -303,6 +312,39 @@ def test_missing_and_unreadable_images_are_listed_at_once(tmp_path, crops, capsy
     assert "garbage.nii.gz" in err and "$.training[2].image (validation)" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("cache_rate", [1.0, 0.0])
+def test_a_ct_with_nan_voxels_is_refused_by_name(cache_rate, tmp_path, crops, capsys):
+    """Held images are checked before the first step (nothing written); an image read per draw when it is read,
+    in a worker process, and the message still reaches the user without a traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ct = read_volume(crops / "train_a.nii.gz")
+    array = ct.array.astype(np.float32)
+    array[3, 4, 5] = np.nan
+    write_volume(data / "nan.nii.gz", Volume(array, ct.affine))
+    config = make_config(tmp_path, data, [("nan", 0)], loader={"cache_rate": cache_rate, "num_workers": 2})
+    assert main(["autoencoder", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"$.training[0].image (training): {data / 'nan.nii.gz'} holds 1 NaN/infinite voxels" in err, err
+    assert "Traceback" not in err
+    assert (tmp_path / "run").exists() == (cache_rate == 0.0)  # found while training: the run had started
+    assert not (tmp_path / "run" / "state").exists()
+
+
+def test_each_process_holds_its_share_and_only_the_first_validates(tmp_path, crops, caplog):
+    from maisi.config import load_config
+    from maisi.distributed import Ranks
+    from maisi.training.autoencoder import AutoencoderStage
+
+    config = load_config(make_config(tmp_path, crops, TRAIN), "train")
+    entries = [(0, {"image": "train_a.nii.gz"}), (1, {"image": "train_b.nii.gz"})]
+    val = [(2, {"image": "val.nii.gz"})]
+    second = AutoencoderStage(config, get_preset("tiny-rflow"), crops, entries, val, torch.device("cpu"), Ranks(1, 2))
+    assert len(second.volumes) == 1 and second.volumes.held == 1  # the second of two images
+    assert torch.equal(second.volumes[0], _volumes(crops, ["train_b"], min_size=None)[0])
+    assert second.val_volumes.held == 0 and len(second.val_volumes) == 1  # validation images: read when needed
+
+
 def test_too_small_patch_for_the_discriminator_is_an_input_error(tmp_path, crops, capsys):
     config = make_config(tmp_path, crops, [("train_a", 0)], autoencoder={"adversarial_weight": 0.1})
     assert main(["autoencoder", "--config", str(config)]) == 2
@@ -310,18 +352,52 @@ def test_too_small_patch_for_the_discriminator_is_an_input_error(tmp_path, crops
     assert not discriminator_fits((20, 24, 24)) and discriminator_fits((24, 24, 24))
 
 
-def test_patches_come_from_the_global_generator_and_small_volumes_are_padded(tmp_path, crops):
-    from maisi.training.autoencoder import load_ct_volumes
+def _volumes(crops: Path, names: list[str], cache_rate: float = 1.0, min_size=(24, 24, 24)) -> CTVolumes:
+    items, problems = check_images([(i, {"image": f"{n}.nii.gz"}) for i, n in enumerate(names)], crops, "training")
+    assert not problems
+    return CTVolumes(items, min_size, cache_rate)
 
-    volumes, problems = load_ct_volumes([(0, {"image": "one_patch.nii.gz"}), (1, {"image": "val.nii.gz"})], crops,
-                                        (24, 24, 24), "training")  # fmt: skip
-    assert not problems and [tuple(v.shape) for v in volumes] == [(1, 24, 24, 24), (1, 32, 28, 24)]
+
+def test_patches_come_from_the_generator_given_and_small_volumes_are_padded(crops):
+    volumes = _volumes(crops, ["one_patch", "val"])
+    assert [tuple(volumes[i].shape) for i in range(2)] == [(1, 24, 24, 24), (1, 32, 28, 24)]
     assert volumes[0][0, 0, 0, 0] == 0.0  # padding is -1000 HU
-    torch.manual_seed(7)
-    a = draw_patches(volumes, 3, (24, 24, 24))
-    torch.manual_seed(7)
-    b = draw_patches(volumes, 3, (24, 24, 24))
+    a = draw_patches(volumes, 3, (24, 24, 24), generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    b = draw_patches(volumes, 3, (24, 24, 24), generator=torch.Generator().manual_seed(7))
     assert a.shape == (3, 1, 24, 24, 24) and torch.equal(a, b)
+
+
+def test_a_steps_batch_is_the_draw_the_global_generator_made_before_workers(crops):
+    """The batch of step s, drawn in a worker, equals what the loop drew in-process with the global generator
+    seeded for step s before the DataLoader existed, and the stream continues where that draw left it: the demo
+    recipe trains the shipped weights tensor for tensor."""
+    volumes = _volumes(crops, ["train_a", "train_b", "one_patch"], cache_rate=0.0)
+    draw = PatchDraw(volumes, 3, (24, 24, 24), 0.6)  # min_foreground: redraws, so several draws per patch
+    data = StepBatches(draw, seed=5, rank=1, steps=10)
+    for step in (0, 7):
+        drawn, batch, state = data[step]
+        torch.manual_seed(step_seed(5, step, 1))
+        before = draw_patches(volumes, 3, (24, 24, 24), 0.6)  # the old path: global generator
+        assert drawn == step and torch.equal(batch, before) and torch.equal(state, torch.get_rng_state())
+    assert not torch.equal(data[0][1], data[1][1])
+
+
+def test_cache_rate_0_holds_no_image_and_reads_one_per_draw(crops, monkeypatch):
+    import maisi.training.ct_data as ct_data
+
+    reads = []
+    monkeypatch.setattr(ct_data, "read_volume", lambda path: reads.append(path) or read_volume(path))
+    held = _volumes(crops, ["train_a", "train_b"], cache_rate=1.0)
+    assert held.held == 2 and len(reads) == 2
+    PatchDraw(held, 4, (24, 24, 24), 0.0)(torch.Generator().manual_seed(0))
+    assert len(reads) == 2  # patches of held images read nothing
+    lazy = _volumes(crops, ["train_a", "train_b"], cache_rate=0.0)
+    assert lazy.held == 0 and len(reads) == 2  # nothing read up front: headers only
+    from_disk = PatchDraw(lazy, 4, (24, 24, 24), 0.0)(torch.Generator().manual_seed(0))
+    assert 2 < len(reads) <= 6  # read when drawn, at most once per patch (not again for a repeated image)
+    from_memory = PatchDraw(held, 4, (24, 24, 24), 0.0)(torch.Generator().manual_seed(0))
+    assert torch.equal(from_disk, from_memory)
 
 
 def test_min_foreground_redraws_patches_of_outside_air():

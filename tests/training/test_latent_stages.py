@@ -70,7 +70,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(stage, train_c
     assert main([stage, "--config", str(straight)]) == 0
     first = train_config("b.json", output_dir=str(tmp_path / "b"), steps=2, **extra)
     assert main([stage, "--config", str(first)]) == 0
-    more = train_config("b.json", output_dir=str(tmp_path / "b"), steps=4, **extra)
+    # the resumed half reads its latents in two worker processes: the same batches, the same weights
+    more = train_config("b.json", output_dir=str(tmp_path / "b"), steps=4, loader={"num_workers": 2}, **extra)
     assert main([stage, "--config", str(more), "--resume"]) == 0
     name = "diffusion_unet.pt" if stage == "diffusion" else "controlnet.pt"
     assert _state_dicts_equal(tmp_path / "a" / name, tmp_path / "b" / name)
@@ -174,7 +175,8 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
         flags = ["--resume"]
         fragment = "was trained with another config; only $.steps, $.checkpoint_every, $.validate_every, " \
                    "$.log_every, $.tensorboard, $.device, $.output_dir, $.autoencoder.val_method, " \
-                   "$.autoencoder.val_memory_budget_mb, $.autoencoder.val_roi_size may change. Changed: " \
+                   "$.autoencoder.val_memory_budget_mb, $.autoencoder.val_roi_size, $.loader.num_workers, " \
+                   "$.loader.prefetch_factor, $.loader.cache_rate may change. Changed: " \
                    "$.optimizer.lr: 0.0001 in the run, 0.5 now"
     else:
         flags = ["--resume"]
@@ -336,10 +338,44 @@ def test_resume_from_a_state_missing_keys_exits_2_naming_them(damage, train_conf
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
+def test_the_loader_keys_leave_the_config_hash_as_it_was(train_config):
+    """A run saved before $.loader existed resumes on its hash; changing how batches are read keeps it."""
+    from maisi.config import to_jsonable
+    from maisi.training.resume import comparable
+    from maisi.training.run import config_hash
+
+    plain = load_config(train_config("a.json"), "train")
+    tuned = load_config(train_config("b.json", loader={"num_workers": 3, "cache_rate": 0.0}), "train")
+    assert config_hash(plain, "diffusion") == config_hash(tuned, "diffusion")
+    before = {k: v for k, v in to_jsonable(plain).items() if k != "loader"}  # as an older version wrote it
+    assert comparable(before) == comparable(to_jsonable(plain))
+
+
+def test_latent_batches_are_read_in_workers_as_drawn_in_process(train_config):
+    """A step's cases are the draw the global generator made before workers existed; what a worker reads equals
+    what the stage reads itself."""
+    from maisi.training.latent_data import CaseDraw
+    from maisi.training.loop import StepBatches, step_batches, step_seed
+
+    config = load_config(train_config(steps=3, batch_size=2, fold=None, loader={"num_workers": 2}), "train")
+    stage = build_stage("controlnet", config, Ranks(), torch.device("cpu"))
+    draw = stage.batch_draw()
+    assert isinstance(draw, CaseDraw) and draw.batch_size == 2
+    seen = []
+    for step, batch, state in step_batches(draw, config, 0, start=1):
+        seen.append(step)
+        torch.manual_seed(step_seed(config.seed, step, 0))
+        expected = stage.train.read(torch.randint(len(stage.train), (2,)).tolist())  # the old, in-process draw
+        assert torch.equal(state, torch.get_rng_state())
+        assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["labels"], expected["labels"])
+        assert batch["unet_inputs"].keys() == expected["unet_inputs"].keys()
+    assert seen == [1, 2] and StepBatches(draw, config.seed, 0, 3)[2][0] == 2
+
+
 @pytest.mark.parametrize("stage", ["diffusion", "controlnet"])
 def test_a_non_finite_latent_is_refused_by_name(stage, train_config, encoded_cases, tmp_path, capsys):
     """Issue 18: a NaN latent (encoded from a CT with a NaN voxel) trained on; refuse it when loaded."""
-    from maisi.checkpoints import file_sha256
+    from maisi.files import file_sha256
     from maisi.data.latents import read_latent, read_sidecar, write_latent, write_sidecar
 
     datalist = _copy_latents(encoded_cases, tmp_path)

@@ -1,0 +1,177 @@
+"""CT images for the autoencoder stage: checked up front, held in memory up to a ``cache_rate``, patches drawn
+from a generator the caller seeds.
+
+Every image's header is read before the first step (missing or unreadable files are listed at once). The
+first ``cache_rate`` of the images are then read, converted to the VAE's [0, 1] scale and held (MONAI
+``CacheDataset``); the others are read from disk each time a patch is drawn from them, so with ``cache_rate``
+0 memory holds only the batches in flight, whatever the size of the datalist. A held image with NaN/inf voxels
+is refused before the first step; one read later stops the run naming its file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from monai.transforms import Compose, SpatialPad, Transform
+from monai.utils import convert_to_tensor
+
+from maisi.data.io import read_geometry, read_volume
+from maisi.errors import InputError
+from maisi.intensity import hu_to_unit
+
+FOREGROUND_UNIT = (
+    -950.0 + 1000.0
+) / 2000.0  # -950 HU on the VAE's [0, 1] scale: lung and tissue, not outside air
+MAX_REDRAWS = 10
+
+
+def check_images(
+    entries: list[tuple[int, dict[str, Any]]], root: Path, what: str
+) -> tuple[list[dict], list[str]]:
+    """Headers of every image of ``entries`` (cheap: no voxels are read).
+
+    Args:
+        entries: ``(index in the datalist, entry)`` pairs; ``entry["image"]`` is relative to ``root``.
+        root: folder of the datalist's paths.
+        what: ``"training"`` or ``"validation"``, for messages.
+
+    Returns:
+        (items, problems): ``{"image": path, "where": datalist position}`` per readable image, and one
+        message per missing or unreadable one.
+    """
+    items, problems = [], []
+    for i, entry in entries:
+        where = f"$.training[{i}].image ({what})"
+        if not isinstance(entry.get("image"), str):
+            problems.append(f"{where}: missing (each entry needs the path of a CT image)")
+            continue
+        path = root / entry["image"]
+        try:
+            read_geometry(path)
+        except InputError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        items.append({"image": str(path), "where": where})
+    return items, problems
+
+
+class LoadUnitCTd(Transform):
+    """``{"image": path, "where": ...}`` -> ``{"image": (1, X, Y, Z) float32 in [0, 1], RAS}``, padded
+    (constant 0, i.e. -1000 HU, symmetric) to at least ``min_size``; or ``{"problem": message}`` for an
+    unreadable or non-finite image. Problems are returned, not raised: raised in a DataLoader worker they
+    would arrive wrapped in its traceback."""
+
+    def __init__(self, min_size: tuple[int, int, int] | None):
+        self.pad = (
+            SpatialPad(spatial_size=min_size, method="symmetric", mode="constant") if min_size else None
+        )
+
+    def __call__(self, item: dict[str, str]) -> dict[str, Any]:
+        try:
+            volume = read_volume(item["image"])
+        except InputError as e:
+            return {"problem": f"{item['where']}: {e}"}
+        hu = np.asarray(volume.array, dtype=np.float32)
+        bad = int(hu.size - np.isfinite(hu).sum())
+        if bad:
+            return {"problem": f"{item['where']}: {item['image']} holds {bad} NaN/infinite voxels"}
+        x = torch.from_numpy(hu_to_unit(hu))[None]
+        if self.pad is not None:
+            x = convert_to_tensor(self.pad(x), track_meta=False)
+        return {"image": x.contiguous()}
+
+
+class CTVolumes:
+    """Images checked by :func:`check_images` as (1, X, Y, Z) tensors in [0, 1], by position.
+
+    The first ``int(cache_rate * n)`` are read here and held; the others are read on every access.
+    """
+
+    def __init__(
+        self,
+        items: list[dict],
+        min_size: tuple[int, int, int] | None,
+        cache_rate: float,
+        threads: int = 1,
+        progress: bool = False,
+    ):
+        """Read the held share (``threads`` reader threads; a progress bar if ``progress``)."""
+        self.data = CacheDataset(
+            items,
+            Compose([LoadUnitCTd(min_size)]),
+            cache_rate=cache_rate,
+            num_workers=max(1, threads),
+            progress=progress,
+            copy_cache=False,
+        )
+        held = [self.data[i] for i in range(self.held)]  # from the cache: nothing is read again
+        self.problems: list[str] = [item["problem"] for item in held if "problem" in item]
+
+    @property
+    def held(self) -> int:
+        """How many images are held in memory."""
+        return int(self.data.cache_num)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """The image at ``index``.
+
+        Raises:
+            InputError: an image not held turned out unreadable or non-finite (naming its file).
+        """
+        item = self.data[index]
+        if "problem" in item:
+            raise InputError(f"autoencoder datalist problem found while training: {item['problem']}")
+        return item["image"]
+
+
+def draw_patches(
+    volumes: Sequence[torch.Tensor],
+    batch_size: int,
+    patch: tuple[int, int, int],
+    min_foreground: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``batch_size`` random patches (N, 1, *patch) from random volumes, drawn with ``generator`` only (None:
+    torch's global one).
+
+    Every volume must be at least ``patch`` in size (pad them when loading). With ``min_foreground`` > 0 a
+    patch with a smaller fraction of voxels above -950 HU is redrawn (up to ``MAX_REDRAWS`` times, then the
+    last draw is kept): chest scans are mostly air around the body, which teaches the VAE nothing.
+    """
+    out = []
+    index, v = -1, None
+    for _ in range(batch_size):
+        for _ in range(MAX_REDRAWS + 1):
+            drawn = int(torch.randint(len(volumes), (), generator=generator))
+            if drawn != index:  # a redraw of the same image does not read it again
+                index, v = drawn, volumes[drawn]
+            corner = [
+                int(torch.randint(s - p + 1, (), generator=generator)) for s, p in zip(v.shape[1:], patch)
+            ]
+            x, y, z = corner
+            crop = v[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]]
+            if min_foreground <= 0 or float((crop > FOREGROUND_UNIT).float().mean()) >= min_foreground:
+                break
+        out.append(crop.clone())  # a copy: a view would keep an image read from disk alive until the stack
+    return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class PatchDraw:
+    """One step's batch of patches from a generator (runs in DataLoader workers: picklable, no network)."""
+
+    volumes: CTVolumes
+    batch_size: int
+    patch: tuple[int, int, int]
+    min_foreground: float
+
+    def __call__(self, generator: torch.Generator) -> torch.Tensor:
+        return draw_patches(self.volumes, self.batch_size, self.patch, self.min_foreground, generator)
