@@ -27,7 +27,6 @@ import torch
 import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
-
 from maisi.networks import PARTS, Part, Preset, RuntimeOptions, architecture_of, build_network
 
 FORMAT = "maisi-checkpoint"
@@ -157,8 +156,10 @@ def _read_ours(obj: dict, path: Path, part: Part) -> Weights:
     if isinstance(version, bool) or not isinstance(version, int):
         raise _malformed(path, FORMAT, "format_version", f"is {version!r}, expected an integer")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: {FORMAT} format_version {version} is newer than this maisi "
-                              f"{maisi.__version__} reads ({FORMAT_VERSION}); update maisi")
+        raise CheckpointError(
+            f"{path}: {FORMAT} format_version {version} is newer than this maisi "
+            f"{maisi.__version__} reads ({FORMAT_VERSION}); update maisi"
+        )
     holder = obj.get("part")
     if holder not in PARTS:
         raise _malformed(path, FORMAT, "part", f"is {holder!r}, expected one of {list(PARTS)}")
@@ -230,14 +231,23 @@ def read_plain_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def summarise_mismatch(model_sd: dict[str, torch.Tensor], file_sd: dict[str, torch.Tensor], limit: int = 5) -> str:
+def summarise_mismatch(
+    model_sd: dict[str, torch.Tensor], file_sd: dict[str, torch.Tensor], limit: int = 5
+) -> str:
     """A few lines naming missing / unexpected keys and shape conflicts, instead of a 500-line dump."""
     missing = [k for k in model_sd if k not in file_sd]
     unexpected = [k for k in file_sd if k not in model_sd]
-    shapes = [f"{k}: file {tuple(file_sd[k].shape)} vs network {tuple(v.shape)}"
-              for k, v in model_sd.items() if k in file_sd and tuple(file_sd[k].shape) != tuple(v.shape)]  # fmt: skip
+    shapes = [
+        f"{k}: file {tuple(file_sd[k].shape)} vs network {tuple(v.shape)}"
+        for k, v in model_sd.items()
+        if k in file_sd and tuple(file_sd[k].shape) != tuple(v.shape)
+    ]
     lines = []
-    for title, items in (("missing in file", missing), ("unexpected in file", unexpected), ("shape conflicts", shapes)):
+    for title, items in (
+        ("missing in file", missing),
+        ("unexpected in file", unexpected),
+        ("shape conflicts", shapes),
+    ):
         if items:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             lines.append(f"  {len(items)} {title}: {', '.join(items[:limit])}{more}")
@@ -246,8 +256,11 @@ def summarise_mismatch(model_sd: dict[str, torch.Tensor], file_sd: dict[str, tor
 
 def _architecture_diff(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     keys = sorted(set(recorded) | set(expected))
-    return [f"{k}: checkpoint {json.dumps(recorded.get(k))} vs preset {json.dumps(expected.get(k))}"
-            for k in keys if recorded.get(k) != expected.get(k)]  # fmt: skip
+    return [
+        f"{k}: checkpoint {json.dumps(recorded.get(k))} vs preset {json.dumps(expected.get(k))}"
+        for k in keys
+        if recorded.get(k) != expected.get(k)
+    ]
 
 
 def check_fits(weights: Weights, preset: Preset, part: Part, network: torch.nn.Module) -> None:

@@ -14,7 +14,8 @@ import json
 import logging
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -66,9 +67,14 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = new_parser(prog, description)
     parser.add_argument("--config", required=True, help="path to the JSON config file")
     parser.add_argument(
-        "--device", choices=DEVICE_NAMES, default=None, help="overrides the config's device (default: the config's)"
+        "--device",
+        choices=DEVICE_NAMES,
+        default=None,
+        help="overrides the config's device (default: the config's)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="check everything, print the resolved config, exit")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check everything, print the resolved config, exit"
+    )
     return parser
 
 
@@ -113,7 +119,9 @@ def setup_logging(verbose: bool) -> None:
 def run_guarded(prog: str, body: Callable[[], int]) -> int:
     """Run ``body`` and map exceptions onto the exit-code contract."""
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger("maisi")]):  # log lines above the bars, not in them
+        with logging_redirect_tqdm(
+            loggers=[logging.getLogger("maisi")]
+        ):  # log lines above the bars, not in them
             return body()
     except InputError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

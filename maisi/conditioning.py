@@ -69,7 +69,9 @@ def binarize_labels(labels: torch.Tensor) -> torch.Tensor:
     if labels.dtype.is_floating_point:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= 2**LABEL_BITS):
-        raise ValueError(f"labels must lie in [0, {2**LABEL_BITS - 1}], got [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {2**LABEL_BITS - 1}], got [{int(labels.min())}, {int(labels.max())}]"
+        )
     bits = 2 ** torch.arange(LABEL_BITS, device=labels.device)
     planes = labels.long().unsqueeze(-1).bitwise_and(bits).ne(0)  # (N, 1, X, Y, Z, 8)
     return planes.squeeze(1).permute(0, 4, 1, 2, 3).float()
@@ -95,5 +97,7 @@ class Conditions:
             out["top_region_index_tensor"] = region_tensor(self.top_region, batch).to(device)
             out["bottom_region_index_tensor"] = region_tensor(self.bottom_region, batch).to(device)
         if preset.uses_modality:
-            out["class_labels"] = torch.full((batch,), modality_code(self.modality), dtype=torch.long, device=device)
+            out["class_labels"] = torch.full(
+                (batch,), modality_code(self.modality), dtype=torch.long, device=device
+            )
         return out

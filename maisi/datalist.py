@@ -1,8 +1,8 @@
 """``python -m maisi.datalist``: build and validate KiTS-style datalists.
 
-    build     walk a folder of image/label pairs: dim and spacing from the headers, body regions from the
-              labels, modality, seeded k-fold split
-    validate  check every entry (files, grids, labels, header facts, folds) and list all problems
+build     walk a folder of image/label pairs: dim and spacing from the headers, body regions from the
+          labels, modality, seeded k-fold split
+validate  check every entry (files, grids, labels, header facts, folds) and list all problems
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from maisi.options import Modality
 from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
+from maisi.options import Modality
 
 PROG = "maisi.datalist"
 
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = add_subcommand(sub, "build", help="build a datalist from a folder of image/label pairs")
     build.add_argument("--root", required=True, help="data folder")
     build.add_argument("--images", required=True, help="glob under --root, e.g. '*/imaging.nii.gz'")
-    build.add_argument("--labels", default=None, help="glob pairing by the '*' parts, e.g. '*/segmentation.nii.gz'")
+    build.add_argument(
+        "--labels", default=None, help="glob pairing by the '*' parts, e.g. '*/segmentation.nii.gz'"
+    )
     build.add_argument("--output", required=True, help="datalist JSON to write (paths become relative to it)")
     build.add_argument("--num-folds", type=int, default=5, help="cases are split into this many folds")
     build.add_argument("--seed", type=int, default=0, help="seed of the fold split")
@@ -42,8 +44,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     from maisi.data.datalist import build_datalist, write_datalist  # reads volumes: imported after parsing
     from maisi.labels import load_label_dict
 
-    data = build_datalist(args.root, args.images, args.labels, args.output, load_label_dict(args.label_dict),
-                          num_folds=args.num_folds, seed=args.seed, modality=args.modality)  # fmt: skip
+    data = build_datalist(
+        args.root,
+        args.images,
+        args.labels,
+        args.output,
+        load_label_dict(args.label_dict),
+        num_folds=args.num_folds,
+        seed=args.seed,
+        modality=args.modality,
+    )
     write_datalist(args.output, data)
     folds = sorted({e["fold"] for e in data["training"]})
     print(f"wrote {args.output}: {len(data['training'])} cases in folds {folds}")

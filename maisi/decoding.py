@@ -93,8 +93,15 @@ def decode(
         elif method in ("full", "tiled") or whole:
             image = autoencoder.decode_stage_2_outputs(z)
         else:
-            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=overlap, mode="gaussian",
-                                           sw_device=device, device=torch.device("cpu"), progress=progress)  # fmt: skip
+            inferer = SlidingWindowInferer(
+                roi_size=roi_size,
+                sw_batch_size=1,
+                overlap=overlap,
+                mode="gaussian",
+                sw_device=device,
+                device=torch.device("cpu"),
+                progress=progress,
+            )
             image = inferer(z, autoencoder.decode_stage_2_outputs)
     return image.float().cpu()
 
@@ -142,13 +149,22 @@ def encode(
     whole = all(r >= s for r, s in zip(roi_size, images.shape[2:]))
     with autocast(device, autocast_dtype):
         if method == "tiled" and _can_tile(autoencoder, "encoder"):
-            both = torch.cat(encode_tiled(autoencoder, images, memory_budget_bytes=memory_budget_bytes,
-                                          progress=progress), dim=1)  # fmt: skip
+            both = torch.cat(
+                encode_tiled(autoencoder, images, memory_budget_bytes=memory_budget_bytes, progress=progress),
+                dim=1,
+            )
         elif method in ("full", "tiled") or whole:
             both = mu_sigma(images)
         else:
-            inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=overlap, mode="gaussian",
-                                           sw_device=device, device=torch.device("cpu"), progress=progress)  # fmt: skip
+            inferer = SlidingWindowInferer(
+                roi_size=roi_size,
+                sw_batch_size=1,
+                overlap=overlap,
+                mode="gaussian",
+                sw_device=device,
+                device=torch.device("cpu"),
+                progress=progress,
+            )
             both = inferer(images, mu_sigma)
     mu, sigma = both.float().cpu().chunk(2, dim=1)
     if not sample:

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import sys
 
-from maisi.cli import EXIT_OK, EXIT_RUNTIME, load_cli_config, make_parser, print_config, run_guarded, setup_cli
+from maisi.cli import (
+    EXIT_OK,
+    EXIT_RUNTIME,
+    load_cli_config,
+    make_parser,
+    print_config,
+    run_guarded,
+    setup_cli,
+)
 
 PROG = "maisi.encode"
 

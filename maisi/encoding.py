@@ -25,7 +25,6 @@ from monai.data import MetaTensor
 from monai.transforms import DivisiblePad, Spacing
 
 import maisi
-from maisi.files import file_sha256
 from maisi.conditioning import body_region_from_mask
 from maisi.config.encode_config import EncodeConfig
 from maisi.data.datalist import one_hot
@@ -41,6 +40,7 @@ from maisi.data.latents import (
 )
 from maisi.decoding import encode
 from maisi.errors import InputError, RunFailure
+from maisi.files import file_sha256
 from maisi.intensity import HU_MAX, HU_MIN, hu_to_unit
 
 
@@ -155,26 +155,43 @@ def check_outputs(
         for key in keys:
             claimed.setdefault(key, owner)
     if problems:
-        raise InputError(f"refusing to encode: {len(problems)} output(s) would overwrite an input or another "
-                         "output (choose another output_dir / output_datalist, or rename the images):\n  "
-                         + "\n  ".join(problems))
+        raise InputError(
+            f"refusing to encode: {len(problems)} output(s) would overwrite an input or another "
+            "output (choose another output_dir / output_datalist, or rename the images):\n  "
+            + "\n  ".join(problems)
+        )
 
 
-def _fingerprint(job: EncodeJob, index: int, entry: dict[str, Any], source_sha: str, label_sha: str | None) -> dict:
+def _fingerprint(
+    job: EncodeJob, index: int, entry: dict[str, Any], source_sha: str, label_sha: str | None
+) -> dict:
     c = job.config
     return {
-        "source_image": entry["image"], "source_sha256": source_sha, "source_label": entry.get("label"),
-        "label_sha256": label_sha, "vae_sha256": job.vae_sha256, "preset": c.preset,
-        "target_spacing": list(c.target_spacing) if c.target_spacing else None, "pad_to_multiple": c.multiple,
-        "latent": c.latent, "seed": c.seed + index if c.latent == "sample" else None,
-        "tiling": {"method": c.tiling.method, "roi_size": list(c.tiling.roi_size), "overlap": c.tiling.overlap}
-        if c.tiling.method == "sliding_window" else {"method": c.tiling.method},  # the others are exact
-    }  # fmt: skip
+        "source_image": entry["image"],
+        "source_sha256": source_sha,
+        "source_label": entry.get("label"),
+        "label_sha256": label_sha,
+        "vae_sha256": job.vae_sha256,
+        "preset": c.preset,
+        "target_spacing": list(c.target_spacing) if c.target_spacing else None,
+        "pad_to_multiple": c.multiple,
+        "latent": c.latent,
+        "seed": c.seed + index if c.latent == "sample" else None,
+        "tiling": {
+            "method": c.tiling.method,
+            "roi_size": list(c.tiling.roi_size),
+            "overlap": c.tiling.overlap,
+        }
+        if c.tiling.method == "sliding_window"
+        else {"method": c.tiling.method},  # the others are exact
+    }
 
 
 def transform(volume: Volume, target_spacing, multiple: int, mode: str) -> MetaTensor:
     """(1, X, Y, Z) MetaTensor resampled (optional) and padded; ``mode`` 'bilinear' for CT, 'nearest' for labels."""
-    t = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array))[None], affine=torch.as_tensor(volume.affine))
+    t = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(volume.array))[None], affine=torch.as_tensor(volume.affine)
+    )
     if target_spacing is not None:
         t = Spacing(pixdim=target_spacing, mode=mode, padding_mode="zeros")(t)
     return DivisiblePad(k=multiple, mode="constant", value=0)(t)
@@ -218,16 +235,20 @@ def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
     if count == 0:
         return ct, 0
     if policy == "error":
-        raise InputError(f"{path}: {count} non-finite voxel(s) (NaN or inf) in the CT; fix the image, or set "
-                         '"nonfinite": "fill_air" in the encode config to encode them as air (-1000 HU)')
+        raise InputError(
+            f"{path}: {count} non-finite voxel(s) (NaN or inf) in the CT; fix the image, or set "
+            '"nonfinite": "fill_air" in the encode config to encode them as air (-1000 HU)'
+        )
     return ct.with_array(np.where(bad, HU_MIN, ct.array)), count
 
 
 def _check_finite_latent(latent: torch.Tensor, image_path: Path) -> None:
     bad = int((~torch.isfinite(latent)).sum())
     if bad:
-        raise RunFailure(f"{image_path}: its latent has {bad} non-finite value(s) of {latent.numel()}; "
-                         "nothing of this case was written (check the VAE checkpoint and the precision)")
+        raise RunFailure(
+            f"{image_path}: its latent has {bad} non-finite value(s) of {latent.numel()}; "
+            "nothing of this case was written (check the VAE checkpoint and the precision)"
+        )
 
 
 def _datalist_entry(job: EncodeJob, sidecar: dict, latent: Path, label: Path | None) -> dict[str, Any]:
@@ -249,10 +270,14 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
     for p in (image_path, label_path):
         if p is not None and not p.exists():
             raise InputError(f"file not found: {p}")
-    fingerprint = _fingerprint(job, index, entry, file_sha256(image_path), file_sha256(label_path) if label_path else None)
+    fingerprint = _fingerprint(
+        job, index, entry, file_sha256(image_path), file_sha256(label_path) if label_path else None
+    )
     previous = read_sidecar(latent_out)
     if _may_skip(job, previous, fingerprint, latent_out, label_out):
-        return CaseResult(index, entry["image"], "skipped", entry=_datalist_entry(job, previous, latent_out, label_out))
+        return CaseResult(
+            index, entry["image"], "skipped", entry=_datalist_entry(job, previous, latent_out, label_out)
+        )
 
     c = job.config
     ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite)
@@ -263,14 +288,23 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         mask = read_mask(label_path)
         if not mask.same_grid(ct):
             raise InputError(f"{label_path}: grid {list(mask.shape)} differs from its image {list(ct.shape)}")
-        label_t = transform(mask.with_array(mask.array.astype(np.int16)), c.target_spacing, c.multiple, "nearest")
+        label_t = transform(
+            mask.with_array(mask.array.astype(np.int16)), c.target_spacing, c.multiple, "nearest"
+        )
         label_vol = _to_volume(label_t, np.uint8 if mask.array.max() <= 255 else np.int16)
         regions = body_region_from_mask(label_vol.array)
     generator = torch.Generator().manual_seed(c.seed + index)
-    latent = encode(job.autoencoder, image_t.as_tensor()[None].float().to(job.device), method=c.tiling.method,
-                    roi_size=c.tiling.roi_size, overlap=c.tiling.overlap,
-                    memory_budget_bytes=c.tiling.memory_budget_mb << 20, sample=c.latent == "sample",
-                    generator=generator, autocast_dtype=job.dtype)[0]  # fmt: skip
+    latent = encode(
+        job.autoencoder,
+        image_t.as_tensor()[None].float().to(job.device),
+        method=c.tiling.method,
+        roi_size=c.tiling.roi_size,
+        overlap=c.tiling.overlap,
+        memory_budget_bytes=c.tiling.memory_budget_mb << 20,
+        sample=c.latent == "sample",
+        generator=generator,
+        autocast_dtype=job.dtype,
+    )[0]
     _check_finite_latent(latent, image_path)  # before anything of the case is written
     image_affine = image_t.affine.numpy().astype(np.float64)
     sidecar: dict[str, Any] = {
@@ -296,5 +330,10 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
     sidecar["latent_sha256"] = file_sha256(latent_out)
     sidecar["fingerprint"] = fingerprint
     write_sidecar(latent_out, sidecar)
-    return CaseResult(index, entry["image"], "encoded", entry=_datalist_entry(job, sidecar, latent_out, label_out),
-                      seconds=time.perf_counter() - t0)  # fmt: skip
+    return CaseResult(
+        index,
+        entry["image"],
+        "encoded",
+        entry=_datalist_entry(job, sidecar, latent_out, label_out),
+        seconds=time.perf_counter() - t0,
+    )

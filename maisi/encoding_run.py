@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 
 from maisi.checkpoints import load_network
-from maisi.files import file_sha256
 from maisi.config import EncodeConfig
 from maisi.data.datalist import read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device
 from maisi.distributed import Ranks, finish, gather, init_from_env
 from maisi.encoding import CaseResult, EncodeJob, check_outputs, encode_case
 from maisi.errors import InputError, RunFailure
-from maisi.files import check_output_dir
+from maisi.files import check_output_dir, file_sha256
 from maisi.networks import RuntimeOptions, get_preset
 from maisi.progress import progress_bar
 
@@ -56,8 +55,16 @@ def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
     check_outputs(config, datalist["training"], root, out_datalist)
     preset = get_preset(config.preset)
     vae, weights = load_network(preset, "autoencoder", config.autoencoder, RuntimeOptions.for_device(device))
-    job = EncodeJob(config, vae.to(device), preset.vae_factor, file_sha256(weights.path), root, out_datalist.parent,
-                    device, autocast_dtype(config.precision, device))  # fmt: skip
+    job = EncodeJob(
+        config,
+        vae.to(device),
+        preset.vae_factor,
+        file_sha256(weights.path),
+        root,
+        out_datalist.parent,
+        device,
+        autocast_dtype(config.precision, device),
+    )
     return job, list(enumerate(datalist["training"]))
 
 
@@ -66,7 +73,9 @@ def encode_share(job: EncodeJob, cases: list, max_cases: int | None, show_progre
     encoded = 0
     for index, entry in progress_bar(cases, desc="encoding", enabled=show_progress):
         if max_cases is not None and encoded >= max_cases:
-            results.append(CaseResult(index, entry["image"], "pending", "--max-cases reached; rerun to continue"))
+            results.append(
+                CaseResult(index, entry["image"], "pending", "--max-cases reached; rerun to continue")
+            )
             continue
         try:
             result = encode_case(job, index, entry)
@@ -84,9 +93,16 @@ def summarise(results: list[CaseResult], peaks: list[float], device: torch.devic
     counts = {s: sum(r.status == s for r in results) for s in ("encoded", "skipped", "failed", "pending")}
     seconds = [r.seconds for r in results if r.status == "encoded"]
     rate = f", {sum(seconds) / len(seconds):.1f} s per encoded case" if seconds else ""
-    log.info("summary: %d encoded, %d skipped, %d failed, %d pending%s; peak memory %.2f GB (%s, max over ranks)",
-             counts["encoded"], counts["skipped"], counts["failed"], counts["pending"], rate, max(peaks),
-             "CUDA allocated" if device.type == "cuda" else "process RSS")  # fmt: skip
+    log.info(
+        "summary: %d encoded, %d skipped, %d failed, %d pending%s; peak memory %.2f GB (%s, max over ranks)",
+        counts["encoded"],
+        counts["skipped"],
+        counts["failed"],
+        counts["pending"],
+        rate,
+        max(peaks),
+        "CUDA allocated" if device.type == "cuda" else "process RSS",
+    )
     for r in results:
         if r.status == "failed":
             log.error("failed: %s: %s", r.image, r.reason)
@@ -112,5 +128,3 @@ def run(config: EncodeConfig, max_cases: int | None = None) -> list[CaseResult]:
         return results
     finally:
         finish(ranks)
-
-

@@ -31,10 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         config = load_cli_config(args, "evaluate")
         if args.dry_run:
             return print_config(config)
-        from maisi.evaluation import run_evaluation  # imports torch and MONAI: after parsing, so --help stays fast
+        from maisi.evaluation import (
+            run_evaluation,
+        )  # imports torch and MONAI: after parsing, so --help stays fast
 
         report = run_evaluation(config, progress=not args.no_progress)
-        log.info("wrote %s%s", config.output.report, f" and {report['montage']['path']}" if report["montage"] else "")
+        log.info(
+            "wrote %s%s",
+            config.output.report,
+            f" and {report['montage']['path']}" if report["montage"] else "",
+        )
         return EXIT_OK
 
     return run_guarded(PROG, body)

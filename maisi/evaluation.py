@@ -54,7 +54,7 @@ from maisi.fid import (
     fid_25d,
     load_feature_network,
     slice_counts,
-    volume_features,  # fmt: skip
+    volume_features,
 )
 from maisi.intensity import hu_to_unit
 from maisi.networks import Preset, RuntimeOptions, get_preset
@@ -92,9 +92,11 @@ def ms_ssim_size_problem(shapes: dict[Path, Shape], kernel_size: int) -> str | N
     fits = min(min(s) for s in shapes.values()) // max(1, MS_SSIM_SCALES - 1) ** 2
     hint = f"; $.ssim.kernel_size {fits} or less would fit them" if fits >= 3 else ""
     more = f" (+{len(small) - 5} more)" if len(small) > 5 else ""
-    return (f"volumes too small for MS-SSIM's {MS_SSIM_SCALES} scales with kernel_size {kernel_size}: every axis "
-            f"needs at least {need} voxels (kernel_size x {max(1, MS_SSIM_SCALES - 1) ** 2}); got "
-            f"{', '.join(small[:5])}{more}{hint}")  # fmt: skip
+    return (
+        f"volumes too small for MS-SSIM's {MS_SSIM_SCALES} scales with kernel_size {kernel_size}: every axis "
+        f"needs at least {need} voxels (kernel_size x {max(1, MS_SSIM_SCALES - 1) ** 2}); got "
+        f"{', '.join(small[:5])}{more}{hint}"
+    )
 
 
 def check_ms_ssim_size(shapes: dict[Path, Shape], kernel_size: int) -> None:
@@ -107,7 +109,9 @@ def check_ms_ssim_size(shapes: dict[Path, Shape], kernel_size: int) -> None:
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 11, kernel_sigma: float = 1.5) -> float:
     """MONAI 3D MS-SSIM of two (1, 1, X, Y, Z) images in [0, 1] (``data_range=1``)."""
     check_ms_ssim_size({Path("image"): tuple(a.shape[2:])}, kernel_size)  # type: ignore[dict-item]
-    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=kernel_size, kernel_sigma=kernel_sigma)
+    metric = MultiScaleSSIMMetric(
+        spatial_dims=3, data_range=1.0, kernel_size=kernel_size, kernel_sigma=kernel_sigma
+    )
     return float(metric(a.float(), b.float()).mean())
 
 
@@ -139,8 +143,12 @@ def image_metrics(
     """
     pred, target = pred.float(), target.float()
     skipped = metric_size_problems(tuple(target.shape[2:]), kernel_size)  # type: ignore[arg-type]
-    out: dict[str, Any] = {"psnr": float(PSNRMetric(max_val=1.0)(pred, target).mean()), "ssim": None,
-                           "ms_ssim": None, "skipped": skipped}
+    out: dict[str, Any] = {
+        "psnr": float(PSNRMetric(max_val=1.0)(pred, target).mean()),
+        "ssim": None,
+        "ms_ssim": None,
+        "skipped": skipped,
+    }
     if "ssim" not in skipped:
         ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel_size, kernel_sigma=kernel_sigma)
         out["ssim"] = float(ssim(pred, target).mean())
@@ -196,12 +204,22 @@ def reconstruction_case(
     recon = reconstruct(vae, image, preset.vae_factor, rec.memory_budget_mb, dtype)
     ssim = config.ssim
     metrics = image_metrics(recon.to(device), image.to(device), ssim.kernel_size, ssim.kernel_sigma)
-    return {"image": str(path), "shape": list(volume.shape), "evaluated_shape": list(unit.shape),
-            "evaluated_spacing": [round(float(s), 6) for s in unit.spacing], **metrics}
+    return {
+        "image": str(path),
+        "shape": list(volume.shape),
+        "evaluated_shape": list(unit.shape),
+        "evaluated_spacing": [round(float(s), 6) for s in unit.spacing],
+        **metrics,
+    }
 
 
-def pairwise_ms_ssim(volumes: list[torch.Tensor], kernel_size: int, kernel_sigma: float, device: torch.device,
-                     progress: bool = False) -> dict[str, float]:  # fmt: skip
+def pairwise_ms_ssim(
+    volumes: list[torch.Tensor],
+    kernel_size: int,
+    kernel_sigma: float,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, float]:
     """Mean (and std, min, max) MS-SSIM over all pairs of (1, 1, X, Y, Z) volumes of one shape, in [0, 1].
 
     Raises:
@@ -210,11 +228,18 @@ def pairwise_ms_ssim(volumes: list[torch.Tensor], kernel_size: int, kernel_sigma
     if len(volumes) < 2:
         raise InputError(f"diversity needs at least 2 volumes, got {len(volumes)}")
     pairs = list(itertools.combinations(range(len(volumes)), 2))
-    scores = [ms_ssim(volumes[i].to(device), volumes[j].to(device), kernel_size, kernel_sigma)
-              for i, j in progress_bar(pairs, desc="diversity", enabled=progress)]  # fmt: skip
-    return {"count": len(volumes), "pairs": len(pairs), "ms_ssim_mean": float(np.mean(scores)),
-            "ms_ssim_std": float(np.std(scores)), "ms_ssim_min": float(min(scores)),
-            "ms_ssim_max": float(max(scores))}  # fmt: skip
+    scores = [
+        ms_ssim(volumes[i].to(device), volumes[j].to(device), kernel_size, kernel_sigma)
+        for i, j in progress_bar(pairs, desc="diversity", enabled=progress)
+    ]
+    return {
+        "count": len(volumes),
+        "pairs": len(pairs),
+        "ms_ssim_mean": float(np.mean(scores)),
+        "ms_ssim_std": float(np.std(scores)),
+        "ms_ssim_min": float(min(scores)),
+        "ms_ssim_max": float(max(scores)),
+    }
 
 
 def diversity_problem(paths: list[Path], shapes: dict[Path, Shape], kernel_size: int) -> str | None:
@@ -225,10 +250,14 @@ def diversity_problem(paths: list[Path], shapes: dict[Path, Shape], kernel_size:
     for p in paths:
         groups.setdefault(shapes[p], []).append(p)
     if len(groups) > 1:
-        listed = "; ".join(f"{list(s)}: {', '.join(map(str, ps[:3]))}{' ...' if len(ps) > 3 else ''}"
-                           for s, ps in groups.items())  # fmt: skip
-        return (f"diversity needs volumes of one shape (pairwise MS-SSIM on one grid), got {len(groups)} shapes: "
-                f"{listed}")  # fmt: skip
+        listed = "; ".join(
+            f"{list(s)}: {', '.join(map(str, ps[:3]))}{' ...' if len(ps) > 3 else ''}"
+            for s, ps in groups.items()
+        )
+        return (
+            f"diversity needs volumes of one shape (pairwise MS-SSIM on one grid), got {len(groups)} shapes: "
+            f"{listed}"
+        )
     return ms_ssim_size_problem({p: shapes[p] for p in paths}, kernel_size)
 
 
@@ -304,8 +333,9 @@ def check_outputs(config: EvaluateConfig, inputs: list[Path]) -> None:
         raise InputError("cannot write the outputs:\n  " + "\n  ".join(problems))
 
 
-def _plan_diversity(config: EvaluateConfig, real: list[Path], synthetic: list[Path],
-                    shapes: dict[Path, Shape]) -> dict[str, str | None]:  # fmt: skip
+def _plan_diversity(
+    config: EvaluateConfig, real: list[Path], synthetic: list[Path], shapes: dict[Path, Shape]
+) -> dict[str, str | None]:
     """{set: None (compute) or the reason it is skipped}.
 
     The synthetic set must work (InputError otherwise: too few samples, several shapes, too small); the real
@@ -323,18 +353,27 @@ def _plan_diversity(config: EvaluateConfig, real: list[Path], synthetic: list[Pa
     return plan
 
 
-def _fid_plan(config: EvaluateConfig, real: list[Path], synthetic: list[Path], shapes: dict[Path, Shape],
-              device: torch.device) -> tuple[FeatureNetwork | None, str | None]:  # fmt: skip
+def _fid_plan(
+    config: EvaluateConfig,
+    real: list[Path],
+    synthetic: list[Path],
+    shapes: dict[Path, Shape],
+    device: torch.device,
+) -> tuple[FeatureNetwork | None, str | None]:
     """The feature network, or the reason the FID is skipped. Raises InputError for too few slices or bad weights."""
     if config.fid.weights is None:
-        return None, ("no feature-network weights given ($.fid.weights is null); supply a local 2D ResNet "
-                      "state_dict (torchvision or MONAI layout) to compute the 2.5D FID")  # fmt: skip
+        return None, (
+            "no feature-network weights given ($.fid.weights is null); supply a local 2D ResNet "
+            "state_dict (torchvision or MONAI layout) to compute the 2.5D FID"
+        )
     for name, paths in (("real", real), ("synthetic", synthetic)):
         counts = {p: sum(slice_counts(shapes[f], config.fid.slice_step)[p] for f in paths) for p in PLANES}
         few = [f"{p}: {n}" for p, n in counts.items() if n < 2]
         if few:
-            raise InputError(f"FID: the {name} set gives fewer than 2 slices in plane(s) {', '.join(few)} with "
-                             f"$.fid.slice_step {config.fid.slice_step}; lower it or add volumes")  # fmt: skip
+            raise InputError(
+                f"FID: the {name} set gives fewer than 2 slices in plane(s) {', '.join(few)} with "
+                f"$.fid.slice_step {config.fid.slice_step}; lower it or add volumes"
+            )
     return load_feature_network(config.fid.weights, device), None
 
 
@@ -381,8 +420,12 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
     vae = preset = None
     if config.reconstruction.enabled:
         preset = get_preset(config.reconstruction.preset)
-        vae, _ = load_network(preset, "autoencoder", config.reconstruction.autoencoder,  # type: ignore[arg-type]
-                              RuntimeOptions.for_device(device))  # fmt: skip
+        vae, _ = load_network(
+            preset,
+            "autoencoder",
+            config.reconstruction.autoencoder,  # type: ignore[arg-type]
+            RuntimeOptions.for_device(device),
+        )
         vae = vae.to(device)
 
     features: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -400,8 +443,14 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
                 for metric, reason in cases[-1]["skipped"].items():
                     log.warning("%s of %s skipped: %s", metric, path, reason)
             if fid_net is not None:
-                for plane, f in volume_features(fid_net, volume.array, config.fid.slice_step, config.fid.image_size,
-                                                config.fid.batch_size, device).items():  # fmt: skip
+                for plane, f in volume_features(
+                    fid_net,
+                    volume.array,
+                    config.fid.slice_step,
+                    config.fid.image_size,
+                    config.fid.batch_size,
+                    device,
+                ).items():
                     features[name][plane].append(f)
             if config.output.montage and index < config.output.montage_cases:
                 rows.append((name, path, montage_row(volume)))
@@ -433,26 +482,43 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         report["diversity"] = {
             name: {"skipped": reason} if reason else pairwise_ms_ssim(keep[name], k, sigma, device, progress)
             for name, reason in diversity_plan.items()
-        }  # fmt: skip
+        }
         if diversity_plan.get("real"):
             log.warning("diversity of the real set skipped: %s", diversity_plan["real"])
     if fid_net is not None:
         scores = fid_25d(features["real"], features["synthetic"])  # type: ignore[arg-type]
         slices = {n: {p: int(sum(t.shape[0] for t in features[n][p])) for p in PLANES} for n in features}
-        report["fid"] = {**scores, "network": fid_net.name, "features": fid_net.features,
-                         "weights": str(fid_net.path), "slice_step": config.fid.slice_step,
-                         "image_size": config.fid.image_size, "slices": slices}  # fmt: skip
-        log.info("FID (2.5D, %s): xy %.4g, yz %.4g, zx %.4g, mean %.4g",
-                 fid_net.name, scores["xy"], scores["yz"], scores["zx"], scores["mean"])  # fmt: skip
+        report["fid"] = {
+            **scores,
+            "network": fid_net.name,
+            "features": fid_net.features,
+            "weights": str(fid_net.path),
+            "slice_step": config.fid.slice_step,
+            "image_size": config.fid.image_size,
+            "slices": slices,
+        }
+        log.info(
+            "FID (2.5D, %s): xy %.4g, yz %.4g, zx %.4g, mean %.4g",
+            fid_net.name,
+            scores["xy"],
+            scores["yz"],
+            scores["zx"],
+            scores["mean"],
+        )
     else:
         log.warning("FID skipped: %s", fid_skipped)
     if config.output.montage and rows:
         split = sum(r[0] == "real" for r in rows)
-        write_png(config.output.montage, stack_rows([r[2] for r in rows], split if 0 < split < len(rows) else None))
-        report["montage"] = {"path": config.output.montage, "window": list(MONTAGE_WINDOW),
-                             "row_height": MONTAGE_ROW_HEIGHT,
-                             "columns": ["axial", "coronal", "sagittal"],
-                             "rows": [{"set": n, "image": str(p)} for n, p, _ in rows]}  # fmt: skip
+        write_png(
+            config.output.montage, stack_rows([r[2] for r in rows], split if 0 < split < len(rows) else None)
+        )
+        report["montage"] = {
+            "path": config.output.montage,
+            "window": list(MONTAGE_WINDOW),
+            "row_height": MONTAGE_ROW_HEIGHT,
+            "columns": ["axial", "coronal", "sagittal"],
+            "rows": [{"set": n, "image": str(p)} for n, p, _ in rows],
+        }
     report = _json_safe(report)
     write_json(config.output.report, report)
     return report

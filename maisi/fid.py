@@ -46,9 +46,15 @@ PLANES: tuple[Plane, ...] = ("xy", "yz", "zx")
 SLICE_AXIS: dict[Plane, int] = {"xy": 2, "yz": 0, "zx": 1}  # the array axis a plane's slices are taken along
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_DEPTHS = {("basic", (1, 1, 1, 1)): 10, ("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34,
-           ("bottleneck", (3, 4, 6, 3)): 50, ("bottleneck", (3, 4, 23, 3)): 101,
-           ("bottleneck", (3, 8, 36, 3)): 152, ("bottleneck", (3, 24, 36, 3)): 200}  # fmt: skip
+_DEPTHS = {
+    ("basic", (1, 1, 1, 1)): 10,
+    ("basic", (2, 2, 2, 2)): 18,
+    ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+    ("bottleneck", (3, 24, 36, 3)): 200,
+}
 
 
 @dataclass(frozen=True)
@@ -75,15 +81,21 @@ def build_resnet(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[ResNe
     conv1 = state_dict.get("conv1.weight")
     if conv1 is None or not any(k.startswith("layer4.") for k in state_dict):
         sample = ", ".join(list(state_dict)[:4])
-        raise CheckpointError(f"$.fid.weights: {path}: not the weights of a ResNet (keys {sample}, ...); expected a "
-                              "torchvision or MONAI 2D ResNet state_dict (conv1, bn1, layer1..layer4)")  # fmt: skip
+        raise CheckpointError(
+            f"$.fid.weights: {path}: not the weights of a ResNet (keys {sample}, ...); expected a "
+            "torchvision or MONAI 2D ResNet state_dict (conv1, bn1, layer1..layer4)"
+        )
     if conv1.ndim != 4:
-        raise CheckpointError(f"$.fid.weights: {path}: conv1.weight has shape {tuple(conv1.shape)}, a "
-                              f"{conv1.ndim - 2}D network; the 2.5D FID needs a 2D ResNet")  # fmt: skip
+        raise CheckpointError(
+            f"$.fid.weights: {path}: conv1.weight has shape {tuple(conv1.shape)}, a "
+            f"{conv1.ndim - 2}D network; the 2.5D FID needs a 2D ResNet"
+        )
     if "conv1.bias" in state_dict or "layer1.0.conv1.bias" in state_dict:
-        raise CheckpointError(f"$.fid.weights: {path}: a ResNet with biases on its convolutions (the Keras-converted "
-                              "RadImageNet ResNet-50 layout); not supported: MONAI's ResNet has bias-free "
-                              "convolutions. Use a torchvision or MONAI ResNet state_dict")  # fmt: skip
+        raise CheckpointError(
+            f"$.fid.weights: {path}: a ResNet with biases on its convolutions (the Keras-converted "
+            "RadImageNet ResNet-50 layout); not supported: MONAI's ResNet has bias-free "
+            "convolutions. Use a torchvision or MONAI ResNet state_dict"
+        )
     block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
     layers = []
     for stage in range(1, 5):
@@ -93,9 +105,18 @@ def build_resnet(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[ResNe
         raise CheckpointError(f"$.fid.weights: {path}: ResNet stage layer{layers.index(0) + 1} has no blocks")
     widen = conv1.shape[0] / 64
     bias_downsample = any(re.fullmatch(r"layer\d\.0\.downsample\.0\.bias", k) for k in state_dict)
-    network = ResNet(block, layers, [64, 128, 256, 512], spatial_dims=2, n_input_channels=3, conv1_t_size=7,
-                     conv1_t_stride=2, widen_factor=widen, feed_forward=False,
-                     bias_downsample=bias_downsample)  # fmt: skip
+    network = ResNet(
+        block,
+        layers,
+        [64, 128, 256, 512],
+        spatial_dims=2,
+        n_input_channels=3,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        widen_factor=widen,
+        feed_forward=False,
+        bias_downsample=bias_downsample,
+    )
     depth = _DEPTHS.get((block, tuple(layers)))
     name = f"resnet{depth}" if depth else f"resnet({block}, {layers})"
     return network, name if widen == 1 else f"{name} x{widen:g} width"
@@ -114,8 +135,10 @@ def load_feature_network(path: str | Path, device: torch.device) -> FeatureNetwo
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     mismatch = summarise_mismatch(network.state_dict(), state_dict)
     if mismatch:
-        raise CheckpointError(f"$.fid.weights: {path}: weights do not fit the {name} feature network (3 input "
-                              f"channels, torchvision layout):\n{mismatch}")  # fmt: skip
+        raise CheckpointError(
+            f"$.fid.weights: {path}: weights do not fit the {name} feature network (3 input "
+            f"channels, torchvision layout):\n{mismatch}"
+        )
     network.load_state_dict(state_dict, strict=True)
     network.eval().to(device)
     return FeatureNetwork(network, name, int(network.in_planes), path)  # in_planes: layer4's output channels
@@ -156,8 +179,10 @@ def volume_features(
     out: dict[Plane, torch.Tensor] = {}
     for plane in PLANES:
         slices = plane_slices(unit, plane, step)
-        chunks = [net.network(preprocess(slices[i : i + batch_size], image_size).to(device)).double().cpu()
-                  for i in range(0, slices.shape[0], batch_size)]  # fmt: skip
+        chunks = [
+            net.network(preprocess(slices[i : i + batch_size], image_size).to(device)).double().cpu()
+            for i in range(0, slices.shape[0], batch_size)
+        ]
         out[plane] = torch.cat(chunks)
     return out
 
@@ -174,12 +199,15 @@ def frechet_distance(synthetic: torch.Tensor, real: torch.Tensor, plane: str = "
             warnings.filterwarnings("ignore", message=".*singular.*")
             return float(FIDMetric()(synthetic, real))
     except ValueError as e:
-        raise RunFailure(f"FID of plane {plane}: {e} ({real.shape[0]} real and {synthetic.shape[0]} synthetic "
-                         f"slices of {real.shape[1]} features); use more slices (lower $.fid.slice_step)"
-                         ) from None  # fmt: skip
+        raise RunFailure(
+            f"FID of plane {plane}: {e} ({real.shape[0]} real and {synthetic.shape[0]} synthetic "
+            f"slices of {real.shape[1]} features); use more slices (lower $.fid.slice_step)"
+        ) from None
 
 
-def fid_25d(real: dict[Plane, list[torch.Tensor]], synthetic: dict[Plane, list[torch.Tensor]]) -> dict[str, float]:
+def fid_25d(
+    real: dict[Plane, list[torch.Tensor]], synthetic: dict[Plane, list[torch.Tensor]]
+) -> dict[str, float]:
     """FID per plane and their mean (MAISI's number): {"xy", "yz", "zx", "mean"}.
 
     Args:
@@ -193,12 +221,19 @@ def fid_25d(real: dict[Plane, list[torch.Tensor]], synthetic: dict[Plane, list[t
     for plane in PLANES:
         r, s = torch.cat(real[plane]), torch.cat(synthetic[plane])
         if min(r.shape[0], s.shape[0]) < 2:
-            raise InputError(f"FID of plane {plane}: needs at least 2 slices in each set, got {r.shape[0]} real and "
-                             f"{s.shape[0]} synthetic; lower $.fid.slice_step")  # fmt: skip
+            raise InputError(
+                f"FID of plane {plane}: needs at least 2 slices in each set, got {r.shape[0]} real and "
+                f"{s.shape[0]} synthetic; lower $.fid.slice_step"
+            )
         if min(r.shape[0], s.shape[0]) <= r.shape[1]:
-            log.info("FID of plane %s: %d real and %d synthetic slices for %d features: the covariances are "
-                     "singular estimates; compare FIDs computed with the same numbers of slices only",
-                     plane, r.shape[0], s.shape[0], r.shape[1])  # fmt: skip
+            log.info(
+                "FID of plane %s: %d real and %d synthetic slices for %d features: the covariances are "
+                "singular estimates; compare FIDs computed with the same numbers of slices only",
+                plane,
+                r.shape[0],
+                s.shape[0],
+                r.shape[1],
+            )
         scores[plane] = frechet_distance(s, r, plane)
     scores["mean"] = float(np.mean([scores[p] for p in PLANES]))
     return scores

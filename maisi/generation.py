@@ -29,7 +29,7 @@ from maisi.decoding import decode
 from maisi.device import autocast_dtype
 from maisi.errors import CheckpointError, InputError, VolumeError
 from maisi.intensity import set_outside_body, unit_to_hu
-from maisi.labels import BODY_LABEL, load_label_dict, labels_not_in_dict
+from maisi.labels import BODY_LABEL, labels_not_in_dict, load_label_dict
 from maisi.labels.crop import crop
 from maisi.masks.anatomy import AnatomyPlan, plan_anatomy, sample_mask
 from maisi.masks.resample import pad_to_size, resample_mask
@@ -96,7 +96,9 @@ def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, flo
     return affine
 
 
-def _mask_problems(mask: Volume, preset: Preset, config: InferConfig, label_dict: dict[str, int]) -> list[str]:
+def _mask_problems(
+    mask: Volume, preset: Preset, config: InferConfig, label_dict: dict[str, int]
+) -> list[str]:
     problems = []
     if not mask.array.any():
         # Nothing to condition on: the result would be air everywhere, a blank CT.
@@ -150,8 +152,14 @@ def _fit_mask(
         if size is not None and not grid_problems(preset, size, mask.spacing, enforce):
             original = mask
             mask, box = pad_to_size(mask, size)
-            record = {**(record or {}), "padding": {"from": list(original.shape), "to": list(size),
-                      "crop_box": [[b.start, b.stop] for b in box]}}
+            record = {
+                **(record or {}),
+                "padding": {
+                    "from": list(original.shape),
+                    "to": list(size),
+                    "crop_box": [[b.start, b.stop] for b in box],
+                },
+            }
             problems = []
     return mask, record, box, problems
 
@@ -174,7 +182,9 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
         affine = centred_affine(shape, spacing)
         return GenerationPlan(config, preset, shape, affine, conditions, None, anatomy=anatomy)
     if config.mask is None:
-        assert config.output_size is not None and config.spacing is not None  # guaranteed by the config checks
+        assert (
+            config.output_size is not None and config.spacing is not None
+        )  # guaranteed by the config checks
         shape, spacing = config.output_size, config.spacing
         conditions = Conditions(spacing, top, bottom, config.modality)
         return GenerationPlan(config, preset, shape, centred_affine(shape, spacing), conditions, None)
@@ -189,15 +199,19 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
         where = "resampled to $.spacing/$.output_size" if mask_grid else "its grid"
         raise VolumeError(f"mask {config.mask} ({where}):\n  " + "\n  ".join(problems))
     if not np.any(mask.array == BODY_LABEL):
-        warnings.append(f"mask {config.mask} has no body label {BODY_LABEL}: MAISI's ControlNet expects every "
-                        f"body voxel that is not an organ labelled {BODY_LABEL}; without it images are poor. Add it "
-                        "from the CT the mask was made on (air threshold near -800 HU): python -m maisi.labels "
-                        "envelope --image CT --mask MASK --output MASK_WITH_BODY")  # fmt: skip
+        warnings.append(
+            f"mask {config.mask} has no body label {BODY_LABEL}: MAISI's ControlNet expects every "
+            f"body voxel that is not an organ labelled {BODY_LABEL}; without it images are poor. Add it "
+            "from the CT the mask was made on (air threshold near -800 HU): python -m maisi.labels "
+            "envelope --image CT --mask MASK --output MASK_WITH_BODY"
+        )
     if top is None and preset.uses_body_region:
         derived = body_region_from_mask(mask.array)
         if derived is None:
-            raise InputError(f"mask {config.mask}: cannot derive the body region (no brain/skull, lung, abdominal "
-                             "organ or femur label); set $.body_region in the config")  # fmt: skip
+            raise InputError(
+                f"mask {config.mask}: cannot derive the body region (no brain/skull, lung, abdominal "
+                "organ or femur label); set $.body_region in the config"
+            )
         top, bottom = derived
     conditions = Conditions(mask.spacing, top, bottom, config.modality)
     fit = {"crop_box": box, "mask_grid": mask_grid}
@@ -352,21 +366,34 @@ def load_models(plan: GenerationPlan, device: torch.device) -> Models:
     vae, vae_w = load_network(preset, "autoencoder", config.checkpoints.autoencoder, runtime)
     unet, unet_w = load_network(preset, "diffusion_unet", config.checkpoints.diffusion_unet, runtime)
     if unet_w.scale_factor is None:
-        raise CheckpointError(f"{unet_w.path}: diffusion UNet checkpoint has no scale_factor; it is part of the "
-                              "trained model (1 / std of the training latents) and cannot be guessed")  # fmt: skip
+        raise CheckpointError(
+            f"{unet_w.path}: diffusion UNet checkpoint has no scale_factor; it is part of the "
+            "trained model (1 / std of the training latents) and cannot be guessed"
+        )
     weights = {"autoencoder": vae_w, "diffusion_unet": unet_w}
     controlnet = None
     if plan.has_mask:
         assert config.checkpoints.controlnet is not None  # guaranteed by the config checks
-        controlnet, weights["controlnet"] = load_network(preset, "controlnet", config.checkpoints.controlnet, runtime)
+        controlnet, weights["controlnet"] = load_network(
+            preset, "controlnet", config.checkpoints.controlnet, runtime
+        )
         controlnet = controlnet.to(device)
     elif config.checkpoints.controlnet is not None:
         log.info("image-only mode: the ControlNet checkpoint is not used")
-    return Models(vae.to(device), unet.to(device), controlnet, unet_w.scale_factor, weights, device,
-                  autocast_dtype(config.precision, device))  # fmt: skip
+    return Models(
+        vae.to(device),
+        unet.to(device),
+        controlnet,
+        unet_w.scale_factor,
+        weights,
+        device,
+        autocast_dtype(config.precision, device),
+    )
 
 
-def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = True) -> tuple[Volume, dict[str, float]]:
+def generate(
+    plan: GenerationPlan, models: Models, seed: int, progress: bool = True
+) -> tuple[Volume, dict[str, float]]:
     """Generate one CT for ``seed``.
 
     Returns:
@@ -386,16 +413,30 @@ def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = T
     scheduler = make_scheduler(plan.preset.schedule, config.sampler)
     t0 = time.perf_counter()
     latents = denoise(
-        models.diffusion_unet, scheduler, noise, config.num_inference_steps,
+        models.diffusion_unet,
+        scheduler,
+        noise,
+        config.num_inference_steps,
         plan.conditions.network_inputs(plan.preset, 1, device),
-        controlnet=models.controlnet, control=control, conditioning_scale=config.sampling.conditioning_scale,
-        generator=step_generator, autocast_dtype=models.dtype, progress=progress,
-    )  # fmt: skip
+        controlnet=models.controlnet,
+        control=control,
+        conditioning_scale=config.sampling.conditioning_scale,
+        generator=step_generator,
+        autocast_dtype=models.dtype,
+        progress=progress,
+    )
     t1 = time.perf_counter()
-    image = decode(models.autoencoder, latents, models.scale_factor, method=config.decoding.method,
-                   roi_size=config.decoding.sw_roi_size, overlap=config.decoding.sw_overlap,
-                   memory_budget_bytes=config.decoding.memory_budget_mb << 20,
-                   autocast_dtype=models.dtype, progress=progress)  # fmt: skip
+    image = decode(
+        models.autoencoder,
+        latents,
+        models.scale_factor,
+        method=config.decoding.method,
+        roi_size=config.decoding.sw_roi_size,
+        overlap=config.decoding.sw_overlap,
+        memory_budget_bytes=config.decoding.memory_budget_mb << 20,
+        autocast_dtype=models.dtype,
+        progress=progress,
+    )
     t2 = time.perf_counter()
     hu = unit_to_hu(image[0, 0].numpy())
     if plan.mask is not None:
@@ -409,8 +450,9 @@ def generate(plan: GenerationPlan, models: Models, seed: int, progress: bool = T
 RETRY_SEED_STRIDE = 1_000_003  # try k of a sample uses seed + k * stride: far from the other samples' seeds
 
 
-def generate_checked(plan: GenerationPlan, models: Models, seed: int,
-                     progress: bool = True) -> tuple[Volume, dict[str, float], list[dict[str, Any]]]:  # fmt: skip
+def generate_checked(
+    plan: GenerationPlan, models: Models, seed: int, progress: bool = True
+) -> tuple[Volume, dict[str, float], list[dict[str, Any]]]:
     """Generate, run the HU check (mask mode), and generate again with another seed while it fails.
 
     Returns:
@@ -439,7 +481,12 @@ def generate_checked(plan: GenerationPlan, models: Models, seed: int,
             break
         if result.passed:
             break
-        log.warning("seed %d: HU check failed for %s (try %d of %d)", try_seed, ", ".join(result.failed), k + 1,
-                    check.max_tries)  # fmt: skip
+        log.warning(
+            "seed %d: HU check failed for %s (try %d of %d)",
+            try_seed,
+            ", ".join(result.failed),
+            k + 1,
+            check.max_tries,
+        )
     assert best is not None
     return best[1], totals, tries

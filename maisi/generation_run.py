@@ -164,9 +164,11 @@ def check_no_foreign_samples(config: InferConfig, key: str) -> None:
         files = sample_files(config, seed)
         recorded = recorded_job(files)
         if recorded is not None and recorded != key:
-            raise InputError(f"output directory {config.output.dir} holds {files['metadata'].name} from another job "
-                             "(different config, weights or mask); use another --output-dir or $.output.prefix, "
-                             "or delete those files")  # fmt: skip
+            raise InputError(
+                f"output directory {config.output.dir} holds {files['metadata'].name} from another job "
+                "(different config, weights or mask); use another --output-dir or $.output.prefix, "
+                "or delete those files"
+            )
 
 
 def quality_record(tries: list[dict[str, Any]]) -> dict[str, Any] | None:

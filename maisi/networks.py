@@ -29,8 +29,17 @@ from maisi.presets import (  # re-exported: the registry used to live here
 )
 
 __all__ = [
-    "PARTS", "PRESETS", "GridLimits", "NoiseSchedule", "Part", "Preset", "RuntimeOptions", "architecture_of",
-    "build_network", "count_parameters", "get_preset",
+    "PARTS",
+    "PRESETS",
+    "GridLimits",
+    "NoiseSchedule",
+    "Part",
+    "Preset",
+    "RuntimeOptions",
+    "architecture_of",
+    "build_network",
+    "count_parameters",
+    "get_preset",
 ]
 
 NETWORK_CLASSES: dict[str, type[torch.nn.Module]] = {
@@ -41,7 +50,15 @@ NETWORK_CLASSES: dict[str, type[torch.nn.Module]] = {
 
 # Constructor arguments that change memory use or speed but not a single weight.
 RUNTIME_KEYS = frozenset(
-    {"use_flash_attention", "norm_float16", "num_splits", "dim_split", "use_checkpointing", "save_mem", "print_info"}
+    {
+        "use_flash_attention",
+        "norm_float16",
+        "num_splits",
+        "dim_split",
+        "use_checkpointing",
+        "save_mem",
+        "print_info",
+    }
 )
 
 
@@ -71,9 +88,13 @@ def build_network(preset: Preset, part: Part, runtime: RuntimeOptions | None = N
     runtime = runtime or RuntimeOptions()
     kwargs = preset.network_kwargs(part)
     if part == "autoencoder":
-        kwargs.update(norm_float16=runtime.norm_float16, use_checkpointing=runtime.use_checkpointing,
-                      use_flash_attention=runtime.use_flash_attention,
-                      num_splits=preset.default_num_splits, dim_split=1)  # fmt: skip
+        kwargs.update(
+            norm_float16=runtime.norm_float16,
+            use_checkpointing=runtime.use_checkpointing,
+            use_flash_attention=runtime.use_flash_attention,
+            num_splits=preset.default_num_splits,
+            dim_split=1,
+        )
     else:
         kwargs.update(use_flash_attention=runtime.use_flash_attention)
         if part == "controlnet":
@@ -88,4 +109,3 @@ def count_parameters(module: torch.nn.Module) -> int:
 def architecture_of(preset: Preset, part: Part) -> dict[str, Any]:
     """Weight-determining arguments of ``part``, as stored in our checkpoints (JSON-friendly)."""
     return {k: v for k, v in preset.network_kwargs(part).items() if k not in RUNTIME_KEYS}
-

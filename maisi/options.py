@@ -13,9 +13,13 @@ Precision = Literal["auto", "float32", "float16", "bfloat16"]
 Sampler = Literal["ddpm", "ddim", "rflow"]
 DecodeMethod = Literal["full", "sliding_window", "tiled"]
 BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]
-Modality = Literal["unknown", "ct", "ct_wo_contrast", "ct_contrast"]  # the CT codes of MAISI's modality mapping
+Modality = Literal[
+    "unknown", "ct", "ct_wo_contrast", "ct_contrast"
+]  # the CT codes of MAISI's modality mapping
 VolumeFormat = Literal["nii.gz", "nii", "nrrd", "mha"]
-CheckedOrgan = Literal["liver", "spleen", "pancreas", "kidney", "lung", "bone", "brain"]  # the HU check's organs
+CheckedOrgan = Literal[
+    "liver", "spleen", "pancreas", "kidney", "lung", "bone", "brain"
+]  # the HU check's organs
 
 DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
 DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)

@@ -7,8 +7,9 @@ so both kinds of problem are reported together, each with its JSON path, before 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from maisi.config import EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config
 from maisi.errors import InputError
@@ -72,9 +73,13 @@ def encode_problems(config: EncodeConfig) -> list[str]:
         return problems
     f = preset.vae_factor
     if config.pad_to_multiple is not None and config.pad_to_multiple % f:
-        problems.append(f"$.pad_to_multiple: {config.pad_to_multiple} is not a multiple of the VAE factor {f}")
+        problems.append(
+            f"$.pad_to_multiple: {config.pad_to_multiple} is not a multiple of the VAE factor {f}"
+        )
     if config.tiling.method == "sliding_window" and any(r % f for r in config.tiling.roi_size):
-        problems.append(f"$.tiling.roi_size: {list(config.tiling.roi_size)} must be multiples of the VAE factor {f}")
+        problems.append(
+            f"$.tiling.roi_size: {list(config.tiling.roi_size)} must be multiples of the VAE factor {f}"
+        )
     return problems
 
 
@@ -86,7 +91,9 @@ def train_problems(config: TrainConfig) -> list[str]:
     f = preset.vae_factor
     for key in ("patch_size", "val_roi_size"):
         if any(s % f for s in getattr(config.autoencoder, key)):
-            problems.append(f"$.autoencoder.{key}: {list(getattr(config.autoencoder, key))} must be multiples of {f}")
+            problems.append(
+                f"$.autoencoder.{key}: {list(getattr(config.autoencoder, key))} must be multiples of {f}"
+            )
     return problems
 
 

@@ -111,40 +111,67 @@ class Preset:
 
 
 _MAISI_VAE = dict(
-    spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
-    num_channels=[64, 128, 256], num_res_blocks=[2, 2, 2], norm_num_groups=32, norm_eps=1e-6,
-    attention_levels=[False, False, False], with_encoder_nonlocal_attn=False,
-    with_decoder_nonlocal_attn=False, use_convtranspose=False,
-)  # fmt: skip
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    latent_channels=4,
+    num_channels=[64, 128, 256],
+    num_res_blocks=[2, 2, 2],
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    attention_levels=[False, False, False],
+    with_encoder_nonlocal_attn=False,
+    with_decoder_nonlocal_attn=False,
+    use_convtranspose=False,
+)
 _MAISI_TRUNK = dict(
-    spatial_dims=3, in_channels=4, num_channels=[64, 128, 256, 512],
-    attention_levels=[False, False, True, True], num_head_channels=[0, 0, 32, 32], num_res_blocks=2,
-)  # fmt: skip
+    spatial_dims=3,
+    in_channels=4,
+    num_channels=[64, 128, 256, 512],
+    attention_levels=[False, False, True, True],
+    num_head_channels=[0, 0, 32, 32],
+    num_res_blocks=2,
+)
 _MAISI_CONTROL = dict(conditioning_embedding_in_channels=8, conditioning_embedding_num_channels=[8, 32, 64])
 _RFLOW_EXTRAS = dict(num_class_embeds=128, resblock_updown=True, include_fc=True)
 _MAISI_LIMITS = GridLimits(
-    xy_sizes=(256, 384, 512), z_sizes=(128, 256, 384, 512, 640, 768),
-    xy_spacing_mm=(0.5, 3.0), z_spacing_mm=(0.5, 5.0), min_xy_fov_mm=256.0,
-)  # fmt: skip
+    xy_sizes=(256, 384, 512),
+    z_sizes=(128, 256, 384, 512, 640, 768),
+    xy_spacing_mm=(0.5, 3.0),
+    z_spacing_mm=(0.5, 5.0),
+    min_xy_fov_mm=256.0,
+)
 
 # Tiny networks: CPU tests in seconds. Small: CPU demos.
 _TINY_VAE = dict(_MAISI_VAE, num_channels=[8, 16, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4)
 _TINY_TRUNK = dict(
-    _MAISI_TRUNK, num_channels=[16, 32, 32], attention_levels=[False, False, True], num_head_channels=[0, 0, 8],
-    num_res_blocks=1, norm_num_groups=8,
-)  # fmt: skip
+    _MAISI_TRUNK,
+    num_channels=[16, 32, 32],
+    attention_levels=[False, False, True],
+    num_head_channels=[0, 0, 8],
+    num_res_blocks=1,
+    norm_num_groups=8,
+)
 _TINY_CONTROL = dict(conditioning_embedding_in_channels=8, conditioning_embedding_num_channels=[8, 16, 16])
 _SMALL_VAE = dict(_MAISI_VAE, num_channels=[32, 64, 64], num_res_blocks=[1, 1, 1], norm_num_groups=16)
 _SMALL_TRUNK = dict(
-    _MAISI_TRUNK, num_channels=[32, 64, 128, 128], num_res_blocks=1, norm_num_groups=16,
-)  # fmt: skip
+    _MAISI_TRUNK,
+    num_channels=[32, 64, 128, 128],
+    num_res_blocks=1,
+    norm_num_groups=16,
+)
 
 
 def _family(trunk: dict, control: dict, kind: Literal["ddpm", "rflow"]) -> dict[str, dict]:
     """UNet and ControlNet kwargs sharing one trunk, with MAISI's ddpm or rflow conditioning."""
     if kind == "ddpm":
-        unet = dict(trunk, out_channels=trunk["in_channels"], include_spacing_input=True,
-                    include_top_region_index_input=True, include_bottom_region_index_input=True)  # fmt: skip
+        unet = dict(
+            trunk,
+            out_channels=trunk["in_channels"],
+            include_spacing_input=True,
+            include_top_region_index_input=True,
+            include_bottom_region_index_input=True,
+        )
         return {"diffusion_unet": unet, "controlnet": dict(trunk, **control)}
     unet = dict(trunk, out_channels=trunk["in_channels"], include_spacing_input=True, **_RFLOW_EXTRAS)
     return {"diffusion_unet": unet, "controlnet": dict(trunk, **control, **_RFLOW_EXTRAS)}
@@ -153,21 +180,47 @@ def _family(trunk: dict, control: dict, kind: Literal["ddpm", "rflow"]) -> dict[
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("maisi-ct-ddpm", "Released MAISI CT v1 (DDPM, body-region conditioning)",
-               autoencoder=_MAISI_VAE, **_family(_MAISI_TRUNK, _MAISI_CONTROL, "ddpm"),
-               schedule=NoiseSchedule("ddpm"), limits=_MAISI_LIMITS, default_num_splits=8),
-        Preset("maisi-ct-rflow", "Released MAISI CT v2 (rectified flow, modality conditioning)",
-               autoencoder=_MAISI_VAE, **_family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow"),
-               schedule=NoiseSchedule("rflow"), limits=_MAISI_LIMITS, default_num_splits=4),
-        Preset("tiny-ddpm", "Tiny networks for CPU tests (DDPM)",
-               autoencoder=_TINY_VAE, **_family(_TINY_TRUNK, _TINY_CONTROL, "ddpm"), schedule=NoiseSchedule("ddpm")),
-        Preset("tiny-rflow", "Tiny networks for CPU tests (rectified flow)",
-               autoencoder=_TINY_VAE, **_family(_TINY_TRUNK, _TINY_CONTROL, "rflow"), schedule=NoiseSchedule("rflow")),
-        Preset("small-rflow", "Small networks for CPU demos (rectified flow)",
-               autoencoder=_SMALL_VAE, **_family(_SMALL_TRUNK, _MAISI_CONTROL, "rflow"),
-               schedule=NoiseSchedule("rflow")),
+        Preset(
+            "maisi-ct-ddpm",
+            "Released MAISI CT v1 (DDPM, body-region conditioning)",
+            autoencoder=_MAISI_VAE,
+            **_family(_MAISI_TRUNK, _MAISI_CONTROL, "ddpm"),
+            schedule=NoiseSchedule("ddpm"),
+            limits=_MAISI_LIMITS,
+            default_num_splits=8,
+        ),
+        Preset(
+            "maisi-ct-rflow",
+            "Released MAISI CT v2 (rectified flow, modality conditioning)",
+            autoencoder=_MAISI_VAE,
+            **_family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow"),
+            schedule=NoiseSchedule("rflow"),
+            limits=_MAISI_LIMITS,
+            default_num_splits=4,
+        ),
+        Preset(
+            "tiny-ddpm",
+            "Tiny networks for CPU tests (DDPM)",
+            autoencoder=_TINY_VAE,
+            **_family(_TINY_TRUNK, _TINY_CONTROL, "ddpm"),
+            schedule=NoiseSchedule("ddpm"),
+        ),
+        Preset(
+            "tiny-rflow",
+            "Tiny networks for CPU tests (rectified flow)",
+            autoencoder=_TINY_VAE,
+            **_family(_TINY_TRUNK, _TINY_CONTROL, "rflow"),
+            schedule=NoiseSchedule("rflow"),
+        ),
+        Preset(
+            "small-rflow",
+            "Small networks for CPU demos (rectified flow)",
+            autoencoder=_SMALL_VAE,
+            **_family(_SMALL_TRUNK, _MAISI_CONTROL, "rflow"),
+            schedule=NoiseSchedule("rflow"),
+        ),
     )
-}  # fmt: skip
+}
 
 
 def get_preset(name: str) -> Preset:
@@ -177,9 +230,9 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         hint = difflib.get_close_matches(name, PRESETS, n=1)
         suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
-        raise InputError(f"unknown preset '{name}'.{suggestion} Known presets: {', '.join(PRESETS)}") from None
-
-
+        raise InputError(
+            f"unknown preset '{name}'.{suggestion} Known presets: {', '.join(PRESETS)}"
+        ) from None
 
 
 def grid_problems(
@@ -200,7 +253,9 @@ def grid_problems(
         )
     if enforce_limits and preset.limits:
         for reason in preset.limits.violations(shape, tuple(round(s, 4) for s in spacing)):
-            problems.append(f"{reason} (preset '{preset.name}' limits; $.enforce_preset_limits false relaxes them)")
+            problems.append(
+                f"{reason} (preset '{preset.name}' limits; $.enforce_preset_limits false relaxes them)"
+            )
     return problems
 
 
@@ -216,5 +271,7 @@ def check_sampler(schedule: NoiseSchedule, sampler: Sampler, num_steps: int) -> 
             f"use one of {list(COMPATIBLE_SAMPLERS[schedule.kind])}"
         )
     if num_steps > schedule.num_train_timesteps:
-        problems.append(f"{num_steps} inference steps exceed the {schedule.num_train_timesteps} training timesteps")
+        problems.append(
+            f"{num_steps} inference steps exceed the {schedule.num_train_timesteps} training timesteps"
+        )
     return problems

@@ -27,10 +27,14 @@ def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
 def _square_pixels(plane: np.ndarray, spacing_rows: float, spacing_cols: float) -> np.ndarray:
     """Nearest-neighbour resize so both pixel sides equal the finer spacing."""
     target = min(spacing_rows, spacing_cols)
-    rows = np.minimum((np.arange(round(plane.shape[0] * spacing_rows / target)) * target / spacing_rows).astype(int),
-                      plane.shape[0] - 1)  # fmt: skip
-    cols = np.minimum((np.arange(round(plane.shape[1] * spacing_cols / target)) * target / spacing_cols).astype(int),
-                      plane.shape[1] - 1)  # fmt: skip
+    rows = np.minimum(
+        (np.arange(round(plane.shape[0] * spacing_rows / target)) * target / spacing_rows).astype(int),
+        plane.shape[0] - 1,
+    )
+    cols = np.minimum(
+        (np.arange(round(plane.shape[1] * spacing_cols / target)) * target / spacing_cols).astype(int),
+        plane.shape[1] - 1,
+    )
     return plane[np.ix_(rows, cols)]
 
 
@@ -88,7 +92,9 @@ def resize_nearest(picture: np.ndarray, height: int) -> np.ndarray:
     """Scale a (rows, cols[, channels]) picture to ``height`` rows, aspect kept, by nearest neighbour."""
     factor = height / picture.shape[0]
     rows = np.minimum((np.arange(height) / factor).astype(int), picture.shape[0] - 1)
-    cols = np.minimum((np.arange(round(picture.shape[1] * factor)) / factor).astype(int), picture.shape[1] - 1)
+    cols = np.minimum(
+        (np.arange(round(picture.shape[1] * factor)) / factor).astype(int), picture.shape[1] - 1
+    )
     return picture[np.ix_(rows, cols)]
 
 
@@ -115,7 +121,10 @@ def write_png(path: str | Path, picture: np.ndarray) -> Path:
 
 # (name, level, width) in HU: soft tissue for organs, lung for parenchyma and lung lesions, which the
 # soft-tissue window shows as uniform black.
-PREVIEW_WINDOWS: tuple[tuple[str, float, float], ...] = (("soft tissue", 40.0, 400.0), ("lung", -600.0, 1500.0))
+PREVIEW_WINDOWS: tuple[tuple[str, float, float], ...] = (
+    ("soft tissue", 40.0, 400.0),
+    ("lung", -600.0, 1500.0),
+)
 MIN_ROW_HEIGHT = 256  # pixels; a 96-voxel demo volume would otherwise be a thumbnail
 
 

@@ -43,8 +43,10 @@ MIN_VOXELS = 10  # organs smaller than this are not judged (a median of a few vo
 def reference_ranges() -> dict[str, tuple[float, float]]:
     """Accepted median-HU range of each checked organ, from MAISI's statistics."""
     stats = load_json("maisi_image_median_statistics_ct.json")
-    return {organ: (min(s["sigma_6_low"], s["percentile_0_5"]), max(s["sigma_6_high"], s["percentile_99_5"]))
-            for organ, s in stats.items()}  # fmt: skip
+    return {
+        organ: (min(s["sigma_6_low"], s["percentile_0_5"]), max(s["sigma_6_high"], s["percentile_99_5"]))
+        for organ, s in stats.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -168,5 +170,9 @@ def label_hu_table(ct: Volume, mask: Volume, label_dict: dict[str, int]) -> dict
         values = ct.array[mask.array == label]
         q1, median, q3 = np.percentile(values, [25, 50, 75])
         table[names.get(int(label), f"label {int(label)}")] = {
-            "id": int(label), "voxels": int(values.size), "median_hu": float(median), "iqr_hu": float(q3 - q1)}
+            "id": int(label),
+            "voxels": int(values.size),
+            "median_hu": float(median),
+            "iqr_hu": float(q3 - q1),
+        }
     return table

@@ -23,21 +23,33 @@ from maisi.progress import progress_bar
 
 __all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_scheduler", "set_timesteps"]
 
+
 def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
     """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``."""
     problems = check_sampler(schedule, sampler, 1)
     if problems:
         raise InputError(problems[0])
     if sampler == "rflow":
-        return RFlowScheduler(num_train_timesteps=schedule.num_train_timesteps, use_discrete_timesteps=False,
-                              use_timestep_transform=True, sample_method="uniform")  # fmt: skip
-    betas = dict(num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.beta_schedule,
-                 beta_start=schedule.beta_start, beta_end=schedule.beta_end, clip_sample=False,
-                 prediction_type="epsilon")  # fmt: skip  (clip_sample must be off for latents)
+        return RFlowScheduler(
+            num_train_timesteps=schedule.num_train_timesteps,
+            use_discrete_timesteps=False,
+            use_timestep_transform=True,
+            sample_method="uniform",
+        )
+    betas = dict(
+        num_train_timesteps=schedule.num_train_timesteps,
+        schedule=schedule.beta_schedule,
+        beta_start=schedule.beta_start,
+        beta_end=schedule.beta_end,
+        clip_sample=False,
+        prediction_type="epsilon",
+    )  # clip_sample must be off for latents
     return DDPMScheduler(**betas) if sampler == "ddpm" else DDIMScheduler(**betas)
 
 
-def set_timesteps(scheduler: Scheduler, num_steps: int, latent_shape: tuple[int, ...], device: torch.device) -> None:
+def set_timesteps(
+    scheduler: Scheduler, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
+) -> None:
     """Set the inference timesteps; rectified flow shifts them by the latent size, as MAISI does."""
     if isinstance(scheduler, RFlowScheduler):
         scheduler.set_timesteps(num_steps, device=device, input_img_size_numel=math.prod(latent_shape[2:]))
@@ -46,9 +58,13 @@ def set_timesteps(scheduler: Scheduler, num_steps: int, latent_shape: tuple[int,
 
 
 def _step(
-    scheduler: Scheduler, output: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, x: torch.Tensor,
+    scheduler: Scheduler,
+    output: torch.Tensor,
+    t: torch.Tensor,
+    next_t: torch.Tensor,
+    x: torch.Tensor,
     generator: torch.Generator | None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     if isinstance(scheduler, RFlowScheduler):
         return scheduler.step(output, t, x, next_t)[0]
     if isinstance(scheduler, DDPMScheduler):
@@ -95,17 +111,25 @@ def denoise(
     device = noise.device
     set_timesteps(scheduler, num_steps, tuple(noise.shape), device)
     timesteps = scheduler.timesteps
-    next_timesteps = torch.cat((timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)))
+    next_timesteps = torch.cat(
+        (timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device))
+    )
     class_labels = unet_inputs.get("class_labels")
     x = noise
-    for t, next_t in progress_bar(zip(timesteps, next_timesteps), total=len(timesteps), enabled=progress,
-                          desc="denoising", leave=False):  # fmt: skip
+    for t, next_t in progress_bar(
+        zip(timesteps, next_timesteps), total=len(timesteps), enabled=progress, desc="denoising", leave=False
+    ):
         t_batch = torch.full((x.shape[0],), float(t), device=device)
         with autocast(device, autocast_dtype):
             residuals = {}
             if controlnet is not None:
-                down, mid = controlnet(x=x, timesteps=t_batch, controlnet_cond=control,
-                                       conditioning_scale=conditioning_scale, class_labels=class_labels)  # fmt: skip
+                down, mid = controlnet(
+                    x=x,
+                    timesteps=t_batch,
+                    controlnet_cond=control,
+                    conditioning_scale=conditioning_scale,
+                    class_labels=class_labels,
+                )
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             output = unet(x=x, timesteps=t_batch, **unet_inputs, **residuals)
         x = _step(scheduler, output.float(), t, next_t, x, generator)

@@ -26,8 +26,13 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, dict[str, Path]]:
         preset = get_preset(name)
         torch.manual_seed(0)
         out[name] = {
-            part: save_checkpoint(root / name / f"{part}.pt", build_network(preset, part), preset, part,
-                                  scale_factor=1.0 if part == "diffusion_unet" else None)  # fmt: skip
+            part: save_checkpoint(
+                root / name / f"{part}.pt",
+                build_network(preset, part),
+                preset,
+                part,
+                scale_factor=1.0 if part == "diffusion_unet" else None,
+            )
             for part in PARTS
         }
     return out
@@ -107,11 +112,23 @@ def encoded_cases(real_cases, tiny_checkpoints, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("encoded")
     datalist = folder / "ct_datalist.json"
-    write_datalist(datalist, build_datalist(real_cases, "*/imaging.nii.gz", "*/segmentation.nii.gz", datalist,
-                                            load_label_dict(), num_folds=3))  # fmt: skip
-    config = write_config(folder / "encode.json", {
-        "preset": "tiny-rflow", "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
-        "datalist": str(datalist), "output_dir": str(folder / "emb"), "tiling": {"method": "full"}, "device": "cpu"})
+    write_datalist(
+        datalist,
+        build_datalist(
+            real_cases, "*/imaging.nii.gz", "*/segmentation.nii.gz", datalist, load_label_dict(), num_folds=3
+        ),
+    )
+    config = write_config(
+        folder / "encode.json",
+        {
+            "preset": "tiny-rflow",
+            "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+            "datalist": str(datalist),
+            "output_dir": str(folder / "emb"),
+            "tiling": {"method": "full"},
+            "device": "cpu",
+        },
+    )
     assert encode_main(["--config", str(config)]) == 0
     return folder / "emb" / "datalist.json"
 
@@ -130,4 +147,6 @@ def active_unet(tmp_path_factory) -> Path:
         for p in unet.parameters():
             if not p.any():
                 p.normal_(0.0, 0.05)
-    return save_checkpoint(tmp_path_factory.mktemp("active") / "unet.pt", unet, preset, "diffusion_unet", scale_factor=1.0)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("active") / "unet.pt", unet, preset, "diffusion_unet", scale_factor=1.0
+    )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -41,14 +41,22 @@ def _infer_config(ws: Path, ckpt: dict, **changes) -> list[str]:
 
 
 def _mask(ws: Path, array: np.ndarray | None = None) -> Path:
-    return write_volume(ws / "mask.nii.gz", Volume(phantom_mask() if array is None else array, np.diag([2.0, 2, 3, 1])))
+    return write_volume(
+        ws / "mask.nii.gz", Volume(phantom_mask() if array is None else array, np.diag([2.0, 2, 3, 1]))
+    )
 
 
 def infer_nan_spacing(ws, ckpt):
     _mask(ws)
     (ws / "infer.json").write_text(
-        json.dumps({"preset": "tiny-rflow", "checkpoints": {k: str(v) for k, v in ckpt.items()},
-                    "output_size": [32, 32, 16], "output": {"dir": str(ws / "out")}})[:-1]
+        json.dumps(
+            {
+                "preset": "tiny-rflow",
+                "checkpoints": {k: str(v) for k, v in ckpt.items()},
+                "output_size": [32, 32, 16],
+                "output": {"dir": str(ws / "out")},
+            }
+        )[:-1]
         + ', "spacing": [1.0, NaN, 2.0]}'
     )
     return "maisi.infer", ["--config", str(ws / "infer.json")], "$.spacing[1]: got NaN"
@@ -86,17 +94,33 @@ def encode_output_on_the_data(ws, ckpt):
     write_volume(case / "ct.nii.gz", Volume(np.zeros((32, 32, 16), np.float32), np.eye(4)))
     _mask(case)
     (case / "mask.nii.gz").rename(case / "ct_label.nii.gz")
-    (ws / "datalist.json").write_text(json.dumps({"training": [{"image": "c0/ct.nii.gz", "label": "c0/ct_label.nii.gz"}]}))
-    config = write_config(ws / "encode.json", {"preset": "tiny-rflow", "autoencoder": str(ckpt["autoencoder"]),
-                                               "datalist": str(ws / "datalist.json"), "output_dir": str(ws)})
+    (ws / "datalist.json").write_text(
+        json.dumps({"training": [{"image": "c0/ct.nii.gz", "label": "c0/ct_label.nii.gz"}]})
+    )
+    config = write_config(
+        ws / "encode.json",
+        {
+            "preset": "tiny-rflow",
+            "autoencoder": str(ckpt["autoencoder"]),
+            "datalist": str(ws / "datalist.json"),
+            "output_dir": str(ws),
+        },
+    )
     return "maisi.encode", ["--config", str(config)], "ct_label.nii.gz"
 
 
 def train_output_is_a_file(ws, ckpt):
     (ws / "run").write_text("a file")
     (ws / "datalist.json").write_text(json.dumps({"training": []}))
-    config = write_config(ws / "train.json", {"preset": "tiny-rflow", "datalist": str(ws / "datalist.json"),
-                                              "output_dir": str(ws / "run"), "steps": 1})
+    config = write_config(
+        ws / "train.json",
+        {
+            "preset": "tiny-rflow",
+            "datalist": str(ws / "datalist.json"),
+            "output_dir": str(ws / "run"),
+            "steps": 1,
+        },
+    )
     return "maisi.train", ["diffusion", "--config", str(config)], "is a file, not a folder"
 
 
@@ -104,10 +128,14 @@ def evaluate_report_is_a_folder(ws, ckpt):
     (ws / "report").mkdir()
     (ws / "real.json").write_text(json.dumps({"training": [{"image": "ct.nii.gz"}]}))
     write_volume(ws / "ct.nii.gz", Volume(np.zeros((32, 32, 32), np.float32), np.eye(4)))
-    config = write_config(ws / "evaluate.json", {
-        "real_datalist": str(ws / "real.json"),
-        "reconstruction": {"preset": "tiny-rflow", "autoencoder": str(ckpt["autoencoder"])},
-        "output": {"report": str(ws / "report"), "montage": None}})
+    config = write_config(
+        ws / "evaluate.json",
+        {
+            "real_datalist": str(ws / "real.json"),
+            "reconstruction": {"preset": "tiny-rflow", "autoencoder": str(ckpt["autoencoder"])},
+            "output": {"report": str(ws / "report"), "montage": None},
+        },
+    )
     return "maisi.evaluate", ["--config", str(config)], "$.output.report"
 
 
@@ -119,17 +147,40 @@ def labels_show_a_folder(ws, ckpt):
 def labels_envelope_nan_threshold(ws, ckpt):
     _mask(ws)
     write_volume(ws / "ct.nii.gz", Volume(np.zeros((32, 32, 16), np.float32), np.diag([2.0, 2, 3, 1])))
-    args = ["envelope", "--image", str(ws / "ct.nii.gz"), "--mask", str(ws / "mask.nii.gz"),
-            "--output", str(ws / "out.nii.gz"), "--threshold", "nan"]
+    args = [
+        "envelope",
+        "--image",
+        str(ws / "ct.nii.gz"),
+        "--mask",
+        str(ws / "mask.nii.gz"),
+        "--output",
+        str(ws / "out.nii.gz"),
+        "--threshold",
+        "nan",
+    ]
     return "maisi.labels", args, "--threshold"
 
 
 def labels_crop_onto_its_input(ws, ckpt):
     _mask(ws)
     write_volume(ws / "ct.nii.gz", Volume(np.zeros((32, 32, 16), np.float32), np.diag([2.0, 2, 3, 1])))
-    args = ["crop", "--image", str(ws / "ct.nii.gz"), "--mask", str(ws / "mask.nii.gz"), "--around", "1",
-            "--size-mm", "20", "20", "20", "--output-image", str(ws / "ct.nii.gz"),
-            "--output-mask", str(ws / "crop_mask.nii.gz")]
+    args = [
+        "crop",
+        "--image",
+        str(ws / "ct.nii.gz"),
+        "--mask",
+        str(ws / "mask.nii.gz"),
+        "--around",
+        "1",
+        "--size-mm",
+        "20",
+        "20",
+        "20",
+        "--output-image",
+        str(ws / "ct.nii.gz"),
+        "--output-mask",
+        str(ws / "crop_mask.nii.gz"),
+    ]
     return "maisi.labels", args, "--output-image"
 
 
@@ -142,8 +193,21 @@ def datalist_validate_duplicates(ws, ckpt):
 def masks_query_unknown_anatomy(ws, ckpt):
     _mask(ws)
     (ws / "db.json").write_text("[]")
-    args = ["query", "--database", str(ws / "db.json"), "--anatomy", "livver", "--output-size", "32", "32", "16",
-            "--spacing", "2", "2", "3"]
+    args = [
+        "query",
+        "--database",
+        str(ws / "db.json"),
+        "--anatomy",
+        "livver",
+        "--output-size",
+        "32",
+        "32",
+        "16",
+        "--spacing",
+        "2",
+        "2",
+        "3",
+    ]
     return "maisi.masks", args, "livver"
 
 
@@ -153,15 +217,28 @@ def download_plain_http(ws, ckpt):
 
 
 CASES: list[Callable] = [
-    infer_nan_spacing, infer_blank_mask, infer_missing_checkpoint_dry_run, infer_output_is_a_file,
-    infer_seed_beyond_the_schema, infer_config_not_utf8, encode_output_on_the_data, train_output_is_a_file,
-    evaluate_report_is_a_folder, labels_show_a_folder, labels_envelope_nan_threshold, labels_crop_onto_its_input,
-    datalist_validate_duplicates, masks_query_unknown_anatomy, download_plain_http,
+    infer_nan_spacing,
+    infer_blank_mask,
+    infer_missing_checkpoint_dry_run,
+    infer_output_is_a_file,
+    infer_seed_beyond_the_schema,
+    infer_config_not_utf8,
+    encode_output_on_the_data,
+    train_output_is_a_file,
+    evaluate_report_is_a_folder,
+    labels_show_a_folder,
+    labels_envelope_nan_threshold,
+    labels_crop_onto_its_input,
+    datalist_validate_duplicates,
+    masks_query_unknown_anatomy,
+    download_plain_http,
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input_exits_2_naming_it_and_writes_nothing(case, tmp_path, tiny_checkpoints, capsys, monkeypatch):
+def test_bad_input_exits_2_naming_it_and_writes_nothing(
+    case, tmp_path, tiny_checkpoints, capsys, monkeypatch
+):
     from maisi.__main__ import cli_module
 
     ws = tmp_path / "ws"

@@ -29,7 +29,9 @@ def test_our_format_round_trips_strictly_with_its_metadata(tmp_path):
     preset = get_preset("tiny-rflow")
     torch.manual_seed(1)
     unet = build_network(preset, "diffusion_unet")
-    path = save_checkpoint(tmp_path / "unet.pt", unet, preset, "diffusion_unet", scale_factor=0.87, config_sha256="ab")
+    path = save_checkpoint(
+        tmp_path / "unet.pt", unet, preset, "diffusion_unet", scale_factor=0.87, config_sha256="ab"
+    )
     loaded, weights = load_network(preset, "diffusion_unet", path)
     assert _same_weights(unet, loaded)
     assert weights.source_format == "maisi" and weights.scale_factor == pytest.approx(0.87)
@@ -51,8 +53,16 @@ def test_released_layouts_load(tmp_path, preset_name):
     if preset_name.startswith("maisi"):
         return  # the big UNet/ControlNet layouts are exercised with the tiny preset
     unet = build_network(preset, "diffusion_unet")
-    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(1.4123), "epoch": 3,
-                "loss": 0.1, "num_train_timesteps": 1000}, tmp_path / "diff_unet.pt")  # fmt: skip
+    torch.save(
+        {
+            "unet_state_dict": unet.state_dict(),
+            "scale_factor": torch.tensor(1.4123),
+            "epoch": 3,
+            "loss": 0.1,
+            "num_train_timesteps": 1000,
+        },
+        tmp_path / "diff_unet.pt",
+    )
     loaded, w = load_network(preset, "diffusion_unet", tmp_path / "diff_unet.pt")
     assert w.source_format == "released-unet" and w.scale_factor == pytest.approx(1.4123)
     assert _same_weights(unet, loaded)
@@ -64,7 +74,9 @@ def test_released_layouts_load(tmp_path, preset_name):
 
 def test_other_architecture_is_refused_with_a_short_message(tmp_path, tiny_checkpoints):
     with pytest.raises(CheckpointError) as info:
-        load_network(get_preset("tiny-ddpm"), "diffusion_unet", tiny_checkpoints["tiny-rflow"]["diffusion_unet"])
+        load_network(
+            get_preset("tiny-ddpm"), "diffusion_unet", tiny_checkpoints["tiny-rflow"]["diffusion_unet"]
+        )
     message = str(info.value)
     assert "made for preset 'tiny-rflow'" in message and "num_class_embeds" in message
     assert len(message.splitlines()) <= 10
@@ -229,9 +241,12 @@ def test_malformed_fields_of_released_layouts_are_named(tmp_path, kind, obj, fra
 
 @pytest.mark.parametrize(
     "content, fragment",
-    [(None, "checkpoint not found"), (b"not a zip", "not a readable PyTorch checkpoint"),
-     (pickle.dumps(0), "not a readable PyTorch checkpoint")],
-)  # fmt: skip
+    [
+        (None, "checkpoint not found"),
+        (b"not a zip", "not a readable PyTorch checkpoint"),
+        (pickle.dumps(0), "not a readable PyTorch checkpoint"),
+    ],
+)
 def test_missing_or_garbage_files(tmp_path, content, fragment):
     path = tmp_path / "x.pt"
     if content is not None:
@@ -242,7 +257,9 @@ def test_missing_or_garbage_files(tmp_path, content, fragment):
 
 def test_unrecognised_layout_lists_its_keys(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match=r"unrecognised checkpoint layout \(dict with keys \['epoch', 'model'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"unrecognised checkpoint layout \(dict with keys \['epoch', 'model'\]"
+    ):
         read_weights(tmp_path / "x.pt", "autoencoder")
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from maisi.__main__ import CLI_MODULES, cli_module, listing
 from maisi.progress import progress_bar, set_enabled
@@ -57,7 +57,7 @@ def test_cli_modules_import_neither_torch_nor_monai():
     """What keeps every ``--help`` fast: parsing needs neither torch nor MONAI."""
     code = (
         "import sys\n"
-        f"from maisi.__main__ import CLI_MODULES, cli_module\n"
+        "from maisi.__main__ import CLI_MODULES, cli_module\n"
         "for name in CLI_MODULES:\n"
         "    cli_module(name).build_parser()\n"
         "heavy = sorted(m for m in ('torch', 'monai') if m in sys.modules)\n"

@@ -16,8 +16,20 @@ from maisi.labels import load_label_dict
 
 
 def _build(root, out, *extra):
-    return main(["build", "--root", str(root), "--images", "*/imaging.nii.gz", "--labels", "*/segmentation.nii.gz",
-                 "--output", str(out), *extra])  # fmt: skip
+    return main(
+        [
+            "build",
+            "--root",
+            str(root),
+            "--images",
+            "*/imaging.nii.gz",
+            "--labels",
+            "*/segmentation.nii.gz",
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_build_then_validate_round_trips_on_real_ct(real_cases, tmp_path, capsys):
@@ -51,15 +63,21 @@ def test_validate_lists_every_problem(real_cases, tmp_path, capsys):
     arr = bad_label.array.copy()
     arr[0, 0, 0] = 250
     write_volume(root / "case1" / "segmentation.nii.gz", bad_label.with_array(arr))
-    data["training"].append({"image": "case0/imaging.nii.gz", "label": "case0/segmentation.nii.gz", "fold": 7})
+    data["training"].append(
+        {"image": "case0/imaging.nii.gz", "label": "case0/segmentation.nii.gz", "fold": 7}
+    )
     (root / "dl.json").write_text(json.dumps(data))
     assert main(["validate", "--datalist", str(root / "dl.json"), "--num-folds", "3"]) == 2
     err = capsys.readouterr().err
-    for fragment in ("$.training[0].spacing: [1.0, 1.0, 1.0] but the header says [3.0, 3.0, 3.0]",
-                     "$.training[1].dim: [1, 2, 3] but the header says [122, 101, 30]",
-                     "$.training[1]: ", "labels not in the label dictionary: [250]",
-                     "$.training[2]: file not found", "$.training[3].image: 'case0/imaging.nii.gz' is also case 0",
-                     "fold 7 is outside 0..2"):  # fmt: skip
+    for fragment in (
+        "$.training[0].spacing: [1.0, 1.0, 1.0] but the header says [3.0, 3.0, 3.0]",
+        "$.training[1].dim: [1, 2, 3] but the header says [122, 101, 30]",
+        "$.training[1]: ",
+        "labels not in the label dictionary: [250]",
+        "$.training[2]: file not found",
+        "$.training[3].image: 'case0/imaging.nii.gz' is also case 0",
+        "fold 7 is outside 0..2",
+    ):
         assert fragment in err, err
 
 
@@ -73,9 +91,14 @@ def test_label_on_another_grid_is_a_problem(real_cases, tmp_path):
         build_datalist(root, "*/imaging.nii.gz", "*/segmentation.nii.gz", root / "dl.json", load_label_dict())
 
 
-@pytest.mark.parametrize("text, fragment", [("{", "not valid JSON"), ('{"training": [{"label": "x"}]}',
-                                            "$.training[0]: 'image' is a required property"),
-                                            ('{"training": [{"image": "a", "colour": 1}]}', "unknown key 'colour'")])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("{", "not valid JSON"),
+        ('{"training": [{"label": "x"}]}', "$.training[0]: 'image' is a required property"),
+        ('{"training": [{"image": "a", "colour": 1}]}', "unknown key 'colour'"),
+    ],
+)
 def test_unreadable_datalists_exit_2(tmp_path, capsys, text, fragment):
     path = tmp_path / "dl.json"
     path.write_text(text)
@@ -92,7 +115,10 @@ def test_pairing_by_glob_wildcards_nnunet_style(tmp_path):
             (tmp_path / folder / f"{name}{suffix}.nii.gz").write_bytes(b"")
     (tmp_path / "imagesTr" / "c_0000.nii.gz").write_bytes(b"")
     pairs, problems = find_cases(tmp_path, "imagesTr/*_0000.nii.gz", "labelsTr/*.nii.gz")
-    assert [(i.name, l.name) for i, l in pairs] == [("a_0000.nii.gz", "a.nii.gz"), ("b_0000.nii.gz", "b.nii.gz")]
+    assert [(i.name, l.name) for i, l in pairs] == [
+        ("a_0000.nii.gz", "a.nii.gz"),
+        ("b_0000.nii.gz", "b.nii.gz"),
+    ]
     assert len(problems) == 1 and "c_0000.nii.gz: no label matches" in problems[0]
 
 
@@ -124,12 +150,18 @@ def test_validate_reports_duplicates_and_cases_whose_latents_would_collide(real_
     root = tmp_path / "data"
     shutil.copytree(real_cases, root)
     write_volume(root / "case0" / "imaging.nrrd", read_volume(root / "case0" / "imaging.nii.gz"))
-    entries = [{"image": "case0/imaging.nii.gz"}, {"image": "case1/imaging.nii.gz"},
-               {"image": "./case1/imaging.nii.gz"}, {"image": "case0/imaging.nrrd"}]
+    entries = [
+        {"image": "case0/imaging.nii.gz"},
+        {"image": "case1/imaging.nii.gz"},
+        {"image": "./case1/imaging.nii.gz"},
+        {"image": "case0/imaging.nrrd"},
+    ]
     (root / "dl.json").write_text(json.dumps({"training": entries}))
     assert main(["validate", "--datalist", str(root / "dl.json")]) == 2
     err = capsys.readouterr().err
     assert "$.training[2].image: './case1/imaging.nii.gz' is also case 1" in err, err
-    assert ("$.training[3].image: 'case0/imaging.nrrd' and case 0 ('case0/imaging.nii.gz') would both be "
-            "encoded to <output_dir>/case0/imaging_emb.nii.gz") in err, err
+    assert (
+        "$.training[3].image: 'case0/imaging.nrrd' and case 0 ('case0/imaging.nii.gz') would both be "
+        "encoded to <output_dir>/case0/imaging_emb.nii.gz"
+    ) in err, err
     assert "2 problem(s)" in err

@@ -25,13 +25,27 @@ def encode_setup(real_cases, tiny_checkpoints, tmp_path):
     """Factory: an encode config over the 3 real cases, with top-level keys replaced by ``changes``."""
     datalist = real_cases / "datalist.json"
     if not datalist.exists():
-        write_datalist(datalist, build_datalist(real_cases, "*/imaging.nii.gz", "*/segmentation.nii.gz", datalist,
-                                                load_label_dict(), num_folds=3))  # fmt: skip
+        write_datalist(
+            datalist,
+            build_datalist(
+                real_cases,
+                "*/imaging.nii.gz",
+                "*/segmentation.nii.gz",
+                datalist,
+                load_label_dict(),
+                num_folds=3,
+            ),
+        )
 
     def make(**changes) -> Path:
-        data = {"preset": "tiny-rflow", "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
-                "datalist": str(datalist), "output_dir": str(tmp_path / "emb"),
-                "tiling": {"method": "sliding_window", "roi_size": [64, 64, 32]}, "device": "cpu"}  # fmt: skip
+        data = {
+            "preset": "tiny-rflow",
+            "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+            "datalist": str(datalist),
+            "output_dir": str(tmp_path / "emb"),
+            "tiling": {"method": "sliding_window", "roi_size": [64, 64, 32]},
+            "device": "cpu",
+        }
         data.update(changes)
         return write_config(tmp_path / "encode.json", data)
 
@@ -93,8 +107,19 @@ def test_sampled_latents_are_seeded(encode_setup, tmp_path):
     a = read_latent(tmp_path / "emb" / "case0" / "imaging_emb.nii.gz")[0]
     b = read_latent(tmp_path / "emb" / "case1" / "imaging_emb.nii.gz")[0]
     assert not np.array_equal(a, b)  # same image, different per-case seed
-    assert main(["--config", str(encode_setup(latent="sample", tiling={"method": "full"},
-                                              output_dir=str(tmp_path / "again")))]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--config",
+                str(
+                    encode_setup(
+                        latent="sample", tiling={"method": "full"}, output_dir=str(tmp_path / "again")
+                    )
+                ),
+            ]
+        )
+        == 0
+    )
     assert np.array_equal(a, read_latent(tmp_path / "again" / "case0" / "imaging_emb.nii.gz")[0])
 
 
@@ -102,13 +127,18 @@ def test_a_failing_case_is_reported_and_the_others_finish(encode_setup, real_cas
     data = json.loads((real_cases / "datalist.json").read_text())
     data["training"][1]["image"] = "case1/missing.nii.gz"
     (tmp_path / "dl.json").write_text(json.dumps(data))
-    assert main(["--config", str(encode_setup(datalist=str(tmp_path / "dl.json"), data_root=str(real_cases)))]) == 1
+    assert (
+        main(["--config", str(encode_setup(datalist=str(tmp_path / "dl.json"), data_root=str(real_cases)))])
+        == 1
+    )
     assert "2 encoded, 0 skipped, 1 failed" in caplog.text and "missing.nii.gz" in caplog.text
     assert len(read_datalist(tmp_path / "emb" / "datalist.json")["training"]) == 2
 
 
-@pytest.mark.parametrize("case", ["unwritable", "vae mismatch", "datalist not json", "datalist keys", "config key",
-                                  "roi not multiple"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    ["unwritable", "vae mismatch", "datalist not json", "datalist keys", "config key", "roi not multiple"],
+)
 def test_bad_input_exits_2(case, encode_setup, tiny_checkpoints, tmp_path, capsys):
     changes: dict = {}
     if case == "unwritable":
@@ -117,7 +147,9 @@ def test_bad_input_exits_2(case, encode_setup, tiny_checkpoints, tmp_path, capsy
         fragment = f"cannot be created: {tmp_path / 'a_file'} is a file, not a folder"
     elif case == "vae mismatch":
         changes["preset"] = "small-rflow"
-        fragment = "autoencoder checkpoint was made for preset 'tiny-rflow', which differs from preset 'small-rflow'"
+        fragment = (
+            "autoencoder checkpoint was made for preset 'tiny-rflow', which differs from preset 'small-rflow'"
+        )
     elif case == "datalist not json":
         (tmp_path / "dl.json").write_text("{")
         changes["datalist"] = str(tmp_path / "dl.json")
@@ -140,10 +172,28 @@ def test_bad_input_exits_2(case, encode_setup, tiny_checkpoints, tmp_path, capsy
 
 def test_two_process_torchrun_splits_the_work_and_writes_one_datalist(encode_setup, tmp_path):
     config = encode_setup()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "maisi.encode", "--config", str(config)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
-                          "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "maisi.encode",
+        "--config",
+        str(config),
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            "OMP_NUM_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        },
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "3 encoded, 0 skipped" in done.stderr and done.stderr.count("wrote ") == 1
     data = read_datalist(tmp_path / "emb" / "datalist.json")
@@ -168,7 +218,8 @@ def test_default_tiled_encoding_equals_the_full_pass(encode_setup, tmp_path):
     tiled = read_latent(tmp_path / "tiled" / "case0" / "imaging_emb.nii.gz")[0]
     np.testing.assert_allclose(tiled, full, atol=1e-4)
     assert read_sidecar(tmp_path / "tiled" / "case0" / "imaging_emb.nii.gz")["fingerprint"]["tiling"] == {
-        "method": "tiled"}
+        "method": "tiled"
+    }
 
 
 def test_outputs_stay_inside_output_dir_when_paths_climb(encode_setup, real_cases, tmp_path):
@@ -177,7 +228,10 @@ def test_outputs_stay_inside_output_dir_when_paths_climb(encode_setup, real_case
     lists.mkdir()
     data = json.loads((real_cases / "datalist.json").read_text())
     for entry in data["training"]:
-        entry["image"], entry["label"] = f"../{real_cases.name}/{entry['image']}", f"../{real_cases.name}/{entry['label']}"
+        entry["image"], entry["label"] = (
+            f"../{real_cases.name}/{entry['image']}",
+            f"../{real_cases.name}/{entry['label']}",
+        )
     (lists / "dl.json").write_text(json.dumps(data))
     config = encode_setup(datalist=str(lists / "dl.json"), data_root=str(lists))
     assert main(["--config", str(config)]) == 0
@@ -217,9 +271,15 @@ def small_data(tmp_path, tiny_checkpoints):
                 _small_case(data / case)
         listed = entries or [{"image": f"c{i}/ct.nii.gz", "label": f"c{i}/ct_label.nii.gz"} for i in range(2)]
         write_datalist(data / "datalist.json", {"training": listed})
-        config = {"preset": "tiny-rflow", "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
-                  "datalist": str(data / "datalist.json"), "output_dir": str(tmp_path / "emb"),
-                  "tiling": {"method": "full"}, "device": "cpu", **changes}
+        config = {
+            "preset": "tiny-rflow",
+            "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+            "datalist": str(data / "datalist.json"),
+            "output_dir": str(tmp_path / "emb"),
+            "tiling": {"method": "full"},
+            "device": "cpu",
+            **changes,
+        }
         return write_config(tmp_path / "encode.json", config)
 
     return make
@@ -244,11 +304,15 @@ def test_output_dir_on_the_data_never_overwrites_an_input(where, small_data, tmp
         config = small_data(output_dir=str(tmp_path / "link"))
     elif where == "a folder containing it":  # a datalist beside the data, '../' paths: outputs keep 'data/'
         (tmp_path / "lists").mkdir()
-        entries = [{"image": f"../data/c{i}/ct.nii.gz", "label": f"../data/c{i}/ct_label.nii.gz"}
-                   for i in range(2)]
+        entries = [
+            {"image": f"../data/c{i}/ct.nii.gz", "label": f"../data/c{i}/ct_label.nii.gz"} for i in range(2)
+        ]
         write_datalist(tmp_path / "lists" / "dl.json", {"training": entries})
-        config = small_data(datalist=str(tmp_path / "lists" / "dl.json"), output_dir=str(tmp_path),
-                            output_datalist=str(tmp_path / "lists" / "dl.json"))
+        config = small_data(
+            datalist=str(tmp_path / "lists" / "dl.json"),
+            output_dir=str(tmp_path),
+            output_datalist=str(tmp_path / "lists" / "dl.json"),
+        )
     else:
         config = small_data(output_dir=str(data))
     before = _snapshot(tmp_path)
@@ -269,8 +333,9 @@ def test_output_dir_beside_the_inputs_is_fine_when_nothing_collides(small_data, 
     small_data()
     (tmp_path / "data" / "c0" / "ct_label.nii.gz").rename(tmp_path / "data" / "c0" / "seg.nii.gz")
     entries = [{"image": "c0/ct.nii.gz", "label": "c0/seg.nii.gz"}]
-    config = small_data(entries, output_dir=str(tmp_path / "data"),
-                        output_datalist=str(tmp_path / "latents.json"))
+    config = small_data(
+        entries, output_dir=str(tmp_path / "data"), output_datalist=str(tmp_path / "latents.json")
+    )
     before = _snapshot(tmp_path / "data")
     assert main(["--config", str(config)]) == 0
     after = _snapshot(tmp_path / "data")
@@ -296,13 +361,19 @@ def test_two_images_encoding_to_one_latent_are_refused(small_data, tmp_path, mon
     assert not (tmp_path / "emb").exists()
 
 
-BAD_LOCATIONS = ["output_dir is a file", "output_dir under a file", "output_datalist a folder",
-                 "output_datalist under a file", "output_dir not writable"]
+BAD_LOCATIONS = [
+    "output_dir is a file",
+    "output_dir under a file",
+    "output_datalist a folder",
+    "output_datalist under a file",
+    "output_dir not writable",
+]
 
 
 @pytest.mark.parametrize("case", BAD_LOCATIONS)
-def test_bad_output_locations_are_refused_before_the_model_loads(case, small_data, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_bad_output_locations_are_refused_before_the_model_loads(
+    case, small_data, tmp_path, monkeypatch, capsys
+):
     (tmp_path / "a_file").write_text("keep me")
     changes = {
         "output_dir is a file": {"output_dir": str(tmp_path / "a_file")},
@@ -311,15 +382,18 @@ def test_bad_output_locations_are_refused_before_the_model_loads(case, small_dat
         "output_datalist under a file": {"output_datalist": str(tmp_path / "a_file" / "dl.json")},
         "output_dir not writable": {},
     }[case]
-    fragments = {"output_datalist a folder": f"output datalist {tmp_path} is a folder",
-                 "output_datalist under a file": f"{tmp_path / 'a_file'} is a file, not a folder",
-                 "output_dir not writable": f"no write permission on {tmp_path}"}
+    fragments = {
+        "output_datalist a folder": f"output datalist {tmp_path} is a folder",
+        "output_datalist under a file": f"{tmp_path / 'a_file'} is a file, not a folder",
+        "output_dir not writable": f"no write permission on {tmp_path}",
+    }
     fragment = fragments.get(case, f"{tmp_path / 'a_file'} is a file, not a folder")
     config = small_data(**changes)
     if case == "output_dir not writable":  # root may write anywhere: stand in for a read-only folder
         real_access = os.access
-        monkeypatch.setattr("maisi.files.os.access",
-                            lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+        monkeypatch.setattr(
+            "maisi.files.os.access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode)
+        )
     _no_model_load(monkeypatch)
     capsys.readouterr()
     assert main(["--config", str(config)]) == 2
@@ -361,8 +435,8 @@ def test_a_non_finite_latent_is_never_written(small_data, tmp_path, monkeypatch,
 
 
 def test_a_nan_latent_from_before_the_checks_is_encoded_again(small_data, tmp_path, caplog):
-    from maisi.files import file_sha256
     from maisi.data.latents import write_latent, write_sidecar
+    from maisi.files import file_sha256
 
     config = small_data([{"image": "c0/ct.nii.gz"}])
     assert main(["--config", str(config)]) == 0

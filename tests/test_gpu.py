@@ -45,9 +45,18 @@ def test_half_precision_denoising_with_flash_attention_stays_finite_and_close_to
     control = torch.zeros(1, 8, 64, 64, 64, device=device)
     runs = {}
     for name, autocast in (("float32", None), ("half", dtype)):
-        runs[name] = denoise(nets["diffusion_unet"], make_scheduler(preset.schedule, "rflow"), noise.clone(), 3,
-                             inputs, controlnet=nets["controlnet"], control=control, autocast_dtype=autocast,
-                             generator=torch.Generator(device=device).manual_seed(1), progress=False)
+        runs[name] = denoise(
+            nets["diffusion_unet"],
+            make_scheduler(preset.schedule, "rflow"),
+            noise.clone(),
+            3,
+            inputs,
+            controlnet=nets["controlnet"],
+            control=control,
+            autocast_dtype=autocast,
+            generator=torch.Generator(device=device).manual_seed(1),
+            progress=False,
+        )
     assert torch.isfinite(runs["half"]).all()
     assert (runs["half"].float() - runs["float32"]).abs().max() < 0.1
 
@@ -76,8 +85,21 @@ def test_two_process_nccl_encoding_writes_one_datalist(encode_setup, tmp_path):
     config = encode_setup(device="cuda")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "maisi.encode",
-         "--config", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "maisi.encode",
+            "--config",
+            str(config),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     datalist = json.loads((tmp_path / "emb" / "datalist.json").read_text())

@@ -17,10 +17,10 @@ import SimpleITK as sitk
 import torch
 
 from maisi import generation, generation_run, infer
-from maisi.files import file_sha256
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.errors import InputError
+from maisi.files import file_sha256
 from tests.conftest import phantom_mask
 from tests.test_atomic import dead_pid, held_lock  # noqa: F401 - held_lock is a fixture
 
@@ -36,7 +36,9 @@ def test_from_mask_writes_ct_on_the_mask_grid(infer_config, mask_file, tmp_path,
     mask = read_volume(mask_file)
     assert image.shape == mask.shape == (32, 32, 16)
     np.testing.assert_allclose(image.affine, mask.affine, atol=1e-5)
-    np.testing.assert_allclose(nib.load(out / "sample_seed0_image.nii.gz").header.get_zooms(), (2.0, 2.0, 3.0))
+    np.testing.assert_allclose(
+        nib.load(out / "sample_seed0_image.nii.gz").header.get_zooms(), (2.0, 2.0, 3.0)
+    )
     assert image.array.dtype == np.int16
     assert image.array.min() >= -1000 and image.array.max() <= 1000
     assert np.all(image.array[mask.array == 0] == -1000)
@@ -44,10 +46,14 @@ def test_from_mask_writes_ct_on_the_mask_grid(infer_config, mask_file, tmp_path,
     label = read_volume(out / "sample_seed0_label.nii.gz")
     assert np.array_equal(label.array, mask.array) and label.array.dtype == np.uint8  # MAISI ids, unchanged
     preview = sitk.ReadImage(str(out / "sample_seed0_preview.png"))
-    assert preview.GetDimension() == 2 and preview.GetNumberOfComponentsPerPixel() == 3  # mask outlines in colour
+    assert (
+        preview.GetDimension() == 2 and preview.GetNumberOfComponentsPerPixel() == 3
+    )  # mask outlines in colour
     meta = json.loads((out / "sample_seed0.json").read_text())
     assert meta["seed"] == 0 and meta["shape"] == [32, 32, 16]
-    assert meta["checkpoints"]["controlnet"]["sha256"] == file_sha256(tiny_checkpoints["tiny-rflow"]["controlnet"])
+    assert meta["checkpoints"]["controlnet"]["sha256"] == file_sha256(
+        tiny_checkpoints["tiny-rflow"]["controlnet"]
+    )
     assert meta["mask"]["sha256"] == file_sha256(mask_file)
     assert meta["conditions"]["spacing_mm"] == [2.0, 2.0, 3.0] and meta["sampler"]["scheduler"] == "rflow"
     assert set(meta["timings_s"]) == {"sampling", "decoding", "writing", "total"}
@@ -72,7 +78,9 @@ def fake_generate(bad_seeds: set[int]):
     return generate
 
 
-def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(infer_config, tmp_path, monkeypatch):
+def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(
+    infer_config, tmp_path, monkeypatch
+):
     from maisi import generation
 
     monkeypatch.setattr(generation, "generate", fake_generate({5, 5 + 1_000_003}))
@@ -85,7 +93,9 @@ def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(infer_
     assert tries[0]["organs"]["liver"]["median_hu"] == -500 and tries[2]["organs"]["lung"]["passed"]
     assert meta["timings_s"]["sampling"] == 3.0  # all tries counted
     image = read_volume(out / "sample_seed5_image.nii.gz")
-    assert np.all(image.array[read_volume(out / "sample_seed5_label.nii.gz").array == 1] == 50)  # the passing try
+    assert np.all(
+        image.array[read_volume(out / "sample_seed5_label.nii.gz").array == 1] == 50
+    )  # the passing try
     assert meta["mask_fidelity"]["lung"] is not None
 
 
@@ -109,11 +119,15 @@ def test_quality_check_can_be_switched_off(infer_config, tmp_path, monkeypatch):
 
 def test_image_only_ddpm_with_ddim_and_sliding_window(infer_config, tmp_path):
     config = infer_config(
-        "tiny-ddpm", mask=None, output_size=[32, 48, 16], spacing=[1.5, 1.5, 2.5],
-        body_region={"top": "chest", "bottom": "abdomen"}, sampling={"scheduler": "ddim", "num_inference_steps": 4},
+        "tiny-ddpm",
+        mask=None,
+        output_size=[32, 48, 16],
+        spacing=[1.5, 1.5, 2.5],
+        body_region={"top": "chest", "bottom": "abdomen"},
+        sampling={"scheduler": "ddim", "num_inference_steps": 4},
         decoding={"method": "sliding_window", "sw_roi_size": [4, 4, 4], "sw_overlap": 0.25},
         output={"dir": str(tmp_path / "out"), "format": "nrrd"},
-    )  # fmt: skip
+    )
     assert run_cli(config) == 0
     image = read_volume(tmp_path / "out" / "sample_seed0_image.nrrd")
     assert image.shape == (32, 48, 16) and np.allclose(image.spacing, (1.5, 1.5, 2.5))
@@ -175,14 +189,30 @@ def _broken_masks(tmp_path: Path) -> dict[str, Path]:
 
 BROKEN = [
     ("unknown key", {"colour": "red"}, "$.colour: unknown key 'colour'"),
-    ("wrong type", {"seed": "zero"}, "$.seed: got \"zero\", expected type integer"),
+    ("wrong type", {"seed": "zero"}, '$.seed: got "zero", expected type integer'),
     ("missing weights", {"checkpoints": "missing"}, "diffusion_unet checkpoint not found"),
     ("other architecture", {"checkpoints": "ddpm-unet"}, "made for preset 'tiny-ddpm'"),
     ("no scale_factor", {"checkpoints": "no-scale"}, "has no scale_factor"),
-    ("released size", {"preset": "maisi-ct-rflow", "mask": None, "output_size": [256, 256, 100],
-                       "spacing": [1.0, 1.0, 1.0]}, "size z 100 is not one of"),  # fmt: skip
-    ("released fov", {"preset": "maisi-ct-rflow", "mask": None, "output_size": [256, 256, 128],
-                      "spacing": [0.5, 0.5, 1.0]}, "field of view in x/y 128 mm is under 256 mm"),  # fmt: skip
+    (
+        "released size",
+        {
+            "preset": "maisi-ct-rflow",
+            "mask": None,
+            "output_size": [256, 256, 100],
+            "spacing": [1.0, 1.0, 1.0],
+        },
+        "size z 100 is not one of",
+    ),
+    (
+        "released fov",
+        {
+            "preset": "maisi-ct-rflow",
+            "mask": None,
+            "output_size": [256, 256, 128],
+            "spacing": [0.5, 0.5, 1.0],
+        },
+        "field of view in x/y 128 mm is under 256 mm",
+    ),
     ("mask unreadable", {"mask": "text"}, "cannot read as a medical image"),
     ("mask not integer", {"mask": "float"}, "must hold integer labels, found 0.5"),
     ("mask labels unknown", {"mask": "unknown"}, "labels not in the label dictionary: 250"),
@@ -207,7 +237,10 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
     if changes.get("checkpoints") == "missing":
         changes["checkpoints"] = {**ckpt, "diffusion_unet": str(tmp_path / "nope.pt")}
     elif changes.get("checkpoints") == "ddpm-unet":
-        changes["checkpoints"] = {**ckpt, "diffusion_unet": str(tiny_checkpoints["tiny-ddpm"]["diffusion_unet"])}
+        changes["checkpoints"] = {
+            **ckpt,
+            "diffusion_unet": str(tiny_checkpoints["tiny-ddpm"]["diffusion_unet"]),
+        }
     elif changes.get("checkpoints") == "no-controlnet":
         changes["checkpoints"] = {**ckpt, "controlnet": str(tmp_path / "gone" / "controlnet.pt")}
     elif changes.get("checkpoints") == "no-scale":
@@ -254,8 +287,12 @@ def test_bad_flags_exit_2():
 
 def test_module_entry_point_runs_in_a_fresh_process(infer_config, tmp_path):
     config = infer_config()
-    done = subprocess.run([sys.executable, "-m", "maisi.infer", "--config", str(config)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "maisi.infer", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "sample_seed0_image.nii.gz").is_file()
 

@@ -17,7 +17,9 @@ DATA = Path(__file__).parent / "data"
 TOTALSEG_CT = DATA / "totalseg_example_ct_sm.nii.gz"  # RAS NIfTI, int16, 122x101x30 at 3 mm
 TOTALSEG_SEG = DATA / "totalseg_example_seg.nii.gz"  # uint8 TotalSegmentator ids, same grid
 CHEST_NRRD = DATA / "slicerio_CTChest4.nrrd"  # LPS NRRD, int32, 128x128x34 at 3.047x3.047x10 mm
-DICOM_DIR = DATA / "totalseg_dicom3"  # 3 slices of 512x512, 0.977x0.977 mm, 2 mm apart, identity LPS direction
+DICOM_DIR = (
+    DATA / "totalseg_dicom3"
+)  # 3 slices of 512x512, 0.977x0.977 mm, 2 mm apart, identity LPS direction
 
 RAS = ("R", "A", "S")
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
@@ -42,7 +44,9 @@ def _assert_same_world_content(a: Volume, b: Volume, n: int = 50, seed: int = 0)
     """Every sampled voxel centre of ``a`` is a voxel centre of ``b`` holding the same value."""
     rng = np.random.default_rng(seed)
     shape = np.array(a.shape)
-    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    corners = np.array(
+        [[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
     points = np.concatenate([corners, rng.integers(0, shape, size=(n, 3))])
     inv_b = np.linalg.inv(b.affine)
     for ijk in points:
@@ -129,7 +133,9 @@ def test_nrrd_stored_in_lps_voxel_order_is_flipped_to_ras(tmp_path):
     corresponding = (nx - 1, ny - 1, 0)
     np.testing.assert_allclose(_world(volume, (0, 0, 0)), _ras_of_sitk_index(image, corresponding), atol=1e-4)
     assert volume.array[0, 0, 0] == image[corresponding]
-    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image).transpose(2, 1, 0)[::-1, ::-1, :])
+    np.testing.assert_array_equal(
+        volume.array, sitk.GetArrayFromImage(image).transpose(2, 1, 0)[::-1, ::-1, :]
+    )
     # and it is the same scan as the original file, voxel for voxel
     np.testing.assert_array_equal(volume.array, read_volume(CHEST_NRRD).array)
     np.testing.assert_allclose(volume.affine, read_volume(CHEST_NRRD).affine, atol=1e-4)
@@ -224,7 +230,9 @@ def _synthetic(kind: str) -> Volume:
 
 
 def _real(kind: str) -> Volume:
-    return {"chest_nrrd": lambda: read_volume(CHEST_NRRD), "totalseg_seg": lambda: read_mask(TOTALSEG_SEG)}[kind]()
+    return {"chest_nrrd": lambda: read_volume(CHEST_NRRD), "totalseg_seg": lambda: read_mask(TOTALSEG_SEG)}[
+        kind
+    ]()
 
 
 VOLUMES = ["chest_nrrd", "totalseg_seg", "lps_flipped", "permuted", "oblique"]
@@ -295,7 +303,9 @@ def test_failed_write_leaves_neither_target_nor_temporary_file(tmp_path, monkeyp
     target = tmp_path / "ct.nii.gz"
     with pytest.raises(RuntimeError, match="disk full"):
         write_volume(target, _synthetic("permuted"))
-    assert len(seen) == 1 and seen[0].parent == tmp_path and seen[0] != target  # it wrote under a temporary name
+    assert (
+        len(seen) == 1 and seen[0].parent == tmp_path and seen[0] != target
+    )  # it wrote under a temporary name
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -332,7 +342,14 @@ def test_real_totalsegmentator_mask_passes_unchanged():
     assert mask.array.dtype.kind in "iu"
     np.testing.assert_array_equal(mask.array, expected)
     labels = set(np.unique(mask.array).tolist())
-    assert {0, 1, 2, 3, 5, 117} <= labels  # background, spleen, kidneys, liver, ... kept as TotalSegmentator ids
+    assert {
+        0,
+        1,
+        2,
+        3,
+        5,
+        117,
+    } <= labels  # background, spleen, kidneys, liver, ... kept as TotalSegmentator ids
 
 
 def test_real_slicer_segmentation_reads_as_mask():

@@ -30,8 +30,16 @@ def test_packaged_maisi_dictionary(maisi_dict):
     assert maisi_dict["liver"] == 1
     assert maisi_dict["airway"] == 132
     dummies = {name: i for name, i in maisi_dict.items() if name.startswith("dummy")}
-    assert dummies == {"dummy1": 2, "dummy2": 16, "dummy3": 18, "dummy4": 20, "dummy5": 21,
-                       "dummy6": 129, "dummy7": 130, "dummy8": 131}  # fmt: skip
+    assert dummies == {
+        "dummy1": 2,
+        "dummy2": 16,
+        "dummy3": 18,
+        "dummy4": 20,
+        "dummy5": 21,
+        "dummy6": 129,
+        "dummy7": 130,
+        "dummy8": 131,
+    }
     assert all(type(i) is int for i in maisi_dict.values())
     assert len(set(maisi_dict.values())) == 133  # no id used twice
     assert set(maisi_dict.values()) - {200} == set(range(1, 133))

@@ -38,8 +38,14 @@ def test_add_takes_the_first_dummy_slot_and_prints_its_id(tmp_path, capsys):
     "args, fragment",
     [
         (["--name", "liver", "--output", "{out}"], "class 'liver' is already in the dictionary with id 1"),
-        (["--name", "new", "--id", "1", "--output", "{out}"], "cannot give id 1 to 'new': it is taken by 'liver'"),
-        (["--name", "new", "--id", "200", "--output", "{out}"], "cannot give id 200 to 'new': it is taken by 'body'"),
+        (
+            ["--name", "new", "--id", "1", "--output", "{out}"],
+            "cannot give id 1 to 'new': it is taken by 'liver'",
+        ),
+        (
+            ["--name", "new", "--id", "200", "--output", "{out}"],
+            "cannot give id 200 to 'new': it is taken by 'body'",
+        ),
         (["--name", "new", "--id", "300", "--output", "{out}"], "must lie in 1..255"),
         (["--name", "new"], "--output is required"),
     ],
@@ -87,15 +93,28 @@ def test_remap_reports_ids_missing_from_the_mapping():
 
 def test_mapping_naming_unknown_classes_is_refused(tmp_path, capsys):
     bad = tmp_path / "map.json"
-    bad.write_text(json.dumps({"mapping": [{"source_id": 1, "source_name": "a", "target": "livre"},
-                                           {"source_id": 1, "source_name": "b", "target": "liver"}]}))  # fmt: skip
+    bad.write_text(
+        json.dumps(
+            {
+                "mapping": [
+                    {"source_id": 1, "source_name": "a", "target": "livre"},
+                    {"source_id": 1, "source_name": "b", "target": "liver"},
+                ]
+            }
+        )
+    )
     args = ["remap", "--mask", str(TS_SEG), "--mapping", str(bad), "--output", str(tmp_path / "o.nii.gz")]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "$.mapping[0]: target 'livre' is not a class" in err and "$.mapping[1]: source_id 1 appears more" in err
+    assert (
+        "$.mapping[0]: target 'livre' is not a class" in err
+        and "$.mapping[1]: source_id 1 appears more" in err
+    )
 
 
-@pytest.mark.parametrize("ct_path, seg_path", [(TS_CT, TS_SEG), (CHEST_CT, CHEST_SEG)], ids=["abdomen", "chest"])
+@pytest.mark.parametrize(
+    "ct_path, seg_path", [(TS_CT, TS_SEG), (CHEST_CT, CHEST_SEG)], ids=["abdomen", "chest"]
+)
 def test_envelope_adds_200_inside_the_body_only_and_keeps_organs(tmp_path, capsys, ct_path, seg_path):
     out = tmp_path / "with_body.nii.gz"
     assert main(["envelope", "--image", str(ct_path), "--mask", str(seg_path), "--output", str(out)]) == 0
@@ -125,13 +144,31 @@ def test_envelope_drops_a_separate_table():
 
 def test_envelope_on_different_grids_is_refused(tmp_path, capsys):
     other = write_volume(tmp_path / "small.nii.gz", Volume(np.zeros((10, 10, 10), np.uint8), np.eye(4)))
-    assert main(["envelope", "--image", str(TS_CT), "--mask", str(other), "--output", str(tmp_path / "o.nii.gz")]) == 2
+    assert (
+        main(
+            ["envelope", "--image", str(TS_CT), "--mask", str(other), "--output", str(tmp_path / "o.nii.gz")]
+        )
+        == 2
+    )
     assert "CT and mask grids differ" in capsys.readouterr().err and not (tmp_path / "o.nii.gz").exists()
 
 
 def test_non_integer_mask_is_refused(tmp_path, capsys):
     soft = write_volume(tmp_path / "soft.nii.gz", Volume(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)))
-    assert main(["remap", "--mask", str(soft), "--mapping", "totalsegmentator", "--output", str(tmp_path / "o.nii.gz")]) == 2
+    assert (
+        main(
+            [
+                "remap",
+                "--mask",
+                str(soft),
+                "--mapping",
+                "totalsegmentator",
+                "--output",
+                str(tmp_path / "o.nii.gz"),
+            ]
+        )
+        == 2
+    )
     assert "must hold integer labels" in capsys.readouterr().err
 
 
@@ -139,8 +176,28 @@ def test_crop_centres_a_box_on_the_labels_and_keeps_world_positions(tmp_path, ca
     ct_out, mask_out = tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
     mask = read_mask(TS_SEG)
     spleen = int(mask.array[mask.array > 0].min())  # any class present serves as the "lesion"
-    assert main(["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", str(spleen), "--size-mm",
-                 "60", "45", "30", "--output-image", str(ct_out), "--output-mask", str(mask_out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "crop",
+                "--image",
+                str(TS_CT),
+                "--mask",
+                str(TS_SEG),
+                "--around",
+                str(spleen),
+                "--size-mm",
+                "60",
+                "45",
+                "30",
+                "--output-image",
+                str(ct_out),
+                "--output-mask",
+                str(mask_out),
+            ]
+        )
+        == 0
+    )
     assert "cropped to" in capsys.readouterr().out
     ct, cut, cut_ct = read_volume(TS_CT), read_mask(mask_out), read_volume(ct_out)
     expected = tuple(min(n, round(mm / s)) for n, mm, s in zip(mask.shape, (60, 45, 30), mask.spacing))
@@ -159,16 +216,56 @@ def test_crop_centres_a_box_on_the_labels_and_keeps_world_positions(tmp_path, ca
 
 def test_crop_of_an_absent_label_names_the_mask_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "ct.nii.gz"
-    assert main(["crop", "--image", str(TS_CT), "--mask", str(TS_SEG), "--around", "250", "--size-mm", "50", "50",
-                 "50", "--output-image", str(out), "--output-mask", str(tmp_path / "m.nii.gz")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "crop",
+                "--image",
+                str(TS_CT),
+                "--mask",
+                str(TS_SEG),
+                "--around",
+                "250",
+                "--size-mm",
+                "50",
+                "50",
+                "50",
+                "--output-image",
+                str(out),
+                "--output-mask",
+                str(tmp_path / "m.nii.gz"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(TS_SEG) in err and "labels [250] are not in the mask" in err
     assert not list(tmp_path.iterdir())
 
 
 def test_crop_of_a_mask_on_another_grid_is_refused(tmp_path, capsys):
-    assert main(["crop", "--image", str(TS_CT), "--mask", str(CHEST_SEG), "--around", "5", "--size-mm", "50", "50",
-                 "50", "--output-image", str(tmp_path / "c.nii.gz"), "--output-mask", str(tmp_path / "m.nii.gz")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "crop",
+                "--image",
+                str(TS_CT),
+                "--mask",
+                str(CHEST_SEG),
+                "--around",
+                "5",
+                "--size-mm",
+                "50",
+                "50",
+                "50",
+                "--output-image",
+                str(tmp_path / "c.nii.gz"),
+                "--output-mask",
+                str(tmp_path / "m.nii.gz"),
+            ]
+        )
+        == 2
+    )
     assert "CT and mask grids differ" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 

@@ -64,7 +64,9 @@ def test_mapping_file_structure(path: Path, label_dict: dict[str, int]):
         assert isinstance(entry["source_name"], str) and entry["source_name"], entry
         target = entry["target"]
         if target is None:
-            assert isinstance(entry.get("note"), str) and entry["note"].strip(), f"null target without a note: {entry}"
+            assert isinstance(entry.get("note"), str) and entry["note"].strip(), (
+                f"null target without a note: {entry}"
+            )
         else:
             assert target in label_dict, f"{entry}: target is not a MAISI class name"
             assert not target.startswith("dummy"), entry
@@ -144,9 +146,23 @@ def test_totalsegmentator_example_segmentation(label_dict: dict[str, int]):
     assert not missing, f"ids in the TotalSegmentator example without a mapping entry: {missing}"
     mapped = {targets[i] for i in present}
     assert None not in mapped
-    abdominal = {"liver", "spleen", "right kidney", "left kidney", "gallbladder", "stomach", "pancreas",
-                 "right adrenal gland", "left adrenal gland", "small bowel", "duodenum", "colon", "aorta",
-                 "inferior vena cava", "portal vein and splenic vein"}  # fmt: skip
+    abdominal = {
+        "liver",
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "stomach",
+        "pancreas",
+        "right adrenal gland",
+        "left adrenal gland",
+        "small bowel",
+        "duodenum",
+        "colon",
+        "aorta",
+        "inferior vena cava",
+        "portal vein and splenic vein",
+    }
     assert abdominal <= mapped
     assert {"vertebrae L1", "vertebrae T12", "left rib 7", "right rib 12", "costal cartilages"} <= mapped
 
@@ -159,8 +175,14 @@ def test_totalsegmentator_example_segmentation(label_dict: dict[str, int]):
 def test_slicerio_sample_segmentation(label_dict: dict[str, int]):
     entries = {e["source_id"]: e for e in _load(SLICER_FILE)["mapping"]}
     assert [entries[i]["source_name"] for i in range(1, 8)] == [
-        "ribs", "cervical vertebral column", "thoracic vertebral column", "lumbar vertebral column",
-        "right lung", "left lung", "tissue"]  # fmt: skip
+        "ribs",
+        "cervical vertebral column",
+        "thoracic vertebral column",
+        "lumbar vertebral column",
+        "right lung",
+        "left lung",
+        "tissue",
+    ]
     assert entries[7]["target"] == "body" and label_dict["body"] == BODY_LABEL
     assert all(entries[i]["target"] is None for i in range(1, 7))
 

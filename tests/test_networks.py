@@ -29,8 +29,15 @@ def test_released_arguments_match_maisi():
     ddpm, rflow = get_preset("maisi-ct-ddpm"), get_preset("maisi-ct-rflow")
     vae = ddpm.autoencoder
     assert (vae["latent_channels"], vae["num_channels"], vae["num_res_blocks"], vae["norm_num_groups"]) == (
-        4, [64, 128, 256], [2, 2, 2], 32)  # fmt: skip
-    assert ddpm.diffusion_unet["include_top_region_index_input"] and "num_class_embeds" not in ddpm.diffusion_unet
+        4,
+        [64, 128, 256],
+        [2, 2, 2],
+        32,
+    )
+    assert (
+        ddpm.diffusion_unet["include_top_region_index_input"]
+        and "num_class_embeds" not in ddpm.diffusion_unet
+    )
     assert rflow.diffusion_unet["num_class_embeds"] == 128 and rflow.diffusion_unet["resblock_updown"]
     assert not rflow.uses_body_region and rflow.uses_modality and rflow.uses_spacing
     for preset in (ddpm, rflow):
@@ -49,13 +56,17 @@ def test_every_preset_builds_the_monai_classes(name):
 
 @pytest.mark.parametrize("name", ["maisi-ct-rflow", "tiny-ddpm"])
 def test_runtime_options_do_not_change_the_weights(name, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # MONAI refuses flash attention without CUDA
+    monkeypatch.setattr(
+        torch.cuda, "is_available", lambda: True
+    )  # MONAI refuses flash attention without CUDA
     preset = get_preset(name)
     gpu_like = RuntimeOptions(use_flash_attention=True, norm_float16=True, use_checkpointing=True)
     for part in PARTS:
         cpu_sd = build_network(preset, part).state_dict()
         gpu_sd = build_network(preset, part, gpu_like).state_dict()
-        assert {k: tuple(v.shape) for k, v in cpu_sd.items()} == {k: tuple(v.shape) for k, v in gpu_sd.items()}
+        assert {k: tuple(v.shape) for k, v in cpu_sd.items()} == {
+            k: tuple(v.shape) for k, v in gpu_sd.items()
+        }
 
 
 def test_flash_attention_and_half_norm_only_on_cuda():
@@ -70,9 +81,17 @@ def test_tiny_networks_run_forward_with_maisi_conditioning():
     x = torch.randn(2, 4, 8, 8, 4)
     t = torch.tensor([10.0, 500.0])
     labels = torch.tensor([1, 1])
-    down, mid = controlnet(x=x, timesteps=t, controlnet_cond=torch.rand(2, 8, 32, 32, 16), class_labels=labels)
-    out = unet(x=x, timesteps=t, class_labels=labels, spacing_tensor=torch.full((2, 3), 150.0),
-               down_block_additional_residuals=down, mid_block_additional_residual=mid)  # fmt: skip
+    down, mid = controlnet(
+        x=x, timesteps=t, controlnet_cond=torch.rand(2, 8, 32, 32, 16), class_labels=labels
+    )
+    out = unet(
+        x=x,
+        timesteps=t,
+        class_labels=labels,
+        spacing_tensor=torch.full((2, 3), 150.0),
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    )
     assert out.shape == x.shape
 
 

@@ -57,7 +57,9 @@ def test_chest_preview_png_layout(tmp_path):
         expected = montage([window(p.astype(np.float32), level, width) for p in panels])
         top = row * (row_height + GAP)
         np.testing.assert_array_equal(picture[top : top + row_height : 2, ::2], expected)
-        np.testing.assert_array_equal(picture[top + 1 : top + row_height : 2, 1::2], expected)  # crisp 2x2 blocks
+        np.testing.assert_array_equal(
+            picture[top + 1 : top + row_height : 2, 1::2], expected
+        )  # crisp 2x2 blocks
     assert picture[row_height : row_height + GAP].max() == 0  # the gap between the rows
     assert [p.name for p in tmp_path.iterdir()] == ["chest.png"]  # written atomically, nothing left over
 
@@ -133,7 +135,10 @@ def test_sagittal_panel_shows_superior_up_and_anterior_on_the_left():
     # square pixels at this panel's finer spacing (1.5 mm): rows z, 16 * 2 / 1.5 = 21.3 -> 21; cols y, 24
     assert sagittal.shape == (21, 24)
     top, bottom, left, right = _bright_box(sagittal)
-    assert (top, bottom) == (0, 5)  # superior 4 voxels * 2 mm = 8 mm = top 6 rows of 1.5 mm (nearest neighbour)
+    assert (top, bottom) == (
+        0,
+        5,
+    )  # superior 4 voxels * 2 mm = 8 mm = top 6 rows of 1.5 mm (nearest neighbour)
     assert (left, right) == (0, 5)  # anterior 6 voxels on the left (anterior faces left)
     assert axial.max() < 0 and coronal.max() < 0
 

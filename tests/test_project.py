@@ -37,8 +37,23 @@ def test_the_default_main_job_runs_as_shipped(tmp_path):
     from maisi.data.io import read_volume
 
     out = tmp_path / "output"
-    done = subprocess.run([sys.executable, "-m", "maisi.infer", "--config", "configs/inference.json", "--output-dir",
-                           str(out), "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maisi.infer",
+            "--config",
+            "configs/inference.json",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     mask = read_volume(REPO / "dataset" / "demo" / "chest_mask.nii.gz")
     image = read_volume(out / "sample_seed0_image.nii.gz")

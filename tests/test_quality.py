@@ -80,7 +80,9 @@ def test_lung_lobe_32_alone_is_checked(abdomen):
 
 def test_hu_check_only_the_organs_asked_and_rejects_unknown_names(abdomen):
     ct, mask = abdomen
-    assert [o.organ for o in hu_check(ct, mask, ["liver", "brain"]).organs] == ["liver"]  # no brain in the mask
+    assert [o.organ for o in hu_check(ct, mask, ["liver", "brain"]).organs] == [
+        "liver"
+    ]  # no brain in the mask
     with pytest.raises(InputError, match="heart"):
         hu_check(ct, mask, ["liver", "heart"])
 
@@ -104,7 +106,9 @@ def test_fidelity_of_real_chest_ct_to_its_own_labels_is_high(chest):
 def test_fidelity_drops_for_a_shifted_mask(chest):
     ct, mask = chest
     own = mask_fidelity(ct, mask)
-    moved = mask_fidelity(ct, shifted(mask, 10))  # 30 mm to the side; measured body 0.89, lung 0.58, bone 0.08
+    moved = mask_fidelity(
+        ct, shifted(mask, 10)
+    )  # 30 mm to the side; measured body 0.89, lung 0.58, bone 0.08
     assert moved["lung"] < own["lung"] - 0.25 and moved["body"] < own["body"] - 0.05 and moved["bone"] < 0.2
 
 

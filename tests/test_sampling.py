@@ -36,20 +36,30 @@ class VelocityOracle(torch.nn.Module):
         return (X0 - x) / s
 
 
-@pytest.mark.parametrize("sampler, steps, tol", [("ddpm", 1000, 1e-4), ("ddpm", 20, 1e-4), ("ddim", 50, 1e-5),
-                                                 ("ddim", 3, 1e-5)])  # fmt: skip
+@pytest.mark.parametrize(
+    "sampler, steps, tol", [("ddpm", 1000, 1e-4), ("ddpm", 20, 1e-4), ("ddim", 50, 1e-5), ("ddim", 3, 1e-5)]
+)
 def test_epsilon_samplers_reach_the_data_point(sampler, steps, tol):
     scheduler = make_scheduler(NoiseSchedule("ddpm"), sampler)
     noise = torch.randn(X0.shape, generator=torch.Generator().manual_seed(0))
-    out = denoise(EpsilonOracle(scheduler.alphas_cumprod), scheduler, noise, steps, {},
-                  generator=torch.Generator().manual_seed(1), progress=False)  # fmt: skip
+    out = denoise(
+        EpsilonOracle(scheduler.alphas_cumprod),
+        scheduler,
+        noise,
+        steps,
+        {},
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+    )
     assert (out - X0).abs().max() < tol
 
 
 @pytest.mark.parametrize("steps", [1, 5, 30])
 def test_rectified_flow_is_exact_on_straight_paths(steps):
     noise = torch.randn(X0.shape, generator=torch.Generator().manual_seed(0))
-    out = denoise(VelocityOracle(), make_scheduler(NoiseSchedule("rflow"), "rflow"), noise, steps, {}, progress=False)
+    out = denoise(
+        VelocityOracle(), make_scheduler(NoiseSchedule("rflow"), "rflow"), noise, steps, {}, progress=False
+    )
     assert (out - X0).abs().max() < 1e-5
 
 
@@ -57,15 +67,31 @@ def test_rectified_flow_is_exact_on_straight_paths(steps):
 def test_loop_equals_monai_controlnet_inferer(preset_name, sampler):
     preset = get_preset(preset_name)
     torch.manual_seed(0)
-    unet, controlnet = build_network(preset, "diffusion_unet").eval(), build_network(preset, "controlnet").eval()
-    for p in [*unet.parameters(), *controlnet.parameters()]:  # zero-initialised outputs would make this trivial
+    unet, controlnet = (
+        build_network(preset, "diffusion_unet").eval(),
+        build_network(preset, "controlnet").eval(),
+    )
+    for p in [
+        *unet.parameters(),
+        *controlnet.parameters(),
+    ]:  # zero-initialised outputs would make this trivial
         if not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    inputs = Conditions((1.5, 1.5, 2.0), "chest", "abdomen", "ct").network_inputs(preset, 1, torch.device("cpu"))
+    inputs = Conditions((1.5, 1.5, 2.0), "chest", "abdomen", "ct").network_inputs(
+        preset, 1, torch.device("cpu")
+    )
     noise = torch.randn(1, 4, 8, 8, 4)
     control = torch.randint(0, 2, (1, 8, 32, 32, 16)).float()
-    ours = denoise(unet, make_scheduler(preset.schedule, sampler), noise, 4, inputs, controlnet=controlnet,
-                   control=control, progress=False)  # fmt: skip
+    ours = denoise(
+        unet,
+        make_scheduler(preset.schedule, sampler),
+        noise,
+        4,
+        inputs,
+        controlnet=controlnet,
+        control=control,
+        progress=False,
+    )
 
     scheduler = make_scheduler(preset.schedule, sampler)
     kwargs = {"input_img_size_numel": 8 * 8 * 4} if sampler == "rflow" else {}
@@ -73,12 +99,17 @@ def test_loop_equals_monai_controlnet_inferer(preset_name, sampler):
     cn_kwargs = {"class_labels": inputs.pop("class_labels")} if "class_labels" in inputs else {}
     with torch.no_grad():
         theirs = ControlNetDiffusionInferer(scheduler).sample(
-            noise, partial(unet, **inputs, **cn_kwargs), partial(controlnet, **cn_kwargs), control,
-            scheduler=scheduler, verbose=False,
+            noise,
+            partial(unet, **inputs, **cn_kwargs),
+            partial(controlnet, **cn_kwargs),
+            control,
+            scheduler=scheduler,
+            verbose=False,
         )
     assert torch.allclose(ours, theirs, atol=1e-5)
-    without_control = denoise(unet, make_scheduler(preset.schedule, sampler), noise, 4,
-                              {**inputs, **cn_kwargs}, progress=False)  # fmt: skip
+    without_control = denoise(
+        unet, make_scheduler(preset.schedule, sampler), noise, 4, {**inputs, **cn_kwargs}, progress=False
+    )
     assert not torch.allclose(ours, without_control, atol=1e-3)  # the residuals do act
 
 
@@ -89,8 +120,15 @@ def test_ddpm_sampling_is_reproducible_with_a_seeded_generator():
     noise = torch.randn(1, 4, 4, 4, 4)
 
     def run(seed):
-        return denoise(unet, make_scheduler(preset.schedule, "ddpm"), noise, 5, inputs,
-                       generator=torch.Generator().manual_seed(seed), progress=False)  # fmt: skip
+        return denoise(
+            unet,
+            make_scheduler(preset.schedule, "ddpm"),
+            noise,
+            5,
+            inputs,
+            generator=torch.Generator().manual_seed(seed),
+            progress=False,
+        )
 
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
 

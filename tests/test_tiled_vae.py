@@ -53,11 +53,18 @@ def _splits_unevenly(trace: TilingTrace, vae: torch.nn.Module, shape: tuple, par
     return any(o % t for (_, tile, _), out in zip(trace.steps, outs) for o, t in zip(out, tile))
 
 
-@pytest.mark.parametrize(("shape", "limit"), [
-    ((5, 7, 3), {"max_tile_voxels": 7}), ((6, 4, 9), {"max_tile_voxels": 7}), ((5, 7, 3), {"max_tile_voxels": 100}),
-    ((8, 8, 8), {"max_tile_voxels": 100}), ((6, 4, 9), {"memory_budget_bytes": 1 << 19}),
-    ((8, 8, 8), {"memory_budget_bytes": 1 << 19}), ((5, 7, 3), {"memory_budget_bytes": 1 << 30}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("shape", "limit"),
+    [
+        ((5, 7, 3), {"max_tile_voxels": 7}),
+        ((6, 4, 9), {"max_tile_voxels": 7}),
+        ((5, 7, 3), {"max_tile_voxels": 100}),
+        ((8, 8, 8), {"max_tile_voxels": 100}),
+        ((6, 4, 9), {"memory_budget_bytes": 1 << 19}),
+        ((8, 8, 8), {"memory_budget_bytes": 1 << 19}),
+        ((5, 7, 3), {"memory_budget_bytes": 1 << 30}),
+    ],
+)
 def test_tiled_decode_equals_untiled(tiny, shape, limit):
     z = _latent(*shape)
     with torch.no_grad():
@@ -79,7 +86,9 @@ def test_tiled_decode_handles_a_batch_with_per_sample_statistics(tiny):
 
 
 @pytest.mark.parametrize("shape", [(20, 28, 12), (16, 16, 16), (12, 8, 36)])
-@pytest.mark.parametrize("limit", [{"max_tile_voxels": 30}, {"max_tile_voxels": 500}, {"memory_budget_bytes": 1 << 20}])
+@pytest.mark.parametrize(
+    "limit", [{"max_tile_voxels": 30}, {"max_tile_voxels": 500}, {"memory_budget_bytes": 1 << 20}]
+)
 def test_tiled_encode_equals_untiled(tiny, shape, limit):
     x = _image(*shape)
     with torch.no_grad():
@@ -99,7 +108,9 @@ def test_small_preset_decode_and_encode(small):
         expected = small.decode_stage_2_outputs(z)
         mu, _ = small.encode(expected.clamp(0, 1))
     trace = TilingTrace()
-    assert (decode_tiled(small, z, memory_budget_bytes=1 << 21, trace=trace) - expected).abs().max().item() <= TOL
+    assert (
+        decode_tiled(small, z, memory_budget_bytes=1 << 21, trace=trace) - expected
+    ).abs().max().item() <= TOL
     assert trace.num_tiles > 30
     got_mu, _ = encode_tiled(small, expected.clamp(0, 1), memory_budget_bytes=1 << 21)
     assert (got_mu - mu).abs().max().item() <= TOL
@@ -114,7 +125,9 @@ def test_released_architecture_smoke():
     assert (got - expected).abs().max().item() <= TOL
     with torch.no_grad():
         mu, _ = vae.encode(expected.clamp(0, 1))
-    assert (encode_tiled(vae, expected.clamp(0, 1), memory_budget_bytes=16 << 20)[0] - mu).abs().max().item() <= TOL
+    assert (
+        encode_tiled(vae, expected.clamp(0, 1), memory_budget_bytes=16 << 20)[0] - mu
+    ).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("budget", [1 << 18, 1 << 20, 1 << 22])
@@ -130,8 +143,10 @@ def test_memory_budget_is_respected(small, budget):
 
 def test_smaller_budgets_give_smaller_tiles(small):
     shape = (1, 4, 16, 16, 16)
-    tiles = [sum(p.tile[0] * p.tile[1] * p.tile[2] for p in plan_tiles(small, shape, memory_budget_bytes=b))
-             for b in (1 << 18, 1 << 21, 1 << 24)]  # fmt: skip
+    tiles = [
+        sum(p.tile[0] * p.tile[1] * p.tile[2] for p in plan_tiles(small, shape, memory_budget_bytes=b))
+        for b in (1 << 18, 1 << 21, 1 << 24)
+    ]
     assert tiles[0] < tiles[1] < tiles[2]
 
 
@@ -158,7 +173,13 @@ def test_tiled_decode_peak_memory_is_at_most_half_of_untiled():
     """Peak RSS in fresh processes: what the decode adds on top of the loaded network."""
     added = {}
     for method in ("full", "tiled"):
-        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, method], check=False, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, method],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout.strip().splitlines()[-1])
         added[method] = result["peak"] - result["base"]
@@ -193,15 +214,27 @@ def test_refusals(tiny):
 
 def _kind(step: Step) -> str:
     """What the tiled engine does for a step, as a name (the adapter's vocabulary)."""
-    extras = [("shortcut", step.shortcut is not None), ("upsample", step.upsample), ("end_pad", step.end_pad),
-              ("norm", step.norm is not None and step.role == "plain")]
+    extras = [
+        ("shortcut", step.shortcut is not None),
+        ("upsample", step.upsample),
+        ("end_pad", step.end_pad),
+        ("norm", step.norm is not None and step.role == "plain"),
+    ]
     return "+".join([step.role] + [name for name, on in extras if on])
 
 
-@pytest.mark.parametrize("arch", [
-    {},  # the tiny preset: channels 8/16/16, one ResBlock per level
-    {"num_channels": [8, 8, 16], "num_res_blocks": [2, 1, 2], "num_splits": 2, "dim_split": 1},  # MONAI's splits
-])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {},  # the tiny preset: channels 8/16/16, one ResBlock per level
+        {
+            "num_channels": [8, 8, 16],
+            "num_res_blocks": [2, 1, 2],
+            "num_splits": 2,
+            "dim_split": 1,
+        },  # MONAI's splits
+    ],
+)
 def test_adapter_parity_with_monai_forward(arch):
     """Tiled == MONAI's own decode and encode (posterior clamp included) on tiny VAEs that use every kind of
     step the adapter emits: run for the installed MONAI, i.e. for every version the pin lets CI install."""
@@ -211,7 +244,15 @@ def test_adapter_parity_with_monai_forward(arch):
     with torch.no_grad():  # log-variance far beyond both clamp bounds in two of the four channels
         vae.quant_conv_log_sigma.conv.bias.copy_(torch.tensor([40.0, -40.0, 0.0, 0.0]))
     kinds = {_kind(step) for part in ("decoder", "encoder") for step in program(vae, part)}
-    assert kinds == {"plain", "plain+norm", "plain+upsample", "plain+end_pad", "res_a", "res_a+shortcut", "res_b"}
+    assert kinds == {
+        "plain",
+        "plain+norm",
+        "plain+upsample",
+        "plain+end_pad",
+        "res_a",
+        "res_a+shortcut",
+        "res_b",
+    }
     z = _latent(5, 8, 3, batch=2)
     with torch.no_grad():
         expected = vae.decode_stage_2_outputs(z)
@@ -256,8 +297,10 @@ def test_unrecognised_structure_warns_once_and_runs_the_whole_volume(tiny, part)
     vae, k = _with_wrapped_resblock(tiny, part)
     z = _latent(5, 6, 4)
     x = decode(tiny, z, 1.0, method="full").clamp(0, 1)
-    run = {"decoder": lambda method: decode(vae, 2.0 * z, 2.0, method=method, memory_budget_bytes=1 << 19),
-           "encoder": lambda method: encode(vae, x, method=method, memory_budget_bytes=1 << 19)}[part]
+    run = {
+        "decoder": lambda method: decode(vae, 2.0 * z, 2.0, method=method, memory_budget_bytes=1 << 19),
+        "encoder": lambda method: encode(vae, x, method=method, memory_budget_bytes=1 << 19),
+    }[part]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = run("tiled")
@@ -292,14 +335,23 @@ def _mutated(tiny: torch.nn.Module, how: str) -> torch.nn.Module:
     return vae
 
 
-@pytest.mark.parametrize(("how", "message"), [
-    ("subclass", "decoder.blocks.1 (MyResBlock): a subclass of MONAI's MaisiResBlock, whose forward may differ"),
-    ("activation", "decoder.blocks.0.conv (Convolution) has submodules ['conv', 'adn'], expected ['conv']"),
-    ("parameter", "decoder.blocks.1.scale is not used by the tiled path (1 unused)"),
-    ("transposed", "cannot tile decoder.blocks.2 (MaisiUpsample): upsampling by transposed convolution"),
-    ("attribute", "decoder: 'MaisiUpsample' object has no attribute 'use_convtranspose'"),
-    ("not_a_vae", "autoencoder is Sequential, expected MONAI's AutoencoderKL"),
-])
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        (
+            "subclass",
+            "decoder.blocks.1 (MyResBlock): a subclass of MONAI's MaisiResBlock, whose forward may differ",
+        ),
+        (
+            "activation",
+            "decoder.blocks.0.conv (Convolution) has submodules ['conv', 'adn'], expected ['conv']",
+        ),
+        ("parameter", "decoder.blocks.1.scale is not used by the tiled path (1 unused)"),
+        ("transposed", "cannot tile decoder.blocks.2 (MaisiUpsample): upsampling by transposed convolution"),
+        ("attribute", "decoder: 'MaisiUpsample' object has no attribute 'use_convtranspose'"),
+        ("not_a_vae", "autoencoder is Sequential, expected MONAI's AutoencoderKL"),
+    ],
+)
 def test_structure_check_names_what_it_does_not_know(tiny, how, message):
     vae = _mutated(tiny, how)
     assert message in check_structure(vae, "decoder")

@@ -29,11 +29,25 @@ def tumour_in_the_right_lung(dest: Path) -> Path:
 
 def test_walkthrough_adds_the_class_finetunes_and_generates(tmp_path, tiny_checkpoints):
     work = tmp_path / "walk"
-    env = {**os.environ, "WORK": str(work), "STEPS": "2", "INFER_STEPS": "3", "DEVICE": "cpu",
-           "PYTHON": sys.executable, "CT": str(DATA / "slicerio_CTChest4.nrrd"), "TUMOUR": str(tumour_in_the_right_lung(tmp_path / "t.nii.gz")),
-           "MODELS": str(tiny_checkpoints["tiny-rflow"]["autoencoder"].parent), "OMP_NUM_THREADS": "2"}  # fmt: skip
-    done = subprocess.run(["bash", str(REPO / "tools" / "walkthrough_new_class.sh")], env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    env = {
+        **os.environ,
+        "WORK": str(work),
+        "STEPS": "2",
+        "INFER_STEPS": "3",
+        "DEVICE": "cpu",
+        "PYTHON": sys.executable,
+        "CT": str(DATA / "slicerio_CTChest4.nrrd"),
+        "TUMOUR": str(tumour_in_the_right_lung(tmp_path / "t.nii.gz")),
+        "MODELS": str(tiny_checkpoints["tiny-rflow"]["autoencoder"].parent),
+        "OMP_NUM_THREADS": "2",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "tools" / "walkthrough_new_class.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     labels = load_label_dict(work / "label_dict.json")
     new_id = labels["nsclc tumor"]
@@ -52,7 +66,11 @@ def test_walkthrough_adds_the_class_finetunes_and_generates(tmp_path, tiny_check
 
 
 def test_walkthrough_without_maisi_says_what_to_activate(tmp_path):
-    env = {**os.environ, "WORK": str(tmp_path / "walk"), "PYTHON": "/bin/false"}  # an interpreter lacking maisi
+    env = {
+        **os.environ,
+        "WORK": str(tmp_path / "walk"),
+        "PYTHON": "/bin/false",
+    }  # an interpreter lacking maisi
     done = subprocess.run(
         ["bash", str(REPO / "tools" / "walkthrough_new_class.sh")], env=env, capture_output=True, text=True
     )

@@ -36,21 +36,30 @@ def variants(args: argparse.Namespace) -> list[dict]:
     for spec in args.sw:
         roi, overlap = spec.split(":")
         clipped = [min(int(roi), s) for s in args.latent]
-        out.append({"name": f"sw roi {roi} ov {float(overlap):.2f}", "method": "sliding_window", "roi": clipped,
-                    "overlap": float(overlap), "whole": clipped == list(args.latent)})  # fmt: skip
+        out.append(
+            {
+                "name": f"sw roi {roi} ov {float(overlap):.2f}",
+                "method": "sliding_window",
+                "roi": clipped,
+                "overlap": float(overlap),
+                "whole": clipped == list(args.latent),
+            }
+        )
     for mb in args.budgets_mb:
         out.append({"name": f"tiled {mb} MiB", "method": "tiled", "budget": mb << 20})
         if args.device == "cuda":  # is the host round trip of every intermediate what costs the time there?
-            out.append({"name": f"tiled {mb} MiB on GPU", "method": "tiled", "budget": mb << 20, "on_device": True})
+            out.append(
+                {"name": f"tiled {mb} MiB on GPU", "method": "tiled", "budget": mb << 20, "on_device": True}
+            )
     return out
 
 
 def worker(variant: dict, folder: Path, preset_name: str, device_name: str, precision: str) -> None:
     """Decode once in this (fresh) process; print one JSON line of measurements."""
     from maisi.decoding import decode
-    from maisi.tiled_vae import decode_tiled
     from maisi.device import autocast, autocast_dtype, resolve_device
     from maisi.networks import RuntimeOptions, build_network, get_preset
+    from maisi.tiled_vae import decode_tiled
 
     device = resolve_device(device_name)  # type: ignore[arg-type]
     if precision == "float32":  # TF32 convolutions would round like float16 does
@@ -69,11 +78,22 @@ def worker(variant: dict, folder: Path, preset_name: str, device_name: str, prec
     dtype = autocast_dtype(precision, device)  # type: ignore[arg-type]
     if variant.get("on_device"):  # intermediates kept in GPU memory instead of pinned host memory
         with torch.no_grad(), autocast(device, dtype):
-            image = decode_tiled(vae, z, memory_budget_bytes=variant["budget"], storage_device=device).float().cpu()
+            image = (
+                decode_tiled(vae, z, memory_budget_bytes=variant["budget"], storage_device=device)
+                .float()
+                .cpu()
+            )
     else:
-        image = decode(vae, z, 1.0, method=variant["method"], roi_size=tuple(variant.get("roi", (48, 48, 48))),
-                       overlap=variant.get("overlap", 0.6666), memory_budget_bytes=variant.get("budget"),
-                       autocast_dtype=dtype)  # fmt: skip
+        image = decode(
+            vae,
+            z,
+            1.0,
+            method=variant["method"],
+            roi_size=tuple(variant.get("roi", (48, 48, 48))),
+            overlap=variant.get("overlap", 0.6666),
+            memory_budget_bytes=variant.get("budget"),
+            autocast_dtype=dtype,
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -86,8 +106,20 @@ def worker(variant: dict, folder: Path, preset_name: str, device_name: str, prec
 
 
 def run_variant(variant: dict, folder: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(variant), "--folder", str(folder), "--preset", args.preset,
-           "--device", args.device, "--precision", args.precision]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        json.dumps(variant),
+        "--folder",
+        str(folder),
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -99,11 +131,19 @@ def main() -> int:
     parser.add_argument("--preset", default="maisi-ct-rflow")
     parser.add_argument("--latent", type=int, nargs=3, default=[32, 32, 32], help="latent size x y z")
     parser.add_argument("--budgets-mb", type=int, nargs="+", default=[64, 1024], help="tiled budgets (MiB)")
-    parser.add_argument("--sw", nargs="*", default=["48:0.6666", "80:0.4", "24:0.6666"],
-                        help="sliding windows as roi:overlap (latent voxels); MAISI uses 48:0.6666 and 80:0.4")
+    parser.add_argument(
+        "--sw",
+        nargs="*",
+        default=["48:0.6666", "80:0.4", "24:0.6666"],
+        help="sliding windows as roi:overlap (latent voxels); MAISI uses 48:0.6666 and 80:0.4",
+    )
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="as the infer config's: auto is float16 autocast on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="as the infer config's: auto is float16 autocast on CUDA, float32 on CPU",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,25 +185,39 @@ def report(rows: list[dict], args: argparse.Namespace, preset: str, ref: torch.T
     base = rows[0]
     memory = "peak CUDA allocated" if args.device == "cuda" else "peak process RSS"
     size = [4 * s for s in args.latent]
-    print(f"VAE decode, preset {preset}, latent {args.latent} -> image {size}, device {args.device}, "
-          f"precision {args.precision}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"untiled output range [{ref.min().item():.3f}, {ref.max().item():.3f}], std {ref.std().item():.3f}; "
-          f"memory = {memory} (before decode: {base.get('base', 0) / GB:.2f} GB)")
-    print("errors vs untiled: raw decoder output (random weights: not confined to [0, 1]) and, 'clip', after the "
-          "clip to [0, 1] that generation applies")  # fmt: skip
-    print(f"{'variant':<22}{'windows':>8}{'wall s':>9}{'peak GB':>9}{'max err':>10}{'mean err':>10}{'clip max':>10}"
-          f"{'time x':>8}{'mem x':>7}  note")  # fmt: skip
+    print(
+        f"VAE decode, preset {preset}, latent {args.latent} -> image {size}, device {args.device}, "
+        f"precision {args.precision}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"untiled output range [{ref.min().item():.3f}, {ref.max().item():.3f}], std {ref.std().item():.3f}; "
+        f"memory = {memory} (before decode: {base.get('base', 0) / GB:.2f} GB)"
+    )
+    print(
+        "errors vs untiled: raw decoder output (random weights: not confined to [0, 1]) and, 'clip', after the "
+        "clip to [0, 1] that generation applies"
+    )
+    print(
+        f"{'variant':<22}{'windows':>8}{'wall s':>9}{'peak GB':>9}{'max err':>10}{'mean err':>10}{'clip max':>10}"
+        f"{'time x':>8}{'mem x':>7}  note"
+    )
     for row in rows:
         if "error" in row:
             print(f"{row['name']:<22} failed: {row['error']}")
             continue
         windows = "tiles" if row["method"] == "tiled" else row["windows"]
-        print(f"{row['name']:<22}{windows:>8}{row['wall_s']:>9.1f}{row['peak'] / GB:>9.2f}{row['max_err']:>10.2e}"
-              f"{row['mean_err']:>10.2e}{row['clip_err']:>10.2e}{row['wall_s'] / base['wall_s']:>8.2f}{row['peak'] / base['peak']:>7.2f}  "
-              f"{row.get('note', '')}")  # fmt: skip
+        print(
+            f"{row['name']:<22}{windows:>8}{row['wall_s']:>9.1f}{row['peak'] / GB:>9.2f}{row['max_err']:>10.2e}"
+            f"{row['mean_err']:>10.2e}{row['clip_err']:>10.2e}{row['wall_s'] / base['wall_s']:>8.2f}{row['peak'] / base['peak']:>7.2f}  "
+            f"{row.get('note', '')}"
+        )
     ours = [r for r in rows if r["method"] == "tiled" and "error" not in r and not r.get("on_device")]
     on_gpu = [r for r in rows if r.get("on_device") and "error" not in r]
-    sws = [r for r in rows if r["method"] == "sliding_window" and "error" not in r and abs(r["overlap"] - 0.6666) < 1e-3]
+    sws = [
+        r
+        for r in rows
+        if r["method"] == "sliding_window" and "error" not in r and abs(r["overlap"] - 0.6666) < 1e-3
+    ]
     if not ours:
         return
     small = min(ours, key=lambda r: r["budget"])
@@ -171,16 +225,24 @@ def report(rows: list[dict], args: argparse.Namespace, preset: str, ref: torch.T
     check = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     worst = max(r["max_err"] for r in ours)
     print(f"  max abs error of ours <= 1e-3: {worst:.2e} -> {check(worst <= 1e-3)}")
-    print(f"  peak of ours (smallest budget) <= 0.5x untiled: {small['peak'] / base['peak']:.2f}x -> "
-          f"{check(small['peak'] <= 0.5 * base['peak'])}")  # fmt: skip
+    print(
+        f"  peak of ours (smallest budget) <= 0.5x untiled: {small['peak'] / base['peak']:.2f}x -> "
+        f"{check(small['peak'] <= 0.5 * base['peak'])}"
+    )
     slowest = max(r["wall_s"] for r in ours)
-    print(f"  wall of ours <= 1.3x untiled: {slowest / base['wall_s']:.2f}x -> {check(slowest <= 1.3 * base['wall_s'])}")
+    print(
+        f"  wall of ours <= 1.3x untiled: {slowest / base['wall_s']:.2f}x -> {check(slowest <= 1.3 * base['wall_s'])}"
+    )
     for sw in sws:
-        print(f"  wall of ours <= 0.5x {sw['name']} ({sw['windows']} windows): {slowest / sw['wall_s']:.2f}x -> "
-              f"{check(slowest <= 0.5 * sw['wall_s'])}")  # fmt: skip
+        print(
+            f"  wall of ours <= 0.5x {sw['name']} ({sw['windows']} windows): {slowest / sw['wall_s']:.2f}x -> "
+            f"{check(slowest <= 0.5 * sw['wall_s'])}"
+        )
     for r in on_gpu:
-        print(f"  (not a target) {r['name']}: {r['wall_s'] / base['wall_s']:.2f}x untiled wall, "
-              f"{r['peak'] / base['peak']:.2f}x its peak")  # fmt: skip
+        print(
+            f"  (not a target) {r['name']}: {r['wall_s'] / base['wall_s']:.2f}x untiled wall, "
+            f"{r['peak'] / base['peak']:.2f}x its peak"
+        )
     if args.device != "cuda":
         top = max(r["peak"] for r in ours)
         print(f"  CPU peak RSS of ours <= 4 GB: {top / GB:.2f} GB -> {check(top <= 4 * GB)}")

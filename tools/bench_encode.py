@@ -34,9 +34,13 @@ SUMMARY = re.compile(r"peak memory ([\d.]+) GB")
 
 def make_inputs(folder: Path, size: tuple[int, int, int], preset_name: str) -> None:
     ct = read_volume(SOURCE_CT)
-    resized = Resize(spatial_size=size, mode="trilinear")(torch.from_numpy(ct.array.astype(np.float32))[None])[0]
+    resized = Resize(spatial_size=size, mode="trilinear")(
+        torch.from_numpy(ct.array.astype(np.float32))[None]
+    )[0]
     spacing = np.asarray(ct.spacing) * np.asarray(ct.shape) / np.asarray(size)
-    write_volume(folder / "case" / "ct.nii.gz", Volume(resized.numpy().astype(np.int16), np.diag([*spacing, 1.0])))
+    write_volume(
+        folder / "case" / "ct.nii.gz", Volume(resized.numpy().astype(np.int16), np.diag([*spacing, 1.0]))
+    )
     write_datalist(folder / "datalist.json", {"training": [{"image": "case/ct.nii.gz"}]})
     preset = get_preset(preset_name)
     torch.manual_seed(0)
@@ -45,16 +49,28 @@ def make_inputs(folder: Path, size: tuple[int, int, int], preset_name: str) -> N
 
 def run_mode(folder: Path, preset: str, tiling: dict, device: str) -> dict[str, float]:
     name = tiling["method"] + ("" if tiling["method"] == "full" else f"_{tiling['roi_size'][0]}")
-    config = {"preset": preset, "autoencoder": "vae.pt", "datalist": "datalist.json", "output_dir": f"out_{name}",
-              "tiling": tiling, "device": device}  # fmt: skip
+    config = {
+        "preset": preset,
+        "autoencoder": "vae.pt",
+        "datalist": "datalist.json",
+        "output_dir": f"out_{name}",
+        "tiling": tiling,
+        "device": device,
+    }
     (folder / f"{name}.json").write_text(json.dumps(config))
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "maisi.encode", "--config", str(folder / f"{name}.json")],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "maisi.encode", "--config", str(folder / f"{name}.json")],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     match = SUMMARY.search(done.stderr)
     if done.returncode != 0 or not match:
-        return {"name": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+        return {
+            "name": name,
+            "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
+        }
     return {"name": name, "wall_s": wall, "peak_gb": float(match.group(1))}
 
 
@@ -69,8 +85,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_inputs(folder, tuple(args.size), args.preset)
-        modes = [{"method": "full"}] + [{"method": "sliding_window", "roi_size": [r] * 3, "overlap": args.overlap}
-                                        for r in args.roi]  # fmt: skip
+        modes = [{"method": "full"}] + [
+            {"method": "sliding_window", "roi_size": [r] * 3, "overlap": args.overlap} for r in args.roi
+        ]
         rows = [run_mode(folder, args.preset, m, args.device) for m in modes]
     base = rows[0]
     print(f"encode {args.size} CT, preset {args.preset}, torch threads {torch.get_num_threads()}")
@@ -79,7 +96,11 @@ def main() -> int:
         if "error" in row:
             print(f"{row['name']:<22} failed: {row['error']}")
             continue
-        ratios = ("", "") if "error" in base else (f"{row['wall_s'] / base['wall_s']:.2f}", f"{row['peak_gb'] / base['peak_gb']:.2f}")
+        ratios = (
+            ("", "")
+            if "error" in base
+            else (f"{row['wall_s'] / base['wall_s']:.2f}", f"{row['peak_gb'] / base['peak_gb']:.2f}")
+        )
         print(f"{row['name']:<22}{row['wall_s']:>10.1f}{row['peak_gb']:>10.2f}{ratios[0]:>10}{ratios[1]:>10}")
     return 0
 

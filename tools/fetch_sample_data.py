@@ -48,12 +48,24 @@ RECIPE = 1  # bump when the conversion changes: cases written by an older recipe
 HU_FLOOR = -1024
 CASE_FILES = ("ct.nii.gz", "label.nii.gz", "label_source.nii.gz", "remap_report.txt", "source.json")
 NETWORK_HINTS = (
-    "failed to establish a new connection", "connection refused", "connection reset", "name or service not known",
-    "temporary failure in name resolution", "network is unreachable", "max retries exceeded", "could not fetch url",
-    "connectionerror", "connecttimeout", "read timed out", "proxyerror", "sslerror", "no route to host",
-    "nameresolutionerror", "failed to resolve",
+    "failed to establish a new connection",
+    "connection refused",
+    "connection reset",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "network is unreachable",
+    "max retries exceeded",
+    "could not fetch url",
+    "connectionerror",
+    "connecttimeout",
+    "read timed out",
+    "proxyerror",
+    "sslerror",
+    "no route to host",
+    "nameresolutionerror",
+    "failed to resolve",
     "(from versions: none)",  # the index listed no release of a package that is on PyPI: it was not reached
-)  # fmt: skip
+)
 
 
 class FetchError(Exception):
@@ -127,14 +139,20 @@ def load_manifest(path: Path) -> dict[str, Source]:
         try:
             download = entry.get("download", {})
             sources[name] = Source(
-                name=name, case=entry["case"], package=entry["package"], version=entry["version"],
-                kind=entry["kind"], archive=entry["archive"], sha256=entry["sha256"].lower(),
-                files=dict(entry["files"]), mapping=entry["labels"]["mapping"],
+                name=name,
+                case=entry["case"],
+                package=entry["package"],
+                version=entry["version"],
+                kind=entry["kind"],
+                archive=entry["archive"],
+                sha256=entry["sha256"].lower(),
+                files=dict(entry["files"]),
+                mapping=entry["labels"]["mapping"],
                 overrides=list(entry["labels"].get("overrides", [])),
                 scratch_venv=list(download.get("scratch_venv", [])),
                 no_build_isolation=bool(download.get("no_build_isolation", False)),
                 optional=bool(entry.get("optional", False)),
-            )  # fmt: skip
+            )
         except (KeyError, TypeError, AttributeError) as e:
             raise InputError(f"{path}: source '{name}' is incomplete (missing {e})") from None
         if sources[name].kind not in ("sdist", "wheel"):
@@ -157,7 +175,9 @@ def parse_sources(text: str | None, known: dict[str, Source]) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise InputError(f"unknown source(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+        raise InputError(
+            f"unknown source(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -304,8 +324,9 @@ def normalise_ct(ct: Volume) -> Volume:
     return ct.with_array(np.clip(array, max(HU_FLOOR, info.min), info.max).astype(np.int16))
 
 
-def build_mapping(name: str | None, overrides: list[dict[str, Any]], label_dict: dict[str, int],
-                  workdir: Path) -> LabelMapping:  # fmt: skip
+def build_mapping(
+    name: str | None, overrides: list[dict[str, Any]], label_dict: dict[str, int], workdir: Path
+) -> LabelMapping:
     """A built-in mapping (or none) with ``overrides`` (mapping-file entries) replacing or adding ids.
 
     The overrides are written as a mapping file and read by :func:`load_mapping`, which checks them.
@@ -314,14 +335,20 @@ def build_mapping(name: str | None, overrides: list[dict[str, Any]], label_dict:
     if not overrides:
         return base
     path = workdir / "overrides.json"
-    overrides_file = {"description": "per-source overrides", "source": "dataset/sample_data.json", "mapping": overrides}
+    overrides_file = {
+        "description": "per-source overrides",
+        "source": "dataset/sample_data.json",
+        "mapping": overrides,
+    }
     write_json(path, overrides_file)
     extra = load_mapping(str(path), label_dict)
     return LabelMapping(
-        name=f"{base.name}+overrides", targets={**base.targets, **extra.targets},
+        name=f"{base.name}+overrides",
+        targets={**base.targets, **extra.targets},
         target_names={**base.target_names, **extra.target_names},
-        source_names={**base.source_names, **extra.source_names}, notes={**base.notes, **extra.notes},
-    )  # fmt: skip
+        source_names={**base.source_names, **extra.source_names},
+        notes={**base.notes, **extra.notes},
+    )
 
 
 @dataclass
@@ -350,8 +377,11 @@ def prepare_case(image: Path, label: Path, mapping: LabelMapping) -> PreparedCas
 
 def report_text(case: PreparedCase, mapping: LabelMapping) -> str:
     """``remap_report.txt``: the remap report lines, then the body label added."""
-    lines = [f"# source labels -> MAISI ids with mapping '{mapping.name}'", *case.report.lines(),
-             f"added    body ({BODY_LABEL}): {case.body_voxels} voxels inside the body envelope"]  # fmt: skip
+    lines = [
+        f"# source labels -> MAISI ids with mapping '{mapping.name}'",
+        *case.report.lines(),
+        f"added    body ({BODY_LABEL}): {case.body_voxels} voxels inside the body envelope",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -360,9 +390,18 @@ def report_text(case: PreparedCase, mapping: LabelMapping) -> str:
 
 def source_record(source: Source) -> dict[str, Any]:
     """``source.json``: where a case came from; its sha256 and recipe decide whether it is current."""
-    return {"source": source.name, "package": source.package, "version": source.version, "kind": source.kind,
-            "archive": source.archive, "sha256": source.sha256, "files": source.files,
-            "mapping": source.mapping, "overrides": source.overrides, "recipe": RECIPE}  # fmt: skip
+    return {
+        "source": source.name,
+        "package": source.package,
+        "version": source.version,
+        "kind": source.kind,
+        "archive": source.archive,
+        "sha256": source.sha256,
+        "files": source.files,
+        "mapping": source.mapping,
+        "overrides": source.overrides,
+        "recipe": RECIPE,
+    }
 
 
 def case_is_current(folder: Path, source: Source) -> bool:
@@ -394,19 +433,24 @@ def write_case(case: PreparedCase, folder: Path, record: dict[str, Any], report:
         raise
 
 
-def convert_source(source: Source, archive: Path, folder: Path, label_dict: dict[str, int], workdir: Path) -> str:
+def convert_source(
+    source: Source, archive: Path, folder: Path, label_dict: dict[str, int], workdir: Path
+) -> str:
     """Extract, convert and write one case; returns a one-line description of the remap."""
     files = extract_members(archive, source.files, workdir)
     mapping = build_mapping(source.mapping, source.overrides, label_dict, workdir)
     case = prepare_case(files["image"], files["label"], mapping)
     write_case(case, folder, source_record(source), report_text(case, mapping))
     r = case.report
-    return (f"{len(r.mapped)} classes mapped, {len(r.unmapped)} without a MAISI class, "
-            f"{len(r.unknown_ids)} unknown ids, {case.body_voxels} body voxels added")  # fmt: skip
+    return (
+        f"{len(r.mapped)} classes mapped, {len(r.unmapped)} without a MAISI class, "
+        f"{len(r.unknown_ids)} unknown ids, {case.body_voxels} body voxels added"
+    )
 
 
-def process_source(source: Source, cache: Path, dest: Path, label_dict: dict[str, int],
-                   force: bool = False) -> CaseResult:  # fmt: skip
+def process_source(
+    source: Source, cache: Path, dest: Path, label_dict: dict[str, int], force: bool = False
+) -> CaseResult:
     """Fetch and convert one source unless its case is current; errors become a failed result."""
     start = time.monotonic()
     folder = dest / source.case
@@ -431,8 +475,15 @@ def write_sample_datalist(dest: Path, label_dict: dict[str, int]) -> Path | None
     if count == 0:
         return None
     output = dest / "datalist.json"
-    data = build_datalist(root=dest, image_glob="*/ct.nii.gz", label_glob="*/label.nii.gz", output=output,
-                          label_dict=label_dict, num_folds=min(5, count), seed=0)  # fmt: skip
+    data = build_datalist(
+        root=dest,
+        image_glob="*/ct.nii.gz",
+        label_glob="*/label.nii.gz",
+        output=output,
+        label_dict=label_dict,
+        num_folds=min(5, count),
+        seed=0,
+    )
     return write_datalist(output, data)
 
 
@@ -443,8 +494,10 @@ def describe_case(folder: Path, label_dict: dict[str, int]) -> str:
     ids = [int(i) for i in np.unique(read_mask(folder / "label.nii.gz").array) if i not in (0, BODY_LABEL)]
     names = {v: k for k, v in label_dict.items()}
     shown = ", ".join(names.get(i, str(i)) for i in ids[:6]) + (", ..." if len(ids) > 6 else "")
-    return (f"{'x'.join(map(str, shape))} at {'x'.join(f'{s:.3g}' for s in spacing)} mm, "
-            f"{len(ids)} organ classes + body ({shown})")  # fmt: skip
+    return (
+        f"{'x'.join(map(str, shape))} at {'x'.join(f'{s:.3g}' for s in spacing)} mm, "
+        f"{len(ids)} organ classes + body ({shown})"
+    )
 
 
 def print_summary(results: list[CaseResult], dest: Path, label_dict: dict[str, int]) -> None:
@@ -463,12 +516,18 @@ def exit_code(results: list[CaseResult]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="archive cache (default: %(default)s)")
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST,
-                        help="case folders and datalist (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--sources", default=None,
-                        help="comma-separated subset of the manifest's sources (default: all of them; "
-                             "pyradiomics, the slowest, is optional)")  # fmt: skip
+    parser.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help="archive cache (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dest", type=Path, default=DEFAULT_DEST, help="case folders and datalist (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sources",
+        default=None,
+        help="comma-separated subset of the manifest's sources (default: all of them; "
+        "pyradiomics, the slowest, is optional)",
+    )
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="default: %(default)s")
     parser.add_argument("--force", action="store_true", help="convert again even when a case is up to date")
     args = parser.parse_args(argv)

@@ -28,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     dest = args.dest or Path(__file__).resolve().parents[1] / "models" / "untrained" / preset.name
     torch.manual_seed(args.seed)
     for part in PARTS:
-        path = save_checkpoint(dest / f"{part}.pt", build_network(preset, part), preset, part,
-                               scale_factor=1.0 if part == "diffusion_unet" else None)  # fmt: skip
+        path = save_checkpoint(
+            dest / f"{part}.pt",
+            build_network(preset, part),
+            preset,
+            part,
+            scale_factor=1.0 if part == "diffusion_unet" else None,
+        )
         print(f"wrote {path}")
     return 0
 

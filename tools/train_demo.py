@@ -43,8 +43,8 @@ from monai.transforms import Spacing
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from maisi.files import file_sha256  # noqa: E402
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
+from maisi.files import file_sha256  # noqa: E402
 from maisi.quality import BONE_LABELS, ORGAN_LABELS  # noqa: E402
 
 PRESET = "tiny-rflow"
@@ -62,20 +62,33 @@ FINE_SPACINGS = ((0.7, 0.7, 5.0), (0.7, 0.7, 2.5))
 
 
 def resample(volume: Volume, spacing: tuple[float, float, float], mode: str) -> Volume:
-    t = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array.astype(np.float32)))[None],
-                   affine=torch.as_tensor(volume.affine))  # fmt: skip
+    t = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(volume.array.astype(np.float32)))[None],
+        affine=torch.as_tensor(volume.affine),
+    )
     out = Spacing(pixdim=spacing, mode=mode, padding_mode="border")(t)
     array = out[0].numpy()
-    array = np.rint(array).astype(volume.array.dtype) if mode == "nearest" else np.rint(array).astype(np.int16)
+    array = (
+        np.rint(array).astype(volume.array.dtype) if mode == "nearest" else np.rint(array).astype(np.int16)
+    )
     return Volume(array, out.affine.numpy().astype(np.float64))
 
 
-def prepare_cases(cases: Path, work: Path, names: tuple[str, ...] = TRAIN_CASES, spacings: tuple = SPACINGS,
-                  folder: str = "prepared") -> Path:  # fmt: skip
+def prepare_cases(
+    cases: Path,
+    work: Path,
+    names: tuple[str, ...] = TRAIN_CASES,
+    spacings: tuple = SPACINGS,
+    folder: str = "prepared",
+) -> Path:
     """Resampled copies of the cases under ``work/<folder>/<case>_s<k>/``, one per spacing."""
     prepared = work / folder
     for name in names:
-        missing = [(k, s) for k, s in enumerate(spacings) if not (prepared / f"{name}_s{k}" / "label.nii.gz").exists()]
+        missing = [
+            (k, s)
+            for k, s in enumerate(spacings)
+            if not (prepared / f"{name}_s{k}" / "label.nii.gz").exists()
+        ]
         if not missing:  # an earlier run made them all: the case itself need not be here
             continue
         ct, label = read_volume(cases / name / "ct.nii.gz"), read_mask(cases / name / "label.nii.gz")
@@ -143,42 +156,83 @@ def write_json(path: Path, data: dict) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's options; their defaults are the recipe of the shipped weights."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    parser.add_argument("--cases", type=Path, default=REPO / ".cache" / "sample_data" / "cases",
-                        help="sample cases, as tools/fetch_sample_data.py writes them")  # fmt: skip
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "demo",
-                        help="prepared data, configs and every stage's run; finished stages resume from here")  # fmt: skip
-    parser.add_argument("--dest", type=Path, default=REPO / "models" / "demo",
-                        help="where the three checkpoints and manifest.json go")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        default=REPO / ".cache" / "sample_data" / "cases",
+        help="sample cases, as tools/fetch_sample_data.py writes them",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "runs" / "demo",
+        help="prepared data, configs and every stage's run; finished stages resume from here",
+    )
+    parser.add_argument(
+        "--dest",
+        type=Path,
+        default=REPO / "models" / "demo",
+        help="where the three checkpoints and manifest.json go",
+    )
     parser.add_argument("--ae-steps", type=int, default=1200, help="VAE steps")
     parser.add_argument("--diffusion-steps", type=int, default=1500, help="first UNet round")
     parser.add_argument("--controlnet-steps", type=int, default=1600, help="first ControlNet round")
     parser.add_argument("--unet-restart-steps", type=int, default=1200, help="second UNet round (0: none)")
-    parser.add_argument("--controlnet-restart-steps", type=int, default=800, help="second ControlNet round (0: none)")
-    parser.add_argument("--controlnet-emphasis", type=emphasis_round, nargs="*", metavar="STEPS:WEIGHT",
-                        default=[(400, 5.0), (400, 10.0), (400, 10.0)],
-                        help="last ControlNet rounds, bone and pancreas weighted in the loss")  # fmt: skip
+    parser.add_argument(
+        "--controlnet-restart-steps", type=int, default=800, help="second ControlNet round (0: none)"
+    )
+    parser.add_argument(
+        "--controlnet-emphasis",
+        type=emphasis_round,
+        nargs="*",
+        metavar="STEPS:WEIGHT",
+        default=[(400, 5.0), (400, 10.0), (400, 10.0)],
+        help="last ControlNet rounds, bone and pancreas weighted in the loss",
+    )
     # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things to raise
-    parser.add_argument("--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"),
-                        help="VAE training patch, in voxels (multiples of 4)")  # fmt: skip
+    parser.add_argument(
+        "--ae-patch",
+        type=int,
+        nargs=3,
+        default=[32, 32, 32],
+        metavar=("X", "Y", "Z"),
+        help="VAE training patch, in voxels (multiples of 4)",
+    )
     parser.add_argument("--ae-batch", type=int, default=1, help="patches per autoencoder step")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--amp", default="auto", choices=["auto", "off", "float16", "bfloat16"],
-                        help="mixed precision (CUDA only)")  # fmt: skip
-    parser.add_argument("--ae-fine-copies", action="store_true",
-                        help="the VAE also trains on the chest case at 0.7 x 0.7 x 5 and 0.7 x 0.7 x 2.5 mm")  # fmt: skip
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "off", "float16", "bfloat16"],
+        help="mixed precision (CUDA only)",
+    )
+    parser.add_argument(
+        "--ae-fine-copies",
+        action="store_true",
+        help="the VAE also trains on the chest case at 0.7 x 0.7 x 5 and 0.7 x 0.7 x 2.5 mm",
+    )
     # a short GPU loan trains the VAE alone (its --work folder brought back); a later run resumes from there
-    parser.add_argument("--autoencoder-only", action="store_true",
-                        help="stop after the VAE stage; --dest and the demo mask are left untouched")  # fmt: skip
+    parser.add_argument(
+        "--autoencoder-only",
+        action="store_true",
+        help="stop after the VAE stage; --dest and the demo mask are left untouched",
+    )
     return parser
 
 
 def recipe_steps(args: argparse.Namespace) -> dict:
     """The steps of every training round, as ``manifest.json`` records them."""
-    return {"autoencoder": args.ae_steps, "diffusion": args.diffusion_steps, "controlnet": args.controlnet_steps,
-            "diffusion_restart": args.unet_restart_steps, "controlnet_restart": args.controlnet_restart_steps,
-            "controlnet_emphasis": [{"steps": st, "weighted_loss": w} for st, w in args.controlnet_emphasis]}  # fmt: skip
+    return {
+        "autoencoder": args.ae_steps,
+        "diffusion": args.diffusion_steps,
+        "controlnet": args.controlnet_steps,
+        "diffusion_restart": args.unet_restart_steps,
+        "controlnet_restart": args.controlnet_restart_steps,
+        "controlnet_emphasis": [{"steps": st, "weighted_loss": w} for st, w in args.controlnet_emphasis],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,80 +243,225 @@ def main(argv: list[str] | None = None) -> int:
 
     prepared = prepare_cases(args.cases, work)
     datalist = prepared / "datalist.json"
-    run([py, "-m", "maisi.datalist", "build", "--root", str(prepared), "--images", "*/ct.nii.gz", "--labels",
-         "*/label.nii.gz", "--output", str(datalist)], log, "datalist")  # fmt: skip
-    common = {"preset": PRESET, "seed": 0, "device": args.device, "amp": args.amp, "fold": None, "checkpoint_every": 250,
-              "validate_every": 10**6, "log_every": 25}  # fmt: skip
+    run(
+        [
+            py,
+            "-m",
+            "maisi.datalist",
+            "build",
+            "--root",
+            str(prepared),
+            "--images",
+            "*/ct.nii.gz",
+            "--labels",
+            "*/label.nii.gz",
+            "--output",
+            str(datalist),
+        ],
+        log,
+        "datalist",
+    )
+    common = {
+        "preset": PRESET,
+        "seed": 0,
+        "device": args.device,
+        "amp": args.amp,
+        "fold": None,
+        "checkpoint_every": 250,
+        "validate_every": 10**6,
+        "log_every": 25,
+    }
 
     ae_datalist = datalist
-    if args.ae_fine_copies:  # a datalist of its own: encoding and the diffusion stages stay on the coarse copies
+    if (
+        args.ae_fine_copies
+    ):  # a datalist of its own: encoding and the diffusion stages stay on the coarse copies
         prepare_cases(args.cases, work, (FINE_CASE,), FINE_SPACINGS, "prepared_fine")
         ae_datalist = work / "datalist_autoencoder.json"
-        run([py, "-m", "maisi.datalist", "build", "--root", str(work), "--images", "prepared*/*/ct.nii.gz",
-             "--labels", "prepared*/*/label.nii.gz", "--output", str(ae_datalist)], log, "datalist (autoencoder)")  # fmt: skip
-    ae_cfg = write_json(work / "configs" / "autoencoder.json", {
-        **common, "datalist": str(ae_datalist), "output_dir": str(work / "autoencoder"), "steps": args.ae_steps,
-        "batch_size": args.ae_batch,
-        "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.ae_steps), "decay": "cosine", "min_lr_ratio": 0.05},
-        "autoencoder": {"patch_size": args.ae_patch, "kl_weight": 1e-7, "adversarial_weight": 0.0}})  # fmt: skip
+        run(
+            [
+                py,
+                "-m",
+                "maisi.datalist",
+                "build",
+                "--root",
+                str(work),
+                "--images",
+                "prepared*/*/ct.nii.gz",
+                "--labels",
+                "prepared*/*/label.nii.gz",
+                "--output",
+                str(ae_datalist),
+            ],
+            log,
+            "datalist (autoencoder)",
+        )
+    ae_cfg = write_json(
+        work / "configs" / "autoencoder.json",
+        {
+            **common,
+            "datalist": str(ae_datalist),
+            "output_dir": str(work / "autoencoder"),
+            "steps": args.ae_steps,
+            "batch_size": args.ae_batch,
+            "optimizer": {
+                "lr": 5e-4,
+                "warmup_steps": warmup(args.ae_steps),
+                "decay": "cosine",
+                "min_lr_ratio": 0.05,
+            },
+            "autoencoder": {"patch_size": args.ae_patch, "kl_weight": 1e-7, "adversarial_weight": 0.0},
+        },
+    )
     train("autoencoder", ae_cfg, work / "autoencoder", log)
     vae = work / "autoencoder" / "autoencoder.pt"
     if args.autoencoder_only:
         write_json(work / "recipe_log.json", {"steps": log})
-        print(f"VAE in {vae} ({time.perf_counter() - t0:.0f} s); run again without --autoencoder-only to go on")
+        print(
+            f"VAE in {vae} ({time.perf_counter() - t0:.0f} s); run again without --autoencoder-only to go on"
+        )
         return 0
 
-    enc_cfg = write_json(work / "configs" / "encode.json", {
-        "preset": PRESET, "autoencoder": str(vae), "datalist": str(datalist), "output_dir": str(work / "latents"),
-        "latent": "mean", "device": args.device})  # fmt: skip
+    enc_cfg = write_json(
+        work / "configs" / "encode.json",
+        {
+            "preset": PRESET,
+            "autoencoder": str(vae),
+            "datalist": str(datalist),
+            "output_dir": str(work / "latents"),
+            "latent": "mean",
+            "device": args.device,
+        },
+    )
     run([py, "-m", "maisi.encode", "--config", str(enc_cfg)], log, "encode")
     latents = work / "latents" / "datalist.json"
 
-    diff_cfg = write_json(work / "configs" / "diffusion.json", {
-        **common, "datalist": str(latents), "output_dir": str(work / "diffusion"), "steps": args.diffusion_steps,
-        "optimizer": {"lr": 5e-4, "warmup_steps": warmup(args.diffusion_steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
+    diff_cfg = write_json(
+        work / "configs" / "diffusion.json",
+        {
+            **common,
+            "datalist": str(latents),
+            "output_dir": str(work / "diffusion"),
+            "steps": args.diffusion_steps,
+            "optimizer": {
+                "lr": 5e-4,
+                "warmup_steps": warmup(args.diffusion_steps),
+                "decay": "cosine",
+                "min_lr_ratio": 0.05,
+            },
+        },
+    )
     train("diffusion", diff_cfg, work / "diffusion", log)
     unet = work / "diffusion" / "diffusion_unet.pt"
 
     # slicerio's chest labels only 'tissue' (body): its lungs would teach the ControlNet that 200 may be air
     with_organs = {**json.loads(latents.read_text())}
-    with_organs["training"] = [e for e in with_organs["training"] if not e["image"].startswith(BODY_ONLY_CASES)]
+    with_organs["training"] = [
+        e for e in with_organs["training"] if not e["image"].startswith(BODY_ONLY_CASES)
+    ]
     cn_latents = write_json(work / "latents" / "datalist_controlnet.json", with_organs)
     # a 4x higher rate than the UNet's: at 5e-4 for 800 steps the zero-initialised ControlNet stayed too weak
     # to override the UNet's prior (lungs spilled over the kidneys; lung Dice 0.73)
-    cn_cfg = write_json(work / "configs" / "controlnet.json", {
-        **common, "checkpoint_every": 200, "datalist": str(cn_latents), "output_dir": str(work / "controlnet"),
-        "steps": args.controlnet_steps, "init": {"diffusion_unet": str(unet)},
-        "optimizer": {"lr": 2e-3, "warmup_steps": warmup(args.controlnet_steps), "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
+    cn_cfg = write_json(
+        work / "configs" / "controlnet.json",
+        {
+            **common,
+            "checkpoint_every": 200,
+            "datalist": str(cn_latents),
+            "output_dir": str(work / "controlnet"),
+            "steps": args.controlnet_steps,
+            "init": {"diffusion_unet": str(unet)},
+            "optimizer": {
+                "lr": 2e-3,
+                "warmup_steps": warmup(args.controlnet_steps),
+                "decay": "cosine",
+                "min_lr_ratio": 0.05,
+            },
+        },
+    )
     train("controlnet", cn_cfg, work / "controlnet", log)
     controlnet = work / "controlnet" / "controlnet.pt"
 
     # Warm restart of both (seed 1): the UNet's loss was still falling when its cosine schedule ran out
     # (about 0.50 -> 0.36-0.40 over 1200 more steps); the model card has what each round did to the HU check.
-    def restart(stage: str, name: str, datalist: Path, steps: int, lr: float, init: dict[str, str], seed: int,
-                warmup_steps: int | None = None, extra: dict | None = None) -> Path:
+    def restart(
+        stage: str,
+        name: str,
+        datalist: Path,
+        steps: int,
+        lr: float,
+        init: dict[str, str],
+        seed: int,
+        warmup_steps: int | None = None,
+        extra: dict | None = None,
+    ) -> Path:
         folder = work / name
-        cfg = write_json(work / "configs" / f"{name}.json", {
-            **common, "seed": seed, "checkpoint_every": 200, "datalist": str(datalist), "output_dir": str(folder),
-            "steps": steps, "init": init, **(extra or {}),
-            "optimizer": {"lr": lr, "warmup_steps": warmup(steps) if warmup_steps is None else warmup_steps,
-                          "decay": "cosine", "min_lr_ratio": 0.05}})  # fmt: skip
+        cfg = write_json(
+            work / "configs" / f"{name}.json",
+            {
+                **common,
+                "seed": seed,
+                "checkpoint_every": 200,
+                "datalist": str(datalist),
+                "output_dir": str(folder),
+                "steps": steps,
+                "init": init,
+                **(extra or {}),
+                "optimizer": {
+                    "lr": lr,
+                    "warmup_steps": warmup(steps) if warmup_steps is None else warmup_steps,
+                    "decay": "cosine",
+                    "min_lr_ratio": 0.05,
+                },
+            },
+        )
         train(stage, cfg, folder, log)
         return folder
 
     if args.unet_restart_steps:
-        unet = restart("diffusion", "diffusion_restart", latents, args.unet_restart_steps, 5e-4,
-                       {"diffusion_unet": str(unet)}, seed=1) / "diffusion_unet.pt"
+        unet = (
+            restart(
+                "diffusion",
+                "diffusion_restart",
+                latents,
+                args.unet_restart_steps,
+                5e-4,
+                {"diffusion_unet": str(unet)},
+                seed=1,
+            )
+            / "diffusion_unet.pt"
+        )
     if args.controlnet_restart_steps:
-        controlnet = restart("controlnet", "controlnet_restart", cn_latents, args.controlnet_restart_steps, 1e-3,
-                             {"diffusion_unet": str(unet), "controlnet": str(controlnet)}, seed=1) / "controlnet.pt"
+        controlnet = (
+            restart(
+                "controlnet",
+                "controlnet_restart",
+                cn_latents,
+                args.controlnet_restart_steps,
+                1e-3,
+                {"diffusion_unet": str(unet), "controlnet": str(controlnet)},
+                seed=1,
+            )
+            / "controlnet.pt"
+        )
     # Emphasis: thin, partial-volume structures came out too dark (bone under its HU range, then the pancreas
     # once the restart lifted bone); rounds with their latent voxels weighted in the loss lift both.
     for n, (steps, weight) in enumerate(args.controlnet_emphasis, start=1):
         emphasis = {"weighted_loss": weight, "weighted_loss_label": sorted(EMPHASIS_LABELS)}
-        controlnet = restart("controlnet", f"controlnet_emphasis{n}", cn_latents, steps, 5e-4,
-                             {"diffusion_unet": str(unet), "controlnet": str(controlnet)}, seed=1 + n,
-                             warmup_steps=min(20, steps // 10), extra={"controlnet": emphasis}) / "controlnet.pt"  # fmt: skip
+        controlnet = (
+            restart(
+                "controlnet",
+                f"controlnet_emphasis{n}",
+                cn_latents,
+                steps,
+                5e-4,
+                {"diffusion_unet": str(unet), "controlnet": str(controlnet)},
+                seed=1 + n,
+                warmup_steps=min(20, steps // 10),
+                extra={"controlnet": emphasis},
+            )
+            / "controlnet.pt"
+        )
 
     args.dest.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -270,16 +469,26 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(src, args.dest / f"{part}.pt")
         files[part] = {"file": f"{part}.pt", "sha256": file_sha256(args.dest / f"{part}.pt")}
     mask = demo_mask(args.cases, REPO / "dataset" / "demo" / "chest_mask.nii.gz")
-    write_json(args.dest / "manifest.json", {
-        "preset": PRESET, "files": files, "demo_mask": str(mask.relative_to(REPO)),
-        "steps": recipe_steps(args),
-        "autoencoder_batch": args.ae_batch, "autoencoder_patch": args.ae_patch,
-        "command": ["python", "tools/train_demo.py", *(argv if argv is not None else sys.argv[1:])],
-        "device": str(args.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "train_cases": list(TRAIN_CASES), "spacings_mm": [list(s) for s in SPACINGS],
-        "autoencoder_fine_copies_mm": [list(s) for s in FINE_SPACINGS] if args.ae_fine_copies else [],
-        "recipe_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-        "threads": torch.get_num_threads()})  # fmt: skip
+    write_json(
+        args.dest / "manifest.json",
+        {
+            "preset": PRESET,
+            "files": files,
+            "demo_mask": str(mask.relative_to(REPO)),
+            "steps": recipe_steps(args),
+            "autoencoder_batch": args.ae_batch,
+            "autoencoder_patch": args.ae_patch,
+            "command": ["python", "tools/train_demo.py", *(argv if argv is not None else sys.argv[1:])],
+            "device": str(args.device),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "train_cases": list(TRAIN_CASES),
+            "spacings_mm": [list(s) for s in SPACINGS],
+            "autoencoder_fine_copies_mm": [list(s) for s in FINE_SPACINGS] if args.ae_fine_copies else [],
+            "recipe_seconds": round(time.perf_counter() - t0, 1),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    )
     write_json(work / "recipe_log.json", {"steps": log})
     print(f"demo weights in {args.dest} ({time.perf_counter() - t0:.0f} s)")
     return 0

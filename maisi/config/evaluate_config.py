@@ -67,6 +67,8 @@ def check_evaluate_config(config: EvaluateConfig) -> list[str]:
         if rec.autoencoder is None:
             problems.append("$.reconstruction.autoencoder: required when $.reconstruction.enabled is true")
     if config.fid.weights is not None and (config.real_datalist is None or config.synthetic is None):
-        problems.append("$.fid.weights: the FID compares two sets; set both $.real_datalist and $.synthetic "
-                        "(or set $.fid.weights to null)")  # fmt: skip
+        problems.append(
+            "$.fid.weights: the FID compares two sets; set both $.real_datalist and $.synthetic "
+            "(or set $.fid.weights to null)"
+        )
     return problems

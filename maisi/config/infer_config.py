@@ -9,10 +9,10 @@ from typing import Any
 
 from maisi.options import (
     DEFAULT_STEPS,
+    REGION_INDEX,
     BodyRegion,
     CheckedOrgan,
     DecodeMethod,
-    REGION_INDEX,
     DeviceName,
     Modality,
     Precision,
@@ -89,9 +89,7 @@ class AnatomyConfig:
 
     def __post_init__(self) -> None:
         # The loader builds nested dataclasses only for object fields; the lesions arrive as plain objects.
-        lesions = tuple(
-            item if isinstance(item, LesionSpec) else _lesion(item) for item in self.lesions
-        )
+        lesions = tuple(item if isinstance(item, LesionSpec) else _lesion(item) for item in self.lesions)
         object.__setattr__(self, "lesions", lesions)
 
 

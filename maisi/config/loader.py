@@ -13,10 +13,11 @@ import json
 import math
 import types
 import typing
-from functools import lru_cache
+from collections.abc import Callable, Iterable
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import jsonschema
 
@@ -25,7 +26,7 @@ from maisi.errors import ConfigError
 SCHEMA_DIALECT = jsonschema.Draft202012Validator
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(kind: str) -> dict:
     """The JSON Schema of a config kind (e.g. ``"infer"``), shipped as package data."""
     text = resources.files("maisi.config").joinpath("schemas", f"{kind}.schema.json").read_text()
@@ -52,7 +53,9 @@ def _describe_error(err: jsonschema.ValidationError) -> str:
         for key in extra:
             hint = difflib.get_close_matches(key, allowed, n=1)
             suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-            msgs.append(f"{json_path([*err.absolute_path, key])}: unknown key '{key}'{suggestion} (allowed: {', '.join(allowed)})")
+            msgs.append(
+                f"{json_path([*err.absolute_path, key])}: unknown key '{key}'{suggestion} (allowed: {', '.join(allowed)})"
+            )
         return "\n".join(msgs)
     if err.validator == "enum":
         return f"{where}: got {json.dumps(err.instance)}, expected one of {json.dumps(err.validator_value)}"
@@ -196,7 +199,9 @@ def read_json(
             text, parse_constant=_NonFinite, parse_float=_parse_float, object_pairs_hook=object_pairs_hook
         )
     except json.JSONDecodeError as e:
-        raise ConfigError(str(path), [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from None
+        raise ConfigError(
+            str(path), [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]
+        ) from None
     non_finite = _non_finite_paths(data)
     if non_finite:
         raise ConfigError(str(path), non_finite)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from maisi.config.encode_config import EncodeConfig, check_encode_config
 from maisi.config.evaluate_config import EvaluateConfig, check_evaluate_config

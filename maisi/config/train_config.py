@@ -95,5 +95,7 @@ def check_train_config(config: TrainConfig) -> list[str]:
     """Checks that hold for every stage; stage-specific needs are checked when the stage starts."""
     problems = []
     if config.optimizer.warmup_steps >= config.steps and config.optimizer.warmup_steps > 0:
-        problems.append(f"$.optimizer.warmup_steps: {config.optimizer.warmup_steps} is not below $.steps {config.steps}")
+        problems.append(
+            f"$.optimizer.warmup_steps: {config.optimizer.warmup_steps} is not below $.steps {config.steps}"
+        )
     return problems

@@ -51,13 +51,16 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile(regex + r"\Z")
 
 
-def find_cases(root: Path, image_glob: str, label_glob: str | None) -> tuple[list[tuple[Path, Path | None]], list[str]]:
+def find_cases(
+    root: Path, image_glob: str, label_glob: str | None
+) -> tuple[list[tuple[Path, Path | None]], list[str]]:
     """Pair images with labels by the text their globs' ``*`` match, e.g. ``*/imaging.nii.gz`` with
     ``*/segmentation.nii.gz``, or ``imagesTr/*_0000.nii.gz`` with ``labelsTr/*.nii.gz``.
 
     Returns:
         (image, label) pairs sorted by image path, and problems (images without label, labels without image).
     """
+
     def keyed(pattern: str) -> dict[tuple[str, ...], Path]:
         regex = _glob_regex(pattern)
         out = {}
@@ -74,7 +77,9 @@ def find_cases(root: Path, image_glob: str, label_glob: str | None) -> tuple[lis
         return [(p, None) for p in images.values()], []
     labels = keyed(label_glob)
     problems = [f"{p}: no label matches '{label_glob}' for it" for k, p in images.items() if k not in labels]
-    problems += [f"{p}: label without an image matching '{image_glob}'" for k, p in labels.items() if k not in images]
+    problems += [
+        f"{p}: label without an image matching '{image_glob}'" for k, p in labels.items() if k not in images
+    ]
     return [(p, labels[k]) for k, p in images.items() if k in labels], problems
 
 
@@ -94,7 +99,9 @@ def one_hot(region: str) -> list[int]:
     return [int(r == region) for r in BODY_REGIONS]
 
 
-def describe_case(image: Path, label: Path | None, label_dict: dict[str, int]) -> tuple[dict[str, Any], list[str]]:
+def describe_case(
+    image: Path, label: Path | None, label_dict: dict[str, int]
+) -> tuple[dict[str, Any], list[str]]:
     """Header facts of one case (dim, spacing, body regions from the label) and its problems."""
     shape, affine = read_geometry(image)
     spacing = [round(float(s), 6) for s in np.linalg.norm(affine[:3, :3], axis=0)]
@@ -103,11 +110,15 @@ def describe_case(image: Path, label: Path | None, label_dict: dict[str, int]) -
     if label is not None:
         mask = read_mask(label)
         if mask.shape != shape or not np.allclose(mask.affine, affine, atol=1e-3):
-            problems.append(f"{label}: grid {list(mask.shape)} at {np.round(mask.spacing, 4).tolist()} mm differs "
-                            f"from its image {image} ({list(shape)} at {spacing} mm) or is placed elsewhere")  # fmt: skip
+            problems.append(
+                f"{label}: grid {list(mask.shape)} at {np.round(mask.spacing, 4).tolist()} mm differs "
+                f"from its image {image} ({list(shape)} at {spacing} mm) or is placed elsewhere"
+            )
         unknown = labels_not_in_dict(mask.array, label_dict)
         if unknown:
-            problems.append(f"{label}: labels not in the label dictionary: {unknown[:20]} (remap it to MAISI ids)")
+            problems.append(
+                f"{label}: labels not in the label dictionary: {unknown[:20]} (remap it to MAISI ids)"
+            )
         regions = body_region_from_mask(mask.array)
         if regions is not None:
             entry["top_region_index"], entry["bottom_region_index"] = one_hot(regions[0]), one_hot(regions[1])
@@ -119,9 +130,15 @@ def _relative(path: Path, base: Path) -> str:
 
 
 def build_datalist(
-    root: str | Path, image_glob: str, label_glob: str | None, output: str | Path, label_dict: dict[str, int],
-    num_folds: int = 5, seed: int = 0, modality: str = "ct",
-) -> dict[str, Any]:  # fmt: skip
+    root: str | Path,
+    image_glob: str,
+    label_glob: str | None,
+    output: str | Path,
+    label_dict: dict[str, int],
+    num_folds: int = 5,
+    seed: int = 0,
+    modality: str = "ct",
+) -> dict[str, Any]:
     """Walk ``root``, describe every case, assign folds; paths are written relative to ``output``'s folder.
 
     Raises:
@@ -143,7 +160,9 @@ def build_datalist(
         entry = {"image": _relative(image, base), "label": _relative(label, base) if label else None}
         entries.append({**entry, **facts, "modality": modality, "fold": fold})
     if problems:
-        raise InputError(f"cannot build a datalist from {root} ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        raise InputError(
+            f"cannot build a datalist from {root} ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
     return {"description": f"built from {root} ({image_glob}, {label_glob})", "training": entries}
 
 
@@ -156,11 +175,20 @@ def _fold_problems(entries: list[dict[str, Any]], num_folds: int | None) -> list
         return [f"$.training[{missing[0]}].fold: missing while other cases have one ({len(missing)} without)"]
     present = sorted(set(folds))
     expected = list(range(num_folds if num_folds is not None else max(present) + 1))
-    problems = [f"$.training[*].fold: fold {f} is outside 0..{len(expected) - 1}" for f in present if f not in expected]
-    problems += [f"$.training[*].fold: fold {f} has no case (its validation set would be empty)"
-                 for f in expected if f not in present]  # fmt: skip
+    problems = [
+        f"$.training[*].fold: fold {f} is outside 0..{len(expected) - 1}"
+        for f in present
+        if f not in expected
+    ]
+    problems += [
+        f"$.training[*].fold: fold {f} has no case (its validation set would be empty)"
+        for f in expected
+        if f not in present
+    ]
     if len(present) == 1 and len(entries) > 1:
-        problems.append(f"$.training[*].fold: every case is in fold {present[0]}: with that fold nothing trains")
+        problems.append(
+            f"$.training[*].fold: every case is in fold {present[0]}: with that fold nothing trains"
+        )
     return problems
 
 
@@ -180,8 +208,10 @@ def _duplicates_and_collisions(entries: list[dict[str, Any]], root: Path) -> lis
         if latent in latents:
             j = latents[latent]
             first = entries[j]["image"]
-            problems.append(f"$.training[{i}].image: '{entry['image']}' and case {j} ('{first}') would both "
-                            f"be encoded to <output_dir>/{latent.as_posix()} (rename one)")
+            problems.append(
+                f"$.training[{i}].image: '{entry['image']}' and case {j} ('{first}') would both "
+                f"be encoded to <output_dir>/{latent.as_posix()} (rename one)"
+            )
         latents.setdefault(latent, i)
     return problems
 
@@ -217,7 +247,9 @@ def validate_datalist(
     return problems + _fold_problems(data["training"], num_folds)
 
 
-def split_by_fold(data: dict[str, Any], fold: int | None) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+def split_by_fold(
+    data: dict[str, Any], fold: int | None
+) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
     """(training, validation) as (index in the datalist, entry) pairs: cases whose ``fold`` equals ``fold``
     validate, the others train; ``fold`` None trains on every case.
 

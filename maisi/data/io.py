@@ -61,9 +61,11 @@ def require_same_grid(ct: Volume, mask: Volume) -> None:
         VolumeError: different shape, spacing, orientation or position.
     """
     if not ct.same_grid(mask):
-        raise VolumeError(f"CT and mask grids differ (CT {list(ct.shape)} at {np.round(ct.spacing, 3).tolist()} mm, "
-                          f"mask {list(mask.shape)} at {np.round(mask.spacing, 3).tolist()} mm, or their positions "
-                          "differ); resample the mask onto the CT first")  # fmt: skip
+        raise VolumeError(
+            f"CT and mask grids differ (CT {list(ct.shape)} at {np.round(ct.spacing, 3).tolist()} mm, "
+            f"mask {list(mask.shape)} at {np.round(mask.spacing, 3).tolist()} mm, or their positions "
+            "differ); resample the mask onto the CT first"
+        )
 
 
 def _dicom_series_files(folder: Path) -> list[str]:
@@ -258,7 +260,9 @@ def read_volume(path: str | Path) -> Volume:
     if image.GetDimension() != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got {image.GetDimension()}D")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(f"{path}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
+        raise VolumeError(
+            f"{path}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}"
+        )
     array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     affine = _itk_ras_affine(image)
     check_affine(path, affine)
@@ -358,7 +362,9 @@ def write_volume(path: str | Path, volume: Volume) -> Path:
     """
     path = Path(path)
     if not path.name.lower().endswith(tuple(f".{f}" for f in OUTPUT_FORMATS)):
-        raise VolumeError(f"{path}: cannot write this format; use one of {', '.join('.' + f for f in OUTPUT_FORMATS)}")
+        raise VolumeError(
+            f"{path}: cannot write this format; use one of {', '.join('.' + f for f in OUTPUT_FORMATS)}"
+        )
     array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
     lps = _LPS_TO_RAS @ volume.affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -387,8 +393,10 @@ def read_mask(path: str | Path) -> Volume:
         raise VolumeError(f"{path}: a mask must hold integer labels, got voxel type {array.dtype}")
     bad = ~np.isfinite(array) | (array != np.round(array))
     if bad.any():
-        raise VolumeError(f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):g} "
-                          f"({int(bad.sum())} non-integer voxels)")  # fmt: skip
+        raise VolumeError(
+            f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):g} "
+            f"({int(bad.sum())} non-integer voxels)"
+        )
     lo, hi = float(array.min()), float(array.max())
     dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int32
     return volume.with_array(array.astype(dtype))

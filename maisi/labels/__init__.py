@@ -39,7 +39,10 @@ class _DuplicateNames(dict):
 
 def validate_label_dict(label_dict: dict[str, object], source: str) -> dict[str, int]:
     """Check names and ids; return the dictionary with int ids. Lists every problem at once."""
-    problems = [f"'{name}': duplicate class name (given more than once)" for name in getattr(label_dict, "duplicates", [])]
+    problems = [
+        f"'{name}': duplicate class name (given more than once)"
+        for name in getattr(label_dict, "duplicates", [])
+    ]
     ids: dict[int, str] = {}
     for name, value in label_dict.items():
         if not isinstance(value, int) or isinstance(value, bool):
@@ -51,7 +54,9 @@ def validate_label_dict(label_dict: dict[str, object], source: str) -> dict[str,
             problems.append(f"'{name}': id {value} is already used by '{ids[value]}'")
         ids.setdefault(value, name)
     if "body" in label_dict and label_dict["body"] != BODY_LABEL:
-        problems.append(f"'body': id {label_dict['body']!r} must be {BODY_LABEL} (what the MAISI ControlNet expects)")
+        problems.append(
+            f"'body': id {label_dict['body']!r} must be {BODY_LABEL} (what the MAISI ControlNet expects)"
+        )
     if problems:
         raise InputError(f"invalid label dictionary {source}:\n  " + "\n  ".join(problems))
     return {k: int(v) for k, v in label_dict.items()}  # type: ignore[arg-type]
@@ -71,7 +76,9 @@ def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
         raise InputError(f"label dictionary not found: {path}") from None
     except UnicodeDecodeError as e:
         where = f"byte {e.object[e.start]:#04x} at offset {e.start}"
-        raise InputError(f"{path}: not UTF-8 text ({where}); save the label dictionary as UTF-8 JSON") from None
+        raise InputError(
+            f"{path}: not UTF-8 text ({where}); save the label dictionary as UTF-8 JSON"
+        ) from None
     except OSError as e:
         raise InputError(f"label dictionary {path}: cannot be read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
@@ -104,7 +111,9 @@ def free_ids(label_dict: dict[str, int]) -> list[int]:
     return dummies + [i for i in range(1, MAX_LABEL + 1) if i not in used]
 
 
-def add_class(label_dict: dict[str, int], name: str, label_id: int | None = None) -> tuple[dict[str, int], int]:
+def add_class(
+    label_dict: dict[str, int], name: str, label_id: int | None = None
+) -> tuple[dict[str, int], int]:
     """Return a new dictionary with class ``name`` added, and the id it got.
 
     Without ``label_id`` the class takes the first dummy slot of :func:`free_ids` (the slot's ``dummyN``
@@ -128,7 +137,11 @@ def add_class(label_dict: dict[str, int], name: str, label_id: int | None = None
         label_id = candidates[0]
     elif label_id not in candidates:
         owner = next((n for n, i in label_dict.items() if i == label_id), None)
-        reason = f"it is taken by '{owner}'" if owner else f"ids must lie in 1..{MAX_LABEL} and not be {BODY_LABEL}"
+        reason = (
+            f"it is taken by '{owner}'"
+            if owner
+            else f"ids must lie in 1..{MAX_LABEL} and not be {BODY_LABEL}"
+        )
         raise InputError(f"cannot give id {label_id} to '{name}': {reason}")
     out = {n: i for n, i in label_dict.items() if i != label_id}  # drops the dummy slot, if that is the id
     out[name] = label_id

@@ -1,11 +1,11 @@
 """``python -m maisi.labels``: edit label dictionaries and prepare masks for MAISI.
 
-    add       put a new class into a free dummy slot (or a given free id); prints the id
-    remap     convert a mask from another vocabulary (e.g. TotalSegmentator) to MAISI ids
-    envelope  add the body label 200 to a mask from its CT (and, on request, the lungs from its air)
-    crop      cut a CT and its mask to a box around some labels (e.g. a lesion)
-    resample  bring a mask to a spacing and/or size (nearest neighbour, centred pad/crop), as maisi.infer does
-    show      print a label dictionary
+add       put a new class into a free dummy slot (or a given free id); prints the id
+remap     convert a mask from another vocabulary (e.g. TotalSegmentator) to MAISI ids
+envelope  add the body label 200 to a mask from its CT (and, on request, the lungs from its air)
+crop      cut a CT and its mask to a box around some labels (e.g. a lesion)
+resample  bring a mask to a spacing and/or size (nearest neighbour, centred pad/crop), as maisi.infer does
+show      print a label dictionary
 """
 
 from __future__ import annotations
@@ -50,12 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         "marker, only when no other is left)",
     )
     add.add_argument("--label-dict", default=None, help="dictionary to extend (default: MAISI's)")
-    add.add_argument("--output", default=None, help="where to write (default: in place; required for MAISI's)")
+    add.add_argument(
+        "--output", default=None, help="where to write (default: in place; required for MAISI's)"
+    )
 
     rm = add_subcommand(sub, "remap", help="convert a mask to MAISI ids through a mapping")
     rm.add_argument("--mask", required=True, help="the mask to convert (NIfTI, NRRD, MHA or a DICOM folder)")
-    rm.add_argument("--mapping", required=True,
-                    help=f"built-in ({', '.join([*BUILTIN_ALIASES, *builtin_mappings()])}) or a mapping JSON")  # fmt: skip
+    rm.add_argument(
+        "--mapping",
+        required=True,
+        help=f"built-in ({', '.join([*BUILTIN_ALIASES, *builtin_mappings()])}) or a mapping JSON",
+    )
     rm.add_argument("--output", required=True, help="the mask in MAISI ids (never one of the inputs)")
     rm.add_argument("--label-dict", default=None, help="target dictionary (default: MAISI's)")
     rm.add_argument("--strict", action="store_true", help="fail (exit 2) if any class present has no target")
@@ -92,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     cr = add_subcommand(sub, "crop", help="cut a CT and its mask to a box centred on some labels")
     cr.add_argument("--image", required=True, help="the CT")
     cr.add_argument("--mask", required=True, help="its mask, on the same grid")
-    cr.add_argument("--around", required=True, nargs="+", type=int, metavar="ID", help="label id(s) to centre on")
-    cr.add_argument("--size-mm", required=True, nargs=3, type=float, metavar=("X", "Y", "Z"), help="box size in mm")
+    cr.add_argument(
+        "--around", required=True, nargs="+", type=int, metavar="ID", help="label id(s) to centre on"
+    )
+    cr.add_argument(
+        "--size-mm", required=True, nargs=3, type=float, metavar=("X", "Y", "Z"), help="box size in mm"
+    )
     cr.add_argument("--output-image", required=True, help="the cropped CT")
     cr.add_argument("--output-mask", required=True, help="the cropped mask")
 
@@ -152,13 +161,18 @@ def cmd_remap(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     if args.strict and not report.complete:
-        print(f"{PROG}: error: {args.mask}: {len(report.unmapped) + len(report.unknown_ids)} class(es) present "
-              "have no MAISI target (see UNMAPPED/UNKNOWN above); nothing written", file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: error: {args.mask}: {len(report.unmapped) + len(report.unknown_ids)} class(es) present "
+            "have no MAISI target (see UNMAPPED/UNKNOWN above); nothing written",
+            file=sys.stderr,
+        )
         return EXIT_INPUT
     write_volume(args.output, mask.with_array(remapped))
     if not report.complete:
-        log.warning("%d class(es) without a MAISI target were set to background; see the lines above",
-                    len(report.unmapped) + len(report.unknown_ids))  # fmt: skip
+        log.warning(
+            "%d class(es) without a MAISI target were set to background; see the lines above",
+            len(report.unmapped) + len(report.unknown_ids),
+        )
     log.info("wrote %s", args.output)
     return EXIT_OK
 

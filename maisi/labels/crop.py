@@ -45,8 +45,9 @@ def crop(volume: Volume, box: tuple[slice, ...]) -> Volume:
     return Volume(np.ascontiguousarray(volume.array[box]), affine)
 
 
-def crop_pair(ct: Volume, mask: Volume, label_ids: list[int],
-              size_mm: tuple[float, float, float]) -> tuple[Volume, Volume]:  # fmt: skip
+def crop_pair(
+    ct: Volume, mask: Volume, label_ids: list[int], size_mm: tuple[float, float, float]
+) -> tuple[Volume, Volume]:
     """The CT and the mask cut to the same box around ``label_ids``.
 
     Raises:

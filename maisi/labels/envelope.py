@@ -48,8 +48,9 @@ def _fill_holes_per_slice(body: np.ndarray) -> np.ndarray:
     return out
 
 
-def body_envelope(ct: Volume, threshold_hu: float = DEFAULT_THRESHOLD_HU,
-                  opening_mm: float = DEFAULT_OPENING_MM) -> np.ndarray:  # fmt: skip
+def body_envelope(
+    ct: Volume, threshold_hu: float = DEFAULT_THRESHOLD_HU, opening_mm: float = DEFAULT_OPENING_MM
+) -> np.ndarray:
     """Boolean (x, y, z) mask of the patient's body in a CT (HU).
 
     Args:
@@ -166,8 +167,12 @@ def label_body(
     return mask.with_array(out), report
 
 
-def add_body_label(mask: Volume, ct: Volume, threshold_hu: float = DEFAULT_THRESHOLD_HU,
-                   opening_mm: float = DEFAULT_OPENING_MM) -> tuple[Volume, int]:  # fmt: skip
+def add_body_label(
+    mask: Volume,
+    ct: Volume,
+    threshold_hu: float = DEFAULT_THRESHOLD_HU,
+    opening_mm: float = DEFAULT_OPENING_MM,
+) -> tuple[Volume, int]:
     """Label background voxels inside the body envelope 200; organ labels are never changed.
 
     Returns:

@@ -49,7 +49,9 @@ class RemapReport:
     def lines(self) -> list[str]:
         out = [f"mapped   {k}: {v} voxels" for k, v in self.mapped.items()]
         out += [f"UNMAPPED {k}: {v} voxels set to 0" for k, v in self.unmapped.items()]
-        out += [f"UNKNOWN  id {k} (not in the mapping): {v} voxels set to 0" for k, v in self.unknown_ids.items()]
+        out += [
+            f"UNKNOWN  id {k} (not in the mapping): {v} voxels set to 0" for k, v in self.unknown_ids.items()
+        ]
         return out
 
 

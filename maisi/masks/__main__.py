@@ -61,13 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"body regions ({', '.join(REGION_INDEX)})",
             )
             cmd.add_argument(
-                "--output-size", required=True, nargs=3, type=int, metavar=("X", "Y", "Z"), help="output grid, voxels"
+                "--output-size",
+                required=True,
+                nargs=3,
+                type=int,
+                metavar=("X", "Y", "Z"),
+                help="output grid, voxels",
             )
             cmd.add_argument(
-                "--spacing", required=True, nargs=3, type=float, metavar=("SX", "SY", "SZ"), help="output spacing, mm"
+                "--spacing",
+                required=True,
+                nargs=3,
+                type=float,
+                metavar=("SX", "SY", "SZ"),
+                help="output spacing, mm",
             )
             cmd.add_argument("--num", type=int, default=1, help="number of samples")
-            cmd.add_argument("--seed", type=int, default=0, help="seed of the draw among the best-ranked masks")
+            cmd.add_argument(
+                "--seed", type=int, default=0, help="seed of the draw among the best-ranked masks"
+            )
     return parser
 
 

@@ -14,7 +14,8 @@ resampling of one index ramp per axis and a gather (about 1 s, the output's memo
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from maisi.errors import InputError
-from maisi.options import REGION_INDEX
 from maisi.labels import load_label_dict
 from maisi.masks.database import MaskDatabase, MaskEntry
+from maisi.options import REGION_INDEX
 from maisi.resources import load_json
 
 MAISI_TUMOUR_IDS: frozenset[int] = frozenset({23, 24, 26, 27, 128})

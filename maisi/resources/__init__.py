@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_json(name: str) -> Any:
     """Parse a JSON file of this folder, e.g. ``load_json("maisi_label_dict.json")``."""
     return json.loads(resources.files(__name__).joinpath(name).read_text())

@@ -141,8 +141,10 @@ class AutoencoderStage:
         self.patch = (px, py, pz)
         self.volumes, self.val_volumes = self._read_images(root, train, val, ranks or Ranks())
         if ac.train_decoder_only and not config.init.autoencoder:
-            raise InputError("$.autoencoder.train_decoder_only: needs $.init.autoencoder (the VAE whose encoder "
-                             "and latent space are kept)")  # fmt: skip
+            raise InputError(
+                "$.autoencoder.train_decoder_only: needs $.init.autoencoder (the VAE whose encoder "
+                "and latent space are kept)"
+            )
         runtime = RuntimeOptions()  # weights-neutral memory/speed options all off: CPU-safe, deterministic
         self.step = 0  # steps completed; the adversarial term starts at adversarial_warmup_steps
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -202,11 +204,18 @@ class AutoencoderStage:
             log.info("perceptual loss off: no local weights given ($.autoencoder.perceptual_weights)")
             return None
         if ac.perceptual_weight == 0:
-            log.info("perceptual loss off: $.autoencoder.perceptual_weight is 0 (the weights file is not read)")
+            log.info(
+                "perceptual loss off: $.autoencoder.perceptual_weight is 0 (the weights file is not read)"
+            )
             return None
         loss, kind = build_perceptual_loss(ac.perceptual_weights)
-        log.info("perceptual loss on: %s network (%s) from %s, weight %g", kind, "2.5D" if loss.is_fake_3d else "3D",
-                 ac.perceptual_weights, ac.perceptual_weight)  # fmt: skip
+        log.info(
+            "perceptual loss on: %s network (%s) from %s, weight %g",
+            kind,
+            "2.5D" if loss.is_fake_3d else "3D",
+            ac.perceptual_weights,
+            ac.perceptual_weight,
+        )
         return loss.to(self.device).eval()
 
     def _build_discriminator(self) -> tuple[nn.Module | None, torch.optim.Optimizer | None]:
@@ -215,17 +224,25 @@ class AutoencoderStage:
             log.info("adversarial loss off: $.autoencoder.adversarial_weight is 0")
             return None, None
         if not discriminator_fits(self.patch):
-            raise InputError(f"$.autoencoder.patch_size: {list(self.patch)} is too small for the PatchDiscriminator "
-                             f"(3 layers): it needs at least {DISCRIMINATOR_MIN_PATCH} voxels per axis; use a larger "
-                             "patch or set $.autoencoder.adversarial_weight to 0")  # fmt: skip
+            raise InputError(
+                f"$.autoencoder.patch_size: {list(self.patch)} is too small for the PatchDiscriminator "
+                f"(3 layers): it needs at least {DISCRIMINATOR_MIN_PATCH} voxels per axis; use a larger "
+                "patch or set $.autoencoder.adversarial_weight to 0"
+            )
         channels = min(32, int(self.preset.autoencoder["num_channels"][0]))
-        disc = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=channels, in_channels=1, out_channels=1,
-                                  norm="INSTANCE").to(self.device)  # fmt: skip
+        disc = PatchDiscriminator(
+            spatial_dims=3, num_layers_d=3, channels=channels, in_channels=1, out_channels=1, norm="INSTANCE"
+        ).to(self.device)
         opt = self.config.optimizer
-        d_opt = torch.optim.AdamW(disc.parameters(), lr=ac.discriminator_lr, betas=opt.betas,
-                                  weight_decay=opt.weight_decay)  # fmt: skip
-        log.info("adversarial loss on: PatchDiscriminator (%d channels), weight %g, from step %d", channels,
-                 ac.adversarial_weight, ac.adversarial_warmup_steps)  # fmt: skip
+        d_opt = torch.optim.AdamW(
+            disc.parameters(), lr=ac.discriminator_lr, betas=opt.betas, weight_decay=opt.weight_decay
+        )
+        log.info(
+            "adversarial loss on: PatchDiscriminator (%d channels), weight %g, from step %d",
+            channels,
+            ac.adversarial_weight,
+            ac.adversarial_warmup_steps,
+        )
         return disc, d_opt
 
     @property
@@ -243,8 +260,10 @@ class AutoencoderStage:
         recon, z_mu, z_sigma = model(x)
         recon = recon.float()
         error = recon - x
-        terms = {"recon": error.abs().mean() if ac.recon_loss == "l1" else error.pow(2).mean(),
-                 "kl": kl_divergence(z_mu, z_sigma)}  # fmt: skip
+        terms = {
+            "recon": error.abs().mean() if ac.recon_loss == "l1" else error.pow(2).mean(),
+            "kl": kl_divergence(z_mu, z_sigma),
+        }
         loss = terms["recon"] + ac.kl_weight * terms["kl"]
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(recon, x)
@@ -254,7 +273,9 @@ class AutoencoderStage:
             self.discriminator.requires_grad_(False)  # the generator's term moves the VAE only
             logits = self.discriminator(recon.contiguous())[-1]
             self.discriminator.requires_grad_(True)
-            terms["generator_adv"] = self.adversarial_loss(logits, target_is_real=True, for_discriminator=False)
+            terms["generator_adv"] = self.adversarial_loss(
+                logits, target_is_real=True, for_discriminator=False
+            )
             loss = loss + ac.adversarial_weight * terms["generator_adv"]
         if self.discriminator is not None:
             self._last = (x.detach(), recon.detach())
@@ -272,11 +293,15 @@ class AutoencoderStage:
         self.d_optimizer.zero_grad(set_to_none=True)
         fake = self._d_step(recon.float().contiguous())[-1]
         real = self._d_step(x.contiguous())[-1]
-        d_loss = 0.5 * (self.adversarial_loss(fake, target_is_real=False, for_discriminator=True)
-                        + self.adversarial_loss(real, target_is_real=True, for_discriminator=True))  # fmt: skip
+        d_loss = 0.5 * (
+            self.adversarial_loss(fake, target_is_real=False, for_discriminator=True)
+            + self.adversarial_loss(real, target_is_real=True, for_discriminator=True)
+        )
         if not torch.isfinite(d_loss):
-            raise TrainingDiverged(f"step {step + 1}: discriminator loss is {d_loss.item()}; stopping (lower the "
-                                   "learning rates ($.autoencoder.discriminator_lr) or check the data)")  # fmt: skip
+            raise TrainingDiverged(
+                f"step {step + 1}: discriminator loss is {d_loss.item()}; stopping (lower the "
+                "learning rates ($.autoencoder.discriminator_lr) or check the data)"
+            )
         d_loss.backward()
         self.d_optimizer.step()
         return {"discriminator": float(d_loss.detach())}
@@ -289,8 +314,14 @@ class AutoencoderStage:
         if ac.val_method == "tiled":
             image = volume[None].to(self.device)
             return round_trip(model, image, self.preset.vae_factor, ac.val_memory_budget_mb)[0]
-        inferer = SlidingWindowInferer(roi_size=tuple(ac.val_roi_size), sw_batch_size=1, overlap=VAL_OVERLAP,
-                                       mode="gaussian", sw_device=self.device, device=torch.device("cpu"))  # fmt: skip
+        inferer = SlidingWindowInferer(
+            roi_size=tuple(ac.val_roi_size),
+            sw_batch_size=1,
+            overlap=VAL_OVERLAP,
+            mode="gaussian",
+            sw_device=self.device,
+            device=torch.device("cpu"),
+        )
         out = inferer(volume[None], lambda tile: model.reconstruct(tile).float())
         return convert_to_tensor(out, track_meta=False)[0].float()
 
@@ -316,8 +347,15 @@ class AutoencoderStage:
         return {"psnr": float(psnr.aggregate().item()), "ssim": float(np.mean(ssim))}, images
 
     def export(self, model: nn.Module, folder: Path, config_sha256: str) -> list[Path]:
-        return [save_checkpoint(Path(folder) / "autoencoder.pt", model, self.preset, "autoencoder",
-                                config_sha256=config_sha256)]  # fmt: skip
+        return [
+            save_checkpoint(
+                Path(folder) / "autoencoder.pt",
+                model,
+                self.preset,
+                "autoencoder",
+                config_sha256=config_sha256,
+            )
+        ]
 
     def state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"step": self.step}
@@ -330,6 +368,8 @@ class AutoencoderStage:
         self.step = int(state["step"])
         if self.discriminator is not None and self.d_optimizer is not None:
             if "discriminator" not in state:
-                raise CheckpointError("the training state holds no discriminator (saved without the adversarial loss)")
+                raise CheckpointError(
+                    "the training state holds no discriminator (saved without the adversarial loss)"
+                )
             self.discriminator.load_state_dict(state["discriminator"])
             self.d_optimizer.load_state_dict(state["discriminator_optimizer"])

@@ -25,7 +25,9 @@ from maisi.training.diffusion import denoising_loss, training_scheduler, validat
 from maisi.training.latent_data import CaseDraw, LatentCases
 
 
-def lesion_weights(labels: torch.Tensor, label_ids: tuple[int, ...], weight: float, factor: int) -> torch.Tensor:
+def lesion_weights(
+    labels: torch.Tensor, label_ids: tuple[int, ...], weight: float, factor: int
+) -> torch.Tensor:
     """(N, 1, X, Y, Z) labels -> (N, 1, X/f, Y/f, Z/f) loss weights: ``weight`` where any voxel of the
     f x f x f block holds one of ``label_ids``, 1 elsewhere."""
     if not label_ids or weight == 1.0:
@@ -41,18 +43,28 @@ class ControlNetStage:
 
     name = "controlnet"
 
-    def __init__(self, config: TrainConfig, preset: Preset, train: LatentCases, val: LatentCases | None,
-                 device: torch.device):  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        preset: Preset,
+        train: LatentCases,
+        val: LatentCases | None,
+        device: torch.device,
+    ):
         self.config, self.preset, self.train, self.val, self.device = config, preset, train, val, device
         cfg = config.controlnet
         label_dict = load_label_dict(cfg.label_dict)
         real_classes = {i for n, i in label_dict.items() if not is_dummy(n)}
         unknown = sorted(set(cfg.weighted_loss_label) - real_classes)
         if unknown:
-            raise InputError(f"$.controlnet.weighted_loss_label: ids {unknown} are not classes of the label dictionary "
-                             f"({cfg.label_dict or 'MAISI'}); add the class first (python -m maisi.labels add)")  # fmt: skip
+            raise InputError(
+                f"$.controlnet.weighted_loss_label: ids {unknown} are not classes of the label dictionary "
+                f"({cfg.label_dict or 'MAISI'}); add the class first (python -m maisi.labels add)"
+            )
         if not config.init.diffusion_unet:
-            raise InputError("$.init.diffusion_unet: the controlnet stage needs the trained diffusion UNet (frozen)")
+            raise InputError(
+                "$.init.diffusion_unet: the controlnet stage needs the trained diffusion UNet (frozen)"
+            )
         runtime = RuntimeOptions(use_flash_attention=False)
         unet, weights = load_network(preset, "diffusion_unet", config.init.diffusion_unet, runtime)
         if weights.scale_factor is None:
@@ -68,16 +80,30 @@ class ControlNetStage:
 
     def _loss(self, controlnet: torch.nn.Module, batch: dict[str, Any], generator=None):
         cfg = self.config.controlnet
-        weights = lesion_weights(batch["labels"], cfg.weighted_loss_label, cfg.weighted_loss, self.preset.vae_factor)
+        weights = lesion_weights(
+            batch["labels"], cfg.weighted_loss_label, cfg.weighted_loss, self.preset.vae_factor
+        )
         class_labels = batch["unet_inputs"].get("class_labels")
 
         def residuals(noisy: torch.Tensor, timesteps: torch.Tensor) -> dict[str, Any]:
-            down, mid = controlnet(x=noisy, timesteps=timesteps, controlnet_cond=batch["control"],
-                                   conditioning_scale=cfg.conditioning_scale, class_labels=class_labels)  # fmt: skip
+            down, mid = controlnet(
+                x=noisy,
+                timesteps=timesteps,
+                controlnet_cond=batch["control"],
+                conditioning_scale=cfg.conditioning_scale,
+                class_labels=class_labels,
+            )
             return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-        return denoising_loss(self.unet, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"],
-                              residuals=residuals, weights=weights, generator=generator)  # fmt: skip
+        return denoising_loss(
+            self.unet,
+            self.scheduler,
+            batch["latents"] * self.scale_factor,
+            batch["unet_inputs"],
+            residuals=residuals,
+            weights=weights,
+            generator=generator,
+        )
 
     def batch_draw(self) -> CaseDraw:
         return CaseDraw(self.train, self.config.batch_size)
@@ -91,10 +117,16 @@ class ControlNetStage:
 
     def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         model.eval()
-        return validation_loss(self.val, self.device, lambda batch, generator: self._loss(model, batch, generator))
+        return validation_loss(
+            self.val, self.device, lambda batch, generator: self._loss(model, batch, generator)
+        )
 
     def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
-        return [save_checkpoint(folder / "controlnet.pt", model, self.preset, "controlnet", config_sha256=config_sha256)]
+        return [
+            save_checkpoint(
+                folder / "controlnet.pt", model, self.preset, "controlnet", config_sha256=config_sha256
+            )
+        ]
 
     def state(self) -> dict[str, Any]:
         return {}

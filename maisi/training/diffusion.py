@@ -8,8 +8,9 @@ latents, estimated over several batches and all-reduced across processes) and it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +34,14 @@ def training_scheduler(preset: Preset) -> Scheduler:
 
 
 def denoising_loss(
-    unet: torch.nn.Module, scheduler: Scheduler, latents: torch.Tensor, unet_inputs: dict[str, torch.Tensor],
+    unet: torch.nn.Module,
+    scheduler: Scheduler,
+    latents: torch.Tensor,
+    unet_inputs: dict[str, torch.Tensor],
     residuals: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
-    weights: torch.Tensor | None = None, generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L1 between the UNet's output and its target for noised ``latents`` (already scaled).
 
     Returns:
@@ -48,8 +53,9 @@ def denoising_loss(
         target = latents - noise  # velocity
     else:
         assert isinstance(scheduler, DDPMScheduler)
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device,
-                                  generator=generator)  # fmt: skip
+        timesteps = torch.randint(
+            0, scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device, generator=generator
+        )
         target = noise
     noisy = scheduler.add_noise(latents, noise, timesteps)
     extra = residuals(noisy, timesteps) if residuals else {}
@@ -58,13 +64,20 @@ def denoising_loss(
     return (error * weights).mean() if weights is not None else error.mean(), output, target
 
 
-def estimate_scale_factor(cases: LatentCases, batches: int, batch_size: int, ranks: Ranks, device: torch.device) -> float:
+def estimate_scale_factor(
+    cases: LatentCases, batches: int, batch_size: int, ranks: Ranks, device: torch.device
+) -> float:
     """1 / std of the training latents over ``batches`` batches per process, combined across processes."""
     total = torch.zeros(3, dtype=torch.float64, device=device)  # sum, sum of squares, count
     for b in range(batches):
-        indices = [(b * batch_size * ranks.world_size + ranks.rank * batch_size + i) % len(cases) for i in range(batch_size)]
+        indices = [
+            (b * batch_size * ranks.world_size + ranks.rank * batch_size + i) % len(cases)
+            for i in range(batch_size)
+        ]
         x = cases.batch(indices, device)["latents"].double()
-        total += torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=device, dtype=torch.float64)])
+        total += torch.stack(
+            [x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=device, dtype=torch.float64)]
+        )
     if ranks.world_size > 1:
         dist.all_reduce(total)
     mean = total[0] / total[2]
@@ -74,9 +87,10 @@ def estimate_scale_factor(cases: LatentCases, batches: int, batch_size: int, ran
 
 @torch.no_grad()
 def validation_loss(
-    val: LatentCases | None, device: torch.device,
+    val: LatentCases | None,
+    device: torch.device,
     loss_fn: Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:  # fmt: skip
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Mean loss over the validation cases with fixed noise and timesteps per case, and the first case's
     output/target mid-slices; the same measurement at every validation."""
     if val is None:
@@ -103,8 +117,15 @@ class DiffusionStage:
 
     name = "diffusion"
 
-    def __init__(self, config: TrainConfig, preset: Preset, train: LatentCases, val: LatentCases | None,
-                 ranks: Ranks, device: torch.device):  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        preset: Preset,
+        train: LatentCases,
+        val: LatentCases | None,
+        ranks: Ranks,
+        device: torch.device,
+    ):
         self.config, self.preset, self.train, self.val, self.device = config, preset, train, val, device
         runtime = RuntimeOptions(use_flash_attention=False)
         scale = config.diffusion.scale_factor
@@ -115,7 +136,9 @@ class DiffusionStage:
             self.model = build_network(preset, "diffusion_unet", runtime)
         self.scheduler = training_scheduler(preset)
         if scale is None:
-            scale = estimate_scale_factor(train, config.diffusion.scale_factor_batches, config.batch_size, ranks, device)
+            scale = estimate_scale_factor(
+                train, config.diffusion.scale_factor_batches, config.batch_size, ranks, device
+            )
             log.info("scale_factor = 1 / std of the training latents = %.5f", scale)
         self.scale_factor = float(scale)
 
@@ -124,7 +147,9 @@ class DiffusionStage:
 
     def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         batch = self.train.to_device(batch, self.device)
-        loss, _, _ = denoising_loss(model, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"])
+        loss, _, _ = denoising_loss(
+            model, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"]
+        )
         return {"loss": loss}
 
     def after_step(self, step: int) -> dict[str, float]:
@@ -134,14 +159,27 @@ class DiffusionStage:
         model.eval()
 
         def loss_fn(batch: dict[str, Any], generator: torch.Generator):
-            return denoising_loss(model, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"],
-                                  generator=generator)  # fmt: skip
+            return denoising_loss(
+                model,
+                self.scheduler,
+                batch["latents"] * self.scale_factor,
+                batch["unet_inputs"],
+                generator=generator,
+            )
 
         return validation_loss(self.val, self.device, loss_fn)
 
     def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
-        return [save_checkpoint(folder / "diffusion_unet.pt", model, self.preset, "diffusion_unet",
-                                scale_factor=self.scale_factor, config_sha256=config_sha256)]  # fmt: skip
+        return [
+            save_checkpoint(
+                folder / "diffusion_unet.pt",
+                model,
+                self.preset,
+                "diffusion_unet",
+                scale_factor=self.scale_factor,
+                config_sha256=config_sha256,
+            )
+        ]
 
     def state(self) -> dict[str, Any]:
         return {"scale_factor": self.scale_factor}

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from maisi.files import file_sha256
 from maisi.conditioning import BODY_REGIONS, Conditions, binarize_labels
 from maisi.data.io import read_geometry, read_mask
 from maisi.data.latents import read_latent, read_sidecar
 from maisi.errors import InputError, VolumeError
+from maisi.files import file_sha256
 from maisi.networks import Preset
 
 
@@ -46,12 +46,16 @@ def load_latent(path: Path) -> np.ndarray:
     data = read_latent(path)[0]
     bad = int((~np.isfinite(data)).sum())
     if bad:
-        raise VolumeError(f"{path}: latent holds {bad} non-finite value(s) (NaN or inf) of {data.size}; "
-                          "re-encode it (maisi.encode refuses non-finite CT unless nonfinite is fill_air)")
+        raise VolumeError(
+            f"{path}: latent holds {bad} non-finite value(s) (NaN or inf) of {data.size}; "
+            "re-encode it (maisi.encode refuses non-finite CT unless nonfinite is fill_air)"
+        )
     return data
 
 
-def _check_case(i: int, entry: dict[str, Any], root: Path, preset: Preset, need_label: bool) -> tuple[LatentCase | None, list[str]]:
+def _check_case(
+    i: int, entry: dict[str, Any], root: Path, preset: Preset, need_label: bool
+) -> tuple[LatentCase | None, list[str]]:
     where = f"$.training[{i}]"
     latent = root / entry["image"]
     if not latent.is_file():
@@ -65,11 +69,15 @@ def _check_case(i: int, entry: dict[str, Any], root: Path, preset: Preset, need_
         return None, [f"{where}.image: {e}"]
     problems = []
     if list(shape) != list(sidecar.get("latent_shape", [])):
-        problems.append(f"{where}: {latent} has shape {list(shape)} but its sidecar says {sidecar.get('latent_shape')}")
+        problems.append(
+            f"{where}: {latent} has shape {list(shape)} but its sidecar says {sidecar.get('latent_shape')}"
+        )
     if sidecar.get("latent_sha256") and file_sha256(latent) != sidecar["latent_sha256"]:
         problems.append(f"{where}: {latent} does not match the checksum in its sidecar (modified or corrupt)")
     if shape and shape[0] != preset.latent_channels:
-        problems.append(f"{where}: {shape[0]} latent channels, preset '{preset.name}' has {preset.latent_channels}")
+        problems.append(
+            f"{where}: {shape[0]} latent channels, preset '{preset.name}' has {preset.latent_channels}"
+        )
     spacing = entry.get("spacing") or sidecar.get("spacing")
     top = _region(entry.get("top_region_index") or sidecar.get("top_region_index"))
     bottom = _region(entry.get("bottom_region_index") or sidecar.get("bottom_region_index"))
@@ -80,16 +88,22 @@ def _check_case(i: int, entry: dict[str, Any], root: Path, preset: Preset, need_
     label = root / entry["label"] if entry.get("label") else None
     if need_label:
         if label is None or not label.exists():
-            problems.append(f"{where}.label: {'missing' if label is None else f'not found: {label}'} (the ControlNet needs it)")
+            problems.append(
+                f"{where}.label: {'missing' if label is None else f'not found: {label}'} (the ControlNet needs it)"
+            )
         else:
             label_shape, _ = read_geometry(label)
             expected = [preset.vae_factor * s for s in shape[1:]]
             if list(label_shape) != expected:
-                problems.append(f"{where}.label: grid {list(label_shape)} is not {preset.vae_factor}x the latent grid "
-                                f"{list(shape[1:])} (expected {expected})")  # fmt: skip
+                problems.append(
+                    f"{where}.label: grid {list(label_shape)} is not {preset.vae_factor}x the latent grid "
+                    f"{list(shape[1:])} (expected {expected})"
+                )
     if problems:
         return None, problems
-    conditions = Conditions(tuple(spacing), top, bottom, entry.get("modality") or sidecar.get("modality") or "ct")
+    conditions = Conditions(
+        tuple(spacing), top, bottom, entry.get("modality") or sidecar.get("modality") or "ct"
+    )
     return LatentCase(latent, label, conditions, shape), []
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -146,12 +147,20 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
     for name, value in terms.items():
         if not torch.isfinite(value.detach()).all():
-            raise TrainingDiverged(f"step {step + 1}: loss term '{name}' is {value.item()}; stopping (lower the "
-                                   "learning rate, enable gradient clipping, or check the data)")  # fmt: skip
+            raise TrainingDiverged(
+                f"step {step + 1}: loss term '{name}' is {value.item()}; stopping (lower the "
+                "learning rate, enable gradient clipping, or check the data)"
+            )
 
 
-def train(stage: Stage, config: TrainConfig, ranks: Ranks, device: torch.device, config_sha256: str,
-          resume_from: TrainState | None) -> None:  # fmt: skip
+def train(
+    stage: Stage,
+    config: TrainConfig,
+    ranks: Ranks,
+    device: torch.device,
+    config_sha256: str,
+    resume_from: TrainState | None,
+) -> None:
     """Run ``stage`` from step 0, or from ``resume_from``, to ``config.steps``."""
     out = Path(config.output_dir)
     model = stage.model.to(device)
@@ -181,9 +190,20 @@ def train(stage: Stage, config: TrainConfig, ranks: Ranks, device: torch.device,
     def save(step: int) -> None:
         if not ranks.is_main:
             return
-        save_train_state(out, TrainState(stage.name, step, config_sha256, model.state_dict(), optimizer.state_dict(),
-                                         scheduler.state_dict(), scaler.state_dict() if scaler.is_enabled() else {},
-                                         stage.state(), to_jsonable(config)))  # fmt: skip
+        save_train_state(
+            out,
+            TrainState(
+                stage.name,
+                step,
+                config_sha256,
+                model.state_dict(),
+                optimizer.state_dict(),
+                scheduler.state_dict(),
+                scaler.state_dict() if scaler.is_enabled() else {},
+                stage.state(),
+                to_jsonable(config),
+            ),
+        )
         stage.export(model, out, config_sha256)
 
     def validate(step: int) -> None:
@@ -242,5 +262,10 @@ def train(stage: Stage, config: TrainConfig, ranks: Ranks, device: torch.device,
     if writer:
         writer.close()
     if done:
-        log.info("%s: %d steps in %.1f s (%.3f steps/s per process)", stage.name, done, time.perf_counter() - t0,
-                 done / (time.perf_counter() - t0))  # fmt: skip
+        log.info(
+            "%s: %d steps in %.1f s (%.3f steps/s per process)",
+            stage.name,
+            done,
+            time.perf_counter() - t0,
+            done / (time.perf_counter() - t0),
+        )

@@ -114,13 +114,17 @@ def _network_for(kind: PerceptualType, path: Path) -> nn.Module:
     if kind == "resnet50":
         torchvision, has_tv = optional_import("torchvision")
         if not has_tv:
-            raise InputError(f"$.autoencoder.perceptual_weights: {path} holds torchvision ResNet50 weights; "
-                             "this perceptual network needs the 'torchvision' package (pip install torchvision)")
+            raise InputError(
+                f"$.autoencoder.perceptual_weights: {path} holds torchvision ResNet50 weights; "
+                "this perceptual network needs the 'torchvision' package (pip install torchvision)"
+            )
         return torchvision.models.resnet50(weights=None)
     lpips, has_lpips = optional_import("lpips")
     if not has_lpips:
-        raise InputError(f"$.autoencoder.perceptual_weights: {path} holds LPIPS-{kind} weights; this perceptual "
-                         "network needs the 'lpips' package (pip install lpips)")  # fmt: skip
+        raise InputError(
+            f"$.autoencoder.perceptual_weights: {path} holds LPIPS-{kind} weights; this perceptual "
+            "network needs the 'lpips' package (pip install lpips)"
+        )
     # pnet_rand: a randomly initialised torchvision backbone (no ImageNet download); pretrained=False: no
     # linear layers from the lpips package. Both come from the user's file instead.
     return lpips.LPIPS(pretrained=False, net=kind, pnet_rand=True, verbose=False)
@@ -150,20 +154,31 @@ def build_perceptual_loss(path: str | Path) -> tuple[PerceptualLoss, PerceptualT
     kind = detect_perceptual_type(state_dict)
     if kind is None:
         sample = ", ".join(list(state_dict)[:4])
-        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path}: not the weights of a supported perceptual "
-                              f"network (keys {sample}, ...); expected a full LPIPS (squeeze/alex/vgg), a torchvision "
-                              "ResNet50 or a MedicalNet ResNet10/50 state_dict")  # fmt: skip
+        raise CheckpointError(
+            f"$.autoencoder.perceptual_weights: {path}: not the weights of a supported perceptual "
+            f"network (keys {sample}, ...); expected a full LPIPS (squeeze/alex/vgg), a torchvision "
+            "ResNet50 or a MedicalNet ResNet10/50 state_dict"
+        )
     network = _network_for(kind, path)
     mismatch = summarise_mismatch(network.state_dict(), state_dict)
     if mismatch:
-        raise CheckpointError(f"$.autoencoder.perceptual_weights: {path}: weights do not fit the {kind} perceptual "
-                              f"network:\n{mismatch}")  # fmt: skip
+        raise CheckpointError(
+            f"$.autoencoder.perceptual_weights: {path}: weights do not fit the {kind} perceptual "
+            f"network:\n{mismatch}"
+        )
     network.load_state_dict(state_dict, strict=True)
     if kind == "resnet50":  # MONAI builds it without downloading when pretrained=False; then our weights
-        loss = PerceptualLoss(spatial_dims=3, network_type="resnet50", is_fake_3d=True, fake_3d_ratio=FAKE_3D_RATIO,
-                              pretrained=False)  # fmt: skip
+        loss = PerceptualLoss(
+            spatial_dims=3,
+            network_type="resnet50",
+            is_fake_3d=True,
+            fake_3d_ratio=FAKE_3D_RATIO,
+            pretrained=False,
+        )
         extractor = loss.perceptual_function.model  # torchvision feature extractor up to layer4 (no fc)
-        extractor.load_state_dict({k: v for k, v in state_dict.items() if k in extractor.state_dict()}, strict=True)
+        extractor.load_state_dict(
+            {k: v for k, v in state_dict.items() if k in extractor.state_dict()}, strict=True
+        )
         return loss, kind
     if kind.startswith("medicalnet_"):
         return _LocalPerceptualLoss(_MedicalNetSimilarity(network), is_fake_3d=False), kind

@@ -16,9 +16,21 @@ from typing import Any
 from maisi.config.loader import fill_defaults, json_path, load_schema
 
 # Keys that may change between an interrupted run and its resumption: none of them moves the weights.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "validate_every", "log_every", "tensorboard", "device", "output_dir",
-                     "autoencoder.val_method", "autoencoder.val_memory_budget_mb", "autoencoder.val_roi_size",
-                     "loader.num_workers", "loader.prefetch_factor", "loader.cache_rate")
+RESUMABLE_CHANGES = (
+    "steps",
+    "checkpoint_every",
+    "validate_every",
+    "log_every",
+    "tensorboard",
+    "device",
+    "output_dir",
+    "autoencoder.val_method",
+    "autoencoder.val_memory_budget_mb",
+    "autoencoder.val_roi_size",
+    "loader.num_workers",
+    "loader.prefetch_factor",
+    "loader.cache_rate",
+)
 _ABSENT = object()
 
 
@@ -44,7 +56,9 @@ def saved_run_config(output_dir: str | Path, state_config: dict | None, state_sh
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("config_sha256") != state_sha256:
-        return None  # written by another run than the state's: not evidence of what the state was trained with
+        return (
+            None  # written by another run than the state's: not evidence of what the state was trained with
+        )
     config = record.get("config")
     return config if isinstance(config, dict) else None
 

@@ -57,7 +57,9 @@ def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
     changed = config_differences(saved, to_jsonable(config))
     if changed:
         raise InputError(f"{refusal}. Changed: " + "; ".join(changed))
-    log.info("resuming: the config matches the run's key by key (keys added to the schema since take their defaults)")
+    log.info(
+        "resuming: the config matches the run's key by key (keys added to the schema since take their defaults)"
+    )
     return state
 
 
@@ -76,8 +78,10 @@ def starting_state(config: TrainConfig, stage: str, digest: str, resume: bool) -
             what = (read_run_record(folder) or {}).get("stage", "a")
         except InputError:
             what = "a"
-        raise InputError(f"output directory {folder} holds {what} run already; pass --resume to continue it "
-                         "or choose another output_dir")
+        raise InputError(
+            f"output directory {folder} holds {what} run already; pass --resume to continue it "
+            "or choose another output_dir"
+        )
     record = read_run_record(folder)
     if record is None:
         if resume:
@@ -90,10 +94,16 @@ def starting_state(config: TrainConfig, stage: str, digest: str, resume: bool) -
     if record["config_sha256"] != digest:
         changed = config_differences(record["config"], to_jsonable(config))
     if changed:
-        raise InputError(f"{stopped}, with another config; rerun it with that config or choose another "
-                         "output_dir. Changed: " + "; ".join(changed))
-    log.info("%s holds no training state yet (its run stopped before the first checkpoint): starting %s from "
-             "step 0", folder, stage)
+        raise InputError(
+            f"{stopped}, with another config; rerun it with that config or choose another "
+            "output_dir. Changed: " + "; ".join(changed)
+        )
+    log.info(
+        "%s holds no training state yet (its run stopped before the first checkpoint): starting %s from "
+        "step 0",
+        folder,
+        stage,
+    )
     return None
 
 
@@ -139,10 +149,10 @@ def run(stage_name: str, config: TrainConfig, resume: bool) -> None:
                 # written next never points at a hash the state lacks (a later --resume would find no record)
                 state = replace(state, config_sha256=digest, config=to_jsonable(config))
                 save_train_state(config.output_dir, state)
-            write_json(Path(config.output_dir) / "train_config.json",
-                       {"stage": stage_name, "config_sha256": digest, "config": to_jsonable(config)})  # fmt: skip
+            write_json(
+                Path(config.output_dir) / "train_config.json",
+                {"stage": stage_name, "config_sha256": digest, "config": to_jsonable(config)},
+            )
         train(stage, config, ranks, device, digest, state)
     finally:
         finish(ranks)
-
-

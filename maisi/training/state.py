@@ -48,18 +48,28 @@ def save_train_state(output_dir: str | Path, state: TrainState) -> Path:
 
 # What a state must hold to be resumed, with the type each entry must have.
 REQUIRED_FIELDS: dict[str, type] = {
-    "stage": str, "step": int, "config_sha256": str, "model": dict, "optimizer": dict, "lr_scheduler": dict,
-    "scaler": dict, "stage_state": dict,
+    "stage": str,
+    "step": int,
+    "config_sha256": str,
+    "model": dict,
+    "optimizer": dict,
+    "lr_scheduler": dict,
+    "scaler": dict,
+    "stage_state": dict,
 }
 
 
 def _check_fields(raw: dict[str, Any], path: Path) -> None:
     missing = [k for k in REQUIRED_FIELDS if k not in raw]
     if missing:
-        raise CheckpointError(f"{path}: training state lacks {', '.join(missing)} (truncated or edited?); "
-                              "it cannot be resumed")
-    wrong = [f"{k} is {type(raw[k]).__name__}, expected {t.__name__}" for k, t in REQUIRED_FIELDS.items()
-             if not isinstance(raw[k], t) or (t is int and isinstance(raw[k], bool))]
+        raise CheckpointError(
+            f"{path}: training state lacks {', '.join(missing)} (truncated or edited?); it cannot be resumed"
+        )
+    wrong = [
+        f"{k} is {type(raw[k]).__name__}, expected {t.__name__}"
+        for k, t in REQUIRED_FIELDS.items()
+        if not isinstance(raw[k], t) or (t is int and isinstance(raw[k], bool))
+    ]
     if raw.get("config") is not None and not isinstance(raw["config"], dict):
         wrong.append(f"config is {type(raw['config']).__name__}, expected dict")
     if wrong:
@@ -101,21 +111,30 @@ def check_restorable(
     problems = []
     missing = sorted(set(now) - set(state.model))
     unexpected = sorted(set(state.model) - set(now))
-    reshaped = [k for k in sorted(set(now) & set(state.model))
-                if getattr(state.model[k], "shape", None) != now[k].shape]
-    for what, keys in (("lacks weights", missing), ("has unexpected weights", unexpected),
-                       ("has weights of another shape", reshaped)):
+    reshaped = [
+        k
+        for k in sorted(set(now) & set(state.model))
+        if getattr(state.model[k], "shape", None) != now[k].shape
+    ]
+    for what, keys in (
+        ("lacks weights", missing),
+        ("has unexpected weights", unexpected),
+        ("has weights of another shape", reshaped),
+    ):
         if keys:
             more = " ..." if len(keys) > 5 else ""
             problems.append(f"model {what}: {', '.join(keys[:5])}{more} ({len(keys)})")
-    for what, needed, saved in (("optimizer", ("state", "param_groups"), state.optimizer),
-                                ("stage_state", tuple(stage_state), state.stage_state)):
+    for what, needed, saved in (
+        ("optimizer", ("state", "param_groups"), state.optimizer),
+        ("stage_state", tuple(stage_state), state.stage_state),
+    ):
         lacking = [k for k in needed if k not in saved]
         if lacking:
             problems.append(f"{what} lacks {', '.join(lacking)}")
     if problems:
-        raise CheckpointError(f"{path}: training state does not fit the {state.stage} networks: "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"{path}: training state does not fit the {state.stage} networks: " + "; ".join(problems)
+        )
 
 
 def read_run_record(output_dir: str | Path) -> dict[str, Any] | None:
@@ -134,6 +153,8 @@ def read_run_record(output_dir: str | Path) -> dict[str, Any] | None:
         raise InputError(problem) from None
     expected = (("stage", str), ("config_sha256", str), ("config", dict))
     if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in expected):
-        raise InputError(f"{marker}: not a maisi run record (stage, config_sha256, config); restore it or "
-                         "choose another output_dir")
+        raise InputError(
+            f"{marker}: not a maisi run record (stage, config_sha256, config); restore it or "
+            "choose another output_dir"
+        )
     return record

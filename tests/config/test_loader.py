@@ -9,12 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from maisi.config import ConfigError, EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config, load_schema, to_jsonable
+from maisi.config import (
+    ConfigError,
+    EncodeConfig,
+    EvaluateConfig,
+    InferConfig,
+    TrainConfig,
+    load_config,
+    load_schema,
+    to_jsonable,
+)
 from maisi.config.loader import _strip_optional
 from maisi.preset_checks import load_checked_config
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG_KINDS = {"inference": "infer", "encode": "encode", "train": "train", "evaluate": "evaluate"}  # file-name prefix -> config kind
+CONFIG_KINDS = {
+    "inference": "infer",
+    "encode": "encode",
+    "train": "train",
+    "evaluate": "evaluate",
+}  # file-name prefix -> config kind
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
@@ -58,7 +72,10 @@ def _dataclass_fields_match(cls, schema: dict, where: str = "$"):
             _dataclass_fields_match(tp, props[f.name], f"{where}.{f.name}")
 
 
-@pytest.mark.parametrize("cls, kind", [(InferConfig, "infer"), (EncodeConfig, "encode"), (TrainConfig, "train"), (EvaluateConfig, "evaluate")])
+@pytest.mark.parametrize(
+    "cls, kind",
+    [(InferConfig, "infer"), (EncodeConfig, "encode"), (TrainConfig, "train"), (EvaluateConfig, "evaluate")],
+)
 def test_dataclasses_mirror_the_schema(cls, kind):
     _dataclass_fields_match(cls, load_schema(kind))
 
@@ -94,28 +111,62 @@ def test_defaults_are_filled_and_paths_resolved_against_the_config_folder(tmp_pa
 BROKEN = [
     ("misspelled key", {"seeed": 3}, ["$.seeed: unknown key 'seeed'; did you mean 'seed'?"]),
     ("nested unknown key", {"sampling": {"steps": 3}}, ["$.sampling.steps: unknown key 'steps'"]),
-    ("wrong type", {"seed": "abc"}, ["$.seed: got \"abc\", expected type integer"]),
-    ("bad enum", {"device": "gpu"}, ["$.device: got \"gpu\", expected one of"]),
+    ("wrong type", {"seed": "abc"}, ['$.seed: got "abc", expected type integer']),
+    ("bad enum", {"device": "gpu"}, ['$.device: got "gpu", expected one of']),
     ("out of range", {"sampling": {"num_inference_steps": 0}}, ["$.sampling.num_inference_steps"]),
     ("size not a triple", {"output_size": [32, 32]}, ["$.output_size"]),
     ("negative spacing", {"spacing": [1.0, -1.0, 2.0]}, ["$.spacing[1]"]),
     ("bad region", {"body_region": {"top": "neck", "bottom": "chest"}}, ["$.body_region.top"]),
-    ("missing required", {"checkpoints": {"autoencoder": "a.pt"}}, ["$.checkpoints: 'diffusion_unet' is a required"]),
-    ("unknown preset", {"preset": "maisi-ct-rflw"}, ["$.preset: unknown preset 'maisi-ct-rflw'. Did you mean 'maisi-ct-rflow'?"]),
-    ("mask and anatomy", {"mask": "m.nii.gz", "anatomy": {"anatomy_list": ["liver"]},
-                          "checkpoints": {"autoencoder": "a", "diffusion_unet": "u", "controlnet": "c"}},
-     ["$.anatomy: cannot be combined with $.mask"]),
-    ("mask without controlnet", {"mask": "m.nii.gz", "output_size": None, "spacing": None},
-     ["$.checkpoints.controlnet: required when generating from a mask"]),
-    ("size not multiple", {"output_size": [40, 32, 16]}, ["$.output_size/$.spacing: size [40, 32, 16] is not a multiple of 16"]),
-    ("sampler mismatch", {"sampling": {"scheduler": "ddim"}}, ["$.sampling: sampler 'ddim' cannot sample a rflow-trained UNet"]),
+    (
+        "missing required",
+        {"checkpoints": {"autoencoder": "a.pt"}},
+        ["$.checkpoints: 'diffusion_unet' is a required"],
+    ),
+    (
+        "unknown preset",
+        {"preset": "maisi-ct-rflw"},
+        ["$.preset: unknown preset 'maisi-ct-rflw'. Did you mean 'maisi-ct-rflow'?"],
+    ),
+    (
+        "mask and anatomy",
+        {
+            "mask": "m.nii.gz",
+            "anatomy": {"anatomy_list": ["liver"]},
+            "checkpoints": {"autoencoder": "a", "diffusion_unet": "u", "controlnet": "c"},
+        },
+        ["$.anatomy: cannot be combined with $.mask"],
+    ),
+    (
+        "mask without controlnet",
+        {"mask": "m.nii.gz", "output_size": None, "spacing": None},
+        ["$.checkpoints.controlnet: required when generating from a mask"],
+    ),
+    (
+        "size not multiple",
+        {"output_size": [40, 32, 16]},
+        ["$.output_size/$.spacing: size [40, 32, 16] is not a multiple of 16"],
+    ),
+    (
+        "sampler mismatch",
+        {"sampling": {"scheduler": "ddim"}},
+        ["$.sampling: sampler 'ddim' cannot sample a rflow-trained UNet"],
+    ),
     ("ddpm needs region", {"preset": "tiny-ddpm"}, ["$.body_region: required in image-only mode"]),
-    ("released size", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 96], "spacing": [1.5, 1.5, 2.0]},
-     ["size z 96 is not one of"]),
-    ("released spacing", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [3.5, 3.5, 2.0]},
-     ["spacing x/y 3.5 mm is outside [0.5, 3] mm"]),
-    ("released fov", {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [0.8, 0.8, 2.0]},
-     ["field of view in x/y 204.8 mm is under 256 mm"]),
+    (
+        "released size",
+        {"preset": "maisi-ct-rflow", "output_size": [256, 256, 96], "spacing": [1.5, 1.5, 2.0]},
+        ["size z 96 is not one of"],
+    ),
+    (
+        "released spacing",
+        {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [3.5, 3.5, 2.0]},
+        ["spacing x/y 3.5 mm is outside [0.5, 3] mm"],
+    ),
+    (
+        "released fov",
+        {"preset": "maisi-ct-rflow", "output_size": [256, 256, 128], "spacing": [0.8, 0.8, 2.0]},
+        ["field of view in x/y 204.8 mm is under 256 mm"],
+    ),
 ]
 
 
@@ -131,8 +182,13 @@ def test_broken_config_fails_with_json_path(tmp_path, changes, expected):
 
 
 def test_limits_can_be_relaxed_for_experiments(tmp_path):
-    data = {**_minimal(tmp_path), "preset": "maisi-ct-rflow", "output_size": [64, 64, 64], "spacing": [1.0] * 3,
-            "enforce_preset_limits": False}  # fmt: skip
+    data = {
+        **_minimal(tmp_path),
+        "preset": "maisi-ct-rflow",
+        "output_size": [64, 64, 64],
+        "spacing": [1.0] * 3,
+        "enforce_preset_limits": False,
+    }
     assert _load(tmp_path, data).output_size == (64, 64, 64)
 
 
@@ -146,7 +202,7 @@ def test_all_errors_are_reported_at_once(tmp_path):
 
 @pytest.mark.parametrize(
     "text, fragment",
-    [("{\"preset\": ", "not valid JSON"), ("[1, 2]", "$: got [1, 2], expected type object")],
+    [('{"preset": ', "not valid JSON"), ("[1, 2]", "$: got [1, 2], expected type object")],
 )
 def test_unparsable_or_non_object_config(tmp_path, text, fragment):
     with pytest.raises(ConfigError, match=None) as info:
@@ -215,8 +271,9 @@ def test_non_utf8_config_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, "infer")
     assert str(path) in str(info.value)
-    assert info.value.errors == [f"not UTF-8 text (byte 0xe9 at offset {path.read_bytes().index(0xE9)}); "
-                                 "save the file as UTF-8"]
+    assert info.value.errors == [
+        f"not UTF-8 text (byte 0xe9 at offset {path.read_bytes().index(0xE9)}); save the file as UTF-8"
+    ]
 
 
 def test_utf8_with_bom_is_read(tmp_path):

@@ -49,7 +49,9 @@ def crops(tmp_path_factory) -> Path:
         sx, sy, sz = size
         affine = ct.affine.copy()
         affine[:3, 3] = ct.affine[:3, :3] @ np.array([x, y, 4.0]) + ct.affine[:3, 3]
-        write_volume(root / f"{name}.nii.gz", Volume(ct.array[x : x + sx, y : y + sy, 4 : 4 + sz].copy(), affine))
+        write_volume(
+            root / f"{name}.nii.gz", Volume(ct.array[x : x + sx, y : y + sy, 4 : 4 + sz].copy(), affine)
+        )
 
     crop("train_a", 40, 30, (40, 36, 24))
     crop("train_b", 30, 40, (36, 40, 26))
@@ -58,18 +60,28 @@ def crops(tmp_path_factory) -> Path:
     return root
 
 
-def make_config(tmp_path: Path, crops: Path, images: list[tuple[str, int]], name: str = "train.json",
-                **changes) -> Path:  # fmt: skip
+def make_config(
+    tmp_path: Path, crops: Path, images: list[tuple[str, int]], name: str = "train.json", **changes
+) -> Path:
     """A train config on a datalist of ``(crop name, fold)``; fold 1 validates when any case has it."""
     datalist = tmp_path / "datalist.json"
     entries = [{"image": f"{image}.nii.gz", "fold": fold} for image, fold in images]
     datalist.write_text(json.dumps({"training": entries}))
     autoencoder = {"patch_size": [16, 16, 16], "val_roi_size": [16, 16, 16], "adversarial_weight": 0.0}
     autoencoder.update(changes.pop("autoencoder", {}))
-    data = {"preset": "tiny-rflow", "datalist": str(datalist), "data_root": str(crops),
-            "fold": 1 if any(f == 1 for _, f in images) else None, "output_dir": str(tmp_path / "run"), "steps": 3,
-            "checkpoint_every": 1000, "validate_every": 1000, "log_every": 1, "device": "cpu",
-            "autoencoder": autoencoder}  # fmt: skip
+    data = {
+        "preset": "tiny-rflow",
+        "datalist": str(datalist),
+        "data_root": str(crops),
+        "fold": 1 if any(f == 1 for _, f in images) else None,
+        "output_dir": str(tmp_path / "run"),
+        "steps": 3,
+        "checkpoint_every": 1000,
+        "validate_every": 1000,
+        "log_every": 1,
+        "device": "cpu",
+        "autoencoder": autoencoder,
+    }
     data.update(changes)
     return write_config(tmp_path / name, data)
 
@@ -120,19 +132,33 @@ def test_decoder_only_finetune_keeps_the_encoder_bit_identical(tmp_path, crops, 
     base = tmp_path / "run" / "autoencoder.pt"
     (tmp_path / "t").mkdir()
     (tmp_path / "a").mkdir()
-    tuned = make_config(tmp_path / "t", crops, TRAIN, steps=3, output_dir=str(tmp_path / "tuned"),
-                        init={"autoencoder": str(base)}, optimizer={"lr": 1e-2},
-                        autoencoder={"train_decoder_only": True})  # fmt: skip
+    tuned = make_config(
+        tmp_path / "t",
+        crops,
+        TRAIN,
+        steps=3,
+        output_dir=str(tmp_path / "tuned"),
+        init={"autoencoder": str(base)},
+        optimizer={"lr": 1e-2},
+        autoencoder={"train_decoder_only": True},
+    )
     assert main(["autoencoder", "--config", str(tuned)]) == 0
     before, after = state_dict_of(base), state_dict_of(tmp_path / "tuned" / "autoencoder.pt")
     encoder = [k for k in before if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma."))]
-    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and before[k].is_floating_point()]
+    decoder = [
+        k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and before[k].is_floating_point()
+    ]
     assert encoder and decoder
     assert all(torch.equal(before[k], after[k]) for k in encoder)  # the latent space is untouched
     assert any(not torch.equal(before[k], after[k]) for k in decoder)  # the decoder trained
     # without the VAE to keep, the option is refused up front
-    alone = make_config(tmp_path / "a", crops, TRAIN, output_dir=str(tmp_path / "alone"),
-                        autoencoder={"train_decoder_only": True})  # fmt: skip
+    alone = make_config(
+        tmp_path / "a",
+        crops,
+        TRAIN,
+        output_dir=str(tmp_path / "alone"),
+        autoencoder={"train_decoder_only": True},
+    )
     assert main(["autoencoder", "--config", str(alone)]) == 2
     assert "$.autoencoder.train_decoder_only: needs $.init.autoencoder" in capsys.readouterr().err
 
@@ -142,8 +168,14 @@ def test_validation_is_deterministic_and_gives_images_in_unit_range(tmp_path, cr
     from maisi.training.autoencoder import AutoencoderStage
 
     config = load_config(make_config(tmp_path, crops, TRAIN), "train")
-    stage = AutoencoderStage(config, get_preset("tiny-rflow"), crops, [(0, {"image": "train_a.nii.gz"})],
-                             [(2, {"image": "val.nii.gz"})], torch.device("cpu"))  # fmt: skip
+    stage = AutoencoderStage(
+        config,
+        get_preset("tiny-rflow"),
+        crops,
+        [(0, {"image": "train_a.nii.gz"})],
+        [(2, {"image": "val.nii.gz"})],
+        torch.device("cpu"),
+    )
     first, images = stage.validate(stage.model)
     torch.manual_seed(123)  # validation must not depend on the random state
     second, _ = stage.validate(stage.model)
@@ -169,19 +201,33 @@ def test_validation_psnr_is_the_pipelines_round_trip_of_the_checkpoint(tmp_path,
     assert scalars(tmp_path / "run", "val/psnr") == [pytest.approx(expected, abs=1e-3)]
 
     (tmp_path / "sw").mkdir()
-    windows = make_config(tmp_path / "sw", crops, TRAIN, steps=3, output_dir=str(tmp_path / "run_sw"),
-                          autoencoder={"val_method": "sliding_window", "val_roi_size": [16, 16, 16]})  # fmt: skip
+    windows = make_config(
+        tmp_path / "sw",
+        crops,
+        TRAIN,
+        steps=3,
+        output_dir=str(tmp_path / "run_sw"),
+        autoencoder={"val_method": "sliding_window", "val_roi_size": [16, 16, 16]},
+    )
     assert main(["autoencoder", "--config", str(windows)]) == 0
     # same weights (validation does not touch training), other score: only the method differs
-    assert_equal_tensors(state_dict_of(tmp_path / "run_sw" / "autoencoder.pt"),
-                         state_dict_of(tmp_path / "run" / "autoencoder.pt"))  # fmt: skip
+    assert_equal_tensors(
+        state_dict_of(tmp_path / "run_sw" / "autoencoder.pt"),
+        state_dict_of(tmp_path / "run" / "autoencoder.pt"),
+    )
     assert scalars(tmp_path / "run_sw", "val/psnr") != [pytest.approx(expected, abs=0.05)]
 
 
 def test_loss_falls_when_overfitting_one_batch(tmp_path, crops):
     # a 16^3 volume and a 16^3 patch: every step sees the same batch
-    config = make_config(tmp_path, crops, [("one_patch", 0)], steps=60, tensorboard=True,
-                         optimizer={"lr": 1e-3, "grad_clip": None})  # fmt: skip
+    config = make_config(
+        tmp_path,
+        crops,
+        [("one_patch", 0)],
+        steps=60,
+        tensorboard=True,
+        optimizer={"lr": 1e-3, "grad_clip": None},
+    )
     assert main(["autoencoder", "--config", str(config)]) == 0
     recon = scalars(tmp_path / "run", "train/recon")
     assert len(recon) == 60
@@ -192,17 +238,27 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path, crops):
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, crops, caplog):
     gan = {"patch_size": [24, 24, 24], "adversarial_weight": 0.1, "adversarial_warmup_steps": 2}
     images = [("train_a", 0), ("train_b", 0)]
-    straight = make_config(tmp_path, crops, images, "a.json", steps=6, output_dir=str(tmp_path / "a"), autoencoder=gan)
+    straight = make_config(
+        tmp_path, crops, images, "a.json", steps=6, output_dir=str(tmp_path / "a"), autoencoder=gan
+    )
     assert main(["autoencoder", "--config", str(straight)]) == 0
-    first = make_config(tmp_path, crops, images, "b.json", steps=3, output_dir=str(tmp_path / "b"), autoencoder=gan)
+    first = make_config(
+        tmp_path, crops, images, "b.json", steps=3, output_dir=str(tmp_path / "b"), autoencoder=gan
+    )
     assert main(["autoencoder", "--config", str(first)]) == 0
     # the validation method and its sizes may change on resume, and so may how the images are read (held or
     # read per draw, by worker processes): none of them moves the weights
     validation = {"val_method": "sliding_window", "val_roi_size": [24, 24, 24], "val_memory_budget_mb": 64}
     loader = {"num_workers": 2, "cache_rate": 0.0}
     more = make_config(
-        tmp_path, crops, images, "b.json", steps=6, output_dir=str(tmp_path / "b"),
-        autoencoder={**gan, **validation}, loader=loader,
+        tmp_path,
+        crops,
+        images,
+        "b.json",
+        steps=6,
+        output_dir=str(tmp_path / "b"),
+        autoencoder={**gan, **validation},
+        loader=loader,
     )
     assert main(["autoencoder", "--config", str(more), "--resume"]) == 0
     assert "2 training and 0 validation volumes (0 and 0 held in memory)" in caplog.text
@@ -237,7 +293,10 @@ def test_perceptual_loss_from_local_weights(tmp_path, crops, medicalnet_weights,
     perceptual = {"perceptual_weights": str(medicalnet_weights), "perceptual_weight": 0.3}
     config = make_config(tmp_path, crops, [("train_a", 0)], steps=2, autoencoder=perceptual)
     assert main(["autoencoder", "--config", str(config)]) == 0
-    assert f"perceptual loss on: medicalnet_resnet10_23datasets network (3D) from {medicalnet_weights}" in caplog.text
+    assert (
+        f"perceptual loss on: medicalnet_resnet10_23datasets network (3D) from {medicalnet_weights}"
+        in caplog.text
+    )
     values = scalars(tmp_path / "run", "train/perceptual")
     assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
 
@@ -254,11 +313,14 @@ def test_perceptual_weights_of_the_wrong_shape_exit_2(tmp_path, crops, medicalne
     assert "Traceback" not in err and not (tmp_path / "run" / "state").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"conv1.weight": torch.zeros(3, 3)}, "not the weights of a supported perceptual network"),
-    ([1, 2, 3], "holds no state_dict"),
-    (b"not a checkpoint", "not a readable weights file"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"conv1.weight": torch.zeros(3, 3)}, "not the weights of a supported perceptual network"),
+        ([1, 2, 3], "holds no state_dict"),
+        (b"not a checkpoint", "not a readable weights file"),
+    ],
+)
 def test_unusable_perceptual_files_are_input_errors(tmp_path, content, message):
     from maisi.errors import CheckpointError
 
@@ -339,21 +401,30 @@ def test_each_process_holds_its_share_and_only_the_first_validates(tmp_path, cro
     config = load_config(make_config(tmp_path, crops, TRAIN), "train")
     entries = [(0, {"image": "train_a.nii.gz"}), (1, {"image": "train_b.nii.gz"})]
     val = [(2, {"image": "val.nii.gz"})]
-    second = AutoencoderStage(config, get_preset("tiny-rflow"), crops, entries, val, torch.device("cpu"), Ranks(1, 2))
+    second = AutoencoderStage(
+        config, get_preset("tiny-rflow"), crops, entries, val, torch.device("cpu"), Ranks(1, 2)
+    )
     assert len(second.volumes) == 1 and second.volumes.held == 1  # the second of two images
     assert torch.equal(second.volumes[0], _volumes(crops, ["train_b"], min_size=None)[0])
-    assert second.val_volumes.held == 0 and len(second.val_volumes) == 1  # validation images: read when needed
+    assert (
+        second.val_volumes.held == 0 and len(second.val_volumes) == 1
+    )  # validation images: read when needed
 
 
 def test_too_small_patch_for_the_discriminator_is_an_input_error(tmp_path, crops, capsys):
     config = make_config(tmp_path, crops, [("train_a", 0)], autoencoder={"adversarial_weight": 0.1})
     assert main(["autoencoder", "--config", str(config)]) == 2
-    assert "$.autoencoder.patch_size: [16, 16, 16] is too small for the PatchDiscriminator" in capsys.readouterr().err
+    assert (
+        "$.autoencoder.patch_size: [16, 16, 16] is too small for the PatchDiscriminator"
+        in capsys.readouterr().err
+    )
     assert not discriminator_fits((20, 24, 24)) and discriminator_fits((24, 24, 24))
 
 
 def _volumes(crops: Path, names: list[str], cache_rate: float = 1.0, min_size=(24, 24, 24)) -> CTVolumes:
-    items, problems = check_images([(i, {"image": f"{n}.nii.gz"}) for i, n in enumerate(names)], crops, "training")
+    items, problems = check_images(
+        [(i, {"image": f"{n}.nii.gz"}) for i, n in enumerate(names)], crops, "training"
+    )
     assert not problems
     return CTVolumes(items, min_size, cache_rate)
 

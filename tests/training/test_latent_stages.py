@@ -17,9 +17,9 @@ from maisi.config import load_config
 from maisi.distributed import Ranks
 from maisi.networks import get_preset
 from maisi.train import main
-from maisi.training.run import build_stage
 from maisi.training.controlnet import lesion_weights
 from maisi.training.loop import train
+from maisi.training.run import build_stage
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,9 +28,17 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def train_config(encoded_cases, active_unet, tmp_path):
     def make(name: str = "train.json", **changes) -> Path:
-        data = {"preset": "tiny-rflow", "datalist": str(encoded_cases), "output_dir": str(tmp_path / "run"),
-                "steps": 4, "fold": 0, "checkpoint_every": 2, "validate_every": 2, "device": "cpu",
-                "init": {"diffusion_unet": str(active_unet)}}  # fmt: skip
+        data = {
+            "preset": "tiny-rflow",
+            "datalist": str(encoded_cases),
+            "output_dir": str(tmp_path / "run"),
+            "steps": 4,
+            "fold": 0,
+            "checkpoint_every": 2,
+            "validate_every": 2,
+            "device": "cpu",
+            "init": {"diffusion_unet": str(active_unet)},
+        }
         data.update(changes)
         return write_config(tmp_path / name, data)
 
@@ -42,7 +50,9 @@ def _state_dicts_equal(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_diffusion_from_scratch_writes_a_checkpoint_infer_loads(train_config, tmp_path, tiny_checkpoints, caplog):
+def test_diffusion_from_scratch_writes_a_checkpoint_infer_loads(
+    train_config, tmp_path, tiny_checkpoints, caplog
+):
     config = train_config(init={}, steps=3)
     assert main(["diffusion", "--config", str(config)]) == 0
     run = tmp_path / "run"
@@ -51,11 +61,21 @@ def test_diffusion_from_scratch_writes_a_checkpoint_infer_loads(train_config, tm
     assert "scale_factor = 1 / std" in caplog.text and "step 3 validation: loss" in caplog.text
     assert (run / "state" / "last.pt").is_file() and any((run / "tensorboard").iterdir())
     assert json.loads((run / "train_config.json").read_text())["stage"] == "diffusion"
-    infer_cfg = write_config(tmp_path / "infer.json", {
-        "preset": "tiny-rflow", "output_size": [32, 32, 16], "spacing": [3.0, 3.0, 3.0], "device": "cpu",
-        "checkpoints": {"autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
-                        "diffusion_unet": str(run / "diffusion_unet.pt")},
-        "sampling": {"num_inference_steps": 2}, "output": {"dir": str(tmp_path / "gen")}})  # fmt: skip
+    infer_cfg = write_config(
+        tmp_path / "infer.json",
+        {
+            "preset": "tiny-rflow",
+            "output_size": [32, 32, 16],
+            "spacing": [3.0, 3.0, 3.0],
+            "device": "cpu",
+            "checkpoints": {
+                "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+                "diffusion_unet": str(run / "diffusion_unet.pt"),
+            },
+            "sampling": {"num_inference_steps": 2},
+            "output": {"dir": str(tmp_path / "gen")},
+        },
+    )
     from maisi.infer import main as infer_main
 
     assert infer_main(["--config", str(infer_cfg)]) == 0
@@ -65,7 +85,9 @@ def test_diffusion_from_scratch_writes_a_checkpoint_infer_loads(train_config, tm
 
 @pytest.mark.parametrize("stage", ["diffusion", "controlnet"])
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(stage, train_config, tmp_path):
-    extra = {"controlnet": {"weighted_loss": 10.0, "weighted_loss_label": [1]}} if stage == "controlnet" else {}
+    extra = (
+        {"controlnet": {"weighted_loss": 10.0, "weighted_loss_label": [1]}} if stage == "controlnet" else {}
+    )
     straight = train_config("a.json", output_dir=str(tmp_path / "a"), steps=4, **extra)
     assert main([stage, "--config", str(straight)]) == 0
     first = train_config("b.json", output_dir=str(tmp_path / "b"), steps=2, **extra)
@@ -77,7 +99,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(stage, train_c
     assert _state_dicts_equal(tmp_path / "a" / name, tmp_path / "b" / name)
     trained = torch.load(tmp_path / "a" / name, weights_only=True)["state_dict"]
     if stage == "diffusion":  # it trained: the weights moved away from the start
-        start = torch.load(json.loads(straight.read_text())["init"]["diffusion_unet"], weights_only=True)["state_dict"]
+        start = torch.load(json.loads(straight.read_text())["init"]["diffusion_unet"], weights_only=True)[
+            "state_dict"
+        ]
     else:  # the ControlNet started as a copy of the UNet's trunk with zero output convolutions
         start = {k: torch.zeros_like(v) for k, v in trained.items() if k.startswith("controlnet_down_blocks")}
     assert any(not torch.equal(start[k], trained[k]) for k in start)
@@ -93,9 +117,18 @@ def test_loss_falls_when_overfitting_one_case(stage_name, train_config, tmp_path
     one = {"training": [dict(data["training"][0], fold=0), dict(data["training"][0], fold=1)]}
     datalist = encoded_cases.parent / f"one_{stage_name}.json"
     datalist.write_text(json.dumps(one))
-    config = load_config(train_config(datalist=str(datalist), steps=20, fold=1, checkpoint_every=1000,
-                                      validate_every=1000, tensorboard=False,
-                                      optimizer={"lr": 0.003, "grad_clip": None}), "train")  # fmt: skip
+    config = load_config(
+        train_config(
+            datalist=str(datalist),
+            steps=20,
+            fold=1,
+            checkpoint_every=1000,
+            validate_every=1000,
+            tensorboard=False,
+            optimizer={"lr": 0.003, "grad_clip": None},
+        ),
+        "train",
+    )
     stage = build_stage(stage_name, config, Ranks(), torch.device("cpu"))
     before = _validation_loss(stage)
     train(stage, config, Ranks(), torch.device("cpu"), "test", None)
@@ -114,10 +147,25 @@ def test_a_one_voxel_lesion_survives_downsampling():
 
 def test_two_process_torchrun_diffusion_writes_one_checkpoint(train_config, tmp_path):
     config = train_config(steps=2, checkpoint_every=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-           "-m", "maisi.train", "diffusion", "--config", str(config)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29531",
+        "-m",
+        "maisi.train",
+        "diffusion",
+        "--config",
+        str(config),
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "diffusion_unet.pt").is_file() and (run / "state" / "last.pt").is_file()
@@ -128,7 +176,11 @@ def test_two_process_torchrun_diffusion_writes_one_checkpoint(train_config, tmp_
 def test_nan_loss_stops_with_the_step_and_term(train_config, monkeypatch, capsys):
     from maisi.training.diffusion import DiffusionStage
 
-    monkeypatch.setattr(DiffusionStage, "train_loss", lambda self, model, n: {"loss": torch.tensor(float("nan"), requires_grad=True)})
+    monkeypatch.setattr(
+        DiffusionStage,
+        "train_loss",
+        lambda self, model, n: {"loss": torch.tensor(float("nan"), requires_grad=True)},
+    )
     assert main(["diffusion", "--config", str(train_config())]) == 1
     err = capsys.readouterr().err
     assert "step 1: loss term 'loss' is nan" in err and "Traceback" not in err
@@ -140,8 +192,19 @@ def _copy_latents(encoded_cases: Path, tmp_path: Path) -> Path:
     return folder / "datalist.json"
 
 
-@pytest.mark.parametrize("case", ["latent missing", "sidecar disagrees", "label grid", "weighted id unknown",
-                                  "no frozen unet", "other run", "resume other config", "resume nothing"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    [
+        "latent missing",
+        "sidecar disagrees",
+        "label grid",
+        "weighted id unknown",
+        "no frozen unet",
+        "other run",
+        "resume other config",
+        "resume nothing",
+    ],
+)
 def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
     stage, flags, changes = "controlnet", [], {}
     datalist = _copy_latents(encoded_cases, tmp_path)
@@ -173,11 +236,13 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
         assert main(["controlnet", "--config", str(train_config(**changes, steps=1))]) == 0
         changes["optimizer"] = {"lr": 0.5}
         flags = ["--resume"]
-        fragment = "was trained with another config; only $.steps, $.checkpoint_every, $.validate_every, " \
-                   "$.log_every, $.tensorboard, $.device, $.output_dir, $.autoencoder.val_method, " \
-                   "$.autoencoder.val_memory_budget_mb, $.autoencoder.val_roi_size, $.loader.num_workers, " \
-                   "$.loader.prefetch_factor, $.loader.cache_rate may change. Changed: " \
-                   "$.optimizer.lr: 0.0001 in the run, 0.5 now"
+        fragment = (
+            "was trained with another config; only $.steps, $.checkpoint_every, $.validate_every, "
+            "$.log_every, $.tensorboard, $.device, $.output_dir, $.autoencoder.val_method, "
+            "$.autoencoder.val_memory_budget_mb, $.autoencoder.val_roi_size, $.loader.num_workers, "
+            "$.loader.prefetch_factor, $.loader.cache_rate may change. Changed: "
+            "$.optimizer.lr: 0.0001 in the run, 0.5 now"
+        )
     else:
         flags = ["--resume"]
         fragment = "holds no training state"
@@ -205,10 +270,14 @@ def _make_state_look_older(run: Path, drop: str | None) -> None:
     (run / "train_config.json").write_text(json.dumps(record))
 
 
-@pytest.mark.parametrize("case", ["new key at its default", "new key set", "record gone", "finished, resumed twice"])
+@pytest.mark.parametrize(
+    "case", ["new key at its default", "new key set", "record gone", "finished, resumed twice"]
+)
 def test_resume_of_a_run_saved_before_a_schema_key_existed(case, train_config, tmp_path, capsys):
     assert main(["diffusion", "--config", str(train_config(steps=2))]) == 0
-    _make_state_look_older(tmp_path / "run", None if case == "record gone" else "controlnet.conditioning_scale")
+    _make_state_look_older(
+        tmp_path / "run", None if case == "record gone" else "controlnet.conditioning_scale"
+    )
     changes = {"controlnet": {"conditioning_scale": 2.0}} if case == "new key set" else {}
     capsys.readouterr()
     steps = 2 if case == "finished, resumed twice" else 3
@@ -217,7 +286,9 @@ def test_resume_of_a_run_saved_before_a_schema_key_existed(case, train_config, t
     if case == "new key at its default":  # the key's default keeps the old behaviour: the run continues
         assert code == 0, err
         assert torch.load(tmp_path / "run" / "state" / "last.pt", weights_only=True)["step"] == 3
-    elif case == "finished, resumed twice":  # nothing left to train: the state is re-recorded under today's config
+    elif (
+        case == "finished, resumed twice"
+    ):  # nothing left to train: the state is re-recorded under today's config
         assert code == 0, err
         again = main(["diffusion", "--config", str(train_config(steps=2)), "--resume"])
         assert again == 0, capsys.readouterr().err
@@ -230,13 +301,25 @@ def test_resume_of_a_run_saved_before_a_schema_key_existed(case, train_config, t
         assert code == 2 and "its record of that config is gone" in err, err
 
 
-def test_trained_controlnet_drives_generation_from_a_mask(train_config, tmp_path, active_unet, tiny_checkpoints, mask_file):
+def test_trained_controlnet_drives_generation_from_a_mask(
+    train_config, tmp_path, active_unet, tiny_checkpoints, mask_file
+):
     assert main(["controlnet", "--config", str(train_config(steps=1))]) == 0
-    infer_cfg = write_config(tmp_path / "infer.json", {
-        "preset": "tiny-rflow", "mask": str(mask_file), "device": "cpu", "sampling": {"num_inference_steps": 2},
-        "checkpoints": {"autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
-                        "diffusion_unet": str(active_unet), "controlnet": str(tmp_path / "run" / "controlnet.pt")},
-        "output": {"dir": str(tmp_path / "gen")}})  # fmt: skip
+    infer_cfg = write_config(
+        tmp_path / "infer.json",
+        {
+            "preset": "tiny-rflow",
+            "mask": str(mask_file),
+            "device": "cpu",
+            "sampling": {"num_inference_steps": 2},
+            "checkpoints": {
+                "autoencoder": str(tiny_checkpoints["tiny-rflow"]["autoencoder"]),
+                "diffusion_unet": str(active_unet),
+                "controlnet": str(tmp_path / "run" / "controlnet.pt"),
+            },
+            "output": {"dir": str(tmp_path / "gen")},
+        },
+    )
     from maisi.infer import main as infer_main
 
     assert infer_main(["--config", str(infer_cfg)]) == 0
@@ -250,9 +333,11 @@ QUICK = {"fold": None, "tensorboard": False}  # no validation, no event files: t
 @pytest.mark.parametrize("case", ["output_dir is a file", "output_dir under a file", "run record unreadable"])
 def test_unusable_output_dir_exits_2_before_any_work(case, train_config, tmp_path, monkeypatch, capsys):
     (tmp_path / "a_file").write_text("keep me")
-    output_dir = {"output_dir is a file": tmp_path / "a_file",
-                  "output_dir under a file": tmp_path / "a_file" / "run",
-                  "run record unreadable": tmp_path / "run"}[case]
+    output_dir = {
+        "output_dir is a file": tmp_path / "a_file",
+        "output_dir under a file": tmp_path / "a_file" / "run",
+        "run record unreadable": tmp_path / "run",
+    }[case]
     if case == "run record unreadable":
         output_dir.mkdir()
         (output_dir / "train_config.json").write_text("{")
@@ -284,8 +369,9 @@ def _killed_before_first_checkpoint(config: Path, monkeypatch) -> None:
     assert (run / "train_config.json").is_file() and not (run / "state").exists()
 
 
-def test_a_run_killed_before_its_first_checkpoint_reruns_or_resumes_from_step_0(train_config, tmp_path,
-                                                                                 monkeypatch, caplog, capsys):
+def test_a_run_killed_before_its_first_checkpoint_reruns_or_resumes_from_step_0(
+    train_config, tmp_path, monkeypatch, caplog, capsys
+):
     """Issue 18: such a folder could be neither rerun ('holds a run already') nor resumed ('holds no
     state')."""
     rerun = train_config("a.json", output_dir=str(tmp_path / "a"), steps=2, **QUICK)
@@ -304,8 +390,9 @@ def test_a_run_killed_before_its_first_checkpoint_reruns_or_resumes_from_step_0(
     _killed_before_first_checkpoint(other, monkeypatch)
     capsys.readouterr()
     for flags in ([], ["--resume"]):  # another config is refused, naming the key, either way
-        changed = train_config("c.json", output_dir=str(tmp_path / "c"), steps=2, **QUICK,
-                               optimizer={"lr": 0.5})
+        changed = train_config(
+            "c.json", output_dir=str(tmp_path / "c"), steps=2, **QUICK, optimizer={"lr": 0.5}
+        )
         assert main(["diffusion", "--config", str(changed), *flags]) == 2
         err = capsys.readouterr().err
         assert "stopped before its first checkpoint, with another config" in err, err
@@ -365,9 +452,13 @@ def test_latent_batches_are_read_in_workers_as_drawn_in_process(train_config):
     for step, batch, state in step_batches(draw, config, 0, start=1):
         seen.append(step)
         torch.manual_seed(step_seed(config.seed, step, 0))
-        expected = stage.train.read(torch.randint(len(stage.train), (2,)).tolist())  # the old, in-process draw
+        expected = stage.train.read(
+            torch.randint(len(stage.train), (2,)).tolist()
+        )  # the old, in-process draw
         assert torch.equal(state, torch.get_rng_state())
-        assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["labels"], expected["labels"])
+        assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(
+            batch["labels"], expected["labels"]
+        )
         assert batch["unet_inputs"].keys() == expected["unet_inputs"].keys()
     assert seen == [1, 2] and StepBatches(draw, config.seed, 0, 3)[2][0] == 2
 
@@ -375,8 +466,8 @@ def test_latent_batches_are_read_in_workers_as_drawn_in_process(train_config):
 @pytest.mark.parametrize("stage", ["diffusion", "controlnet"])
 def test_a_non_finite_latent_is_refused_by_name(stage, train_config, encoded_cases, tmp_path, capsys):
     """Issue 18: a NaN latent (encoded from a CT with a NaN voxel) trained on; refuse it when loaded."""
-    from maisi.files import file_sha256
     from maisi.data.latents import read_latent, read_sidecar, write_latent, write_sidecar
+    from maisi.files import file_sha256
 
     datalist = _copy_latents(encoded_cases, tmp_path)
     latent_path = datalist.parent / json.loads(datalist.read_text())["training"][2]["image"]
