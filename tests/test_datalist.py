@@ -115,7 +115,7 @@ def test_pairing_by_glob_wildcards_nnunet_style(tmp_path):
             (tmp_path / folder / f"{name}{suffix}.nii.gz").write_bytes(b"")
     (tmp_path / "imagesTr" / "c_0000.nii.gz").write_bytes(b"")
     pairs, problems = find_cases(tmp_path, "imagesTr/*_0000.nii.gz", "labelsTr/*.nii.gz")
-    assert [(i.name, l.name) for i, l in pairs] == [
+    assert [(image.name, label.name) for image, label in pairs] == [
         ("a_0000.nii.gz", "a.nii.gz"),
         ("b_0000.nii.gz", "b.nii.gz"),
     ]
