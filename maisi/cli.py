@@ -1,9 +1,9 @@
 """Pieces every command-line entry point shares: parsers, logging, progress bars and the exit-code contract.
 
 Every CLI is ``main(argv) -> int``: it parses (importing nothing heavy, so ``--help`` is instant), loads and
-checks its inputs, then calls the library. Every CLI has ``-v/--verbose`` and ``--no-progress``, and every option
-has help text with its default. Exit codes: 0 success, 2 bad input (one clear message, no traceback), 1 runtime
-failure.
+checks its inputs, then calls the library. Every CLI has ``-v/--verbose`` and ``--no-progress``, and every
+option has help text with its default. Exit codes: 0 success, 2 bad input (one clear message, no traceback), 1
+runtime failure.
 """
 
 from __future__ import annotations

@@ -3,36 +3,41 @@
     python -m maisi.download --variant rflow-ct --dest models/maisi [--base-url URL] [--cache-dir DIR]
         [--force] [--allow-unverified] [--weights-only] [--with-mask-archive] [-v]
 
-With the weights come MAISI's mask-database files (``datasets/candidate_masks_flexible_size_and_spacing_<N>.json``,
-``datasets/all_anatomy_size_conditions.json``; ``--weights-only`` skips them), saved under ``<dest>/datasets/``.
-``--with-mask-archive`` adds the masks themselves (a zip of several GB), verified like every file and then
-extracted safely and atomically (:mod:`maisi.archive`) into ``<dest>/datasets/all_masks_flexible_size_and_spacing_
-4000/``, the folder the database's paths are relative to (``anatomy.mask_root``).
+With the weights come MAISI's mask-database files
+(``datasets/candidate_masks_flexible_size_and_spacing_<N>.json``,
+``datasets/all_anatomy_size_conditions.json``; ``--weights-only`` skips them), saved under
+``<dest>/datasets/``. ``--with-mask-archive`` adds the masks themselves (a zip of several GB), verified like
+every file and then extracted safely and atomically (:mod:`maisi.archive`) into
+``<dest>/datasets/all_masks_flexible_size_and_spacing_4000/``, the folder the database's paths are relative to
+(``anatomy.mask_root``).
 
-Transfers are huggingface_hub's ``hf_hub_download``: its cache (``--cache-dir``, default the Hugging Face cache),
-its in-run retry and resume of a broken transfer, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` (the default ``--base-url``)
-and its token (``HF_TOKEN`` or ``hf auth login``), which is sent to huggingface.co only, never to a mirror.
+Transfers are huggingface_hub's ``hf_hub_download``: its cache (``--cache-dir``, default the Hugging Face
+cache), its in-run retry and resume of a broken transfer, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` (the default
+``--base-url``) and its token (``HF_TOKEN`` or ``hf auth login``), which is sent to huggingface.co only, never
+to a mirror.
 The files of a variant (``maisi/resources/released_weights.json``) are saved flat in ``--dest``.
 
-Trust. Every file is checked against a SHA-256 before it appears in ``--dest`` (hard link or copy from the cache to a
-temporary name, hashed, renamed) and again, by hashing its bytes, each time a later run reuses it:
-  - a pin in the manifest (sha256 + size, with its source) when a published record of the file exists; then the
-    host does not matter, plain http included;
-  - otherwise the lock file ``<dest>/maisi-weights.lock.json``: on first download the SHA-256 the hub announces
-    for the LFS file (``X-Linked-Etag``) is accepted, only over HTTPS or from a loopback host, and recorded;
-    later runs and reuses must match it (trust on first use). A host that later announces another hash is refused.
-With no hash at all (a non-LFS file) the file is refused unless ``--allow-unverified`` (its computed hash is then
-recorded). The transfer stops once the body passes the expected size (see :func:`_bounded_bar`).
+Trust. Every file is checked against a SHA-256 before it appears in ``--dest`` (hard link or copy from the
+cache to a temporary name, hashed, renamed) and again, by hashing its bytes, each time a later run reuses it:
+  - a pin in the manifest (sha256 + size, with its source) when a published record of the file exists; then
+    the host does not matter, plain http included;
+  - otherwise the lock file ``<dest>/maisi-weights.lock.json``: on first download the SHA-256 the hub
+    announces for the LFS file (``X-Linked-Etag``) is accepted, only over HTTPS or from a loopback host, and
+    recorded; later runs and reuses must match it (trust on first use). A host that later announces another
+    hash is refused.
+With no hash at all (a non-LFS file) the file is refused unless ``--allow-unverified`` (its computed hash is
+then recorded). The transfer stops once the body passes the expected size (see :func:`_bounded_bar`).
 
 Exit codes (the :mod:`maisi.cli` contract):
   0  every file of the variant is in ``--dest`` and verified (downloaded now or already there)
   2  something you must fix (InputError): ``--dest``/``--cache-dir`` not writable or too small, a plain-http
      ``--base-url`` that would have to supply a checksum, a file the host does not have (404: check
-     ``--base-url``) or refuses (401/403: accept the licence, log in), no checksum without ``--allow-unverified``,
-     ``HF_HUB_OFFLINE`` set and a file neither in ``--dest`` nor in the cache, an unreadable lock file
-  1  a runtime failure, worth retrying (RunFailure): the host cannot be reached (the other files are not tried),
-     a server error, a broken transfer, a body longer than expected, a checksum mismatch (the download is deleted),
-     a host that now serves another file than the pin or the lock file says
+     ``--base-url``) or refuses (401/403: accept the licence, log in), no checksum without
+     ``--allow-unverified``, ``HF_HUB_OFFLINE`` set and a file neither in ``--dest`` nor in the cache, an
+     unreadable lock file
+  1  a runtime failure, worth retrying (RunFailure): the host cannot be reached (the other files are not
+     tried), a server error, a broken transfer, a body longer than expected, a checksum mismatch (the download
+     is deleted), a host that now serves another file than the pin or the lock file says
 With several failures the exit code is 2 only if all of them are of the exit-2 kind.
 """
 
@@ -203,9 +208,9 @@ class Lock:
             "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         note = (
-            "Written by python -m maisi.download: SHA-256 of released weights that no pin in its manifest covers, "
-            "accepted on first download (trust on first use). Every later run verifies against it; delete an "
-            "entry only when you trust a new version of that file."
+            "Written by python -m maisi.download: SHA-256 of released weights that no pin in its manifest "
+            "covers, accepted on first download (trust on first use). Every later run verifies against it; "
+            "delete an entry only when you trust a new version of that file."
         )
         write_json(
             self.path, {"_comment": note, "format_version": 1, "files": dict(sorted(self.files.items()))}
@@ -231,7 +236,8 @@ def may_announce_hash(base_url: str) -> bool:
 
 
 def token_for(base_url: str) -> bool | None:
-    """None: huggingface_hub sends the user's token (HF_TOKEN, hf auth login); False: no token, to a mirror."""
+    """None: huggingface_hub sends the user's token (HF_TOKEN, hf auth login); False: no token, to a
+    mirror."""
     host = (urlsplit(base_url).hostname or "").lower()
     return None if any(host == h or host.endswith("." + h) for h in HUB_HOSTS) else False
 
@@ -283,13 +289,15 @@ def _explain(err: Exception, file: RemoteFile, base_url: str, dest: Path) -> Inp
 
 
 def _bounded_bar(name: str, limit: int | None) -> type[tqdm]:
-    """A progress-bar class for ``hf_hub_download(tqdm_class=...)`` that ends the transfer past ``limit`` bytes.
+    """A progress-bar class for ``hf_hub_download(tqdm_class=...)`` that ends the transfer past ``limit``
+    bytes.
 
-    Why a progress bar: huggingface_hub's plain-HTTP download (``http_get``) compares the size only after reading
-    the whole body, but it reports every chunk it reads (``DOWNLOAD_CHUNK_SIZE``, 10 MiB) to its bar before writing
-    it. Raising here stops the read at ``limit`` plus at most one chunk; the chunk is not written and
-    huggingface_hub deletes its temporary file. Xet downloads (bars made with a ``bar_format``) are left alone:
-    hf_xet rebuilds the file from content-hashed chunks, so no server-chosen body length is involved.
+    Why a progress bar: huggingface_hub's plain-HTTP download (``http_get``) compares the size only after
+    reading the whole body, but it reports every chunk it reads (``DOWNLOAD_CHUNK_SIZE``, 10 MiB) to its bar
+    before writing it. Raising here stops the read at ``limit`` plus at most one chunk; the chunk is not
+    written and huggingface_hub deletes its temporary file. Xet downloads (bars made with a ``bar_format``)
+    are left alone: hf_xet rebuilds the file from content-hashed chunks, so no server-chosen body length is
+    involved.
     """
 
     class Bounded(tqdm):
@@ -338,8 +346,8 @@ def verified_copy(final: Path, expected: Expected) -> str | None:
         check_file(final, expected.sha256, expected.size)
     except ChecksumMismatch as err:
         print(
-            f"{final.name}: present, but its {err.what} {err.actual} is not {expected.source} ({err.expected}); "
-            "downloading it again"
+            f"{final.name}: present, but its {err.what} {err.actual} is not {expected.source} "
+            f"({err.expected}); downloading it again"
         )
         return None
     return f"already present, verified against {expected.source}"
@@ -393,7 +401,8 @@ def download(job: Job, file: RemoteFile, limit: int | None, local_only: bool) ->
 
 
 def install(blob: Path, final: Path, expected: Expected | None) -> str:
-    """Verify the cached ``blob`` into ``final``; a wrong blob is deleted from the cache (ChecksumMismatch)."""
+    """Verify the cached ``blob`` into ``final``; a wrong blob is deleted from the cache
+    (ChecksumMismatch)."""
     try:
         return install_verified(
             blob, final, expected.sha256 if expected else None, expected.size if expected else None
@@ -415,7 +424,8 @@ def _mismatch(final: Path, expected: Expected, err: ChecksumMismatch) -> RunFail
 def _ask_host(
     file: RemoteFile, job: Job, expected: Expected | None
 ) -> tuple[Announced | None, Exception | None]:
-    """What the host announces (None offline), or why it could not be asked while a cached copy may still do."""
+    """What the host announces (None offline), or why it could not be asked while a cached copy may still
+    do."""
     if job.offline:
         return None, None
     try:
@@ -456,9 +466,11 @@ def _fetch_and_install(
     except ChecksumMismatch as err:
         if not cached or local_only:
             raise _mismatch(final, expected, err) from None
-        # The cached copy was damaged (it may be a hard link of a --dest file changed in place): fetch it anew.
+        # The cached copy was damaged (it may be a hard link of a --dest file changed in place): fetch it
+        # anew.
         print(
-            f"{file.name}: the copy in the download cache is damaged ({err.what} {err.actual}); fetching it again"
+            f"{file.name}: the copy in the download cache is damaged ({err.what} {err.actual}); "
+            "fetching it again"
         )
     try:
         return install(download(job, file, limit, local_only), final, expected)
@@ -557,7 +569,8 @@ def writable_folder(folder: str | Path, option: str) -> Path:
 def check_transport(
     files: list[RemoteFile], job_pins: dict[str, Expected], lock: Lock, base_url: str
 ) -> None:
-    """Refuse a plain-http host that would have to supply a checksum (any proxy on the way could change both)."""
+    """Refuse a plain-http host that would have to supply a checksum (any proxy on the way could change
+    both)."""
     unpinned = [f.name for f in files if f.key not in job_pins and lock.expected(f) is None]
     if unpinned and not may_announce_hash(base_url):
         raise InputError(

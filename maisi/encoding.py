@@ -188,7 +188,8 @@ def _fingerprint(
 
 
 def transform(volume: Volume, target_spacing, multiple: int, mode: str) -> MetaTensor:
-    """(1, X, Y, Z) MetaTensor resampled (optional) and padded; ``mode`` 'bilinear' for CT, 'nearest' for labels."""
+    """(1, X, Y, Z) MetaTensor resampled (optional) and padded; ``mode`` 'bilinear' for CT, 'nearest' for
+    labels."""
     t = MetaTensor(
         torch.from_numpy(np.ascontiguousarray(volume.array))[None], affine=torch.as_tensor(volume.affine)
     )

@@ -14,7 +14,7 @@ import torch
 
 from maisi.checkpoints import load_network
 from maisi.config import EncodeConfig
-from maisi.data.datalist import read_datalist, write_datalist
+from maisi.data.datalist import data_root, read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device
 from maisi.distributed import Ranks, finish, gather, init_from_env
 from maisi.encoding import CaseResult, EncodeJob, check_outputs, encode_case
@@ -49,7 +49,7 @@ def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
     """Check every input and output location (nothing is written), then load the autoencoder."""
     device = ranks.device(resolve_device(config.device))
     datalist = read_datalist(config.datalist)
-    root = Path(config.data_root) if config.data_root else Path(config.datalist).parent
+    root = data_root(config.datalist, config.data_root)
     out_datalist = output_datalist_path(config)
     check_output_locations(Path(config.output_dir), out_datalist)
     check_outputs(config, datalist["training"], root, out_datalist)

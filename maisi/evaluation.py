@@ -11,9 +11,9 @@
 * **Diversity**: mean pairwise MS-SSIM among the synthetic volumes (lower is more diverse) and, as the
   reference, among the real ones. Volumes of a set must share one shape (nothing is resampled).
 * **FID**: :mod:`maisi.fid` (2.5D, MONAI ``FIDMetric``, a local 2D ResNet).
-* **Montage**: one row per volume (real first, then synthetic, a grey line between the groups), columns axial /
-  coronal / sagittal mid-slices in a soft-tissue window (level 40, width 400 HU), through :mod:`maisi.preview`;
-  every row is scaled to 256 pixels high.
+* **Montage**: one row per volume (real first, then synthetic, a grey line between the groups), columns axial
+  / coronal / sagittal mid-slices in a soft-tissue window (level 40, width 400 HU), through
+  :mod:`maisi.preview`; every row is scaled to 256 pixels high.
 
 MS-SSIM uses MONAI's 5 scales; MONAI accepts a volume only when every axis has at least
 ``kernel_size * (scales - 1) ** 2`` voxels (176 for the default kernel of 11). For the diversity that is
@@ -42,7 +42,7 @@ from maisi.atomic import write_json
 from maisi.checkpoints import load_network
 from maisi.config.evaluate_config import EvaluateConfig
 from maisi.config.loader import to_jsonable
-from maisi.data.datalist import read_datalist
+from maisi.data.datalist import data_root, read_datalist
 from maisi.data.io import Volume, read_geometry, read_volume
 from maisi.decoding import round_trip as reconstruct  # the name maisi.evaluate users know
 from maisi.device import autocast_dtype, resolve_device
@@ -283,7 +283,7 @@ def gather_inputs(config: EvaluateConfig) -> tuple[list[Path], list[Path]]:
     real: list[Path] = []
     if config.real_datalist is not None:
         data = read_datalist(config.real_datalist)
-        root = Path(config.data_root) if config.data_root else Path(config.real_datalist).parent
+        root = data_root(config.real_datalist, config.data_root)
         real = [root / e["image"] for e in data["training"]]
     synthetic: list[Path] = []
     if isinstance(config.synthetic, str):
@@ -360,7 +360,8 @@ def _fid_plan(
     shapes: dict[Path, Shape],
     device: torch.device,
 ) -> tuple[FeatureNetwork | None, str | None]:
-    """The feature network, or the reason the FID is skipped. Raises InputError for too few slices or bad weights."""
+    """The feature network, or the reason the FID is skipped. Raises InputError for too few slices or bad
+    weights."""
     if config.fid.weights is None:
         return None, (
             "no feature-network weights given ($.fid.weights is null); supply a local 2D ResNet "
@@ -399,12 +400,12 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         else ``preset``, ``autoencoder``, ``target_spacing``, ``cases`` [{image, shape, evaluated_shape,
         evaluated_spacing, psnr, ssim, ms_ssim, skipped}] and, per metric, the ``mean`` over the cases it was
         computed for, that ``count`` and why it was ``skipped`` for some);
-        ``diversity`` (null when disabled; else per set ``{count, pairs, ms_ssim_mean, ms_ssim_std, ms_ssim_min,
-        ms_ssim_max}`` or ``{skipped: reason}``); ``fid`` (null when skipped; else ``xy``, ``yz``, ``zx``,
-        ``mean``, ``network``, ``features``, ``weights``, ``slice_step``, ``image_size``, ``slices``) and
-        ``fid_skipped`` (the reason, or null); ``montage`` (null, or ``path``, ``window``, ``row_height``,
-        ``columns``, ``rows`` [{set, image}]); ``config`` (resolved); ``maisi_version``, ``created_utc``,
-        ``device``. Infinite values (PSNR of a perfect reconstruction) are written as null.
+        ``diversity`` (null when disabled; else per set ``{count, pairs, ms_ssim_mean, ms_ssim_std,
+        ms_ssim_min, ms_ssim_max}`` or ``{skipped: reason}``); ``fid`` (null when skipped; else ``xy``,
+        ``yz``, ``zx``, ``mean``, ``network``, ``features``, ``weights``, ``slice_step``, ``image_size``,
+        ``slices``) and ``fid_skipped`` (the reason, or null); ``montage`` (null, or ``path``, ``window``,
+        ``row_height``, ``columns``, ``rows`` [{set, image}]); ``config`` (resolved); ``maisi_version``,
+        ``created_utc``, ``device``. Infinite values (PSNR of a perfect reconstruction) are written as null.
 
     Raises:
         InputError: missing files, output paths that cannot be written, mismatched grids, synthetic volumes

@@ -38,7 +38,8 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def check_file(path: str | Path, sha256: str | None, size: int | None = None) -> str:
-    """The SHA-256 of ``path`` after checking it (and first its size, which is cheap) against what is expected.
+    """The SHA-256 of ``path`` after checking it (and first its size, which is cheap) against what is
+    expected.
 
     Args:
         path: a regular file.
@@ -105,7 +106,8 @@ def output_folder_problem(folder: str | Path, what: str) -> str | None:
 
 
 def check_output_dir(folder: str | Path, what: str = "output directory") -> None:
-    """Raise InputError when ``folder`` cannot be (made) a writable folder: see :func:`output_folder_problem`."""
+    """Raise InputError when ``folder`` cannot be (made) a writable folder: see
+    :func:`output_folder_problem`."""
     problem = output_folder_problem(folder, what)
     if problem:
         raise InputError(problem)

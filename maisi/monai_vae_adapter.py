@@ -1,20 +1,21 @@
-"""The one place that knows the private structure of MONAI's ``AutoencoderKlMaisi``, for :mod:`maisi.tiled_vae`.
+"""The one place that knows the private structure of MONAI's ``AutoencoderKlMaisi``, for
+:mod:`maisi.tiled_vae`.
 
 The tiled engine streams a chain of convolutions; this adapter translates MONAI's encoder/decoder blocks into
 that chain (:func:`program`) and holds the arithmetic that must match MONAI's forward bit for bit:
 ``MaisiGroupNorm3D``'s normalisation (:func:`normalise`), ``MaisiUpsample``'s interpolation (:func:`upsample`)
 and ``MaisiDownsample``'s end padding (:attr:`Step.end_pad`). The parts outside the blocks (the latent 1x1
-convolutions, the posterior's clamp) are never copied: :func:`run_decode` / :func:`run_encode` call MONAI's own
-``decode`` / ``encode`` with only the decoder / encoder replaced by the tiled one.
+convolutions, the posterior's clamp) are never copied: :func:`run_decode` / :func:`run_encode` call MONAI's
+own ``decode`` / ``encode`` with only the decoder / encoder replaced by the tiled one.
 
 What it relies on (checked by :func:`check_structure` before any tiled run; parity with MONAI's forward is
 tested for the installed MONAI in ``tests/test_tiled_vae.py``):
 
 * the model is a MONAI ``AutoencoderKL`` whose ``encoder`` / ``decoder`` is exactly ``MaisiEncoder`` /
   ``MaisiDecoder``, a ``blocks`` ModuleList run in order;
-* every block is exactly one of ``MaisiGroupNorm3D`` (followed by a ``MaisiConvolution``), ``MaisiConvolution``,
-  ``MaisiResBlock`` (``norm1``, ``conv1``, ``norm2``, ``conv2``, ``nin_shortcut``), ``MaisiUpsample`` (trilinear,
-  not transposed) or ``MaisiDownsample`` (pad ``(0, 1)`` per axis);
+* every block is exactly one of ``MaisiGroupNorm3D`` (followed by a ``MaisiConvolution``),
+  ``MaisiConvolution``, ``MaisiResBlock`` (``norm1``, ``conv1``, ``norm2``, ``conv2``, ``nin_shortcut``),
+  ``MaisiUpsample`` (trilinear, not transposed) or ``MaisiDownsample`` (pad ``(0, 1)`` per axis);
 * a ``MaisiConvolution`` wraps a conv-only MONAI ``Convolution`` whose one child ``conv`` is an ``nn.Conv3d``
   with cubic kernel, stride, padding and dilation, zero padding, one group.
 
@@ -263,7 +264,8 @@ def normalise(
 
 
 def upsample(x: torch.Tensor) -> torch.Tensor:
-    """The interpolation ``MaisiUpsample.forward`` makes before its convolution (see :meth:`Step.source_box`)."""
+    """The interpolation ``MaisiUpsample.forward`` makes before its convolution (see
+    :meth:`Step.source_box`)."""
     return F.interpolate(x, scale_factor=2.0, mode="trilinear")
 
 
@@ -278,8 +280,8 @@ def conv(conv3d: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 
 
 class _PartReplaced:
-    """The autoencoder as MONAI's ``decode``/``encode`` sees it, with one attribute (the decoder or the encoder)
-    replaced by a function; every other attribute is the model's own."""
+    """The autoencoder as MONAI's ``decode``/``encode`` sees it, with one attribute (the decoder or the
+    encoder) replaced by a function; every other attribute is the model's own."""
 
     def __init__(self, autoencoder: torch.nn.Module, part: Part, fn: Callable[[torch.Tensor], torch.Tensor]):
         self._autoencoder = autoencoder
@@ -300,6 +302,6 @@ def run_decode(
 def run_encode(
     autoencoder: torch.nn.Module, x: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MONAI's own ``encode(x)`` (the encoder, then the posterior's 1x1 convolutions and clamp) with ``encoder``
-    in place of ``autoencoder.encoder``; returns ``(z_mu, z_sigma)``."""
+    """MONAI's own ``encode(x)`` (the encoder, then the posterior's 1x1 convolutions and clamp) with
+    ``encoder`` in place of ``autoencoder.encoder``; returns ``(z_mu, z_sigma)``."""
     return type(autoencoder).encode(_PartReplaced(autoencoder, "encoder", encoder), x)  # type: ignore[arg-type]

@@ -26,7 +26,8 @@ DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)
 BODY_REGIONS: tuple[BodyRegion, ...] = get_args(BodyRegion)
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "rflow": 30}  # inference steps per sampler
 
-# Body-region names as MAISI spells them (its configs and find_masks) and as we do; value: index in BODY_REGIONS.
+# Body-region names as MAISI spells them (its configs and find_masks) and as we do; value: index in
+# BODY_REGIONS.
 REGION_INDEX: dict[str, int] = {
     "head": 0,
     "head_neck": 0,

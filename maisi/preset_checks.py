@@ -31,7 +31,8 @@ def infer_problems(config: InferConfig) -> list[str]:
     if not config.from_mask and not config.from_anatomy:
         if preset.uses_body_region and config.body_region is None:
             problems.append(
-                f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on body region"
+                f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on "
+                "body region"
             )
     if config.output_size is not None:
         # In mask mode without a spacing the mask's own spacing applies: only the size can be judged here.

@@ -99,7 +99,8 @@ def resize_nearest(picture: np.ndarray, height: int) -> np.ndarray:
 
 
 def stack_rows(rows: list[np.ndarray], split: int | None = None) -> np.ndarray:
-    """Pictures top to bottom, left-aligned, ``GAP`` pixels apart; a grey line in the gap before row ``split``."""
+    """Pictures top to bottom, left-aligned, ``GAP`` pixels apart; a grey line in the gap before row
+    ``split``."""
     height = sum(r.shape[0] for r in rows) + GAP * (len(rows) - 1)
     canvas = np.zeros((height, max(r.shape[1] for r in rows), *rows[0].shape[2:]), dtype=np.uint8)
     top = 0

@@ -1,4 +1,5 @@
-"""Every CLI on a table of bad inputs: exit 2, a message naming the key, file or value, and not a byte written.
+"""Every CLI on a table of bad inputs: exit 2, a message naming the key, file or value, and not a byte
+written.
 
 Each case builds its inputs in a fresh workspace, snapshots the whole workspace, runs the CLI and checks that
 the snapshot is unchanged: no output, no temporary, no touched input.

@@ -43,7 +43,8 @@ def test_our_format_round_trips_strictly_with_its_metadata(tmp_path):
 
 @pytest.mark.parametrize("preset_name", ["tiny-ddpm", "maisi-ct-rflow"])
 def test_released_layouts_load(tmp_path, preset_name):
-    """Files shaped like MAISI's releases (random weights): VAE state_dict, unet_state_dict, controlnet_state_dict."""
+    """Files shaped like MAISI's releases (random weights): VAE state_dict, unet_state_dict,
+    controlnet_state_dict."""
     preset = get_preset(preset_name)
     torch.manual_seed(2)
     vae = build_network(preset, "autoencoder")

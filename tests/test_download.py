@@ -1,10 +1,12 @@
-"""``python -m maisi.download`` against a fake Hugging Face Hub on 127.0.0.1 (no internet, a few hundred KB a file).
+"""``python -m maisi.download`` against a fake Hugging Face Hub on 127.0.0.1 (no internet, a few hundred KB
+a file).
 
 The fake speaks the part of the Hub's resolve protocol huggingface_hub uses: HEAD/GET
-``/{repo}/resolve/{revision}/{path}`` answers an LFS file with a 302 to a CDN on another origin (a second port),
-carrying ``X-Repo-Commit``, ``X-Linked-Etag`` (the SHA-256, quoted), ``X-Linked-Size`` and ``ETag``; the CDN serves
-the bytes and honours ``Range: bytes=N-``. A non-LFS file is answered directly with a git-SHA-1 ``ETag``. Knobs on
-:class:`FakeHub` make it serve other bytes, longer bodies, hang up, forget files or refuse.
+``/{repo}/resolve/{revision}/{path}`` answers an LFS file with a 302 to a CDN on another origin (a second
+port), carrying ``X-Repo-Commit``, ``X-Linked-Etag`` (the SHA-256, quoted), ``X-Linked-Size`` and ``ETag``;
+the CDN serves the bytes and honours ``Range: bytes=N-``. A non-LFS file is answered directly with a
+git-SHA-1 ``ETag``. Knobs on :class:`FakeHub` make it serve other bytes, longer bodies, hang up, forget files
+or refuse.
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def manifest_for_tests(datasets: bool) -> dict:
 
 @pytest.fixture(autouse=True)
 def hermetic(monkeypatch) -> None:
-    """No token, mirror, offline flag or proxy from the environment; the fake autoencoder is the pinned file."""
+    """No token, mirror, offline flag or proxy from the environment; the fake autoencoder is the pinned
+    file."""
     for var in (
         "HF_TOKEN",
         "HF_ENDPOINT",
@@ -515,7 +518,8 @@ ARCHIVE = "all_masks_flexible_size_and_spacing_4000.zip"
 MASKS = {"ds1/case1_label.nii.gz": b"mask one" * 500, "ds2/sub/case2_label.nii.gz": b"mask two" * 700}
 
 
-def make_zip(members: dict[str, bytes], symlinks: dict[str, str] = {}) -> bytes:
+def make_zip(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    symlinks = symlinks or {}
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in members.items():

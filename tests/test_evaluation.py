@@ -1,10 +1,11 @@
-"""``maisi.evaluation`` / ``maisi.fid`` / ``maisi.evaluate``: metrics on real CT, the report and montage, bad input.
+"""``maisi.evaluation`` / ``maisi.fid`` / ``maisi.evaluate``: metrics on real CT, the report and montage,
+bad input.
 
 Real CT: ``totalseg_example_ct_sm.nii.gz`` (122 x 101 x 30 at 3 mm). Its 30 slices are too few for MS-SSIM's
 5 scales even with a 3-voxel window (48 needed): its MS-SSIM is skipped with the reason while PSNR and SSIM
 are computed, and the positive MS-SSIM tests use a 64 x 64 x 48 crop of the same CT padded with air in z. The
-feature network is a randomly
-initialised quarter-width ResNet-18 saved to a local file (128 features: the FID's matrix square root stays fast).
+feature network is a randomly initialised quarter-width ResNet-18 saved to a local file (128 features: the
+FID's matrix square root stays fast).
 """
 
 from __future__ import annotations
@@ -299,8 +300,8 @@ def test_cli_writes_the_report_and_the_montage(tmp_path, files):
     assert report["fid_skipped"] is None and all(fid[p] > 0 for p in ("xy", "yz", "zx", "mean"))
     assert fid["network"] == "resnet18 x0.25 width" and fid["features"] == 128
     assert fid["slices"] == {"real": {"xy": 6, "yz": 8, "zx": 8}, "synthetic": {"xy": 12, "yz": 16, "zx": 16}}
-    # montage: rows real, synthetic, synthetic; each row axial 64 x 64, coronal and sagittal 48 x 64 (3 mm iso),
-    # 64 x 200 pixels with the gaps, scaled 4x to the row height of 256
+    # montage: rows real, synthetic, synthetic; each row axial 64 x 64, coronal and sagittal 48 x 64
+    # (3 mm iso), 64 x 200 pixels with the gaps, scaled 4x to the row height of 256
     assert [r["set"] for r in report["montage"]["rows"]] == ["real", "synthetic", "synthetic"]
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "montage.png")))
     assert picture.dtype == np.uint8 and picture.shape == (3 * 256 + 2 * GAP, 4 * (3 * 64 + 2 * GAP))

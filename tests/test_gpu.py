@@ -81,7 +81,7 @@ def test_infer_end_to_end_on_cuda(infer_config, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_two_process_nccl_encoding_writes_one_datalist(encode_setup, tmp_path):
+def test_two_process_nccl_encoding_writes_one_datalist(encode_setup, tmp_path):  # noqa: F811 - imported fixture
     config = encode_setup(device="cuda")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

@@ -448,7 +448,10 @@ def test_a_run_removes_the_temporaries_a_killed_run_left(infer_config, tmp_path,
 
 
 def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(
-    held_lock, infer_config, monkeypatch, capsys
+    held_lock,  # noqa: F811 - the fixture imported from tests.test_atomic
+    infer_config,
+    monkeypatch,
+    capsys,
 ):
     folder, holder = held_lock
     monkeypatch.setattr(generation, "generate", fake_generate(set()))

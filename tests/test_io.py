@@ -101,7 +101,8 @@ def test_nrrd_lps_header_is_read_as_ras():
     assert volume.array.min() == -3024  # padding value of the scanner kept as is
 
     # The header's space directions are (-3.05,0,0) (0,-3.05,0) (0,0,10) in LPS: the file's index axes
-    # already run toward patient Right and Anterior, so no flip is needed and voxel (0,0,0) is SimpleITK's (0,0,0).
+    # already run toward patient Right and Anterior, so no flip is needed and voxel (0,0,0) is
+    # SimpleITK's (0,0,0).
     np.testing.assert_allclose(_world(volume, (0, 0, 0)), _ras_of_sitk_index(image, (0, 0, 0)), atol=1e-4)
     # NRRD stores LPS, so RAS x and y are the negated LPS coordinates of the header's space origin.
     np.testing.assert_allclose(_world(volume, (0, 0, 0)), (-193.096, -216.396, -340.25), atol=1e-3)
@@ -120,7 +121,8 @@ def test_nrrd_value_at_known_world_position_matches_simpleitk():
 
 
 def test_nrrd_stored_in_lps_voxel_order_is_flipped_to_ras(tmp_path):
-    """Same chest stored with index axes running Left/Posterior (identity LPS direction): x and y must flip."""
+    """Same chest stored with index axes running Left/Posterior (identity LPS direction): x and y must
+    flip."""
     image = sitk.DICOMOrient(sitk.ReadImage(str(CHEST_NRRD)), "LPS")
     assert np.allclose(image.GetDirection(), np.eye(3).ravel())
     path = tmp_path / "chest_lps.nrrd"

@@ -29,7 +29,8 @@ def abdomen() -> tuple[Volume, Volume]:
 
 @pytest.fixture(scope="module")
 def chest() -> tuple[Volume, Volume]:
-    """slicerio's chest CT; its coarse lungs / ribs / thoracic spine given MAISI lobe, rib and vertebra ids."""
+    """slicerio's chest CT; its coarse lungs / ribs / thoracic spine given MAISI lobe, rib and vertebra
+    ids."""
     ct = read_volume(DATA / "slicerio_CTChest4.nrrd")
     seg = read_mask(DATA / "slicerio_Segmentation.seg.nrrd")
     ids = np.zeros_like(seg.array)

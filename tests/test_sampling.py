@@ -29,7 +29,8 @@ class EpsilonOracle(torch.nn.Module):
 
 
 class VelocityOracle(torch.nn.Module):
-    """Exact rectified-flow velocity (x0 - noise) for the single point X0: x_t = (1-s) x0 + s noise, s = t/T."""
+    """Exact rectified-flow velocity (x0 - noise) for the single point X0: x_t = (1-s) x0 + s noise,
+    s = t/T."""
 
     def forward(self, x, timesteps, **_):
         s = (timesteps / 1000.0).view(-1, 1, 1, 1, 1)

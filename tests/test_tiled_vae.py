@@ -1,5 +1,6 @@
-"""Tiled VAE decoding/encoding equals MONAI's whole-volume pass, within a measured memory bound; the adapter
-that reads MONAI's structure matches MONAI's forward, and a model it does not know falls back with a warning."""
+"""Tiled VAE decoding/encoding equals MONAI's whole-volume pass, within a measured memory bound; the
+adapter that reads MONAI's structure matches MONAI's forward, and a model it does not know falls back with a
+warning."""
 
 from __future__ import annotations
 

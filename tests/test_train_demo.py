@@ -73,7 +73,8 @@ def test_autoencoder_only_trains_the_vae_with_fine_copies_and_leaves_the_weights
     steps = [s["step"] for s in json.loads((work / "recipe_log.json").read_text())["steps"]]
     assert steps == ["datalist", "datalist (autoencoder)", "autoencoder"]
     assert "run again without --autoencoder-only" in capsys.readouterr().out
-    # the fine copies feed the VAE only: 9 coarse + 2 fine copies there, the 9 coarse ones in the shared datalist
+    # the fine copies feed the VAE only: 9 coarse + 2 fine copies there, the 9 coarse ones in the shared
+    # datalist
     vae_list = json.loads((work / "datalist_autoencoder.json").read_text())["training"]
     assert (
         len(json.loads((work / "prepared" / "datalist.json").read_text())["training"]) == 9

@@ -18,7 +18,8 @@ DATA = Path(__file__).parent / "data"
 
 
 def tumour_in_the_right_lung(dest: Path) -> Path:
-    """A 1-valued ball (radius 3 voxels in-plane, 1 slice either side) in the right lung of slicerio's chest."""
+    """A 1-valued ball (radius 3 voxels in-plane, 1 slice either side) in the right lung of slicerio's
+    chest."""
     seg = read_mask(DATA / "slicerio_Segmentation.seg.nrrd")
     lung = np.argwhere(seg.array == 5)  # right lung
     centre = lung[len(lung) // 2]

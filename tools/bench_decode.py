@@ -8,7 +8,8 @@ the untiled measurement instead of repeating it).
 
     python tools/bench_decode.py                                  # released VAE, 32^3 latent (128^3 CT)
     python tools/bench_decode.py --preset small-rflow --latent 64 64 32 --budgets-mb 64 1024
-    python tools/bench_decode.py --device cuda --precision float32   # exactness on a GPU: no autocast, no TF32
+    python tools/bench_decode.py --device cuda --precision float32   # exactness on a GPU: no autocast,
+                                                                     # no TF32
 
 On CUDA, ``--precision auto`` decodes under float16 autocast like generation does, so every variant carries
 float16 rounding (a few 1e-3 against the untiled pass) and only ``float32`` can check the 1e-3 error target.
@@ -187,19 +188,20 @@ def report(rows: list[dict], args: argparse.Namespace, preset: str, ref: torch.T
     size = [4 * s for s in args.latent]
     print(
         f"VAE decode, preset {preset}, latent {args.latent} -> image {size}, device {args.device}, "
-        f"precision {args.precision}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"precision {args.precision}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
     )
     print(
         f"untiled output range [{ref.min().item():.3f}, {ref.max().item():.3f}], std {ref.std().item():.3f}; "
         f"memory = {memory} (before decode: {base.get('base', 0) / GB:.2f} GB)"
     )
     print(
-        "errors vs untiled: raw decoder output (random weights: not confined to [0, 1]) and, 'clip', after the "
-        "clip to [0, 1] that generation applies"
+        "errors vs untiled: raw decoder output (random weights: not confined to [0, 1]) and, 'clip', "
+        "after the clip to [0, 1] that generation applies"
     )
     print(
-        f"{'variant':<22}{'windows':>8}{'wall s':>9}{'peak GB':>9}{'max err':>10}{'mean err':>10}{'clip max':>10}"
-        f"{'time x':>8}{'mem x':>7}  note"
+        f"{'variant':<22}{'windows':>8}{'wall s':>9}{'peak GB':>9}{'max err':>10}{'mean err':>10}"
+        f"{'clip max':>10}{'time x':>8}{'mem x':>7}  note"
     )
     for row in rows:
         if "error" in row:
@@ -207,8 +209,9 @@ def report(rows: list[dict], args: argparse.Namespace, preset: str, ref: torch.T
             continue
         windows = "tiles" if row["method"] == "tiled" else row["windows"]
         print(
-            f"{row['name']:<22}{windows:>8}{row['wall_s']:>9.1f}{row['peak'] / GB:>9.2f}{row['max_err']:>10.2e}"
-            f"{row['mean_err']:>10.2e}{row['clip_err']:>10.2e}{row['wall_s'] / base['wall_s']:>8.2f}{row['peak'] / base['peak']:>7.2f}  "
+            f"{row['name']:<22}{windows:>8}{row['wall_s']:>9.1f}{row['peak'] / GB:>9.2f}"
+            f"{row['max_err']:>10.2e}{row['mean_err']:>10.2e}{row['clip_err']:>10.2e}"
+            f"{row['wall_s'] / base['wall_s']:>8.2f}{row['peak'] / base['peak']:>7.2f}  "
             f"{row.get('note', '')}"
         )
     ours = [r for r in rows if r["method"] == "tiled" and "error" not in r and not r.get("on_device")]
@@ -231,11 +234,13 @@ def report(rows: list[dict], args: argparse.Namespace, preset: str, ref: torch.T
     )
     slowest = max(r["wall_s"] for r in ours)
     print(
-        f"  wall of ours <= 1.3x untiled: {slowest / base['wall_s']:.2f}x -> {check(slowest <= 1.3 * base['wall_s'])}"
+        f"  wall of ours <= 1.3x untiled: {slowest / base['wall_s']:.2f}x -> "
+        f"{check(slowest <= 1.3 * base['wall_s'])}"
     )
     for sw in sws:
         print(
-            f"  wall of ours <= 0.5x {sw['name']} ({sw['windows']} windows): {slowest / sw['wall_s']:.2f}x -> "
+            f"  wall of ours <= 0.5x {sw['name']} ({sw['windows']} windows): "
+            f"{slowest / sw['wall_s']:.2f}x -> "
             f"{check(slowest <= 0.5 * sw['wall_s'])}"
         )
     for r in on_gpu:

@@ -172,7 +172,8 @@ def main() -> int:
     device = resolve_device(args.device)
     sizes = [tuple(args.sizes[i : i + 3]) for i in range(0, len(args.sizes) - 2, 3)]
     print(
-        f"generation benchmark, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"generation benchmark, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}; random weights; mask mode (UNet + ControlNet)"
     )
     over, totals = [], []
@@ -199,18 +200,20 @@ def main() -> int:
     print(f"{'preset':<14}{'sampler':<8}{'image':<16}{'plain ms':>10}{'ours ms':>10}{'ours/plain':>12}")
     for name, sampler, size, plain, ours in over:
         print(
-            f"{name:<14}{sampler:<8}{str(list(size)):<16}{plain * 1e3:>10.1f}{ours * 1e3:>10.1f}{ours / plain:>12.3f}"
+            f"{name:<14}{sampler:<8}{str(list(size)):<16}{plain * 1e3:>10.1f}{ours * 1e3:>10.1f}"
+            f"{ours / plain:>12.3f}"
         )
     ratios = [o / p for *_, p, o in over]
     mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(
-        f"geometric mean {mean:.3f} -> target {'met' if mean <= 1.05 else 'MISSED'}; worst row {max(ratios):.3f} "
-        f"(rows scatter on both sides of 1: on shared CPUs that spread is timing noise)"
+        f"geometric mean {mean:.3f} -> target {'met' if mean <= 1.05 else 'MISSED'}; "
+        f"worst row {max(ratios):.3f} "
+        "(rows scatter on both sides of 1: on shared CPUs that spread is timing noise)"
     )
     print("\ntime to a decoded CT (full step counts; 'N x per-step' = measured per-step time x N, not run)")
     print(
-        f"{'preset':<14}{'sampler':<8}{'steps':>6}  {'image':<16}{'ms/step':>9}{'sampling s':>12}{'decode s':>10}"
-        f"{'total s':>10}  how"
+        f"{'preset':<14}{'sampler':<8}{'steps':>6}  {'image':<16}{'ms/step':>9}{'sampling s':>12}"
+        f"{'decode s':>10}{'total s':>10}  how"
     )
     for name, sampler, steps, size, per_step, sampling, decode_s, how in totals:
         print(

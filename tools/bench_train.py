@@ -76,7 +76,10 @@ def run_stage(folder: Path, stage: str, config: dict) -> str:
     match = RATE.search(done.stderr)
     if done.returncode or not match:
         return f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
-    return f"{float(match.group(3)):.3f} steps/s ({match.group(1)} steps in {match.group(2)} s; wall {time.perf_counter() - t0:.0f} s)"
+    return (
+        f"{float(match.group(3)):.3f} steps/s ({match.group(1)} steps in {match.group(2)} s; "
+        f"wall {time.perf_counter() - t0:.0f} s)"
+    )
 
 
 def main() -> int:

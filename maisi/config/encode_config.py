@@ -1,5 +1,5 @@
-"""The ``maisi.encode`` config: dataclasses mirroring ``schemas/encode.schema.json``; checks against the preset
-are in :mod:`maisi.preset_checks`."""
+"""The ``maisi.encode`` config: dataclasses mirroring ``schemas/encode.schema.json``; checks against the
+preset are in :mod:`maisi.preset_checks`."""
 
 from __future__ import annotations
 

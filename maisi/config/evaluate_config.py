@@ -1,4 +1,5 @@
-"""The ``maisi.evaluate`` config: dataclasses mirroring ``schemas/evaluate.schema.json`` and cross-key checks."""
+"""The ``maisi.evaluate`` config: dataclasses mirroring ``schemas/evaluate.schema.json`` and cross-key
+checks."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The ``maisi.infer`` config: frozen dataclasses mirroring ``schemas/infer.schema.json`` and the checks
-JSON Schema cannot express that relate several keys. Checks against the preset are in :mod:`maisi.preset_checks`."""
+"""The ``maisi.infer`` config: frozen dataclasses mirroring ``schemas/infer.schema.json`` and the checks JSON
+Schema cannot express that relate several keys. Checks against the preset are in
+:mod:`maisi.preset_checks`."""
 
 from __future__ import annotations
 

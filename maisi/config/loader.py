@@ -54,7 +54,8 @@ def _describe_error(err: jsonschema.ValidationError) -> str:
             hint = difflib.get_close_matches(key, allowed, n=1)
             suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
             msgs.append(
-                f"{json_path([*err.absolute_path, key])}: unknown key '{key}'{suggestion} (allowed: {', '.join(allowed)})"
+                f"{json_path([*err.absolute_path, key])}: unknown key '{key}'{suggestion} "
+                f"(allowed: {', '.join(allowed)})"
             )
         return "\n".join(msgs)
     if err.validator == "enum":

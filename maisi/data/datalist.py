@@ -28,6 +28,11 @@ from maisi.labels import labels_not_in_dict
 SPACING_RTOL = 1e-3
 
 
+def data_root(datalist: str | Path, configured: str | Path | None) -> Path:
+    """Where a datalist's relative paths start: the configured data root, else the datalist's own folder."""
+    return Path(configured) if configured else Path(datalist).parent
+
+
 def read_datalist(path: str | Path) -> dict[str, Any]:
     """Parse and schema-check a datalist; every schema error is reported with its JSON path."""
     data = read_json(Path(path))
@@ -38,7 +43,8 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
-    """Regex for a glob whose ``*`` parts are captured: they form the case key that pairs images with labels."""
+    """Regex for a glob whose ``*`` parts are captured: they form the case key that pairs images with
+    labels."""
     parts = re.split(r"(\*\*/|\*)", pattern)
     regex = ""
     for part in parts:

@@ -270,7 +270,8 @@ def read_volume(path: str | Path) -> Volume:
 
 
 def _itk_ras_affine(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
-    """The RAS affine of an ITK image or of a reader's header (ITK gives direction, spacing, origin in LPS)."""
+    """The RAS affine of an ITK image or of a reader's header (ITK gives direction, spacing, origin in
+    LPS)."""
     lps = np.eye(4)
     lps[:3, :3] = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()

@@ -38,7 +38,8 @@ def crop_box(mask: Volume, label_ids: list[int], size_mm: tuple[float, float, fl
 
 
 def crop(volume: Volume, box: tuple[slice, ...]) -> Volume:
-    """``volume`` cut to ``box``; the affine moves voxel 0 to the box's corner, so world positions are kept."""
+    """``volume`` cut to ``box``; the affine moves voxel 0 to the box's corner, so world positions are
+    kept."""
     affine = volume.affine.copy()
     corner = np.array([s.start for s in box], dtype=np.float64)
     affine[:3, 3] = affine[:3, :3] @ corner + affine[:3, 3]

@@ -309,7 +309,8 @@ class AutoencoderStage:
     @torch.no_grad()
     def reconstruct(self, model: nn.Module, volume: torch.Tensor) -> torch.Tensor:
         """Deterministic (``z_mu``) reconstruction of a (1, X, Y, Z) volume -> (1, X, Y, Z) on CPU, by
-        ``$.autoencoder.val_method``: the pipeline's exact whole-volume round trip, or MONAI sliding windows."""
+        ``$.autoencoder.val_method``: the pipeline's exact whole-volume round trip, or MONAI sliding
+        windows."""
         ac = self.settings
         if ac.val_method == "tiled":
             image = volume[None].to(self.device)

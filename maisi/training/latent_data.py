@@ -89,7 +89,8 @@ def _check_case(
     if need_label:
         if label is None or not label.exists():
             problems.append(
-                f"{where}.label: {'missing' if label is None else f'not found: {label}'} (the ControlNet needs it)"
+                f"{where}.label: {'missing' if label is None else f'not found: {label}'} "
+                "(the ControlNet needs it)"
             )
         else:
             label_shape, _ = read_geometry(label)

@@ -47,7 +47,8 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def saved_run_config(output_dir: str | Path, state_config: dict | None, state_sha256: str) -> dict | None:
-    """The run's resolved config: from its state, else from ``train_config.json`` if that belongs to the state."""
+    """The run's resolved config: from its state, else from ``train_config.json`` if that belongs to the
+    state."""
     if state_config is not None:
         return state_config
     marker = Path(output_dir) / "train_config.json"

@@ -19,7 +19,7 @@ import torch
 
 from maisi.atomic import write_json
 from maisi.config import TrainConfig, to_jsonable
-from maisi.data.datalist import read_datalist, split_by_fold
+from maisi.data.datalist import data_root, read_datalist, split_by_fold
 from maisi.device import resolve_device
 from maisi.distributed import Ranks, finish, init_from_env
 from maisi.errors import InputError
@@ -58,7 +58,8 @@ def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
     if changed:
         raise InputError(f"{refusal}. Changed: " + "; ".join(changed))
     log.info(
-        "resuming: the config matches the run's key by key (keys added to the schema since take their defaults)"
+        "resuming: the config matches the run's key by key "
+        "(keys added to the schema since take their defaults)"
     )
     return state
 
@@ -111,7 +112,7 @@ def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.devi
     """Check the stage's inputs and build it (networks, data)."""
     preset = get_preset(config.preset)
     train_entries, val_entries = split_by_fold(read_datalist(config.datalist), config.fold)
-    root = Path(config.data_root) if config.data_root else Path(config.datalist).parent
+    root = data_root(config.datalist, config.data_root)
     if name == "autoencoder":
         from maisi.training.autoencoder import AutoencoderStage
 

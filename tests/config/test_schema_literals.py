@@ -1,4 +1,5 @@
-"""Every choice a schema offers (``enum``) is the ``Literal`` type of the dataclass field it fills, and back."""
+"""Every choice a schema offers (``enum``) is the ``Literal`` type of the dataclass field it fills, and
+back."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory) -> Path:
-    """Crops of the real CT (RAS geometry kept): two training volumes, a one-patch volume, a validation volume."""
+    """Crops of the real CT (RAS geometry kept): two training volumes, a one-patch volume, a validation
+    volume."""
     root = tmp_path_factory.mktemp("ct")
     ct = read_volume(CT)
 
@@ -187,8 +188,8 @@ def test_validation_is_deterministic_and_gives_images_in_unit_range(tmp_path, cr
 
 
 def test_validation_psnr_is_the_pipelines_round_trip_of_the_checkpoint(tmp_path, crops):
-    """Default validation scores the whole-volume round trip of maisi.encode / infer / evaluate (exact tiles, here
-    many of them); MAISI's sliding windows, on request, score something else."""
+    """Default validation scores the whole-volume round trip of maisi.encode / infer / evaluate (exact
+    tiles, here many of them); MAISI's sliding windows, on request, score something else."""
     from monai.metrics import PSNRMetric
 
     from maisi.evaluation import reconstruct
@@ -279,7 +280,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, crop
 
 @pytest.fixture
 def medicalnet_weights(tmp_path) -> Path:
-    """MedicalNet ResNet10 weights in their release layout (random values; MONAI's ResNet, pretrained=False)."""
+    """MedicalNet ResNet10 weights in their release layout (random values; MONAI's ResNet,
+    pretrained=False)."""
     from monai.networks.nets.resnet import ResNetFeatures
 
     torch.manual_seed(0)
@@ -376,8 +378,8 @@ def test_missing_and_unreadable_images_are_listed_at_once(tmp_path, crops, capsy
 
 @pytest.mark.parametrize("cache_rate", [1.0, 0.0])
 def test_a_ct_with_nan_voxels_is_refused_by_name(cache_rate, tmp_path, crops, capsys):
-    """Held images are checked before the first step (nothing written); an image read per draw when it is read,
-    in a worker process, and the message still reaches the user without a traceback."""
+    """Held images are checked before the first step (nothing written); an image read per draw when it is
+    read, in a worker process, and the message still reaches the user without a traceback."""
     data = tmp_path / "data"
     data.mkdir()
     ct = read_volume(crops / "train_a.nii.gz")
@@ -440,9 +442,9 @@ def test_patches_come_from_the_generator_given_and_small_volumes_are_padded(crop
 
 
 def test_a_steps_batch_is_the_draw_the_global_generator_made_before_workers(crops):
-    """The batch of step s, drawn in a worker, equals what the loop drew in-process with the global generator
-    seeded for step s before the DataLoader existed, and the stream continues where that draw left it: the demo
-    recipe trains the shipped weights tensor for tensor."""
+    """The batch of step s, drawn in a worker, equals what the loop drew in-process with the global
+    generator seeded for step s before the DataLoader existed, and the stream continues where that draw left
+    it: the demo recipe trains the shipped weights tensor for tensor."""
     volumes = _volumes(crops, ["train_a", "train_b", "one_patch"], cache_rate=0.0)
     draw = PatchDraw(volumes, 3, (24, 24, 24), 0.6)  # min_foreground: redraws, so several draws per patch
     data = StepBatches(draw, seed=5, rank=1, steps=10)

@@ -253,8 +253,8 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
 
 
 def _make_state_look_older(run: Path, drop: str | None) -> None:
-    """Rewrite a run as an older version saved it: no config in the state, and ``drop`` (a key the schema gained
-    later, as ``section.key``) absent from train_config.json; the hash then differs from today's."""
+    """Rewrite a run as an older version saved it: no config in the state, and ``drop`` (a key the schema
+    gained later, as ``section.key``) absent from train_config.json; the hash then differs from today's."""
     state_file = run / "state" / "last.pt"
     state = torch.load(state_file, weights_only=True)
     state.pop("config")
@@ -439,8 +439,8 @@ def test_the_loader_keys_leave_the_config_hash_as_it_was(train_config):
 
 
 def test_latent_batches_are_read_in_workers_as_drawn_in_process(train_config):
-    """A step's cases are the draw the global generator made before workers existed; what a worker reads equals
-    what the stage reads itself."""
+    """A step's cases are the draw the global generator made before workers existed; what a worker reads
+    equals what the stage reads itself."""
     from maisi.training.latent_data import CaseDraw
     from maisi.training.loop import StepBatches, step_batches, step_seed
 
