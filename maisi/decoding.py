@@ -52,6 +52,21 @@ def _can_tile(autoencoder: torch.nn.Module, part: Part) -> bool:
     return False
 
 
+def _sliding_window(
+    roi_size: tuple[int, int, int], overlap: float, device: torch.device, progress: bool
+) -> SlidingWindowInferer:
+    """MAISI's way: Gaussian-blended windows computed on ``device``, the result gathered on the CPU."""
+    return SlidingWindowInferer(
+        roi_size=roi_size,
+        sw_batch_size=1,
+        overlap=overlap,
+        mode="gaussian",
+        sw_device=device,
+        device=torch.device("cpu"),
+        progress=progress,
+    )
+
+
 @torch.no_grad()
 def decode(
     autoencoder: torch.nn.Module,
@@ -93,15 +108,7 @@ def decode(
         elif method in ("full", "tiled") or whole:
             image = autoencoder.decode_stage_2_outputs(z)
         else:
-            inferer = SlidingWindowInferer(
-                roi_size=roi_size,
-                sw_batch_size=1,
-                overlap=overlap,
-                mode="gaussian",
-                sw_device=device,
-                device=torch.device("cpu"),
-                progress=progress,
-            )
+            inferer = _sliding_window(roi_size, overlap, device, progress)
             image = inferer(z, autoencoder.decode_stage_2_outputs)
     return image.float().cpu()
 
@@ -156,15 +163,7 @@ def encode(
         elif method in ("full", "tiled") or whole:
             both = mu_sigma(images)
         else:
-            inferer = SlidingWindowInferer(
-                roi_size=roi_size,
-                sw_batch_size=1,
-                overlap=overlap,
-                mode="gaussian",
-                sw_device=device,
-                device=torch.device("cpu"),
-                progress=progress,
-            )
+            inferer = _sliding_window(roi_size, overlap, device, progress)
             both = inferer(images, mu_sigma)
     mu, sigma = both.float().cpu().chunk(2, dim=1)
     if not sample:
