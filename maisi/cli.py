@@ -105,12 +105,25 @@ def schema_int(kind: str, key: str) -> Callable[[str], int]:
     return parse
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the one of the first CLI call
+    (pytest, notebooks and callers of ``main`` swap it; the old one may be closed by then)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """Log ``maisi.*`` messages to stderr; the root logger (an application's or pytest's) is left alone."""
     logger = logging.getLogger("maisi")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not any(getattr(h, "_maisi_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._maisi_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
