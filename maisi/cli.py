@@ -129,6 +129,18 @@ def setup_logging(verbose: bool) -> None:
         logger.addHandler(handler)
 
 
+def run_subcommand(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    commands: dict[str, Callable[[Any], int]],
+    argv: list[str] | None,
+) -> int:
+    """``main`` of a CLI with subcommands: parse, apply the common options, run the chosen command guarded."""
+    args = parser.parse_args(argv)
+    setup_cli(args)
+    return run_guarded(prog, lambda: commands[args.command](args))
+
+
 def run_guarded(prog: str, body: Callable[[], int]) -> int:
     """Run ``body`` and map exceptions onto the exit-code contract."""
     try:

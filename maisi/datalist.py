@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
+from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_subcommand
 from maisi.options import Modality
 
 PROG = "maisi.datalist"
@@ -77,9 +77,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_cli(args)
-    return run_guarded(PROG, lambda: (cmd_build if args.command == "build" else cmd_validate)(args))
+    return run_subcommand(PROG, build_parser(), {"build": cmd_build, "validate": cmd_validate}, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import math
 import sys
 
 from maisi.atomic import write_json
-from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
+from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_subcommand
 from maisi.data.io import check_output_path, read_mask, read_volume, write_volume, write_volumes
 from maisi.errors import InputError
 from maisi.labels import BODY_LABEL, MAX_LABEL, add_class, load_label_dict
@@ -261,9 +261,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_cli(args)
-    return run_guarded(PROG, lambda: COMMANDS[args.command](args))
+    return run_subcommand(PROG, build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
+from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_subcommand
 from maisi.errors import InputError
 from maisi.options import REGION_INDEX
 
@@ -199,9 +199,7 @@ COMMANDS = {"index": cmd_index, "show": cmd_show, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_cli(args)
-    return run_guarded(PROG, lambda: COMMANDS[args.command](args))
+    return run_subcommand(PROG, build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":
