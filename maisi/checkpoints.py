@@ -280,6 +280,15 @@ def check_fits(weights: Weights, preset: Preset, part: Part, network: torch.nn.M
         )
 
 
+def load_strictly(network: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state_dict`` into ``network`` strictly; a mismatch raises CheckpointError starting with ``what``
+    and naming the missing, unexpected and reshaped keys."""
+    mismatch = summarise_mismatch(network.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"{what}:\n{mismatch}")
+    network.load_state_dict(state_dict, strict=True)
+
+
 def _download_hint(path: Path) -> str:
     """For a released MAISI file, the command that fetches it."""
     from maisi.resources import load_json  # the manifest of released files

@@ -36,7 +36,7 @@ from monai.metrics import FIDMetric
 from monai.networks.nets.resnet import ResNet
 from monai.transforms import Resize
 
-from maisi.checkpoints import read_plain_state_dict, summarise_mismatch
+from maisi.checkpoints import load_strictly, read_plain_state_dict
 from maisi.errors import CheckpointError, InputError, RunFailure
 from maisi.intensity import hu_to_unit
 
@@ -133,13 +133,8 @@ def load_feature_network(path: str | Path, device: torch.device) -> FeatureNetwo
     state_dict = read_state_dict(path)
     network, name = build_resnet(state_dict, path)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    mismatch = summarise_mismatch(network.state_dict(), state_dict)
-    if mismatch:
-        raise CheckpointError(
-            f"$.fid.weights: {path}: weights do not fit the {name} feature network (3 input "
-            f"channels, torchvision layout):\n{mismatch}"
-        )
-    network.load_state_dict(state_dict, strict=True)
+    what = f"$.fid.weights: {path}: weights do not fit the {name} feature network (3 input channels, "
+    load_strictly(network, state_dict, what + "torchvision layout)")
     network.eval().to(device)
     return FeatureNetwork(network, name, int(network.in_planes), path)  # in_planes: layer4's output channels
 

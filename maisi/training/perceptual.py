@@ -18,7 +18,7 @@ from monai.networks.nets.resnet import ResNetFeatures
 from monai.utils import optional_import
 from torch import nn
 
-from maisi.checkpoints import read_plain_state_dict, summarise_mismatch
+from maisi.checkpoints import load_strictly, read_plain_state_dict
 from maisi.errors import CheckpointError, InputError
 
 PerceptualType = Literal[
@@ -160,13 +160,11 @@ def build_perceptual_loss(path: str | Path) -> tuple[PerceptualLoss, PerceptualT
             "ResNet50 or a MedicalNet ResNet10/50 state_dict"
         )
     network = _network_for(kind, path)
-    mismatch = summarise_mismatch(network.state_dict(), state_dict)
-    if mismatch:
-        raise CheckpointError(
-            f"$.autoencoder.perceptual_weights: {path}: weights do not fit the {kind} perceptual "
-            f"network:\n{mismatch}"
-        )
-    network.load_state_dict(state_dict, strict=True)
+    load_strictly(
+        network,
+        state_dict,
+        f"$.autoencoder.perceptual_weights: {path}: weights do not fit the {kind} perceptual network",
+    )
     if kind == "resnet50":  # MONAI builds it without downloading when pretrained=False; then our weights
         loss = PerceptualLoss(
             spatial_dims=3,
