@@ -9,17 +9,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from maisi.errors import InputError
 from maisi.networks import Preset
+from maisi.options import BODY_REGIONS, BodyRegion
 from maisi.resources import load_json
 
-BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]
-BODY_REGIONS: tuple[BodyRegion, ...] = ("head_neck", "chest", "abdomen", "pelvis_lower")
 # MAISI ids whose presence puts a region in the volume: brain, skull; the five lung lobes; liver, spleen,
 # pancreas, right and left kidney; left and right femur. Real organ classes only: id 2 (MAISI's dummy1, a
 # free slot that `maisi.labels add` may give to a new class) was listed for the abdomen until issue 18.

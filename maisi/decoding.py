@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal, get_args
 
 import torch
 from monai.inferers import SlidingWindowInferer
@@ -21,10 +20,9 @@ from monai.utils import convert_to_tensor
 
 from maisi.device import autocast
 from maisi.monai_vae_adapter import Part, check_structure
+from maisi.options import DECODE_METHODS, DecodeMethod
 from maisi.tiled_vae import decode_tiled, encode_tiled
 
-DecodeMethod = Literal["full", "sliding_window", "tiled"]
-DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)
 _VERB = {"decoder": "decoding", "encoder": "encoding"}
 
 
