@@ -54,6 +54,8 @@ def build_mask_network(
         part: ``"autoencoder"`` or ``"diffusion_unet"``.
         runtime: memory/speed options (never change a weight); default: everything off (CPU-safe).
     """
+    if part not in CHECKPOINT_PART:
+        raise ValueError(f"part must be 'autoencoder' or 'diffusion_unet', got {part!r}")
     runtime = runtime or RuntimeOptions()
     kwargs = preset.network_kwargs(part)
     if part == "autoencoder":
@@ -65,9 +67,7 @@ def build_mask_network(
             num_splits=preset.default_num_splits,
             dim_split=1,
         )
-    if part == "diffusion_unet":
-        return DiffusionModelUNet(**kwargs, use_flash_attention=runtime.use_flash_attention)
-    raise ValueError(f"part must be 'autoencoder' or 'diffusion_unet', got {part!r}")
+    return DiffusionModelUNet(**kwargs, use_flash_attention=runtime.use_flash_attention)
 
 
 def load_mask_network(
