@@ -76,7 +76,7 @@ def size_request_problems(entries: Sequence[Any], where: str = WHERE) -> list[st
         if not _is_number(size):
             problems.append(f"{here}: size {size!r} is not a number")
         elif size != ABSENT and not 0.0 <= size <= 1.0:
-            problems.append(f"{here}: size {size} of {name!r} is outside [0, 1] and not -1 (absent)")
+            problems.append(f"{here}: size {size:g} of {name!r} is outside [0, 1] and not -1 (absent)")
     return problems
 
 
