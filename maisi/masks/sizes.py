@@ -256,10 +256,11 @@ def build_size_reference(volumes: np.ndarray) -> SizeReference:
 
 
 def reference_json(reference: Mapping[str, np.ndarray], description: str) -> dict[str, Any]:
-    """The JSON stored with the weights: ``{"description", "size_reference": {slot: [sorted mL]}}``."""
+    """The JSON stored with the weights: ``{"description", "size_reference": {slot: [sorted mL]}}``, full
+    precision (ranks from the file equal ranks from memory)."""
     return {
         "description": description,
-        "size_reference": {s: [round(float(v), 4) for v in np.sort(reference[s])] for s in SIZE_SLOTS},
+        "size_reference": {s: [float(v) for v in np.sort(reference[s])] for s in SIZE_SLOTS},
     }
 
 
