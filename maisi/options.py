@@ -21,6 +21,19 @@ CheckedOrgan = Literal[
     "liver", "spleen", "pancreas", "kidney", "lung", "bone", "brain"
 ]  # the HU check's organs
 
+SizeSlot = Literal[
+    "gallbladder",
+    "liver",
+    "stomach",
+    "pancreas",
+    "colon",
+    "lung tumor",
+    "pancreatic tumor",
+    "hepatic tumor",
+    "colon cancer primaries",
+    "bone lesion",
+]  # the 10 slots of MAISI's mask-generation size vector, in its order, spelled as in its label dictionary
+
 DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
 DECODE_METHODS: tuple[str, ...] = get_args(DecodeMethod)
 BODY_REGIONS: tuple[BodyRegion, ...] = get_args(BodyRegion)

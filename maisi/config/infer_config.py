@@ -8,6 +8,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from maisi.masks.size_request import ABSENT, size_request_problems
 from maisi.options import (
     DEFAULT_STEPS,
     REGION_INDEX,
@@ -86,12 +87,36 @@ class AnatomyConfig:
     mask_root: str | None
     augment: bool
     lesions: tuple[LesionSpec, ...]
-    controllable_anatomy_size: tuple[Any, ...]
+    controllable_anatomy_size: tuple[tuple[str, float], ...]
+    size_conditions: str | None
+    mask_generation_steps: int
 
     def __post_init__(self) -> None:
         # The loader builds nested dataclasses only for object fields; the lesions arrive as plain objects.
         lesions = tuple(item if isinstance(item, LesionSpec) else _lesion(item) for item in self.lesions)
         object.__setattr__(self, "lesions", lesions)
+        # [name, size] pairs -> (name, float) pairs; anything else is left for size_request_problems to name.
+        sizes = tuple(
+            (entry[0], float(entry[1]))
+            if len(entry) == 2 and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
+            else tuple(entry)
+            for entry in self.controllable_anatomy_size
+        )
+        object.__setattr__(self, "controllable_anatomy_size", sizes)
+
+    @property
+    def generates_mask(self) -> bool:
+        """MAISI's Path A: a size request is given, so the mask is generated instead of retrieved."""
+        return bool(self.controllable_anatomy_size)
+
+    @property
+    def required_anatomy(self) -> tuple[str, ...]:
+        """Names the sample's mask must hold: ``anatomy_list`` when retrieving; when generating, the named
+        slots whose size is not -1 (MAISI uses all named slots, -1 ones included, which a mask asked not to
+        hold them could never pass)."""
+        if not self.generates_mask:
+            return self.anatomy_list
+        return tuple(name for name, size in self.controllable_anatomy_size if size != ABSENT)
 
 
 def _lesion(item: dict[str, Any]) -> LesionSpec:
@@ -158,6 +183,33 @@ def _region_problems(regions: tuple[str, ...]) -> list[str]:
     return problems
 
 
+def _size_request_config_problems(anatomy: AnatomyConfig) -> list[str]:
+    """MAISI's rules on the size request, and the keys it replaces (explicit where MAISI silently ignores)."""
+    if not anatomy.generates_mask:
+        return []
+    where = "$.anatomy.controllable_anatomy_size"
+    problems = size_request_problems(anatomy.controllable_anatomy_size, where)
+    # MAISI ignores body_region and anatomy_list when sizes are given; we refuse them instead of ignoring.
+    if anatomy.body_region:
+        problems.append(
+            f"$.anatomy.body_region: must be empty when {where} is set: a generated mask covers what the "
+            "mask model gives (MAISI ignores body_region then)"
+        )
+    if anatomy.anatomy_list:
+        problems.append(
+            f"$.anatomy.anatomy_list: must be empty when {where} is set: the mask must hold the named organs "
+            "whose size is not -1 (MAISI replaces anatomy_list by them)"
+        )
+    if anatomy.lesions:
+        problems.append(f"$.anatomy.lesions: lesions are placed in retrieved masks only; {where} is set")
+    # Until maisi.infer samples the mask model (the integration of issue 17), a size request is refused.
+    problems.append(
+        f"{where}: got {len(anatomy.controllable_anatomy_size)} entries, but mask generation is not yet "
+        "available in maisi.infer; leave it empty to retrieve masks from the database"
+    )
+    return problems
+
+
 def check_infer_config(config: InferConfig) -> list[str]:
     """Cross-key checks; each message starts with the JSON path it concerns."""
     problems: list[str] = []
@@ -171,6 +223,7 @@ def check_infer_config(config: InferConfig) -> list[str]:
         if config.checkpoints.controlnet is None:
             problems.append("$.checkpoints.controlnet: required in anatomy mode ($.anatomy is set)")
         problems += _region_problems(config.anatomy.body_region)
+        problems += _size_request_config_problems(config.anatomy)
     elif config.from_mask:
         if config.checkpoints.controlnet is None:
             problems.append("$.checkpoints.controlnet: required when generating from a mask ($.mask is set)")

@@ -4,6 +4,9 @@
            ``--workers N`` local processes, or ``torchrun --nproc_per_node=N -m maisi.masks index ...``)
     show   summarise a database: entries, classes, body regions, dim / spacing / FOV ranges
     query  print the masks a request would use (path, FOV, score terms), reproducibly for a seed
+    sizes  add each case's size vector (``anatomy_size``, the mask diffusion stage's conditioning) to a
+           datalist, ranked against a size reference (``--reference``) or one built from these masks
+           (``--build-reference``)
 
 Exit codes: 0 success, 2 bad input (one message naming the file, key or value; nothing written),
 1 runtime failure.
@@ -15,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_subcommand
@@ -80,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--seed", type=int, default=0, help="seed of the draw among the best-ranked masks"
             )
+
+    sizes = add_subcommand(sub, "sizes", help="add each case's 10-slot size vector to a datalist")
+    sizes.add_argument("--datalist", required=True, help="KiTS-style datalist whose cases have labels")
+    sizes.add_argument("--output", required=True, help="the datalist to write, each case with anatomy_size")
+    sizes.add_argument(
+        "--data-root", default=None, help="folder the datalist's paths are relative to (default: its own)"
+    )
+    ref = sizes.add_mutually_exclusive_group(required=True)
+    ref.add_argument(
+        "--reference", help="size reference JSON (sorted volumes in mL per slot) to rank against"
+    )
+    ref.add_argument(
+        "--build-reference", metavar="OUT_JSON", help="build the reference from these masks and write it here"
+    )
     return parser
 
 
@@ -195,7 +213,92 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"index": cmd_index, "show": cmd_show, "query": cmd_query}
+def _case_volumes(data: dict[str, Any], root: Path) -> tuple[list[Any], list[str]]:
+    """The 10 slot volumes (mL) of every case's label; every problem found (no label, missing, unreadable)."""
+    from maisi.data.io import read_mask
+    from maisi.masks.sizes import organ_volumes_ml
+
+    volumes, problems = [], []
+    for i, entry in enumerate(data["training"]):
+        if not entry.get("label"):
+            problems.append(f"$.training[{i}].label: the case has no label; sizes are measured on labels")
+            continue
+        path = root / entry["label"]
+        if not path.is_file():
+            problems.append(f"$.training[{i}].label: file not found: {path}")
+            continue
+        try:
+            mask = read_mask(path)
+        except InputError as e:
+            problems.append(f"$.training[{i}].label: {e}")
+            continue
+        volumes.append(organ_volumes_ml(mask.array, mask.spacing))
+    return volumes, problems
+
+
+def cmd_sizes(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+
+    from maisi.atomic import write_json
+    from maisi.data.datalist import data_root, read_datalist, write_datalist
+    from maisi.masks.sizes import (
+        SIZE_SLOTS,
+        build_size_reference,
+        load_size_reference,
+        reference_json,
+        size_of_volume,
+    )
+
+    output = Path(args.output)
+    outputs = [output] + ([Path(args.build_reference)] if args.build_reference else [])
+    for path in outputs:
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, expected a JSON file to write")
+    if args.build_reference and output.resolve() == Path(args.build_reference).resolve():
+        raise InputError(f"--output and --build-reference are the same file {output}")
+    data = read_datalist(args.datalist)
+    root = data_root(args.datalist, args.data_root)
+    reference = load_size_reference(args.reference) if args.reference else None
+    volumes, problems = _case_volumes(data, root)
+    if problems:
+        raise InputError(
+            f"{args.datalist}: cannot measure sizes ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
+    if reference is None:
+        reference = build_size_reference(np.stack(volumes))
+    entries = []
+    base = output.parent
+    for i, (entry, case) in enumerate(zip(data["training"], volumes)):
+        try:
+            sizes = [size_of_volume(s, float(v), reference) for s, v in zip(SIZE_SLOTS, case)]
+        except InputError as e:
+            raise InputError(f"{args.reference}: case $.training[{i}] ({entry['label']}): {e}") from None
+        moved = {  # paths stay right when the output datalist lives in another folder
+            key: Path(os.path.relpath((root / entry[key]).resolve(), base.resolve())).as_posix()
+            for key in ("image", "label")
+            if entry.get(key)
+        }
+        entries.append({**entry, **moved, "anatomy_size": [round(v, 6) for v in sizes]})
+    write_datalist(output, {**data, "training": entries})  # schema-checked before anything is written
+    if args.build_reference:
+        described = f"organ volumes (mL) of the {len(volumes)} labels of {args.datalist}"
+        write_json(args.build_reference, reference_json(reference, described))
+    present = {s: int(sum(1 for c in volumes if c[k] > 0)) for k, s in enumerate(SIZE_SLOTS)}
+    print(
+        f"wrote {output}: {len(entries)} cases with anatomy_size"
+        + (
+            f"; reference {args.build_reference}"
+            if args.build_reference
+            else f" (reference {args.reference})"
+        )
+    )
+    print("cases holding each slot: " + ", ".join(f"{s} {n}" for s, n in present.items()))
+    return EXIT_OK
+
+
+COMMANDS = {"index": cmd_index, "show": cmd_show, "query": cmd_query, "sizes": cmd_sizes}
 
 
 def main(argv: list[str] | None = None) -> int:

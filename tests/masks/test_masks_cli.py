@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from maisi.data.io import Volume, write_volume
+from maisi.data.io import Volume, read_mask, write_volume
 from maisi.masks.__main__ import main
 
 
@@ -140,3 +141,81 @@ def test_index_options_are_checked_before_any_work(masks_copy, capsys, tmp_path)
     assert _index(masks_copy, "--mask-root", str(tmp_path / "nowhere")) == 2
     assert "--mask-root" in capsys.readouterr().err
     assert not (masks_copy / "db.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+
+
+def _sizes_datalist(masks_copy, labels=("ts.nii.gz", "chest.nrrd", "ts_tumour.nii.gz")) -> Path:
+    cases = [{"image": f"masks/{name}", "label": f"masks/{name}" if name else None} for name in labels]
+    path = masks_copy / "datalist.json"
+    path.write_text(json.dumps({"training": cases}))
+    return path
+
+
+def test_sizes_builds_a_reference_and_adds_anatomy_size(masks_copy, capsys):
+    datalist = _sizes_datalist(masks_copy)
+    out, ref = masks_copy / "out" / "sized.json", masks_copy / "reference.json"
+    assert (
+        main(["sizes", "--datalist", str(datalist), "--output", str(out), "--build-reference", str(ref)]) == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    cases = json.loads(out.read_text())["training"]
+    sizes = {Path(c["label"]).name: c["anatomy_size"] for c in cases}
+    ts = read_mask(masks_copy / "masks" / "ts.nii.gz")
+    liver_ml = np.count_nonzero(ts.array == 1) * np.prod(ts.spacing) / 1000
+    reference = json.loads(ref.read_text())["size_reference"]
+    assert reference["liver"] == pytest.approx([liver_ml, liver_ml], rel=1e-4)  # ts and ts_tumour
+    tumour = read_mask(masks_copy / "masks" / "ts_tumour.nii.gz").array == 23
+    assert reference["lung tumor"] == [pytest.approx(tumour.sum() * np.prod(ts.spacing) / 1000, rel=1e-3)]
+    assert sizes["ts.nii.gz"][1] == 0.5 and sizes["ts_tumour.nii.gz"][1] == 0.5  # a tie: the mean rank
+    assert (
+        sizes["chest.nrrd"][1] == -1 and sizes["ts.nii.gz"][5] == -1 and sizes["ts_tumour.nii.gz"][5] == 0.5
+    )
+    # the output lives in another folder: its paths are rewritten to stay right
+    assert (out.parent / cases[0]["label"]).resolve() == (masks_copy / "masks" / "ts.nii.gz").resolve()
+
+    again = masks_copy / "again.json"
+    assert main(["sizes", "--datalist", str(datalist), "--output", str(again), "--reference", str(ref)]) == 0
+    assert [c["anatomy_size"] for c in json.loads(again.read_text())["training"]] == [
+        c["anatomy_size"] for c in cases
+    ]
+
+
+def test_sizes_bad_inputs_exit_2_naming_them_and_write_nothing(masks_copy, capsys):
+    out, ref = masks_copy / "sized.json", masks_copy / "reference.json"
+    datalist = _sizes_datalist(masks_copy, ("ts.nii.gz", None, "gone.nii.gz"))
+    assert (
+        main(["sizes", "--datalist", str(datalist), "--output", str(out), "--build-reference", str(ref)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "$.training[1].label: the case has no label" in err and "Traceback" not in err
+    assert "$.training[2].label: file not found" in err and "gone.nii.gz" in err
+    assert not out.exists() and not ref.exists()
+
+    # a reference without lung tumours cannot rank the tumour of ts_tumour
+    no_tumour = _sizes_datalist(masks_copy, ("ts.nii.gz",))
+    assert (
+        main(["sizes", "--datalist", str(no_tumour), "--output", str(out), "--build-reference", str(ref)])
+        == 0
+    )
+    out.unlink()
+    datalist = _sizes_datalist(masks_copy, ("ts.nii.gz", "ts_tumour.nii.gz"))
+    assert main(["sizes", "--datalist", str(datalist), "--output", str(out), "--reference", str(ref)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{ref}: case $.training[1] (masks/ts_tumour.nii.gz)" in err and "no volumes of 'lung tumor'" in err
+    )
+    assert not out.exists()
+
+    assert (
+        main(["sizes", "--datalist", str(datalist), "--output", str(out), "--build-reference", str(out)]) == 2
+    )
+    assert "--output and --build-reference are the same file" in capsys.readouterr().err
+    bad_ref = masks_copy / "bad_ref.json"
+    bad_ref.write_text(json.dumps({"size_reference": {"liver": [1.0]}}))
+    assert (
+        main(["sizes", "--datalist", str(datalist), "--output", str(out), "--reference", str(bad_ref)]) == 2
+    )
+    assert "bad_ref.json: $.size_reference must name each of the 10 size slots" in capsys.readouterr().err
+    assert not out.exists()
