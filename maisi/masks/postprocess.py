@@ -21,6 +21,9 @@ The steps, in MAISI's order (NV-Generate-CTMR ``scripts/utils.py``); every morph
    tumour 129 (the kidneys are closed; MAISI's generator never targets 129, its dictionary calls it dummy6);
 7. hepatic vessel 25 becomes liver, airway 132 and the target tumour are restored.
 
+The input is a mask as the generator makes it: organs inside a body envelope (200). Step 1 keeps the largest
+piece of foreground, so a mask without the envelope (only organs) loses every organ but the largest piece.
+
 Where we differ from MAISI, on purpose: "largest component" is the largest (MAISI keeps the two largest
 components when a label fills more than half of the volume, a side effect of counting the background as a
 component); the liver complex of step 6 is hepatic tumour, vessel and liver together (MAISI's test
