@@ -164,12 +164,15 @@ def _fit_mask(
     return mask, record, box, problems
 
 
-def plan_generation(config: InferConfig) -> GenerationPlan:
+def plan_generation(config: InferConfig, device: torch.device | str = "cpu") -> GenerationPlan:
     """Check the inputs a config names (mask or database, labels, grid) and fix the grid and the conditions.
+
+    ``device``: where a mask generator (anatomy mode with a size request) is loaded.
 
     Raises:
         InputError: listing every problem found with the mask, or naming the missing body region; in
-            anatomy mode, any problem of the database or the request (see :func:`plan_anatomy`).
+            anatomy mode, any problem of the database, the generator or the request (see
+            :func:`plan_anatomy`).
     """
     preset = get_preset(config.preset)
     warnings: list[str] = []
@@ -177,7 +180,7 @@ def plan_generation(config: InferConfig) -> GenerationPlan:
     if config.anatomy is not None:
         assert config.output_size is not None and config.spacing is not None  # the config checks see to it
         shape, spacing = config.output_size, config.spacing
-        anatomy = plan_anatomy(config, load_label_dict(config.label_dict))
+        anatomy = plan_anatomy(config, load_label_dict(config.label_dict), str(device))
         conditions = Conditions(spacing, top, bottom, config.modality)  # body region: per sample, from a mask
         affine = centred_affine(shape, spacing)
         return GenerationPlan(config, preset, shape, affine, conditions, None, anatomy=anatomy)
@@ -237,10 +240,10 @@ def plan_for_seed(
         if derived is None:
             regions = sorted(REGION_INDEX[r.strip().lower()] for r in plan.anatomy.anatomy.body_region)
             if not regions:
+                source = sample.record["entry"]["path"] if "entry" in sample.record else "the generated mask"
                 raise InputError(
-                    f"seed {seed}: cannot derive the body region of the mask of "
-                    f"{sample.record['entry']['path']} (no marker organ); set $.body_region "
-                    "or $.anatomy.body_region"
+                    f"seed {seed}: cannot derive the body region of {source} (no marker organ); set "
+                    "$.body_region or $.anatomy.body_region"
                 )
             derived = (BODY_REGIONS[regions[0]], BODY_REGIONS[regions[-1]])
         conditions = dataclasses.replace(conditions, top_region=derived[0], bottom_region=derived[1])

@@ -118,7 +118,7 @@ def prepare(config: InferConfig) -> Job:
             missing or does not load strictly, or samples of another job under the same names.
     """
     device = resolve_device(config.device)
-    plan = plan_generation(config)
+    plan = plan_generation(config, device)
     check_output_dir(config.output.dir)
     check_memory(plan, device)
     for warning in plan.warnings:
@@ -129,14 +129,14 @@ def prepare(config: InferConfig) -> Job:
         # fails for one seed stops the run before the networks load and before anything is written.
         seeds = range(config.seed, config.seed + config.num_samples)
         digests = prepare_all(plan.anatomy, seeds, str(device))
-        for seed in seeds:
+        for seed in seeds if plan.anatomy.generator is None else ():  # generated masks: made per sample
             log.info("seed %d: %s", seed, describe_pick(plan, seed))
     models = load_models(plan, device)
     checksums = {part: file_sha256(w.path) for part, w in models.weights.items()}
     if config.mask is not None:
         checksums["mask"] = file_sha256(config.mask)
     if plan.anatomy is not None:
-        checksums["mask_database"] = plan.anatomy.database_sha256
+        checksums.update(plan.anatomy.checksums)
     key = job_key(config, checksums)
     check_no_foreign_samples(config, key)
     return Job(plan, models, checksums, key, digests)
@@ -146,6 +146,8 @@ def describe_pick(plan: GenerationPlan, seed: int) -> str:
     """Anatomy mode: which database mask a seed uses, for the log and --dry-run."""
     assert plan.anatomy is not None
     record = plan.anatomy.sample_record(seed)
+    if plan.anatomy.generator is not None:
+        return describe_generated(record)
     entry, fallback = record["entry"], record["fallback_from"]
     text = f"mask {entry['path']} of {record['database']['path']} (rank {entry['rank']}, {entry['why']})"
     if fallback:
@@ -156,6 +158,19 @@ def describe_pick(plan: GenerationPlan, seed: int) -> str:
             f"'{r['label_name']}' {r['equivalent_diameter_mm']:g} mm in {r['host_names']}" for r in lesions
         )
     return text
+
+
+def describe_generated(record: dict[str, Any]) -> str:
+    """A generated mask's request, snap and achieved sizes, for the log."""
+    asked = ", ".join(f"{n} {s:g}" for n, s in record["request"]["controllable_anatomy_size"])
+    achieved = record["achieved"]
+    sizes = achieved["sizes"]
+    got = ", ".join(
+        f"{n} {achieved['volumes_ml'][n]:g} mL"
+        + (f" (size {sizes[n]:g})" if sizes and sizes[n] is not None else "")
+        for n, _ in record["request"]["controllable_anatomy_size"]
+    )
+    return f"generated mask: asked {asked} (size-table row {record['size_table_row']}); got {got}"
 
 
 def check_no_foreign_samples(config: InferConfig, key: str) -> None:
@@ -189,6 +204,8 @@ def write_sample(job: Job, seed: int, files: dict[str, Path]) -> dict[str, Any]:
     models = job.models
     t0 = time.perf_counter()
     plan = plan_for_seed(job.plan, seed, job.mask_digests.get(seed), str(models.device))
+    if plan.anatomy is not None and plan.anatomy.generator is not None:
+        log.info("seed %d: %s", seed, describe_generated(plan.sample_record))
     ct, timings, tries = generate_checked(plan, models, seed)
     t1 = time.perf_counter()
     mask = plan.output_mask

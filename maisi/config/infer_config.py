@@ -78,6 +78,18 @@ class LesionSpec:
 
 
 @dataclass(frozen=True)
+class MaskGeneratorConfig:
+    """The mask-generation model of MAISI's Path A (null files: the released ones, for released presets)."""
+
+    preset: str | None
+    autoencoder: str | None
+    diffusion_unet: str | None
+    size_conditions: str | None
+    size_reference: str | None
+    num_inference_steps: int
+
+
+@dataclass(frozen=True)
 class AnatomyConfig:
     """Anatomy mode: what the CT must hold; the mask comes from a database (MAISI's retrieval path)."""
 
@@ -88,8 +100,7 @@ class AnatomyConfig:
     augment: bool
     lesions: tuple[LesionSpec, ...]
     controllable_anatomy_size: tuple[tuple[str, float], ...]
-    size_conditions: str | None
-    mask_generation_steps: int
+    mask_generator: MaskGeneratorConfig
 
     def __post_init__(self) -> None:
         # The loader builds nested dataclasses only for object fields; the lesions arrive as plain objects.
@@ -202,11 +213,6 @@ def _size_request_config_problems(anatomy: AnatomyConfig) -> list[str]:
         )
     if anatomy.lesions:
         problems.append(f"$.anatomy.lesions: lesions are placed in retrieved masks only; {where} is set")
-    # Until maisi.infer samples the mask model (the integration of issue 17), a size request is refused.
-    problems.append(
-        f"{where}: got {len(anatomy.controllable_anatomy_size)} entries, but mask generation is not yet "
-        "available in maisi.infer; leave it empty to retrieve masks from the database"
-    )
     return problems
 
 

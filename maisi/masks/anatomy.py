@@ -27,7 +27,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from maisi.masks.database import MaskDatabase, label_counts, load_database, read
 from maisi.masks.lesions import LesionRequest, place_lesions
 from maisi.masks.resample import resample_mask
 from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
+
+if TYPE_CHECKING:
+    from maisi.masks.generation import MaskGenerationPlan
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +126,11 @@ class AnatomyPlan:
     """The checked request and the database picks; prepares each sample's mask on demand.
 
     Attributes:
-        database: the loaded database.
+        database: the loaded database (None when masks are generated).
         database_sha256: SHA-256 of the database file (part of the job's identity).
         selection: picks (one per sample, in seed order) and the full ranking for fallbacks.
+        generator: when ``$.anatomy.controllable_anatomy_size`` is set, the mask generator (MAISI's Path A)
+            instead of the database.
         anatomy: the request as configured.
         anatomy_ids: ids of ``anatomy.anatomy_list``.
         lesions: the lesions with label ids.
@@ -134,9 +139,9 @@ class AnatomyPlan:
         first_seed: the seed of the first sample (sample i has seed first_seed + i).
     """
 
-    database: MaskDatabase
-    database_sha256: str
-    selection: Selection
+    database: MaskDatabase | None
+    database_sha256: str | None
+    selection: Selection | None
     anatomy: AnatomyConfig
     anatomy_ids: tuple[int, ...]
     lesions: tuple[LesionRequest, ...]
@@ -144,13 +149,23 @@ class AnatomyPlan:
     output_size: tuple[int, int, int]
     spacing: tuple[float, float, float]
     first_seed: int
+    generator: MaskGenerationPlan | None = None  # Path A: masks are generated, not retrieved
     _lost: dict[int, list[int]] = field(default_factory=dict, repr=False)  # entry index -> ids it loses
     _cache: dict[int, SampleMask] = field(default_factory=dict, repr=False)
     _records: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)  # seed -> its record
 
     def pick(self, seed: int) -> Candidate:
         """The database entry retrieval picked for the sample of ``seed``."""
+        assert self.selection is not None, "masks are generated, not picked"
         return self.selection.picks[seed - self.first_seed]
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """SHA-256 of the files the masks come from: the database, or the generator's files."""
+        if self.generator is not None:
+            return {f"mask_generator_{k}": f["sha256"] for k, f in self.generator.files.items()}
+        assert self.database_sha256 is not None
+        return {"mask_database": self.database_sha256}
 
     def sample_record(self, seed: int) -> dict[str, Any]:
         """The record of a seed's mask, once it was built (:func:`prepare_all`, :func:`sample_mask`)."""
@@ -161,15 +176,37 @@ class AnatomyPlan:
         return [by_id.get(int(i), str(int(i))) for i in ids]
 
 
-def plan_anatomy(config: InferConfig, label_dict: dict[str, int]) -> AnatomyPlan:
-    """Load the database and pick a mask per sample; reads no mask yet.
+def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = "cpu") -> AnatomyPlan:
+    """Load the database and pick a mask per sample, or (a size request) load the mask generator on
+    ``device``; reads or makes no mask yet.
 
     Raises:
         InputError: an invalid or missing database (or mask files), unknown names, or a request that no
-            entry satisfies (the message names the item).
+            entry satisfies (the message names the item); for a size request, the generator's files (see
+            :func:`maisi.masks.generation.plan_mask_generation`).
     """
     anatomy = config.anatomy
     assert anatomy is not None and config.output_size is not None and config.spacing is not None
+    if anatomy.generates_mask:
+        import torch
+
+        from maisi.masks.generation import plan_mask_generation
+
+        generator = plan_mask_generation(config, torch.device(device))
+        ids = tuple(label_dict.get(n, -1) for n in anatomy.required_anatomy)
+        return AnatomyPlan(
+            None,
+            None,
+            None,
+            anatomy,
+            ids,
+            (),
+            label_dict,
+            config.output_size,
+            config.spacing,
+            config.seed,
+            generator=generator,
+        )
     path = Path(anatomy.mask_database) if anatomy.mask_database else default_database(config.preset)
     if not path.is_file():
         which = (
@@ -325,12 +362,22 @@ def _digest(array: np.ndarray) -> str:
 def build_sample_mask(plan: AnatomyPlan, seed: int, device: str = "cpu") -> SampleMask:
     """Retrieve, read, resample (with fallback), augment and place lesions for the sample of ``seed``.
 
-    ``device`` is where the augmentation runs (``cpu`` or ``cuda``).
+    ``device`` is where the augmentation runs (``cpu`` or ``cuda``). With a size request the mask is
+    generated instead (:func:`maisi.masks.generation.generate_mask`).
 
     Raises:
         InputError: no candidate keeps the requested classes on the output grid, a lesion's host is not in
-            the mask or too small, or a database mask that is not what its entry says.
+            the mask or too small, or a database mask that is not what its entry says; a generated mask
+            without a requested organ.
     """
+    if plan.generator is not None:
+        from maisi.masks.generation import generate_mask
+
+        mask, record = generate_mask(plan.generator, seed)
+        record["organ_volumes_ml"] = organ_volumes_ml(mask, plan)
+        plan._records[seed] = record
+        return SampleMask(mask, record, _digest(mask.array))
+    assert plan.database is not None
     candidate, mask, resampling, tried = _retrieve(plan, seed)
     mask, augmentation = _augment(plan, mask, seed, device)
     mask, lesions = _place(plan, mask, seed, candidate.entry.path)
@@ -371,8 +418,11 @@ def prepare_all(plan: AnatomyPlan, seeds: Sequence[int], device: str = "cpu") ->
     """Build every sample's mask once, so that bad input surfaces before any work.
 
     Masks are kept while they fit :data:`CACHE_BYTES`; :func:`sample_mask` builds the others again (the same
-    for the same seed). Returns each seed's mask digest.
+    for the same seed). Returns each seed's mask digest. Generated masks (a size request) are not made here:
+    that is the work of the sample (minutes each with MAISI's model), done only for unfinished samples.
     """
+    if plan.generator is not None:
+        return {}
     digests, kept = {}, 0
     for seed in seeds:
         sample = build_sample_mask(plan, seed, device)

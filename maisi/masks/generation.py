@@ -21,6 +21,7 @@ size reference is configured (:mod:`maisi.masks.sizes`), so what was asked can b
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 
 from maisi.config.infer_config import InferConfig, MaskGeneratorConfig
 from maisi.data.io import Volume
-from maisi.errors import InputError
+from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
 from maisi.mask_presets import MaskPreset, get_mask_preset
 from maisi.masks.decode import channels_to_maisi_ids, decode_mask_labels
@@ -138,7 +139,10 @@ def plan_mask_generation(config: InferConfig, device: torch.device) -> MaskGener
             f"$.anatomy.mask_generator.preset: required for preset '{config.preset}' (only the released "
             "MAISI presets have a default, maisi-mask-ddpm)"
         )
-    preset = get_mask_preset(preset_name)
+    try:
+        preset = get_mask_preset(preset_name)
+    except InputError as e:
+        raise InputError(f"$.anatomy.mask_generator.preset: {e}") from None
     paths = {
         key: _existing(_resolve(getattr(generator, key), key, config.preset), key)
         for key in ("autoencoder", "diffusion_unet", "size_conditions")
@@ -229,9 +233,11 @@ def generate_mask(
     """The generated, post-processed mask of ``seed`` on the output grid, and its record.
 
     Raises:
-        InputError: a requested organ is missing from the generated mask or lost by the resampling to
-            the output grid (MAISI: "Resampled mask does not contain required class labels").
+        RunFailure: a requested organ is missing from the generated mask or lost by the resampling to
+            the output grid (MAISI: "Resampled mask does not contain required class labels"); the inputs
+            were valid, so this is the sample's failure (exit 1), not bad input.
     """
+    started = time.perf_counter()
     names = dict(zip(SLOT_IDS, SIZE_SLOTS))
     labels = sample_mask_labels(plan, seed, progress)
     cleaned, post = postprocess_generated_mask(labels, plan.target_tumour)
@@ -249,15 +255,16 @@ def generate_mask(
     }
     missing = _lost(plan, cleaned)
     if missing:
-        raise InputError(
+        raise RunFailure(
             f"seed {seed}: the generated mask holds no {', '.join(repr(names[i]) for i in missing)} "
             "(asked for with a size other than -1); try other seeds or sizes"
         )
     volume, resampling = resample_mask(native, plan.spacing, plan.output_size)
     record["resampling"] = resampling
+    record["seconds"] = round(time.perf_counter() - started, 3)
     lost = _lost(plan, volume.array)
     if lost:
-        raise InputError(
+        raise RunFailure(
             f"seed {seed}: resampled mask does not contain required class labels "
             f"{', '.join(repr(names[i]) for i in lost)} on the output grid {list(plan.output_size)} at "
             f"{list(plan.spacing)} mm (generated at {plan.preset.spacing_mm:g} mm); a finer $.spacing or a "

@@ -1,0 +1,197 @@
+"""Anatomy mode with a size request (MAISI's Path A): the mask is generated, then the CT from it.
+
+Tiny random networks for the plumbing (a random mask generator gives some mask: the request asks only for
+absences); a crafted generator output (monkeypatched) for what the sizes and the lost-organ check must do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maisi.checkpoints import save_checkpoint
+from maisi.data.io import read_mask, read_volume
+from maisi.infer import main
+from maisi.mask_presets import get_mask_preset
+from maisi.masks import generation
+from maisi.masks.networks import build_mask_network
+from maisi.masks.sizes import SIZE_SLOTS, build_size_reference, organ_volumes_ml, reference_json
+from tests.conftest import write_config
+
+MASK_PRESET = "tiny-mask-ddpm"
+GRID = {"output_size": [48, 48, 48], "spacing": [8.0, 8.0, 8.0]}
+TABLE = [
+    [0.2, 0.2, 0.5, 0.5, 0.5, -1, -1, -1, -1, -1],
+    [0.8, 0.8, 0.5, 0.5, 0.5, -1, -1, 0.4, -1, -1],
+    [0.5, 0.5, 0.5, 0.5, 0.5, 0.3, -1, -1, -1, -1],
+]
+
+
+@pytest.fixture(scope="module")
+def mask_generator(tmp_path_factory) -> dict[str, Path]:
+    """Tiny mask VAE and UNet (random, seeded) in our checkpoint format, a size table and a reference."""
+    folder = tmp_path_factory.mktemp("mask_generator")
+    preset = get_mask_preset(MASK_PRESET)
+    torch.manual_seed(0)
+    files = {
+        "autoencoder": save_checkpoint(
+            folder / "mask_vae.pt", build_mask_network(preset, "autoencoder"), preset, "mask_autoencoder"
+        ),
+        "diffusion_unet": save_checkpoint(
+            folder / "mask_unet.pt",
+            build_mask_network(preset, "diffusion_unet"),
+            preset,
+            "mask_diffusion_unet",
+            scale_factor=1.0,
+        ),
+    }
+    files["size_conditions"] = folder / "sizes.json"
+    files["size_conditions"].write_text(json.dumps([{"organ_size": row} for row in TABLE]))
+    # reference: livers of 1000, 1500 and 2000 mL, each other slot one volume
+    volumes = np.ones((3, 10))
+    volumes[:, 1] = [1000.0, 1500.0, 2000.0]
+    files["size_reference"] = folder / "reference.json"
+    files["size_reference"].write_text(json.dumps(reference_json(build_size_reference(volumes), "test")))
+    return files
+
+
+@pytest.fixture
+def size_config(tmp_path, tiny_checkpoints, mask_generator):
+    def make(sizes, **generator) -> Path:
+        data = {
+            "preset": "tiny-rflow",
+            "checkpoints": {part: str(p) for part, p in tiny_checkpoints["tiny-rflow"].items()},
+            "anatomy": {
+                "controllable_anatomy_size": sizes,
+                "mask_generator": {
+                    "preset": MASK_PRESET,
+                    **{k: str(p) for k, p in mask_generator.items()},
+                    "num_inference_steps": 3,
+                    **generator,
+                },
+            },
+            **GRID,
+            "sampling": {"num_inference_steps": 2},
+            "output": {"dir": str(tmp_path / "out")},
+            "quality_check": {"max_tries": 1},
+            "device": "cpu",
+        }
+        return write_config(tmp_path / "sizes.json", data)
+
+    return make
+
+
+def crafted_mask(liver_voxels_per_axis: int) -> np.ndarray:
+    """A generator output on the tiny preset's grid: body with a cubic liver of the given edge."""
+    shape = get_mask_preset(MASK_PRESET).mask_shape
+    mask = np.zeros(shape, dtype=np.int16)
+    mask[8:-8, 8:-8, 8:-8] = 200
+    c, h = shape[0] // 2, liver_voxels_per_axis // 2
+    mask[c - h : c - h + liver_voxels_per_axis, c - h : c - h + liver_voxels_per_axis, c - h : c + h] = 1
+    return mask
+
+
+def test_a_size_request_generates_the_mask_then_the_ct_with_the_records(size_config, tmp_path):
+    config = size_config([["hepatic tumor", -1], ["colon", -1]])
+    assert main(["--config", str(config)]) == 0
+    out = tmp_path / "out"
+    meta = json.loads((out / "sample_seed0.json").read_text())
+    label, image = (
+        read_mask(out / "sample_seed0_label.nii.gz"),
+        read_volume(out / "sample_seed0_image.nii.gz"),
+    )
+    assert label.shape == image.shape == tuple(GRID["output_size"])
+    assert np.allclose(label.spacing, GRID["spacing"]) and np.allclose(label.affine, image.affine)
+    record = meta["anatomy"]
+    assert record["request"] == {"controllable_anatomy_size": [["hepatic tumor", -1.0], ["colon", -1.0]]}
+    # nearest row by L1 over the two named slots: row 0 (|-1 - -1| + |-1 - 0.5|, first of the ties with row 2),
+    # then the named values written in
+    assert record["size_table_row"] == 0 and record["size_table_distance"] == 1.5
+    assert list(record["conditioning_sizes"].values()) == [*TABLE[0][:4], -1, *TABLE[0][5:]]
+    assert record["generator"]["preset"] == MASK_PRESET and record["generator"]["steps"] == 3
+    assert set(record["generator"]["files"]) == {
+        "autoencoder",
+        "diffusion_unet",
+        "size_conditions",
+        "size_reference",
+    }
+    assert set(record["achieved"]["volumes_ml"]) == set(SIZE_SLOTS)
+    assert record["resampling"]["to"]["shape"] == GRID["output_size"]
+    # a rerun skips the finished sample: no mask is generated again
+    assert main(["--config", str(config)]) == 0
+
+
+def test_the_snapped_sizes_condition_the_unet_and_the_achieved_size_is_measured(
+    size_config, tmp_path, monkeypatch
+):
+    seen = {}
+
+    def fake(plan, seed, progress=False):
+        seen["context"] = plan.snap.final
+        return crafted_mask(16)
+
+    monkeypatch.setattr(generation, "sample_mask_labels", fake)
+    assert main(["--config", str(size_config([["liver", 0.7]]))]) == 0
+    # row 1 is nearest to liver 0.7 (|0.8 - 0.7|); the request overwrites its liver slot
+    assert seen["context"] == tuple([0.8, 0.7, *TABLE[1][2:]])
+    record = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())["anatomy"]
+    spacing = get_mask_preset(MASK_PRESET).spacing_mm
+    liver_ml = organ_volumes_ml(crafted_mask(16), [spacing] * 3)[1]
+    assert record["achieved"]["volumes_ml"]["liver"] == pytest.approx(liver_ml, abs=1e-3)
+    assert 0 < record["achieved"]["sizes"]["liver"] < 1
+    assert record["organ_volumes_ml"]["liver"] > 0
+
+
+def test_an_organ_lost_by_the_resampling_fails_the_sample_naming_it(
+    size_config, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(generation, "sample_mask_labels", lambda plan, seed, progress=False: crafted_mask(2))
+    config = size_config([["liver", 0.5]])
+    data = json.loads(config.read_text())
+    data.update(output_size=[16, 16, 16], spacing=[20.0, 20.0, 20.0])
+    config.write_text(json.dumps(data))
+    assert main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "resampled mask does not contain required class labels 'liver'" in err
+    assert not list((tmp_path / "out").glob("sample_seed0_image*"))
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"size_conditions": "<missing>"}, "$.anatomy.mask_generator.size_conditions: "),
+        (
+            {"preset": "small-mask-ddpm"},
+            "mask_unet.pt: mask_diffusion_unet checkpoint",
+        ),  # tiny weights, small preset
+        (
+            {"preset": "tiny-mask-ddpn"},
+            "preset: unknown mask preset 'tiny-mask-ddpn'. Did you mean 'tiny-mask-ddpm'?",
+        ),
+    ],
+)
+def test_bad_generator_inputs_exit_2_and_write_nothing(size_config, tmp_path, change, fragment, capsys):
+    if change.get("size_conditions") == "<missing>":
+        change = {"size_conditions": str(tmp_path / "nowhere.json")}
+    assert main(["--config", str(size_config([["liver", 0.5]], **change))]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_size_table_narrower_than_the_unet_is_refused(size_config, tmp_path, capsys):
+    table = tmp_path / "narrow.json"
+    table.write_text(json.dumps([{"organ_size": [0.5] * 9}]))
+    assert main(["--config", str(size_config([["liver", 0.5]], size_conditions=str(table)))]) == 2
+    assert str(table) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_tumours_are_refused_as_maisi_does(size_config, tmp_path, capsys):
+    config = size_config([["hepatic tumor", 0.3], ["lung tumor", 0.3]])
+    assert main(["--config", str(config)]) == 2
+    assert "$.anatomy.controllable_anatomy_size[1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
