@@ -108,7 +108,7 @@ def test_a_size_request_generates_the_mask_then_the_ct_with_the_records(size_con
     assert np.allclose(label.spacing, GRID["spacing"]) and np.allclose(label.affine, image.affine)
     record = meta["anatomy"]
     assert record["request"] == {"controllable_anatomy_size": [["hepatic tumor", -1.0], ["colon", -1.0]]}
-    # nearest row by L1 over the two named slots: row 0 (|-1 - -1| + |-1 - 0.5|, first of the ties with row 2),
+    # nearest row by L1 over the named slots: row 0 (|-1 - -1| + |-1 - 0.5|, first of its tie with row 2),
     # then the named values written in
     assert record["size_table_row"] == 0 and record["size_table_distance"] == 1.5
     assert list(record["conditioning_sizes"].values()) == [*TABLE[0][:4], -1, *TABLE[0][5:]]
