@@ -256,6 +256,33 @@ def test_the_tumour_free_mask_is_made_in_the_batch_draw(train_config, encoded_ca
     changed = batch["labels"] != batch[TUMOUR_FREE]
     assert bool((batch[TUMOUR_FREE][changed] == 1).all())  # hepatic tumour -> liver
 
+    # the loss sends both masks through the networks as one doubled batch: the terms of two separate passes
+    from maisi.conditioning import binarize_labels
+    from maisi.training.diffusion import add_training_noise
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # a ControlNet that sees its mask (MONAI starts it blind: zero last layers)
+        for p in stage.model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    on_device = stage.train.to_device(batch, torch.device("cpu"))
+    on_device[TUMOUR_FREE] = batch[TUMOUR_FREE]
+    with torch.no_grad():
+        torch.manual_seed(1)
+        terms, output, target = stage._loss(stage.model, on_device)
+        torch.manual_seed(1)  # the same noise and timesteps
+        noised = add_training_noise(stage.scheduler, on_device["latents"] * stage.scale_factor)
+        inputs = on_device["unet_inputs"]
+        real = stage._output(stage.model, noised, inputs, on_device["control"])
+        free = stage._output(stage.model, noised, inputs, binarize_labels(batch[TUMOUR_FREE]))
+    assert torch.equal(target, noised.target) and torch.allclose(output, real, atol=1e-5)
+    roi, background = contrast_regions(batch["labels"], batch[TUMOUR_FREE], 4)
+    foreground, outside = region_contrastive_terms(real, free, target, roi, background, 2.0)
+    assert foreground.item() < 0 and roi.any()
+    # float32 rounding of outputs of order 1 (batched or not), on a difference of order 1e-4
+    assert terms["contrastive_foreground"].item() == pytest.approx(foreground.item(), abs=1e-6)
+    assert terms["contrastive_background"].item() == pytest.approx(outside.item(), rel=1e-4)
+
 
 # --- bad input --------------------------------------------------------------------------------------------
 
