@@ -84,11 +84,27 @@ def encode_problems(config: EncodeConfig) -> list[str]:
     return problems
 
 
+def modality_dropout_problems(config: TrainConfig, preset: Preset) -> list[str]:
+    """A nonzero modality dropout rate for a preset without modality input (DDPM: no class embedding)."""
+    if preset.uses_modality:
+        return []
+    dropout = config.diffusion.modality_dropout
+    rates = {"parent_rate": dropout.parent_rate, "unconditional_rate": dropout.unconditional_rate}
+    return [
+        f"$.diffusion.modality_dropout.{key}: {value:g}, but preset '{preset.name}' has no modality input "
+        "(no class embedding), so there is no modality to drop; set it to 0 or null"
+        for key, value in rates.items()
+        if value
+    ]
+
+
 def train_problems(config: TrainConfig) -> list[str]:
-    """VAE patches and validation windows in whole latent voxels of the preset's VAE."""
+    """VAE patches and validation windows in whole latent voxels of the preset's VAE; modality dropout only
+    where the preset takes a modality."""
     preset, problems = _preset(config.preset, "$.preset")
     if preset is None:
         return problems
+    problems += modality_dropout_problems(config, preset)
     f = preset.vae_factor
     for key in ("patch_size", "val_roi_size"):
         if any(s % f for s in getattr(config.autoencoder, key)):

@@ -30,9 +30,19 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class ModalityDropoutConfig:
+    """Modality-code dropout for classifier-free guidance; null rates: MAISI's 0.1 where the preset takes a
+    modality."""
+
+    parent_rate: float | None
+    unconditional_rate: float | None
+
+
+@dataclass(frozen=True)
 class DiffusionStageConfig:
     scale_factor: float | None
     scale_factor_batches: int
+    modality_dropout: ModalityDropoutConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class ControlNetStageConfig:
     weighted_loss_label: tuple[int, ...]
     label_dict: str | None
     conditioning_scale: float
+    region_contrastive_weight: float
+    region_contrastive_delta: float
 
 
 @dataclass(frozen=True)

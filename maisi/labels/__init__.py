@@ -19,6 +19,32 @@ MAX_LABEL = 255  # the ControlNet sees 8 bit-planes
 # Dummy slots that once meant something: id 2 (dummy1) was an abdomen marker of this project's body-region
 # derivation (maisi.conditioning) until issue 18; a new class gets it only when no other dummy slot is free.
 SLOTS_WITH_A_ROLE = frozenset({2})
+# Reserved key of a label dictionary file: class name -> the name(s) of its host class(es), the organ a
+# tumour-like class lies in (what maisi.masks.tumour_free puts in its place). Not a class.
+HOSTS_KEY = "_hosts"
+
+
+class LabelDict(dict):
+    """A validated name -> id dictionary; ``hosts`` holds the hosts its file declares (name -> names).
+
+    It compares, iterates and serialises like the plain dictionary (the hosts are not items); write it back
+    with :func:`label_dict_json`, which puts the hosts under :data:`HOSTS_KEY`.
+    """
+
+    hosts: dict[str, tuple[str, ...]]
+
+    def __init__(self, items: dict[str, int], hosts: dict[str, tuple[str, ...]] | None = None) -> None:
+        super().__init__(items)
+        self.hosts = dict(hosts or {})
+
+
+def label_dict_json(label_dict: dict[str, int]) -> dict[str, object]:
+    """What a label dictionary file holds: the classes, plus :data:`HOSTS_KEY` when any host is declared."""
+    hosts = getattr(label_dict, "hosts", {})
+    out: dict[str, object] = dict(label_dict)
+    if hosts:
+        out[HOSTS_KEY] = {name: list(names) for name, names in hosts.items()}
+    return out
 
 
 class _DuplicateNames(dict):
@@ -37,14 +63,16 @@ class _DuplicateNames(dict):
         return out
 
 
-def validate_label_dict(label_dict: dict[str, object], source: str) -> dict[str, int]:
-    """Check names and ids; return the dictionary with int ids. Lists every problem at once."""
+def validate_label_dict(label_dict: dict[str, object], source: str) -> LabelDict:
+    """Check names, ids and declared hosts; return the dictionary with int ids. Lists all problems at once."""
     problems = [
         f"'{name}': duplicate class name (given more than once)"
         for name in getattr(label_dict, "duplicates", [])
     ]
+    classes = {name: value for name, value in label_dict.items() if name != HOSTS_KEY}
+    hosts = _read_hosts(label_dict.get(HOSTS_KEY, {}), classes, problems)
     ids: dict[int, str] = {}
-    for name, value in label_dict.items():
+    for name, value in classes.items():
         if not isinstance(value, int) or isinstance(value, bool):
             problems.append(f"'{name}': id {value!r} is not an integer")
             continue
@@ -59,10 +87,35 @@ def validate_label_dict(label_dict: dict[str, object], source: str) -> dict[str,
         )
     if problems:
         raise InputError(f"invalid label dictionary {source}:\n  " + "\n  ".join(problems))
-    return {k: int(v) for k, v in label_dict.items()}  # type: ignore[arg-type]
+    return LabelDict({k: int(v) for k, v in classes.items()}, hosts)  # type: ignore[arg-type]
 
 
-def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
+def _read_hosts(raw: object, classes: dict[str, object], problems: list[str]) -> dict[str, tuple[str, ...]]:
+    """The :data:`HOSTS_KEY` entry as name -> host names; what is wrong with it goes to ``problems``."""
+    if not isinstance(raw, dict):
+        problems.append(f"'{HOSTS_KEY}': must be an object of class name -> host class name(s)")
+        return {}
+    hosts: dict[str, tuple[str, ...]] = {}
+    for name, value in raw.items():
+        names = [value] if isinstance(value, str) else value
+        where = f"'{HOSTS_KEY}' -> '{name}'"
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            problems.append(f"{where}: the host must be a class name or a non-empty list of class names")
+            continue
+        if name not in classes:
+            problems.append(f"{where}: '{name}' is not a class of this dictionary")
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            problems.append(
+                f"{where}: host {', '.join(map(repr, unknown))} is not a class of this dictionary"
+            )
+        if name in names:
+            problems.append(f"{where}: a class cannot be its own host")
+        hosts[name] = tuple(dict.fromkeys(names))
+    return hosts
+
+
+def load_label_dict(path: str | Path | None = None) -> LabelDict:
     """Load and validate a label dictionary; ``None`` gives MAISI's, shipped with the package."""
     if path is None:
         return validate_label_dict(load_json("maisi_label_dict.json"), "maisi_label_dict.json (packaged)")
@@ -112,16 +165,21 @@ def free_ids(label_dict: dict[str, int]) -> list[int]:
 
 
 def add_class(
-    label_dict: dict[str, int], name: str, label_id: int | None = None
-) -> tuple[dict[str, int], int]:
+    label_dict: dict[str, int],
+    name: str,
+    label_id: int | None = None,
+    host: list[str] | tuple[str, ...] | None = None,
+) -> tuple[LabelDict, int]:
     """Return a new dictionary with class ``name`` added, and the id it got.
 
     Without ``label_id`` the class takes the first dummy slot of :func:`free_ids` (the slot's ``dummyN``
     entry is replaced), or the first unused id when no dummy is left. With ``label_id`` that id must be a
-    dummy slot or unused.
+    dummy slot or unused. ``host``: the class(es) the new one lies in (a tumour's organ), kept with the
+    dictionary's other declared hosts.
 
     Raises:
-        InputError: the name exists already, the id is taken by a real class, or no id is free.
+        InputError: the name exists already, the id is taken by a real class, no id is free, or a host is
+            not a class of the dictionary.
     """
     name = name.strip()
     if not name:
@@ -143,6 +201,15 @@ def add_class(
             else f"ids must lie in 1..{MAX_LABEL} and not be {BODY_LABEL}"
         )
         raise InputError(f"cannot give id {label_id} to '{name}': {reason}")
+    hosts = dict(getattr(label_dict, "hosts", {}))
+    if host:
+        unknown = [h for h in host if h not in label_dict or is_dummy(h)]
+        if unknown:
+            raise InputError(
+                f"host {', '.join(map(repr, unknown))} of '{name}' is not a class of the dictionary"
+            )
+        hosts[name] = tuple(dict.fromkeys(host))
     out = {n: i for n, i in label_dict.items() if i != label_id}  # drops the dummy slot, if that is the id
     out[name] = label_id
-    return dict(sorted(out.items(), key=lambda item: item[1])), label_id
+    hosts = {n: h for n, h in hosts.items() if n in out and all(x in out for x in h)}
+    return LabelDict(dict(sorted(out.items(), key=lambda item: item[1])), hosts), label_id

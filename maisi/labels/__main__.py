@@ -19,7 +19,7 @@ from maisi.atomic import write_json
 from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_subcommand
 from maisi.data.io import check_output_path, read_mask, read_volume, write_volume, write_volumes
 from maisi.errors import InputError
-from maisi.labels import BODY_LABEL, MAX_LABEL, add_class, load_label_dict
+from maisi.labels import BODY_LABEL, MAX_LABEL, add_class, label_dict_json, load_label_dict
 from maisi.labels.crop import crop_pair
 from maisi.labels.envelope import (
     DEFAULT_OPENING_MM,
@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a free id or dummy-slot id (default: the first free dummy slot; id 2, once a body-region "
         "marker, only when no other is left)",
+    )
+    add.add_argument(
+        "--host",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help='for a tumour-like class: the class(es) it lies in, e.g. "liver" or the lung lobes; what '
+        "guidance and the contrastive loss put in its place (the majority neighbour when several)",
     )
     add.add_argument("--label-dict", default=None, help="dictionary to extend (default: MAISI's)")
     add.add_argument(
@@ -144,8 +152,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     option = "--output" if args.output else "--label-dict"  # without --output it writes in place
     output = check_output_path(args.output or args.label_dict, option, volume=False)
     label_dict = load_label_dict(args.label_dict)
-    updated, label_id = add_class(label_dict, args.name, args.id)
-    write_json(output, updated)
+    updated, label_id = add_class(label_dict, args.name, args.id, args.host)
+    write_json(output, label_dict_json(updated))
     log.info("'%s' -> id %d, written to %s", args.name, label_id, output)
     print(label_id)
     return EXIT_OK
@@ -245,8 +253,10 @@ def cmd_resample(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    for name, label_id in sorted(load_label_dict(args.label_dict).items(), key=lambda item: item[1]):
-        print(f"{label_id:3d} {name}")
+    label_dict = load_label_dict(args.label_dict)
+    for name, label_id in sorted(label_dict.items(), key=lambda item: item[1]):
+        host = label_dict.hosts.get(name)
+        print(f"{label_id:3d} {name}" + (f" (host: {', '.join(host)})" if host else ""))
     return EXIT_OK
 
 

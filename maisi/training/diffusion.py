@@ -3,12 +3,15 @@
 DDPM presets learn to predict the noise (epsilon); rectified-flow presets the velocity ``x0 - noise``;
 both with an L1 loss, as MAISI. Latents are multiplied by ``scale_factor`` (1 / std of the training
 latents, estimated over several batches and all-reduced across processes) and it is saved with the UNet.
+Presets with modality input train for classifier-free guidance as MAISI v2 does: each case's modality code
+is sometimes replaced by its parent code or by 0 (unknown), drawn with the step's seeded generator.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +23,64 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler, Scheduler
 from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config.train_config import TrainConfig
 from maisi.distributed import Ranks
+from maisi.errors import InputError
 from maisi.networks import Preset, RuntimeOptions, build_network
+from maisi.preset_checks import modality_dropout_problems
 from maisi.sampling import make_scheduler
 from maisi.training.latent_data import CaseDraw, LatentCases
 
 log = logging.getLogger(__name__)
 VALIDATION_SEED = 12345
+MAISI_MODALITY_DROPOUT = 0.1  # MAISI v2's rate of both draws (scripts/diff_model_train.py)
 
 
 def training_scheduler(preset: Preset) -> Scheduler:
     """The scheduler that adds noise during training (the preset's own process)."""
     return make_scheduler(preset.schedule, preset.schedule.kind)
+
+
+@dataclass(frozen=True)
+class NoisedLatents:
+    """One draw of the training objective: ``noisy`` (N, C, x, y, z) latents at ``timesteps`` (N,), and the
+    ``target`` (N, C, x, y, z) the network should output for them."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def add_training_noise(
+    scheduler: Scheduler, latents: torch.Tensor, generator: torch.Generator | None = None
+) -> NoisedLatents:
+    """Noise ``latents`` (already scaled) at random timesteps of the preset's process."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if isinstance(scheduler, RFlowScheduler):
+        timesteps = scheduler.sample_timesteps(latents)
+        target = latents - noise  # velocity
+    else:
+        assert isinstance(scheduler, DDPMScheduler)
+        timesteps = torch.randint(
+            0, scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device, generator=generator
+        )
+        target = noise
+    return NoisedLatents(scheduler.add_noise(latents, noise, timesteps), timesteps, target)
+
+
+def predict(
+    unet: torch.nn.Module,
+    noised: NoisedLatents,
+    unet_inputs: dict[str, torch.Tensor],
+    residuals: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
+) -> torch.Tensor:
+    """(N, C, x, y, z) float32 output of ``unet`` (with the ControlNet ``residuals`` when given)."""
+    extra = residuals(noised.noisy, noised.timesteps) if residuals else {}
+    return unet(x=noised.noisy, timesteps=noised.timesteps, **unet_inputs, **extra).float()
+
+
+def weighted_l1(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean absolute error; ``weights`` (N, 1, x, y, z) multiply the per-voxel error when given."""
+    error = (output - target).abs()
+    return (error * weights).mean() if weights is not None else error.mean()
 
 
 def denoising_loss(
@@ -47,21 +97,66 @@ def denoising_loss(
     Returns:
         (loss, output, target); ``weights`` (N, 1, x, y, z) multiply the per-voxel error when given.
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    if isinstance(scheduler, RFlowScheduler):
-        timesteps = scheduler.sample_timesteps(latents)
-        target = latents - noise  # velocity
-    else:
-        assert isinstance(scheduler, DDPMScheduler)
-        timesteps = torch.randint(
-            0, scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device, generator=generator
+    noised = add_training_noise(scheduler, latents, generator)
+    output = predict(unet, noised, unet_inputs, residuals)
+    return weighted_l1(output, noised.target, weights), output, noised.target
+
+
+def modality_dropout_rates(config: TrainConfig, preset: Preset) -> tuple[float, float]:
+    """(parent_rate, unconditional_rate) of ``$.diffusion.modality_dropout`` for ``preset``: a null rate is
+    MAISI's where the preset takes a modality, and none otherwise.
+
+    Raises:
+        InputError: a nonzero rate for a preset without modality input (checked when the config is loaded;
+            raised here for callers of the library that skip that check).
+    """
+    problems = modality_dropout_problems(config, preset)
+    if problems:
+        raise InputError(problems[0])
+    if not preset.uses_modality:
+        return 0.0, 0.0
+    dropout = config.diffusion.modality_dropout
+    rates = (dropout.parent_rate, dropout.unconditional_rate)
+    parent, uncond = (MAISI_MODALITY_DROPOUT if v is None else float(v) for v in rates)
+    return parent, uncond
+
+
+def drop_modality(
+    codes: torch.Tensor, parent_rate: float, unconditional_rate: float, generator: torch.Generator
+) -> torch.Tensor:
+    """MAISI v2's modality augmentation of (N,) integer codes, drawn with ``generator`` (CPU).
+
+    With ``parent_rate`` a CT sub-code (2-7) becomes 1 and an MR sub-code (>= 9) becomes 8, each case drawn
+    on its own; then, independently, with ``unconditional_rate`` a code becomes 0 (unknown modality: the
+    unconditional branch of classifier-free guidance). A rate of 0 draws nothing.
+    """
+    out = codes.clone()
+    if parent_rate > 0:
+        ct_sub = (out >= 2) & (out < 8) & (torch.rand(out.shape, generator=generator) < parent_rate)
+        out[ct_sub] = 1
+        mr_sub = (out >= 9) & (torch.rand(out.shape, generator=generator) < parent_rate)
+        out[mr_sub] = 8
+    if unconditional_rate > 0:
+        out[torch.rand(out.shape, generator=generator) < unconditional_rate] = 0
+    return out
+
+
+@dataclass(frozen=True)
+class ModalityDropoutDraw:
+    """A :class:`CaseDraw` whose modality codes (``unet_inputs["class_labels"]``) then go through
+    :func:`drop_modality` with the same step generator: a function of (seed, step, rank) like the cases."""
+
+    cases: CaseDraw
+    parent_rate: float
+    unconditional_rate: float
+
+    def __call__(self, generator: torch.Generator) -> dict[str, Any]:
+        batch = self.cases(generator)
+        inputs = batch["unet_inputs"]
+        inputs["class_labels"] = drop_modality(
+            inputs["class_labels"], self.parent_rate, self.unconditional_rate, generator
         )
-        target = noise
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    extra = residuals(noisy, timesteps) if residuals else {}
-    output = unet(x=noisy, timesteps=timesteps, **unet_inputs, **extra).float()
-    error = (output - target).abs()
-    return (error * weights).mean() if weights is not None else error.mean(), output, target
+        return batch
 
 
 def estimate_scale_factor(
@@ -127,6 +222,11 @@ class DiffusionStage:
         device: torch.device,
     ):
         self.config, self.preset, self.train, self.val, self.device = config, preset, train, val, device
+        self.modality_dropout = modality_dropout_rates(config, preset)
+        if any(self.modality_dropout):
+            log.info(
+                "modality dropout: parent code with p = %g, unknown (0) with p = %g", *self.modality_dropout
+            )
         runtime = RuntimeOptions(use_flash_attention=False)
         scale = config.diffusion.scale_factor
         if config.init.diffusion_unet:
@@ -142,8 +242,11 @@ class DiffusionStage:
             log.info("scale_factor = 1 / std of the training latents = %.5f", scale)
         self.scale_factor = float(scale)
 
-    def batch_draw(self) -> CaseDraw:
-        return CaseDraw(self.train, self.config.batch_size)
+    def batch_draw(self) -> CaseDraw | ModalityDropoutDraw:
+        cases = CaseDraw(self.train, self.config.batch_size)
+        if not any(self.modality_dropout):
+            return cases  # draws nothing more: the batches of a run without the option
+        return ModalityDropoutDraw(cases, *self.modality_dropout)
 
     def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         batch = self.train.to_device(batch, self.device)
