@@ -41,6 +41,7 @@ class SamplingConfig:
     scheduler: Sampler | None
     num_inference_steps: int | None
     conditioning_scale: float
+    guidance_scale: float  # classifier-free guidance; 0: off
 
 
 @dataclass(frozen=True)
