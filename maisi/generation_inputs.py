@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maisi.config import InferConfig
-from maisi.errors import InputError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -39,33 +38,32 @@ class GenerationInput:
     source: str
 
 
-def expand_inputs(config: InferConfig) -> list[GenerationInput]:
+def expand_inputs(config: InferConfig) -> tuple[list[GenerationInput], list[str]]:
     """The job's inputs, in a fixed order: listed paths and glob matches (sorted) in the order of $.masks,
     or the datalist's selected cases in its order; a mask named twice is used once.
 
+    Returns:
+        The inputs found, and the problems: every pattern that matches nothing, every listed file that does
+        not exist, every selected datalist case without a label, a fold without cases.
+
     Raises:
-        InputError: listing every pattern that matches nothing, every listed file that does not exist, every
-            selected datalist case without a label and a fold without cases, all at once.
+        InputError: the datalist cannot be read (or is not a datalist).
     """
     if not config.is_batch:
-        return [GenerationInput(config, None, "$.mask" if config.mask else "$")]
-    found = _from_masks(config) if config.masks is not None else _from_datalist(config)
+        return [GenerationInput(config, None, "$.mask" if config.mask else "$")], []
+    found, problems = _from_masks(config) if config.masks is not None else _from_datalist(config)
     unique: dict[str, tuple[Path, str]] = {}
     for path, source in found:
         unique.setdefault(os.path.realpath(path), (path, source))
     paths = [p for p, _ in unique.values()]
-    return [
+    inputs = [
         GenerationInput(dataclasses.replace(config, mask=str(path), masks=None, datalist=None), stem, source)
         for (path, source), stem in zip(unique.values(), unique_stems(paths))
     ]
+    return inputs, problems
 
 
-def _raise_all(what: str, problems: list[str]) -> None:
-    if problems:
-        raise InputError(f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-
-
-def _from_masks(config: InferConfig) -> list[tuple[Path, str]]:
+def _from_masks(config: InferConfig) -> tuple[list[tuple[Path, str]], list[str]]:
     assert config.masks is not None
     found: list[tuple[Path, str]] = []
     problems = []
@@ -80,11 +78,10 @@ def _from_masks(config: InferConfig) -> list[tuple[Path, str]]:
             problems.append(f"$.masks[{i}]: {entry}: file not found")
         else:
             found.append((Path(entry), source))
-    _raise_all("$.masks", problems)
-    return found
+    return found, problems
 
 
-def _from_datalist(config: InferConfig) -> list[tuple[Path, str]]:
+def _from_datalist(config: InferConfig) -> tuple[list[tuple[Path, str]], list[str]]:
     from maisi.data.datalist import data_root, read_datalist
 
     spec = config.datalist
@@ -94,23 +91,20 @@ def _from_datalist(config: InferConfig) -> list[tuple[Path, str]]:
     chosen = [(i, e) for i, e in enumerate(entries) if spec.fold is None or e.get("fold") == spec.fold]
     if not chosen:
         folds = sorted({e["fold"] for e in entries if "fold" in e})
-        _raise_all(
-            f"$.datalist ({spec.path})",
-            [f"$.datalist.fold: no case is in fold {spec.fold} (folds in the datalist: {folds or 'none'})"],
-        )
+        return [], [f"$.datalist.fold: no case of {spec.path} is in fold {spec.fold} (its folds: {folds})"]
     found: list[tuple[Path, str]] = []
     problems = []
     for i, entry in chosen:
-        case = f"$.training[{i}] (image {entry['image']})"
+        case = f"{spec.path} $.training[{i}] (image {entry['image']})"
         if not entry.get("label"):
             problems.append(f"{case}: has no label to generate from")
             continue
         path = root / entry["label"]
         if not path.exists():
             problems.append(f"{case}: label {path}: file not found")
-        found.append((path, f"{spec.path} {case}"))
-    _raise_all(f"$.datalist ({spec.path})", problems)
-    return found
+            continue
+        found.append((path, case))
+    return found, problems
 
 
 def base_stem(path: Path) -> str:

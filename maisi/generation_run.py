@@ -150,20 +150,21 @@ def prepare(config: InferConfig, ranks: Ranks | None = None) -> Job:
     """
     ranks = ranks or Ranks()
 
-    def local_checks() -> tuple[torch.device, list[GenerationInput]]:
+    def local_checks() -> tuple[torch.device, tuple[list[GenerationInput], list[str]]]:
         check_output_dir(config.output.dir)
         return ranks.device(resolve_device(config.device)), expand_inputs(config)
 
-    device, inputs = _agreed(ranks, local_checks)
-    plan, mask_sha = _check_inputs(inputs, device, ranks)
+    device, (inputs, problems) = _agreed(ranks, local_checks)
+    plan, mask_sha = _check_inputs(inputs, problems, device, ranks)
     return _agreed(ranks, lambda: _load_and_name(config, inputs, plan, mask_sha, device, ranks))
 
 
 def _check_inputs(
-    inputs: list[GenerationInput], device: torch.device, ranks: Ranks
+    inputs: list[GenerationInput], problems: list[str], device: torch.device, ranks: Ranks
 ) -> tuple[GenerationPlan | None, dict[int, str]]:
     """Plan every input (mask read and checked, grid, memory): the plan of a single input, and the SHA-256
-    of each input's mask. With many masks every rank checks its share and every problem is raised at once."""
+    of each input's mask. With many masks every rank checks its share, and every problem, those of finding
+    the masks (``problems``) included, is raised at once."""
     if len(inputs) == 1 and inputs[0].stem is None:
 
         def check_one() -> GenerationPlan:
@@ -189,11 +190,9 @@ def _check_inputs(
         mine[i] = (None, file_sha256(plan.config.mask))  # type: ignore[arg-type]
         del plan  # many masks are not all held in memory: each is planned again when its samples run
     checked = {i: r for share in gather(mine, ranks) for i, r in share.items()}
-    problems = [checked[i][0] for i in range(len(inputs)) if checked[i][0] is not None]
+    problems = problems + [str(checked[i][0]) for i in range(len(inputs)) if checked[i][0] is not None]
     if problems:
-        raise InputError(
-            f"{len(problems)} of {len(inputs)} masks cannot be used:\n  " + "\n  ".join(map(str, problems))
-        )
+        raise InputError(f"{len(problems)} problem(s) with the masks:\n  " + "\n  ".join(problems))
     return None, {i: sha for i, (_, sha) in checked.items() if sha is not None}
 
 
@@ -232,6 +231,10 @@ def _load_and_name(
         )
     ]
     job = Job(config, checked, samples, models, plan, ranks, digests)
+    if config.is_batch and ranks.is_main:
+        log.info("%d masks x %d seed(s) = %d samples:", len(inputs), config.num_samples, len(samples))
+        for item in inputs:
+            log.info("  %s_%s_seed<N>: %s", config.output.prefix, item.stem, item.config.mask)
     if config.is_batch:
         check_outputs(job)
     check_no_foreign_samples(job)
