@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from maisi.config import InferConfig, to_jsonable
+from maisi.errors import InputError
 from maisi.files import file_sha256
 
 
@@ -101,3 +103,51 @@ def describe_quality(record: dict[str, Any] | None) -> str:
     kept = min(tries, key=lambda t: len(t["failed"]))  # as generate_checked keeps it
     count = f"{len(tries)} tr{'y' if len(tries) == 1 else 'ies'}"
     return f"HU check FAILED for {', '.join(kept['failed'])} after {count}"
+
+
+def check_outputs(
+    config: InferConfig,
+    masks: list[tuple[str, str]],
+    weights: list[tuple[str, str]],
+    samples: list[tuple[str, dict[str, Path]]],
+) -> None:
+    """Refuse, before any work, outputs that would collide with each other or overwrite an input, and
+    masks that are this job's own outputs (a pattern matching the output folder).
+
+    Args:
+        config: the job's config.
+        masks: (path, where the config names it) of every mask of the job.
+        weights: (part, path) of every checkpoint.
+        samples: (name, files) of every sample.
+
+    Raises:
+        InputError: listing every problem.
+    """
+    out = os.path.realpath(config.output.dir)
+    inputs: dict[str, str] = {}
+    problems = []
+    for path, source in masks:
+        mask = os.path.realpath(path)
+        inputs[mask] = f"the mask of {source}"
+        if os.path.dirname(mask) == out and os.path.basename(mask).startswith(f"{config.output.prefix}_"):
+            problems.append(
+                f"{source}: {mask} is named like this job's outputs in its output folder "
+                f"(prefix '{config.output.prefix}_'); a generated mask is not an input: narrow the pattern "
+                "or move the masks"
+            )
+    for part, path in weights:
+        inputs.setdefault(os.path.realpath(path), f"the {part} checkpoint")
+    claimed: dict[str, str] = {}
+    for name, files in samples:
+        for path in files.values():
+            real = os.path.realpath(path)
+            if real in inputs:
+                problems.append(f"{path}: an output of sample {name} would overwrite {inputs[real]}")
+            elif real in claimed:
+                problems.append(f"{path}: samples {claimed[real]} and {name} would both write it")
+            claimed.setdefault(real, name)
+    if problems:
+        raise InputError(
+            f"refusing to generate: {len(problems)} problem(s) with the outputs in {config.output.dir}:\n  "
+            + "\n  ".join(problems)
+        )

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -50,6 +49,7 @@ from maisi.generation import (
     plan_generation,
 )
 from maisi.generation_files import (
+    check_outputs,
     describe_quality,
     job_key,
     output_checksums,
@@ -236,44 +236,11 @@ def _load_and_name(
         for item in inputs:
             log.info("  %s_%s_seed<N>: %s", config.output.prefix, item.stem, item.config.mask)
     if config.is_batch:
-        check_outputs(job)
+        masks = [(str(i.input.config.mask), i.input.source) for i in checked]
+        weights = [(part, str(w.path)) for part, w in models.weights.items()]
+        check_outputs(config, masks, weights, [(x.name, x.files) for x in samples])
     check_no_foreign_samples(job)
     return job
-
-
-def check_outputs(job: Job) -> None:
-    """Refuse, before any work, outputs that would collide with each other or overwrite an input, and
-    masks that are this job's own outputs (a pattern matching the output folder)."""
-    config = job.config
-    out = os.path.realpath(config.output.dir)
-    inputs: dict[str, str] = {}
-    problems = []
-    for item in job.inputs:
-        mask = os.path.realpath(item.input.config.mask)  # type: ignore[arg-type]
-        inputs[mask] = f"the mask of {item.input.source}"
-        name = os.path.basename(mask)
-        if os.path.dirname(mask) == out and name.startswith(f"{config.output.prefix}_"):
-            problems.append(
-                f"{item.input.source}: {mask} is named like this job's outputs in its output folder "
-                f"(prefix '{config.output.prefix}_'); a generated mask is not an input: narrow the pattern "
-                "or move the masks"
-            )
-    for part, weights in job.models.weights.items():
-        inputs.setdefault(os.path.realpath(weights.path), f"the {part} checkpoint")
-    claimed: dict[str, str] = {}
-    for sample in job.samples:
-        for path in sample.files.values():
-            real = os.path.realpath(path)
-            if real in inputs:
-                problems.append(f"{path}: an output of sample {sample.name} would overwrite {inputs[real]}")
-            elif real in claimed:
-                problems.append(f"{path}: samples {claimed[real]} and {sample.name} would both write it")
-            claimed.setdefault(real, sample.name)
-    if problems:
-        raise InputError(
-            f"refusing to generate: {len(problems)} problem(s) with the outputs in {config.output.dir}:\n  "
-            + "\n  ".join(problems)
-        )
 
 
 def describe_pick(plan: GenerationPlan, seed: int) -> str:
@@ -552,38 +519,47 @@ def _states(job: Job) -> dict[int, _Done | str]:
     return {i: state for share in gather(mine, job.ranks) for i, state in share.items()}
 
 
+def _plan_again(checked: InputJob) -> GenerationPlan:
+    """The plan of one of many masks, made again when its samples run; the mask must be the one checked
+    (its checksum is in the job key its samples record)."""
+    mask = checked.input.config.mask
+    assert mask is not None
+    if file_sha256(mask) != checked.checksums["mask"]:
+        raise InputError(f"mask {mask} changed since the job was checked; run the job again to use it")
+    return plan_generation(checked.input.config)
+
+
 def _generate(job: Job, samples: list[Sample], states: dict[int, _Done | str]) -> dict[int, _Done | str]:
     """Generate this rank's samples: _Done, or the error of a sample that failed (the others go on)."""
     results: dict[int, _Done | str] = {}
     planned: tuple[int, GenerationPlan] | None = None  # many masks: the last input's plan, reused
     for sample in samples:
         reason = states[sample.index]
+        label = sample.label if job.ranks.world_size == 1 else f"rank {job.ranks.rank}: {sample.label}"
         if reason:
-            log.warning("%s: generating again: %s", sample.label, reason)
+            log.warning("%s: generating again: %s", label, reason)
         try:
             if job.plan is not None:
                 plan = job.plan
             else:
                 if planned is None or planned[0] != sample.input:
                     planned = None  # the previous mask is dropped before the next one is read
-                    planned = (sample.input, plan_generation(job.inputs[sample.input].input.config))
+                    planned = (sample.input, _plan_again(job.inputs[sample.input]))
                 plan = planned[1]
             meta = write_sample(job, sample, plan)
         except InputError as e:
-            log.error("%s: not generated: %s", sample.label, e)
+            log.error("%s: not generated: %s", label, e)
             results[sample.index] = str(e)
             continue
         except Exception as e:  # noqa: BLE001 - one sample's failure must not stop the others
-            log.error(
-                "%s: runtime failure, not generated: %s: %s", sample.label, type(e).__name__, e, exc_info=True
-            )
+            log.error("%s: runtime failure, not generated: %s: %s", label, type(e).__name__, e, exc_info=True)
             results[sample.index] = f"{type(e).__name__}: {e}"
             continue
         quality = describe_quality(meta["quality_check"])
         total_s, hu = meta["timings_s"]["total"], meta["hu_min_max"]
         log.info(
             "%s: wrote %s in %.1f s (HU %s; %s)",
-            sample.label,
+            label,
             sample.files["image"].name,
             total_s,
             hu,

@@ -317,3 +317,20 @@ def test_relative_patterns_are_relative_to_the_config_file(infer_config, tmp_pat
     monkeypatch.chdir(os.path.dirname(tmp_path))  # another working directory
     assert run_cli(infer_config(mask="<drop>", masks=["masks/**/*.nii.gz"])) == 0
     assert image_files(tmp_path / "out") == ["sample_one_seed0_image.nii.gz"]
+
+
+def test_a_mask_changed_during_the_job_is_not_used_under_the_old_checksum(
+    infer_config, tmp_path, monkeypatch, caplog
+):
+    write_mask(tmp_path / "masks" / "a.nii.gz")
+    b = write_mask(tmp_path / "masks" / "b.nii.gz", shift=1)
+    working = fake_generate(set())
+
+    def generate(plan, models, seed, progress=True):
+        write_mask(b, shift=4)  # edited while the job runs: after its checks, before its samples
+        return working(plan, models, seed, progress)
+
+    monkeypatch.setattr(generation, "generate", generate)
+    assert run_cli(infer_config(mask="<drop>", masks=["masks/*.nii.gz"])) == 1
+    assert f"b seed 0: not generated: mask {b} changed since the job was checked" in caplog.text
+    assert image_files(tmp_path / "out") == ["sample_a_seed0_image.nii.gz"]
