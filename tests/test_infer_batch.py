@@ -334,3 +334,21 @@ def test_a_mask_changed_during_the_job_is_not_used_under_the_old_checksum(
     assert run_cli(infer_config(mask="<drop>", masks=["masks/*.nii.gz"])) == 1
     assert f"b seed 0: not generated: mask {b} changed since the job was checked" in caplog.text
     assert image_files(tmp_path / "out") == ["sample_a_seed0_image.nii.gz"]
+
+
+def test_outputs_that_collide_or_overwrite_an_input_are_refused(infer_config, tmp_path):
+    from maisi.config import load_config
+    from maisi.errors import InputError
+    from maisi.generation_files import check_outputs, sample_files
+
+    config = load_config(infer_config(), "infer")
+    files = sample_files(config, 0, "m")
+    weights = [("controlnet", str(files["preview"]))]  # a checkpoint where a preview would go
+    with pytest.raises(InputError) as info:
+        check_outputs(config, [], weights, [("m_seed0", files), ("m_seed0 again", dict(files))])
+    message = str(info.value)
+    assert (
+        f"{files['preview']}: an output of sample m_seed0 would overwrite the controlnet checkpoint"
+        in message
+    )
+    assert f"{files['image']}: samples m_seed0 and m_seed0 again would both write it" in message
