@@ -173,7 +173,7 @@ def _check_inputs(
             return plan
 
         plan = _agreed(ranks, check_one)
-        for warning in plan.warnings:
+        for warning in plan.warnings if ranks.is_main else ():
             log.warning(warning)
         mask = inputs[0].config.mask
         return plan, ({0: file_sha256(mask)} if mask is not None else {})
@@ -213,10 +213,10 @@ def _load_and_name(
         for seed in seeds:
             log.info("seed %d: %s", seed, describe_pick(plan, seed))
     models = load_models(plan if plan is not None else config, device)
-    weights = {part: file_sha256(w.path) for part, w in models.weights.items()}
+    weights_sha = {part: file_sha256(w.path) for part, w in models.weights.items()}
     checked = []
     for i, item in enumerate(inputs):
-        checksums = dict(weights)
+        checksums = dict(weights_sha)
         if i in mask_sha:
             checksums["mask"] = mask_sha[i]
         if plan is not None and plan.anatomy is not None:
@@ -231,11 +231,11 @@ def _load_and_name(
         )
     ]
     job = Job(config, checked, samples, models, plan, ranks, digests)
-    if config.is_batch and ranks.is_main:
-        log.info("%d masks x %d seed(s) = %d samples:", len(inputs), config.num_samples, len(samples))
-        for item in inputs:
-            log.info("  %s_%s_seed<N>: %s", config.output.prefix, item.stem, item.config.mask)
     if config.is_batch:
+        if ranks.is_main:
+            log.info("%d masks x %d seed(s) = %d samples:", len(inputs), config.num_samples, len(samples))
+            for item in inputs:
+                log.info("  %s_%s_seed<N>: %s", config.output.prefix, item.stem, item.config.mask)
         masks = [(str(i.input.config.mask), i.input.source) for i in checked]
         weights = [(part, str(w.path)) for part, w in models.weights.items()]
         check_outputs(config, masks, weights, [(x.name, x.files) for x in samples])
