@@ -372,13 +372,17 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
     return need
 
 
-def load_models(plan: GenerationPlan, device: torch.device) -> Models:
+def load_models(plan: GenerationPlan | InferConfig, device: torch.device) -> Models:
     """Build the preset's networks for ``device`` and load the config's checkpoints into them.
+
+    Args:
+        plan: a plan, or a config (a job of many masks: every mask shares the networks).
 
     Raises:
         CheckpointError: a missing file, another architecture, or a UNet checkpoint without scale_factor.
     """
-    config, preset = plan.config, plan.preset
+    config = plan.config if isinstance(plan, GenerationPlan) else plan
+    preset = get_preset(config.preset)
     runtime = RuntimeOptions.for_device(device)
     vae, vae_w = load_network(preset, "autoencoder", config.checkpoints.autoencoder, runtime)
     unet, unet_w = load_network(preset, "diffusion_unet", config.checkpoints.diffusion_unet, runtime)
@@ -389,7 +393,7 @@ def load_models(plan: GenerationPlan, device: torch.device) -> Models:
         )
     weights = {"autoencoder": vae_w, "diffusion_unet": unet_w}
     controlnet = None
-    if plan.has_mask:
+    if config.writes_mask:  # a mask given, listed or retrieved: the ControlNet is used
         assert config.checkpoints.controlnet is not None  # guaranteed by the config checks
         controlnet, weights["controlnet"] = load_network(
             preset, "controlnet", config.checkpoints.controlnet, runtime

@@ -31,7 +31,7 @@ def infer_problems(config: InferConfig) -> list[str]:
     preset, problems = _preset(config.preset, "$.preset")
     if preset is None:
         return problems
-    if not config.from_mask and not config.from_anatomy:
+    if not config.from_mask and not config.from_anatomy and not config.is_batch:
         if preset.uses_body_region and config.body_region is None:
             problems.append(
                 f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on "
