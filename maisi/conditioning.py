@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ def modality_code(modality: str) -> int:
     return mapping[modality]
 
 
+UNCONDITIONAL_MODALITY = 0  # "unknown": the class label of classifier-free guidance's unconditional branch
+
+
 def binarize_labels(labels: torch.Tensor) -> torch.Tensor:
     """Integer label volume (N, 1, X, Y, Z) -> (N, 8, X, Y, Z) float bit-planes, LSB first."""
     if labels.dtype.is_floating_point:
@@ -83,6 +86,10 @@ class Conditions:
     top_region: BodyRegion | None = None
     bottom_region: BodyRegion | None = None
     modality: str = "ct"
+    modality_code: int = field(init=False)  # the code fed to the UNet, recorded with every sample
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modality_code", modality_code(self.modality))
 
     def network_inputs(self, preset: Preset, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Keyword tensors for the diffusion UNet of ``preset`` (only those it was built to take)."""
@@ -95,7 +102,5 @@ class Conditions:
             out["top_region_index_tensor"] = region_tensor(self.top_region, batch).to(device)
             out["bottom_region_index_tensor"] = region_tensor(self.bottom_region, batch).to(device)
         if preset.uses_modality:
-            out["class_labels"] = torch.full(
-                (batch,), modality_code(self.modality), dtype=torch.long, device=device
-            )
+            out["class_labels"] = torch.full((batch,), self.modality_code, dtype=torch.long, device=device)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -34,8 +35,17 @@ class Ranks:
         return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
 
 
-def init_from_env(device: torch.device) -> Ranks:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); a no-op for one process."""
+def init_from_env(
+    device: torch.device, backend: str | None = None, timeout: timedelta | None = None
+) -> Ranks:
+    """Join the process group torchrun describes; a no-op for one process.
+
+    Args:
+        device: the configured device; on CUDA each rank takes the GPU of its local rank.
+        backend: None: gloo on CPU, NCCL on CUDA (training's tensor collectives). 'gloo' for jobs that only
+            exchange small Python objects (generation), whatever the device.
+        timeout: how long a collective waits for the slowest rank (None: torch's default, 30 min for gloo).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
@@ -43,7 +53,9 @@ def init_from_env(device: torch.device) -> Ranks:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(ranks.local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        chosen = backend or ("nccl" if device.type == "cuda" else "gloo")
+        extra = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(chosen, **extra)
     return ranks
 
 
@@ -54,6 +66,20 @@ def gather(obj: Any, ranks: Ranks) -> list[Any]:
     out: list[Any] = [None] * ranks.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def first_error(message: str | None, ranks: Ranks) -> str | None:
+    """The message of the lowest rank that had one, on every rank (None when no rank had one).
+
+    Lets every rank stop with the same bad-input error when a check failed on any one of them, instead of
+    the others waiting forever at the next collective.
+    """
+    return next((m for m in gather(message, ranks) if m is not None), None)
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world_size > 1:
+        dist.barrier()
 
 
 def finish(ranks: Ranks) -> None:

@@ -33,8 +33,10 @@ from maisi.labels import BODY_LABEL, labels_not_in_dict, load_label_dict
 from maisi.labels.crop import crop
 from maisi.masks.anatomy import AnatomyPlan, plan_anatomy, sample_mask
 from maisi.masks.resample import pad_to_size, resample_mask
+from maisi.masks.tumour_free import remove_tumors
 from maisi.networks import RuntimeOptions
 from maisi.options import BODY_REGIONS, REGION_INDEX
+from maisi.preset_checks import guidance_warnings
 from maisi.presets import Preset, get_preset, grid_problems
 from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
@@ -57,6 +59,7 @@ class GenerationPlan:
     crop_box: tuple[slice, ...] | None = None  # mask padded to a size the preset takes: the original voxels
     mask_grid: dict[str, Any] | None = None  # mask mode: how the mask was brought to the generation grid
     sample_record: dict[str, Any] | None = None  # anatomy mode, per sample: how its mask was made
+    label_dict: dict[str, int] | None = None  # guidance from a mask: whose hosts make the tumour-free mask
 
     @property
     def output_mask(self) -> Volume | None:
@@ -175,22 +178,36 @@ def plan_generation(config: InferConfig, device: torch.device | str = "cpu") -> 
             :func:`plan_anatomy`).
     """
     preset = get_preset(config.preset)
-    warnings: list[str] = []
+    warnings = guidance_warnings(config, preset)
+    guided = config.sampling.guidance_scale > 0
     top, bottom = (config.body_region.top, config.body_region.bottom) if config.body_region else (None, None)
     if config.anatomy is not None:
         assert config.output_size is not None and config.spacing is not None  # the config checks see to it
         shape, spacing = config.output_size, config.spacing
-        anatomy = plan_anatomy(config, load_label_dict(config.label_dict), str(device))
+        label_dict = load_label_dict(config.label_dict)
+        anatomy = plan_anatomy(config, label_dict, str(device))
         conditions = Conditions(spacing, top, bottom, config.modality)  # body region: per sample, from a mask
         affine = centred_affine(shape, spacing)
-        return GenerationPlan(config, preset, shape, affine, conditions, None, anatomy=anatomy)
+        hosts = label_dict if guided else None
+        return GenerationPlan(
+            config,
+            preset,
+            shape,
+            affine,
+            conditions,
+            None,
+            tuple(warnings),
+            anatomy=anatomy,
+            label_dict=hosts,
+        )
     if config.mask is None:
         assert (
             config.output_size is not None and config.spacing is not None
         )  # guaranteed by the config checks
         shape, spacing = config.output_size, config.spacing
         conditions = Conditions(spacing, top, bottom, config.modality)
-        return GenerationPlan(config, preset, shape, centred_affine(shape, spacing), conditions, None)
+        affine = centred_affine(shape, spacing)
+        return GenerationPlan(config, preset, shape, affine, conditions, None, tuple(warnings))
 
     label_dict = load_label_dict(config.label_dict)
     mask = read_mask(config.mask)
@@ -217,7 +234,7 @@ def plan_generation(config: InferConfig, device: torch.device | str = "cpu") -> 
             )
         top, bottom = derived
     conditions = Conditions(mask.spacing, top, bottom, config.modality)
-    fit = {"crop_box": box, "mask_grid": mask_grid}
+    fit = {"crop_box": box, "mask_grid": mask_grid, "label_dict": label_dict if guided else None}
     return GenerationPlan(config, preset, mask.shape, mask.affine, conditions, mask, tuple(warnings), **fit)
 
 
@@ -358,13 +375,17 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
     return need
 
 
-def load_models(plan: GenerationPlan, device: torch.device) -> Models:
+def load_models(plan: GenerationPlan | InferConfig, device: torch.device) -> Models:
     """Build the preset's networks for ``device`` and load the config's checkpoints into them.
+
+    Args:
+        plan: a plan, or a config (a job of many masks: every mask shares the networks).
 
     Raises:
         CheckpointError: a missing file, another architecture, or a UNet checkpoint without scale_factor.
     """
-    config, preset = plan.config, plan.preset
+    config = plan.config if isinstance(plan, GenerationPlan) else plan
+    preset = get_preset(config.preset)
     runtime = RuntimeOptions.for_device(device)
     vae, vae_w = load_network(preset, "autoencoder", config.checkpoints.autoencoder, runtime)
     unet, unet_w = load_network(preset, "diffusion_unet", config.checkpoints.diffusion_unet, runtime)
@@ -375,7 +396,7 @@ def load_models(plan: GenerationPlan, device: torch.device) -> Models:
         )
     weights = {"autoencoder": vae_w, "diffusion_unet": unet_w}
     controlnet = None
-    if plan.has_mask:
+    if config.writes_mask:  # a mask given, listed or retrieved: the ControlNet is used
         assert config.checkpoints.controlnet is not None  # guaranteed by the config checks
         controlnet, weights["controlnet"] = load_network(
             preset, "controlnet", config.checkpoints.controlnet, runtime
@@ -409,10 +430,14 @@ def generate(
     # Noise is drawn on the CPU so a seed gives the same starting point on every device.
     noise = torch.randn(plan.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     step_generator = torch.Generator(device=device).manual_seed(seed + 1)
-    control = None
+    control = uncond_control = None
+    guidance = config.sampling.guidance_scale
     if plan.mask is not None:
         labels = torch.from_numpy(plan.mask.array.astype(np.int64))[None, None]
         control = binarize_labels(labels).to(device)
+        if guidance > 0:  # the unconditional half sees the mask without its tumours
+            assert plan.label_dict is not None  # set by plan_generation when guidance is on
+            uncond_control = binarize_labels(remove_tumors(labels, plan.label_dict)).to(device)
     scheduler = make_scheduler(plan.preset.schedule, config.sampler)
     t0 = time.perf_counter()
     latents = denoise(
@@ -427,6 +452,8 @@ def generate(
         generator=step_generator,
         autocast_dtype=models.dtype,
         progress=progress,
+        guidance_scale=guidance,
+        uncond_control=uncond_control,
     )
     t1 = time.perf_counter()
     image = decode(

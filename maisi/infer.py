@@ -1,8 +1,10 @@
-"""``python -m maisi.infer``: generate CT volumes from a label mask or image-only.
+"""``python -m maisi.infer``: generate CT volumes from a label mask, many masks, a description, or image-only.
 
-The run itself is :mod:`maisi.generation_run`; this module parses the command line. A second run into a
-folder in use stops with exit code 2. Exit codes: 0 done, 2 bad input (nothing written), 1 runtime failure,
-or a sample failed the HU check under ``--strict-quality``.
+The run itself is :mod:`maisi.generation_run`; this module parses the command line. Many masks are shared
+among processes with ``torchrun --nproc_per_node=N -m maisi.infer --config ...``. A second run into a
+folder in use stops with exit code 2. Exit codes: 0 done, 2 bad input (nothing written), 1 runtime failure
+(a sample that failed is counted and the others are still generated), or a sample failed the HU check under
+``--strict-quality``.
 """
 
 from __future__ import annotations
@@ -61,17 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         config = apply_overrides(load_checked_config(args.config, "infer"), args)
         from maisi import generation_run  # imports torch and MONAI: after parsing, so --help stays fast
 
-        if args.dry_run:
-            # Every check of a run, networks loaded strictly included, but no generation; writes nothing.
-            generation_run.prepare(config)
-            print(json.dumps(to_jsonable(config), indent=2))
-            return EXIT_OK
-        summary = generation_run.generate_all(config)
-        if summary.strict and summary.failed:
-            log.error(summary.line)
-            return EXIT_RUNTIME
-        (log.warning if summary.failed else log.info)(summary.line)
-        return EXIT_OK
+        with generation_run.process_group(config) as ranks:  # torchrun: one process per device
+            if args.dry_run:
+                # Every check of a run, networks loaded strictly included, but no generation; writes nothing.
+                generation_run.prepare(config, ranks)
+                if ranks.is_main:
+                    print(json.dumps(to_jsonable(config), indent=2))
+                return EXIT_OK
+            summary = generation_run.generate_all(config, ranks)
+        code = summary.exit_code
+        if ranks.is_main:  # one summary for the job, counted over every rank
+            (log.error if code else log.warning if summary.failed else log.info)(summary.line)
+        return EXIT_RUNTIME if code else EXIT_OK
 
     return run_guarded(PROG, body)
 

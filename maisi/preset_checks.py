@@ -13,7 +13,10 @@ from typing import Any
 
 from maisi.config import EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config
 from maisi.errors import InputError
-from maisi.presets import Preset, check_sampler, get_preset, grid_problems
+from maisi.presets import PRESETS, Preset, check_sampler, get_preset, grid_problems
+from maisi.resources import load_json
+
+FIRST_MR_CODE = 8  # MAISI: codes 0-7 are CT (0: unknown), 8 and up MR
 
 
 def _preset(name: str, key: str) -> tuple[Preset | None, list[str]]:
@@ -28,7 +31,7 @@ def infer_problems(config: InferConfig) -> list[str]:
     preset, problems = _preset(config.preset, "$.preset")
     if preset is None:
         return problems
-    if not config.from_mask and not config.from_anatomy:
+    if not config.from_mask and not config.from_anatomy and not config.is_batch:
         if preset.uses_body_region and config.body_region is None:
             problems.append(
                 f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on "
@@ -42,9 +45,87 @@ def infer_problems(config: InferConfig) -> list[str]:
             problems.append(f"$.output_size/$.spacing: {reason}")
     for reason in check_sampler(preset.schedule, config.sampler, config.num_inference_steps):
         problems.append(f"$.sampling: {reason}")
+    problems += _modality_problems(config, preset)
+    problems += _guidance_problems(config, preset)
     if config.from_anatomy:
         problems += _anatomy_name_problems(config)
     return problems
+
+
+def modality_family(preset: Preset) -> str:
+    """``"ct"`` or ``"mr"``: what the preset's networks generate (CT unless the preset says otherwise)."""
+    return getattr(preset, "modality_family", "ct")
+
+
+def _modality_problems(config: InferConfig, preset: Preset) -> list[str]:
+    """The modality name against the preset: none for a preset without modality input, CT codes for a CT
+    preset, MR codes for an MR one (0, unknown, fits both)."""
+    name = config.modality
+    codes: dict[str, int] = load_json("maisi_modality_mapping.json")
+    code = codes[name]  # the schema holds the name to the mapping's names
+    if not preset.uses_modality:
+        if name == "ct":
+            return []
+        return [
+            f"$.modality: '{name}': preset '{preset.name}' has no modality input (its UNet has no class "
+            "embedding) and generates CT; leave $.modality at 'ct'"
+        ]
+    family = modality_family(preset)
+    wrong = code >= FIRST_MR_CODE if family == "ct" else 0 < code < FIRST_MR_CODE
+    if not wrong:
+        return []
+    fits = [n for n, c in codes.items() if c == 0 or (c >= FIRST_MR_CODE) == (family == "mr")]
+    others = sorted(p.name for p in PRESETS.values() if p.uses_modality and modality_family(p) != family)
+    elsewhere = f"; presets for it: {', '.join(others)}" if others else ""
+    kind = "an MR" if code >= FIRST_MR_CODE else "a CT"
+    return [
+        f"$.modality: '{name}' (code {code}) is {kind} modality, but preset '{preset.name}' generates "
+        f"{family.upper()}: use one of {', '.join(fits)}{elsewhere}"
+    ]
+
+
+def _guidance_problems(config: InferConfig, preset: Preset) -> list[str]:
+    """Guidance needs an unconditional branch: a class embedding, and (from a mask) hosts for the tumours."""
+    scale = config.sampling.guidance_scale
+    if scale <= 0:
+        return []
+    if not preset.uses_modality:
+        return [
+            f"$.sampling.guidance_scale: {scale:g}: preset '{preset.name}' has no modality input, so its "
+            "UNet has no unconditional branch (class label 0) to guide against; set it to 0"
+        ]
+    if not (config.from_mask or config.from_anatomy):
+        return []
+    from maisi.labels import load_label_dict
+    from maisi.masks.tumour_free import tumour_hosts  # imports torch: only when guidance runs from masks
+
+    try:
+        label_dict = load_label_dict(config.label_dict)
+    except InputError as e:  # anatomy mode reports it with the anatomy names
+        return [] if config.from_anatomy else [f"$.label_dict: {e}"]
+    try:
+        tumour_hosts(label_dict)
+    except InputError as e:
+        return [f"$.label_dict: {e} (guidance from a mask replaces every tumour by its host)"]
+    return []
+
+
+def guidance_warnings(config: InferConfig, preset: Preset) -> list[str]:
+    """What a run with guidance should be told once: the file cannot say if the UNet suits guidance."""
+    scale = config.sampling.guidance_scale
+    if scale <= 0 or not preset.uses_modality:
+        return []
+    out = [
+        f"$.sampling.guidance_scale {scale:g}: classifier-free guidance needs a UNet trained with modality "
+        "dropout (MAISI v2's MR UNets were: defaults rflow-mr 15, rflow-mr-brain 2; rflow-ct ships with 0); "
+        "a checkpoint cannot tell whether it was, so compare with guidance 0"
+    ]
+    if config.modality == "unknown" and not (config.from_mask or config.from_anatomy):
+        out.append(
+            "$.modality 'unknown' is the unconditional code itself: both halves of the guided batch are the "
+            "same, so image-only guidance changes nothing and doubles the cost"
+        )
+    return out
 
 
 def _anatomy_name_problems(config: InferConfig) -> list[str]:

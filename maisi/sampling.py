@@ -1,6 +1,12 @@
-"""One denoising loop for DDPM, DDIM and rectified flow, with optional ControlNet residuals.
+"""One denoising loop for DDPM, DDIM and rectified flow, with optional ControlNet residuals and
+classifier-free guidance.
 
 Schedulers come from ``monai.networks.schedulers``; this module only chooses and drives them.
+
+Guidance follows MAISI v2 (NV-Generate-CTMR ``scripts/utils_infer.py``, ``diff_model_infer.py``): the batch
+is doubled, conditional half first; the unconditional half has class label 0 and, with a ControlNet, its
+own control (the tumour-free mask); the model outputs are combined as uncond + s * (cond - uncond) before
+the scheduler step. Here the combination is done in float32 (MAISI: in the autocast dtype).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from monai.networks.schedulers import (
     Scheduler,
 )
 
+from maisi.conditioning import UNCONDITIONAL_MODALITY
 from maisi.device import autocast
 from maisi.errors import InputError
 from maisi.options import DEFAULT_STEPS, Sampler
@@ -86,6 +93,8 @@ def denoise(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    guidance_scale: float = 0.0,
+    uncond_control: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` to a (scaled) latent.
 
@@ -102,12 +111,21 @@ def denoise(
         generator: random generator on the compute device (DDPM adds noise at every step).
         autocast_dtype: half-precision dtype for the networks, or None for float32.
         progress: show a progress bar.
+        guidance_scale: classifier-free guidance scale s; 0 runs the plain loop (no doubled batch). Needs
+            ``class_labels`` in ``unet_inputs`` (the unconditional half gets label 0).
+        uncond_control: (N, 8, 4x, 4y, 4z) control of the unconditional half (the tumour-free mask); needed
+            with guidance and a ControlNet.
 
     Returns:
         (N, C, x, y, z) float32 latent in the scaled space (divide by ``scale_factor`` before decoding).
     """
     if (controlnet is None) != (control is None):
         raise ValueError("controlnet and control must be given together")
+    guided = guidance_scale > 0
+    if guided:
+        unet_inputs, control = _guided_inputs(unet_inputs, control, uncond_control)
+    elif guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
     device = noise.device
     set_timesteps(scheduler, num_steps, tuple(noise.shape), device)
     timesteps = scheduler.timesteps
@@ -119,18 +137,40 @@ def denoise(
     for t, next_t in progress_bar(
         zip(timesteps, next_timesteps), total=len(timesteps), enabled=progress, desc="denoising", leave=False
     ):
-        t_batch = torch.full((x.shape[0],), float(t), device=device)
+        x_in = torch.cat((x, x)) if guided else x
+        t_batch = torch.full((x_in.shape[0],), float(t), device=device)
         with autocast(device, autocast_dtype):
             residuals = {}
             if controlnet is not None:
                 down, mid = controlnet(
-                    x=x,
+                    x=x_in,
                     timesteps=t_batch,
                     controlnet_cond=control,
                     conditioning_scale=conditioning_scale,
                     class_labels=class_labels,
                 )
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-            output = unet(x=x, timesteps=t_batch, **unet_inputs, **residuals)
-        x = _step(scheduler, output.float(), t, next_t, x, generator)
+            output = unet(x=x_in, timesteps=t_batch, **unet_inputs, **residuals)
+        output = output.float()
+        if guided:
+            cond, uncond = output.chunk(2)
+            output = uncond + guidance_scale * (cond - uncond)
+        x = _step(scheduler, output, t, next_t, x, generator)
     return x
+
+
+def _guided_inputs(
+    unet_inputs: dict[str, torch.Tensor], control: torch.Tensor | None, uncond_control: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The doubled batch's inputs: conditional half as given, unconditional half with class label 0 and
+    ``uncond_control``. Built once, before the loop."""
+    labels = unet_inputs.get("class_labels")
+    if labels is None:
+        raise ValueError("guidance needs class_labels: its unconditional half is class label 0")
+    if control is not None and uncond_control is None:
+        raise ValueError("guidance with a ControlNet needs uncond_control (the tumour-free mask)")
+    doubled = {k: torch.cat((v, v)) for k, v in unet_inputs.items()}
+    doubled["class_labels"] = torch.cat((labels, torch.full_like(labels, UNCONDITIONAL_MODALITY)))
+    if control is not None:
+        control = torch.cat((control, uncond_control.to(control)))  # type: ignore[union-attr]
+    return doubled, control

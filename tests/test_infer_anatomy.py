@@ -195,9 +195,9 @@ BAD = [
     ("no output size", {"output_size": "<drop>"}, "$.output_size: required in anatomy mode"),
     ("with a mask", {"mask": "mask.nii.gz"}, "$.anatomy: cannot be combined with $.mask"),
     (
-        "mask generation",
+        "sizes with a retrieval request",
         {"anatomy": {"controllable_anatomy_size": [["liver", 0.5]]}},
-        "$.anatomy.controllable_anatomy_size: got",
+        "$.anatomy.body_region: must be empty when $.anatomy.controllable_anatomy_size is set",
     ),
     (
         "missing database",

@@ -42,6 +42,7 @@ class SamplingConfig:
     scheduler: Sampler | None
     num_inference_steps: int | None
     conditioning_scale: float
+    guidance_scale: float  # classifier-free guidance; 0: off
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,21 @@ def _lesion(item: dict[str, Any]) -> LesionSpec:
 
 
 @dataclass(frozen=True)
+class DatalistInput:
+    """Many masks from a KiTS-style datalist: the label of each case (of one fold, or of all)."""
+
+    path: str
+    fold: int | None
+    data_root: str | None
+
+
+@dataclass(frozen=True)
 class InferConfig:
     preset: str
     checkpoints: Checkpoints
     mask: str | None
+    masks: tuple[str, ...] | None
+    datalist: DatalistInput | None
     anatomy: AnatomyConfig | None
     output_size: tuple[int, int, int] | None
     spacing: tuple[float, float, float] | None
@@ -166,9 +178,14 @@ class InferConfig:
         return self.anatomy is not None
 
     @property
+    def is_batch(self) -> bool:
+        """Many masks in one job: $.masks or $.datalist (each input then runs as mask mode)."""
+        return self.masks is not None or self.datalist is not None
+
+    @property
     def writes_mask(self) -> bool:
-        """Whether each sample has a mask (saved next to its CT): mask and anatomy modes."""
-        return self.mask is not None or self.anatomy is not None
+        """Whether each sample has a mask (saved next to its CT): mask, batch and anatomy modes."""
+        return self.mask is not None or self.anatomy is not None or self.is_batch
 
     @property
     def sampler(self) -> Sampler:
@@ -216,11 +233,23 @@ def _size_request_config_problems(anatomy: AnatomyConfig) -> list[str]:
     return problems
 
 
+INPUT_KEYS = ("mask", "masks", "datalist", "anatomy")  # where the masks come from: at most one
+
+
 def check_infer_config(config: InferConfig) -> list[str]:
     """Cross-key checks; each message starts with the JSON path it concerns."""
     problems: list[str] = []
     if config.from_mask and config.from_anatomy:
         return ["$.anatomy: cannot be combined with $.mask (a mask is given or retrieved, not both)"]
+    inputs = [key for key in INPUT_KEYS if getattr(config, key) is not None]
+    if len(inputs) > 1:
+        given = ", ".join(f"$.{key}" for key in inputs)
+        return [f"{given}: set at most one of $.mask, $.masks, $.datalist, $.anatomy (got {len(inputs)})"]
+    if config.is_batch:
+        if config.checkpoints.controlnet is None:
+            key = "$.masks" if config.masks is not None else "$.datalist"
+            problems.append(f"$.checkpoints.controlnet: required when generating from masks ({key} is set)")
+        return problems
     if config.from_anatomy:
         assert config.anatomy is not None
         for key in ("output_size", "spacing"):
@@ -236,5 +265,8 @@ def check_infer_config(config: InferConfig) -> list[str]:
     else:
         for key in ("output_size", "spacing"):
             if getattr(config, key) is None:
-                problems.append(f"$.{key}: required in image-only mode (set it, or set $.mask or $.anatomy)")
+                problems.append(
+                    f"$.{key}: required in image-only mode (set it, or set $.mask, $.masks, $.datalist or "
+                    "$.anatomy)"
+                )
     return problems

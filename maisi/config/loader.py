@@ -59,7 +59,11 @@ def _describe_error(err: jsonschema.ValidationError) -> str:
             )
         return "\n".join(msgs)
     if err.validator == "enum":
-        return f"{where}: got {json.dumps(err.instance)}, expected one of {json.dumps(err.validator_value)}"
+        choices = [v for v in err.validator_value if isinstance(v, str)]
+        hint = difflib.get_close_matches(err.instance, choices, n=1) if isinstance(err.instance, str) else []
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        expected = json.dumps(err.validator_value)
+        return f"{where}: got {json.dumps(err.instance)}, expected one of {expected}{suggestion}"
     if err.validator == "type":
         return f"{where}: got {json.dumps(err.instance)}, expected type {err.validator_value}"
     if err.validator == "required":

@@ -233,36 +233,23 @@ def _load(tmp_path, data):
 def test_schema_parse_round_trip_of_the_size_keys(tmp_path):
     config = _load(tmp_path, _infer_config(tmp_path))
     assert config.anatomy.controllable_anatomy_size == () and not config.anatomy.generates_mask
-    assert config.anatomy.size_conditions is None and config.anatomy.mask_generation_steps == 1000
-    # a request is parsed to (name, float) pairs and checked; mask generation itself is not wired yet
+    generator = config.anatomy.mask_generator
+    assert generator.size_conditions is None and generator.num_inference_steps == 1000
+    assert generator.preset is generator.autoencoder is generator.size_reference is None
+
+
+def test_the_parsed_request(tmp_path):
     data = _infer_config(
         tmp_path,
         controllable_anatomy_size=[["liver", 1], ["hepatic tumor", 0.3], ["colon", -1]],
-        size_conditions="tables/sizes.json",
-        mask_generation_steps=50,
-    )
-    with pytest.raises(ConfigError) as err:
-        _load(tmp_path, data)
-    assert [e.split(":")[0] for e in err.value.errors] == [WHERE]
-    assert "mask generation is not yet available in maisi.infer" in err.value.errors[0]
-
-
-def test_the_parsed_request(tmp_path, monkeypatch):
-    from maisi.config import infer_config
-
-    monkeypatch.setattr(infer_config, "_size_request_config_problems", lambda anatomy: [])
-    data = _infer_config(
-        tmp_path,
-        controllable_anatomy_size=[["liver", 1], ["hepatic tumor", 0.3], ["colon", -1]],
-        size_conditions="tables/sizes.json",
-        mask_generation_steps=50,
+        mask_generator={"size_conditions": "tables/sizes.json", "num_inference_steps": 50},
     )
     anatomy = _load(tmp_path, data).anatomy
     assert anatomy.controllable_anatomy_size == (("liver", 1.0), ("hepatic tumor", 0.3), ("colon", -1.0))
     assert isinstance(anatomy.controllable_anatomy_size[0][1], float) and anatomy.generates_mask
     assert anatomy.required_anatomy == ("liver", "hepatic tumor")  # -1: asked to be absent
-    assert anatomy.size_conditions == str((tmp_path / "tables" / "sizes.json").resolve())
-    assert anatomy.mask_generation_steps == 50
+    assert anatomy.mask_generator.size_conditions == str((tmp_path / "tables" / "sizes.json").resolve())
+    assert anatomy.mask_generator.num_inference_steps == 50
 
 
 def test_config_names_every_problem_of_a_request(tmp_path):
@@ -302,8 +289,8 @@ def test_schema_refuses_malformed_pairs(tmp_path, value, fragment):
 
 def test_mask_generation_steps_bounds(tmp_path):
     for steps in (0, 1001):
-        with pytest.raises(ConfigError, match="mask_generation_steps"):
-            _load(tmp_path, _infer_config(tmp_path, mask_generation_steps=steps))
+        with pytest.raises(ConfigError, match="mask_generator.num_inference_steps"):
+            _load(tmp_path, _infer_config(tmp_path, mask_generator={"num_inference_steps": steps}))
 
 
 def test_the_config_layer_imports_no_numpy():
