@@ -35,7 +35,7 @@ from maisi.masks.anatomy import AnatomyPlan, plan_anatomy, sample_mask
 from maisi.masks.resample import pad_to_size, resample_mask
 from maisi.networks import RuntimeOptions
 from maisi.options import BODY_REGIONS, REGION_INDEX
-from maisi.presets import Preset, get_preset, grid_problems
+from maisi.presets import MRGridLimits, Preset, get_preset, grid_problems
 from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
 
@@ -128,6 +128,8 @@ def fitting_size(
             return -(-n // m) * m
         return min((a for a in allowed if a >= n and a % m == 0), default=None)
 
+    if enforce_limits and isinstance(preset.limits, MRGridLimits):  # a short list of allowed shapes
+        return next((s for s in preset.limits.shapes() if all(a >= b for a, b in zip(s, shape))), None)
     if enforce_limits and preset.limits:
         xy, z = up(max(shape[:2]), preset.limits.xy_sizes), up(shape[2], preset.limits.z_sizes)
         return None if xy is None or z is None else (xy, xy, z)
