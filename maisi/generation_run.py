@@ -37,6 +37,7 @@ from maisi.generation import (
     plan_for_seed,
     plan_generation,
 )
+from maisi.intensity import output_mapping
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
 from maisi.quality import mask_fidelity
@@ -208,6 +209,7 @@ def write_sample(job: Job, seed: int, files: dict[str, Path]) -> dict[str, Any]:
         "spacing_mm": [round(s, 6) for s in ct.spacing],
         "affine": ct.affine.tolist(),
         "hu_min_max": [int(ct.array.min()), int(ct.array.max())],
+        "intensity": output_mapping(plan.conditions.modality),  # how decoded [0, 1] became these voxels
         "conditions": dataclasses.asdict(plan.conditions),
         "sampler": {"scheduler": plan.config.sampler, "num_inference_steps": plan.config.num_inference_steps},
         "scale_factor": models.scale_factor,

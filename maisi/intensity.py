@@ -152,4 +152,4 @@ def to_unit(
     if is_mr(modality):
         unit, window = mr_to_unit(image, where=where)
         return unit, window.to_json()
-    return hu_to_unit(image), dict(CT_INPUT_RECORD)
+    return hu_to_unit(image), {"hu_window": [HU_MIN, HU_MAX], "scaled_to": [0.0, 1.0], "pad_value_hu": HU_MIN}

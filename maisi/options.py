@@ -13,9 +13,28 @@ Precision = Literal["auto", "float32", "float16", "bfloat16"]
 Sampler = Literal["ddpm", "ddim", "rflow"]
 DecodeMethod = Literal["full", "sliding_window", "tiled"]
 BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]
-Modality = Literal[
-    "unknown", "ct", "ct_wo_contrast", "ct_contrast"
-]  # the CT codes of MAISI's modality mapping
+Modality = Literal[  # the names of MAISI's modality mapping (maisi_modality_mapping.json), in its order
+    "unknown",
+    "ct",
+    "ct_wo_contrast",
+    "ct_contrast",
+    "mri",
+    "mri_t1",
+    "mri_t2",
+    "mri_flair",
+    "mri_pd",
+    "mri_dwi",
+    "mri_adc",
+    "mri_ssfp",
+    "mri_mra",
+    "mri_t1c",
+    "mri_swi",
+    "mri_t1_skull_stripped",
+    "mri_t2_skull_stripped",
+    "mri_flair_skull_stripped",
+    "mri_swi_skull_stripped",
+    "mri_mra_skull_stripped",
+]
 VolumeFormat = Literal["nii.gz", "nii", "nrrd", "mha"]
 CheckedOrgan = Literal[
     "liver", "spleen", "pancreas", "kidney", "lung", "bone", "brain"
