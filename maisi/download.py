@@ -531,7 +531,10 @@ def fetch_files(files: list[RemoteFile], job: Job) -> Summary:
 
 def extract_mask_archive(manifest: dict[str, Any], variant: str, job: Job, summary: Summary) -> None:
     """Unpack the verified mask archive where MAISI's database expects its masks (``extract_to``)."""
-    entry = manifest["variants"][variant]["mask_archive"]
+    entry = manifest["variants"][variant].get("mask_archive")
+    if entry is None:  # the MR variants have no mask database
+        print(f"{variant} has no mask archive: --with-mask-archive fetched nothing more")
+        return
     file = RemoteFile(entry["repo"], entry["path"], entry.get("save_as"))
     if file.local not in summary.downloaded + summary.skipped:
         return  # not fetched: already reported
