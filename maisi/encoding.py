@@ -1,7 +1,9 @@
 """Pre-encode one case of a datalist: CT (and label) -> latent, transformed label and sidecar.
 
-Per case: read the CT in RAS, map HU [-1000, 1000] to [0, 1] (MAISI's intensity transform), optionally
-resample to a target spacing (MONAI ``Spacing``), pad to a multiple (MONAI ``DivisiblePad``, -1000 HU),
+Per case: read the image in RAS, map it to [0, 1] as MAISI does for its modality (the entry's ``modality``,
+else the config's; :func:`maisi.intensity.to_unit`: CT HU [-1000, 1000], MR its 0-99.5 percentile range, not
+clipped), optionally resample to a target spacing (MONAI ``Spacing``), pad to a multiple (MONAI
+``DivisiblePad``, unit 0: -1000 HU, or the MR image's minimum),
 encode with bounded memory, and write the label on the same grid, then the latent, then the sidecar (last:
 it marks the case finished). A finished case whose sidecar still matches its inputs and whose files still
 match their checksums is skipped. Non-finite CT voxels fail the case unless the config's ``nonfinite`` is
@@ -27,7 +29,7 @@ from monai.transforms import DivisiblePad, Spacing
 import maisi
 from maisi.conditioning import body_region_from_mask
 from maisi.config.encode_config import EncodeConfig
-from maisi.data.datalist import one_hot
+from maisi.data.datalist import case_modality, one_hot
 from maisi.data.io import Volume, read_mask, read_volume, write_volume
 from maisi.data.latents import (
     encoded_relpaths,
@@ -41,7 +43,7 @@ from maisi.data.latents import (
 from maisi.decoding import encode
 from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
-from maisi.intensity import HU_MAX, HU_MIN, hu_to_unit
+from maisi.intensity import HU_MIN, is_mr, to_unit
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,9 @@ def _fingerprint(
     job: EncodeJob, index: int, entry: dict[str, Any], source_sha: str, label_sha: str | None
 ) -> dict:
     c = job.config
+    mr = {"intensity": "mr_percentile"} if is_mr(case_modality(entry, c.modality)) else {}  # CT: as before
     return {
+        **mr,
         "source_image": entry["image"],
         "source_sha256": source_sha,
         "source_label": entry.get("label"),
@@ -222,11 +226,12 @@ def _may_skip(
     return job.config.nonfinite == "fill_air" or previous["nonfinite_filled"] == 0
 
 
-def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
-    """The CT with its non-finite voxels handled by ``policy``, and how many there were.
+def finite_ct(ct: Volume, path: Path, policy: str, mr: bool = False) -> tuple[Volume, int]:
+    """The image with its non-finite voxels handled by ``policy``, and how many there were.
 
     One NaN voxel spreads through the encoder's convolutions and normalisations to the whole latent, so
-    "error" refuses the case; "fill_air" sets those voxels to -1000 HU.
+    "error" refuses the case; "fill_air" sets those voxels to -1000 HU (CT) or, for MR (``mr``), to the
+    smallest finite value of the image (its background).
 
     Raises:
         InputError: non-finite voxels under the "error" policy, naming the file and the count.
@@ -240,7 +245,8 @@ def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
             f"{path}: {count} non-finite voxel(s) (NaN or inf) in the CT; fix the image, or set "
             '"nonfinite": "fill_air" in the encode config to encode them as air (-1000 HU)'
         )
-    return ct.with_array(np.where(bad, HU_MIN, ct.array)), count
+    fill = float(np.min(ct.array[~bad])) if mr and count < ct.array.size else HU_MIN
+    return ct.with_array(np.where(bad, fill, ct.array)), count
 
 
 def _check_finite_latent(latent: torch.Tensor, image_path: Path) -> None:
@@ -281,8 +287,10 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         )
 
     c = job.config
-    ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite)
-    unit = ct.with_array(hu_to_unit(ct.array))
+    modality = case_modality(entry, c.modality)
+    ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite, is_mr(modality))
+    unit_array, intensity = to_unit(ct.array, modality, str(image_path))
+    unit = ct.with_array(unit_array)
     image_t = transform(unit, c.target_spacing, c.multiple, "bilinear")
     regions = None
     if label_path is not None:
@@ -311,12 +319,12 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
     sidecar: dict[str, Any] = {
         "dim": list(image_t.shape[1:]),
         "spacing": [round(float(s), 6) for s in np.linalg.norm(image_affine[:3, :3], axis=0)],
-        "modality": entry.get("modality", c.modality),
+        "modality": modality,
         "fold": entry.get("fold"),
         "latent_shape": list(latent.shape),
-        "intensity": {"hu_window": [HU_MIN, HU_MAX], "scaled_to": [0.0, 1.0], "pad_value_hu": HU_MIN},
+        "intensity": intensity,  # how the image was mapped to [0, 1] (MR: the window of this image)
         "maisi_version": maisi.__version__,
-        "nonfinite_filled": filled,  # CT voxels set to -1000 HU by the "fill_air" policy
+        "nonfinite_filled": filled,  # voxels set to -1000 HU (MR: the image minimum) by "fill_air"
     }
     for key, value in (("top_region_index", 0), ("bottom_region_index", 1)):
         if entry.get(key) is not None:

@@ -37,6 +37,12 @@ def infer_problems(config: InferConfig) -> list[str]:
                 f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on "
                 "body region"
             )
+    if (config.from_mask or config.from_anatomy) and not preset.has_controlnet:
+        key = "$.mask" if config.from_mask else "$.anatomy"
+        problems.append(
+            f"{key}: preset '{preset.name}' has no ControlNet (MAISI released none for MR), so it cannot "
+            f"generate from a mask or an anatomy request; remove {key} to generate image-only"
+        )
     if config.output_size is not None:
         # In mask mode without a spacing the mask's own spacing applies: only the size can be judged here.
         spacing = config.spacing or (1.0, 1.0, 1.0)
