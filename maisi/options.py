@@ -17,6 +17,7 @@ Modality = Literal[
     "unknown", "ct", "ct_wo_contrast", "ct_contrast"
 ]  # the CT codes of MAISI's modality mapping
 VolumeFormat = Literal["nii.gz", "nii", "nrrd", "mha"]
+EncodeKind = Literal["image", "mask"]  # what maisi.encode encodes: CT images, or label masks (mask VAE)
 CheckedOrgan = Literal[
     "liver", "spleen", "pancreas", "kidney", "lung", "bone", "brain"
 ]  # the HU check's organs
