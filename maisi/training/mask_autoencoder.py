@@ -306,7 +306,7 @@ class MaskAutoencoderStage:
             return model.reconstruct(self.bit_planes(tile)).argmax(dim=1, keepdim=True).float()
 
         # windows tile the padded mask exactly once, so the "blend" of each voxel is its one window's value
-        out = inferer(padded[None].to(self.device), window)
+        out = inferer(padded[None].float().to(self.device), window)  # the output takes the input's dtype
         size = channels.shape[1:]
         return convert_to_tensor(out, track_meta=False)[0, 0, : size[0], : size[1], : size[2]].round().byte()
 

@@ -118,14 +118,6 @@ class MaskLatentCases:
         if problems:
             raise InputError(f"mask latent datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
         self.cases: list[MaskLatentCase] = cases
-        shapes = sorted({c.shape for c in cases})
-        if cases and list(shapes[0]) != list(preset.latent_shape):
-            log.info(
-                "mask latents of shape %s; mask preset '%s' generates %s",
-                [list(s) for s in shapes],
-                preset.name,
-                list(preset.latent_shape),
-            )
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -196,6 +188,14 @@ class MaskDiffusionStage:
                 scale = scale or init_scale
             else:
                 self.model = build_mask_network(preset, "diffusion_unet", runtime)
+        shapes = sorted({c.shape[1:] for c in train.cases})
+        if any(list(s) != list(preset.latent_shape[1:]) for s in shapes):
+            log.info(
+                "mask latent grids %s; mask preset '%s' generates %s",
+                [list(s) for s in shapes],
+                preset.name,
+                list(preset.latent_shape[1:]),
+            )
         self.scheduler = make_scheduler(preset.schedule, "ddpm")
         if scale is None:
             md = config.mask_diffusion
