@@ -8,6 +8,11 @@ Our format (a plain dict, loadable with ``torch.load(weights_only=True)``)::
 
 Released MAISI layouts (read-only): a plain VAE state_dict; ``{"unet_state_dict", "scale_factor", ...}``;
 ``{"controlnet_state_dict", ...}``. Loading never unpickles code.
+
+The mask-generation networks (:mod:`maisi.mask_presets`) use the same format and layouts, under the parts
+``mask_autoencoder`` and ``mask_diffusion_unet`` (so a CT network's checkpoint is never taken for a mask
+network's): MAISI's ``mask_generation_autoencoder.pt`` is a plain state_dict and
+``mask_generation_diffusion_unet.pt`` a ``{"unet_state_dict", "scale_factor"}`` dict.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
+from maisi.mask_presets import MaskPreset
 from maisi.networks import PARTS, Part, Preset, RuntimeOptions, architecture_of, build_network
 
 FORMAT = "maisi-checkpoint"
@@ -34,6 +40,18 @@ FORMAT_VERSION = 1
 _RELEASED_KEYS: dict[str, Part] = {"unet_state_dict": "diffusion_unet", "controlnet_state_dict": "controlnet"}
 
 SourceFormat = Literal["maisi", "released-vae", "released-unet", "released-controlnet"]
+MaskCheckpointPart = Literal["mask_autoencoder", "mask_diffusion_unet"]
+MASK_CHECKPOINT_PARTS: tuple[MaskCheckpointPart, ...] = ("mask_autoencoder", "mask_diffusion_unet")
+AnyPart = Part | MaskCheckpointPart
+
+
+def _network_part(part: AnyPart) -> Part:
+    """The preset field of a checkpoint part: ``mask_autoencoder`` -> ``autoencoder`` (of a MaskPreset)."""
+    return part.removeprefix("mask_")  # type: ignore[return-value]
+
+
+def _architecture(preset: Preset | MaskPreset, part: AnyPart) -> dict[str, Any]:
+    return architecture_of(preset, _network_part(part))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -150,7 +168,7 @@ def _checked_optional(obj: dict, field: str, kind: type, path: Path) -> Any:
     return value
 
 
-def _read_ours(obj: dict, path: Path, part: Part) -> Weights:
+def _read_ours(obj: dict, path: Path, part: AnyPart) -> Weights:
     """Our format, every field that loading uses checked."""
     version = obj.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
@@ -161,8 +179,9 @@ def _read_ours(obj: dict, path: Path, part: Part) -> Weights:
             f"{maisi.__version__} reads ({FORMAT_VERSION}); update maisi"
         )
     holder = obj.get("part")
-    if holder not in PARTS:
-        raise _malformed(path, FORMAT, "part", f"is {holder!r}, expected one of {list(PARTS)}")
+    if holder not in PARTS + MASK_CHECKPOINT_PARTS:
+        known = list(PARTS + MASK_CHECKPOINT_PARTS)
+        raise _malformed(path, FORMAT, "part", f"is {holder!r}, expected one of {known}")
     if holder != part:
         raise CheckpointError(f"{path}: holds a {holder} checkpoint, expected a {part} checkpoint")
     architecture = _checked_optional(obj, "architecture", dict, path)
@@ -178,7 +197,7 @@ def _read_ours(obj: dict, path: Path, part: Part) -> Weights:
     )
 
 
-def read_weights(path: str | Path, part: Part) -> Weights:
+def read_weights(path: str | Path, part: AnyPart) -> Weights:
     """Read the weights of ``part`` from ``path`` in any supported layout.
 
     Raises:
@@ -194,7 +213,7 @@ def read_weights(path: str | Path, part: Part) -> Weights:
     if isinstance(obj, dict):
         for key, holder in _RELEASED_KEYS.items():
             if key in obj:
-                if holder != part:
+                if holder != _network_part(part):
                     raise CheckpointError(
                         f"{path}: holds a released MAISI {holder} checkpoint ('{key}'), "
                         f"expected a {part} checkpoint"
@@ -263,10 +282,12 @@ def _architecture_diff(recorded: dict[str, Any], expected: dict[str, Any]) -> li
     ]
 
 
-def check_fits(weights: Weights, preset: Preset, part: Part, network: torch.nn.Module) -> None:
+def check_fits(
+    weights: Weights, preset: Preset | MaskPreset, part: AnyPart, network: torch.nn.Module
+) -> None:
     """Raise CheckpointError when ``weights`` cannot load strictly into ``network`` of ``preset``."""
     if weights.architecture is not None:
-        diff = _architecture_diff(weights.architecture, architecture_of(preset, part))
+        diff = _architecture_diff(weights.architecture, _architecture(preset, part))
         if diff:
             raise CheckpointError(
                 f"{weights.path}: {part} checkpoint was made for preset '{weights.preset}', "
@@ -314,8 +335,8 @@ def load_network(
 def save_checkpoint(
     path: str | Path,
     network: torch.nn.Module,
-    preset: Preset,
-    part: Part,
+    preset: Preset | MaskPreset,
+    part: AnyPart,
     *,
     scale_factor: float | None = None,
     config_sha256: str | None = None,
@@ -327,7 +348,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "part": part,
         "preset": preset.name,
-        "architecture": architecture_of(preset, part),
+        "architecture": _architecture(preset, part),
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
         "scale_factor": None if scale_factor is None else float(scale_factor),
         "provenance": {

@@ -15,11 +15,13 @@ tested for the installed MONAI in ``tests/test_tiled_vae.py``):
   ``MaisiDecoder``, a ``blocks`` ModuleList run in order;
 * every block is exactly one of ``MaisiGroupNorm3D`` (followed by a ``MaisiConvolution``),
   ``MaisiConvolution``, ``MaisiResBlock`` (``norm1``, ``conv1``, ``norm2``, ``conv2``, ``nin_shortcut``),
-  ``MaisiUpsample`` (trilinear, not transposed) or ``MaisiDownsample`` (pad ``(0, 1)`` per axis);
+  ``MaisiUpsample`` (trilinear then a convolution, or one transposed convolution: ``use_convtranspose``, as
+  MAISI's mask VAE) or ``MaisiDownsample`` (pad ``(0, 1)`` per axis);
 * a ``MaisiConvolution`` wraps a conv-only MONAI ``Convolution`` whose one child ``conv`` is an ``nn.Conv3d``
+  (or, in a transposed ``MaisiUpsample``, an ``nn.ConvTranspose3d`` whose kernel reaches at least one stride)
   with cubic kernel, stride, padding and dilation, zero padding, one group.
 
-Anything else (attention, ``AEKLResBlock``, a transposed upsampling, a subclass) is reported by name, and
+Anything else (attention, ``AEKLResBlock``, a subclass) is reported by name, and
 :mod:`maisi.decoding` falls back to MONAI's whole-volume pass with one warning.
 """
 
@@ -57,7 +59,7 @@ class Step:
     shortcut of the same input; "res_b": conv2, added to the residual)."""
 
     name: str
-    conv: torch.nn.Conv3d
+    conv: torch.nn.Conv3d | torch.nn.ConvTranspose3d
     norm: MaisiGroupNorm3D | None = None
     silu: bool = False
     upsample: bool = False
@@ -66,22 +68,35 @@ class Step:
     shortcut: torch.nn.Conv3d | None = None
 
     @property
+    def transposed(self) -> bool:
+        """A transposed convolution (MaisiUpsample with ``use_convtranspose``)."""
+        return isinstance(self.conv, torch.nn.ConvTranspose3d)
+
+    @property
     def pad(self) -> tuple[int, int]:
         return (0, 1) if self.end_pad else (self.conv.padding[0], self.conv.padding[0])  # type: ignore[return-value]
 
     def out_size(self, size: int) -> int:
         k, s, d = self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0]
+        if self.transposed:
+            return (size - 1) * s - 2 * self.pad[0] + d * (k - 1) + self.conv.output_padding[0] + 1
         return ((2 * size if self.upsample else size) + sum(self.pad) - d * (k - 1) - 1) // s + 1
 
     def conv_box(self, lo: int, hi: int) -> tuple[int, int]:
         """Convolution input [lo, hi) (on the upsampled grid if any) of the outputs [lo, hi)."""
         k, s, d = self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0]
+        if self.transposed:
+            # Input i reaches outputs i*s - p + [0, d(k-1)]. From the first input that reaches lo (or one
+            # before it) to the last: the unpadded transposed output of these spans [a*s - p, (b-1)*s - p +
+            # d(k-1)], which covers [lo, hi) because d(k-1) >= s - 1 (checked by the adapter).
+            p = self.pad[0]
+            return (lo + p - d * (k - 1)) // s, (hi - 1 + p) // s + 1
         return lo * s - self.pad[0], (hi - 1) * s - self.pad[0] + d * (k - 1) + 1
 
     def source_box(self, lo: int, hi: int, size: int) -> tuple[int, int]:
         """Stored input [lo, hi) read for the outputs [lo, hi), the input having ``size`` voxels."""
         a, b = self.conv_box(lo, hi)
-        if not self.upsample:
+        if not self.upsample:  # a transposed convolution reads its input box directly
             return a, b
         # Trilinear x2, align_corners False: output j reads inputs (j - 1) // 2 and the next one, clamped
         # to the volume; reading a region clipped to the volume reproduces that clamping exactly.
@@ -105,19 +120,25 @@ def _exact(module: Any, cls: type, path: str, children: tuple[str, ...] | None =
         )
 
 
-def _conv3d(block: Any, path: str) -> torch.nn.Conv3d:
-    """The ``nn.Conv3d`` inside a ``MaisiConvolution`` (-> MONAI ``Convolution``, conv only -> ``conv``)."""
+def _conv3d(block: Any, path: str, transposed: bool = False) -> Any:
+    """The ``nn.Conv3d`` (``transposed``: ``nn.ConvTranspose3d``) inside a ``MaisiConvolution`` (-> MONAI
+    ``Convolution``, conv only -> ``conv``)."""
     _exact(block, MaisiConvolution, path, ("conv",))
     _exact(block.conv, Convolution, f"{path}.conv", ("conv",))  # conv only: no norm, activation, dropout
     conv = block.conv.conv
-    _exact(conv, torch.nn.Conv3d, f"{path}.conv.conv", ())
-    uniform = all(len(set(v)) == 1 for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))  # type: ignore[union-attr]
-    if not uniform or conv.padding_mode != "zeros" or conv.groups != 1:  # type: ignore[union-attr]
+    _exact(conv, torch.nn.ConvTranspose3d if transposed else torch.nn.Conv3d, f"{path}.conv.conv", ())
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    if transposed:
+        geometry += (conv.output_padding,)
+    uniform = all(len(set(v)) == 1 for v in geometry)
+    if not uniform or conv.padding_mode != "zeros" or conv.groups != 1:
         raise UnsupportedStructure(
             f"{path}.conv.conv is {conv}, expected cubic kernel/stride/padding/dilation, "
             "zero padding and one group"
         )
-    return conv  # type: ignore[return-value]
+    if transposed and conv.dilation[0] * (conv.kernel_size[0] - 1) < conv.stride[0] - 1:
+        raise UnsupportedStructure(f"{path}.conv.conv is {conv}, whose kernel leaves gaps between strides")
+    return conv
 
 
 def _res_steps(block: MaisiResBlock, name: str) -> list[Step]:
@@ -145,8 +166,6 @@ def _why_not(block: torch.nn.Module) -> str:
     base = next((cls for cls in known if isinstance(block, cls)), None)
     if base is not None and type(block) is not base:
         return f"a subclass of MONAI's {base.__name__}, whose forward may differ"
-    if type(block) is MaisiUpsample:
-        return "upsampling by transposed convolution"
     if type(block) is MaisiDownsample:
         return f"padding {tuple(block.pad)}, expected (0, 1) per axis"
     return "not a block this adapter knows"
@@ -182,9 +201,11 @@ def program(autoencoder: torch.nn.Module, part: Part) -> list[Step]:
             norm = None
         elif type(block) is MaisiResBlock:
             steps.extend(_res_steps(block, name))
-        elif type(block) is MaisiUpsample and not block.use_convtranspose:
+        elif type(block) is MaisiUpsample:
             _exact(block, MaisiUpsample, name, ("conv",))
-            steps.append(Step(name, _conv3d(block.conv, f"{name}.conv"), upsample=True))
+            transposed = bool(block.use_convtranspose)
+            conv = _conv3d(block.conv, f"{name}.conv", transposed)
+            steps.append(Step(name, conv, upsample=not transposed))
         elif type(block) is MaisiDownsample and tuple(block.pad) == (0, 1) * 3:
             _exact(block, MaisiDownsample, name, ("conv",))
             steps.append(Step(name, _conv3d(block.conv, f"{name}.conv"), end_pad=True))
@@ -267,6 +288,32 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
     """The interpolation ``MaisiUpsample.forward`` makes before its convolution (see
     :meth:`Step.source_box`)."""
     return F.interpolate(x, scale_factor=2.0, mode="trilinear")
+
+
+def conv_transposed(
+    step: Step, x: torch.Tensor, lo: tuple[int, ...], hi: tuple[int, ...], box: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Outputs [lo, hi) of a transposed convolution from its input region ``box`` (per axis [a, b), from
+    :meth:`Step.source_box`, zero outside the volume).
+
+    The module's own weights without padding or output padding: the unpadded output of input a starts at
+    output a*s - p, so cropping it is the padding; outputs that no input reaches (MONAI's output padding) get
+    the bias only, as in MONAI.
+
+    Args:
+        step: a transposed step.
+        x: (N, C_in, bx, by, bz) input region.
+        lo, hi: the output tile per axis.
+        box: the input region per axis.
+
+    Returns:
+        (N, C_out, hi - lo per axis).
+    """
+    t = step.conv
+    s, p = t.stride[0], step.pad[0]
+    y = F.conv_transpose3d(x, t.weight, t.bias, t.stride, 0, 0, t.groups, t.dilation)
+    region = tuple(slice(b - (a * s - p), e - (a * s - p)) for b, e, (a, _) in zip(lo, hi, box))
+    return y[(slice(None), slice(None), *region)]
 
 
 def conv(conv3d: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

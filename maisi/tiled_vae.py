@@ -23,6 +23,7 @@ falls back to the whole-volume pass with a warning.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,9 @@ from maisi import monai_vae_adapter as adapter
 from maisi.monai_vae_adapter import Part, Step, UnsupportedStructure
 
 Shape3 = tuple[int, int, int]
+# Applied to every output tile of the last convolution, (N, C, tx, ty, tz) -> (N, C', tx, ty, tz): the result
+# is assembled from the reduced tiles, so the whole output (e.g. 125-channel mask logits) never exists.
+TileReduce = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_BUDGET_BYTES = 1 << 30
 MIN_SLABS = 8  # slabs along x per volume, so that a consumed input is freed while the next one grows
 # Order in which tile extents shrink to fit a budget: x-slabs down to 2 voxels (1-voxel slabs and small
@@ -172,6 +176,8 @@ def _tile_bytes(step: Step, tile: Shape3, batch: int) -> int:
     conv_in = math.prod(b - a for a, b in (step.conv_box(0, t) for t in tile))
     out = math.prod(tile)
     total = 2 * conv_in * c_in + (3 if step.role == "res_b" or step.shortcut is not None else 2) * out * c_out
+    if step.transposed:  # the uncropped output of the input region
+        total += out * c_out
     if step.upsample:  # the source region and its x2 interpolation
         total += 9 * c_in * math.prod(b - a for a, b in (step.source_box(4, 4 + t, 1 << 30) for t in tile))
     return 4 * batch * total
@@ -216,12 +222,17 @@ def _run_step(
     consume: bool,
     residual: _Volume | None = None,
     slab: int | None = None,
+    reduce: TileReduce | None = None,
 ) -> tuple[_Volume, _Volume | None]:
-    """Stream one convolution over the volume; returns its output and, for ``res_a``, the shortcut."""
+    """Stream one convolution over the volume; returns its output (``reduce``: the reduced tiles) and, for
+    ``res_a``, the shortcut."""
     in_size, batch, c_out = src.shape[2:], src.shape[0], step.conv.out_channels
     out_shape = (batch, c_out, *(step.out_size(s) for s in in_size))
-    out = residual if residual is not None and not residual.read_only else run.new(out_shape, slab or tile[0])
-    out.stats = _Stats()  # an in-place residual sum overwrites the residual; its statistics are spent
+    out: _Volume | None = None  # with reduce: allocated at the first tile, whose channels it then knows
+    if reduce is None:
+        in_place = residual is not None and not residual.read_only
+        out = residual if in_place else run.new(out_shape, slab or tile[0])  # type: ignore[assignment]
+        out.stats = _Stats()  # an in-place residual sum overwrites the residual; its statistics are spent
     short = run.new(out_shape, tile[0]) if step.shortcut is not None else None
     dtype = step.read_dtype(src.stored_dtype)
     params = None
@@ -267,19 +278,27 @@ def _run_step(
                 del s_tile
             if params is not None:
                 buf = adapter.normalise(buf, inside, step, params)
-        y = adapter.conv(step.conv, buf)
+        if step.transposed:
+            y = adapter.conv_transposed(step, buf, lo, hi, box)
+        else:
+            y = adapter.conv(step.conv, buf)
         held += y.nbytes
         del buf
         if residual is not None:
             res, _ = residual.read(list(zip(lo, hi)), run.device, y.dtype)
             y = res.add_(y)  # MONAI: out = x + h
             held += res.nbytes
+        if reduce is not None:
+            y = reduce(y)
+            if out is None:  # the result as computed (e.g. uint8 labels), never the storage dtype
+                out = _Volume((*y.shape[:2], *out_shape[2:]), slab or tile[0], run.storage, None)
         out.write(lo, y)
         run.trace.max_tile_bytes = max(run.trace.max_tile_bytes, held)
         run.trace.num_tiles += 1
         run.bar.update()
         if consume and i + 1 < len(tiles) and tiles[i + 1][0][0] != lo[0]:  # a row of tiles along x is done
             src.free_below(step.source_box(tiles[i + 1][0][0], tiles[i + 1][1][0], in_size[0])[0])
+    assert out is not None
     return out, short
 
 
@@ -347,6 +366,7 @@ class _Options:
     storage_dtype: torch.dtype | None
     trace: TilingTrace | None
     progress: bool
+    reduce: TileReduce | None = None
 
 
 def _execute(
@@ -368,7 +388,10 @@ def _execute(
                 residual = short if short is not None else x_in
                 del x_in
             else:
-                cur, _ = _run_step(step, cur, plan.tile, run, consume=True, residual=residual, slab=slab)
+                reduce = opts.reduce if i + 1 == len(plans) else None
+                cur, _ = _run_step(
+                    step, cur, plan.tile, run, consume=True, residual=residual, slab=slab, reduce=reduce
+                )
                 residual = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -386,6 +409,7 @@ def decode_tiled(
     storage_dtype: torch.dtype | None = None,
     trace: TilingTrace | None = None,
     progress: bool = False,
+    tile_reduce: TileReduce | None = None,
 ) -> torch.Tensor:
     """Decode latents tile by tile; equals ``autoencoder.decode_stage_2_outputs(z)`` up to float rounding.
 
@@ -403,9 +427,13 @@ def decode_tiled(
             autocast). A narrower one saves host memory but is no longer exact.
         trace: filled with what was actually processed (largest tile in bytes, tiles per step).
         progress: progress bar over the tiles.
+        tile_reduce: applied to each output tile of the last convolution, (N, C_out, tx, ty, tz) ->
+            (N, C', tx, ty, tz) (e.g. an argmax over class logits); the result is assembled from the reduced
+            tiles, in their dtype, so the whole C_out-channel output never exists.
 
     Returns:
-        (N, C_out, fx, fy, fz) images on ``storage_device``, in the dtype of the last convolution.
+        (N, C_out, fx, fy, fz) images on ``storage_device``, in the dtype of the last convolution (with
+        ``tile_reduce``: (N, C', fx, fy, fz) in the reduced dtype).
 
     Raises:
         UnsupportedStructure: the decoder is not built the way the adapter knows (check first with
@@ -413,7 +441,9 @@ def decode_tiled(
     """
     device = next(autoencoder.parameters()).device
     steps = _program(autoencoder, "decoder")
-    opts = _Options(memory_budget_bytes, max_tile_voxels, storage_device, storage_dtype, trace, progress)
+    opts = _Options(
+        memory_budget_bytes, max_tile_voxels, storage_device, storage_dtype, trace, progress, tile_reduce
+    )
 
     def decoder(h: torch.Tensor) -> torch.Tensor:
         return _execute("decoder", steps, h, device, opts)
@@ -462,4 +492,12 @@ def encode_tiled(
     return adapter.run_encode(autoencoder, images, encoder)
 
 
-__all__ = ["StepPlan", "TilingTrace", "UnsupportedStructure", "decode_tiled", "encode_tiled", "plan_tiles"]
+__all__ = [
+    "StepPlan",
+    "TileReduce",
+    "TilingTrace",
+    "UnsupportedStructure",
+    "decode_tiled",
+    "encode_tiled",
+    "plan_tiles",
+]

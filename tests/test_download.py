@@ -32,11 +32,17 @@ from maisi.download import main
 REPO = Path(__file__).resolve().parents[1]
 HF_REPO = "nvidia/NV-Generate-CT"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-RFLOW = ("autoencoder_v1.pt", "diff_unet_3d_rflow-ct.pt", "controlnet_3d_rflow-ct.pt")
+RFLOW = (  # the rflow-ct weights: the CT networks and MAISI's mask generator
+    "autoencoder_v1.pt",
+    "diff_unet_3d_rflow-ct.pt",
+    "controlnet_3d_rflow-ct.pt",
+    "mask_generation_autoencoder.pt",
+    "mask_generation_diffusion_unet.pt",
+)
 PINNED, TOFU = (
     RFLOW[0],
     RFLOW[1:],
-)  # the tests pin the fake autoencoder; the other two go through the lock file
+)  # the tests pin the fake autoencoder; the others go through the lock file
 _rng = random.Random(0)
 FILES = {name: _rng.randbytes(200_000 + 50_000 * i) for i, name in enumerate(RFLOW)}
 MiB = 1 << 20
@@ -232,7 +238,7 @@ def test_downloads_records_first_use_then_verifies_reuse_without_the_host(hub, t
     out = capsys.readouterr().out
     assert_installed(dest)
     assert out.count("Licence:") == 1 and "NVIDIA" in out
-    assert "3 downloaded, 0 skipped (already present), 0 failed" in out
+    assert f"{len(RFLOW)} downloaded, 0 skipped (already present), 0 failed" in out
     assert sorted(p.name for p in dest.iterdir()) == sorted([*RFLOW, download.LOCK_NAME])
     lock = lock_of(dest)
     assert sorted(lock) == sorted(f"{HF_REPO}/models/{n}" for n in TOFU)  # the pinned file needs no entry
@@ -244,7 +250,10 @@ def test_downloads_records_first_use_then_verifies_reuse_without_the_host(hub, t
     hub.log.clear()
     assert fetch(hub.base_url, dest) == 0
     out = capsys.readouterr().out
-    assert out.count("already present, verified against") == 3 and "0 downloaded, 3 skipped" in out
+    assert (
+        out.count("already present, verified against") == len(RFLOW)
+        and f"0 downloaded, {len(RFLOW)} skipped" in out
+    )
     assert f"{PINNED}: already present, verified against the SHA-256 pinned in" in out
     assert hub.log == []  # every reuse is verified by hashing the bytes against the pin or the lock file
 
@@ -253,7 +262,7 @@ def test_force_downloads_again(hub, tmp_path, capsys):
     assert fetch(hub.base_url, tmp_path / "d") == 0
     hub.log.clear()
     assert fetch(hub.base_url, tmp_path / "d", "--force") == 0
-    assert "3 downloaded, 0 skipped" in capsys.readouterr().out
+    assert f"{len(RFLOW)} downloaded, 0 skipped" in capsys.readouterr().out
     assert all(hub.requests("GET", name) for name in RFLOW)
     assert_installed(tmp_path / "d")
 
@@ -271,7 +280,7 @@ def test_corrupted_file_of_the_right_size_is_not_trusted(hub, tmp_path, capsys):
     assert f"{PINNED}: present, but its sha256" in out and f"{TOFU[0]}: present, but its sha256" in out
     # --dest holds hard links of the cache's copies, so the cache was damaged too: found, and fetched anew
     assert out.count("the copy in the download cache is damaged") == 2
-    assert "2 downloaded, 1 skipped" in out
+    assert f"2 downloaded, {len(RFLOW) - 2} skipped" in out
     assert_installed(dest)
 
 
@@ -325,7 +334,7 @@ def test_tampered_bytes_are_rejected_deleted_and_fetched_again_next_run(hub, tmp
     assert fetch(hub.base_url, dest) == 1
     err = capsys.readouterr().err
     assert f"checksum mismatch for {name}: expected sha256 {sha(FILES[name])}" in err
-    assert "maisi.download: failed: 1 of 3 file(s) failed" in err
+    assert f"maisi.download: failed: 1 of {len(RFLOW)} file(s) failed" in err
     assert not (dest / name).exists() and f"{HF_REPO}/models/{name}" not in lock_of(dest)
     assert_installed(dest, RFLOW[:2])
     del hub.served[name]  # the corrupt copy was dropped from the cache too: the next run fetches it again
@@ -366,7 +375,7 @@ def test_plain_http_host_may_not_supply_checksums(tmp_path, capsys):
     assert fetch("http://weights-mirror.example", dest) == 2
     err = capsys.readouterr().err
     assert "--base-url http://weights-mirror.example is plain http" in err
-    assert f"{TOFU[0]}, {TOFU[1]} would be verified against the hash that host announces" in err
+    assert f"{', '.join(TOFU)} would be verified against the hash that host announces" in err
     assert not dest.exists()  # nothing created
     for url in ("https://mirror.example", "http://127.0.0.5:8000", "http://localhost:1", "http://[::1]:80"):
         assert download.may_announce_hash(url), url
@@ -390,7 +399,7 @@ def test_hf_endpoint_is_the_default_base_url(hub, tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("HF_ENDPOINT", hub.base_url)
     args = ["--variant", "rflow-ct", "--dest", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]
     assert main(args) == 0
-    assert "3 downloaded" in capsys.readouterr().out and hub.requests("HEAD", PINNED, "hub")
+    assert f"{len(RFLOW)} downloaded" in capsys.readouterr().out and hub.requests("HEAD", PINNED, "hub")
     assert_installed(tmp_path / "d")
 
 
@@ -404,7 +413,7 @@ def test_offline_rerun_and_hf_hub_offline(hub, tmp_path, capsys, monkeypatch):
     assert (
         fetch(f"http://127.0.0.1:{closed_port()}", dest) == 0
     )  # verified against pin and lock, host not needed
-    assert capsys.readouterr().out.count("already present, verified") == 3
+    assert capsys.readouterr().out.count("already present, verified") == len(RFLOW)
 
     (
         dest / TOFU[0]
@@ -437,8 +446,11 @@ def test_unreachable_host_one_clear_message_and_stop(tmp_path, capsys):
     assert (
         f"download the files by hand from https://huggingface.co/{HF_REPO}/tree/main/models" in captured.err
     )
-    assert "0 downloaded, 0 skipped (already present), 1 failed, 2 not tried" in captured.out
-    assert f"failed: 1 of 3 file(s) failed ({PINNED}), 2 not tried ({TOFU[0]}, {TOFU[1]})" in captured.err
+    assert f"0 downloaded, 0 skipped (already present), 1 failed, {len(TOFU)} not tried" in captured.out
+    assert (
+        f"failed: 1 of {len(RFLOW)} file(s) failed ({PINNED}), {len(TOFU)} not tried ({', '.join(TOFU)})"
+        in captured.err
+    )
     assert "Traceback" not in captured.err
 
 
@@ -450,7 +462,7 @@ def test_missing_or_refused_file_is_the_users_to_fix(hub, tmp_path, capsys, code
     assert fetch(hub.base_url, tmp_path / "d") == 2
     err = capsys.readouterr().err
     assert f"{hub.base_url}/{HF_REPO}/resolve/main/models/{TOFU[1]} answered HTTP {code}: {says}" in err
-    assert "maisi.download: error: 1 of 3 file(s) failed" in err
+    assert f"maisi.download: error: 1 of {len(RFLOW)} file(s) failed" in err
     assert_installed(tmp_path / "d", RFLOW[:2])
 
 
@@ -484,13 +496,14 @@ def test_shipped_manifest_lists_the_mask_database_of_each_variant():
     manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
     for variant, n in (("rflow-ct", 4000), ("ddpm-ct", 3000)):
         files = download.variant_files(manifest, variant, datasets=True, mask_archive=True)
-        assert [f.local for f in files[3:]] == [
+        files = [f for f in files if not f.path.startswith("models/")]
+        assert [f.local for f in files] == [
             f"datasets/candidate_masks_flexible_size_and_spacing_{n}.json",
             "datasets/all_anatomy_size_conditions.json",
             # MAISI's ddpm-ct environment too reads its _3000 database's masks from the _4000 archive
             "datasets/all_masks_flexible_size_and_spacing_4000.zip",
         ]
-        assert all(f.path == f.local and f.repo == HF_REPO for f in files[3:])
+        assert all(f.path == f.local and f.repo == HF_REPO for f in files)
         assert manifest["variants"][variant]["mask_archive"]["extract_to"] == (
             "datasets/all_masks_flexible_size_and_spacing_4000"
         )
@@ -503,7 +516,12 @@ def test_shipped_manifest_lists_what_the_configs_load_and_sourced_pins():
         config = json.loads(
             (REPO / "configs" / f"inference_maisi_{variant.replace('-', '_')}.json").read_text()
         )
-        assert sorted(f.name for f in files) == sorted(Path(p).name for p in config["checkpoints"].values())
+        # the CT networks the config loads, and MAISI's mask generator (one for both variants)
+        expected = [Path(p).name for p in config["checkpoints"].values()] + [
+            "mask_generation_autoencoder.pt",
+            "mask_generation_diffusion_unet.pt",
+        ]
+        assert sorted(f.name for f in files) == sorted(set(expected))
         assert all(f.repo == HF_REPO and f.path == f"models/{f.name}" for f in files)
     pins = download.manifest_pins(manifest)
     assert set(pins) == {f"{HF_REPO}/models/autoencoder_v1.pt"}
@@ -553,7 +571,7 @@ def test_database_files_come_with_the_weights_archive_only_when_asked(database, 
     dest = tmp_path / "d"
     assert fetch(database.base_url, dest) == 0
     out = capsys.readouterr().out
-    assert "5 downloaded, 0 skipped" in out and f"datasets/{DB_JSON}: downloaded" in out
+    assert f"{len(RFLOW) + 2} downloaded, 0 skipped" in out and f"datasets/{DB_JSON}: downloaded" in out
     assert (dest / "datasets" / DB_JSON).read_bytes() == database.files[DB_JSON]
     assert (dest / "datasets" / SIZES_JSON).read_bytes() == b"[]"
     assert f"{HF_REPO}/datasets/{DB_JSON}" in lock_of(dest)  # checked like the weights (trust on first use)
@@ -568,7 +586,7 @@ def test_mask_archive_is_verified_then_extracted_where_the_database_expects_it(d
     dest = tmp_path / "d"
     assert fetch(database.base_url, dest, "--with-mask-archive") == 0
     out = capsys.readouterr().out
-    assert f"datasets/{ARCHIVE}: extracted 2 files" in out and "6 downloaded" in out
+    assert f"datasets/{ARCHIVE}: extracted 2 files" in out and f"{len(RFLOW) + 3} downloaded" in out
     assert f"{HF_REPO}/datasets/{ARCHIVE}" in lock_of(dest)
     files = extracted(dest)
     # the zip's top folder is not repeated, and no temporary folder is left
@@ -598,7 +616,7 @@ def test_hostile_archive_is_refused_whole_and_nothing_is_extracted(database, tmp
     assert f"{ARCHIVE} holds 3 unsafe member(s): '../../escaped.txt' (a '..' component" in err
     assert "'/abs.txt' (an absolute path)" in err and "'ds1/link' (a symbolic link)" in err
     assert "nothing was extracted" in err
-    assert f"failed: 1 of 6 file(s) failed (datasets/{ARCHIVE} (extraction))" in err
+    assert f"failed: 1 of {len(RFLOW) + 3} file(s) failed (datasets/{ARCHIVE} (extraction))" in err
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "models" / "escaped.txt").exists()
     assert sorted(p.name for p in (dest / "datasets").iterdir()) == sorted([DB_JSON, SIZES_JSON, ARCHIVE])
 

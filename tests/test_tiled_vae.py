@@ -218,6 +218,7 @@ def _kind(step: Step) -> str:
     extras = [
         ("shortcut", step.shortcut is not None),
         ("upsample", step.upsample),
+        ("transposed", step.transposed),
         ("end_pad", step.end_pad),
         ("norm", step.norm is not None and step.role == "plain"),
     ]
@@ -234,6 +235,8 @@ def _kind(step: Step) -> str:
             "num_splits": 2,
             "dim_split": 1,
         },  # MONAI's splits
+        {"use_convtranspose": True},  # transposed upsampling, as MAISI's mask VAE
+        {"use_convtranspose": True, "num_splits": 2, "dim_split": 1},
     ],
 )
 def test_adapter_parity_with_monai_forward(arch):
@@ -245,15 +248,8 @@ def test_adapter_parity_with_monai_forward(arch):
     with torch.no_grad():  # log-variance far beyond both clamp bounds in two of the four channels
         vae.quant_conv_log_sigma.conv.bias.copy_(torch.tensor([40.0, -40.0, 0.0, 0.0]))
     kinds = {_kind(step) for part in ("decoder", "encoder") for step in program(vae, part)}
-    assert kinds == {
-        "plain",
-        "plain+norm",
-        "plain+upsample",
-        "plain+end_pad",
-        "res_a",
-        "res_a+shortcut",
-        "res_b",
-    }
+    upsampling = "plain+transposed" if arch.get("use_convtranspose") else "plain+upsample"
+    assert kinds == {"plain", "plain+norm", upsampling, "plain+end_pad", "res_a", "res_a+shortcut", "res_b"}
     z = _latent(5, 8, 3, batch=2)
     with torch.no_grad():
         expected = vae.decode_stage_2_outputs(z)
@@ -326,9 +322,10 @@ def _mutated(tiny: torch.nn.Module, how: str) -> torch.nn.Module:
         vae.decoder.blocks[0].conv = Convolution(3, 4, 16, kernel_size=3, act="PRELU", norm=None)
     elif how == "parameter":  # a parameter MONAI's forward might use and the tiles would not
         block.scale = torch.nn.Parameter(torch.ones(1))
-    elif how == "transposed":
+    elif how == "transposed":  # a transposed upsampling whose stride leaves outputs no kernel tap reaches
         kwargs = {**get_preset("tiny-rflow").autoencoder, "use_convtranspose": True}
         vae = AutoencoderKlMaisi(**kwargs, num_splits=1, dim_split=0)
+        vae.decoder.blocks[2].conv.conv.conv = torch.nn.ConvTranspose3d(16, 16, 1, stride=2, output_padding=1)
     elif how == "attribute":  # an attribute the adapter reads, gone (as another MONAI version might have it)
         del vae.decoder.blocks[2].use_convtranspose
     elif how == "not_a_vae":
@@ -348,7 +345,7 @@ def _mutated(tiny: torch.nn.Module, how: str) -> torch.nn.Module:
             "decoder.blocks.0.conv (Convolution) has submodules ['conv', 'adn'], expected ['conv']",
         ),
         ("parameter", "decoder.blocks.1.scale is not used by the tiled path (1 unused)"),
-        ("transposed", "cannot tile decoder.blocks.2 (MaisiUpsample): upsampling by transposed convolution"),
+        ("transposed", "decoder.blocks.2.conv.conv.conv is ConvTranspose3d"),
         ("attribute", "decoder: 'MaisiUpsample' object has no attribute 'use_convtranspose'"),
         ("not_a_vae", "autoencoder is Sequential, expected MONAI's AutoencoderKL"),
     ],
