@@ -77,19 +77,15 @@ def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
         from maisi.masks.networks import load_mask_network
 
         preset = get_mask_preset(config.preset)
-        vae, weights_path = (
-            load_mask_network(preset, "autoencoder", config.autoencoder, runtime),
-            config.autoencoder,
-        )
+        vae, weights = load_mask_network(preset, "autoencoder", config.autoencoder, runtime)
     else:
         preset = get_preset(config.preset)
         vae, weights = load_network(preset, "autoencoder", config.autoencoder, runtime)
-        weights_path = weights.path
     job = EncodeJob(
         config,
         vae.to(device),
         preset.vae_factor,
-        file_sha256(weights_path),
+        file_sha256(weights.path),
         root,
         out_datalist.parent,
         device,

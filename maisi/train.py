@@ -22,7 +22,9 @@ PROG = "maisi.train"
 
 
 def build_parser():
-    parser = make_parser(PROG, "Train a MAISI-style autoencoder, diffusion UNet, ControlNet, mask VAE or mask UNet.")
+    parser = make_parser(
+        PROG, "Train a MAISI-style autoencoder, diffusion UNet, ControlNet, mask VAE or mask UNet."
+    )
     parser.add_argument("stage", choices=STAGES, help="which network to train")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
     return parser

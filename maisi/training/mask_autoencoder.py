@@ -42,25 +42,21 @@ from maisi.data.io import read_geometry, read_mask
 from maisi.distributed import Ranks
 from maisi.errors import InputError
 from maisi.mask_presets import MaskPreset
+from maisi.masks.decode import CHANNEL_TO_ID_FILE, channel_to_id_table, channels_to_maisi_ids
+from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
 from maisi.networks import RuntimeOptions
-from maisi.resources import load_json
 from maisi.training.autoencoder import kl_divergence
 from maisi.training.ct_data import PatchDraw
 
 log = logging.getLogger(__name__)
 
-CHANNEL_TABLE = "maisi_label_dict_124_to_132.json"  # name -> [channel, MAISI id]
 EXPORT_NAME = "mask_autoencoder.pt"
 
 
 @functools.lru_cache(maxsize=1)
 def channel_ids() -> np.ndarray:
-    """(125,) int64: the MAISI id of each output channel of the mask VAE."""
-    table = load_json(CHANNEL_TABLE)
-    ids = np.full(len(table), -1, dtype=np.int64)
-    for channel, maisi_id in table.values():
-        ids[channel] = maisi_id
-    return ids
+    """(125,) int64: the MAISI id of each output channel of the mask VAE (the packaged table)."""
+    return channel_to_id_table().numpy()
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,7 +86,7 @@ def unknown_ids_message(path: Path | str, ids: list[int]) -> str:
     more = f" (+{len(ids) - 8} more)" if len(ids) > 8 else ""
     return (
         f"{path} holds label id(s) {ids[:8]}{more} that the mask VAE has no channel for (its 125 channels "
-        f"are the MAISI ids of maisi/resources/{CHANNEL_TABLE}); remap the mask to MAISI ids"
+        f"are the MAISI ids of maisi/resources/{CHANNEL_TO_ID_FILE}); remap the mask to MAISI ids"
     )
 
 
@@ -219,18 +215,18 @@ class MaskAutoencoderStage:
             InputError: missing or unreadable masks, or held masks with ids outside the table (all listed).
             CheckpointError: init weights that do not fit the preset.
         """
-        from maisi.masks.networks import build_mask_network, load_mask_network
-
         self.config, self.preset, self.device = config, preset, device
         mc = self.settings = config.mask_autoencoder
         self.patch: tuple[int, int, int] = tuple(int(p) for p in mc.patch_size)  # type: ignore[assignment]
         self.classes = int(preset.num_classes)
+        self._table = channel_to_id_table()
         self.volumes, self.val_volumes = self._read_masks(root, train, val, ranks or Ranks())
         runtime = RuntimeOptions()  # weights-neutral options off: CPU-safe, deterministic
         with torch.random.fork_rng(devices=[]):  # seeded initial weights: equal runs start equal
             torch.manual_seed(config.seed)
             if config.init.mask_autoencoder:
-                self.model = load_mask_network(preset, "autoencoder", config.init.mask_autoencoder, runtime)
+                path = config.init.mask_autoencoder
+                self.model, _ = load_mask_network(preset, "autoencoder", path, runtime)
             else:
                 self.model = build_mask_network(preset, "autoencoder", runtime)
         self.loss = DiceCELoss(
@@ -275,8 +271,7 @@ class MaskAutoencoderStage:
 
     def bit_planes(self, channels: torch.Tensor) -> torch.Tensor:
         """(N, 1, X, Y, Z) channel indices -> (N, 8, X, Y, Z) bit-planes of their MAISI ids."""
-        ids = torch.from_numpy(channel_ids()).to(channels.device)[channels.long()]
-        return binarize_labels(ids)
+        return binarize_labels(channels_to_maisi_ids(channels.long(), self._table.to(channels.device)))
 
     def train_loss(self, model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms on the step's patches (N, 1, *patch_size) of channel indices."""
@@ -334,7 +329,8 @@ class MaskAutoencoderStage:
 
     def export(self, model: nn.Module, folder: Path, config_sha256: str) -> list[Path]:
         path = Path(folder) / EXPORT_NAME
-        return [save_checkpoint(path, model, self.preset, "autoencoder", config_sha256=config_sha256)]
+        part = CHECKPOINT_PART["autoencoder"]
+        return [save_checkpoint(path, model, self.preset, part, config_sha256=config_sha256)]
 
     def state(self) -> dict[str, Any]:
         return {}

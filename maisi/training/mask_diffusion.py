@@ -30,6 +30,7 @@ from maisi.distributed import Ranks
 from maisi.errors import InputError, VolumeError
 from maisi.files import file_sha256
 from maisi.mask_presets import NUM_SIZE_SLOTS, MaskPreset
+from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
 from maisi.networks import RuntimeOptions
 from maisi.sampling import make_scheduler
 from maisi.training.diffusion import denoising_loss, estimate_scale_factor, validation_loss
@@ -174,18 +175,15 @@ class MaskDiffusionStage:
         ranks: Ranks,
         device: torch.device,
     ):
-        from maisi.masks.networks import build_mask_network, load_mask_network
-
         self.config, self.preset, self.train, self.val, self.device = config, preset, train, val, device
         runtime = RuntimeOptions(use_flash_attention=False)
         scale = config.mask_diffusion.scale_factor
         with torch.random.fork_rng(devices=[]):  # seeded initial weights: equal runs start equal
             torch.manual_seed(config.seed)
             if config.init.mask_diffusion_unet:
-                self.model, init_scale = load_mask_network(
-                    preset, "diffusion_unet", config.init.mask_diffusion_unet, runtime, with_scale_factor=True
-                )
-                scale = scale or init_scale
+                path = config.init.mask_diffusion_unet
+                self.model, weights = load_mask_network(preset, "diffusion_unet", path, runtime)
+                scale = scale or weights.scale_factor
             else:
                 self.model = build_mask_network(preset, "diffusion_unet", runtime)
         shapes = sorted({c.shape[1:] for c in train.cases})
@@ -233,8 +231,8 @@ class MaskDiffusionStage:
             save_checkpoint(
                 Path(folder) / EXPORT_NAME,
                 model,
-                self.preset,  # type: ignore[arg-type]
-                "diffusion_unet",
+                self.preset,
+                CHECKPOINT_PART["diffusion_unet"],
                 scale_factor=self.scale_factor,
                 config_sha256=config_sha256,
             )

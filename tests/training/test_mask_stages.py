@@ -145,7 +145,7 @@ def test_size_vectors_are_ten_sizes_in_0_1_or_minus_1():
 
 def test_mask_autoencoder_writes_a_checkpoint_that_loads_strictly(mask_vae, caplog):
     run = mask_vae.parent
-    weights = read_weights(mask_vae, "autoencoder")
+    weights = read_weights(mask_vae, "mask_autoencoder")
     preset = get_mask_preset(PRESET)
     assert weights.preset == PRESET and weights.architecture["out_channels"] == 125
     network = build_mask_network(preset, "autoencoder")
@@ -207,7 +207,7 @@ def test_mask_diffusion_trains_on_mask_latents_and_saves_its_scale_factor(mask_l
     config = _train_config(tmp_path / "d.json", mask_latents, tmp_path / "run")
     assert main(["mask_diffusion", "--config", str(config)]) == 0
     run = tmp_path / "run"
-    weights = read_weights(run / "mask_diffusion_unet.pt", "diffusion_unet")
+    weights = read_weights(run / "mask_diffusion_unet.pt", "mask_diffusion_unet")
     assert weights.scale_factor is not None and weights.scale_factor > 0
     assert "scale_factor = 1 / std of the training mask latents" in caplog.text
     assert "step 2 validation: loss" in caplog.text
@@ -228,7 +228,10 @@ def test_mask_diffusion_resumed_run_equals_the_uninterrupted_one(mask_latents, t
     assert main(["mask_diffusion", "--config", str(more), "--resume"]) == 0
     a, b = tmp_path / "a" / "mask_diffusion_unet.pt", tmp_path / "b" / "mask_diffusion_unet.pt"
     assert _state_dicts_equal(a, b)
-    assert read_weights(a, "diffusion_unet").scale_factor == read_weights(b, "diffusion_unet").scale_factor
+    assert (
+        read_weights(a, "mask_diffusion_unet").scale_factor
+        == read_weights(b, "mask_diffusion_unet").scale_factor
+    )
 
 
 def test_mask_diffusion_finetunes_from_its_checkpoint_keeping_the_scale_factor(mask_latents, tmp_path):
@@ -240,8 +243,8 @@ def test_mask_diffusion_finetunes_from_its_checkpoint_keeping_the_scale_factor(m
     assert main(["mask_diffusion", "--config", str(again)]) == 0
     finetuned = tmp_path / "b" / "mask_diffusion_unet.pt"
     assert (
-        read_weights(finetuned, "diffusion_unet").scale_factor
-        == read_weights(trained, "diffusion_unet").scale_factor
+        read_weights(finetuned, "mask_diffusion_unet").scale_factor
+        == read_weights(trained, "mask_diffusion_unet").scale_factor
     )
     assert not _state_dicts_equal(trained, finetuned)
 
