@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from maisi.training.mask_diffusion import size_vector_problems
 from maisi.training.run import build_stage
 from tests.conftest import phantom_mask, write_config
 
+REPO = Path(__file__).resolve().parents[2]
 PRESET = "tiny-mask-ddpm"
 SIZES = [[0.5, 0.2, -1, -1, -1, -1, -1, -1, -1, -1], [0.1, 0.9, -1, 0.3, -1, -1, -1, -1, -1, -1]]
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
@@ -198,6 +201,22 @@ def test_mask_autoencoder_learns_one_mask(mask_cases, tmp_path):
     train(stage, config, Ranks(), torch.device("cpu"), "test", None)
     after = stage.validate(stage.model)[0]
     assert after["accuracy"] > before["accuracy"] + 0.2 and after["dice"] > before["dice"] + 0.05
+
+
+def test_two_process_torchrun_mask_autoencoder_writes_one_checkpoint(mask_cases, tmp_path):
+    config = _train_config(tmp_path / "t.json", mask_cases, tmp_path / "run", steps=2, tensorboard=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547"]
+    cmd += ["-m", "maisi.train", "mask_autoencoder", "--config", str(config)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # each process draws from its own share of the 2 training masks; rank 0 alone validates and writes
+    assert done.stderr.count("1 training and 1 validation masks") == 2
+    assert done.stderr.count("step 2 validation: dice") == 1
+    weights = read_weights(tmp_path / "run" / "mask_autoencoder.pt", "mask_autoencoder")
+    build_mask_network(get_mask_preset(PRESET), "autoencoder").load_state_dict(
+        weights.state_dict, strict=True
+    )
 
 
 # ------------------------------------------------------------------------------------------ mask_diffusion
