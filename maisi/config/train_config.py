@@ -66,6 +66,7 @@ class AutoencoderStageConfig:
 @dataclass(frozen=True)
 class MaskAutoencoderStageConfig:
     patch_size: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None
     dice_weight: float
     ce_weight: float
     kl_weight: float

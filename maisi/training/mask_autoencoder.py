@@ -9,7 +9,8 @@ channel of its id). Loss::
     DiceCELoss(softmax, one-hot target; dice_weight, ce_weight) + kl_weight * KL
 
 Masks come from the datalist entries' ``label``. Each is read once, checked (integer labels, every id in the
-table; all problems listed at once) and held as channel indices, up to ``$.loader.cache_rate`` as the CT
+table; all problems listed at once), resampled (nearest) to ``$.mask_autoencoder.spacing`` when it is set and
+held as channel indices, up to ``$.loader.cache_rate`` as the CT
 autoencoder stage holds its images. A step's patches are drawn with the generator the loop seeds from (seed,
 step, rank), so a resumed run repeats the uninterrupted one exactly.
 
@@ -28,10 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
-from monai.transforms import Compose, DivisiblePad, SpatialPad, Transform
+from monai.transforms import Compose, DivisiblePad, Spacing, SpatialPad, Transform
 from monai.utils import convert_to_tensor
 from torch import nn
 
@@ -115,18 +116,24 @@ class LoadMaskChannelsd(Transform):
     background (symmetric) to at least ``min_size``; or ``{"problem": message}`` (returned, not raised: raised
     in a worker it would arrive wrapped in the worker's traceback)."""
 
-    def __init__(self, min_size: tuple[int, int, int] | None):
+    def __init__(
+        self, min_size: tuple[int, int, int] | None, spacing: tuple[float, float, float] | None = None
+    ):
         self.pad = SpatialPad(min_size, method="symmetric", mode="constant") if min_size else None
+        self.resample = Spacing(pixdim=spacing, mode="nearest", padding_mode="zeros") if spacing else None
 
     def __call__(self, item: dict[str, str]) -> dict[str, Any]:
         try:
-            mask = read_mask(item["label"]).array
+            volume = read_mask(item["label"])
         except InputError as e:
             return {"problem": f"{item['where']}: {e}"}
-        bad = unknown_ids(mask)
+        bad = unknown_ids(volume.array)
         if bad:
             return {"problem": f"{item['where']}: {unknown_ids_message(item['label'], bad)}"}
-        x = torch.from_numpy(to_channels(mask))[None]
+        x = torch.from_numpy(to_channels(volume.array))[None]
+        if self.resample is not None:  # nearest on channel indices: every voxel keeps one of the mask's ids
+            x = MetaTensor(x, affine=torch.as_tensor(volume.affine))
+            x = convert_to_tensor(self.resample(x), track_meta=False).round().to(torch.uint8)
         if self.pad is not None:
             x = convert_to_tensor(self.pad(x), track_meta=False)
         return {"label": x.contiguous()}
@@ -143,10 +150,11 @@ class MaskVolumes:
         cache_rate: float,
         threads: int = 1,
         progress: bool = False,
+        spacing: tuple[float, float, float] | None = None,
     ):
         self.data = CacheDataset(
             items,
-            Compose([LoadMaskChannelsd(min_size)]),
+            Compose([LoadMaskChannelsd(min_size, spacing)]),
             cache_rate=cache_rate,
             num_workers=max(1, threads),
             progress=progress,
@@ -258,10 +266,11 @@ class MaskAutoencoderStage:
             raise InputError("the mask_autoencoder stage has no training masks")
         if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
             train_items = ranks.shard(train_items)
-        loader = self.config.loader
-        volumes = MaskVolumes(train_items, self.patch, loader.cache_rate, loader.num_workers, ranks.is_main)
+        loader, spacing = self.config.loader, self.settings.spacing
+        threads, main = loader.num_workers, ranks.is_main
+        volumes = MaskVolumes(train_items, self.patch, loader.cache_rate, threads, main, spacing)
         val_rate = loader.cache_rate if ranks.is_main else 0.0
-        val_volumes = MaskVolumes(val_items, None, val_rate, loader.num_workers, ranks.is_main)
+        val_volumes = MaskVolumes(val_items, None, val_rate, threads, main, spacing)
         _refuse(volumes.problems + val_volumes.problems)
         return volumes, val_volumes
 

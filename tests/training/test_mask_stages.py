@@ -203,6 +203,16 @@ def test_mask_autoencoder_learns_one_mask(mask_cases, tmp_path):
     assert after["accuracy"] > before["accuracy"] + 0.2 and after["dice"] > before["dice"] + 0.05
 
 
+def test_mask_autoencoder_resamples_the_masks_to_the_configured_spacing(mask_cases, tmp_path):
+    changes = {"patch_size": [16, 16, 16], "val_roi_size": [16, 16, 16], "spacing": [12.0, 12.0, 12.0]}
+    path = _train_config(tmp_path / "t.json", mask_cases, tmp_path / "run", mask_autoencoder=changes)
+    stage = build_stage("mask_autoencoder", load_config(path, "train"), Ranks(), torch.device("cpu"))
+    held = stage.val_volumes[0]  # 32 x 32 x 24 at 6 mm -> 16 x 16 x 12 at 12 mm, ids kept
+    assert held.shape == (1, 16, 16, 12) and held.dtype == torch.uint8
+    assert sorted(channel_ids()[held.unique().numpy()].tolist()) == [0, 1, 28, 200]
+    assert stage.volumes[0].shape == (1, 16, 16, 16)  # training masks padded to the patch
+
+
 def test_two_process_torchrun_mask_autoencoder_writes_one_checkpoint(mask_cases, tmp_path):
     config = _train_config(tmp_path / "t.json", mask_cases, tmp_path / "run", steps=2, tensorboard=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547"]
