@@ -87,7 +87,9 @@ def unknown_ids_message(path: Path | str, ids: list[int]) -> str:
     more = f" (+{len(ids) - 8} more)" if len(ids) > 8 else ""
     return (
         f"{path} holds label id(s) {ids[:8]}{more} that the mask VAE has no channel for (its 125 channels "
-        f"are the MAISI ids of maisi/resources/{CHANNEL_TO_ID_FILE}); remap the mask to MAISI ids"
+        f"are the MAISI ids of maisi/resources/{CHANNEL_TO_ID_FILE}; kidney cysts 116/117 and the dummy "
+        "slots are not among them): relabel those voxels, e.g. to their host organ with python -m "
+        "maisi.labels remap --mapping YOUR_MAPPING.json, or leave the case out"
     )
 
 
