@@ -27,7 +27,6 @@ RESUMABLE_CHANGES = (
     "autoencoder.val_method",
     "autoencoder.val_memory_budget_mb",
     "autoencoder.val_roi_size",
-    "mask_autoencoder.val_roi_size",
     "loader.num_workers",
     "loader.prefetch_factor",
     "loader.cache_rate",
