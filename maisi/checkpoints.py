@@ -66,6 +66,19 @@ class Weights:
     architecture: dict[str, Any] | None  # ours only
 
 
+_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv_mu.", "quant_conv_log_sigma.", "post_quant_conv.")
+
+
+def _is_wrapped_vae(obj: dict) -> bool:
+    """A dict whose ``unet_state_dict`` holds autoencoder tensors (names of AutoencoderKlMaisi's modules)."""
+    inner = obj.get("unet_state_dict")
+    return (
+        isinstance(inner, dict)
+        and len(inner) > 0
+        and all(isinstance(k, str) and k.startswith(_VAE_PREFIXES) for k in inner)
+    )
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -211,6 +224,11 @@ def read_weights(path: str | Path, part: AnyPart) -> Weights:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _read_ours(obj, path, part)
     if isinstance(obj, dict):
+        if part == "autoencoder" and _is_wrapped_vae(obj):
+            # MAISI's loaders accept a VAE saved under 'unet_state_dict' (NV-Generate-CTMR
+            # scripts/inference.py, utils_infer.py): read it as the plain state_dict it wraps.
+            state_dict = _checked_state_dict(obj, "unet_state_dict", path, "released MAISI autoencoder")
+            return Weights(path, state_dict, "released-vae", None, None, None)
         for key, holder in _RELEASED_KEYS.items():
             if key in obj:
                 if holder != _network_part(part):

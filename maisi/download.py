@@ -1,9 +1,13 @@
-"""``python -m maisi.download``: fetch the released MAISI CT weights into ``models/maisi``, verified.
+"""``python -m maisi.download``: fetch the released MAISI CT and MR weights into ``models/maisi``, verified.
 
-    python -m maisi.download --variant rflow-ct --dest models/maisi [--base-url URL] [--cache-dir DIR]
-        [--force] [--allow-unverified] [--weights-only] [--with-mask-archive] [-v]
+    python -m maisi.download --variant rflow-ct|ddpm-ct|rflow-mr|rflow-mr-brain --dest models/maisi
+        [--base-url URL] [--cache-dir DIR] [--force] [--allow-unverified] [--weights-only]
+        [--with-mask-archive] [-v]
 
-With the weights come MAISI's mask-database files
+The MR variants (``rflow-mr``: ``autoencoder_v2.pt`` + ``diff_unet_3d_rflow-mr.pt`` from
+nvidia/NV-Generate-MR; ``rflow-mr-brain``: the CT ``autoencoder_v1.pt`` +
+``diff_unet_3d_rflow-mr-brain_v1.pt`` from nvidia/NV-Generate-MR-Brain) have weights only. With the CT
+weights come MAISI's mask-database files
 (``datasets/candidate_masks_flexible_size_and_spacing_<N>.json``,
 ``datasets/all_anatomy_size_conditions.json``; ``--weights-only`` skips them), saved under
 ``<dest>/datasets/``. ``--with-mask-archive`` adds the masks themselves (a zip of several GB), verified like
@@ -527,7 +531,10 @@ def fetch_files(files: list[RemoteFile], job: Job) -> Summary:
 
 def extract_mask_archive(manifest: dict[str, Any], variant: str, job: Job, summary: Summary) -> None:
     """Unpack the verified mask archive where MAISI's database expects its masks (``extract_to``)."""
-    entry = manifest["variants"][variant]["mask_archive"]
+    entry = manifest["variants"][variant].get("mask_archive")
+    if entry is None:  # the MR variants have no mask database
+        print(f"{variant} has no mask archive: --with-mask-archive fetched nothing more")
+        return
     file = RemoteFile(entry["repo"], entry["path"], entry.get("save_as"))
     if file.local not in summary.downloaded + summary.skipped:
         return  # not fetched: already reported
@@ -581,7 +588,7 @@ def check_transport(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(PROG, "Download the released MAISI CT weights (verified).")
+    parser = new_parser(PROG, "Download the released MAISI CT or MR weights (verified).")
     parser.add_argument(
         "--variant", required=True, choices=sorted(load_manifest()["variants"]), help="which released model"
     )
@@ -628,7 +635,8 @@ def run(args: argparse.Namespace) -> int:
     lock = Lock(dest)  # read (and checked) before anything is created
     check_transport(files, pins, lock, args.base_url)
     dest, cache_dir = writable_folder(dest, "--dest"), writable_folder(args.cache_dir, "--cache-dir")
-    print(f"Licence: {manifest['licence']}: {manifest['model_page']}")
+    pages = sorted({f"{DEFAULT_BASE_URL}/{f.repo}" for f in files})  # an MR variant's files span repositories
+    print(f"Licence: {manifest['licence']}: {', '.join(pages)}")
     job = Job(dest, args.base_url, cache_dir, args.force, args.allow_unverified, offline_mode(), pins, lock)
     summary = fetch_files(files, job)
     if args.with_mask_archive:

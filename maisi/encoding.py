@@ -1,11 +1,18 @@
 """Pre-encode one case of a datalist: CT (and label) -> latent, transformed label and sidecar.
 
-Per case: read the CT in RAS, map HU [-1000, 1000] to [0, 1] (MAISI's intensity transform), optionally
-resample to a target spacing (MONAI ``Spacing``), pad to a multiple (MONAI ``DivisiblePad``, -1000 HU),
+Per case: read the image in RAS, map it to [0, 1] as MAISI does for its modality (the entry's ``modality``,
+else the config's; :func:`maisi.intensity.to_unit`: CT HU [-1000, 1000], MR its 0-99.5 percentile range, not
+clipped), optionally resample to a target spacing (MONAI ``Spacing``), pad to a multiple (MONAI
+``DivisiblePad``, unit 0: -1000 HU, or the MR image's minimum),
 encode with bounded memory, and write the label on the same grid, then the latent, then the sidecar (last:
 it marks the case finished). A finished case whose sidecar still matches its inputs and whose files still
 match their checksums is skipped. Non-finite CT voxels fail the case unless the config's ``nonfinite`` is
 "fill_air"; a latent that came out non-finite is never written.
+
+With kind "mask" a case is the entry's label mask instead: read in RAS, its MAISI ids checked against the
+mask VAE's 125 channels, optionally resampled (nearest), padded with background, turned into 8 bit-planes and
+encoded with the mask VAE of a mask preset; the sidecar records kind "mask" and the entry's ``anatomy_size``
+when it has one (the mask_diffusion training stage reads them). No label is written.
 
 Before any case runs, :func:`check_outputs` refuses a run whose outputs would land on one of its inputs
 or on each other.
@@ -25,9 +32,9 @@ from monai.data import MetaTensor
 from monai.transforms import DivisiblePad, Spacing
 
 import maisi
-from maisi.conditioning import body_region_from_mask
+from maisi.conditioning import binarize_labels, body_region_from_mask
 from maisi.config.encode_config import EncodeConfig
-from maisi.data.datalist import one_hot
+from maisi.data.datalist import case_modality, one_hot
 from maisi.data.io import Volume, read_mask, read_volume, write_volume
 from maisi.data.latents import (
     encoded_relpaths,
@@ -41,7 +48,7 @@ from maisi.data.latents import (
 from maisi.decoding import encode
 from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
-from maisi.intensity import HU_MAX, HU_MIN, hu_to_unit
+from maisi.intensity import HU_MIN, is_mr, to_unit
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,15 @@ class EncodeJob:
     dtype: torch.dtype | None
 
 
+def source_key(kind: str) -> str:
+    """The datalist key of what a run encodes: the CT ``image``, or (kind "mask") the ``label`` mask."""
+    return "label" if kind == "mask" else "image"
+
+
 def output_paths(job: EncodeJob, image_rel: str, has_label: bool) -> tuple[Path, Path | None]:
     """Latent and transformed-label paths of a case, keeping the datalist's sub-folders (see
-    :func:`maisi.data.latents.encoded_relpaths`)."""
+    :func:`maisi.data.latents.encoded_relpaths`); ``image_rel`` is the encoded file (the mask, for kind
+    "mask")."""
     latent, label = encoded_relpaths(image_rel)
     out = Path(job.config.output_dir)
     return out / latent, (out / label if has_label else None)
@@ -95,7 +108,8 @@ def _run_inputs(config: EncodeConfig, entries: list[dict[str, Any]], root: Path)
     inputs = [(Path(config.datalist), "the input datalist")]
     inputs.append((Path(config.autoencoder), "the autoencoder checkpoint"))
     for i, entry in enumerate(entries):
-        inputs.append((root / entry["image"], f"the image of $.training[{i}]"))
+        if config.kind == "image":  # kind "mask" never reads the CT
+            inputs.append((root / entry["image"], f"the image of $.training[{i}]"))
         if entry.get("label"):
             inputs.append((root / entry["label"], f"the label of $.training[{i}]"))
     return inputs
@@ -110,12 +124,15 @@ def _run_outputs(
     """
     outputs = []
     out = Path(config.output_dir)
+    key = source_key(config.kind)
     for i, entry in enumerate(entries):
-        latent, label = encoded_relpaths(entry["image"])
-        case = f"$.training[{i}] ({entry['image']})"
+        if not entry.get(key):
+            continue  # nothing to encode: refused before this by the run (kind "mask" without a label)
+        latent, label = encoded_relpaths(entry[key])
+        case = f"$.training[{i}] ({entry[key]})"
         outputs.append((out / latent, f"the latent of {case}", case))
         outputs.append((sidecar_path(out / latent), f"the sidecar of {case}", case))
-        if entry.get("label"):
+        if entry.get("label") and config.kind == "image":
             outputs.append((out / label, f"the transformed label of {case}", case))
     return outputs + [(out_datalist, "the output datalist", "the output datalist")]
 
@@ -166,7 +183,9 @@ def _fingerprint(
     job: EncodeJob, index: int, entry: dict[str, Any], source_sha: str, label_sha: str | None
 ) -> dict:
     c = job.config
+    mr = {"intensity": "mr_percentile"} if is_mr(case_modality(entry, c.modality)) else {}  # CT: as before
     return {
+        **mr,
         "source_image": entry["image"],
         "source_sha256": source_sha,
         "source_label": entry.get("label"),
@@ -222,11 +241,12 @@ def _may_skip(
     return job.config.nonfinite == "fill_air" or previous["nonfinite_filled"] == 0
 
 
-def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
-    """The CT with its non-finite voxels handled by ``policy``, and how many there were.
+def finite_ct(ct: Volume, path: Path, policy: str, mr: bool = False) -> tuple[Volume, int]:
+    """The image with its non-finite voxels handled by ``policy``, and how many there were.
 
     One NaN voxel spreads through the encoder's convolutions and normalisations to the whole latent, so
-    "error" refuses the case; "fill_air" sets those voxels to -1000 HU.
+    "error" refuses the case; "fill_air" sets those voxels to -1000 HU (CT) or, for MR (``mr``), to the
+    smallest finite value of the image (its background).
 
     Raises:
         InputError: non-finite voxels under the "error" policy, naming the file and the count.
@@ -240,7 +260,8 @@ def finite_ct(ct: Volume, path: Path, policy: str) -> tuple[Volume, int]:
             f"{path}: {count} non-finite voxel(s) (NaN or inf) in the CT; fix the image, or set "
             '"nonfinite": "fill_air" in the encode config to encode them as air (-1000 HU)'
         )
-    return ct.with_array(np.where(bad, HU_MIN, ct.array)), count
+    fill = float(np.min(ct.array[~bad])) if mr and count < ct.array.size else HU_MIN
+    return ct.with_array(np.where(bad, fill, ct.array)), count
 
 
 def _check_finite_latent(latent: torch.Tensor, image_path: Path) -> None:
@@ -257,13 +278,103 @@ def _datalist_entry(job: EncodeJob, sidecar: dict, latent: Path, label: Path | N
         return Path(os.path.relpath(p.resolve(), job.output_datalist_dir.resolve())).as_posix()
 
     entry = {"image": rel(latent), "label": rel(label) if label else None}
-    keys = ("dim", "spacing", "top_region_index", "bottom_region_index", "modality", "fold")
+    keys = ("dim", "spacing", "top_region_index", "bottom_region_index", "modality", "fold", "anatomy_size")
     entry.update({k: sidecar[k] for k in keys if sidecar.get(k) is not None})
     return entry
 
 
+def _mask_fingerprint(job: EncodeJob, index: int, entry: dict[str, Any], mask_sha: str) -> dict:
+    """What a mask latent depends on: the mask, its size vector (recorded in the sidecar) and the settings."""
+    sources = ("source_image", "source_sha256", "source_label", "label_sha256")
+    settings = {k: v for k, v in _fingerprint(job, index, entry, "", None).items() if k not in sources}
+    return {
+        "kind": "mask",
+        "source_label": entry["label"],
+        "label_sha256": mask_sha,
+        "anatomy_size": entry.get("anatomy_size"),
+        **settings,
+    }
+
+
+def mask_bit_planes(job: EncodeJob, mask: Volume, path: Path) -> tuple[MetaTensor, torch.Tensor]:
+    """A MAISI-id mask resampled (nearest, optional) and padded with background: (1, X, Y, Z) MetaTensor of
+    ids, and its (1, 8, X, Y, Z) float bit-planes, the mask VAE's input.
+
+    Raises:
+        InputError: ids the mask VAE has no channel for (named, with the file).
+    """
+    from maisi.training.mask_autoencoder import unknown_ids, unknown_ids_message
+
+    bad = unknown_ids(mask.array)
+    if bad:
+        raise InputError(unknown_ids_message(path, bad))
+    ids = transform(
+        mask.with_array(mask.array.astype(np.int16)),
+        job.config.target_spacing,
+        job.config.multiple,
+        "nearest",
+    )
+    return ids, binarize_labels(ids.as_tensor().round().long()[None])
+
+
+def encode_mask_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult:
+    """Encode one entry's label mask with the mask VAE (or skip it when finished and intact)."""
+    t0 = time.perf_counter()
+    mask_path = job.root / entry["label"]
+    latent_out, _ = output_paths(job, entry["label"], False)
+    if not mask_path.exists():
+        raise InputError(f"file not found: {mask_path}")
+    fingerprint = _mask_fingerprint(job, index, entry, file_sha256(mask_path))
+    previous = read_sidecar(latent_out)
+    if _may_skip(job, previous, fingerprint, latent_out, None):
+        return CaseResult(
+            index, entry["label"], "skipped", entry=_datalist_entry(job, previous, latent_out, None)
+        )
+    c = job.config
+    mask = read_mask(mask_path)
+    ids, bits = mask_bit_planes(job, mask, mask_path)
+    generator = torch.Generator().manual_seed(c.seed + index)
+    latent = encode(
+        job.autoencoder,
+        bits.to(job.device),
+        method=c.tiling.method,
+        roi_size=c.tiling.roi_size,
+        overlap=c.tiling.overlap,
+        memory_budget_bytes=c.tiling.memory_budget_mb << 20,
+        sample=c.latent == "sample",
+        generator=generator,
+        autocast_dtype=job.dtype,
+    )[0]
+    _check_finite_latent(latent, mask_path)
+    affine = ids.affine.numpy().astype(np.float64)
+    sidecar: dict[str, Any] = {
+        "kind": "mask",
+        "dim": list(ids.shape[1:]),
+        "spacing": [round(float(s), 6) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+        "fold": entry.get("fold"),
+        "latent_shape": list(latent.shape),
+        "label_ids": sorted(int(v) for v in np.unique(mask.array)),
+        "maisi_version": maisi.__version__,
+    }
+    if entry.get("anatomy_size") is not None:
+        sidecar["anatomy_size"] = list(entry["anatomy_size"])
+    write_latent(latent_out, latent.numpy(), latent_affine(affine, job.vae_factor))
+    sidecar["latent_sha256"] = file_sha256(latent_out)
+    sidecar["fingerprint"] = fingerprint
+    write_sidecar(latent_out, sidecar)
+    return CaseResult(
+        index,
+        entry["label"],
+        "encoded",
+        entry=_datalist_entry(job, sidecar, latent_out, None),
+        seconds=time.perf_counter() - t0,
+    )
+
+
 def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult:
     """Encode one datalist entry (or skip it when its outputs are finished and intact)."""
+    if job.config.kind == "mask":
+        return encode_mask_case(job, index, entry)
     t0 = time.perf_counter()
     image_path = job.root / entry["image"]
     label_path = job.root / entry["label"] if entry.get("label") else None
@@ -281,8 +392,10 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         )
 
     c = job.config
-    ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite)
-    unit = ct.with_array(hu_to_unit(ct.array))
+    modality = case_modality(entry, c.modality)
+    ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite, is_mr(modality))
+    unit_array, intensity = to_unit(ct.array, modality, str(image_path))
+    unit = ct.with_array(unit_array)
     image_t = transform(unit, c.target_spacing, c.multiple, "bilinear")
     regions = None
     if label_path is not None:
@@ -311,12 +424,12 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
     sidecar: dict[str, Any] = {
         "dim": list(image_t.shape[1:]),
         "spacing": [round(float(s), 6) for s in np.linalg.norm(image_affine[:3, :3], axis=0)],
-        "modality": entry.get("modality", c.modality),
+        "modality": modality,
         "fold": entry.get("fold"),
         "latent_shape": list(latent.shape),
-        "intensity": {"hu_window": [HU_MIN, HU_MAX], "scaled_to": [0.0, 1.0], "pad_value_hu": HU_MIN},
+        "intensity": intensity,  # how the image was mapped to [0, 1] (MR: the window of this image)
         "maisi_version": maisi.__version__,
-        "nonfinite_filled": filled,  # CT voxels set to -1000 HU by the "fill_air" policy
+        "nonfinite_filled": filled,  # voxels set to -1000 HU (MR: the image minimum) by "fill_air"
     }
     for key, value in (("top_region_index", 0), ("bottom_region_index", 1)):
         if entry.get(key) is not None:

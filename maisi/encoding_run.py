@@ -17,9 +17,10 @@ from maisi.config import EncodeConfig
 from maisi.data.datalist import data_root, read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device
 from maisi.distributed import Ranks, finish, gather, init_from_env
-from maisi.encoding import CaseResult, EncodeJob, check_outputs, encode_case
+from maisi.encoding import CaseResult, EncodeJob, check_outputs, encode_case, source_key
 from maisi.errors import InputError, RunFailure
 from maisi.files import check_output_dir, file_sha256
+from maisi.mask_presets import get_mask_preset
 from maisi.networks import RuntimeOptions, get_preset
 from maisi.progress import progress_bar
 
@@ -45,6 +46,22 @@ def output_datalist_path(config: EncodeConfig) -> Path:
     return Path(config.output_datalist or Path(config.output_dir) / "datalist.json")
 
 
+def check_mask_entries(entries: list[dict], root: Path) -> None:
+    """Kind "mask": every entry names an existing label mask (all problems listed, before the model loads).
+
+    Raises:
+        InputError: naming each ``$.training[i].label`` that is missing or not found.
+    """
+    problems = []
+    for i, entry in enumerate(entries):
+        if not entry.get("label"):
+            problems.append(f"$.training[{i}].label: missing (kind 'mask' encodes each entry's label mask)")
+        elif not (root / entry["label"]).exists():
+            problems.append(f"$.training[{i}].label: file not found: {root / entry['label']}")
+    if problems:
+        raise InputError(f"mask datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+
+
 def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
     """Check every input and output location (nothing is written), then load the autoencoder."""
     device = ranks.device(resolve_device(config.device))
@@ -52,9 +69,18 @@ def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
     root = data_root(config.datalist, config.data_root)
     out_datalist = output_datalist_path(config)
     check_output_locations(Path(config.output_dir), out_datalist)
+    if config.kind == "mask":
+        check_mask_entries(datalist["training"], root)
     check_outputs(config, datalist["training"], root, out_datalist)
-    preset = get_preset(config.preset)
-    vae, weights = load_network(preset, "autoencoder", config.autoencoder, RuntimeOptions.for_device(device))
+    runtime = RuntimeOptions.for_device(device)
+    if config.kind == "mask":
+        from maisi.masks.networks import load_mask_network
+
+        preset = get_mask_preset(config.preset)
+        vae, weights = load_mask_network(preset, "autoencoder", config.autoencoder, runtime)
+    else:
+        preset = get_preset(config.preset)
+        vae, weights = load_network(preset, "autoencoder", config.autoencoder, runtime)
     job = EncodeJob(
         config,
         vae.to(device),
@@ -71,19 +97,18 @@ def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:
 def encode_share(job: EncodeJob, cases: list, max_cases: int | None, show_progress: bool) -> list[CaseResult]:
     results: list[CaseResult] = []
     encoded = 0
+    key = source_key(job.config.kind)
     for index, entry in progress_bar(cases, desc="encoding", enabled=show_progress):
         if max_cases is not None and encoded >= max_cases:
-            results.append(
-                CaseResult(index, entry["image"], "pending", "--max-cases reached; rerun to continue")
-            )
+            results.append(CaseResult(index, entry[key], "pending", "--max-cases reached; rerun to continue"))
             continue
         try:
             result = encode_case(job, index, entry)
         except (InputError, RunFailure) as e:  # the message says it all
-            result = CaseResult(index, entry["image"], "failed", str(e))
+            result = CaseResult(index, entry[key], "failed", str(e))
         except Exception as e:  # noqa: BLE001 - one broken case must not stop the others
             log.debug("case %d failed", index, exc_info=True)
-            result = CaseResult(index, entry["image"], "failed", f"{type(e).__name__}: {e}")
+            result = CaseResult(index, entry[key], "failed", f"{type(e).__name__}: {e}")
         encoded += result.status == "encoded"
         results.append(result)
     return results

@@ -1,5 +1,10 @@
 """Metrics of real and synthetic CT: VAE reconstruction, MS-SSIM diversity, 2.5D FID, and a montage.
 
+Volumes are CT unless their modality is MR (a real entry's ``modality``, else ``$.modality``; the
+synthetic set takes ``$.modality``): MR volumes are put on the [0, 1] scale by their own 0-99.5 percentile
+range (MAISI's MR transform, not clipped, :func:`maisi.intensity.to_unit`) wherever CT uses HU [-1000, 1000]
+below, and their montage rows show that range.
+
 * **Reconstruction** (real CT through the VAE): HU [-1000, 1000] -> [0, 1] (MAISI's intensity transform),
   optionally resampled to a target spacing as ``maisi.encode`` does (MONAI ``Spacing``, bilinear), padded
   with 0 (-1000 HU) to a multiple of the VAE factor (MONAI ``DivisiblePad``), encoded to the posterior
@@ -42,7 +47,7 @@ from maisi.atomic import write_json
 from maisi.checkpoints import load_network
 from maisi.config.evaluate_config import EvaluateConfig
 from maisi.config.loader import to_jsonable
-from maisi.data.datalist import data_root, read_datalist
+from maisi.data.datalist import case_modality, data_root, read_datalist
 from maisi.data.io import Volume, read_geometry, read_volume
 from maisi.decoding import round_trip as reconstruct  # the name maisi.evaluate users know
 from maisi.device import autocast_dtype, resolve_device
@@ -56,7 +61,7 @@ from maisi.fid import (
     slice_counts,
     volume_features,
 )
-from maisi.intensity import hu_to_unit
+from maisi.intensity import HU_MAX, HU_MIN, is_mr, to_unit
 from maisi.networks import Preset, RuntimeOptions, get_preset
 from maisi.preview import (
     montage,
@@ -187,15 +192,16 @@ def reconstruction_case(
     path: Path,
     config: EvaluateConfig,
     device: torch.device,
+    modality: str = "ct",
 ) -> dict[str, Any]:
-    """One real volume through the VAE and its metrics.
+    """One real volume through the VAE and its metrics (``modality`` chooses the [0, 1] mapping).
 
     Returns:
         ``image``, ``shape`` (as read), ``evaluated_shape`` and ``evaluated_spacing`` (after the optional
         resampling), ``psnr``, ``ssim``, ``ms_ssim`` and ``skipped`` (see :func:`image_metrics`).
     """
     rec = config.reconstruction
-    unit = volume.with_array(hu_to_unit(volume.array))
+    unit = volume.with_array(to_unit(volume.array, modality, str(path))[0])
     if rec.target_spacing is not None:  # the same resampling as maisi.encode (MONAI Spacing, bilinear)
         resampled = transform(unit, list(rec.target_spacing), 1, "bilinear")
         unit = Volume(resampled[0].numpy().astype(np.float32), resampled.affine.numpy().astype(np.float64))
@@ -206,6 +212,7 @@ def reconstruction_case(
     metrics = image_metrics(recon.to(device), image.to(device), ssim.kernel_size, ssim.kernel_sigma)
     return {
         "image": str(path),
+        "modality": modality,
         "shape": list(volume.shape),
         "evaluated_shape": list(unit.shape),
         "evaluated_spacing": [round(float(s), 6) for s in unit.spacing],
@@ -264,10 +271,15 @@ def diversity_problem(paths: list[Path], shapes: dict[Path, Shape], kernel_size:
 # ------------------------------------------------------------------------------------------- montage
 
 
-def montage_row(volume: Volume, height: int | None = MONTAGE_ROW_HEIGHT) -> np.ndarray:
-    """Axial, coronal and sagittal mid-slices side by side (uint8, soft-tissue window), scaled (nearest
-    neighbour, aspect kept) to ``height`` pixels; None keeps the preview's own size."""
-    row = montage([window(p.astype(np.float32), *MONTAGE_WINDOW) for p in three_planes(volume)])
+def montage_row(volume: Volume, height: int | None = MONTAGE_ROW_HEIGHT, modality: str = "ct") -> np.ndarray:
+    """Axial, coronal and sagittal mid-slices side by side (uint8; CT: soft-tissue window; MR: the volume's
+    0-99.5 percentile range), scaled (nearest neighbour, aspect kept) to ``height`` pixels; None keeps the
+    preview's own size."""
+    if is_mr(modality):
+        unit = volume.with_array(to_unit(volume.array, modality)[0])
+        row = montage([window(p.astype(np.float32), 0.5, 1.0) for p in three_planes(unit)])
+    else:
+        row = montage([window(p.astype(np.float32), *MONTAGE_WINDOW) for p in three_planes(volume)])
     return row if height is None else resize_nearest(row, height)
 
 
@@ -296,6 +308,16 @@ def gather_inputs(config: EvaluateConfig) -> tuple[list[Path], list[Path]]:
     if missing:
         raise InputError(f"{len(missing)} input file(s) not found: {', '.join(missing[:10])}")
     return real, synthetic
+
+
+def input_modalities(config: EvaluateConfig, real: list[Path], synthetic: list[Path]) -> dict[Path, str]:
+    """Each input's modality: a real entry's own ``modality``, else ``$.modality`` (the synthetic set's)."""
+    found = dict.fromkeys(real + synthetic, config.modality)
+    if config.real_datalist is not None:
+        root = data_root(config.real_datalist, config.data_root)
+        for entry in read_datalist(config.real_datalist)["training"]:
+            found[root / entry["image"]] = case_modality(entry, config.modality)
+    return found
 
 
 def _output_problem(path: Path, key: str) -> str | None:
@@ -415,6 +437,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
     real, synthetic = gather_inputs(config)
     check_outputs(config, real + synthetic)
     shapes = {p: read_geometry(p)[0] for p in real + synthetic}
+    modalities = input_modalities(config, real, synthetic)
     k, sigma = config.ssim.kernel_size, config.ssim.kernel_sigma
     diversity_plan = _plan_diversity(config, real, synthetic, shapes) if config.diversity.enabled else {}
     fid_net, fid_skipped = _fid_plan(config, real, synthetic, shapes, device)
@@ -437,16 +460,20 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         features[name] = {p: [] for p in PLANES}
         keep[name] = []
         for index, path in enumerate(progress_bar(paths, desc=f"{name} volumes", enabled=progress)):
-            volume = read_volume(path)
-            unit = torch.from_numpy(hu_to_unit(volume.array))[None, None]
+            volume, modality = read_volume(path), modalities[path]
+            unit_array = to_unit(volume.array, modality, str(path))[0]
+            unit = torch.from_numpy(unit_array)[None, None]
             if name == "real" and vae is not None and preset is not None:
-                cases.append(reconstruction_case(vae, preset, volume, path, config, device))
+                cases.append(reconstruction_case(vae, preset, volume, path, config, device, modality))
                 for metric, reason in cases[-1]["skipped"].items():
                     log.warning("%s of %s skipped: %s", metric, path, reason)
             if fid_net is not None:
+                # The FID takes HU and maps [-1000, 1000] to [0, 1]; an MR volume's [0, 1] scale is handed
+                # over in those terms, so both sets reach the network on the scale the VAE sees.
+                hu_like = unit_array * (HU_MAX - HU_MIN) + HU_MIN if is_mr(modality) else volume.array
                 for plane, f in volume_features(
                     fid_net,
-                    volume.array,
+                    hu_like,
                     config.fid.slice_step,
                     config.fid.image_size,
                     config.fid.batch_size,
@@ -454,7 +481,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
                 ).items():
                     features[name][plane].append(f)
             if config.output.montage and index < config.output.montage_cases:
-                rows.append((name, path, montage_row(volume)))
+                rows.append((name, path, montage_row(volume, modality=modality)))
             if name in diversity_plan and diversity_plan[name] is None:
                 keep[name].append(unit)
 
@@ -463,6 +490,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "inputs": {"real": [str(p) for p in real], "synthetic": [str(p) for p in synthetic]},
+        "modalities": {str(p): m for p, m in modalities.items() if p in set(real + synthetic)},
         "reconstruction": None,
         "diversity": None,
         "fid": None,

@@ -28,7 +28,7 @@ from maisi.data.io import Volume, read_mask
 from maisi.decoding import decode
 from maisi.device import autocast_dtype
 from maisi.errors import CheckpointError, InputError, VolumeError
-from maisi.intensity import set_outside_body, unit_to_hu
+from maisi.intensity import is_mr, set_outside_body, unit_to_hu, unit_to_mr
 from maisi.labels import BODY_LABEL, labels_not_in_dict, load_label_dict
 from maisi.labels.crop import crop
 from maisi.masks.anatomy import AnatomyPlan, plan_anatomy, sample_mask
@@ -37,7 +37,7 @@ from maisi.masks.tumour_free import remove_tumors
 from maisi.networks import RuntimeOptions
 from maisi.options import BODY_REGIONS, REGION_INDEX
 from maisi.preset_checks import guidance_warnings
-from maisi.presets import Preset, get_preset, grid_problems
+from maisi.presets import MRGridLimits, Preset, get_preset, grid_problems
 from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
 
@@ -131,6 +131,8 @@ def fitting_size(
             return -(-n // m) * m
         return min((a for a in allowed if a >= n and a % m == 0), default=None)
 
+    if enforce_limits and isinstance(preset.limits, MRGridLimits):  # a short list of allowed shapes
+        return next((s for s in preset.limits.shapes() if all(a >= b for a, b in zip(s, shape))), None)
     if enforce_limits and preset.limits:
         xy, z = up(max(shape[:2]), preset.limits.xy_sizes), up(shape[2], preset.limits.z_sizes)
         return None if xy is None or z is None else (xy, xy, z)
@@ -422,7 +424,9 @@ def generate(
 
     Returns:
         The CT as a Volume of int16 HU in [-1000, 1000] on the plan's grid (air outside the mask in mask
-        mode), and the seconds spent in sampling and decoding.
+        mode), and the seconds spent in sampling and decoding. For an MR modality (code >= 8) the volume
+        holds int16 MR intensities mapped as MAISI does: [0, 1] -> [0, 1000], no upper clip
+        (:func:`maisi.intensity.unit_to_mr`).
     """
     config, device = plan.config, models.device
     if plan.has_mask and plan.mask is None:
@@ -468,9 +472,12 @@ def generate(
         progress=progress,
     )
     t2 = time.perf_counter()
-    hu = unit_to_hu(image[0, 0].numpy())
-    if plan.mask is not None:
-        hu = set_outside_body(hu, plan.mask.array)
+    if is_mr(plan.conditions.modality):
+        hu = unit_to_mr(image[0, 0].numpy())  # MR has no HU and no air value: nothing outside a mask is set
+    else:
+        hu = unit_to_hu(image[0, 0].numpy())
+        if plan.mask is not None:
+            hu = set_outside_body(hu, plan.mask.array)
     ct = Volume(hu, plan.affine.copy())
     if plan.crop_box is not None:  # the mask was padded to a size the preset takes: back to its grid
         ct = crop(ct, plan.crop_box)
@@ -490,6 +497,10 @@ def generate_checked(
         all tries, and one record per try: its seed, whether it passed, the organ medians.
     """
     check = plan.config.quality_check
+    if check.enabled and is_mr(plan.conditions.modality):  # MAISI runs no HU check on MR (modality >= 8)
+        ct, timings = generate(plan, models, seed, progress)
+        reason = f"MR output (modality '{plan.conditions.modality}'): the HU check judges CT only"
+        return ct, timings, [{"seed": seed, "passed": None, "failed": [], "organs": {}, "reason": reason}]
     if plan.mask is None or not check.enabled:
         ct, timings = generate(plan, models, seed, progress)
         return ct, timings, []

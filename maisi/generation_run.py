@@ -60,6 +60,7 @@ from maisi.generation_files import (
     why_not_finished,
 )
 from maisi.generation_inputs import GenerationInput, expand_inputs
+from maisi.intensity import output_mapping
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
 from maisi.quality import mask_fidelity
@@ -315,6 +316,7 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
         "spacing_mm": [round(s, 6) for s in ct.spacing],
         "affine": ct.affine.tolist(),
         "hu_min_max": [int(ct.array.min()), int(ct.array.max())],
+        "intensity": output_mapping(plan.conditions.modality),  # how decoded [0, 1] became these voxels
         "conditions": dataclasses.asdict(plan.conditions),
         "sampler": {"scheduler": plan.config.sampler, "num_inference_steps": plan.config.num_inference_steps},
         "scale_factor": models.scale_factor,

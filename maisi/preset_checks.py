@@ -13,6 +13,7 @@ from typing import Any
 
 from maisi.config import EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config
 from maisi.errors import InputError
+from maisi.mask_presets import MASK_PRESETS, MaskPreset, get_mask_preset
 from maisi.presets import PRESETS, Preset, check_sampler, get_preset, grid_problems
 from maisi.resources import load_json
 
@@ -37,6 +38,12 @@ def infer_problems(config: InferConfig) -> list[str]:
                 f"$.body_region: required in image-only mode: preset '{preset.name}' is conditioned on "
                 "body region"
             )
+    if (config.from_mask or config.from_anatomy) and not preset.has_controlnet:
+        key = "$.mask" if config.from_mask else "$.anatomy"
+        problems.append(
+            f"{key}: preset '{preset.name}' has no ControlNet (MAISI released none for MR), so it cannot "
+            f"generate from a mask or an anatomy request; remove {key} to generate image-only"
+        )
     if config.output_size is not None:
         # In mask mode without a spacing the mask's own spacing applies: only the size can be judged here.
         spacing = config.spacing or (1.0, 1.0, 1.0)
@@ -148,12 +155,29 @@ def evaluate_problems(config: EvaluateConfig) -> list[str]:
     return _preset(config.reconstruction.preset, "$.reconstruction.preset")[1]
 
 
+def _mask_preset(name: str, key: str) -> tuple[MaskPreset | None, list[str]]:
+    try:
+        return get_mask_preset(name), []
+    except InputError as e:
+        return None, [f"{key}: {e}"]
+
+
+def _vae_factor(name: str, mask: bool) -> tuple[int | None, list[str]]:
+    """VAE factor of the CT preset (or, ``mask``, the mask preset) named ``$.preset``."""
+    preset, problems = _mask_preset(name, "$.preset") if mask else _preset(name, "$.preset")
+    if preset is None and mask and name in PRESETS:
+        problems = [
+            f"$.preset: '{name}' is a CT preset; kind 'mask' needs a mask preset ({', '.join(MASK_PRESETS)})"
+        ]
+    return (preset.vae_factor if preset else None), problems
+
+
 def encode_problems(config: EncodeConfig) -> list[str]:
-    """Padding and sliding-window tiles in whole latent voxels of the preset's VAE."""
-    preset, problems = _preset(config.preset, "$.preset")
-    if preset is None:
+    """Padding and sliding-window tiles in whole latent voxels of the preset's VAE (the mask VAE's for kind
+    'mask')."""
+    f, problems = _vae_factor(config.preset, config.kind == "mask")
+    if f is None:
         return problems
-    f = preset.vae_factor
     if config.pad_to_multiple is not None and config.pad_to_multiple % f:
         problems.append(
             f"$.pad_to_multiple: {config.pad_to_multiple} is not a multiple of the VAE factor {f}"
@@ -181,17 +205,22 @@ def modality_dropout_problems(config: TrainConfig, preset: Preset) -> list[str]:
 
 def train_problems(config: TrainConfig) -> list[str]:
     """VAE patches and validation windows in whole latent voxels of the preset's VAE; modality dropout only
-    where the preset takes a modality."""
-    preset, problems = _preset(config.preset, "$.preset")
-    if preset is None:
+    where the preset takes a modality.
+
+    The stage is chosen on the command line, so ``$.preset`` may name a CT preset or a mask preset here;
+    :func:`maisi.training.run.check_stage_preset` refuses the wrong kind for the stage.
+    """
+    mask = config.preset in MASK_PRESETS
+    f, problems = _vae_factor(config.preset, mask)
+    if f is None:
         return problems
-    problems += modality_dropout_problems(config, preset)
-    f = preset.vae_factor
+    if not mask:
+        problems += modality_dropout_problems(config, get_preset(config.preset))
+    section = "mask_autoencoder" if mask else "autoencoder"
     for key in ("patch_size", "val_roi_size"):
-        if any(s % f for s in getattr(config.autoencoder, key)):
-            problems.append(
-                f"$.autoencoder.{key}: {list(getattr(config.autoencoder, key))} must be multiples of {f}"
-            )
+        value = list(getattr(getattr(config, section), key))
+        if any(s % f for s in value):
+            problems.append(f"$.{section}.{key}: {value} must be multiples of {f}")
     return problems
 
 

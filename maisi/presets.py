@@ -6,7 +6,12 @@ so configs and ``--help`` can use it; :mod:`maisi.networks` builds the MONAI net
 
 The ``maisi-ct-*`` presets use exactly the arguments of the released MAISI CT models (MONAI model-zoo bundle
 ``maisi_ct_generative`` and NV-Generate-CTMR ``configs/config_network_*.json``), so the released weights load
-with ``strict=True``.
+with ``strict=True``. The ``maisi-mr-*`` presets are NV-Generate-CTMR's ``rflow-mr`` and ``rflow-mr-brain``
+variants: every variant of that repository builds its networks from the one ``config_network_rflow.json``
+(its README's "Network Detail" row; ``environment_rflow-mr.json`` and
+``environment_maisi_diff_model_rflow-mr*.json`` only name the files), so ``autoencoder_v2.pt`` has the
+architecture of ``autoencoder_v1.pt`` and the MR UNets that of the CT rflow UNet. No MR ControlNet was
+released (``trained_controlnet_path: null``): those presets have no ``controlnet`` part.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from maisi.options import Sampler
 
 Part = Literal["autoencoder", "diffusion_unet", "controlnet"]
 PARTS: tuple[Part, ...] = ("autoencoder", "diffusion_unet", "controlnet")
+ModalityFamily = Literal["ct", "mr"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,53 @@ class GridLimits:
 
 
 @dataclass(frozen=True)
+class MRGridLimits:
+    """Output grids of the released MR presets: MAISI's ``check_input_mr`` (NV-Generate-CTMR
+    ``scripts/sample_mask.py``) plus the variant's published maximum volume (its README's "Max Volume").
+
+    Sizes: at least two equal; z = 128 needs x = y in ``z128_xy_sizes``; z = 256 needs one of
+    ``z256_shapes``; no other z. Every spacing in ``spacing_mm``. MAISI puts no field-of-view floor on MR.
+    """
+
+    z128_xy_sizes: tuple[int, ...] = (128, 256, 384, 512)
+    z256_shapes: tuple[tuple[int, int, int], ...] = ((128, 256, 256), (256, 128, 256), (256, 256, 256))
+    spacing_mm: tuple[float, float] = (0.4, 5.0)
+    max_size: tuple[int, int, int] = (512, 512, 128)  # compared as a voxel count (MAISI's "Max Volume")
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every size the limits allow, smallest volume first."""
+        shapes = [(s, s, 128) for s in self.z128_xy_sizes] + list(self.z256_shapes)
+        cap = self.max_size[0] * self.max_size[1] * self.max_size[2]
+        return sorted((s for s in shapes if s[0] * s[1] * s[2] <= cap), key=lambda s: (s[0] * s[1] * s[2], s))
+
+    def violations(self, size: tuple[int, int, int], spacing: tuple[float, float, float]) -> list[str]:
+        """Human-readable reasons why ``size``/``spacing`` lie outside the limits (empty when inside)."""
+        out = []
+        x, y, z = size
+        if x != y and x != z and y != z:
+            out.append(f"at least two of the sizes {list(size)} must be equal")
+        if z == 128:
+            if x != y or x not in self.z128_xy_sizes:
+                out.append(
+                    f"with size z 128, sizes x and y must be equal and one of {list(self.z128_xy_sizes)}"
+                )
+        elif z == 256:
+            if tuple(size) not in self.z256_shapes:
+                out.append(f"with size z 256 the size must be one of {[list(s) for s in self.z256_shapes]}")
+        else:
+            out.append(f"size z {z} is not one of [128, 256]")
+        cap = self.max_size[0] * self.max_size[1] * self.max_size[2]
+        if x * y * z > cap:
+            shown = "x".join(map(str, self.max_size))
+            out.append(f"size {list(size)} has more voxels than the maximum volume {shown}")
+        lo, hi = self.spacing_mm
+        bad = [f"{s:g}" for s in spacing if not lo <= s <= hi]
+        if bad:
+            out.append(f"spacing {', '.join(bad)} mm is outside [{lo:g}, {hi:g}] mm")
+        return out
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named family of the three networks and their noise schedule."""
 
@@ -74,14 +127,35 @@ class Preset:
     description: str
     autoencoder: dict[str, Any]
     diffusion_unet: dict[str, Any]
-    controlnet: dict[str, Any]
+    controlnet: dict[str, Any] | None  # None: no ControlNet exists (image-only generation)
     schedule: NoiseSchedule
-    limits: GridLimits | None = None
+    limits: GridLimits | MRGridLimits | None = None
     default_num_splits: int = field(default=1)  # VAE tensor splits (memory only)
+    modality_family: ModalityFamily = "ct"  # which images the networks were trained on
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        """The parts this preset has (every one but, for the MR presets, the ControlNet)."""
+        return tuple(p for p in PARTS if getattr(self, p) is not None)
+
+    @property
+    def has_controlnet(self) -> bool:
+        """Whether generation from a mask is possible (MAISI released no MR ControlNet)."""
+        return self.controlnet is not None
 
     def network_kwargs(self, part: Part) -> dict[str, Any]:
-        """Constructor arguments that determine the weights of ``part`` (a copy)."""
-        return dict(getattr(self, part))
+        """Constructor arguments that determine the weights of ``part`` (a copy).
+
+        Raises:
+            InputError: the preset has no such part (the MR presets have no ControlNet).
+        """
+        kwargs = getattr(self, part)
+        if kwargs is None:
+            raise InputError(
+                f"preset '{self.name}' has no {part} (it generates image-only); "
+                f"its parts are {', '.join(self.parts)}"
+            )
+        return dict(kwargs)
 
     @property
     def vae_factor(self) -> int:
@@ -142,6 +216,11 @@ _MAISI_LIMITS = GridLimits(
     min_xy_fov_mm=256.0,
 )
 
+# check_input_mr with each variant's "Max Volume" (NV-Generate-CTMR README): under check_input_mr's shapes
+# neither maximum binds (512x512x128 is the largest shape it allows); they are kept as published.
+_MR_LIMITS = MRGridLimits(max_size=(512, 512, 128))
+_MR_BRAIN_LIMITS = MRGridLimits(max_size=(512, 512, 256))
+
 # Tiny networks: CPU tests in seconds. Small: CPU demos.
 _TINY_VAE = dict(_MAISI_VAE, num_channels=[8, 16, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4)
 _TINY_TRUNK = dict(
@@ -199,6 +278,28 @@ PRESETS: dict[str, Preset] = {
             default_num_splits=4,
         ),
         Preset(
+            "maisi-mr-rflow",
+            "Released MAISI MR v2 (NV-Generate-MR rflow-mr: autoencoder_v2, image-only)",
+            autoencoder=_MAISI_VAE,
+            diffusion_unet=_family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow")["diffusion_unet"],
+            controlnet=None,
+            schedule=NoiseSchedule("rflow"),
+            limits=_MR_LIMITS,
+            default_num_splits=4,
+            modality_family="mr",
+        ),
+        Preset(
+            "maisi-mr-brain-rflow",
+            "Released MAISI MR brain (NV-Generate-MR-Brain rflow-mr-brain: autoencoder_v1, image-only)",
+            autoencoder=_MAISI_VAE,
+            diffusion_unet=_family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow")["diffusion_unet"],
+            controlnet=None,
+            schedule=NoiseSchedule("rflow"),
+            limits=_MR_BRAIN_LIMITS,
+            default_num_splits=4,
+            modality_family="mr",
+        ),
+        Preset(
             "tiny-ddpm",
             "Tiny networks for CPU tests (DDPM)",
             autoencoder=_TINY_VAE,
@@ -211,6 +312,15 @@ PRESETS: dict[str, Preset] = {
             autoencoder=_TINY_VAE,
             **_family(_TINY_TRUNK, _TINY_CONTROL, "rflow"),
             schedule=NoiseSchedule("rflow"),
+        ),
+        Preset(
+            "tiny-mr-rflow",
+            "Tiny MR networks for CPU tests (rectified flow, image-only like the released MR presets)",
+            autoencoder=_TINY_VAE,
+            diffusion_unet=_family(_TINY_TRUNK, _TINY_CONTROL, "rflow")["diffusion_unet"],
+            controlnet=None,
+            schedule=NoiseSchedule("rflow"),
+            modality_family="mr",
         ),
         Preset(
             "small-rflow",

@@ -1,4 +1,8 @@
-"""``python -m maisi.train autoencoder|diffusion|controlnet --config FILE [--resume]``.
+"""``python -m maisi.train autoencoder|diffusion|controlnet|mask_autoencoder|mask_diffusion --config FILE
+[--resume]``.
+
+The mask stages train the two networks of a mask preset (:mod:`maisi.mask_presets`): the mask VAE on the
+datalist's label masks, then the size-conditioned mask UNet on their latents (``maisi.encode`` kind "mask").
 
 Also launchable as ``torchrun --nproc_per_node=N -m maisi.train ...``: every process trains on its own
 batches, gradients are averaged (DDP), rank 0 alone writes. The run folder holds ``train_config.json``
@@ -18,7 +22,9 @@ PROG = "maisi.train"
 
 
 def build_parser():
-    parser = make_parser(PROG, "Train a MAISI-style autoencoder, diffusion UNet or ControlNet.")
+    parser = make_parser(
+        PROG, "Train a MAISI-style autoencoder, diffusion UNet, ControlNet, mask VAE or mask UNet."
+    )
     parser.add_argument("stage", choices=STAGES, help="which network to train")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir")
     return parser

@@ -62,6 +62,9 @@ class FakeHub:
     status: dict[str, int] = field(default_factory=dict)  # name -> HTTP error on resolve
     extra_bytes: dict[str, int] = field(default_factory=dict)  # name -> body this much longer than announced
     hang_up_after: dict[str, int] = field(default_factory=dict)  # name -> bytes sent before closing (once)
+    repo_of: dict[str, str] = field(
+        default_factory=dict
+    )  # name -> the only repository serving it (default CT)
     log: list[dict] = field(default_factory=list)
 
     def requests(self, method: str, name: str, where: str = "cdn") -> list[dict]:
@@ -95,9 +98,11 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _answer(self, body: bool) -> None:
-        match = re.fullmatch(rf"/{HF_REPO}/resolve/(main|{COMMIT})/(?:models|datasets)/([^/]+)", self.path)
-        if self.where == "hub" and match:
-            return self._resolve(match.group(2), body)
+        match = re.fullmatch(
+            rf"/(nvidia/[\w-]+)/resolve/(main|{COMMIT})/(?:models|datasets)/([^/]+)", self.path
+        )
+        if self.where == "hub" and match and self.hub.repo_of.get(match.group(3), HF_REPO) == match.group(1):
+            return self._resolve(match.group(3), body)
         if self.where == "cdn" and self.path.startswith("/cdn/"):
             return self._serve(self.path[5:], body)
         self._record(self.path, 404)
@@ -181,7 +186,7 @@ def manifest_for_tests(datasets: bool) -> dict:
     }
     if not datasets:  # the weights' tests below predate the database files
         for variant in manifest["variants"].values():
-            del variant["datasets"], variant["mask_archive"]
+            variant.pop("datasets", None), variant.pop("mask_archive", None)
     return manifest
 
 
@@ -488,7 +493,7 @@ def test_unwritable_dest_bad_lock_and_bad_variant_exit_2(tmp_path, capsys):
     assert f"cannot read the lock file {dest / download.LOCK_NAME}" in capsys.readouterr().err
     assert sorted(p.name for p in dest.iterdir()) == [download.LOCK_NAME]
     with pytest.raises(SystemExit) as exc:
-        main(["--variant", "rflow-mr", "--dest", str(tmp_path)])
+        main(["--variant", "rflow-pet", "--dest", str(tmp_path)])
     assert exc.value.code == 2
 
 
@@ -526,6 +531,77 @@ def test_shipped_manifest_lists_what_the_configs_load_and_sourced_pins():
     pins = download.manifest_pins(manifest)
     assert set(pins) == {f"{HF_REPO}/models/autoencoder_v1.pt"}
     assert all(len(pin["source"]) > 40 for pin in manifest["pins"].values())  # says where the hash comes from
+
+
+# ---------------------------------------------------------------- the MR variants
+
+MR_REPOS = {
+    "autoencoder_v2.pt": "nvidia/NV-Generate-MR",
+    "diff_unet_3d_rflow-mr.pt": "nvidia/NV-Generate-MR",
+    "diff_unet_3d_rflow-mr-brain_v1.pt": "nvidia/NV-Generate-MR-Brain",
+}
+
+
+def test_shipped_manifest_lists_the_mr_variants_as_maisi_and_the_configs_load_them():
+    """As NV-Generate-CTMR scripts/download_model_data.py: rflow-mr from NV-Generate-MR; rflow-mr-brain is
+    the CT autoencoder_v1 with the brain UNet from NV-Generate-MR-Brain. Weights only, no pins (TOFU)."""
+    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
+    expected = {
+        "rflow-mr": [
+            ("nvidia/NV-Generate-MR", "autoencoder_v2.pt"),
+            ("nvidia/NV-Generate-MR", "diff_unet_3d_rflow-mr.pt"),
+        ],
+        "rflow-mr-brain": [
+            ("nvidia/NV-Generate-CT", "autoencoder_v1.pt"),
+            ("nvidia/NV-Generate-MR-Brain", "diff_unet_3d_rflow-mr-brain_v1.pt"),
+        ],
+    }
+    for variant, files in expected.items():
+        listed = download.variant_files(manifest, variant, datasets=True, mask_archive=True)
+        assert [(f.repo, f.name) for f in listed] == files
+        assert all(f.path == f"models/{f.name}" and f.local == f.name for f in listed)
+        config = json.loads(
+            (REPO / "configs" / f"inference_maisi_{variant.replace('-', '_')}.json").read_text()
+        )
+        assert sorted(Path(p).name for p in config["checkpoints"].values()) == sorted(n for _, n in files)
+    assert not any(k.startswith("nvidia/NV-Generate-MR") for k in manifest["pins"])  # no record: no pin
+
+
+def test_mr_brain_variant_fetches_from_two_repositories_and_locks_each(hub, tmp_path, capsys):
+    hub.files.update({name: _rng.randbytes(100_000) for name in MR_REPOS})
+    hub.repo_of.update(MR_REPOS)
+    dest = tmp_path / "d"
+    args = ["--dest", str(dest), "--base-url", hub.base_url, "--cache-dir", str(tmp_path / "c")]
+    assert main(["--variant", "rflow-mr-brain", *args, "--with-mask-archive"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "https://huggingface.co/nvidia/NV-Generate-CT, https://huggingface.co/nvidia/NV-Generate-MR-Brain"
+        in out
+    )
+    assert "rflow-mr-brain -> " in out and "2 downloaded, 0 skipped" in out  # no database, no archive
+    assert "rflow-mr-brain has no mask archive" in out
+    assert (dest / "autoencoder_v1.pt").read_bytes() == FILES["autoencoder_v1.pt"]  # the CT VAE, pinned
+    brain = "diff_unet_3d_rflow-mr-brain_v1.pt"
+    assert (dest / brain).read_bytes() == hub.files[brain]
+    assert sorted(lock_of(dest)) == [f"nvidia/NV-Generate-MR-Brain/models/{brain}"]
+
+    assert main(["--variant", "rflow-mr", *args]) == 0
+    assert "2 downloaded" in capsys.readouterr().out
+    lock = lock_of(dest)
+    for name in ("autoencoder_v2.pt", "diff_unet_3d_rflow-mr.pt"):
+        assert (dest / name).read_bytes() == hub.files[name]
+        assert lock[f"nvidia/NV-Generate-MR/models/{name}"]["sha256"] == sha(hub.files[name])
+
+
+def test_mr_file_served_from_the_wrong_repository_is_not_found(hub, tmp_path, capsys):
+    hub.files.update({name: _rng.randbytes(1000) for name in MR_REPOS})
+    hub.repo_of.update(MR_REPOS, **{"diff_unet_3d_rflow-mr.pt": "nvidia/NV-Generate-CT"})
+    args = ["--dest", str(tmp_path / "d"), "--base-url", hub.base_url, "--cache-dir", str(tmp_path / "c")]
+    assert main(["--variant", "rflow-mr", *args]) == 2
+    assert (
+        "NV-Generate-MR/resolve/main/models/diff_unet_3d_rflow-mr.pt answered HTTP 404"
+        in capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------- the mask database and its archive

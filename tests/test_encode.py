@@ -449,3 +449,100 @@ def test_a_nan_latent_from_before_the_checks_is_encoded_again(small_data, tmp_pa
     caplog.clear()
     assert main(["--config", str(config)]) == 0
     assert "1 encoded, 0 skipped" in caplog.text and np.isfinite(read_latent(latent_path)[0]).all()
+
+
+# ------------------------------------------------------------------------------------------ kind "mask"
+
+
+@pytest.fixture(scope="module")
+def tiny_mask_vae(tmp_path_factory) -> Path:
+    """A tiny-mask-ddpm mask VAE with seeded random weights, in our format."""
+    import torch
+
+    from maisi.checkpoints import save_checkpoint
+    from maisi.mask_presets import get_mask_preset
+    from maisi.masks.networks import build_mask_network
+
+    preset = get_mask_preset("tiny-mask-ddpm")
+    torch.manual_seed(0)
+    vae = build_mask_network(preset, "autoencoder")
+    return save_checkpoint(tmp_path_factory.mktemp("mask_vae") / "vae.pt", vae, preset, "mask_autoencoder")
+
+
+def test_kind_mask_encodes_each_label_mask_into_a_quarter_size_latent(
+    encode_setup, tiny_mask_vae, real_cases, tmp_path
+):
+    config = encode_setup(
+        kind="mask", preset="tiny-mask-ddpm", autoencoder=str(tiny_mask_vae), tiling={"method": "tiled"}
+    )
+    assert main(["--config", str(config)]) == 0
+    entries = read_datalist(tmp_path / "emb" / "datalist.json")["training"]
+    assert len(entries) == 3
+    mask = read_mask(real_cases / "case0" / "segmentation.nii.gz")  # 122 x 101 x 30 at 3 mm
+    padded = [128, 104, 32]  # multiples of 8: the VAE factor 4 x the tiny mask UNet's 2
+    for entry in entries:
+        latent, affine = read_latent(tmp_path / "emb" / entry["image"])
+        assert latent.shape == (4, 32, 26, 8) and np.isfinite(latent).all()
+        assert np.allclose(affine[:3, :3], mask.affine[:3, :3] * 4)
+        sidecar = read_sidecar(tmp_path / "emb" / entry["image"])
+        assert (
+            sidecar["kind"] == "mask"
+            and sidecar["dim"] == padded
+            and sidecar["latent_shape"] == [4, 32, 26, 8]
+        )
+        assert sidecar["label_ids"] == sorted(int(v) for v in np.unique(mask.array))
+        assert entry["label"] is None and "anatomy_size" not in entry  # the entries had none
+        assert entry["image"].endswith("segmentation_emb.nii.gz")  # named after the mask
+    assert not list((tmp_path / "emb").rglob("*_label.nii.gz"))
+
+
+@pytest.mark.parametrize("case", ["CT preset", "CT checkpoint", "entry without label"])
+def test_kind_mask_bad_input_exits_2_before_anything_is_written(
+    case, encode_setup, tiny_mask_vae, tiny_checkpoints, real_cases, tmp_path, capsys
+):
+    changes = {"kind": "mask", "preset": "tiny-mask-ddpm", "autoencoder": str(tiny_mask_vae)}
+    if case == "CT preset":
+        changes["preset"] = "tiny-rflow"
+        fragment = "$.preset: 'tiny-rflow' is a CT preset; kind 'mask' needs a mask preset"
+    elif case == "CT checkpoint":
+        changes["autoencoder"] = str(tiny_checkpoints["tiny-rflow"]["autoencoder"])
+        fragment = "holds a autoencoder checkpoint, expected a mask_autoencoder checkpoint"
+    else:
+        data = json.loads((real_cases / "datalist.json").read_text())
+        del data["training"][1]["label"]
+        changes.update(datalist=str(tmp_path / "no_label.json"), data_root=str(real_cases))
+        (tmp_path / "no_label.json").write_text(json.dumps(data))
+        fragment = "$.training[1].label: missing (kind 'mask' encodes each entry's label mask)"
+    assert main(["--config", str(encode_setup(**changes))]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "emb").exists()
+
+
+def test_kind_mask_case_with_ids_outside_the_table_fails_and_the_others_finish(
+    encode_setup, tiny_mask_vae, real_cases, tmp_path, caplog
+):
+    from maisi.data.io import write_volume
+
+    mask = read_mask(real_cases / "case0" / "segmentation.nii.gz")
+    bad = mask.array.copy()
+    bad[:2, :2, :2] = 250
+    write_volume(tmp_path / "bad" / "segmentation.nii.gz", mask.with_array(bad))
+    data = json.loads((real_cases / "datalist.json").read_text())
+    data["training"][2]["label"] = str(tmp_path / "bad" / "segmentation.nii.gz")
+    datalist = tmp_path / "bad.json"
+    datalist.write_text(json.dumps(data))
+    config = encode_setup(
+        kind="mask",
+        preset="tiny-mask-ddpm",
+        autoencoder=str(tiny_mask_vae),
+        datalist=str(datalist),
+        data_root=str(real_cases),
+        tiling={"method": "tiled"},
+    )
+    assert main(["--config", str(config)]) == 1
+    assert "2 encoded, 0 skipped, 1 failed" in caplog.text
+    assert (
+        "bad/segmentation.nii.gz holds label id(s) [250] that the mask VAE has no channel for" in caplog.text
+    )
+    assert len(read_datalist(tmp_path / "emb" / "datalist.json")["training"]) == 2

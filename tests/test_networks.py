@@ -12,17 +12,37 @@ from maisi.errors import InputError
 from maisi.networks import PARTS, PRESETS, RuntimeOptions, build_network, count_parameters, get_preset
 
 # Parameter counts of the released MAISI CT networks (MONAI 1.5/1.6 classes with the released arguments).
+# The MR variants build from the same config_network_rflow.json (no ControlNet was released for them).
 RELEASED_COUNTS = {
     "maisi-ct-ddpm": {"autoencoder": 20_944_897, "diffusion_unet": 169_370_884, "controlnet": 68_644_944},
     "maisi-ct-rflow": {"autoencoder": 20_944_897, "diffusion_unet": 180_500_868, "controlnet": 72_037_072},
+    "maisi-mr-rflow": {"autoencoder": 20_944_897, "diffusion_unet": 180_500_868},
+    "maisi-mr-brain-rflow": {"autoencoder": 20_944_897, "diffusion_unet": 180_500_868},
 }
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_COUNTS))
 def test_released_presets_have_the_released_parameter_counts(name):
     preset = get_preset(name)
-    for part in PARTS:
+    assert preset.parts == tuple(RELEASED_COUNTS[name])
+    for part in preset.parts:
         assert count_parameters(build_network(preset, part)) == RELEASED_COUNTS[name][part], part
+
+
+def test_mr_presets_are_the_rflow_networks_without_a_controlnet():
+    """NV-Generate-CTMR builds every variant from configs/config_network_rflow.json: autoencoder_v2 has the
+    architecture of autoencoder_v1, the MR UNets that of the CT rflow UNet."""
+    ct = get_preset("maisi-ct-rflow")
+    for name in ("maisi-mr-rflow", "maisi-mr-brain-rflow", "tiny-mr-rflow"):
+        mr = get_preset(name)
+        assert mr.modality_family == "mr" and not mr.has_controlnet and mr.controlnet is None
+        assert mr.uses_modality and mr.uses_spacing and not mr.uses_body_region
+        if name.startswith("maisi"):
+            assert mr.autoencoder == ct.autoencoder and mr.diffusion_unet == ct.diffusion_unet
+            assert mr.default_num_splits == ct.default_num_splits == 4
+        with pytest.raises(InputError, match=f"preset '{name}' has no controlnet"):
+            build_network(mr, "controlnet")
+    assert {p.modality_family for p in PRESETS.values() if p.has_controlnet} == {"ct"}
 
 
 def test_released_arguments_match_maisi():
@@ -49,19 +69,20 @@ def test_released_arguments_match_maisi():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_the_monai_classes(name):
     preset = get_preset(name)
-    classes = (AutoencoderKlMaisi, DiffusionModelUNetMaisi, ControlNetMaisi)
-    for part, cls in zip(PARTS, classes):
-        assert isinstance(build_network(preset, part), cls)
+    classes = dict(zip(PARTS, (AutoencoderKlMaisi, DiffusionModelUNetMaisi, ControlNetMaisi)))
+    assert preset.parts[:2] == ("autoencoder", "diffusion_unet")
+    for part in preset.parts:
+        assert isinstance(build_network(preset, part), classes[part])
 
 
-@pytest.mark.parametrize("name", ["maisi-ct-rflow", "tiny-ddpm"])
+@pytest.mark.parametrize("name", ["maisi-ct-rflow", "tiny-ddpm", "tiny-mr-rflow"])
 def test_runtime_options_do_not_change_the_weights(name, monkeypatch):
     monkeypatch.setattr(
         torch.cuda, "is_available", lambda: True
     )  # MONAI refuses flash attention without CUDA
     preset = get_preset(name)
     gpu_like = RuntimeOptions(use_flash_attention=True, norm_float16=True, use_checkpointing=True)
-    for part in PARTS:
+    for part in preset.parts:
         cpu_sd = build_network(preset, part).state_dict()
         gpu_sd = build_network(preset, part, gpu_like).state_dict()
         assert {k: tuple(v.shape) for k, v in cpu_sd.items()} == {

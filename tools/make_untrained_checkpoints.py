@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from maisi.checkpoints import save_checkpoint
-from maisi.networks import PARTS, PRESETS, build_network, get_preset
+from maisi.networks import PRESETS, build_network, get_preset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = get_preset(args.preset)
     dest = args.dest or Path(__file__).resolve().parents[1] / "models" / "untrained" / preset.name
     torch.manual_seed(args.seed)
-    for part in PARTS:
+    for part in preset.parts:  # the MR presets have no ControlNet
         path = save_checkpoint(
             dest / f"{part}.pt",
             build_network(preset, part),

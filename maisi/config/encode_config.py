@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maisi.options import DecodeMethod, DeviceName, Modality, Precision
+from maisi.mask_presets import get_mask_preset
+from maisi.options import DecodeMethod, DeviceName, EncodeKind, Modality, Precision
 from maisi.presets import get_preset
 
 
@@ -20,6 +21,7 @@ class TilingConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
+    kind: EncodeKind
     preset: str
     autoencoder: str
     datalist: str
@@ -39,7 +41,12 @@ class EncodeConfig:
     @property
     def multiple(self) -> int:
         """Padding multiple actually used: the configured one, or what the preset's UNet needs."""
-        return self.pad_to_multiple or get_preset(self.preset).spatial_multiple
+        if self.pad_to_multiple:
+            return self.pad_to_multiple
+        if self.kind == "mask":
+            preset = get_mask_preset(self.preset)
+            return preset.vae_factor * 2 ** (len(preset.diffusion_unet["channels"]) - 1)
+        return get_preset(self.preset).spatial_multiple
 
 
 def check_encode_config(config: EncodeConfig) -> list[str]:

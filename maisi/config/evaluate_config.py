@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maisi.options import DeviceName, Precision
+from maisi.options import DeviceName, Modality, Precision
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class EvaluateConfig:
     output: EvaluateOutputConfig
     device: DeviceName
     precision: Precision
+    modality: Modality
 
 
 def check_evaluate_config(config: EvaluateConfig) -> list[str]:

@@ -7,8 +7,9 @@ from typing import Literal
 
 from maisi.options import DeviceName
 
-Stage = Literal["autoencoder", "diffusion", "controlnet"]
-STAGES: tuple[Stage, ...] = ("autoencoder", "diffusion", "controlnet")
+Stage = Literal["autoencoder", "diffusion", "controlnet", "mask_autoencoder", "mask_diffusion"]
+STAGES: tuple[Stage, ...] = ("autoencoder", "diffusion", "controlnet", "mask_autoencoder", "mask_diffusion")
+MASK_STAGES: tuple[Stage, ...] = ("mask_autoencoder", "mask_diffusion")  # networks of a mask preset
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class InitWeights:
     autoencoder: str | None
     diffusion_unet: str | None
     controlnet: str | None
+    mask_autoencoder: str | None
+    mask_diffusion_unet: str | None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,22 @@ class AutoencoderStageConfig:
 
 
 @dataclass(frozen=True)
+class MaskAutoencoderStageConfig:
+    patch_size: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None
+    dice_weight: float
+    ce_weight: float
+    kl_weight: float
+    val_roi_size: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class MaskDiffusionStageConfig:
+    scale_factor: float | None
+    scale_factor_batches: int
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     num_workers: int
     prefetch_factor: int
@@ -99,6 +118,8 @@ class TrainConfig:
     diffusion: DiffusionStageConfig
     controlnet: ControlNetStageConfig
     autoencoder: AutoencoderStageConfig
+    mask_autoencoder: MaskAutoencoderStageConfig
+    mask_diffusion: MaskDiffusionStageConfig
     loader: LoaderConfig
     device: DeviceName
 

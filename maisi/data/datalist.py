@@ -42,6 +42,12 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def case_modality(entry: dict[str, Any], default: str) -> str:
+    """A case's modality name: its datalist entry's ``modality``, else ``default`` (the config's)."""
+    value = entry.get("modality")
+    return value if isinstance(value, str) and value else default
+
+
 def _glob_regex(pattern: str) -> re.Pattern:
     """Regex for a glob whose ``*`` parts are captured: they form the case key that pairs images with
     labels."""

@@ -1,8 +1,9 @@
-"""CT images for the autoencoder stage: checked up front, held in memory up to a ``cache_rate``, patches drawn
-from a generator the caller seeds.
+"""Images for the autoencoder stage (CT; MR for an entry whose ``modality`` is MR): checked up front, held
+in memory up to a ``cache_rate``, patches drawn from a generator the caller seeds.
 
 Every image's header is read before the first step (missing or unreadable files are listed at once). The
-first ``cache_rate`` of the images are then read, converted to the VAE's [0, 1] scale and held (MONAI
+first ``cache_rate`` of the images are then read, converted to the VAE's [0, 1] scale
+(:func:`maisi.intensity.to_unit`: CT HU [-1000, 1000]; MR its own 0-99.5 percentile range) and held (MONAI
 ``CacheDataset``); the others are read from disk each time a patch is drawn from them, so with ``cache_rate``
 0 memory holds only the batches in flight, whatever the size of the datalist. A held image with NaN/inf voxels
 is refused before the first step; one read later stops the run naming its file.
@@ -21,9 +22,10 @@ from monai.data import CacheDataset
 from monai.transforms import Compose, SpatialPad, Transform
 from monai.utils import convert_to_tensor
 
+from maisi.data.datalist import case_modality
 from maisi.data.io import read_geometry, read_volume
 from maisi.errors import InputError
-from maisi.intensity import hu_to_unit
+from maisi.intensity import to_unit
 
 FOREGROUND_UNIT = (
     -950.0 + 1000.0
@@ -42,7 +44,8 @@ def check_images(
         what: ``"training"`` or ``"validation"``, for messages.
 
     Returns:
-        (items, problems): ``{"image": path, "where": datalist position}`` per readable image, and one
+        (items, problems): ``{"image": path, "where": datalist position, "modality": name}`` per readable
+        image (modality: the entry's, else "ct"), and one
         message per missing or unreadable one.
     """
     items, problems = [], []
@@ -57,7 +60,7 @@ def check_images(
         except InputError as e:
             problems.append(f"{where}: {e}")
             continue
-        items.append({"image": str(path), "where": where})
+        items.append({"image": str(path), "where": where, "modality": case_modality(entry, "ct")})
     return items, problems
 
 
@@ -81,7 +84,11 @@ class LoadUnitCTd(Transform):
         bad = int(hu.size - np.isfinite(hu).sum())
         if bad:
             return {"problem": f"{item['where']}: {item['image']} holds {bad} NaN/infinite voxels"}
-        x = torch.from_numpy(hu_to_unit(hu))[None]
+        try:
+            unit, _ = to_unit(hu, item.get("modality", "ct"), item["image"])
+        except InputError as e:  # a constant MR image: nothing to scale
+            return {"problem": f"{item['where']}: {e}"}
+        x = torch.from_numpy(unit)[None]
         if self.pad is not None:
             x = convert_to_tensor(self.pad(x), track_meta=False)
         return {"image": x.contiguous()}

@@ -19,12 +19,14 @@ import torch
 
 from maisi.atomic import write_json
 from maisi.config import TrainConfig, to_jsonable
+from maisi.config.train_config import MASK_STAGES
 from maisi.data.datalist import data_root, read_datalist, split_by_fold
 from maisi.device import resolve_device
 from maisi.distributed import Ranks, finish, init_from_env
 from maisi.errors import InputError
 from maisi.files import check_output_dir
-from maisi.networks import get_preset
+from maisi.mask_presets import MASK_PRESETS, get_mask_preset
+from maisi.networks import PRESETS, get_preset
 from maisi.training.loop import Stage, train
 from maisi.training.resume import RESUMABLE_CHANGES, comparable, config_differences, saved_run_config
 from maisi.training.state import (
@@ -108,11 +110,34 @@ def starting_state(config: TrainConfig, stage: str, digest: str, resume: bool) -
     return None
 
 
+def check_stage_preset(name: str, config: TrainConfig) -> None:
+    """``$.preset`` is of the kind the stage trains: a mask preset for the mask stages, a CT preset else.
+
+    Raises:
+        InputError: naming ``$.preset``, the stage and the presets of the right kind.
+    """
+    mask_stage, is_mask = name in MASK_STAGES, config.preset in MASK_PRESETS
+    if is_mask and not mask_stage:
+        raise InputError(
+            f"$.preset: '{config.preset}' is a mask preset; the {name} stage trains the networks of a CT "
+            f"preset ({', '.join(PRESETS)})"
+        )
+    if mask_stage and not is_mask:
+        what = "a CT preset" if config.preset in PRESETS else "not a mask preset"
+        raise InputError(
+            f"$.preset: '{config.preset}' is {what}; the {name} stage trains the networks of a mask preset "
+            f"({', '.join(MASK_PRESETS)})"
+        )
+
+
 def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.device) -> Stage:
     """Check the stage's inputs and build it (networks, data)."""
-    preset = get_preset(config.preset)
+    check_stage_preset(name, config)
     train_entries, val_entries = split_by_fold(read_datalist(config.datalist), config.fold)
     root = data_root(config.datalist, config.data_root)
+    if name in MASK_STAGES:
+        return _build_mask_stage(name, config, root, train_entries, val_entries, ranks, device)
+    preset = get_preset(config.preset)
     if name == "autoencoder":
         from maisi.training.autoencoder import AutoencoderStage
 
@@ -131,12 +156,34 @@ def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.devi
     return ControlNetStage(config, preset, train, val, device)
 
 
+def _build_mask_stage(
+    name: str,
+    config: TrainConfig,
+    root: Path,
+    train_entries: list,
+    val_entries: list,
+    ranks: Ranks,
+    device: torch.device,
+) -> Stage:
+    preset = get_mask_preset(config.preset)
+    if name == "mask_autoencoder":
+        from maisi.training.mask_autoencoder import MaskAutoencoderStage
+
+        return MaskAutoencoderStage(config, preset, root, train_entries, val_entries, device, ranks)
+    from maisi.training.mask_diffusion import MaskDiffusionStage, MaskLatentCases
+
+    train = MaskLatentCases(train_entries, root, preset)
+    val = MaskLatentCases(val_entries, root, preset) if val_entries else None
+    return MaskDiffusionStage(config, preset, train, val, ranks, device)
+
+
 def run(stage_name: str, config: TrainConfig, resume: bool) -> None:
     """Train ``stage_name`` as ``config`` says, fresh or (``resume``) from the run folder's state."""
     device = resolve_device(config.device)
     ranks = init_from_env(device)
     try:
         device = ranks.device(device)
+        check_stage_preset(stage_name, config)  # before anything is read or written
         digest = config_hash(config, stage_name)
         check_output_dir(config.output_dir, "$.output_dir")
         state = starting_state(config, stage_name, digest, resume)
