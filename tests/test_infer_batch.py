@@ -81,7 +81,9 @@ def test_two_processes_generate_each_sample_once_with_one_summary_and_a_rerun_sk
     assert bad.returncode != 0
     assert bad.stderr.count("maisi.infer: error: 1 problem(s) with the masks") == 2, bad.stderr[-3000:]
     assert f"mask {blank}:\n      has no labelled voxel" in bad.stderr
-    assert len(re.findall(r"exitcode\s*: 2 ", bad.stderr)) == 2  # torchrun's report: both ranks exit 2
+    # torchrun's report: the ranks exit 2; once one has, torchrun may stop the other (SIGTERM) first
+    codes = re.findall(r"exitcode\s*: (-?\d+) ", bad.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, codes
     assert f'File "{REPO / "maisi"}' not in bad.stderr  # no traceback of ours (torchrun prints its own)
     assert not out.exists()
 
