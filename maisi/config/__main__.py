@@ -109,8 +109,10 @@ def _problems_with_sources(errors: list[str], t: Translation) -> list[str]:
 def absolute_paths(t: Translation, folder: Path) -> dict:
     """The config with its relative paths made absolute against ``folder``, to be checked from elsewhere."""
     config = json.loads(json.dumps(t.config))
-    for section, key in PATH_KEYS:
-        node = config.get(section, {}) if section else config
+    for *parents, key in PATH_KEYS:
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(key), str):
             node[key] = str(folder / node[key])
     return config
