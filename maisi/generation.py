@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maisi.acceleration import Acceleration, accelerate
 from maisi.checkpoints import Weights, load_network
 from maisi.conditioning import Conditions, binarize_labels, body_region_from_mask
 from maisi.config.infer_config import InferConfig
@@ -87,6 +88,7 @@ class Models:
     weights: dict[str, Weights] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype | None = None
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
 
 def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
@@ -283,7 +285,7 @@ def estimate_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimat
     config, preset = plan.config, plan.preset
     voxels = int(np.prod(plan.shape))
     latent = int(np.prod(plan.latent_shape))
-    half = autocast_dtype(config.precision, device) is not None
+    half = autocast_dtype(config.precision, device, cpu_bfloat16=True) is not None
     stored = preset.autoencoder["num_channels"][0] * (2 if half else 4) * voxels
     parts = ["autoencoder", "diffusion_unet"] + (["controlnet"] if plan.has_mask else [])
     weights = sum(_file_size(getattr(config.checkpoints, part)) for part in parts)
@@ -355,8 +357,11 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
     return need
 
 
-def load_models(plan: GenerationPlan, device: torch.device) -> Models:
-    """Build the preset's networks for ``device`` and load the config's checkpoints into them.
+def load_models(
+    plan: GenerationPlan, device: torch.device, acceleration: Acceleration | None = None
+) -> Models:
+    """Build the preset's networks for ``device``, load the config's checkpoints into them and apply the
+    speed switches (:mod:`maisi.acceleration`; default: the device's, with the config's ``compile``).
 
     Raises:
         CheckpointError: a missing file, another architecture, or a UNet checkpoint without scale_factor.
@@ -380,14 +385,17 @@ def load_models(plan: GenerationPlan, device: torch.device) -> Models:
         controlnet = controlnet.to(device)
     elif config.checkpoints.controlnet is not None:
         log.info("image-only mode: the ControlNet checkpoint is not used")
+    acceleration = acceleration or Acceleration.for_run(config.compile, device)
+    unet, controlnet = accelerate(unet.to(device), controlnet, device, acceleration)
     return Models(
         vae.to(device),
-        unet.to(device),
+        unet,
         controlnet,
         unet_w.scale_factor,
         weights,
         device,
-        autocast_dtype(config.precision, device),
+        autocast_dtype(config.precision, device, cpu_bfloat16=True),
+        acceleration,
     )
 
 
