@@ -201,7 +201,7 @@ def maisi_decode(vae, latents: torch.Tensor, size: tuple[int, ...]) -> torch.Ten
 def peak_memory_gib(device: torch.device) -> dict[str, float]:
     out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
-        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_cuda_gib"] = out["peak_cuda_decode_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
 
 
@@ -273,6 +273,10 @@ def run_variant(variant: str, args: argparse.Namespace, hu_path: Path | None) ->
     latents = sample(args.steps, control)
     t2 = _sync(device)
     del control
+    stages = {}
+    if device.type == "cuda":  # peak allocated per stage: sampling, then decoding
+        stages["peak_cuda_sampling_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
     if ours:
         image = decode(
             vae, latents, 1.0, method="tiled", memory_budget_bytes=1024 << 20, autocast_dtype=dtype
@@ -294,6 +298,7 @@ def run_variant(variant: str, args: argparse.Namespace, hu_path: Path | None) ->
         "end_to_end_s": t4 - t0,
         "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
         **peak_memory_gib(device),
+        **stages,
     }
 
 
@@ -336,6 +341,9 @@ def compare(args: argparse.Namespace) -> int:
         f"\n{'variant':<20}{'dtype':<10}{'warm-up s':>10}{'s/step':>8}{'decode s':>10}{'end-to-end s':>14}"
         f"{'peak GiB':>10}{'speed-up':>10}{'peak x':>8}{'PSNR dB':>9}"
     )
+    if "peak_cuda_sampling_gib" in base:
+        for row in rows:
+            row["peak_cuda_gib"] = max(row["peak_cuda_gib"], row["peak_cuda_sampling_gib"])
     for row in rows:
         print(
             f"{row['variant']:<20}{row['dtype']:<10}{row['warmup_s']:>10.1f}{row['per_step_s']:>8.2f}"
@@ -343,6 +351,13 @@ def compare(args: argparse.Namespace) -> int:
             f"{base['end_to_end_s'] / row['end_to_end_s']:>10.2f}{row[mem] / base[mem]:>8.2f}"
             f"{row['psnr']:>9.1f}"
         )
+    if "peak_cuda_sampling_gib" in base:
+        print(f"\n{'variant':<20}{'sampling s':>11}{'peak GiB':>10}{'decode s':>10}{'peak GiB':>10}")
+        for row in rows:
+            print(
+                f"{row['variant']:<20}{row['sampling_s']:>11.1f}{row['peak_cuda_sampling_gib']:>10.2f}"
+                f"{row['decode_s']:>10.1f}{row['peak_cuda_decode_gib']:>10.2f}"
+            )
     print(
         "peak = "
         + ("torch.cuda.max_memory_allocated" if mem == "peak_cuda_gib" else "peak RSS of the subprocess")
