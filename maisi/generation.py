@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maisi.acceleration import Acceleration, accelerate
 from maisi.checkpoints import Weights, load_network
 from maisi.conditioning import Conditions, binarize_labels, body_region_from_mask
 from maisi.config.infer_config import InferConfig
@@ -91,6 +92,7 @@ class Models:
     weights: dict[str, Weights] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype | None = None
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
 
 def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
@@ -310,7 +312,7 @@ def estimate_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimat
     config, preset = plan.config, plan.preset
     voxels = int(np.prod(plan.shape))
     latent = int(np.prod(plan.latent_shape))
-    half = autocast_dtype(config.precision, device) is not None
+    half = autocast_dtype(config.precision, device, cpu_bfloat16=True) is not None
     stored = preset.autoencoder["num_channels"][0] * (2 if half else 4) * voxels
     parts = ["autoencoder", "diffusion_unet"] + (["controlnet"] if plan.has_mask else [])
     weights = sum(_file_size(getattr(config.checkpoints, part)) for part in parts)
@@ -382,8 +384,11 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
     return need
 
 
-def load_models(plan: GenerationPlan | InferConfig, device: torch.device) -> Models:
-    """Build the preset's networks for ``device`` and load the config's checkpoints into them.
+def load_models(
+    plan: GenerationPlan | InferConfig, device: torch.device, acceleration: Acceleration | None = None
+) -> Models:
+    """Build the preset's networks for ``device``, load the config's checkpoints into them and apply the
+    speed switches (:mod:`maisi.acceleration`; default: the device's, with the config's ``compile``).
 
     Args:
         plan: a plan, or a config (a job of many masks: every mask shares the networks).
@@ -411,14 +416,17 @@ def load_models(plan: GenerationPlan | InferConfig, device: torch.device) -> Mod
         controlnet = controlnet.to(device)
     elif config.checkpoints.controlnet is not None:
         log.info("image-only mode: the ControlNet checkpoint is not used")
+    acceleration = acceleration or Acceleration.for_run(config.compile, device)
+    unet, controlnet = accelerate(unet.to(device), controlnet, device, acceleration)
     return Models(
         vae.to(device),
-        unet.to(device),
+        unet,
         controlnet,
         unet_w.scale_factor,
         weights,
         device,
-        autocast_dtype(config.precision, device),
+        autocast_dtype(config.precision, device, cpu_bfloat16=True),
+        acceleration,
     )
 
 

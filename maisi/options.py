@@ -10,6 +10,7 @@ from typing import Literal, get_args
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
+CompileOption = Literal[True, False, "auto"]  # torch.compile of the UNet and ControlNet
 Sampler = Literal["ddpm", "ddim", "rflow"]
 DecodeMethod = Literal["full", "sliding_window", "tiled"]
 BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]

@@ -104,3 +104,43 @@ def test_two_process_nccl_encoding_writes_one_datalist(encode_setup, tmp_path): 
     assert done.returncode == 0, done.stderr[-3000:]
     datalist = json.loads((tmp_path / "emb" / "datalist.json").read_text())
     assert len(datalist["training"]) >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_cuda_graph_sampling_with_cached_condition_is_close_to_float32_eager(dtype):
+    """maisi.acceleration on CUDA: torch.compile in reduce-overhead mode (CUDA graphs) of the UNet and the
+    ControlNet body, the condition embedding cached, half-precision autocast."""
+    from maisi.acceleration import Acceleration, ConditionCachingControlNet, accelerate
+
+    torch._dynamo.reset()
+    device = torch.device("cuda")
+    preset, nets = _networks("tiny-rflow", device)
+    noise = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    inputs = Conditions((1.5, 1.5, 1.5), modality="ct").network_inputs(preset, 1, device)
+    control = (
+        (torch.rand(1, 8, 64, 64, 64, generator=torch.Generator().manual_seed(1)) > 0.5).float().to(device)
+    )
+
+    def run(unet, controlnet, autocast):
+        return denoise(
+            unet,
+            make_scheduler(preset.schedule, "rflow"),
+            noise.clone(),
+            4,
+            inputs,
+            controlnet=controlnet,
+            control=control,
+            autocast_dtype=autocast,
+            progress=False,
+        )
+
+    reference = run(nets["diffusion_unet"], nets["controlnet"], None)
+    acceleration = Acceleration.for_run("auto", device)
+    assert acceleration.compile  # "auto" compiles on CUDA
+    unet, controlnet = accelerate(nets["diffusion_unet"], nets["controlnet"], device, acceleration)
+    assert isinstance(controlnet, ConditionCachingControlNet)
+    first = run(unet, controlnet, dtype)
+    second = run(unet, controlnet, dtype)  # replays the CUDA graphs
+    assert torch.isfinite(second).all()
+    assert torch.equal(first, second)
+    assert (second.float() - reference).abs().max() < 0.1

@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from maisi import device as device_module
 from maisi import generation, generation_run, infer
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
@@ -366,6 +367,7 @@ def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(
     infer_config, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(generation, "available_ram_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: False)  # float32 intermediates
     config = image_only(infer_config, 2048)
     for flags in ((), ("--dry-run",)):
         assert run_cli(config, *flags) == 2
@@ -375,7 +377,8 @@ def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
-def test_memory_estimate_follows_its_formula_on_cpu_and_cuda(infer_config, tiny_checkpoints):
+def test_memory_estimate_follows_its_formula_on_cpu_and_cuda(infer_config, tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: False)  # float32 on this CPU
     plan = generation.plan_generation(load_config(infer_config(), "infer"))
     n, latent = 32 * 32 * 16, 4 * 8 * 8 * 4
     weights = sum(os.path.getsize(p) for p in tiny_checkpoints["tiny-rflow"].values())

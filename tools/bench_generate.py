@@ -7,27 +7,51 @@
    in full when it takes at most ``--max-run-s``; otherwise the measured per-step time is multiplied by
    the step count (the table says which). Decoding uses the exact tiled decoder.
 
+3. ``--compare``: one sample, (a) MAISI's way against (b) ours with the defaults, each variant in its own
+   subprocess (a clean peak RSS): seconds per denoising step (ControlNet + UNet), end-to-end seconds (mask
+   bit-planes, the timed steps, decode, HU), peak RSS, and the PSNR of each final HU image against (a).
+   (a) = MAISI's loop written against MONAI (float32, eager, the ControlNet's mask embedding every step)
+   and MAISI's decode (MONAI ``SlidingWindowInferer``, Gaussian, at MAISI's roi/overlap for the size; a
+   latent no larger than the roi is decoded in one pass, as MAISI's ``dynamic_infer`` does). (b) =
+   ``maisi.generation``'s networks and defaults (:mod:`maisi.acceleration`, precision ``auto``, tiled
+   decode within 1024 MiB). Extra variants: ``ours-fp32``, ``ours-channels-last``, ``ours-compile``,
+   ``ours-nocache``. A warm-up step (not timed; compilation happens there) precedes the timed steps.
+
+Random weights throughout (timing does not depend on them).
+
 Random weights throughout (timing does not depend on them).
 
     python tools/bench_generate.py                              # tiny/small presets, CPU, ~5-10 minutes
     python tools/bench_generate.py --sizes 256 256 128 --presets maisi-ct-rflow --max-run-s 0
+    python tools/bench_generate.py --compare                    # maisi-ct-rflow 256x256x128, 3 steps
+    python tools/bench_generate.py --compare --variants maisi ours ours-compile --steps 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
+from maisi.acceleration import Acceleration, accelerate
 from maisi.conditioning import Conditions, binarize_labels
 from maisi.decoding import decode
-from maisi.device import resolve_device
-from maisi.networks import build_network, get_preset
-from maisi.sampling import COMPATIBLE_SAMPLERS, DEFAULT_STEPS, denoise, make_scheduler
+from maisi.device import autocast, autocast_dtype, resolve_device
+from maisi.intensity import unit_to_hu
+from maisi.networks import RuntimeOptions, build_network, get_preset
+from maisi.presets import COMPATIBLE_SAMPLERS
+from maisi.sampling import DEFAULT_STEPS, denoise, make_scheduler
 
 
 def plain_scheduler(sampler: str, preset):
@@ -149,6 +173,200 @@ def overhead(setup: Setup, sampler: str, steps: int, rounds: int) -> tuple[float
     return min(plain), min(ours)
 
 
+# --- (a) MAISI's way vs (b) ours, one subprocess per variant ------------------------------------------------
+
+# MAISI's decode settings per output size (its configs/config_infer_*.json): latent roi and overlap.
+MAISI_DECODE = {(256, 256, 128): ((96, 96, 96), 0.25), (512, 512, 512): ((80, 80, 80), 0.4)}
+VARIANTS = ("maisi", "ours", "ours-fp32", "ours-channels-last", "ours-compile", "ours-nocache")
+
+
+def maisi_decode(vae, latents: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """MAISI's decode: MONAI SlidingWindowInferer at its settings, one pass when the latent fits the roi."""
+    from monai.inferers import SlidingWindowInferer
+
+    roi, overlap = MAISI_DECODE.get(tuple(size), ((80, 80, 80), 0.4))
+    if math.prod(latents.shape[2:]) <= math.prod(roi):
+        return vae.decode_stage_2_outputs(latents)
+    inferer = SlidingWindowInferer(
+        roi_size=[min(r, s) for r, s in zip(roi, latents.shape[2:])],
+        sw_batch_size=1,
+        overlap=overlap,
+        mode="gaussian",
+        sw_device=latents.device,
+        device=torch.device("cpu"),
+    )
+    return inferer(latents, vae.decode_stage_2_outputs)
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        out["peak_cuda_gib"] = out["peak_cuda_decode_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def run_variant(variant: str, args: argparse.Namespace, hu_path: Path | None) -> dict:
+    """One sample of ``variant`` in this process; returns its timings and peak memory."""
+    device = resolve_device(args.device)
+    preset = get_preset(args.preset)
+    size = tuple(args.size)
+    torch.manual_seed(0)
+    unet, controlnet, vae = (
+        build_network(preset, part, RuntimeOptions.for_device(device)).to(device).eval()
+        for part in ("diffusion_unet", "controlnet", "autoencoder")
+    )
+    ours = variant != "maisi"
+    dtype = None
+    if ours:
+        acceleration = Acceleration.for_run("auto", device)
+        if variant == "ours-compile":
+            acceleration = Acceleration(compile=True)
+        elif variant == "ours-channels-last":
+            acceleration = Acceleration(channels_last=True)
+        elif variant == "ours-nocache":
+            acceleration = Acceleration(cache_condition=False)
+        unet, controlnet = accelerate(unet, controlnet, device, acceleration)
+        dtype = None if variant == "ours-fp32" else autocast_dtype("auto", device, cpu_bfloat16=True)
+    elif device.type == "cuda":
+        dtype = torch.float16  # MAISI runs its loop under torch.amp.autocast("cuda")
+    f = preset.vae_factor
+    noise = torch.randn(
+        1, preset.latent_channels, *(s // f for s in size), generator=torch.Generator().manual_seed(0)
+    )
+    labels = torch.randint(0, 133, (1, 1, *size), generator=torch.Generator().manual_seed(0))
+    inputs = Conditions((1.5, 1.5, 4.0), "chest", "abdomen").network_inputs(preset, 1, device)
+
+    def sample(steps: int, control: torch.Tensor) -> torch.Tensor:
+        scheduler = make_scheduler(preset.schedule, "rflow")
+        if not ours:
+            with autocast(device, dtype):
+                return plain_loop(unet, controlnet, scheduler, noise.to(device), steps, inputs, control, None)
+        return denoise(
+            unet,
+            scheduler,
+            noise.to(device),
+            steps,
+            inputs,  # type: ignore[arg-type]
+            controlnet=controlnet,
+            control=control,
+            autocast_dtype=dtype,
+            progress=False,
+        )
+
+    control = binarize_labels(labels).to(device)
+    t0 = _sync(device)
+    sample(args.warmup, control)  # not timed: allocator, oneDNN primitives, compilation
+    warmup_s = _sync(device) - t0
+    del control
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = _sync(device)
+    control = binarize_labels(labels).to(device)
+    t1 = _sync(device)
+    latents = sample(args.steps, control)
+    t2 = _sync(device)
+    del control
+    stages = {}
+    if device.type == "cuda":  # peak allocated per stage: sampling, then decoding
+        stages["peak_cuda_sampling_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    if ours:
+        image = decode(
+            vae, latents, 1.0, method="tiled", memory_budget_bytes=1024 << 20, autocast_dtype=dtype
+        )
+    else:
+        with autocast(device, dtype):
+            image = maisi_decode(vae, latents, size).float().cpu()
+    t3 = _sync(device)
+    hu = unit_to_hu(image[0, 0].numpy())
+    t4 = _sync(device)
+    if hu_path is not None:
+        np.save(hu_path, hu)
+    return {
+        "variant": variant,
+        "warmup_s": warmup_s,
+        "per_step_s": (t2 - t1) / args.steps,
+        "sampling_s": t2 - t1,
+        "decode_s": t3 - t2,
+        "end_to_end_s": t4 - t0,
+        "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
+        **peak_memory_gib(device),
+        **stages,
+    }
+
+
+def psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB of two HU images over the [-1000, 1000] range."""
+    mse = float(np.mean((reference.astype(np.float64) - image) ** 2))
+    return math.inf if mse == 0 else 20 * math.log10(2000.0 / math.sqrt(mse))
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run each variant in its own subprocess and print the table with ratios against (a)."""
+    print(
+        f"(a) MAISI's way vs (b) ours: {args.preset}, image {args.size} (latent "
+        f"{[s // 4 for s in args.size]}), {args.steps} timed steps after {args.warmup} warm-up, random "
+        f"weights, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}",
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants:
+            hu = Path(tmp) / f"{variant}.npy"
+            cmd = [sys.executable, __file__, "--variant", variant, "--hu-out", str(hu)]
+            cmd += ["--preset", args.preset, "--size", *map(str, args.size), "--device", args.device]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"variant {variant} failed:\n{done.stderr[-3000:]}")
+                return 1
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["hu"] = hu
+            rows.append(row)
+            print(f"  {variant}: done ({row['end_to_end_s']:.1f} s end to end)", flush=True)
+        reference = np.load(rows[0]["hu"])
+        for row in rows:
+            row["psnr"] = psnr(reference, np.load(row["hu"]))
+    base = rows[0]
+    mem = "peak_cuda_gib" if "peak_cuda_gib" in base else "peak_rss_gib"
+    print(
+        f"\n{'variant':<20}{'dtype':<10}{'warm-up s':>10}{'s/step':>8}{'decode s':>10}{'end-to-end s':>14}"
+        f"{'peak GiB':>10}{'speed-up':>10}{'peak x':>8}{'PSNR dB':>9}"
+    )
+    if "peak_cuda_sampling_gib" in base:
+        for row in rows:
+            row["peak_cuda_gib"] = max(row["peak_cuda_gib"], row["peak_cuda_sampling_gib"])
+    for row in rows:
+        print(
+            f"{row['variant']:<20}{row['dtype']:<10}{row['warmup_s']:>10.1f}{row['per_step_s']:>8.2f}"
+            f"{row['decode_s']:>10.1f}{row['end_to_end_s']:>14.1f}{row[mem]:>10.2f}"
+            f"{base['end_to_end_s'] / row['end_to_end_s']:>10.2f}{row[mem] / base[mem]:>8.2f}"
+            f"{row['psnr']:>9.1f}"
+        )
+    if "peak_cuda_sampling_gib" in base:
+        print(f"\n{'variant':<20}{'sampling s':>11}{'peak GiB':>10}{'decode s':>10}{'peak GiB':>10}")
+        for row in rows:
+            print(
+                f"{row['variant']:<20}{row['sampling_s']:>11.1f}{row['peak_cuda_sampling_gib']:>10.2f}"
+                f"{row['decode_s']:>10.1f}{row['peak_cuda_decode_gib']:>10.2f}"
+            )
+    print(
+        "peak = "
+        + ("torch.cuda.max_memory_allocated" if mem == "peak_cuda_gib" else "peak RSS of the subprocess")
+        + f"; speed-up and peak x against {base['variant']}; PSNR of the final HU image against "
+        f"{base['variant']} (targets: ours >= 1.5x end to end, peak <= 0.5x, PSNR >= 40 dB)"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny-ddpm", "tiny-rflow", "small-rflow"])
@@ -159,7 +377,9 @@ def main() -> int:
         default=[64, 64, 64, 128, 128, 64],
         help="image sizes, three numbers each (multiples of the preset's spatial multiple)",
     )
-    parser.add_argument("--steps", type=int, default=2, help="steps per overhead round")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="steps per overhead round; --compare: timed steps"
+    )
     parser.add_argument(
         "--rounds", type=int, default=12, help="overhead rounds (the best is kept: noise only adds)"
     )
@@ -168,7 +388,23 @@ def main() -> int:
     )
     parser.add_argument("--budget-mb", type=int, default=256, help="tiled decode memory budget (MiB)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compare", action="store_true", help="(a) MAISI's way vs (b) ours, see above")
+    parser.add_argument("--variants", nargs="+", default=["maisi", "ours"], choices=VARIANTS)
+    parser.add_argument("--preset", default="maisi-ct-rflow", help="--compare: the preset")
+    parser.add_argument("--size", type=int, nargs=3, default=[256, 256, 128], help="--compare: image size")
+    parser.add_argument("--warmup", type=int, default=1, help="--compare: untimed warm-up steps")
+    parser.add_argument(
+        "--variant", choices=VARIANTS, help=argparse.SUPPRESS
+    )  # the subprocess of one variant
+    parser.add_argument("--hu-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.variant is not None:
+        print(json.dumps(run_variant(args.variant, args, args.hu_out), default=str))
+        return 0
+    if args.compare:
+        if args.variants[0] != "maisi":
+            args.variants = ["maisi", *[v for v in args.variants if v != "maisi"]]
+        return compare(args)
     device = resolve_device(args.device)
     sizes = [tuple(args.sizes[i : i + 3]) for i in range(0, len(args.sizes) - 2, 3)]
     print(

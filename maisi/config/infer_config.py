@@ -14,6 +14,7 @@ from maisi.options import (
     REGION_INDEX,
     BodyRegion,
     CheckedOrgan,
+    CompileOption,
     DecodeMethod,
     DeviceName,
     Modality,
@@ -168,6 +169,7 @@ class InferConfig:
     enforce_preset_limits: bool
     device: DeviceName
     precision: Precision
+    compile: CompileOption
 
     @property
     def from_mask(self) -> bool:
