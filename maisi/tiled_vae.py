@@ -141,9 +141,10 @@ class _Volume:
             dst.copy_(slab[:, :, lo - a : hi - a, y0:y1, z0:z1], non_blocking=True)
         return out, local
 
-    def write(self, lo: Shape3, tile: torch.Tensor) -> None:
+    def write(self, lo: Shape3, tile: torch.Tensor, stats: bool = True) -> None:
         """Store ``tile`` at ``lo`` (allocating slabs on first use) and add it to the statistics."""
-        self.stats.add(tile)
+        if stats:
+            self.stats.add(tile)
         (y0, z0), (y1, z1) = lo[1:], (lo[1] + tile.shape[3], lo[2] + tile.shape[4])
         for k, a, x0, x1 in self._parts(lo[0], lo[0] + tile.shape[2]):
             slab = self.slabs[k]
@@ -183,9 +184,11 @@ def _tile_bytes(step: Step, tile: Shape3, batch: int) -> int:
     return 4 * batch * total
 
 
-def _plan_tile(step: Step, out_size: Shape3, batch: int, budget: int | None, voxels: int | None) -> Shape3:
+def _plan_tile(
+    step: Step, out_size: Shape3, batch: int, budget: int | None, voxels: int | None, x_max: int | None = None
+) -> Shape3:
     """Largest tile (thin x-slabs first, then split in y, then z) whose estimated bytes and voxels fit."""
-    tile = [math.ceil(out_size[0] / MIN_SLABS), out_size[1], out_size[2]]
+    tile = [min(math.ceil(out_size[0] / MIN_SLABS), x_max or out_size[0]), out_size[1], out_size[2]]
     while (voxels is not None and math.prod(tile) > voxels) or (
         budget is not None and _tile_bytes(step, tuple(tile), batch) > budget  # type: ignore[arg-type]
     ):
@@ -213,48 +216,86 @@ class _Run:
         return _Volume(shape, slab, self.storage, self.storage_dtype, pin=pin)
 
 
-def _run_step(
-    step: Step,
-    src: _Volume,
-    tile: Shape3,
-    run: _Run,
-    *,
-    consume: bool,
-    residual: _Volume | None = None,
-    slab: int | None = None,
-    reduce: TileReduce | None = None,
-) -> tuple[_Volume, _Volume | None]:
-    """Stream one convolution over the volume; returns its output (``reduce``: the reduced tiles) and, for
-    ``res_a``, the shortcut."""
-    in_size, batch, c_out = src.shape[2:], src.shape[0], step.conv.out_channels
-    out_shape = (batch, c_out, *(step.out_size(s) for s in in_size))
-    out: _Volume | None = None  # with reduce: allocated at the first tile, whose channels it then knows
-    if reduce is None:
-        in_place = residual is not None and not residual.read_only
-        out = residual if in_place else run.new(out_shape, slab or tile[0])  # type: ignore[assignment]
-        out.stats = _Stats()  # an in-place residual sum overwrites the residual; its statistics are spent
-    short = run.new(out_shape, tile[0]) if step.shortcut is not None else None
-    dtype = step.read_dtype(src.stored_dtype)
-    params = None
-    if step.norm is not None:
-        params = adapter.norm_params(step, *src.stats.groups(step.norm.num_groups), run.device)
-    tiles = [
-        (lo, tuple(min(a + t, s) for a, t, s in zip(lo, tile, out_shape[2:])))
-        for lo in (
-            (x, y, z)
-            for x in range(0, out_shape[2], tile[0])
-            for y in range(0, out_shape[3], tile[1])
-            for z in range(0, out_shape[4], tile[2])
-        )
-    ]
-    run.trace.steps.append((step.name, tile, len(tiles)))
-    whole = (slice(None), slice(None))
-    for i, (lo, hi) in enumerate(tiles):
+class _Stream:
+    """One convolution streamed over its output tiles, row by row along x (a row: the tiles sharing an x
+    range), into its output volume (``reduce``: the reduced tiles) and, for ``res_a``, the shortcut.
+
+    Run whole (:meth:`finish`) when its input is stored, or lazily (:meth:`advance`) as the consumer of its
+    output reaches further along x; then its input is produced lazily too, by ``source``, and the GroupNorm
+    statistics of that input (``stats``) come from an earlier pass.
+    """
+
+    def __init__(
+        self,
+        step: Step,
+        src: _Volume,
+        tile: Shape3,
+        run: _Run,
+        *,
+        consume: bool,
+        residual: _Volume | None = None,
+        slab: int | None = None,
+        reduce: TileReduce | None = None,
+        stats: _Stats | None = None,
+        source: _Stream | None = None,
+    ) -> None:
+        self.step, self.src, self.run, self.consume = step, src, run, consume
+        self.residual, self.reduce, self.slab, self.source = residual, reduce, slab or tile[0], source
+        self.in_size = src.shape[2:]
+        out_shape = (src.shape[0], step.conv.out_channels, *(step.out_size(s) for s in self.in_size))
+        self.out: _Volume | None = None  # with reduce: allocated at the first tile, whose channels it knows
+        if reduce is None:
+            in_place = residual is not None and not residual.read_only
+            self.out = residual if in_place else run.new(out_shape, self.slab)  # type: ignore[assignment]
+            self.out.stats = (
+                _Stats()
+            )  # an in-place residual sum overwrites the residual; its statistics are spent
+        self.short = run.new(out_shape, tile[0]) if step.shortcut is not None else None
+        self.dtype = step.read_dtype(src.stored_dtype)
+        self.params = None
+        if step.norm is not None:
+            groups = (stats or src.stats).groups(step.norm.num_groups)
+            self.params = adapter.norm_params(step, *groups, run.device)
+        self.out_shape = out_shape
+        starts = [range(0, size, t) for size, t in zip(out_shape[2:], tile)]
+        self.rows = [
+            [
+                ((x, y, z), tuple(min(a + t, s) for a, t, s in zip((x, y, z), tile, out_shape[2:])))
+                for y in starts[1]
+                for z in starts[2]
+            ]
+            for x in starts[0]
+        ]
+        self.next_row, self.done = 0, 0  # output rows below x = done are complete
+        run.trace.steps.append((step.name, tile, len(self.rows) * len(self.rows[0])))
+
+    def advance(self, x: int) -> None:
+        """Compute rows until the output below ``x`` is complete."""
+        while self.done < x and self.next_row < len(self.rows):
+            row = self.rows[self.next_row]
+            for lo, hi in row:
+                self._tile(lo, hi)
+            self.next_row += 1
+            self.done = row[0][1][0]
+            if self.consume and self.next_row < len(self.rows):  # free what no later row reads
+                (lo, hi), size = self.rows[self.next_row][0], self.in_size[0]
+                self.src.free_below(self.step.source_box(lo[0], hi[0], size)[0])
+
+    def finish(self) -> tuple[_Volume, _Volume | None]:
+        self.advance(self.out_shape[2])
+        assert self.out is not None
+        return self.out, self.short
+
+    def _tile(self, lo: Shape3, hi: Shape3) -> None:
+        step, run, in_size = self.step, self.run, self.in_size
         box = [step.source_box(a, b, s) for a, b, s in zip(lo, hi, in_size)]
-        buf, inside = src.read(box, run.device, dtype)
+        if self.source is not None:  # it also writes the residual (its shortcut, or its own input)
+            self.source.advance(min(box[0][1], in_size[0]))
+        buf, inside = self.src.read(box, run.device, self.dtype)
         held = buf.nbytes
+        whole = (slice(None), slice(None))
         if step.upsample:
-            region = adapter.normalise(buf, inside, step, params) if params is not None else buf
+            region = adapter.normalise(buf, inside, step, self.params) if self.params is not None else buf
             up = adapter.upsample(region)
             conv_box = [step.conv_box(a, b) for a, b in zip(lo, hi)]
             inner = [(max(a, 0), min(b, 2 * s)) for (a, b), s in zip(conv_box, in_size)]
@@ -269,37 +310,34 @@ def _run_step(
             del up, region
         else:
             if (
-                short is not None
-            ):  # the ResBlock's 1x1 shortcut reads the un-normalised core of the same input
+                self.short is not None
+            ):  # the ResBlock's 1x1 shortcut reads the un-normalised core of the input
                 core = tuple(slice(a - b[0], c - b[0]) for a, c, b in zip(lo, hi, box))
                 s_tile = adapter.conv(step.shortcut, buf[(*whole, *core)])  # type: ignore[arg-type]
-                short.write(lo, s_tile)
+                # no statistics: the residual sum overwrites it, lazily under the sum's own ones
+                self.short.write(lo, s_tile, stats=False)
                 held += s_tile.nbytes
                 del s_tile
-            if params is not None:
-                buf = adapter.normalise(buf, inside, step, params)
+            if self.params is not None:
+                buf = adapter.normalise(buf, inside, step, self.params)
         if step.transposed:
             y = adapter.conv_transposed(step, buf, lo, hi, box)
         else:
             y = adapter.conv(step.conv, buf)
         held += y.nbytes
         del buf
-        if residual is not None:
-            res, _ = residual.read(list(zip(lo, hi)), run.device, y.dtype)
+        if self.residual is not None:
+            res, _ = self.residual.read(list(zip(lo, hi)), run.device, y.dtype)
             y = res.add_(y)  # MONAI: out = x + h
             held += res.nbytes
-        if reduce is not None:
-            y = reduce(y)
-            if out is None:  # the result as computed (e.g. uint8 labels), never the storage dtype
-                out = _Volume((*y.shape[:2], *out_shape[2:]), slab or tile[0], run.storage, None)
-        out.write(lo, y)
+        if self.reduce is not None:
+            y = self.reduce(y)
+            if self.out is None:  # the result as computed (e.g. uint8 labels), never the storage dtype
+                self.out = _Volume((*y.shape[:2], *self.out_shape[2:]), self.slab, run.storage, None)
+        self.out.write(lo, y)  # type: ignore[union-attr]
         run.trace.max_tile_bytes = max(run.trace.max_tile_bytes, held)
         run.trace.num_tiles += 1
         run.bar.update()
-        if consume and i + 1 < len(tiles) and tiles[i + 1][0][0] != lo[0]:  # a row of tiles along x is done
-            src.free_below(step.source_box(tiles[i + 1][0][0], tiles[i + 1][1][0], in_size[0])[0])
-    assert out is not None
-    return out, short
 
 
 def plan_tiles(
@@ -309,6 +347,7 @@ def plan_tiles(
     part: Part = "decoder",
     memory_budget_bytes: int | None = None,
     max_tile_voxels: int | None = None,
+    stream_tail: bool = False,
 ) -> list[StepPlan]:
     """Map a memory budget (or a tile size) to the output tile of every streamed convolution.
 
@@ -321,6 +360,8 @@ def plan_tiles(
         input_shape: (N, C, x, y, z) of the latent (``part="decoder"``) or the image (``"encoder"``).
         part: ``"decoder"`` or ``"encoder"``.
         memory_budget_bytes, max_tile_voxels: bounds on one tile's estimated bytes / output voxels.
+        stream_tail: plan the decoder's layers from the last upsampling on as :func:`decode_tiled` streams
+            them (rows thin enough that the rows they hold fit the budget too).
 
     Returns:
         One :class:`StepPlan` per convolution, in execution order.
@@ -330,7 +371,10 @@ def plan_tiles(
         ValueError: a non-positive limit, or a budget below one voxel of some layer.
     """
     steps = _program(autoencoder, part)
-    return [plan for _, plan in _plans(steps, input_shape, memory_budget_bytes, max_tile_voxels)]
+    plans = _plans(
+        steps, input_shape, memory_budget_bytes, max_tile_voxels, stream_tail and part == "decoder"
+    )
+    return [plan for _, plan in plans]
 
 
 def _program(autoencoder: torch.nn.Module, part: str) -> list[Step]:
@@ -342,14 +386,23 @@ def _program(autoencoder: torch.nn.Module, part: str) -> list[Step]:
     return adapter.program(autoencoder, part)  # type: ignore[arg-type]
 
 
-def _plans(steps: list[Step], input_shape: tuple[int, ...], budget: int | None, voxels: int | None):
+def _plans(
+    steps: list[Step], input_shape: tuple[int, ...], budget: int | None, voxels: int | None, stream_tail: bool
+):
     for label, value in (("memory_budget_bytes", budget), ("max_tile_voxels", voxels)):
         if value is not None and value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value}")
     size = tuple(input_shape[2:])
-    for step in steps:
+    start = _tail_start(steps) if stream_tail else None
+    tail_tiles: list[Shape3] = []
+    for i, step in enumerate(steps):
         out = tuple(step.out_size(s) for s in size)
-        tile = _plan_tile(step, out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
+        if i == start:
+            tail_tiles = _plan_tail(steps[i:], out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
+        if start is not None and i >= start:
+            tile = tail_tiles[i - start]
+        else:
+            tile = _plan_tile(step, out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
         channels = (step.conv.in_channels, step.conv.out_channels)
         tile_bytes = _tile_bytes(step, tile, input_shape[0])
         yield step, StepPlan(step.name, size, out, channels, tile, tile_bytes)  # type: ignore[arg-type]
@@ -367,6 +420,112 @@ class _Options:
     trace: TilingTrace | None
     progress: bool
     reduce: TileReduce | None = None
+    stream_tail: bool = False
+
+
+def _tail_start(steps: list[Step]) -> int | None:
+    """Index of the last upsampling step: from there on every layer has the output's resolution."""
+    return next((i for i in range(len(steps) - 1, -1, -1) if steps[i].upsample or steps[i].transposed), None)
+
+
+def _row_bytes(tail: list[Step], plane: int, batch: int) -> int:
+    """Bytes of one voxel-thick x-row of every volume the streamed tail holds in part: each intermediate
+    output and shortcut (an in-place residual sum adds none; float32)."""
+    held = [
+        s.conv.out_channels * (2 if s.shortcut is not None else 1) for s in tail[:-1] if s.role != "res_b"
+    ]
+    return 4 * batch * plane * sum(held)
+
+
+def _plan_tail(
+    tail: list[Step], out_size: Shape3, batch: int, budget: int | None, voxels: int | None
+) -> list[Shape3]:
+    """Tiles of the streamed tail: the thickest x-rows such that the rows the intermediates hold (about
+    three per volume: the consumer's window with its halo, and the producer's next row) plus a whole-plane
+    tile of every step fit the budget; below 3 voxels, tiles split in y and z instead."""
+    thick = math.ceil(out_size[0] / MIN_SLABS)
+    while True:
+        rest = (
+            None
+            if budget is None
+            else budget - 3 * thick * _row_bytes(tail, out_size[1] * out_size[2], batch)
+        )
+        if rest is not None and rest < 1 and thick == 1:
+            raise ValueError(
+                f"memory_budget_bytes {budget} is below the rows the streamed full-resolution layers hold "
+                f"({3 * _row_bytes(tail, out_size[1] * out_size[2], batch)} bytes); raise it"
+            )
+        if rest is None or rest >= 1:
+            tiles = [_plan_tile(step, out_size, batch, rest, voxels, x_max=thick) for step in tail]
+            if thick <= 2 or all(t[0] == thick for t in tiles):
+                return tiles
+        thick = math.ceil(out_size[0] / math.ceil(out_size[0] / (thick - 1)))
+
+
+def _chain(
+    tail: list[Step],
+    tiles: list[Shape3],
+    src: _Volume,
+    run: _Run,
+    stats: dict[int, _Stats],
+    *,
+    consume: bool,
+    reduce: TileReduce | None = None,
+) -> _Stream:
+    """The tail's steps as lazy streams, each pulling its input from the one before; returns the last."""
+    stream: _Stream | None = None
+    cur, residual = src, None
+    for k, step in enumerate(tail):
+        lazy = {"stats": stats.get(k), "source": stream, "consume": consume or k > 0}  # src is read again
+        if step.role == "res_a":  # keep x for the residual unless the 1x1 shortcut replaces it here
+            lazy["consume"] = lazy["consume"] and step.shortcut is not None
+            stream = _Stream(step, cur, tiles[k], run, **lazy)  # type: ignore[arg-type]
+            residual = stream.short if stream.short is not None else cur
+        else:
+            last = k + 1 == len(tail)
+            out_x = step.out_size(cur.shape[2])  # the result is returned as one tensor
+            stream = _Stream(
+                step,
+                cur,
+                tiles[k],
+                run,
+                residual=residual,
+                slab=out_x if last else None,
+                reduce=reduce if last else None,
+                **lazy,  # type: ignore[arg-type]
+            )
+            residual = None
+        cur = stream.out  # type: ignore[assignment]
+    assert stream is not None
+    return stream
+
+
+def _run_tail(
+    tail: list[Step], tiles: list[Shape3], src: _Volume, run: _Run, reduce: TileReduce | None
+) -> _Volume:
+    """Run the tail from the stored ``src`` with its steps interleaved along x, so that no intermediate is
+    ever stored whole. A GroupNorm needs the whole-volume statistics of its input before its first tile:
+    for each one, a pass of the steps before it that keeps only those statistics (the recomputation is
+    the price of the memory)."""
+    stats: dict[int, _Stats] = {}
+    for k in range(1, len(tail)):
+        if tail[k].norm is None:
+            continue
+        sink = _chain(tail[:k], tiles, src, run, stats, consume=False)
+        while sink.next_row < len(sink.rows):
+            sink.advance(sink.done + 1)
+            for volume in (sink.out, sink.short):
+                if volume is not None:
+                    volume.free_below(sink.done)
+        stats[k] = sink.out.stats  # type: ignore[union-attr]
+    return _chain(tail, tiles, src, run, stats, consume=True, reduce=reduce).finish()[0]
+
+
+def _tail_tiles(steps: list[Step], tiles: list[Shape3], sizes: list[Shape3]) -> int:
+    """Tiles a streamed tail computes over all its passes."""
+    per_step = [math.prod(math.ceil(o / t) for o, t in zip(s, tile)) for s, tile in zip(sizes, tiles)]
+    passes = [k for k in range(1, len(steps)) if steps[k].norm is not None] + [len(steps)]
+    return sum(sum(per_step[:k]) for k in passes)
 
 
 def _execute(
@@ -374,25 +533,35 @@ def _execute(
 ) -> torch.Tensor:
     """Stream ``steps`` over ``x`` on ``device``; the result is one tensor on the storage device."""
     budget = DEFAULT_BUDGET_BYTES if opts.budget is None and opts.voxels is None else opts.budget
-    plans = list(_plans(steps, tuple(x.shape), budget, opts.voxels))
-    total = sum(math.prod(math.ceil(o / t) for o, t in zip(p.out_shape, p.tile)) for _, p in plans)
+    plans = list(_plans(steps, tuple(x.shape), budget, opts.voxels, opts.stream_tail))
+    start = _tail_start(steps) if opts.stream_tail else None
+    stored = plans if start is None else plans[:start]
+    total = sum(math.prod(math.ceil(o / t) for o, t in zip(p.out_shape, p.tile)) for _, p in stored)
+    if start is not None:
+        tail = plans[start:]
+        total += _tail_tiles([s for s, _ in tail], [p.tile for _, p in tail], [p.out_shape for _, p in tail])
     with tqdm(total=total, disable=not opts.progress, desc=f"tiled {part}", leave=False) as bar:
         storage = torch.device(opts.storage_device or "cpu")
         run = _Run(device, storage, opts.storage_dtype, opts.trace or TilingTrace(), bar)
         cur, residual = _Volume.wrap(x), None
-        for i, (step, plan) in enumerate(plans):
+        for i, (step, plan) in enumerate(stored):
             slab = plan.out_shape[0] if i + 1 == len(plans) else None  # the result is returned as one tensor
             if step.role == "res_a":  # keep x for the residual unless the 1x1 shortcut replaces it here
                 x_in = cur
-                cur, short = _run_step(step, x_in, plan.tile, run, consume=step.shortcut is not None)
+                stream = _Stream(step, x_in, plan.tile, run, consume=step.shortcut is not None)
+                cur, short = stream.finish()
                 residual = short if short is not None else x_in
                 del x_in
             else:
                 reduce = opts.reduce if i + 1 == len(plans) else None
-                cur, _ = _run_step(
+                stream = _Stream(
                     step, cur, plan.tile, run, consume=True, residual=residual, slab=slab, reduce=reduce
                 )
+                cur, _ = stream.finish()
                 residual = None
+            del stream
+        if start is not None:
+            cur = _run_tail([s for s, _ in tail], [p.tile for _, p in tail], cur, run, opts.reduce)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return cur.tensor()
@@ -410,6 +579,7 @@ def decode_tiled(
     trace: TilingTrace | None = None,
     progress: bool = False,
     tile_reduce: TileReduce | None = None,
+    stream_tail: bool = False,
 ) -> torch.Tensor:
     """Decode latents tile by tile; equals ``autoencoder.decode_stage_2_outputs(z)`` up to float rounding.
 
@@ -430,6 +600,10 @@ def decode_tiled(
         tile_reduce: applied to each output tile of the last convolution, (N, C_out, tx, ty, tz) ->
             (N, C', tx, ty, tz) (e.g. an argmax over class logits); the result is assembled from the reduced
             tiles, in their dtype, so the whole C_out-channel output never exists.
+        stream_tail: never store the layers from the last upsampling on (the full-resolution ones, the
+            largest): run them interleaved along x from the last stored volume, each holding a few rows,
+            with one extra pass of the layers before each of their GroupNorms for its statistics. Exact as
+            well; slower (MAISI's mask VAE: the full-resolution convolutions run up to 4 times).
 
     Returns:
         (N, C_out, fx, fy, fz) images on ``storage_device``, in the dtype of the last convolution (with
@@ -442,7 +616,14 @@ def decode_tiled(
     device = next(autoencoder.parameters()).device
     steps = _program(autoencoder, "decoder")
     opts = _Options(
-        memory_budget_bytes, max_tile_voxels, storage_device, storage_dtype, trace, progress, tile_reduce
+        memory_budget_bytes,
+        max_tile_voxels,
+        storage_device,
+        storage_dtype,
+        trace,
+        progress,
+        tile_reduce,
+        stream_tail,
     )
 
     def decoder(h: torch.Tensor) -> torch.Tensor:
