@@ -108,6 +108,7 @@ class _Volume:
         self.edges = [*range(0, shape[2], slab), shape[2]]
         self.slabs: list[torch.Tensor | None] = [None] * (len(self.edges) - 1)
         self.stats = _Stats()
+        self.track = True  # False: a volume whose statistics no GroupNorm reads (saves a reduction per tile)
 
     @classmethod
     def wrap(cls, tensor: torch.Tensor) -> _Volume:
@@ -143,7 +144,7 @@ class _Volume:
 
     def write(self, lo: Shape3, tile: torch.Tensor, stats: bool = True) -> None:
         """Store ``tile`` at ``lo`` (allocating slabs on first use) and add it to the statistics."""
-        if stats:
+        if stats and self.track:
             self.stats.add(tile)
         (y0, z0), (y1, z1) = lo[1:], (lo[1] + tile.shape[3], lo[2] + tile.shape[4])
         for k, a, x0, x1 in self._parts(lo[0], lo[0] + tile.shape[2]):
@@ -334,6 +335,7 @@ class _Stream:
             y = self.reduce(y)
             if self.out is None:  # the result as computed (e.g. uint8 labels), never the storage dtype
                 self.out = _Volume((*y.shape[:2], *self.out_shape[2:]), self.slab, run.storage, None)
+                self.out.track = False
         self.out.write(lo, y)  # type: ignore[union-attr]
         run.trace.max_tile_bytes = max(run.trace.max_tile_bytes, held)
         run.trace.num_tiles += 1
@@ -471,6 +473,7 @@ def _chain(
     *,
     consume: bool,
     reduce: TileReduce | None = None,
+    keep_stats: bool = False,
 ) -> _Stream:
     """The tail's steps as lazy streams, each pulling its input from the one before; returns the last."""
     stream: _Stream | None = None
@@ -496,6 +499,8 @@ def _chain(
             )
             residual = None
         cur = stream.out  # type: ignore[assignment]
+        if cur is not None:  # only a statistics pass reads statistics here: those of its last output
+            cur.track = keep_stats and k + 1 == len(tail)
     assert stream is not None
     return stream
 
@@ -511,7 +516,7 @@ def _run_tail(
     for k in range(1, len(tail)):
         if tail[k].norm is None:
             continue
-        sink = _chain(tail[:k], tiles, src, run, stats, consume=False)
+        sink = _chain(tail[:k], tiles, src, run, stats, consume=False, keep_stats=True)
         while sink.next_row < len(sink.rows):
             sink.advance(sink.done + 1)
             for volume in (sink.out, sink.short):

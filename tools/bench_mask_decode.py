@@ -39,7 +39,9 @@ def variants(args: argparse.Namespace) -> list[dict]:
             name = "MAISI untiled (roi covers latent)" if whole else f"MAISI sw roi {roi} ov {overlap}"
             out.append({"name": name, "method": "maisi", "roi": int(roi), "overlap": float(overlap)})
     for mb in args.budgets_mb:
-        out.append({"name": f"ours tiled argmax {mb} MiB", "method": "ours", "budget": mb << 20})
+        for stream in (True, False) if args.stored else (True,):
+            name = f"ours {'streamed' if stream else 'stored'} tail {mb} MiB"
+            out.append({"name": name, "method": "ours", "budget": mb << 20, "stream": stream})
     return out
 
 
@@ -73,7 +75,9 @@ def worker(variant: dict, folder: Path, device_name: str) -> None:
         labels = argmax_labels(logits)
         del logits
     else:
-        labels = decode_mask_labels(vae, z, 1.0, memory_budget_bytes=variant["budget"])
+        labels = decode_mask_labels(
+            vae, z, 1.0, memory_budget_bytes=variant["budget"], stream_full_resolution=variant["stream"]
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -102,6 +106,9 @@ def main() -> int:
         "--sw", nargs="*", default=["96:0.6667"], help="MAISI's windows as roi:overlap (latent voxels)"
     )
     parser.add_argument("--skip-maisi", action="store_true", help="ours only (MAISI's needs the full logits)")
+    parser.add_argument(
+        "--stored", action="store_true", help="also ours with the full-resolution layers stored whole"
+    )
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

@@ -53,6 +53,7 @@ def decode_mask_labels(
     overlap: float = 0.6667,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    stream_full_resolution: bool = True,
 ) -> torch.Tensor:
     """Decode a mask latent to class-channel indices; the full class logits never exist.
 
@@ -64,6 +65,9 @@ def decode_mask_labels(
         roi_size, overlap: the sliding window of the fallback (latent voxels; MAISI's defaults).
         autocast_dtype: half-precision dtype, or None for float32.
         progress: progress bar over the tiles.
+        stream_full_resolution: never store the full-resolution layers whole (``stream_tail`` of
+            :func:`maisi.tiled_vae.decode_tiled`): a 64^3 latent then decodes in under 2 GB, at the price
+            of recomputing them for their GroupNorm statistics; False stores them (faster, ~4x the memory).
 
     Returns:
         (N, 1, fx, fy, fz) channel indices on the CPU, uint8 (int16 beyond 256 channels); map them to MAISI
@@ -79,6 +83,7 @@ def decode_mask_labels(
                 memory_budget_bytes=memory_budget_bytes,
                 tile_reduce=argmax_labels,
                 progress=progress,
+                stream_tail=stream_full_resolution,
             )
             return labels.cpu()
     warnings.warn(
