@@ -47,11 +47,15 @@ _SHRINK_ORDER = ((0, 2), (1, 8), (2, 8), (0, 1), (1, 1), (2, 1))
 class TilingTrace:
     """What a tiled run did: the largest sum of tile tensors alive at once on the compute device (input
     with halo, upsampled copy, output, residual or shortcut; measured on the tensors), the number of tiles,
-    and per step (name, output tile, number of tiles)."""
+    and per step (name, output tile, number of tiles; a streamed tail lists its steps once per pass), and
+    the bytes stored whole-volume slabs take (the input latent not counted)."""
 
     max_tile_bytes: int = 0
     num_tiles: int = 0
     steps: list[tuple[str, Shape3, int]] = field(default_factory=list)
+    # bytes of intermediate and result slabs alive on the storage device: now, and the most at once
+    stored_bytes: int = 0
+    max_stored_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,10 @@ class _Volume:
         dtype: torch.dtype | None,
         pin: bool = False,
         read_only: bool = False,
+        trace: TilingTrace | None = None,
     ) -> None:
         self.shape, self.device, self.dtype, self.pin, self.read_only = shape, device, dtype, pin, read_only
+        self.trace = trace
         self.edges = [*range(0, shape[2], slab), shape[2]]
         self.slabs: list[torch.Tensor | None] = [None] * (len(self.edges) - 1)
         self.stats = _Stats()
@@ -154,16 +160,23 @@ class _Volume:
                 slab = self.slabs[k] = torch.empty(
                     shape, dtype=self.dtype or tile.dtype, device=self.device, pin_memory=self.pin
                 )
+                self._count(slab.nbytes)
             slab[:, :, x0 - a : x1 - a, y0:y1, z0:z1].copy_(tile[:, :, x0 - lo[0] : x1 - lo[0]])
 
     def free_below(self, x: int) -> None:
         """Drop the slabs that end at or before ``x`` (no later tile reads them)."""
         freed = [k for k, b in enumerate(self.edges[1:]) if b <= x and self.slabs[k] is not None]
         for k in freed:
+            self._count(-self.slabs[k].nbytes)  # type: ignore[union-attr]
             self.slabs[k] = None
         # No glibc malloc_trim (ctypes) here, a trade-off rather than a clear win (2 cores, fresh processes):
         # it lowered the decode's added peak RSS by a median 13% (-1..33%, 10 pairs; ~23% for thin tiles)
         # and cost about 10% more CPU time. The <= 0.5x-of-one-pass memory target holds without it.
+
+    def _count(self, nbytes: int) -> None:
+        if self.trace is not None:
+            self.trace.stored_bytes += nbytes
+            self.trace.max_stored_bytes = max(self.trace.max_stored_bytes, self.trace.stored_bytes)
 
     def tensor(self) -> torch.Tensor:
         slabs = [s for s in self.slabs if s is not None]
@@ -214,7 +227,7 @@ class _Run:
 
     def new(self, shape: tuple[int, ...], slab: int) -> _Volume:
         pin = self.storage.type == "cpu" and self.device.type == "cuda"
-        return _Volume(shape, slab, self.storage, self.storage_dtype, pin=pin)
+        return _Volume(shape, slab, self.storage, self.storage_dtype, pin=pin, trace=self.trace)
 
 
 class _Stream:
@@ -278,9 +291,12 @@ class _Stream:
                 self._tile(lo, hi)
             self.next_row += 1
             self.done = row[0][1][0]
-            if self.consume and self.next_row < len(self.rows):  # free what no later row reads
-                (lo, hi), size = self.rows[self.next_row][0], self.in_size[0]
-                self.src.free_below(self.step.source_box(lo[0], hi[0], size)[0])
+            if self.consume:  # free what no later row reads
+                size = self.in_size[0]
+                if self.next_row < len(self.rows):
+                    (lo, hi) = self.rows[self.next_row][0]
+                    size = self.step.source_box(lo[0], hi[0], size)[0]
+                self.src.free_below(size)
 
     def finish(self) -> tuple[_Volume, _Volume | None]:
         self.advance(self.out_shape[2])
@@ -334,7 +350,8 @@ class _Stream:
         if self.reduce is not None:
             y = self.reduce(y)
             if self.out is None:  # the result as computed (e.g. uint8 labels), never the storage dtype
-                self.out = _Volume((*y.shape[:2], *self.out_shape[2:]), self.slab, run.storage, None)
+                shape = (*y.shape[:2], *self.out_shape[2:])
+                self.out = _Volume(shape, self.slab, run.storage, None, trace=run.trace)
                 self.out.track = False
         self.out.write(lo, y)  # type: ignore[union-attr]
         run.trace.max_tile_bytes = max(run.trace.max_tile_bytes, held)
@@ -471,36 +488,39 @@ def _chain(
     run: _Run,
     stats: dict[int, _Stats],
     *,
-    consume: bool,
+    final: bool = False,
     reduce: TileReduce | None = None,
-    keep_stats: bool = False,
 ) -> _Stream:
-    """The tail's steps as lazy streams, each pulling its input from the one before; returns the last."""
+    """The tail's steps as lazy streams, each pulling its input from the one before; returns the last.
+    ``final``: the pass that makes the result (it consumes ``src``), else a statistics pass for the last
+    output."""
     stream: _Stream | None = None
     cur, residual = src, None
     for k, step in enumerate(tail):
-        lazy = {"stats": stats.get(k), "source": stream, "consume": consume or k > 0}  # src is read again
-        if step.role == "res_a":  # keep x for the residual unless the 1x1 shortcut replaces it here
-            lazy["consume"] = lazy["consume"] and step.shortcut is not None
+        last = k + 1 == len(tail)
+        # src is read by every pass; a ResBlock's input is kept for its residual unless the 1x1 shortcut
+        # replaces it or the chain ends before the residual sum
+        consume = (final or k > 0) and (step.role != "res_a" or step.shortcut is not None or last)
+        lazy = {"stats": stats.get(k), "source": stream, "consume": consume}
+        if step.role == "res_a":
             stream = _Stream(step, cur, tiles[k], run, **lazy)  # type: ignore[arg-type]
             residual = stream.short if stream.short is not None else cur
         else:
-            last = k + 1 == len(tail)
-            out_x = step.out_size(cur.shape[2])  # the result is returned as one tensor
+            whole = last and final  # the result is returned as one tensor
             stream = _Stream(
                 step,
                 cur,
                 tiles[k],
                 run,
                 residual=residual,
-                slab=out_x if last else None,
+                slab=step.out_size(cur.shape[2]) if whole else None,
                 reduce=reduce if last else None,
                 **lazy,  # type: ignore[arg-type]
             )
             residual = None
         cur = stream.out  # type: ignore[assignment]
         if cur is not None:  # only a statistics pass reads statistics here: those of its last output
-            cur.track = keep_stats and k + 1 == len(tail)
+            cur.track = last and not final
     assert stream is not None
     return stream
 
@@ -516,14 +536,14 @@ def _run_tail(
     for k in range(1, len(tail)):
         if tail[k].norm is None:
             continue
-        sink = _chain(tail[:k], tiles, src, run, stats, consume=False, keep_stats=True)
+        sink = _chain(tail[:k], tiles, src, run, stats)
         while sink.next_row < len(sink.rows):
             sink.advance(sink.done + 1)
             for volume in (sink.out, sink.short):
                 if volume is not None:
                     volume.free_below(sink.done)
         stats[k] = sink.out.stats  # type: ignore[union-attr]
-    return _chain(tail, tiles, src, run, stats, consume=True, reduce=reduce).finish()[0]
+    return _chain(tail, tiles, src, run, stats, final=True, reduce=reduce).finish()[0]
 
 
 def _tail_tiles(steps: list[Step], tiles: list[Shape3], sizes: list[Shape3]) -> int:
