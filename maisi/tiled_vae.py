@@ -113,8 +113,7 @@ class _Volume:
         self.trace = trace
         self.edges = [*range(0, shape[2], slab), shape[2]]
         self.slabs: list[torch.Tensor | None] = [None] * (len(self.edges) - 1)
-        self.stats = _Stats()
-        self.track = True  # False: a volume whose statistics no GroupNorm reads (saves a reduction per tile)
+        self.stats = _Stats()  # those of its last writer (an in-place residual sum: the sum's)
 
     @classmethod
     def wrap(cls, tensor: torch.Tensor) -> _Volume:
@@ -148,10 +147,10 @@ class _Volume:
             dst.copy_(slab[:, :, lo - a : hi - a, y0:y1, z0:z1], non_blocking=True)
         return out, local
 
-    def write(self, lo: Shape3, tile: torch.Tensor, stats: bool = True) -> None:
-        """Store ``tile`` at ``lo`` (allocating slabs on first use) and add it to the statistics."""
-        if stats and self.track:
-            self.stats.add(tile)
+    def write(self, lo: Shape3, tile: torch.Tensor, stats: _Stats | None) -> None:
+        """Store ``tile`` at ``lo`` (allocating slabs on first use) and add it to ``stats``."""
+        if stats is not None:
+            stats.add(tile)
         (y0, z0), (y1, z1) = lo[1:], (lo[1] + tile.shape[3], lo[2] + tile.shape[4])
         for k, a, x0, x1 in self._parts(lo[0], lo[0] + tile.shape[2]):
             slab = self.slabs[k]
@@ -258,12 +257,14 @@ class _Stream:
         self.in_size = src.shape[2:]
         out_shape = (src.shape[0], step.conv.out_channels, *(step.out_size(s) for s in self.in_size))
         self.out: _Volume | None = None  # with reduce: allocated at the first tile, whose channels it knows
+        self.stats = _Stats()  # of the output (a streamed tail keeps them for the next pass)
+        self.track = reduce is None  # False: statistics no GroupNorm reads (saves a reduction per tile)
         if reduce is None:
             in_place = residual is not None and not residual.read_only
             self.out = residual if in_place else run.new(out_shape, self.slab)  # type: ignore[assignment]
-            self.out.stats = (
-                _Stats()
-            )  # an in-place residual sum overwrites the residual; its statistics are spent
+            # an in-place residual sum overwrites the residual; its statistics are spent. Per stream: in a
+            # lazy chain the residual's own producer may still be writing (other rows) into the volume
+            self.out.stats = self.stats
         self.short = run.new(out_shape, tile[0]) if step.shortcut is not None else None
         self.dtype = step.read_dtype(src.stored_dtype)
         self.params = None
@@ -332,7 +333,7 @@ class _Stream:
                 core = tuple(slice(a - b[0], c - b[0]) for a, c, b in zip(lo, hi, box))
                 s_tile = adapter.conv(step.shortcut, buf[(*whole, *core)])  # type: ignore[arg-type]
                 # no statistics: the residual sum overwrites it, lazily under the sum's own ones
-                self.short.write(lo, s_tile, stats=False)
+                self.short.write(lo, s_tile, None)
                 held += s_tile.nbytes
                 del s_tile
             if self.params is not None:
@@ -352,8 +353,7 @@ class _Stream:
             if self.out is None:  # the result as computed (e.g. uint8 labels), never the storage dtype
                 shape = (*y.shape[:2], *self.out_shape[2:])
                 self.out = _Volume(shape, self.slab, run.storage, None, trace=run.trace)
-                self.out.track = False
-        self.out.write(lo, y)  # type: ignore[union-attr]
+        self.out.write(lo, y, self.stats if self.track else None)  # type: ignore[union-attr]
         run.trace.max_tile_bytes = max(run.trace.max_tile_bytes, held)
         run.trace.num_tiles += 1
         run.bar.update()
@@ -519,8 +519,7 @@ def _chain(
             )
             residual = None
         cur = stream.out  # type: ignore[assignment]
-        if cur is not None:  # only a statistics pass reads statistics here: those of its last output
-            cur.track = last and not final
+        stream.track = last and not final  # only a statistics pass reads statistics: of its last output
     assert stream is not None
     return stream
 
@@ -542,7 +541,7 @@ def _run_tail(
             for volume in (sink.out, sink.short):
                 if volume is not None:
                     volume.free_below(sink.done)
-        stats[k] = sink.out.stats  # type: ignore[union-attr]
+        stats[k] = sink.stats
     return _chain(tail, tiles, src, run, stats, final=True, reduce=reduce).finish()[0]
 
 
