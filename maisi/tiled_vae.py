@@ -14,6 +14,12 @@ convolution at a time:
 * whole-volume intermediates live on a storage device (the CPU; pinned when computing on a GPU) as slabs
   along x. A consumed input's slabs are freed once no later tile reads them, so a step holds about
   max(input, output) plus one tile, where MONAI's pass holds input, output and several temporaries.
+* optionally (``stream_tail``) the layers from the last upsampling on, the full-resolution ones and the
+  largest, are never stored whole: their convolutions run interleaved along x, each pulling rows of its
+  input from the one before as it needs them, so each intermediate holds a few rows. A GroupNorm among them
+  needs its input's statistics before its first row: one pass of the layers before it, keeping only the
+  statistics, precedes the pass that makes the result (MAISI's mask VAE: 3 extra passes, about 1.7x the
+  CPU time of storing them, for a tenth of the memory).
 
 Attention blocks are global and cannot be tiled; a VAE with them, or with any module the adapter does not
 know, is refused with :class:`UnsupportedStructure` (the released VAE has none); :mod:`maisi.decoding` then
@@ -24,15 +30,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from maisi import monai_vae_adapter as adapter
 from maisi.monai_vae_adapter import Part, Step, UnsupportedStructure
+from maisi.tiled_storage import Shape3, Stats, TilingTrace, Volume
 
-Shape3 = tuple[int, int, int]
 # Applied to every output tile of the last convolution, (N, C, tx, ty, tz) -> (N, C', tx, ty, tz): the result
 # is assembled from the reduced tiles, so the whole output (e.g. 125-channel mask logits) never exists.
 TileReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -41,21 +47,6 @@ MIN_SLABS = 8  # slabs along x per volume, so that a consumed input is freed whi
 # Order in which tile extents shrink to fit a budget: x-slabs down to 2 voxels (1-voxel slabs and small
 # cubes convolve 3-10x slower than the whole volume), then y, then z.
 _SHRINK_ORDER = ((0, 2), (1, 8), (2, 8), (0, 1), (1, 1), (2, 1))
-
-
-@dataclass
-class TilingTrace:
-    """What a tiled run did: the largest sum of tile tensors alive at once on the compute device (input
-    with halo, upsampled copy, output, residual or shortcut; measured on the tensors), the number of tiles,
-    and per step (name, output tile, number of tiles; a streamed tail lists its steps once per pass), and
-    the bytes stored whole-volume slabs take (the input latent not counted)."""
-
-    max_tile_bytes: int = 0
-    num_tiles: int = 0
-    steps: list[tuple[str, Shape3, int]] = field(default_factory=list)
-    # bytes of intermediate and result slabs alive on the storage device: now, and the most at once
-    stored_bytes: int = 0
-    max_stored_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,118 +60,6 @@ class StepPlan:
     channels: tuple[int, int]
     tile: Shape3
     tile_bytes: int
-
-
-class _Stats:
-    """Per-(sample, channel) count, mean and sum of squared deviations, merged tile by tile in float64."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, torch.zeros(()), torch.zeros(())
-
-    def add(self, tile: torch.Tensor) -> None:
-        n = math.prod(tile.shape[2:])
-        var, mean = torch.var_mean(tile.float(), dim=(2, 3, 4), unbiased=False)
-        mean, m2 = mean.double(), var.double() * n  # on the tile's device: no synchronisation per tile
-        total = self.count + n
-        delta = mean - self.mean.to(mean.device)
-        self.mean = self.mean.to(mean.device) + delta * (n / total)
-        self.m2 = self.m2.to(mean.device) + m2 + delta.square() * (self.count * n / total)
-        self.count = total
-
-    def groups(self, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and biased variance per (sample, group), as GroupNorm over the whole volume has them."""
-        n, c = self.mean.shape
-        mean = self.mean.view(n, num_groups, c // num_groups)
-        group_mean = mean.mean(-1, keepdim=True)
-        m2 = self.m2.view(n, num_groups, -1).sum(-1) + self.count * (mean - group_mean).square().sum(-1)
-        return group_mean.squeeze(-1), m2 / (self.count * (c // num_groups))
-
-
-class _Volume:
-    """A (N, C, X, Y, Z) tensor kept as slabs along x on the storage device, with running statistics."""
-
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        slab: int,
-        device: torch.device,
-        dtype: torch.dtype | None,
-        pin: bool = False,
-        read_only: bool = False,
-        trace: TilingTrace | None = None,
-    ) -> None:
-        self.shape, self.device, self.dtype, self.pin, self.read_only = shape, device, dtype, pin, read_only
-        self.trace = trace
-        self.edges = [*range(0, shape[2], slab), shape[2]]
-        self.slabs: list[torch.Tensor | None] = [None] * (len(self.edges) - 1)
-        self.stats = _Stats()  # those of its last writer (an in-place residual sum: the sum's)
-
-    @classmethod
-    def wrap(cls, tensor: torch.Tensor) -> _Volume:
-        volume = cls(tuple(tensor.shape), tensor.shape[2], tensor.device, tensor.dtype, read_only=True)
-        volume.slabs[0] = tensor
-        return volume
-
-    @property
-    def stored_dtype(self) -> torch.dtype:
-        return next((s.dtype for s in self.slabs if s is not None), self.dtype or torch.float32)
-
-    def _parts(self, lo: int, hi: int):
-        for k, (a, b) in enumerate(zip(self.edges[:-1], self.edges[1:])):
-            if a < hi and lo < b:
-                yield k, a, max(lo, a), min(hi, b)
-
-    def read(
-        self, box: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, list]:
-        """Region ``box`` (per axis [lo, hi), may leave the volume) on ``device``, zeros outside; and per
-        axis the slice of the region that lies inside the volume."""
-        inside = [(max(lo, 0), min(hi, size)) for (lo, hi), size in zip(box, self.shape[2:])]
-        local = [slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inside, box)]
-        empty = torch.empty if inside == [tuple(b) for b in box] else torch.zeros
-        out = empty(*self.shape[:2], *(hi - lo for lo, hi in box), device=device, dtype=dtype)
-        (y0, y1), (z0, z1) = inside[1], inside[2]
-        for k, a, lo, hi in self._parts(*inside[0]):
-            slab = self.slabs[k]
-            assert slab is not None, f"slab {k} read after it was freed"
-            dst = out[:, :, lo - box[0][0] : hi - box[0][0], local[1], local[2]]
-            dst.copy_(slab[:, :, lo - a : hi - a, y0:y1, z0:z1], non_blocking=True)
-        return out, local
-
-    def write(self, lo: Shape3, tile: torch.Tensor, stats: _Stats | None) -> None:
-        """Store ``tile`` at ``lo`` (allocating slabs on first use) and add it to ``stats``."""
-        if stats is not None:
-            stats.add(tile)
-        (y0, z0), (y1, z1) = lo[1:], (lo[1] + tile.shape[3], lo[2] + tile.shape[4])
-        for k, a, x0, x1 in self._parts(lo[0], lo[0] + tile.shape[2]):
-            slab = self.slabs[k]
-            if slab is None:
-                shape = (*self.shape[:2], self.edges[k + 1] - a, *self.shape[3:])
-                slab = self.slabs[k] = torch.empty(
-                    shape, dtype=self.dtype or tile.dtype, device=self.device, pin_memory=self.pin
-                )
-                self._count(slab.nbytes)
-            slab[:, :, x0 - a : x1 - a, y0:y1, z0:z1].copy_(tile[:, :, x0 - lo[0] : x1 - lo[0]])
-
-    def free_below(self, x: int) -> None:
-        """Drop the slabs that end at or before ``x`` (no later tile reads them)."""
-        freed = [k for k, b in enumerate(self.edges[1:]) if b <= x and self.slabs[k] is not None]
-        for k in freed:
-            self._count(-self.slabs[k].nbytes)  # type: ignore[union-attr]
-            self.slabs[k] = None
-        # No glibc malloc_trim (ctypes) here, a trade-off rather than a clear win (2 cores, fresh processes):
-        # it lowered the decode's added peak RSS by a median 13% (-1..33%, 10 pairs; ~23% for thin tiles)
-        # and cost about 10% more CPU time. The <= 0.5x-of-one-pass memory target holds without it.
-
-    def _count(self, nbytes: int) -> None:
-        if self.trace is not None:
-            self.trace.stored_bytes += nbytes
-            self.trace.max_stored_bytes = max(self.trace.max_stored_bytes, self.trace.stored_bytes)
-
-    def tensor(self) -> torch.Tensor:
-        slabs = [s for s in self.slabs if s is not None]
-        assert len(slabs) == len(self.slabs), "volume not complete"
-        return slabs[0] if len(slabs) == 1 else torch.cat(slabs, dim=2)
 
 
 def _tile_bytes(step: Step, tile: Shape3, batch: int) -> int:
@@ -224,9 +103,9 @@ class _Run:
     trace: TilingTrace
     bar: tqdm
 
-    def new(self, shape: tuple[int, ...], slab: int) -> _Volume:
+    def new(self, shape: tuple[int, ...], slab: int) -> Volume:
         pin = self.storage.type == "cpu" and self.device.type == "cuda"
-        return _Volume(shape, slab, self.storage, self.storage_dtype, pin=pin, trace=self.trace)
+        return Volume(shape, slab, self.storage, self.storage_dtype, pin=pin, trace=self.trace)
 
 
 class _Stream:
@@ -241,23 +120,23 @@ class _Stream:
     def __init__(
         self,
         step: Step,
-        src: _Volume,
+        src: Volume,
         tile: Shape3,
         run: _Run,
         *,
         consume: bool,
-        residual: _Volume | None = None,
+        residual: Volume | None = None,
         slab: int | None = None,
         reduce: TileReduce | None = None,
-        stats: _Stats | None = None,
+        stats: Stats | None = None,
         source: _Stream | None = None,
     ) -> None:
         self.step, self.src, self.run, self.consume = step, src, run, consume
         self.residual, self.reduce, self.slab, self.source = residual, reduce, slab or tile[0], source
         self.in_size = src.shape[2:]
         out_shape = (src.shape[0], step.conv.out_channels, *(step.out_size(s) for s in self.in_size))
-        self.out: _Volume | None = None  # with reduce: allocated at the first tile, whose channels it knows
-        self.stats = _Stats()  # of the output (a streamed tail keeps them for the next pass)
+        self.out: Volume | None = None  # with reduce: allocated at the first tile, whose channels it knows
+        self.stats = Stats()  # of the output (a streamed tail keeps them for the next pass)
         self.track = reduce is None  # False: statistics no GroupNorm reads (saves a reduction per tile)
         if reduce is None:
             in_place = residual is not None and not residual.read_only
@@ -299,7 +178,7 @@ class _Stream:
                     size = self.step.source_box(lo[0], hi[0], size)[0]
                 self.src.free_below(size)
 
-    def finish(self) -> tuple[_Volume, _Volume | None]:
+    def finish(self) -> tuple[Volume, Volume | None]:
         self.advance(self.out_shape[2])
         assert self.out is not None
         return self.out, self.short
@@ -352,7 +231,7 @@ class _Stream:
             y = self.reduce(y)
             if self.out is None:  # the result as computed (e.g. uint8 labels), never the storage dtype
                 shape = (*y.shape[:2], *self.out_shape[2:])
-                self.out = _Volume(shape, self.slab, run.storage, None, trace=run.trace)
+                self.out = Volume(shape, self.slab, run.storage, None, trace=run.trace)
         self.out.write(lo, y, self.stats if self.track else None)  # type: ignore[union-attr]
         run.trace.max_tile_bytes = max(run.trace.max_tile_bytes, held)
         run.trace.num_tiles += 1
@@ -484,9 +363,9 @@ def _plan_tail(
 def _chain(
     tail: list[Step],
     tiles: list[Shape3],
-    src: _Volume,
+    src: Volume,
     run: _Run,
-    stats: dict[int, _Stats],
+    stats: dict[int, Stats],
     *,
     final: bool = False,
     reduce: TileReduce | None = None,
@@ -525,13 +404,13 @@ def _chain(
 
 
 def _run_tail(
-    tail: list[Step], tiles: list[Shape3], src: _Volume, run: _Run, reduce: TileReduce | None
-) -> _Volume:
+    tail: list[Step], tiles: list[Shape3], src: Volume, run: _Run, reduce: TileReduce | None
+) -> Volume:
     """Run the tail from the stored ``src`` with its steps interleaved along x, so that no intermediate is
     ever stored whole. A GroupNorm needs the whole-volume statistics of its input before its first tile:
     for each one, a pass of the steps before it that keeps only those statistics (the recomputation is
     the price of the memory)."""
-    stats: dict[int, _Stats] = {}
+    stats: dict[int, Stats] = {}
     for k in range(1, len(tail)):
         if tail[k].norm is None:
             continue
@@ -567,7 +446,7 @@ def _execute(
     with tqdm(total=total, disable=not opts.progress, desc=f"tiled {part}", leave=False) as bar:
         storage = torch.device(opts.storage_device or "cpu")
         run = _Run(device, storage, opts.storage_dtype, opts.trace or TilingTrace(), bar)
-        cur, residual = _Volume.wrap(x), None
+        cur, residual = Volume.wrap(x), None
         for i, (step, plan) in enumerate(stored):
             slab = plan.out_shape[0] if i + 1 == len(plans) else None  # the result is returned as one tensor
             if step.role == "res_a":  # keep x for the residual unless the 1x1 shortcut replaces it here
