@@ -291,14 +291,15 @@ def _plans(
         if value is not None and value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value}")
     size = tuple(input_shape[2:])
-    start = _tail_start(steps) if stream_tail else None
-    tail_tiles: list[Shape3] = []
+    levels = dict(_levels(steps)) if stream_tail else {}
+    streamed: dict[int, Shape3] = {}  # step index -> tile, for the streamed levels
     for i, step in enumerate(steps):
         out = tuple(step.out_size(s) for s in size)
-        if i == start:
-            tail_tiles = _plan_tail(steps[i:], out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
-        if start is not None and i >= start:
-            tile = tail_tiles[i - start]
+        if i in levels:
+            level_tiles = _plan_tail(steps[i : levels[i]], out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
+            streamed.update(zip(range(i, levels[i]), level_tiles))
+        if i in streamed:
+            tile = streamed[i]
         else:
             tile = _plan_tile(step, out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
         channels = (step.conv.in_channels, step.conv.out_channels)
@@ -321,9 +322,11 @@ class _Options:
     stream_tail: bool = False
 
 
-def _tail_start(steps: list[Step]) -> int | None:
-    """Index of the last upsampling step: from there on every layer has the output's resolution."""
-    return next((i for i in range(len(steps) - 1, -1, -1) if steps[i].upsample or steps[i].transposed), None)
+def _levels(steps: list[Step]) -> list[tuple[int, int]]:
+    """The levels a streamed run streams, as step ranges [a, b): each upsampling step and the layers after
+    it at the same resolution (the larger ones; those before the first upsampling are stored)."""
+    starts = [i for i, s in enumerate(steps) if s.upsample or s.transposed]
+    return list(zip(starts, [*starts[1:], len(steps)]))
 
 
 def _row_bytes(tail: list[Step], plane: int, batch: int) -> int:
@@ -368,11 +371,12 @@ def _chain(
     stats: dict[int, Stats],
     *,
     final: bool = False,
+    result: bool = False,
     reduce: TileReduce | None = None,
 ) -> _Stream:
-    """The tail's steps as lazy streams, each pulling its input from the one before; returns the last.
-    ``final``: the pass that makes the result (it consumes ``src``), else a statistics pass for the last
-    output."""
+    """The level's steps as lazy streams, each pulling its input from the one before; returns the last.
+    ``final``: the pass that makes the level's output, stored whole (it consumes ``src``), else a statistics
+    pass for the last output; ``result``: that output is the decoder's."""
     stream: _Stream | None = None
     cur, residual = src, None
     for k, step in enumerate(tail):
@@ -385,7 +389,7 @@ def _chain(
             stream = _Stream(step, cur, tiles[k], run, **lazy)  # type: ignore[arg-type]
             residual = stream.short if stream.short is not None else cur
         else:
-            whole = last and final  # the result is returned as one tensor
+            whole = last and final and result  # the result is returned as one tensor
             stream = _Stream(
                 step,
                 cur,
@@ -398,18 +402,19 @@ def _chain(
             )
             residual = None
         cur = stream.out  # type: ignore[assignment]
-        stream.track = last and not final  # only a statistics pass reads statistics: of its last output
+        # only the last output's statistics are read: by the next pass or the next level
+        stream.track = last and not (final and result)
     assert stream is not None
     return stream
 
 
-def _run_tail(
-    tail: list[Step], tiles: list[Shape3], src: Volume, run: _Run, reduce: TileReduce | None
+def _run_level(
+    tail: list[Step], tiles: list[Shape3], src: Volume, run: _Run, reduce: TileReduce | None, result: bool
 ) -> Volume:
-    """Run the tail from the stored ``src`` with its steps interleaved along x, so that no intermediate is
-    ever stored whole. A GroupNorm needs the whole-volume statistics of its input before its first tile:
-    for each one, a pass of the steps before it that keeps only those statistics (the recomputation is
-    the price of the memory)."""
+    """Run a level from the stored ``src`` with its steps interleaved along x, so that only the level's
+    output is stored whole. A GroupNorm needs the whole-volume statistics of its input before its first
+    tile: for each one, a pass of the steps before it that keeps only those statistics (the recomputation
+    is the price of the memory)."""
     stats: dict[int, Stats] = {}
     for k in range(1, len(tail)):
         if tail[k].norm is None:
@@ -421,7 +426,7 @@ def _run_tail(
                 if volume is not None:
                     volume.free_below(sink.done)
         stats[k] = sink.stats
-    return _chain(tail, tiles, src, run, stats, final=True, reduce=reduce).finish()[0]
+    return _chain(tail, tiles, src, run, stats, final=True, result=result, reduce=reduce).finish()[0]
 
 
 def _tail_tiles(steps: list[Step], tiles: list[Shape3], sizes: list[Shape3]) -> int:
@@ -437,12 +442,13 @@ def _execute(
     """Stream ``steps`` over ``x`` on ``device``; the result is one tensor on the storage device."""
     budget = DEFAULT_BUDGET_BYTES if opts.budget is None and opts.voxels is None else opts.budget
     plans = list(_plans(steps, tuple(x.shape), budget, opts.voxels, opts.stream_tail))
-    start = _tail_start(steps) if opts.stream_tail else None
-    stored = plans if start is None else plans[:start]
+    levels = _levels(steps) if opts.stream_tail else []
+    stored = plans[: levels[0][0]] if levels else plans
     total = sum(math.prod(math.ceil(o / t) for o, t in zip(p.out_shape, p.tile)) for _, p in stored)
-    if start is not None:
-        tail = plans[start:]
-        total += _tail_tiles([s for s, _ in tail], [p.tile for _, p in tail], [p.out_shape for _, p in tail])
+    for a, b in levels:
+        total += _tail_tiles(
+            steps[a:b], [p.tile for _, p in plans[a:b]], [p.out_shape for _, p in plans[a:b]]
+        )
     with tqdm(total=total, disable=not opts.progress, desc=f"tiled {part}", leave=False) as bar:
         storage = torch.device(opts.storage_device or "cpu")
         run = _Run(device, storage, opts.storage_dtype, opts.trace or TilingTrace(), bar)
@@ -463,8 +469,10 @@ def _execute(
                 cur, _ = stream.finish()
                 residual = None
             del stream
-        if start is not None:
-            cur = _run_tail([s for s, _ in tail], [p.tile for _, p in tail], cur, run, opts.reduce)
+        for a, b in levels:
+            last = b == len(steps)
+            tiles = [p.tile for _, p in plans[a:b]]
+            cur = _run_level(steps[a:b], tiles, cur, run, opts.reduce if last else None, last)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return cur.tensor()

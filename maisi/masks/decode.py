@@ -3,7 +3,9 @@
 MAISI decodes a generated mask latent with MONAI's sliding window to the full logits (125 channels: 8.4 GB in
 float32 at 256^3), then softmax and argmax. Softmax is monotone per voxel, so the argmax of the logits is the
 argmax of the softmax; we take it per tile of the tiled decoder's last convolution
-(:func:`maisi.tiled_vae.decode_tiled` with ``tile_reduce``), so only one tile of logits ever exists.
+(:func:`maisi.tiled_vae.decode_tiled` with ``tile_reduce``), so only one tile of logits ever exists. The
+full-resolution layers before it (64 channels at 256^3: 4.3 GB each) are streamed row by row too
+(``stream_tail``), so a 64^3 latent decodes in under 2 GB.
 
 Ties: ``torch.argmax`` keeps the lowest channel index among equal maxima, on the tile as on the whole
 volume, so the labels equal ``torch.argmax`` of the untiled logits wherever the tiled logits equal them (they
