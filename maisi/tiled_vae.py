@@ -14,12 +14,12 @@ convolution at a time:
 * whole-volume intermediates live on a storage device (the CPU; pinned when computing on a GPU) as slabs
   along x. A consumed input's slabs are freed once no later tile reads them, so a step holds about
   max(input, output) plus one tile, where MONAI's pass holds input, output and several temporaries.
-* optionally (``stream_tail``) the layers from the last upsampling on, the full-resolution ones and the
-  largest, are never stored whole: their convolutions run interleaved along x, each pulling rows of its
-  input from the one before as it needs them, so each intermediate holds a few rows. A GroupNorm among them
-  needs its input's statistics before its first row: one pass of the layers before it, keeping only the
-  statistics, precedes the pass that makes the result (MAISI's mask VAE: 3 extra passes, about 1.7x the
-  CPU time of storing them, for a tenth of the memory).
+* optionally (``stream_levels``) the layers of each level from the first upsampling on (the larger
+  volumes) are never stored whole, only each level's output: their convolutions run interleaved along x,
+  each pulling rows of its input from the one before as it needs them, so each intermediate holds a few
+  rows. A GroupNorm among them needs its input's statistics before its first row: one pass of the level's
+  layers before it, keeping only the statistics, precedes the pass that makes the level's output (MAISI's
+  mask VAE: 7 extra passes, about 2x the CPU time of storing them).
 
 Attention blocks are global and cannot be tiled; a VAE with them, or with any module the adapter does not
 know, is refused with :class:`UnsupportedStructure` (the released VAE has none); :mod:`maisi.decoding` then
@@ -136,7 +136,7 @@ class _Stream:
         self.in_size = src.shape[2:]
         out_shape = (src.shape[0], step.conv.out_channels, *(step.out_size(s) for s in self.in_size))
         self.out: Volume | None = None  # with reduce: allocated at the first tile, whose channels it knows
-        self.stats = Stats()  # of the output (a streamed tail keeps them for the next pass)
+        self.stats = Stats()  # of the output (a streamed level keeps them for its next pass)
         self.track = reduce is None  # False: statistics no GroupNorm reads (saves a reduction per tile)
         if reduce is None:
             in_place = residual is not None and not residual.read_only
@@ -245,7 +245,7 @@ def plan_tiles(
     part: Part = "decoder",
     memory_budget_bytes: int | None = None,
     max_tile_voxels: int | None = None,
-    stream_tail: bool = False,
+    stream_levels: bool = False,
 ) -> list[StepPlan]:
     """Map a memory budget (or a tile size) to the output tile of every streamed convolution.
 
@@ -258,7 +258,7 @@ def plan_tiles(
         input_shape: (N, C, x, y, z) of the latent (``part="decoder"``) or the image (``"encoder"``).
         part: ``"decoder"`` or ``"encoder"``.
         memory_budget_bytes, max_tile_voxels: bounds on one tile's estimated bytes / output voxels.
-        stream_tail: plan the decoder's layers from the last upsampling on as :func:`decode_tiled` streams
+        stream_levels: plan the decoder's levels from the first upsampling on as :func:`decode_tiled` streams
             them (rows thin enough that the rows they hold fit the budget too).
 
     Returns:
@@ -270,7 +270,7 @@ def plan_tiles(
     """
     steps = _program(autoencoder, part)
     plans = _plans(
-        steps, input_shape, memory_budget_bytes, max_tile_voxels, stream_tail and part == "decoder"
+        steps, input_shape, memory_budget_bytes, max_tile_voxels, stream_levels and part == "decoder"
     )
     return [plan for _, plan in plans]
 
@@ -285,18 +285,22 @@ def _program(autoencoder: torch.nn.Module, part: str) -> list[Step]:
 
 
 def _plans(
-    steps: list[Step], input_shape: tuple[int, ...], budget: int | None, voxels: int | None, stream_tail: bool
+    steps: list[Step],
+    input_shape: tuple[int, ...],
+    budget: int | None,
+    voxels: int | None,
+    stream_levels: bool,
 ):
     for label, value in (("memory_budget_bytes", budget), ("max_tile_voxels", voxels)):
         if value is not None and value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value}")
     size = tuple(input_shape[2:])
-    levels = dict(_levels(steps)) if stream_tail else {}
+    levels = dict(_levels(steps)) if stream_levels else {}
     streamed: dict[int, Shape3] = {}  # step index -> tile, for the streamed levels
     for i, step in enumerate(steps):
         out = tuple(step.out_size(s) for s in size)
         if i in levels:
-            level_tiles = _plan_tail(steps[i : levels[i]], out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
+            level_tiles = _plan_level(steps[i : levels[i]], out, input_shape[0], budget, voxels)  # type: ignore[arg-type]
             streamed.update(zip(range(i, levels[i]), level_tiles))
         if i in streamed:
             tile = streamed[i]
@@ -319,7 +323,7 @@ class _Options:
     trace: TilingTrace | None
     progress: bool
     reduce: TileReduce | None = None
-    stream_tail: bool = False
+    stream_levels: bool = False
 
 
 def _levels(steps: list[Step]) -> list[tuple[int, int]]:
@@ -330,7 +334,7 @@ def _levels(steps: list[Step]) -> list[tuple[int, int]]:
 
 
 def _row_bytes(tail: list[Step], plane: int, batch: int) -> int:
-    """Bytes of one voxel-thick x-row of every volume the streamed tail holds in part: each intermediate
+    """Bytes of one voxel-thick x-row of every volume a streamed level holds in part: each intermediate
     output and shortcut (an in-place residual sum adds none; float32)."""
     held = [
         s.conv.out_channels * (2 if s.shortcut is not None else 1) for s in tail[:-1] if s.role != "res_b"
@@ -338,10 +342,10 @@ def _row_bytes(tail: list[Step], plane: int, batch: int) -> int:
     return 4 * batch * plane * sum(held)
 
 
-def _plan_tail(
+def _plan_level(
     tail: list[Step], out_size: Shape3, batch: int, budget: int | None, voxels: int | None
 ) -> list[Shape3]:
-    """Tiles of the streamed tail: the thickest x-rows such that the rows the intermediates hold (about
+    """Tiles of a streamed level: the thickest x-rows such that the rows the intermediates hold (about
     three per volume: the consumer's window with its halo, and the producer's next row) plus a whole-plane
     tile of every step fit the budget; below 3 voxels, tiles split in y and z instead."""
     thick = math.ceil(out_size[0] / MIN_SLABS)
@@ -353,7 +357,7 @@ def _plan_tail(
         )
         if rest is not None and rest < 1 and thick == 1:
             raise ValueError(
-                f"memory_budget_bytes {budget} is below the rows the streamed full-resolution layers hold "
+                f"memory_budget_bytes {budget} is below the rows the streamed layers hold "
                 f"({3 * _row_bytes(tail, out_size[1] * out_size[2], batch)} bytes); raise it"
             )
         if rest is None or rest >= 1:
@@ -429,8 +433,8 @@ def _run_level(
     return _chain(tail, tiles, src, run, stats, final=True, result=result, reduce=reduce).finish()[0]
 
 
-def _tail_tiles(steps: list[Step], tiles: list[Shape3], sizes: list[Shape3]) -> int:
-    """Tiles a streamed tail computes over all its passes."""
+def _level_tiles(steps: list[Step], tiles: list[Shape3], sizes: list[Shape3]) -> int:
+    """Tiles a streamed level computes over all its passes."""
     per_step = [math.prod(math.ceil(o / t) for o, t in zip(s, tile)) for s, tile in zip(sizes, tiles)]
     passes = [k for k in range(1, len(steps)) if steps[k].norm is not None] + [len(steps)]
     return sum(sum(per_step[:k]) for k in passes)
@@ -441,12 +445,12 @@ def _execute(
 ) -> torch.Tensor:
     """Stream ``steps`` over ``x`` on ``device``; the result is one tensor on the storage device."""
     budget = DEFAULT_BUDGET_BYTES if opts.budget is None and opts.voxels is None else opts.budget
-    plans = list(_plans(steps, tuple(x.shape), budget, opts.voxels, opts.stream_tail))
-    levels = _levels(steps) if opts.stream_tail else []
+    plans = list(_plans(steps, tuple(x.shape), budget, opts.voxels, opts.stream_levels))
+    levels = _levels(steps) if opts.stream_levels else []
     stored = plans[: levels[0][0]] if levels else plans
     total = sum(math.prod(math.ceil(o / t) for o, t in zip(p.out_shape, p.tile)) for _, p in stored)
     for a, b in levels:
-        total += _tail_tiles(
+        total += _level_tiles(
             steps[a:b], [p.tile for _, p in plans[a:b]], [p.out_shape for _, p in plans[a:b]]
         )
     with tqdm(total=total, disable=not opts.progress, desc=f"tiled {part}", leave=False) as bar:
@@ -490,7 +494,7 @@ def decode_tiled(
     trace: TilingTrace | None = None,
     progress: bool = False,
     tile_reduce: TileReduce | None = None,
-    stream_tail: bool = False,
+    stream_levels: bool = False,
 ) -> torch.Tensor:
     """Decode latents tile by tile; equals ``autoencoder.decode_stage_2_outputs(z)`` up to float rounding.
 
@@ -511,10 +515,10 @@ def decode_tiled(
         tile_reduce: applied to each output tile of the last convolution, (N, C_out, tx, ty, tz) ->
             (N, C', tx, ty, tz) (e.g. an argmax over class logits); the result is assembled from the reduced
             tiles, in their dtype, so the whole C_out-channel output never exists.
-        stream_tail: never store the layers from the last upsampling on (the full-resolution ones, the
-            largest): run them interleaved along x from the last stored volume, each holding a few rows,
-            with one extra pass of the layers before each of their GroupNorms for its statistics. Exact as
-            well; slower (MAISI's mask VAE: the full-resolution convolutions run up to 4 times).
+        stream_levels: store only the output of each level from the first upsampling on (the largest
+            volumes): its layers run interleaved along x from the level's stored input, each holding a few
+            rows, with one extra pass of the layers before each of their GroupNorms for its statistics.
+            Exact as well; slower (MAISI's mask VAE: some convolutions run up to 5 times, ~2x CPU time).
 
     Returns:
         (N, C_out, fx, fy, fz) images on ``storage_device``, in the dtype of the last convolution (with
@@ -534,7 +538,7 @@ def decode_tiled(
         trace,
         progress,
         tile_reduce,
-        stream_tail,
+        stream_levels,
     )
 
     def decoder(h: torch.Tensor) -> torch.Tensor:

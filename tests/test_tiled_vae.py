@@ -113,37 +113,38 @@ def _full_resolution_bytes(vae: torch.nn.Module, shape: tuple) -> int:
 
 
 @pytest.mark.parametrize("budget", [1 << 20, 1 << 22])
-def test_streamed_tail_equals_untiled_and_holds_rows_not_volumes(tiny, budget):
-    """The full-resolution layers run interleaved along x, one statistics pass per GroupNorm, and hold a few
-    rows: less than one of their volumes stored whole, while the stored path holds several."""
+def test_streamed_levels_equal_untiled_and_hold_rows_not_volumes(tiny, budget):
+    """The upsampled levels run interleaved along x, one statistics pass per GroupNorm, and hold a few rows:
+    less than one full-resolution volume stored whole, while the stored path holds several."""
     z = _latent(16, 6, 5)
     with torch.no_grad():
         expected = tiny.decode_stage_2_outputs(z)
     streamed, stored = TilingTrace(), TilingTrace()
-    got = decode_tiled(tiny, z, memory_budget_bytes=budget, stream_tail=True, trace=streamed)
+    got = decode_tiled(tiny, z, memory_budget_bytes=budget, stream_levels=True, trace=streamed)
     assert (got - expected).abs().max().item() <= TOL
     decode_tiled(tiny, z, memory_budget_bytes=budget, trace=stored)
     volume = _full_resolution_bytes(tiny, tuple(z.shape))  # 16 channels x 64 x 24 x 20
     assert streamed.max_stored_bytes < volume < stored.max_stored_bytes
     assert 0 < streamed.max_tile_bytes <= budget
-    # the tail (upsample, ResBlock conv1 and conv2, conv_out after a GroupNorm): passes for the statistics
-    # of conv1's, conv2's and conv_out's input, then the result
+    # the last level (upsample, ResBlock conv1 and conv2, conv_out after a GroupNorm): passes for the
+    # statistics of conv1's, conv2's and conv_out's input, then the result; the one before it likewise
     names = [name for name, _, _ in streamed.steps]
+    assert [names.count(f"decoder.blocks.{b}") for b in ("2", "3.conv1", "3.conv2")] == [3, 2, 1]
     assert [names.count(f"decoder.blocks.{b}") for b in (4, 7)] == [4, 1]
     assert [names.count(f"decoder.blocks.5.conv{i}") for i in (1, 2)] == [3, 2]
-    plans = plan_tiles(tiny, tuple(z.shape), memory_budget_bytes=budget, stream_tail=True)
+    plans = plan_tiles(tiny, tuple(z.shape), memory_budget_bytes=budget, stream_levels=True)
     assert [(n, t) for n, t, _ in streamed.steps[-4:]] == [(p.name, p.tile) for p in plans[-4:]]
     assert all(p.tile[0] < p.out_shape[0] for p in plans[-4:])  # several rows: the streaming is real
 
 
-def test_streamed_tail_refuses_a_budget_below_its_rows(tiny):
+def test_streamed_levels_refuse_a_budget_below_their_rows(tiny):
     decode_tiled(tiny, _latent(4, 4, 4), memory_budget_bytes=50_000)  # stored: small tiles fit
-    with pytest.raises(ValueError, match="below the rows the streamed full-resolution layers hold"):
-        decode_tiled(tiny, _latent(4, 4, 4), memory_budget_bytes=50_000, stream_tail=True)
+    with pytest.raises(ValueError, match="below the rows the streamed layers hold"):
+        decode_tiled(tiny, _latent(4, 4, 4), memory_budget_bytes=50_000, stream_levels=True)
 
 
-@pytest.mark.parametrize("stream_tail", [False, True])
-def test_transposed_upsampling_in_tiles_of_one_voxel(stream_tail):
+@pytest.mark.parametrize("stream_levels", [False, True])
+def test_transposed_upsampling_in_tiles_of_one_voxel(stream_levels):
     """Per-phase transposed convolutions: tiles too thin to hold every output phase, odd sizes, MONAI's
     output padding at the far border."""
     kwargs = {
@@ -158,7 +159,7 @@ def test_transposed_upsampling_in_tiles_of_one_voxel(stream_tail):
     with torch.no_grad():
         expected = vae.decode_stage_2_outputs(z)
     trace = TilingTrace()
-    got = decode_tiled(vae, z, max_tile_voxels=7, stream_tail=stream_tail, trace=trace)
+    got = decode_tiled(vae, z, max_tile_voxels=7, stream_levels=stream_levels, trace=trace)
     assert (got - expected).abs().max().item() <= TOL
     assert any(name.endswith("blocks.4") and 1 in tile for name, tile, _ in trace.steps)
 
@@ -315,7 +316,7 @@ def test_adapter_parity_with_monai_forward(arch):
         expected = vae.decode_stage_2_outputs(z)
         mu, sigma = vae.encode(expected.clamp(0, 1))
     assert (decode_tiled(vae, z, max_tile_voxels=40) - expected).abs().max().item() <= TOL
-    streamed = decode_tiled(vae, z, max_tile_voxels=40, stream_tail=True)
+    streamed = decode_tiled(vae, z, max_tile_voxels=40, stream_levels=True)
     assert (streamed - expected).abs().max().item() <= TOL
     got_mu, got_sigma = encode_tiled(vae, expected.clamp(0, 1), max_tile_voxels=40)
     assert got_mu.shape == mu.shape == (2, 4, 5, 8, 3)

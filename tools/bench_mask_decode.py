@@ -40,7 +40,7 @@ def variants(args: argparse.Namespace) -> list[dict]:
             out.append({"name": name, "method": "maisi", "roi": int(roi), "overlap": float(overlap)})
     for mb in args.budgets_mb:
         for stream in (True, False) if args.stored else (True,):
-            name = f"ours {'streamed' if stream else 'stored'} tail {mb} MiB"
+            name = f"ours {'streamed' if stream else 'stored'} levels {mb} MiB"
             out.append({"name": name, "method": "ours", "budget": mb << 20, "stream": stream})
     return out
 
@@ -76,7 +76,7 @@ def worker(variant: dict, folder: Path, device_name: str) -> None:
         del logits
     else:
         labels = decode_mask_labels(
-            vae, z, 1.0, memory_budget_bytes=variant["budget"], stream_full_resolution=variant["stream"]
+            vae, z, 1.0, memory_budget_bytes=variant["budget"], stream_levels=variant["stream"]
         )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -106,9 +106,7 @@ def main() -> int:
         "--sw", nargs="*", default=["96:0.6667"], help="MAISI's windows as roi:overlap (latent voxels)"
     )
     parser.add_argument("--skip-maisi", action="store_true", help="ours only (MAISI's needs the full logits)")
-    parser.add_argument(
-        "--stored", action="store_true", help="also ours with the full-resolution layers stored whole"
-    )
+    parser.add_argument("--stored", action="store_true", help="also ours with every layer stored whole")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

@@ -42,15 +42,15 @@ def _untiled(vae: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
     ("shape", "budget"), [((5, 7, 3), 1 << 18), ((6, 9, 5), 1 << 20), ((4, 4, 4), 1 << 30)]
 )
 def test_per_tile_argmax_equals_untiled_argmax_exactly(vae, shape, budget, stream):
-    """Streamed: the full-resolution layers (transposed upsampling, ResBlock, GroupNorm, 125-channel
+    """Streamed: the upsampled levels (transposed upsampling, ResBlocks, GroupNorm, 125-channel
     convolution) run row by row with a statistics pass per GroupNorm; stored: each layer stored whole."""
     latent = _latent(*shape)
-    labels = decode_mask_labels(vae, latent, SCALE, memory_budget_bytes=budget, stream_full_resolution=stream)
+    labels = decode_mask_labels(vae, latent, SCALE, memory_budget_bytes=budget, stream_levels=stream)
     expected = _untiled(vae, latent)
     assert labels.shape == (1, 1, *(4 * s for s in shape)) and labels.dtype == torch.uint8
     assert torch.equal(labels.long(), expected)
     assert len(torch.unique(expected)) > 10  # a real test: many classes, not one constant label
-    plans = plan_tiles(vae, tuple(latent.shape), memory_budget_bytes=budget, stream_tail=stream)
+    plans = plan_tiles(vae, tuple(latent.shape), memory_budget_bytes=budget, stream_levels=stream)
     assert plans[-1].channels == (8, 125)
     tiles = [-(-o // t) for o, t in zip(plans[-1].out_shape, plans[-1].tile)]
     if budget < 1 << 30:  # several tiles of the 125-channel output
