@@ -11,6 +11,7 @@ first variant (the untiled argmax when it ran).
     python tools/bench_mask_decode.py                    # 64^3 latent -> 256^3 mask (MAISI's needs ~20 GB)
     python tools/bench_mask_decode.py --latent 32 32 32     # quick run
     python tools/bench_mask_decode.py --latent 64 64 64 --skip-maisi --budgets-mb 256 1024
+    python tools/bench_mask_decode.py --latent 32 32 32 --stored   # also ours with every layer stored
 """
 
 from __future__ import annotations
