@@ -27,6 +27,7 @@ Anything else (attention, ``AEKLResBlock``, a subclass) is reported by name, and
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -296,9 +297,13 @@ def conv_transposed(
     """Outputs [lo, hi) of a transposed convolution from its input region ``box`` (per axis [a, b), from
     :meth:`Step.source_box`, zero outside the volume).
 
-    The module's own weights without padding or output padding: the unpadded output of input a starts at
-    output a*s - p, so cropping it is the padding; outputs that no input reaches (MONAI's output padding) get
-    the bias only, as in MONAI.
+    The module's own weights, as s^3 plain convolutions, one per output phase (dilation 1): the unpadded
+    output ``s*m + r`` sums the taps ``r + s*j`` of the inputs ``m - j``, a correlation with the flipped
+    taps. The input at region start a reaches output ``a*s - p`` first, so a tile computes only the ``m`` of
+    its own outputs (inputs beyond the region are zero: they reach none of them; outputs no input reaches,
+    MONAI's output padding, get the bias only). The same products and sums as MONAI's ``conv_transpose3d``
+    up to summation order, several times faster on CPU (oneDNN's direct convolutions, nothing to crop).
+    Another dilation takes ``conv_transpose3d`` and a crop.
 
     Args:
         step: a transposed step.
@@ -311,9 +316,29 @@ def conv_transposed(
     """
     t = step.conv
     s, p = t.stride[0], step.pad[0]
-    y = F.conv_transpose3d(x, t.weight, t.bias, t.stride, 0, 0, t.groups, t.dilation)
-    region = tuple(slice(b - (a * s - p), e - (a * s - p)) for b, e, (a, _) in zip(lo, hi, box))
-    return y[(slice(None), slice(None), *region)]
+    if t.dilation[0] != 1:
+        y = F.conv_transpose3d(x, t.weight, t.bias, t.stride, 0, 0, t.groups, t.dilation)
+        region = tuple(slice(b - (a * s - p), e - (a * s - p)) for b, e, (a, _) in zip(lo, hi, box))
+        return y[(slice(None), slice(None), *region)]
+    weight = t.weight.transpose(0, 1)  # (C_out, C_in, k, k, k), as conv3d has it
+    tile = [(b - a * s + p, e - a * s + p) for b, e, (a, _) in zip(lo, hi, box)]  # unpadded coordinates
+    out = None
+    for r in itertools.product(range(s), repeat=3):
+        # this phase's outputs in the tile: m in [m0, m1) per axis, reading inputs m0 - (taps - 1) .. m1 - 1
+        spans = [(-((q - u0) // s), -((q - u1) // s)) for q, (u0, u1) in zip(r, tile)]
+        if any(m1 <= m0 for m0, m1 in spans):
+            continue
+        taps = weight[:, :, r[0] :: s, r[1] :: s, r[2] :: s].flip(2, 3, 4)
+        pad = []  # F.pad: last axis first; negative = crop
+        for (m0, m1), n, size in reversed(list(zip(spans, taps.shape[2:], x.shape[2:]))):
+            pad += [n - 1 - m0, m1 - size]
+        y = F.conv3d(F.pad(x, pad), taps, t.bias)
+        if out is None:  # in the convolution's dtype (autocast)
+            out = y.new_empty(*y.shape[:2], *(e - b for b, e in zip(lo, hi)))
+        dst = (slice(s * m0 + q - u0, None, s) for q, (m0, _), (u0, _) in zip(r, spans, tile))
+        out[(slice(None), slice(None), *dst)] = y
+    assert out is not None  # every axis has outputs of some phase
+    return out
 
 
 def conv(conv3d: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

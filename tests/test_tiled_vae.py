@@ -103,6 +103,67 @@ def test_tiled_encode_equals_untiled(tiny, shape, limit):
         assert _splits_unevenly(trace, tiny, x.shape, "encoder")
 
 
+def _full_resolution_bytes(vae: torch.nn.Module, shape: tuple) -> int:
+    """Bytes of the largest whole volume (float32) among the layers from the last upsampling on."""
+    plans = plan_tiles(vae, shape)
+    start = max(i for i, p in enumerate(plans) if p.in_shape != p.out_shape)
+    return max(
+        4 * shape[0] * p.channels[1] * p.out_shape[0] * p.out_shape[1] * p.out_shape[2] for p in plans[start:]
+    )
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 1 << 22])
+def test_streamed_levels_equal_untiled_and_hold_rows_not_volumes(tiny, budget):
+    """The upsampled levels run interleaved along x, one statistics pass per GroupNorm, and hold a few rows:
+    less than one full-resolution volume stored whole, while the stored path holds several."""
+    z = _latent(16, 6, 5)
+    with torch.no_grad():
+        expected = tiny.decode_stage_2_outputs(z)
+    streamed, stored = TilingTrace(), TilingTrace()
+    got = decode_tiled(tiny, z, memory_budget_bytes=budget, stream_levels=True, trace=streamed)
+    assert (got - expected).abs().max().item() <= TOL
+    decode_tiled(tiny, z, memory_budget_bytes=budget, trace=stored)
+    volume = _full_resolution_bytes(tiny, tuple(z.shape))  # 16 channels x 64 x 24 x 20
+    assert streamed.max_stored_bytes < volume < stored.max_stored_bytes
+    assert 0 < streamed.max_tile_bytes <= budget
+    # the last level (upsample, ResBlock conv1 and conv2, conv_out after a GroupNorm): passes for the
+    # statistics of conv1's, conv2's and conv_out's input, then the result; the one before it likewise
+    names = [name for name, _, _ in streamed.steps]
+    assert [names.count(f"decoder.blocks.{b}") for b in ("2", "3.conv1", "3.conv2")] == [3, 2, 1]
+    assert [names.count(f"decoder.blocks.{b}") for b in (4, 7)] == [4, 1]
+    assert [names.count(f"decoder.blocks.5.conv{i}") for i in (1, 2)] == [3, 2]
+    plans = plan_tiles(tiny, tuple(z.shape), memory_budget_bytes=budget, stream_levels=True)
+    assert [(n, t) for n, t, _ in streamed.steps[-4:]] == [(p.name, p.tile) for p in plans[-4:]]
+    assert all(p.tile[0] < p.out_shape[0] for p in plans[-4:])  # several rows: the streaming is real
+
+
+def test_streamed_levels_refuse_a_budget_below_their_rows(tiny):
+    decode_tiled(tiny, _latent(4, 4, 4), memory_budget_bytes=50_000)  # stored: small tiles fit
+    with pytest.raises(ValueError, match="below the rows the streamed layers hold"):
+        decode_tiled(tiny, _latent(4, 4, 4), memory_budget_bytes=50_000, stream_levels=True)
+
+
+@pytest.mark.parametrize("stream_levels", [False, True])
+def test_transposed_upsampling_in_tiles_of_one_voxel(stream_levels):
+    """Per-phase transposed convolutions: tiles too thin to hold every output phase, odd sizes, MONAI's
+    output padding at the far border."""
+    kwargs = {
+        **get_preset("tiny-rflow").autoencoder,
+        "num_splits": 1,
+        "dim_split": 0,
+        "use_convtranspose": True,
+    }
+    torch.manual_seed(0)
+    vae = AutoencoderKlMaisi(**kwargs).eval()
+    z = _latent(3, 5, 2)
+    with torch.no_grad():
+        expected = vae.decode_stage_2_outputs(z)
+    trace = TilingTrace()
+    got = decode_tiled(vae, z, max_tile_voxels=7, stream_levels=stream_levels, trace=trace)
+    assert (got - expected).abs().max().item() <= TOL
+    assert any(name.endswith("blocks.4") and 1 in tile for name, tile, _ in trace.steps)
+
+
 def test_small_preset_decode_and_encode(small):
     z = _latent(6, 5, 7)
     with torch.no_grad():
@@ -255,6 +316,8 @@ def test_adapter_parity_with_monai_forward(arch):
         expected = vae.decode_stage_2_outputs(z)
         mu, sigma = vae.encode(expected.clamp(0, 1))
     assert (decode_tiled(vae, z, max_tile_voxels=40) - expected).abs().max().item() <= TOL
+    streamed = decode_tiled(vae, z, max_tile_voxels=40, stream_levels=True)
+    assert (streamed - expected).abs().max().item() <= TOL
     got_mu, got_sigma = encode_tiled(vae, expected.clamp(0, 1), max_tile_voxels=40)
     assert got_mu.shape == mu.shape == (2, 4, 5, 8, 3)
     assert (got_mu - mu).abs().max().item() <= TOL

@@ -11,6 +11,7 @@ first variant (the untiled argmax when it ran).
     python tools/bench_mask_decode.py                    # 64^3 latent -> 256^3 mask (MAISI's needs ~20 GB)
     python tools/bench_mask_decode.py --latent 32 32 32     # quick run
     python tools/bench_mask_decode.py --latent 64 64 64 --skip-maisi --budgets-mb 256 1024
+    python tools/bench_mask_decode.py --latent 32 32 32 --stored   # also ours with every layer stored
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def variants(args: argparse.Namespace) -> list[dict]:
             name = "MAISI untiled (roi covers latent)" if whole else f"MAISI sw roi {roi} ov {overlap}"
             out.append({"name": name, "method": "maisi", "roi": int(roi), "overlap": float(overlap)})
     for mb in args.budgets_mb:
-        out.append({"name": f"ours tiled argmax {mb} MiB", "method": "ours", "budget": mb << 20})
+        for stream in (True, False) if args.stored else (True,):
+            name = f"ours {'streamed' if stream else 'stored'} levels {mb} MiB"
+            out.append({"name": name, "method": "ours", "budget": mb << 20, "stream": stream})
     return out
 
 
@@ -73,7 +76,9 @@ def worker(variant: dict, folder: Path, device_name: str) -> None:
         labels = argmax_labels(logits)
         del logits
     else:
-        labels = decode_mask_labels(vae, z, 1.0, memory_budget_bytes=variant["budget"])
+        labels = decode_mask_labels(
+            vae, z, 1.0, memory_budget_bytes=variant["budget"], stream_levels=variant["stream"]
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -102,6 +107,7 @@ def main() -> int:
         "--sw", nargs="*", default=["96:0.6667"], help="MAISI's windows as roi:overlap (latent voxels)"
     )
     parser.add_argument("--skip-maisi", action="store_true", help="ours only (MAISI's needs the full logits)")
+    parser.add_argument("--stored", action="store_true", help="also ours with every layer stored whole")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

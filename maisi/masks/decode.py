@@ -3,7 +3,9 @@
 MAISI decodes a generated mask latent with MONAI's sliding window to the full logits (125 channels: 8.4 GB in
 float32 at 256^3), then softmax and argmax. Softmax is monotone per voxel, so the argmax of the logits is the
 argmax of the softmax; we take it per tile of the tiled decoder's last convolution
-(:func:`maisi.tiled_vae.decode_tiled` with ``tile_reduce``), so only one tile of logits ever exists.
+(:func:`maisi.tiled_vae.decode_tiled` with ``tile_reduce``), so only one tile of logits ever exists. The
+upsampled layers before it (64 channels at 256^3: 4.3 GB each) are streamed row by row too
+(``stream_levels``), so a 64^3 latent decodes in under 2 GB.
 
 Ties: ``torch.argmax`` keeps the lowest channel index among equal maxima, on the tile as on the whole
 volume, so the labels equal ``torch.argmax`` of the untiled logits wherever the tiled logits equal them (they
@@ -53,6 +55,7 @@ def decode_mask_labels(
     overlap: float = 0.6667,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    stream_levels: bool = True,
 ) -> torch.Tensor:
     """Decode a mask latent to class-channel indices; the full class logits never exist.
 
@@ -64,6 +67,10 @@ def decode_mask_labels(
         roi_size, overlap: the sliding window of the fallback (latent voxels; MAISI's defaults).
         autocast_dtype: half-precision dtype, or None for float32.
         progress: progress bar over the tiles.
+        stream_levels: store only each upsampled level's output (``stream_levels`` of
+            :func:`maisi.tiled_vae.decode_tiled`): a 64^3 latent then decodes in under 2 GB, at the price
+            of recomputing layers for their GroupNorm statistics; False stores every layer (faster, more
+            memory: 64 channels x 256^3 = 4.3 GB for one).
 
     Returns:
         (N, 1, fx, fy, fz) channel indices on the CPU, uint8 (int16 beyond 256 channels); map them to MAISI
@@ -79,6 +86,7 @@ def decode_mask_labels(
                 memory_budget_bytes=memory_budget_bytes,
                 tile_reduce=argmax_labels,
                 progress=progress,
+                stream_levels=stream_levels,
             )
             return labels.cpu()
     warnings.warn(

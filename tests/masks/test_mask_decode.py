@@ -37,21 +37,26 @@ def _untiled(vae: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
         return torch.argmax(vae.decode(latent / SCALE), dim=1, keepdim=True)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "stored"])
 @pytest.mark.parametrize(
     ("shape", "budget"), [((5, 7, 3), 1 << 18), ((6, 9, 5), 1 << 20), ((4, 4, 4), 1 << 30)]
 )
-def test_per_tile_argmax_equals_untiled_argmax_exactly(vae, shape, budget):
+def test_per_tile_argmax_equals_untiled_argmax_exactly(vae, shape, budget, stream):
+    """Streamed: the upsampled levels (transposed upsampling, ResBlocks, GroupNorm, 125-channel
+    convolution) run row by row with a statistics pass per GroupNorm; stored: each layer stored whole."""
     latent = _latent(*shape)
-    labels = decode_mask_labels(vae, latent, SCALE, memory_budget_bytes=budget)
+    labels = decode_mask_labels(vae, latent, SCALE, memory_budget_bytes=budget, stream_levels=stream)
     expected = _untiled(vae, latent)
     assert labels.shape == (1, 1, *(4 * s for s in shape)) and labels.dtype == torch.uint8
     assert torch.equal(labels.long(), expected)
     assert len(torch.unique(expected)) > 10  # a real test: many classes, not one constant label
-    last = plan_tiles(vae, tuple(latent.shape), memory_budget_bytes=budget)[-1]
-    assert last.channels == (8, 125)
-    tiles = [-(-o // t) for o, t in zip(last.out_shape, last.tile)]
+    plans = plan_tiles(vae, tuple(latent.shape), memory_budget_bytes=budget, stream_levels=stream)
+    assert plans[-1].channels == (8, 125)
+    tiles = [-(-o // t) for o, t in zip(plans[-1].out_shape, plans[-1].tile)]
     if budget < 1 << 30:  # several tiles of the 125-channel output
         assert tiles[0] * tiles[1] * tiles[2] > 1
+    if stream:  # the full-resolution layers really stream: several rows along x
+        assert all(p.tile[0] < p.out_shape[0] for p in plans[-4:])
 
 
 def test_ties_go_to_the_lowest_channel_as_torch_argmax(vae):
