@@ -4,10 +4,11 @@
     python tools/bench_mask_sizes.py --seeds 0 1 2 3 4 5 --steps 1000 --json runs/mask_sizes.json
 
 For each requested size and seed the generator of ``--config`` (``$.anatomy.mask_generator``; default
-``configs/inference_anatomy_size.json``, which ships with the demo mask weights; not yet) samples a mask exactly as ``maisi.infer`` does (snap to the size
-table, DDPM, tiled decode, MAISI's post-processing) on its own grid; the organ's volume (mL) and its size
-on the generator's size reference (the percentile scale) are reported per seed and on average, and whether
-larger requests gave larger organs: on the means, and seed by seed (a seed starts from the same noise).
+``configs/inference_anatomy_size.json``, which is to ship with the demo mask weights) samples a mask
+exactly as ``maisi.infer`` does (snap to the size table, DDPM, tiled decode, MAISI's post-processing) on
+its own grid; the organ's volume (mL) and its size on the generator's size reference (the percentile
+scale) are reported per seed and on average, and whether larger requests gave larger organs: on the means,
+and seed by seed (a seed starts from the same noise).
 No CT is generated. Exit 0 when the means order correctly, 1 when they do not (the numbers are printed).
 """
 
