@@ -33,7 +33,7 @@ from maisi.labels import BODY_LABEL, labels_not_in_dict, load_label_dict
 from maisi.labels.crop import crop
 from maisi.masks.anatomy import AnatomyPlan, plan_anatomy, sample_mask
 from maisi.masks.resample import pad_to_size, resample_mask
-from maisi.masks.tumour_free import remove_tumors
+from maisi.masks.tumour_free import lesion_hosts, remove_tumors
 from maisi.networks import RuntimeOptions
 from maisi.options import BODY_REGIONS, REGION_INDEX
 from maisi.preset_checks import guidance_warnings
@@ -60,6 +60,7 @@ class GenerationPlan:
     mask_grid: dict[str, Any] | None = None  # mask mode: how the mask was brought to the generation grid
     sample_record: dict[str, Any] | None = None  # anatomy mode, per sample: how its mask was made
     label_dict: dict[str, int] | None = None  # guidance from a mask: whose hosts make the tumour-free mask
+    lesion_hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # guidance: hosts of the lesions
 
     @property
     def output_mask(self) -> Volume | None:
@@ -191,6 +192,9 @@ def plan_generation(config: InferConfig, device: torch.device | str = "cpu") -> 
         conditions = Conditions(spacing, top, bottom, config.modality)  # body region: per sample, from a mask
         affine = centred_affine(shape, spacing)
         hosts = label_dict if guided else None
+        placed = (
+            lesion_hosts(config.anatomy.lesions) if guided else {}
+        )  # count as host rules of their classes
         return GenerationPlan(
             config,
             preset,
@@ -201,6 +205,7 @@ def plan_generation(config: InferConfig, device: torch.device | str = "cpu") -> 
             tuple(warnings),
             anatomy=anatomy,
             label_dict=hosts,
+            lesion_hosts=placed,
         )
     if config.mask is None:
         assert (
@@ -441,7 +446,9 @@ def generate(
         control = binarize_labels(labels).to(device)
         if guidance > 0:  # the unconditional half sees the mask without its tumours
             assert plan.label_dict is not None  # set by plan_generation when guidance is on
-            uncond_control = binarize_labels(remove_tumors(labels, plan.label_dict)).to(device)
+            uncond_control = binarize_labels(remove_tumors(labels, plan.label_dict, plan.lesion_hosts)).to(
+                device
+            )
     scheduler = make_scheduler(plan.preset.schedule, config.sampler)
     t0 = time.perf_counter()
     latents = denoise(

@@ -104,14 +104,18 @@ def _guidance_problems(config: InferConfig, preset: Preset) -> list[str]:
     if not (config.from_mask or config.from_anatomy):
         return []
     from maisi.labels import load_label_dict
-    from maisi.masks.tumour_free import tumour_hosts  # imports torch: only when guidance runs from masks
+    from maisi.masks.tumour_free import (
+        lesion_hosts,
+        tumour_hosts,
+    )  # torch: only when guidance runs from masks
 
     try:
         label_dict = load_label_dict(config.label_dict)
     except InputError as e:  # anatomy mode reports it with the anatomy names
         return [] if config.from_anatomy else [f"$.label_dict: {e}"]
+    lesions = config.anatomy.lesions if config.anatomy is not None else ()
     try:
-        tumour_hosts(label_dict)
+        tumour_hosts(label_dict, lesion_hosts(lesions, label_dict))  # a lesion's host is its class's rule
     except InputError as e:
         return [f"$.label_dict: {e} (guidance from a mask replaces every tumour by its host)"]
     return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 from typing import get_args
 
@@ -16,13 +17,18 @@ from monai.networks.schedulers import RFlowScheduler
 from maisi import generation, infer
 from maisi.conditioning import Conditions, binarize_labels
 from maisi.config import load_config
-from maisi.data.io import Volume, write_volume
+from maisi.data.io import Volume, read_mask, write_volume
+from maisi.errors import InputError
+from maisi.labels import LabelDict, load_label_dict
+from maisi.masks.tumour_free import lesion_hosts, remove_tumors, tumour_hosts
 from maisi.networks import build_network, get_preset
 from maisi.options import Modality
 from maisi.preset_checks import _modality_problems
 from maisi.resources import load_json
 from maisi.sampling import denoise, make_scheduler
 from tests.conftest import phantom_mask, write_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_modality_names_are_the_mapping_names():
@@ -285,3 +291,83 @@ def test_an_mr_preset_refuses_ct_codes_and_takes_mr_and_unknown(infer_config):
     (problem,) = _modality_problems(dataclasses.replace(config, modality="ct_contrast"), mr)
     assert problem.startswith("$.modality: 'ct_contrast' (code 3) is a CT modality, but preset 'some-mr'")
     assert "use one of unknown, mri, mri_t1" in problem
+
+
+# ---------------------------------------------------------------- lesions' hosts as host rules (anatomy mode)
+
+LUNGS = ["left lung upper lobe", "right lung upper lobe"]
+
+
+def test_a_lesion_host_is_the_host_rule_of_its_class_and_joins_a_built_in_one():
+    labels = load_label_dict(None)
+    labels = LabelDict({**{k: v for k, v in labels.items() if k != "dummy1"}, "nsclc tumor": 2})
+    mask = np.zeros((12, 12, 6), dtype=np.int16)
+    mask[:6] = 28  # left lung upper lobe
+    mask[6:] = 30  # right lung upper lobe
+    mask[8:10, 3:5, 2:4] = 2  # the user's class, inside the right upper lobe
+    mask[1:3, 3:5, 2:4] = 23  # a lung tumour inside the left upper lobe
+    with pytest.raises(InputError, match="'nsclc tumor' \\(id 2\\) has no host rule.*lesions\\[i\\].host"):
+        remove_tumors(mask, labels)
+    placed = lesion_hosts([SimpleNamespace(label="nsclc tumor", host=("right lung upper lobe",))])
+    assert tumour_hosts(labels, placed)[2] == (30,)
+    free = remove_tumors(mask, labels, placed)
+    assert np.array_equal(free[8:10, 3:5, 2:4], np.full((2, 2, 2), 30))  # -> the host it was placed in
+    assert np.array_equal(free[1:3, 3:5, 2:4], np.full((2, 2, 2), 28))  # built-in vote: its own lobe
+    # a lung-tumour lesion placed in one lobe adds to the lobe rule, it does not replace it
+    lung = lesion_hosts([SimpleNamespace(label="lung tumor", host=("right lung upper lobe",))])
+    assert set(tumour_hosts(labels, {**placed, **lung})[23]) == set(tumour_hosts(labels, placed)[23])
+    assert np.array_equal(remove_tumors(mask, labels, {**placed, **lung}), free)
+    # several lesions of a class: all their hosts; unknown names are left to the anatomy checks
+    two = [
+        SimpleNamespace(label="nsclc tumor", host=("right lung upper lobe",)),
+        SimpleNamespace(label="nsclc tumor", host=("left lung upper lobe", "right lung upper lobe")),
+        SimpleNamespace(label="nsclc tumour", host=("liver",)),
+    ]
+    assert lesion_hosts(two, labels) == {"nsclc tumor": ("right lung upper lobe", "left lung upper lobe")}
+
+
+def test_guided_anatomy_run_with_a_lesion_of_an_unhosted_class_uses_its_host_for_the_tumour_free_mask(
+    tmp_path, tiny_checkpoints, monkeypatch
+):
+    labels = json.loads(Path(_label_dict_with_unhosted_tumour(tmp_path)).read_text())
+    assert "_hosts" not in labels  # no declared host: only the lesion says where the class lies
+    seen = {}
+    original = generation.denoise
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "denoise", spy)
+    config = write_config(
+        tmp_path / "anatomy.json",
+        {
+            "preset": "tiny-rflow",
+            "checkpoints": {part: str(p) for part, p in tiny_checkpoints["tiny-rflow"].items()},
+            "label_dict": str(tmp_path / "labels.json"),
+            "anatomy": {
+                "anatomy_list": LUNGS,
+                "body_region": ["chest"],
+                "mask_database": str(REPO / "dataset" / "anatomy" / "database.json"),
+                "augment": False,
+                "lesions": [{"label": "nsclc tumor", "diameter_mm": 30, "host": "right lung upper lobe"}],
+            },
+            "output_size": [48, 48, 32],
+            "spacing": [7.0, 7.0, 10.0],
+            "sampling": {"num_inference_steps": 2, "guidance_scale": 2},
+            "output": {"dir": str(tmp_path / "out")},
+            "quality_check": {"max_tries": 1},
+            "device": "cpu",
+        },
+    )
+    assert infer.main(["--config", str(config)]) == 0
+    label = read_mask(tmp_path / "out" / "sample_seed0_label.nii.gz").array
+    assert (label == 2).any()  # the lesion was placed
+    bits = 2 ** torch.arange(8).view(1, 8, 1, 1, 1)
+    uncond_labels = (seen["uncond_control"] * bits).sum(dim=1)[0].long().numpy()
+    assert np.array_equal(uncond_labels, np.where(label == 2, 30, label))  # lesion -> right upper lobe
+    assert seen["guidance_scale"] == 2
+    # the same request without the lesion is refused: the class is in the dictionary with no host rule
+    data = json.loads(config.read_text())
+    data["anatomy"]["lesions"] = []
+    assert infer.main(["--config", str(write_config(config, data)), "--dry-run"]) == 2

@@ -8,7 +8,8 @@
 what became of every MAISI key: translated and not needed on stdout, NOT translated on stderr (exit 0
 all the same).
 Exit 2: the input is not a MAISI inference config (not JSON, not an object, ours, none of MAISI's keys, an
-output_size or spacing that is code), an MR config, unknown region or anatomy names, a translation that our
+output_size or spacing that is code), a modality that does not fit the model (or an MR one whose model
+nothing names), unknown region or anatomy names, a translation that our
 loader refuses (each problem with the MAISI key it came from), or an ``--output`` that cannot be written or
 would overwrite an input. ``validate`` runs the loader and the preset checks every CLI runs on its config.
 """
@@ -109,8 +110,10 @@ def _problems_with_sources(errors: list[str], t: Translation) -> list[str]:
 def absolute_paths(t: Translation, folder: Path) -> dict:
     """The config with its relative paths made absolute against ``folder``, to be checked from elsewhere."""
     config = json.loads(json.dumps(t.config))
-    for section, key in PATH_KEYS:
-        node = config.get(section, {}) if section else config
+    for *parents, key in PATH_KEYS:
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(key), str):
             node[key] = str(folder / node[key])
     return config

@@ -1,10 +1,17 @@
-"""Translate a MAISI inference config into a ``maisi.infer`` config (anatomy mode).
+"""Translate a MAISI inference config into a ``maisi.infer`` config.
 
 Reads what MAISI users have: ``config_infer*.json`` of NV-Generate-CTMR or the MONAI tutorials
-(optionally with the ``environment_*.json`` that names the weights and the mask database), or the
-model-zoo bundle ``maisi_ct_generative``'s ``configs/inference.json``. Every key ends in one of three
-lists: translated (with the key of ours it became), not needed (our presets and defaults already do
-what it does) and NOT translated (it changes the result and we have no counterpart: the user decides).
+(optionally with the ``environment_*.json`` that names the weights and the mask database), the
+model-zoo bundle ``maisi_ct_generative``'s ``configs/inference.json``, or NV-Generate-CTMR's image-only
+``config_maisi_diff_model_*.json`` (its ``diffusion_unet_inference`` block, with the
+``environment_maisi_diff_model_*.json``). Every key ends in one of three lists: translated (with the key
+of ours it became), not needed (our presets and defaults already do what it does) and NOT translated (it
+changes the result and we have no counterpart: the user decides).
+
+What the translation generates: a CT and its mask retrieved from the database (anatomy mode, MAISI's Path
+B), a mask generated from ``controllable_anatomy_size`` (Path A), or an image only (the diff-model configs,
+and every MR config: MAISI released no MR ControlNet). The MR variant is told by the weights' file names
+(``diff_unet_3d_rflow-mr.pt``, ``diff_unet_3d_rflow-mr-brain_v1.pt``) or ``--preset``.
 
 Bundle configs hold code (``"$torch.device(...)"``); nothing is evaluated. Two forms that are plain data are
 resolved: a reference ``"@key"`` to another key and a path join ``"$@key + '/file.pt'"``.
@@ -14,270 +21,84 @@ Pure: JSON in, JSON out (no torch, MONAI or numpy), like the rest of :mod:`maisi
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maisi.config.import_maisi_keys import (
+    FORMATS,
+    INNER,
+    MASK_GENERATOR,
+    MASK_REQUEST,
+    MR_GUIDANCE,
+    MR_PRESETS,
+    NO_MASK,
+    NOT_NEEDED,
+    PATH_A,
+    PATH_B,
+    PRESETS,
+    VARIANT,
+    Places,
+    Translation,
+    Unresolved,
+    check_anatomy,
+    check_is_maisi_config,
+    check_regions,
+    is_mr,
+    literal,
+    modality_name,
+    not_a_maisi_config,
+    read_maisi_json,
+    released_files,
+    resolve,
+)
 from maisi.config.loader import read_json
 from maisi.errors import InputError
-from maisi.options import REGION_INDEX
+from maisi.options import BODY_REGIONS
 from maisi.resources import load_json
 
-PRESETS = ("maisi-ct-rflow", "maisi-ct-ddpm")
-VARIANT = {
-    "maisi-ct-rflow": "rflow-ct",
-    "maisi-ct-ddpm": "ddpm-ct",
-}  # maisi.download's variant of a preset
-FORMATS = ("nii.gz", "nii", "nrrd", "mha")
-# Keys that only a MAISI inference config (or its environment) has; one of them must be present.
-SIGNATURE = (
-    "num_output_samples",
-    "anatomy_list",
-    "body_region",
-    "controllable_anatomy_size",
-    "autoencoder_sliding_window_infer_size",
-    "mask_generation_num_inference_steps",
-    "trained_autoencoder_path",
-    "all_mask_files_json",
+__all__ = [
+    "PATH_KEYS",
+    "PRESETS",
+    "Places",
+    "Translation",
+    "Unresolved",
+    "resolve",
+    "translate",
+]
+
+# Words of the weights' file names -> the preset (most specific first: rflow-mr-brain holds rflow-mr).
+_HINTS = (
+    ("rflow-mr-brain", "maisi-mr-brain-rflow"),
+    ("rflow-mr", "maisi-mr-rflow"),
+    ("ddpm", "maisi-ct-ddpm"),
+    ("rflow", "maisi-ct-rflow"),
 )
-_REFERENCE = re.compile(r"@(\w+)")
-_PATH_JOIN = re.compile(r"""\$@(\w+)\s*\+\s*(['"])([^'"]*)\2""")
-
-_NETWORKS = "a network definition: the preset builds the networks (MONAI classes, the released arguments)"
-_PATH_A = "used by mask generation (MAISI's Path A) only; the translated config retrieves masks (Path B)"
-_BUNDLE = "bundle machinery (imports, loaders, the run list): maisi.infer does this itself"
-# MAISI key -> why it needs no counterpart here.
-NOT_NEEDED: dict[str, str] = {
-    **dict.fromkeys(("autoencoder", "diffusion_unet", "controlnet"), _NETWORKS),
-    **dict.fromkeys(
-        ("autoencoder_def", "diffusion_unet_def", "controlnet_def", "noise_scheduler"),
-        _NETWORKS,
-    ),
-    **dict.fromkeys(("spatial_dims", "image_channels", "latent_channels"), _NETWORKS),
-    "latent_shape": "derived from output_size by the preset (output_size / 4)",
-    **dict.fromkeys(
-        (
-            "mask_generation_autoencoder",
-            "mask_generation_diffusion",
-            "mask_generation_diffusion_unet",
-            "mask_generation_autoencoder_def",
-            "mask_generation_diffusion_def",
-            "mask_generation_noise_scheduler",
-            "mask_generation_scale_factor",
-            "mask_generation_latent_shape",
-            "mask_generation_num_inference_steps",
-            "mask_generation_cfg_guidance_scale",
-            "trained_mask_generation_autoencoder_path",
-            "trained_mask_generation_diffusion_path",
-            "all_anatomy_size_conditions_json",
-            "all_anatomy_size_condtions_json",  # the bundle's spelling
-            "label_dict_remap_json",
-            "checkpoint_mask_generation_autoencoder",
-            "checkpoint_mask_generation_diffusion_unet",
-            "load_mask_generation_autoencoder",
-            "load_mask_generation_diffusion",
-        ),
-        _PATH_A,
-    ),
-    **dict.fromkeys(
-        (
-            "imports",
-            "bundle_root",
-            "model_dir",
-            "create_output_dir",
-            "checkpoint_autoencoder",
-            "load_autoencoder",
-            "checkpoint_diffusion_unet",
-            "load_diffusion",
-            "copy_controlnet_state",
-            "checkpoint_controlnet",
-            "load_controlnet",
-            "scale_factor",
-            "check_input",
-            "ldm_sampler",
-            "run",
-            "evaluator",
-            "initialize",
-            "finalize",
-        ),
-        _BUNDLE,
-    ),
-    **dict.fromkeys(
-        ("output_size_xy", "output_size_z", "spacing_xy", "spacing_z"),
-        "read through output_size / spacing",
-    ),
-    "device": "device 'auto' (CUDA when there is one) is the default",
-    "autoencoder_tp_num_splits": "splits the VAE's convolutions to save GPU memory; no effect on the result",
-    "real_img_median_statistics_file": "the HU check uses MAISI's statistics shipped with maisi",
-}
 
 
-@dataclass
-class Translation:
-    """The translated config and what became of every MAISI key.
-
-    Attributes:
-        config: the ``maisi.infer`` config (JSON data, paths relative to the output file's folder).
-        translated: (MAISI key, our JSON path, value written).
-        not_needed: (MAISI key, why no counterpart is needed).
-        untranslated: (MAISI key, why it could not be translated): the user must decide.
-        notes: other things the user should know (assumptions made).
-    """
-
-    config: dict[str, Any]
-    translated: list[tuple[str, str, Any]] = field(default_factory=list)
-    not_needed: list[tuple[str, str]] = field(default_factory=list)
-    untranslated: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def put(self, maisi_key: str, path: str, value: Any) -> None:
-        """Write ``value`` at our ``path`` (``a.b``) and record where ``maisi_key`` went."""
-        *parents, last = path.split(".")
-        node = self.config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-        self.translated.append((maisi_key, f"$.{path}", value))
-
-    def source_of(self, json_path: str) -> str | None:
-        """The MAISI key our ``$.a.b`` came from (for messages about the translated config)."""
-
-        def within(p: str) -> bool:
-            return json_path == p or json_path.startswith((f"{p}.", f"{p}[", f"{p}/"))
-
-        return next((k for k, p, _ in self.translated if within(p)), None)
-
-
-class Unresolved(ValueError):
-    """A bundle expression (code) that is not a plain reference or path join."""
-
-
-def resolve(value: Any, data: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
-    """``value`` with bundle references to other keys of ``data`` replaced by their values; no code is run.
+def _choose_preset(data: dict[str, Any], requested: str | None, t: Translation, source: Path) -> str:
+    """``--preset``, else what the weights' names or the bundle's scheduler say, else rectified-flow CT.
 
     Raises:
-        Unresolved: an expression other than ``"@key"`` or ``"$@key + 'text'"``, or a reference cycle.
+        InputError: an MR modality whose variant nothing names (MAISI has two MR models).
     """
-    if isinstance(value, list):
-        return [resolve(v, data, seen) for v in value]
-    if not isinstance(value, str) or not value.startswith(("@", "$", "%")):
-        return value
-    ref, join = _REFERENCE.fullmatch(value), _PATH_JOIN.fullmatch(value)
-    key = (ref or join).group(1) if (ref or join) else None
-    if key is None or key not in data or key in seen:
-        raise Unresolved(value)
-    target = resolve(data[key], data, (*seen, key))
-    if join is None:
-        return target
-    if not isinstance(target, str):
-        raise Unresolved(value)
-    return target + join.group(3)
-
-
-def _not_a_maisi_config(path: Path, why: str) -> InputError:
-    return InputError(f"{path}: not a MAISI inference config: {why}")
-
-
-def read_maisi_json(path: str | Path, what: str) -> dict[str, Any]:
-    """A MAISI JSON file as an object (InputError naming the file otherwise)."""
-    path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise _not_a_maisi_config(path, f"expected a JSON object ({what}), got a {type(data).__name__}")
-    return data
-
-
-def check_is_maisi_config(path: Path, data: dict[str, Any]) -> None:
-    """Refuse our own configs and files without any MAISI inference key (InputError)."""
-    if "preset" in data or "checkpoints" in data:
-        raise InputError(
-            f"{path} is a maisi config already ($.preset / $.checkpoints); "
-            f"check it with: python -m maisi.config validate {path} --kind infer"
-        )
-    if not any(key in data for key in SIGNATURE):
-        raise _not_a_maisi_config(path, f"it has none of MAISI's inference keys ({', '.join(SIGNATURE)})")
-
-
-@dataclass(frozen=True)
-class Places:
-    """Where paths point: MAISI's working folders in, the translated config's folder out."""
-
-    maisi_root: Path  # the folder MAISI ran in: its relative paths start there
-    data_root: Path  # where MAISI v2 puts paths containing "datasets/" ($MONAI_DATA_DIRECTORY)
-    weights_dir: Path  # maisi.download's --dest, for what the MAISI files do not name
-    output_dir: Path  # the translated config's folder: its relative paths start there
-
-    def maisi_path(self, value: str) -> Path:
-        root = self.data_root if "datasets/" in value else self.maisi_root
-        return (root / Path(value).expanduser()).resolve()
-
-    def ours(self, path: Path) -> str:
-        """``path`` as the config names it: relative to its folder (absolute if only / is shared)."""
-        if os.path.commonpath([path, self.output_dir]) == os.path.sep:
-            return str(path)
-        return os.path.relpath(path, self.output_dir)
-
-
-def _literal(data: dict[str, Any], key: str, path: Path) -> Any:
-    """``data[key]`` with bundle references resolved; an expression is explained (InputError)."""
-    try:
-        return resolve(data[key], data)
-    except Unresolved as err:
-        raise InputError(
-            f"{path}: $.{key} holds the bundle expression {str(err)!r}; maisi does not evaluate code in "
-            "configs. "
-            f'Replace it with its value (e.g. "{key}": [256, 256, 128]) and translate again'
-        ) from None
-
-
-def _check_regions(regions: list[Any], path: Path) -> None:
-    bad = []
-    for name in regions:
-        if not isinstance(name, str) or name.strip().lower() not in REGION_INDEX:
-            hints = difflib.get_close_matches(str(name).strip().lower(), list(REGION_INDEX), n=1)
-            bad.append(f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else ""))
-    if bad:
-        raise InputError(
-            f"{path}: $.body_region: unknown region {', '.join(bad)}; known: {', '.join(REGION_INDEX)}"
-        )
-
-
-def _check_anatomy(names: list[Any], label_dict: dict[str, Any], source: str, path: Path) -> None:
-    bad = []
-    for name in names:
-        if not isinstance(name, str) or name not in label_dict:
-            hints = difflib.get_close_matches(str(name), list(label_dict), n=1)
-            bad.append(f"{name!r}" + (f" (did you mean {hints[0]!r}?)" if hints else ""))
-    if bad:
-        raise InputError(f"{path}: $.anatomy_list: {', '.join(bad)} not in the label dictionary {source}")
-
-
-def _modality(value: Any, path: Path) -> str | None:
-    """Our modality name for MAISI's code or name; None for a CT code with no name; MR refused."""
-    codes = load_json("maisi_modality_mapping.json")
-    names = {v: k for k, v in codes.items()}
-    name = names.get(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (isinstance(name, str) and name.startswith("mri")) or (isinstance(value, int) and value >= 8):
-        raise InputError(
-            f"{path}: $.modality is {value!r} (MR): maisi generates CT only; MR configs cannot be translated"
-        )
-    return name if name in ("unknown", "ct", "ct_wo_contrast", "ct_contrast") else None
-
-
-def _choose_preset(data: dict[str, Any], requested: str | None, t: Translation) -> str:
-    """``--preset``, else what the weights' names or the bundle's scheduler say, else rectified flow."""
     if requested:
         return requested
-    unet = data.get("trained_diffusion_path")
-    hint = unet if isinstance(unet, str) else json.dumps(data.get("noise_scheduler", ""))
-    for word, preset in (("ddpm", "maisi-ct-ddpm"), ("rflow", "maisi-ct-rflow")):
+    names = [data.get(k) for k in ("trained_diffusion_path", "model_filename", "existing_ckpt_filepath")]
+    hint = next((n for n in names if isinstance(n, str)), json.dumps(data.get("noise_scheduler", "")))
+    for word, preset in _HINTS:
         if word in hint.lower():
             t.notes.append(f"preset {preset}: chosen from {hint!r}")
             return preset
+    modality = data.get("modality", data.get(f"{INNER}.modality"))
+    if is_mr(modality):
+        raise InputError(
+            f"{source}: $.modality is {modality!r} (MR), but nothing names which of MAISI's MR models to use "
+            "(no weights' file name says rflow-mr or rflow-mr-brain): pass --preset maisi-mr-rflow (MAISI's "
+            "rflow-mr) or --preset maisi-mr-brain-rflow (rflow-mr-brain), or --environment with MAISI's "
+            "environment file that names the weights"
+        )
     t.notes.append(
         "preset maisi-ct-rflow assumed (MAISI's default version, rflow-ct); pass --preset maisi-ct-ddpm "
         "for the DDPM model"
@@ -285,29 +106,8 @@ def _choose_preset(data: dict[str, Any], requested: str | None, t: Translation) 
     return "maisi-ct-rflow"
 
 
-def _released_files(preset: str) -> dict[str, Any]:
-    """The files maisi.download fetches for ``preset``: weights by role, and the mask database."""
-    variant = load_json("released_weights.json")["variants"][VARIANT[preset]]
-    names = [Path(f["path"]).name for f in variant["files"]]
-    roles = {
-        "autoencoder": "autoencoder",
-        "diffusion_unet": "diff_unet",
-        "controlnet": "controlnet",
-    }
-    weights = {role: next(n for n in names if n.startswith(prefix)) for role, prefix in roles.items()}
-    database = next(f["save_as"] for f in variant.get("datasets", []) if "candidate_masks" in f["path"])
-    archive = variant.get("mask_archive", {}).get("extract_to")
-    return {"weights": weights, "database": database, "mask_root": archive}
-
-
 # ---------------------------------------------------------------- the keys, group by group
 
-_COPIED = {
-    "num_output_samples": "num_samples",
-    "num_inference_steps": "sampling.num_inference_steps",
-    "anatomy_list": "anatomy.anatomy_list",
-    "body_region": "anatomy.body_region",
-}
 _PATHS = {
     "trained_autoencoder_path": "checkpoints.autoencoder",
     "trained_diffusion_path": "checkpoints.diffusion_unet",
@@ -316,10 +116,10 @@ _PATHS = {
     "all_mask_files_base_dir": "anatomy.mask_root",
     "output_dir": "output.dir",
 }
-# The keys of ours that hold paths: (section or "", key).
+# The keys of ours that hold paths, as their parts.
 PATH_KEYS = (
-    *(tuple(path.split(".")) for path in _PATHS.values()),
-    ("", "label_dict"),
+    *(tuple(path.split(".")) for path in (*_PATHS.values(), *MASK_GENERATOR.values())),
+    ("label_dict",),
 )
 _ORDER = (
     "preset",
@@ -327,6 +127,7 @@ _ORDER = (
     "anatomy",
     "output_size",
     "spacing",
+    "body_region",
     "modality",
     "label_dict",
     "sampling",
@@ -335,6 +136,11 @@ _ORDER = (
     "seed",
     "output",
 )
+_MASK_PRESET = (
+    "part of the mask generator: its preset ($.anatomy.mask_generator.preset, maisi-mask-ddpm for MAISI's "
+    "files) builds and runs it as MAISI does"
+)
+RETRIEVE, GENERATE, IMAGE = "retrieve", "generate", "image"  # what the translated config generates
 
 
 @dataclass
@@ -346,11 +152,18 @@ class _Job:
     places: Places
     t: Translation
     source: Path  # the MAISI config itself
+    mode: str = RETRIEVE
+    image_only_why: str = NO_MASK  # why the mask's keys are not translated (mode IMAGE)
     done: set[str] = field(default_factory=set)
+
+    def name(self, key: str) -> str | None:
+        """The MAISI key holding ``key``'s setting: itself, or its copy in a diff-model config's block."""
+        inner = f"{INNER}.{'dim' if key == 'output_size' else key}"
+        return key if key in self.data else inner if inner in self.data else None
 
     def value(self, key: str) -> Any:
         self.done.add(key)
-        return _literal(self.data, key, self.origin[key])
+        return literal(self.data, key, self.origin[key])
 
     def maybe(self, key: str) -> tuple[bool, Any]:
         """(True, value) with references resolved, or (False, None) once named as untranslated."""
@@ -372,74 +185,161 @@ class _Job:
         self.done.add(key)
         self.t.untranslated.append((key, why))
 
+    def has(self, path: str) -> bool:
+        """Whether our config already holds ``a.b.c``."""
+        node: Any = self.t.config
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+
+def _flatten_diff_model(data: dict[str, Any], source: Path) -> dict[str, Any]:
+    """A diff-model config's ``diffusion_unet_inference`` block as keys ``diffusion_unet_inference.KEY``."""
+    block = data.get(INNER)
+    if INNER not in data:
+        return data
+    if not isinstance(block, dict):
+        raise not_a_maisi_config(source, f"$.{INNER} is a {type(block).__name__}, not an object")
+    rest = {k: v for k, v in data.items() if k != INNER}
+    return {**rest, **{f"{INNER}.{k}": v for k, v in block.items()}}
+
 
 def _copy_plain_keys(job: _Job) -> None:
-    for key, ours in _COPIED.items():
-        ok, value = job.maybe(key) if key in job.data else (False, None)
+    if "num_output_samples" in job.data:
+        ok, value = job.maybe("num_output_samples")
         if ok:
-            job.t.put(key, ours, value)
-    if isinstance(job.t.config.get("anatomy", {}).get("body_region"), list):
-        _check_regions(job.t.config["anatomy"]["body_region"], job.origin["body_region"])
+            job.t.put("num_output_samples", "num_samples", value)
+    steps = job.name("num_inference_steps")
+    if steps:
+        ok, value = job.maybe(steps)
+        if ok:
+            job.t.put(steps, "sampling.num_inference_steps", value)
     for key in ("output_size", "spacing"):
-        if key not in job.data:
+        name = job.name(key)
+        if name is None:
             raise InputError(
                 f"{job.source}: $.{key} is missing; MAISI's inference configs "
-                "always set it and maisi's anatomy mode needs it"
+                "always set it and maisi needs it"
             )
-        job.t.put(key, key, job.value(key))
-    ok, seed = job.maybe("random_seed") if "random_seed" in job.data else (False, None)
+        job.t.put(name, key, job.value(name))
+    seed_key = job.name("random_seed")
+    ok, seed = job.maybe(seed_key) if seed_key else (False, None)
     if ok:
         if seed is None:
             job.refuse(
-                "random_seed",
+                seed_key,
                 "null (a new random seed every run) has no counterpart: maisi runs are reproducible; "
                 "the config keeps seed 0 (maisi.infer --seed N draws others)",
             )
         else:
-            job.t.put("random_seed", "seed", seed)
+            job.t.put(seed_key, "seed", seed)
 
 
-def _copy_conditional_keys(job: _Job) -> None:
-    """Keys whose MAISI default is what maisi does anyway; any other value cannot be translated."""
-    defaults = {
-        "controllable_anatomy_size": (
-            [],
-            "empty: masks are retrieved from the database, as here",
-        ),
-        "cfg_guidance_scale": (0, "0: no classifier-free guidance, as here"),
-        "controllable_demographics": (
-            None,
-            "null: no demographic conditioning, as here",
-        ),
-    }
-    refusals = {
-        "controllable_anatomy_size": "selects mask generation (MAISI's Path A), which maisi does not have "
-        "yet; "
-        "the translated config retrieves database masks holding anatomy_list instead",
-        "cfg_guidance_scale": "classifier-free guidance is not available in maisi.infer; the config samples "
-        "without it (scale 0)",
-        "controllable_demographics": "demographic conditioning has no counterpart in maisi",
-    }
-    for key, (default, why) in defaults.items():
+def _copy_mask_request(job: _Job) -> None:
+    """anatomy_list / body_region (Path B) or controllable_anatomy_size (Path A); none for an image."""
+    if job.mode == IMAGE:
+        for key in MASK_REQUEST:
+            ok, value = job.maybe(key) if key in job.data else (False, None)
+            if ok and value in ([], None):
+                job.skip(key, f"{json.dumps(value)}: nothing asked of a mask; {NO_MASK}")
+            elif ok:
+                job.refuse(key, f"{json.dumps(value)}: {job.image_only_why}")
+        return
+    sizes = "controllable_anatomy_size"
+    if job.mode == GENERATE:
+        job.t.put(sizes, f"anatomy.{sizes}", job.value(sizes))
+        for key in ("anatomy_list", "body_region"):
+            if key in job.data:
+                job.skip(
+                    key,
+                    f"MAISI ignores it when {sizes} is given (the generated mask holds the organs named "
+                    "there); maisi's config refuses it then",
+                )
+        return
+    if sizes in job.data:
+        ok, value = job.maybe(sizes)
+        if ok and value == []:
+            job.skip(sizes, "empty: masks are retrieved from the database, as here")
+        elif ok:  # not a list (a list is Path A)
+            job.refuse(sizes, f"{json.dumps(value)} is not a list of [name, size] pairs")
+    for key in ("anatomy_list", "body_region"):
         ok, value = job.maybe(key) if key in job.data else (False, None)
         if ok:
-            if value == default:
-                job.skip(key, why)
-            else:
-                job.refuse(key, f"{json.dumps(value)}: {refusals[key]}")
+            job.t.put(key, f"anatomy.{key}", value)
+    if isinstance(job.t.config.get("anatomy", {}).get("body_region"), list):
+        check_regions(job.t.config["anatomy"]["body_region"], job.origin["body_region"])
 
 
-def _copy_modality_and_formats(job: _Job) -> None:
-    ok, value = job.maybe("modality") if "modality" in job.data else (False, None)
-    if ok:
-        name = _modality(value, job.origin["modality"])
-        if name is None:
+def _copy_guidance(job: _Job) -> None:
+    """``cfg_guidance_scale`` -> ``$.sampling.guidance_scale`` (MAISI's paired and image-only both)."""
+    preset = job.t.config["preset"]
+    key = job.name("cfg_guidance_scale")
+    ok, value = job.maybe(key) if key else (False, None)
+    default = MR_GUIDANCE.get(preset)
+    if ok and value == 0:
+        job.skip(key, "0: no classifier-free guidance (maisi's default)")
+    elif ok and preset == "maisi-ct-ddpm":
+        job.refuse(
+            key,
+            f"{json.dumps(value)}: maisi guides only presets with a modality input (MAISI's DDPM UNet has "
+            "none, so MAISI guided its ControlNet alone); the config samples without guidance (scale 0)",
+        )
+    elif ok:
+        job.t.put(key, "sampling.guidance_scale", value)
+    if default is not None and not job.t.config.get("sampling", {}).get("guidance_scale"):
+        job.t.notes.append(
+            f"no guidance: MAISI samples {VARIANT[preset]} with cfg_guidance_scale {default} (its "
+            f"config_maisi_diff_model_{VARIANT[preset]}.json); without, the image does not commit to the "
+            f'modality: consider "sampling": {{"guidance_scale": {default}}}'
+        )
+    if "controllable_demographics" in job.data:
+        ok, value = job.maybe("controllable_demographics")
+        if ok and value is None:
+            job.skip("controllable_demographics", "null: no demographic conditioning, as here")
+        elif ok:
             job.refuse(
-                "modality",
-                f"{value!r} has no name in MAISI's modality mapping; 'ct' is used",
+                "controllable_demographics",
+                f"{json.dumps(value)}: demographic conditioning has no counterpart in maisi",
             )
-        else:
-            job.t.put("modality", "modality", name)
+
+
+def _copy_modality(job: _Job) -> None:
+    """MAISI's modality code (or name) -> ours; it must fit the variant (CT codes for CT, MR for MR)."""
+    preset = job.t.config["preset"]
+    key = job.name("modality")
+    mr = preset in MR_PRESETS
+    if key is None:
+        if mr:
+            raise InputError(
+                f"{job.source}: $.modality is missing; MAISI's MR variant {VARIANT[preset]} needs an MR "
+                "code (e.g. 9, mri_t1)"
+            )
+        return
+    ok, value = job.maybe(key)
+    if not ok:
+        return
+    name = modality_name(value)
+    if name is not None and name != "unknown" and is_mr(name) != mr:
+        kind, family, wanted = ("an MR", "CT", "a CT") if is_mr(name) else ("a CT", "MR", "an MR")
+        raise InputError(
+            f"{job.origin[key]}: $.{key} is {value!r} ({name}, {kind} modality), but the translation uses "
+            f"MAISI's {family} model {VARIANT[preset]} (preset {preset}); give the matching weights, "
+            f"--preset, or {wanted} modality code"
+        )
+    if name is None and mr:
+        raise InputError(
+            f"{job.origin[key]}: $.{key} is {value!r}, not in MAISI's modality mapping; MAISI's MR variant "
+            f"{VARIANT[preset]} needs an MR code (e.g. 9, mri_t1)"
+        )
+    if name is None:
+        job.refuse(key, f"{value!r} has no name in MAISI's modality mapping; 'ct' is used")
+    else:
+        job.t.put(key, "modality", name)
+
+
+def _copy_formats(job: _Job) -> None:
     formats = {}
     for key in ("image_output_ext", "label_output_ext"):
         ok, value = job.maybe(key) if key in job.data else (False, None)
@@ -458,6 +358,36 @@ def _copy_modality_and_formats(job: _Job) -> None:
             job.skip(key, f"the same format as image_output_ext ({fmt})")
         else:
             job.t.put(key, "output.format", fmt)
+    if "output_prefix" in job.data:
+        ok, value = job.maybe("output_prefix")
+        if ok:
+            job.t.put("output_prefix", "output.prefix", value)
+
+
+def _copy_body_region_index(job: _Job) -> None:
+    """A diff-model config's one-hot top/bottom region vectors: DDPM's body region, ignored by rflow."""
+    keys = [job.name(k) for k in ("top_region_index", "bottom_region_index")]
+    if not all(keys):
+        for key in filter(None, keys):
+            job.skip(key, "needs both region vectors")
+        return
+    if job.t.config["preset"] != "maisi-ct-ddpm":
+        for key in keys:
+            job.skip(
+                key,
+                "rectified-flow presets take no body region (MAISI: include_top_region_index_input false)",
+            )
+        return
+    regions = {}
+    for key, which in zip(keys, ("top", "bottom")):
+        ok, value = job.maybe(key)
+        hot = [i for i, v in enumerate(value) if v] if ok and isinstance(value, list) else []
+        if ok and (len(value) != len(BODY_REGIONS) or len(hot) != 1):
+            job.refuse(key, f"{json.dumps(value)} is not one-hot over {len(BODY_REGIONS)} regions")
+        elif ok:
+            regions[which] = BODY_REGIONS[hot[0]]
+    if len(regions) == 2:
+        job.t.put(f"{keys[0]}+bottom_region_index", "body_region", regions)
 
 
 def _copy_decoding(job: _Job) -> None:
@@ -480,12 +410,41 @@ def _copy_decoding(job: _Job) -> None:
     )
 
 
+def _path_keys(job: _Job) -> dict[str, str]:
+    """MAISI path key -> ours, for what this translation uses; the others are named as not needed."""
+    paths = dict(_PATHS)
+    unused: dict[str, str] = {}
+    if job.mode != RETRIEVE:
+        why = PATH_B if job.mode == GENERATE else NO_MASK
+        unused.update(dict.fromkeys(("all_mask_files_json", "all_mask_files_base_dir"), why))
+    if job.mode == IMAGE:
+        unused["trained_controlnet_path"] = NO_MASK
+    if job.mode == GENERATE:
+        paths.update(MASK_GENERATOR)
+        if "mask_generation_num_inference_steps" in job.data:
+            steps = job.value("mask_generation_num_inference_steps")
+            job.t.put(
+                "mask_generation_num_inference_steps", "anatomy.mask_generator.num_inference_steps", steps
+            )
+    else:
+        why = PATH_A if job.mode == RETRIEVE else NO_MASK
+        unused.update(dict.fromkeys((*MASK_GENERATOR, "mask_generation_num_inference_steps"), why))
+    for key, why in unused.items():
+        paths.pop(key, None)
+        if key in job.data and key not in job.done:  # the mask request's keys are judged already
+            job.skip(key, why)
+    return paths
+
+
 def _copy_paths(job: _Job) -> None:
-    for key, ours in _PATHS.items():
-        if key not in job.data:
+    for key, ours in _path_keys(job).items():
+        if key not in job.data or key in job.done:
             continue
         ok, value = job.maybe(key)
         if not ok:
+            continue
+        if value is None:
+            job.skip(key, "null in MAISI's file: not used")
             continue
         if not isinstance(value, str):
             job.refuse(key, f"{value!r} is not a path")
@@ -494,6 +453,18 @@ def _copy_paths(job: _Job) -> None:
         job.t.put(key, ours, job.places.ours(path))
         if ours != "output.dir" and not path.exists():
             job.t.notes.append(f"$.{ours}: {path} does not exist (yet)")
+    if "model_filename" in job.data:  # a diff-model environment: MAISI loads model_dir/model_filename
+        ok, name = job.maybe("model_filename")
+        folder = job.value("model_dir") if "model_dir" in job.data else "."
+        if ok and isinstance(name, str) and isinstance(folder, str):
+            path = job.places.maisi_path(f"{folder}/{name}")
+            job.t.put("model_filename", "checkpoints.diffusion_unet", job.places.ours(path))
+            if "model_dir" in job.data:
+                job.skip("model_dir", "joined with model_filename into $.checkpoints.diffusion_unet")
+            if not path.exists():
+                job.t.notes.append(f"$.checkpoints.diffusion_unet: {path} does not exist (yet)")
+        elif ok:
+            job.refuse("model_filename", f"{name!r} in {folder!r} is not a path")
 
 
 def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
@@ -501,6 +472,9 @@ def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
     packaged = load_json("maisi_label_dict.json")
     if "label_dict_json" not in job.data:
         return packaged
+    if job.mode == IMAGE:
+        job.skip("label_dict_json", NO_MASK)
+        return None
     ok, value = job.maybe("label_dict_json")
     if not ok:
         return None
@@ -534,19 +508,28 @@ def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
 def _fill_released_defaults(job: _Job) -> None:
     """What the MAISI files do not name: the released files where maisi.download puts them."""
     preset = job.t.config["preset"]
-    released = _released_files(preset)
     dest = job.places.weights_dir
     how = f"python -m maisi.download --variant {VARIANT[preset]} --dest {dest}"
-    wanted = {f"checkpoints.{role}": dest / name for role, name in released["weights"].items()}
-    wanted["anatomy.mask_database"] = dest / released["database"]
-    if released["mask_root"]:
-        wanted["anatomy.mask_root"] = dest / released["mask_root"]
-    for ours, path in wanted.items():
-        section, key = ours.split(".")
-        if key not in job.t.config.get(section, {}):
-            job.t.config.setdefault(section, {})[key] = job.places.ours(path)
-            extra = " --with-mask-archive" if ours == "anatomy.mask_root" else ""
-            job.t.notes.append(f"$.{ours}: {job.places.ours(path)} (released; {how}{extra})")
+    wanted = ["checkpoints.autoencoder", "checkpoints.diffusion_unet"]
+    if job.mode != IMAGE:
+        wanted.append("checkpoints.controlnet")
+    if job.mode == RETRIEVE:
+        wanted += ["anatomy.mask_database", "anatomy.mask_root"]
+    if job.mode == GENERATE:
+        wanted += [
+            f"anatomy.mask_generator.{k}" for k in ("autoencoder", "diffusion_unet", "size_conditions")
+        ]
+    released = released_files(preset)
+    for ours in wanted:
+        if ours not in released or job.has(ours):
+            continue
+        *parents, key = ours.split(".")
+        node = job.t.config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = job.places.ours(dest / released[ours])
+        extra = " --with-mask-archive" if ours == "anatomy.mask_root" else ""
+        job.t.notes.append(f"$.{ours}: {node[key]} (released; {how}{extra})")
 
 
 def translate(
@@ -559,24 +542,26 @@ def translate(
     """Translate a MAISI inference config (and its environment file) into a ``maisi.infer`` config.
 
     Args:
-        config_path: ``config_infer*.json`` (NV-Generate-CTMR, MONAI tutorials) or the bundle's
-            ``inference.json``.
+        config_path: ``config_infer*.json`` (NV-Generate-CTMR, MONAI tutorials), the bundle's
+            ``inference.json`` or an image-only ``config_maisi_diff_model_*.json``.
         places: where MAISI's relative paths start and where the translated config will be written.
         environment: MAISI's ``environment_*.json`` (weights, mask database, output folder); its keys yield to
             the config's, as in MAISI's scripts.
-        preset: ``maisi-ct-rflow`` or ``maisi-ct-ddpm``; None: from the weights' names or the
-            bundle's scheduler.
+        preset: one of :data:`PRESETS`; None: from the weights' names or the bundle's scheduler, else
+            ``maisi-ct-rflow`` (an MR modality then needs a name or ``preset``).
 
     Returns:
         The translation; its ``config`` still has to pass the loader (:func:`maisi.config.load_config`).
 
     Raises:
         InputError: not a MAISI inference config (not JSON, not an object, ours, none of its keys), an
-            output_size or spacing that is missing or code, an MR modality, unknown region or anatomy names.
+            output_size or spacing that is missing or code, a modality that does not fit the model (or an MR
+            one whose model nothing names), unknown region or anatomy names.
     """
     config_path = Path(config_path)
     data = read_maisi_json(config_path, "a MAISI config_infer.json or the bundle's inference.json")
     check_is_maisi_config(config_path, data)
+    data = _flatten_diff_model(data, config_path)
     env: dict[str, Any] = {}
     if environment is not None:
         env = read_maisi_json(environment, "a MAISI environment_*.json")
@@ -585,16 +570,32 @@ def translate(
         **dict.fromkeys(data, config_path),
     }
     job = _Job({**env, **data}, origin, places, Translation(config={}), config_path)
-    job.t.config["preset"] = _choose_preset(job.data, preset, job.t)
+    job.t.config["preset"] = _choose_preset(job.data, preset, job.t, config_path)
+    sizes = job.data.get("controllable_anatomy_size")
+    if job.t.config["preset"] in MR_PRESETS:
+        job.mode = IMAGE
+        job.image_only_why = (
+            "MAISI released no MR ControlNet (its environment_rflow-mr.json has trained_controlnet_path "
+            "null), so the MR variants generate images only; the translated config generates an image "
+            "without a mask"
+        )
+        job.t.notes.append(f"{job.t.config['preset']}: an image only (MAISI has no MR ControlNet)")
+    elif any(key.startswith(f"{INNER}.") for key in job.data):
+        job.mode = IMAGE  # MAISI's image-only script
+    elif isinstance(sizes, list) and sizes:
+        job.mode = GENERATE
     _copy_plain_keys(job)
-    _copy_conditional_keys(job)
-    _copy_modality_and_formats(job)
+    _copy_mask_request(job)
+    _copy_modality(job)
+    _copy_guidance(job)
+    _copy_formats(job)
+    _copy_body_region_index(job)
     _copy_decoding(job)
     _copy_paths(job)
     label_dict = _copy_label_dict(job)
     if label_dict is not None and isinstance(job.t.config.get("anatomy", {}).get("anatomy_list"), list):
         where = job.t.config.get("label_dict") or "(MAISI's, shipped with maisi)"
-        _check_anatomy(
+        check_anatomy(
             job.t.config["anatomy"]["anatomy_list"],
             label_dict,
             where,
@@ -605,7 +606,10 @@ def translate(
         if key in job.done:
             continue
         if key in NOT_NEEDED:
-            job.skip(key, NOT_NEEDED[key])
+            why = NOT_NEEDED[key]
+            if why == PATH_A and job.mode != RETRIEVE:
+                why = NO_MASK if job.mode == IMAGE else _MASK_PRESET
+            job.skip(key, why)
         else:
             job.refuse(key, "no counterpart in maisi.infer")
     steps = job.t.config.get("sampling", {}).get("num_inference_steps")

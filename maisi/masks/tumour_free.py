@@ -12,7 +12,10 @@ unconditional branch, and the region-contrastive ControlNet loss compares agains
   pseudo-labels; a tumour-free mask with a lesion left in it would not be tumour-free);
 - classes the user added with a host (``python -m maisi.labels add --host``, stored under the label
   dictionary's ``_hosts`` key) -> that host, or the most common of its hosts around it. A declared host
-  replaces a built-in rule for the same class.
+  replaces a built-in rule for the same class;
+- lesions placed in anatomy mode (``$.anatomy.lesions[i].host``): the organs a lesion class was placed in
+  are a host rule of that class too (added to its rule if it has one): the lesion lies fully inside one of
+  them, so the neighbourhood vote picks it.
 
 MAISI's brain-tumour ids (176, 401-403) lie outside the 1..255 range a mask here can hold; a brain tumour
 class added by the user names ``brain`` as its host.
@@ -26,8 +29,8 @@ back to the host most common in the whole mask, and then to the first host; ties
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import TypeVar
+from collections.abc import Container, Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -61,21 +64,44 @@ _TUMOUR_LIKE = re.compile(
 _CUBE = np.ones((3, 3, 3), dtype=bool)
 
 
+class _Lesion(Protocol):
+    label: str
+    host: tuple[str, ...]
+
+
+def lesion_hosts(
+    lesions: Iterable[_Lesion], known: Container[str] | None = None
+) -> dict[str, tuple[str, ...]]:
+    """Class name -> the organs its lesions are placed in (``$.anatomy.lesions``; several lesions of a class:
+    all their hosts, in order). With ``known``, a lesion naming a class or host not in it is left out (the
+    anatomy checks name it)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for lesion in lesions:
+        if known is not None and not all(n in known for n in (lesion.label, *lesion.host)):
+            continue
+        out[lesion.label] = tuple(dict.fromkeys((*out.get(lesion.label, ()), *lesion.host)))
+    return out
+
+
 def is_tumour_like(name: str) -> bool:
     """Whether a class name reads as a tumour, cyst or lesion (and so needs a host rule)."""
     return not is_dummy(name) and bool(_TUMOUR_LIKE.search(name))
 
 
-def tumour_hosts(label_dict: dict[str, int]) -> dict[int, tuple[int, ...]]:
+def tumour_hosts(
+    label_dict: dict[str, int], extra_hosts: Mapping[str, Sequence[str]] | None = None
+) -> dict[int, tuple[int, ...]]:
     """Tumour id -> host ids, in ``label_dict``'s ids.
 
     Args:
         label_dict: a validated dictionary (:func:`maisi.labels.load_label_dict`); the hosts it declares
             (its ``hosts``) win over the built-in rules.
+        extra_hosts: class name -> host names added to that class's rule (or making one): the organs the
+            config's lesions are placed in (:func:`lesion_hosts`).
 
     Raises:
         InputError: a tumour-like class (:func:`is_tumour_like`) has no host rule, naming it and how to
-            declare one.
+            declare one; an ``extra_hosts`` name that is not in ``label_dict``.
     """
     maisi_names = {i: n for n, i in load_label_dict().items()}
     out: dict[int, tuple[int, ...]] = {}
@@ -90,12 +116,21 @@ def tumour_hosts(label_dict: dict[str, int]) -> dict[int, tuple[int, ...]]:
             out[tumour_id] = host_ids
     for name, host_names in getattr(label_dict, "hosts", {}).items():
         out[label_dict[name]] = tuple(label_dict[h] for h in host_names)
+    for name, host_names in (extra_hosts or {}).items():
+        unknown = [n for n in (name, *host_names) if n not in label_dict]
+        if unknown:
+            raise InputError(
+                f"label dictionary: lesion class or host {', '.join(map(repr, unknown))} not in it"
+            )
+        tumour = label_dict[name]
+        out[tumour] = tuple(dict.fromkeys((*out.get(tumour, ()), *(label_dict[h] for h in host_names))))
     missing = [f"'{n}' (id {i})" for n, i in label_dict.items() if is_tumour_like(n) and i not in out]
     if missing:
         raise InputError(
             f"label dictionary: tumour-like class {', '.join(missing)} has no host rule (the organ it lies "
             "in, which replaces it in the tumour-free mask); declare one with `python -m maisi.labels add "
-            '--name NAME --host ORGAN` or under the dictionary\'s "_hosts" key'
+            '--name NAME --host ORGAN`, under the dictionary\'s "_hosts" key, or (anatomy mode) place it as '
+            "a lesion with $.anatomy.lesions[i].host"
         )
     return dict(sorted(out.items()))
 
@@ -117,12 +152,15 @@ def require_hosts(label_dict: dict[str, int], ids: Iterable[int], key: str) -> d
     return {i: hosts[i] for i in ids}
 
 
-def remove_tumors(mask: MaskT, label_dict: dict[str, int]) -> MaskT:
+def remove_tumors(
+    mask: MaskT, label_dict: dict[str, int], extra_hosts: Mapping[str, Sequence[str]] | None = None
+) -> MaskT:
     """The mask with every tumour voxel given its host's id (see the module docstring).
 
     Args:
         mask: a numpy (X, Y, Z) integer array, or a torch (N, 1, X, Y, Z) integer tensor on any device.
         label_dict: the dictionary the mask's ids come from (its declared hosts included).
+        extra_hosts: class name -> host names added to the rules (the lesions' hosts, :func:`lesion_hosts`).
 
     Returns:
         A new mask of the same type, shape, dtype (and device); the input is untouched.
@@ -131,7 +169,7 @@ def remove_tumors(mask: MaskT, label_dict: dict[str, int]) -> MaskT:
         InputError: a tumour-like class of ``label_dict`` has no host rule.
         ValueError: ``mask`` is not an integer array of one of the shapes above.
     """
-    hosts = tumour_hosts(label_dict)
+    hosts = tumour_hosts(label_dict, extra_hosts)
     if isinstance(mask, torch.Tensor):
         if mask.ndim != 5 or mask.shape[1] != 1 or mask.dtype.is_floating_point or mask.dtype.is_complex:
             raise ValueError(

@@ -1,8 +1,10 @@
 """``python -m maisi.config import-maisi`` on MAISI's own config files, and ``validate``.
 
-The MAISI files below are copies of the released ones (NV-Generate-CTMR ``configs/config_infer.json`` and
-``configs/environment_rflow-ct.json``; the model-zoo bundle ``maisi_ct_generative``
-``configs/inference.json``, shortened to its inference settings and a sample of its code keys).
+The MAISI files below are copies of the released ones (NV-Generate-CTMR ``configs/config_infer.json``,
+``configs/environment_rflow-ct.json``, ``environment_rflow-mr.json``,
+``config_maisi_diff_model_rflow-mr*.json`` and ``environment_maisi_diff_model_rflow-mr*.json``; the
+model-zoo bundle ``maisi_ct_generative`` ``configs/inference.json``, shortened to its inference settings
+and a sample of its code keys).
 """
 
 from __future__ import annotations
@@ -58,6 +60,52 @@ ENVIRONMENT = {  # NV-Generate-CTMR configs/environment_rflow-ct.json
     "label_dict_json": "./configs/label_dict.json",
     "label_dict_remap_json": "./configs/label_dict_124_to_132.json",
 }
+ENVIRONMENT_MR = {  # NV-Generate-CTMR configs/environment_rflow-mr.json
+    "output_dir": "output",
+    "trained_autoencoder_path": "models/autoencoder_v2.pt",
+    "trained_diffusion_path": "models/diff_unet_3d_rflow-mr.pt",
+    "trained_controlnet_path": None,
+    "trained_mask_generation_autoencoder_path": "models/mask_generation_autoencoder.pt",
+    "trained_mask_generation_diffusion_path": "models/mask_generation_diffusion_unet.pt",
+    "all_mask_files_base_dir": None,
+    "all_mask_files_json": None,
+    "all_anatomy_size_conditions_json": None,
+    "label_dict_json": "./configs/label_dict.json",
+    "label_dict_remap_json": "./configs/label_dict_124_to_132.json",
+}
+
+
+def diff_model_config(dim, spacing, seed, modality, scale):  # configs/config_maisi_diff_model_*.json
+    return {
+        "diffusion_unet_train": {"batch_size": 1, "cache_rate": 0, "lr": 0.00001, "n_epochs": 1000},
+        "diffusion_unet_inference": {
+            "dim": dim,
+            "spacing": spacing,
+            "top_region_index": [0, 1, 0, 0],
+            "bottom_region_index": [0, 0, 1, 0],
+            "random_seed": seed,
+            "num_inference_steps": 30,
+            "modality": modality,
+            "cfg_guidance_scale": scale,
+        },
+    }
+
+
+def diff_model_environment(unet, autoencoder):  # configs/environment_maisi_diff_model_*.json
+    return {
+        "data_base_dir": "./data",
+        "embedding_base_dir": "./embeddings",
+        "json_data_list": "./dataset.json",
+        "model_dir": "./models",
+        "model_filename": unet,
+        "output_dir": "./output",
+        "output_prefix": "unet_3d",
+        "trained_autoencoder_path": f"models/{autoencoder}",
+        "existing_ckpt_filepath": f"./models/{unet}",
+        "modality_mapping_path": "./configs/modality_mapping.json",
+    }
+
+
 BUNDLE = {  # model-zoo maisi_ct_generative configs/inference.json (its settings; code keys sampled)
     "imports": ["$import torch", "$from pathlib import Path", "$import scripts"],
     "bundle_root": ".",
@@ -262,8 +310,7 @@ def test_bundle_inference_json_references_resolved_code_named(tmp_path, capsys):
 def test_untranslatable_keys_are_named_and_the_rest_is_written(tmp_path, capsys):
     maisi = {
         **CONFIG_INFER,
-        "cfg_guidance_scale": 2.0,
-        "controllable_anatomy_size": [["lung tumor", 0.5]],
+        "controllable_demographics": {"age": 60},
         "random_seed": None,
         "label_output_ext": ".nrrd",
         "modality": 5,
@@ -274,8 +321,7 @@ def test_untranslatable_keys_are_named_and_the_rest_is_written(tmp_path, capsys)
     assert code == 0
     err = capsys.readouterr().err
     expected = {
-        "cfg_guidance_scale": "2.0: classifier-free guidance is not available",
-        "controllable_anatomy_size": '[["lung tumor", 0.5]]: selects mask generation',
+        "controllable_demographics": '{"age": 60}: demographic conditioning has no counterpart',
         "random_seed": "null (a new random seed every run) has no counterpart",
         "label_output_ext": "image and mask are written in one format here (nii.gz)",
         "modality": "5 has no name in MAISI's modality mapping",
@@ -300,6 +346,162 @@ def test_label_dict_that_cannot_be_read_is_named_and_left_to_maisi_s(tmp_path, c
         f"NOT translated: label_dict_json: {tmp_path / 'configs' / 'label_dict.json'} cannot be read" in err
     )
     assert "$.label_dict stays null" in err and "label_dict" not in json.loads(output.read_text())
+
+
+def test_size_request_translates_to_mask_generation_with_its_files_and_guidance(tmp_path, capsys):
+    env = write(tmp_path / "NV-Generate-CTMR" / "configs" / "environment_rflow-ct.json", ENVIRONMENT)
+    root = env.parent.parent
+    write(root / "configs" / "label_dict.json", (REPO / "maisi/resources/maisi_label_dict.json").read_text())
+    sizes = [["hepatic tumor", 0.3], ["liver", 0.5]]
+    maisi = {**CONFIG_INFER, "controllable_anatomy_size": sizes, "cfg_guidance_scale": 2.5}
+    code, output = run(tmp_path, maisi, "--environment", str(env), "--maisi-root", str(root))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    config = json.loads(output.read_text())
+    models, datasets = "../NV-Generate-CTMR/models/", "../NV-Generate-CTMR/datasets/"
+    assert config["anatomy"] == {  # no anatomy_list, body_region or database: MAISI's Path A ignores them
+        "controllable_anatomy_size": sizes,
+        "mask_generator": {
+            "num_inference_steps": 100,
+            "autoencoder": models + "mask_generation_autoencoder.pt",
+            "diffusion_unet": models + "mask_generation_diffusion_unet_v2.pt",
+            "size_conditions": datasets + "all_anatomy_size_conditions.json",
+        },
+    }
+    assert config["sampling"] == {"num_inference_steps": 30, "guidance_scale": 2.5}
+    assert config["checkpoints"]["controlnet"] == models + "controlnet_3d_rflow-ct.pt"
+    out = captured.out
+    assert "cfg_guidance_scale -> $.sampling.guidance_scale = 2.5" in out
+    for key in ("anatomy_list", "body_region"):
+        assert f"\n  {key}: MAISI ignores it when controllable_anatomy_size is given" in out, key
+    for key in ("all_mask_files_json", "all_mask_files_base_dir"):
+        assert f"\n  {key}: used by mask retrieval (MAISI's Path B) only" in out, key
+    assert "NOT translated" not in captured.err
+    loaded = load_checked_config(output, "infer")
+    assert loaded.anatomy.controllable_anatomy_size == (("hepatic tumor", 0.3), ("liver", 0.5))
+    assert loaded.anatomy.mask_generator.autoencoder == str(
+        root / "models" / "mask_generation_autoencoder.pt"
+    )
+    assert loaded.sampling.guidance_scale == 2.5
+
+
+def test_size_request_without_environment_points_at_the_released_mask_generator(tmp_path, capsys):
+    sizes = [["liver", 0.8]]
+    code, output = run(
+        tmp_path, {**CONFIG_INFER, "controllable_anatomy_size": sizes}, "--weights-dir", str(tmp_path / "w")
+    )
+    assert code == 0
+    anatomy = json.loads(output.read_text())["anatomy"]
+    assert anatomy["mask_generator"] == {
+        "num_inference_steps": 100,
+        "autoencoder": "../w/mask_generation_autoencoder.pt",
+        "diffusion_unet": "../w/mask_generation_diffusion_unet.pt",
+        "size_conditions": "../w/datasets/all_anatomy_size_conditions.json",
+    }
+    assert "mask_database" not in anatomy and "mask_root" not in anatomy
+    assert "--variant rflow-ct" in capsys.readouterr().out
+
+
+def test_guidance_on_the_ddpm_model_is_named_not_translated(tmp_path, capsys):
+    code, output = run(tmp_path, {**CONFIG_INFER, "cfg_guidance_scale": 3.0}, "--preset", "maisi-ct-ddpm")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "NOT translated: cfg_guidance_scale: 3.0: maisi guides only presets with a modality input" in err
+    assert "guidance_scale" not in json.loads(output.read_text()).get("sampling", {})
+
+
+def test_paired_config_with_the_mr_environment_becomes_an_image_only_mr_config(tmp_path, capsys):
+    env = write(tmp_path / "NV-Generate-CTMR" / "configs" / "environment_rflow-mr.json", ENVIRONMENT_MR)
+    root = env.parent.parent
+    maisi = {**CONFIG_INFER, "modality": 9}
+    code, output = run(tmp_path, maisi, "--environment", str(env), "--maisi-root", str(root))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    config = json.loads(output.read_text())
+    assert config["preset"] == "maisi-mr-rflow" and config["modality"] == "mri_t1"
+    assert config["checkpoints"] == {
+        "autoencoder": "../NV-Generate-CTMR/models/autoencoder_v2.pt",
+        "diffusion_unet": "../NV-Generate-CTMR/models/diff_unet_3d_rflow-mr.pt",
+    }
+    assert "anatomy" not in config and "label_dict" not in config
+    assert config["output_size"] == [256, 256, 256] and config["spacing"] == [1.5, 1.5, 2.0]
+    err, out = captured.err, captured.out
+    for key, value in (("anatomy_list", '["lung tumor"]'), ("body_region", '["chest"]')):
+        assert f"NOT translated: {key}: {value}: MAISI released no MR ControlNet" in err, key
+    assert "2 key(s) NOT translated (anatomy_list, body_region)" in err
+    assert "\n  trained_controlnet_path: null: nothing asked of a mask" in out
+    assert (
+        "\n  trained_mask_generation_autoencoder_path: the translated config generates an image only" in out
+    )
+    assert "MAISI samples rflow-mr with cfg_guidance_scale 15" in out  # config_infer's 0 was kept
+    loaded = load_checked_config(output, "infer")
+    assert not loaded.from_anatomy and loaded.preset == "maisi-mr-rflow"
+
+
+@pytest.mark.parametrize(
+    ("variant", "maisi", "env", "shipped"),
+    [
+        (
+            "rflow-mr",
+            diff_model_config([128, 256, 256], [1.25, 1.0, 1.0], 0, 9, 15),
+            diff_model_environment("diff_unet_3d_rflow-mr.pt", "autoencoder_v2.pt"),
+            "inference_maisi_rflow_mr.json",
+        ),
+        (
+            "rflow-mr-brain",
+            diff_model_config([256, 256, 128], [0.94, 0.94, 1.36], 1234, 9, 2),
+            diff_model_environment("diff_unet_3d_rflow-mr-brain_v1.pt", "autoencoder_v1.pt"),
+            "inference_maisi_rflow_mr_brain.json",
+        ),
+    ],
+    ids=["rflow-mr", "rflow-mr-brain"],
+)
+def test_maisi_s_image_only_mr_configs_translate_to_the_shipped_mr_configs(
+    tmp_path, capsys, variant, maisi, env, shipped
+):
+    root = tmp_path / "NV-Generate-CTMR"
+    env_file = write(root / "configs" / f"environment_maisi_diff_model_{variant}.json", env)
+    code, output = run(
+        tmp_path,
+        maisi,
+        "--environment",
+        str(env_file),
+        "--maisi-root",
+        str(root),
+        name=f"config_maisi_diff_model_{variant}.json",
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "NOT translated" not in captured.err
+    config = json.loads(output.read_text())
+    assert config["checkpoints"] == {
+        "autoencoder": f"../NV-Generate-CTMR/models/{env['trained_autoencoder_path'].split('/')[-1]}",
+        "diffusion_unet": f"../NV-Generate-CTMR/models/{env['model_filename']}",
+    }
+    assert config["output"] == {"prefix": "unet_3d", "dir": "../NV-Generate-CTMR/output"}
+    # MAISI's per-variant settings are what the shipped config of that variant holds
+    ours = json.loads((REPO / "configs" / shipped).read_text())
+    for key in ("preset", "output_size", "spacing", "modality", "seed"):
+        assert config[key] == ours[key], key
+    for key in ("num_inference_steps", "guidance_scale"):
+        assert config["sampling"][key] == ours["sampling"][key], key
+    out = captured.out
+    assert "diffusion_unet_inference.cfg_guidance_scale -> $.sampling.guidance_scale" in out
+    assert "\n  diffusion_unet_inference.top_region_index: rectified-flow presets take no body region" in out
+    assert "\n  diffusion_unet_train: a training setting" in out
+    load_checked_config(output, "infer")
+
+
+def test_ddpm_image_only_config_takes_its_body_region_from_the_one_hot_vectors(tmp_path, capsys):
+    maisi = diff_model_config([256, 256, 256], [1.5, 1.5, 2.0], 0, 1, 0)
+    env = write(tmp_path / "env.json", diff_model_environment("diff_unet_3d_ddpm-ct.pt", "autoencoder_v1.pt"))
+    code, output = run(tmp_path, maisi, "--environment", str(env), "--maisi-root", str(tmp_path))
+    assert code == 0, capsys.readouterr().err
+    config = json.loads(output.read_text())
+    assert config["preset"] == "maisi-ct-ddpm" and config["modality"] == "ct"
+    assert config["body_region"] == {"top": "chest", "bottom": "abdomen"}
+    assert "controlnet" not in config["checkpoints"] and "anatomy" not in config
+    assert load_checked_config(output, "infer").body_region.top == "chest"
 
 
 @pytest.mark.skipif(
@@ -348,9 +550,31 @@ BAD = [
         "$.spacing is missing",
     ),
     (
-        "MR",
+        "MR without its variant",
         {**CONFIG_INFER, "modality": 9},
-        "$.modality is 9 (MR): maisi generates CT only",
+        "$.modality is 9 (MR), but nothing names which of MAISI's MR models to use",
+    ),
+    (
+        "MR weights, CT code",
+        {**CONFIG_INFER, "trained_diffusion_path": "models/diff_unet_3d_rflow-mr.pt"},
+        "$.modality is 1 (ct, a CT modality), but the translation uses MAISI's MR model rflow-mr",
+    ),
+    (
+        "CT weights, MR code",
+        {**CONFIG_INFER, "modality": 10, "trained_diffusion_path": "models/diff_unet_3d_rflow-ct.pt"},
+        "$.modality is 10 (mri_t2, an MR modality), but the translation uses MAISI's CT model rflow-ct",
+    ),
+    (
+        "two tumours in the size request",
+        {**CONFIG_INFER, "controllable_anatomy_size": [["hepatic tumor", 0.3], ["lung tumor", 0.5]]},
+        "a second tumour 'lung tumor' (entry 0 is 'hepatic tumor'); MAISI's mask generation takes at most "
+        "one tumour (from MAISI's controllable_anatomy_size)",
+    ),
+    (
+        "MR grid",
+        {**CONFIG_INFER, "modality": 9, "output_size": [256, 256, 512], "trained_diffusion_path": "rflow-mr"},
+        "size z 512 is not one of [128, 256] (preset 'maisi-mr-rflow' limits; $.enforce_preset_limits false "
+        "relaxes them) (from MAISI's output_size)",
     ),
     (
         "region",
