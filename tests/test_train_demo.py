@@ -84,3 +84,75 @@ def test_autoencoder_only_trains_the_vae_with_fine_copies_and_leaves_the_weights
     assert fine == [[0.7, 0.7, 2.5], [0.7, 0.7, 5.0]]
     config = json.loads((work / "autoencoder" / "train_config.json").read_text())["config"]
     assert config["datalist"] == str(work / "datalist_autoencoder.json")
+
+
+# ----------------------------------------------------------------------- tools/train_demo_masks.py
+
+
+def test_every_demo_file_of_the_manifest_is_there_with_its_sha256():
+    from maisi.files import file_sha256
+
+    demo = REPO / "models" / "demo"
+    manifest = json.loads((demo / "manifest.json").read_text())
+    # the mask generator's files (tools/train_demo_masks.py) join them under mask_generator once shipped
+    files = [*manifest["files"].values(), *manifest.get("mask_generator", {}).get("files", {}).values()]
+    assert len(files) >= 3
+    for entry in files:
+        assert file_sha256(demo / entry["file"]) == entry["sha256"], entry["file"]
+
+
+def test_a_zoom_copy_scales_the_organs_about_the_centre_and_the_ct_shares_its_grid():
+    import numpy as np
+
+    from maisi.data.io import Volume
+    from tools.train_demo_masks import zoom_ct, zoom_mask
+
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = [-150.0, -120.0, 10.0]
+    mask = np.zeros((100, 100, 100), dtype=np.int16)
+    mask[10:90, 10:90, 10:90] = 200
+    mask[35:65, 35:65, 35:65] = 1  # a 90 mm cube of liver in the middle
+    size = (64, 64, 64)
+    centre = affine[:3, :3] @ np.full(3, 49.5) + affine[:3, 3]
+    for scale in (0.8, 1.2):
+        out = zoom_mask(Volume(mask, affine), 6.0, size, scale)
+        assert out.shape == size and np.allclose(out.spacing, 6.0)
+        liver_ml = np.count_nonzero(out.array == 1) * 6.0**3 / 1000
+        assert liver_ml == pytest.approx(90.0**3 / 1000 * scale**3, rel=0.15)
+        lo, hi = np.argwhere(out.array == 1).min(0), np.argwhere(out.array == 1).max(0)
+        middle = out.affine[:3, :3] @ ((lo + hi) / 2) + out.affine[:3, 3]
+        assert np.allclose(middle, centre, atol=6.0)  # the liver stays where it was (within a voxel)
+        ct = zoom_ct(Volume(np.where(mask > 0, 40, -1000).astype(np.int16), affine), 6.0, size, scale)
+        assert ct.shape == size and np.allclose(ct.affine, out.affine)
+        assert ct.array[out.array == 0].max() <= -990 and ct.array[out.array == 1].min() >= 30
+
+
+def test_prepared_masks_are_on_the_generator_grid_with_cysts_given_to_their_kidney(real_cases, tmp_path):
+    import numpy as np
+
+    from maisi.data.io import read_mask, read_volume, write_volume
+    from tools.train_demo_masks import MASK_CASES, prepare_masks, size_table
+
+    ct = read_volume(real_cases / "case0" / "imaging.nii.gz")
+    label = read_mask(real_cases / "case0" / "segmentation.nii.gz")
+    cyst = label.array.copy()
+    cyst[label.array == 14] = 116  # the whole left kidney a 'left kidney cyst', as in the chest case
+    for name in MASK_CASES:
+        write_volume(tmp_path / "cases" / name / "ct.nii.gz", ct)
+        write_volume(tmp_path / "cases" / name / "label.nii.gz", label.with_array(cyst))
+    scales = prepare_masks(tmp_path / "cases", tmp_path / "work", copies=2, seed=0)
+    assert [len(s) for s in scales.values()] == [3, 3] and all(s[0] == 1.0 for s in scales.values())
+    assert all(0.8 <= s <= 1.2 for case in scales.values() for s in case)
+    folders = sorted((tmp_path / "work" / "masks").iterdir())
+    assert len(folders) == 6
+    liver = []
+    for folder in folders:
+        mask = read_mask(folder / "label.nii.gz")
+        assert mask.shape == (64, 64, 64) and np.allclose(mask.spacing, 6.0)
+        assert 116 not in mask.array and 14 in mask.array
+        assert read_volume(folder / "ct.nii.gz").shape == (64, 64, 64)
+        liver.append(np.count_nonzero(mask.array == 1))
+    assert len(set(liver)) > 1  # the zooms give livers of different sizes
+    sized = tmp_path / "sized.json"
+    sized.write_text(json.dumps({"training": [{"image": "x", "anatomy_size": [0.5] * 10}]}))
+    assert size_table(sized) == [{"organ_size": [0.5] * 10}]

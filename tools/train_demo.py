@@ -20,7 +20,8 @@ Recipe (preset ``tiny-rflow``; every step is logged with its wall time into ``<w
 7. Emphasis rounds of the ControlNet (``--controlnet-emphasis STEPS:WEIGHT ...``): ``weighted_loss`` on the
    bone and pancreas labels of the HU check, which the earlier rounds left too dark.
 8. The three checkpoints are copied to ``--dest`` (default ``models/demo``) with their SHA-256 in
-   ``manifest.json``; the demo mask (``dataset/demo/chest_mask.nii.gz``) is written from the chest case.
+   ``manifest.json`` (its ``mask_generator`` entry, from ``tools/train_demo_masks.py``, is kept); the demo
+   mask (``dataset/demo/chest_mask.nii.gz``) is written from the chest case.
 
 Left-right flips are not used: they would swap the meaning of left/right organ labels.
 """
@@ -471,8 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(src, args.dest / f"{part}.pt")
         files[part] = {"file": f"{part}.pt", "sha256": file_sha256(args.dest / f"{part}.pt")}
     mask = demo_mask(args.cases, REPO / "dataset" / "demo" / "chest_mask.nii.gz")
+    manifest = args.dest / "manifest.json"
+    # the mask generator's entry (tools/train_demo_masks.py) is not this recipe's: keep it
+    mask_generator = json.loads(manifest.read_text()).get("mask_generator") if manifest.is_file() else None
     write_json(
-        args.dest / "manifest.json",
+        manifest,
         {
             "preset": PRESET,
             "files": files,
@@ -489,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             "recipe_seconds": round(time.perf_counter() - t0, 1),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            **({"mask_generator": mask_generator} if mask_generator else {}),
         },
     )
     write_json(work / "recipe_log.json", {"steps": log})
