@@ -91,8 +91,11 @@ class Models:
     scale_factor: float
     weights: dict[str, Weights] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | None = None  # autocast of the UNet and ControlNet
     acceleration: Acceleration = field(default_factory=Acceleration)
+    # Autocast of the VAE decode: float32 on CPU under precision "auto" (in bfloat16 the demo's bone medians
+    # moved enough to fail the HU check on every try; see README "Speed").
+    decode_dtype: torch.dtype | None = None
 
 
 def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
@@ -427,6 +430,7 @@ def load_models(
         device,
         autocast_dtype(config.precision, device, cpu_bfloat16=True),
         acceleration,
+        autocast_dtype(config.precision, device),
     )
 
 
@@ -483,7 +487,7 @@ def generate(
         roi_size=config.decoding.sw_roi_size,
         overlap=config.decoding.sw_overlap,
         memory_budget_bytes=config.decoding.memory_budget_mb << 20,
-        autocast_dtype=models.dtype,
+        autocast_dtype=models.decode_dtype,
         progress=progress,
     )
     t2 = time.perf_counter()

@@ -236,6 +236,8 @@ def run_variant(variant: str, args: argparse.Namespace, hu_path: Path | None) ->
         dtype = None if variant == "ours-fp32" else autocast_dtype("auto", device, cpu_bfloat16=True)
     elif device.type == "cuda":
         dtype = torch.float16  # MAISI runs its loop under torch.amp.autocast("cuda")
+    # the decode as maisi.generation runs it: float32 on CPU under "auto" (Models.decode_dtype)
+    decode_dtype = autocast_dtype("auto", device) if ours and variant != "ours-fp32" else dtype
     f = preset.vae_factor
     noise = torch.randn(
         1, preset.latent_channels, *(s // f for s in size), generator=torch.Generator().manual_seed(0)
@@ -279,7 +281,7 @@ def run_variant(variant: str, args: argparse.Namespace, hu_path: Path | None) ->
         torch.cuda.reset_peak_memory_stats(device)
     if ours:
         image = decode(
-            vae, latents, 1.0, method="tiled", memory_budget_bytes=1024 << 20, autocast_dtype=dtype
+            vae, latents, 1.0, method="tiled", memory_budget_bytes=1024 << 20, autocast_dtype=decode_dtype
         )
     else:
         with autocast(device, dtype):
