@@ -65,4 +65,7 @@ def test_the_default_main_job_runs_as_shipped(tmp_path):
     assert np.median(image.array[lungs]) < -400  # trained weights: the lungs are air, not noise
     meta = json.loads((out / "sample_seed0.json").read_text())
     assert meta["quality_check"]["tries"] and meta["mask_fidelity"]["lung"] is not None
+    # as the README says: the default seed passes the HU check on its first try (a bfloat16 decode did not)
+    assert meta["quality_check"]["passed"] is True and len(meta["quality_check"]["tries"]) == 1, meta
+    assert "HU check: 1 passed, 0 FAILED" in done.stderr.splitlines()[-1]
     assert sitk.ReadImage(str(out / "sample_seed0_preview.png")).GetNumberOfComponentsPerPixel() == 3
