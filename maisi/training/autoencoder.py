@@ -44,7 +44,7 @@ from maisi.decoding import round_trip
 from maisi.distributed import Ranks
 from maisi.errors import CheckpointError, InputError, TrainingDiverged
 from maisi.networks import Preset, RuntimeOptions, build_network
-from maisi.training.ct_data import CTVolumes, PatchDraw, check_images
+from maisi.training.ct_data import CTVolumes, PatchDraw, check_images, refuse_problems
 from maisi.training.perceptual import build_perceptual_loss
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,6 @@ def freeze_encoder(model: nn.Module) -> None:
     """
     for name in ENCODER_PARTS:
         getattr(model, name).requires_grad_(False)
-
-
-def _refuse(problems: list[str]) -> None:
-    if problems:
-        raise InputError(f"autoencoder datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
 
 
 def _in_ddp() -> bool:
@@ -186,7 +181,7 @@ class AutoencoderStage:
         once."""
         train_items, problems = check_images(train, root, "training")
         val_items, val_problems = check_images(val, root, "validation")
-        _refuse(problems + val_problems)
+        refuse_problems(problems + val_problems, "autoencoder")
         if not train_items:
             raise InputError("the autoencoder stage has no training images")
         if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
@@ -195,7 +190,7 @@ class AutoencoderStage:
         volumes = CTVolumes(train_items, self.patch, loader.cache_rate, loader.num_workers, ranks.is_main)
         val_rate = loader.cache_rate if ranks.is_main else 0.0
         val_volumes = CTVolumes(val_items, None, val_rate, loader.num_workers, ranks.is_main)
-        _refuse(volumes.problems + val_volumes.problems)
+        refuse_problems(volumes.problems + val_volumes.problems, "autoencoder")
         return volumes, val_volumes
 
     def _build_perceptual(self) -> nn.Module | None:
