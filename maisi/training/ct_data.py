@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from monai.utils import convert_to_tensor
 
 from maisi.data.datalist import case_modality
 from maisi.data.io import read_geometry, read_volume
+from maisi.distributed import Ranks
 from maisi.errors import InputError
 from maisi.intensity import to_unit
 
@@ -190,6 +191,45 @@ def refuse_problems(problems: list[str], what: str) -> None:
     """Raise one InputError listing every problem of the ``what`` datalist; nothing when there are none."""
     if problems:
         raise InputError(f"{what} datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+
+
+V = TypeVar("V", bound=HeldVolumes)
+
+
+def read_stage_volumes(
+    train: list[tuple[int, dict[str, Any]]],
+    val: list[tuple[int, dict[str, Any]]],
+    check: Callable[[list[tuple[int, dict[str, Any]]], str], tuple[list[dict], list[str]]],
+    hold: Callable[[list[dict], tuple[int, int, int] | None, float], V],
+    patch: tuple[int, int, int],
+    cache_rate: float,
+    ranks: Ranks,
+    what: str,
+    empty: str,
+) -> tuple[V, V]:
+    """Check every header, then read the volumes to hold: this process's share of the training volumes
+    (under torchrun, padded to at least ``patch``), the validation volumes on the validating process only.
+
+    Args:
+        train: ``(datalist index, entry)`` of the training cases; ``val`` the same for validation.
+        check: headers of entries (:func:`check_images` or ``check_masks`` bound to the root).
+        hold: ``(items, min_size, cache_rate)`` -> the stage's :class:`HeldVolumes`.
+        what: names the datalist in messages; ``empty``: the message when there are no training cases.
+
+    Raises:
+        InputError: every problem of every case at once, or no training cases.
+    """
+    train_items, problems = check(train, "training")
+    val_items, val_problems = check(val, "validation")
+    refuse_problems(problems + val_problems, what)
+    if not train_items:
+        raise InputError(empty)
+    if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
+        train_items = ranks.shard(train_items)
+    volumes = hold(train_items, patch, cache_rate)
+    val_volumes = hold(val_items, None, cache_rate if ranks.is_main else 0.0)
+    refuse_problems(volumes.problems + val_volumes.problems, what)
+    return volumes, val_volumes
 
 
 def draw_patches(

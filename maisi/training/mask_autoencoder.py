@@ -47,7 +47,7 @@ from maisi.masks.decode import CHANNEL_TO_ID_FILE, channel_to_id_table, channels
 from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
 from maisi.networks import RuntimeOptions
 from maisi.training.autoencoder import kl_divergence
-from maisi.training.ct_data import HeldVolumes, PatchDraw, check_headers, refuse_problems
+from maisi.training.ct_data import HeldVolumes, PatchDraw, check_headers, read_stage_volumes
 
 log = logging.getLogger(__name__)
 
@@ -228,20 +228,22 @@ class MaskAutoencoderStage:
         val: list[tuple[int, dict[str, Any]]],
         ranks: Ranks,
     ) -> tuple[MaskVolumes, MaskVolumes]:
-        train_items, problems = check_masks(train, root, "training")
-        val_items, val_problems = check_masks(val, root, "validation")
-        refuse_problems(problems + val_problems, "mask")
-        if not train_items:
-            raise InputError("the mask_autoencoder stage has no training masks")
-        if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
-            train_items = ranks.shard(train_items)
         loader, spacing = self.config.loader, self.settings.spacing
-        threads, main = loader.num_workers, ranks.is_main
-        volumes = MaskVolumes(train_items, self.patch, loader.cache_rate, threads, main, spacing)
-        val_rate = loader.cache_rate if ranks.is_main else 0.0
-        val_volumes = MaskVolumes(val_items, None, val_rate, threads, main, spacing)
-        refuse_problems(volumes.problems + val_volumes.problems, "mask")
-        return volumes, val_volumes
+
+        def hold(items: list[dict], min_size: tuple[int, int, int] | None, rate: float) -> MaskVolumes:
+            return MaskVolumes(items, min_size, rate, loader.num_workers, ranks.is_main, spacing)
+
+        return read_stage_volumes(
+            train,
+            val,
+            lambda entries, what: check_masks(entries, root, what),
+            hold,
+            self.patch,
+            loader.cache_rate,
+            ranks,
+            "mask",
+            "the mask_autoencoder stage has no training masks",
+        )
 
     def batch_draw(self) -> PatchDraw:
         """Draws ``$.batch_size`` random patches (N, 1, *patch_size) of channel indices per step."""
