@@ -317,6 +317,46 @@ def mask_bit_planes(job: EncodeJob, mask: Volume, path: Path) -> tuple[MetaTenso
     return ids, binarize_labels(ids.as_tensor().round().long()[None])
 
 
+def _encode_checked(job: EncodeJob, index: int, volume: torch.Tensor, source: Path) -> torch.Tensor:
+    """(1, C, X, Y, Z) VAE input -> its (C', x, y, z) latent, with the config's tiling and the case's seeded
+    generator; refused when not finite, before anything of the case is written.
+
+    Raises:
+        RunFailure: the latent holds NaN or inf (naming ``source``).
+    """
+    c = job.config
+    generator = torch.Generator().manual_seed(c.seed + index)
+    latent = encode(
+        job.autoencoder,
+        volume.to(job.device),
+        method=c.tiling.method,
+        roi_size=c.tiling.roi_size,
+        overlap=c.tiling.overlap,
+        memory_budget_bytes=c.tiling.memory_budget_mb << 20,
+        sample=c.latent == "sample",
+        generator=generator,
+        autocast_dtype=job.dtype,
+    )[0]
+    _check_finite_latent(latent, source)
+    return latent
+
+
+def _write_latent_and_sidecar(
+    job: EncodeJob,
+    latent_out: Path,
+    latent: torch.Tensor,
+    affine: np.ndarray,
+    sidecar: dict[str, Any],
+    fingerprint: dict,
+) -> None:
+    """Write the latent (on the grid ``vae_factor`` times coarser than ``affine``), then its sidecar with the
+    latent's checksum and the case's fingerprint; the sidecar last, as it marks the case finished."""
+    write_latent(latent_out, latent.numpy(), latent_affine(affine, job.vae_factor))
+    sidecar["latent_sha256"] = file_sha256(latent_out)
+    sidecar["fingerprint"] = fingerprint
+    write_sidecar(latent_out, sidecar)
+
+
 def encode_mask_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult:
     """Encode one entry's label mask with the mask VAE (or skip it when finished and intact)."""
     t0 = time.perf_counter()
@@ -330,22 +370,9 @@ def encode_mask_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseR
         return CaseResult(
             index, entry["label"], "skipped", entry=_datalist_entry(job, previous, latent_out, None)
         )
-    c = job.config
     mask = read_mask(mask_path)
     ids, bits = mask_bit_planes(job, mask, mask_path)
-    generator = torch.Generator().manual_seed(c.seed + index)
-    latent = encode(
-        job.autoencoder,
-        bits.to(job.device),
-        method=c.tiling.method,
-        roi_size=c.tiling.roi_size,
-        overlap=c.tiling.overlap,
-        memory_budget_bytes=c.tiling.memory_budget_mb << 20,
-        sample=c.latent == "sample",
-        generator=generator,
-        autocast_dtype=job.dtype,
-    )[0]
-    _check_finite_latent(latent, mask_path)
+    latent = _encode_checked(job, index, bits, mask_path)
     affine = ids.affine.numpy().astype(np.float64)
     sidecar: dict[str, Any] = {
         "kind": "mask",
@@ -358,10 +385,7 @@ def encode_mask_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseR
     }
     if entry.get("anatomy_size") is not None:
         sidecar["anatomy_size"] = list(entry["anatomy_size"])
-    write_latent(latent_out, latent.numpy(), latent_affine(affine, job.vae_factor))
-    sidecar["latent_sha256"] = file_sha256(latent_out)
-    sidecar["fingerprint"] = fingerprint
-    write_sidecar(latent_out, sidecar)
+    _write_latent_and_sidecar(job, latent_out, latent, affine, sidecar, fingerprint)
     return CaseResult(
         index,
         entry["label"],
@@ -407,19 +431,7 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         )
         label_vol = _to_volume(label_t, np.uint8 if mask.array.max() <= 255 else np.int16)
         regions = body_region_from_mask(label_vol.array)
-    generator = torch.Generator().manual_seed(c.seed + index)
-    latent = encode(
-        job.autoencoder,
-        image_t.as_tensor()[None].float().to(job.device),
-        method=c.tiling.method,
-        roi_size=c.tiling.roi_size,
-        overlap=c.tiling.overlap,
-        memory_budget_bytes=c.tiling.memory_budget_mb << 20,
-        sample=c.latent == "sample",
-        generator=generator,
-        autocast_dtype=job.dtype,
-    )[0]
-    _check_finite_latent(latent, image_path)  # before anything of the case is written
+    latent = _encode_checked(job, index, image_t.as_tensor()[None].float(), image_path)
     image_affine = image_t.affine.numpy().astype(np.float64)
     sidecar: dict[str, Any] = {
         "dim": list(image_t.shape[1:]),
@@ -440,10 +452,7 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         write_volume(label_out, label_vol)
         sidecar["label"] = label_out.name
         sidecar["label_sha256_out"] = file_sha256(label_out)
-    write_latent(latent_out, latent.numpy(), latent_affine(image_affine, job.vae_factor))
-    sidecar["latent_sha256"] = file_sha256(latent_out)
-    sidecar["fingerprint"] = fingerprint
-    write_sidecar(latent_out, sidecar)
+    _write_latent_and_sidecar(job, latent_out, latent, image_affine, sidecar, fingerprint)
     return CaseResult(
         index,
         entry["image"],

@@ -11,12 +11,10 @@ weight.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from maisi.errors import InputError
-from maisi.presets import NoiseSchedule
+from maisi.presets import NoiseSchedule, lookup
 
 MaskPart = Literal["autoencoder", "diffusion_unet"]
 MASK_PARTS: tuple[MaskPart, ...] = ("autoencoder", "diffusion_unet")
@@ -163,11 +161,4 @@ MASK_PRESETS: dict[str, MaskPreset] = {
 
 def get_mask_preset(name: str) -> MaskPreset:
     """Look a mask preset up by name; an unknown name raises InputError with the closest known names."""
-    try:
-        return MASK_PRESETS[name]
-    except KeyError:
-        hint = difflib.get_close_matches(name, MASK_PRESETS, n=1)
-        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
-        raise InputError(
-            f"unknown mask preset '{name}'.{suggestion} Known mask presets: {', '.join(MASK_PRESETS)}"
-        ) from None
+    return lookup(MASK_PRESETS, name, "mask preset")

@@ -17,11 +17,14 @@ released (``trained_controlnet_path: null``): those presets have no ``controlnet
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from maisi.errors import InputError
 from maisi.options import Sampler
+
+T = TypeVar("T")
 
 Part = Literal["autoencoder", "diffusion_unet", "controlnet"]
 PARTS: tuple[Part, ...] = ("autoencoder", "diffusion_unet", "controlnet")
@@ -333,16 +336,24 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
-    """Look a preset up by name; an unknown name raises InputError with the closest known names."""
+def lookup(registry: Mapping[str, T], name: str, what: str) -> T:
+    """``registry[name]``; an unknown name raises InputError with the closest known name and all of them.
+
+    ``what`` names the kind of entry in the message, e.g. "preset" or "mask preset".
+    """
     try:
-        return PRESETS[name]
+        return registry[name]
     except KeyError:
-        hint = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = difflib.get_close_matches(name, registry, n=1)
         suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
         raise InputError(
-            f"unknown preset '{name}'.{suggestion} Known presets: {', '.join(PRESETS)}"
+            f"unknown {what} '{name}'.{suggestion} Known {what}s: {', '.join(registry)}"
         ) from None
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name; an unknown name raises InputError with the closest known names."""
+    return lookup(PRESETS, name, "preset")
 
 
 def grid_problems(

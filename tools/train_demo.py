@@ -156,28 +156,47 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The recipe's options; their defaults are the recipe of the shipped weights."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def cosine_optimizer(lr: float, warmup_steps: int) -> dict:
+    """A stage config's ``optimizer``: warmup, then cosine decay to 5% of ``lr`` (every demo stage's)."""
+    return {"lr": lr, "warmup_steps": warmup_steps, "decay": "cosine", "min_lr_ratio": 0.05}
+
+
+def build_datalist(root: Path, images: str, labels: str, output: Path, log: list[dict], what: str) -> None:
+    """``python -m maisi.datalist build`` of the image/label globs under ``root`` into ``output``."""
+    cmd = [sys.executable, "-m", "maisi.datalist", "build", "--root", str(root), "--images", images]
+    run([*cmd, "--labels", labels, "--output", str(output)], log, what)
+
+
+def install(src: Path, dest: Path, name: str) -> dict[str, str]:
+    """Copy ``src`` to ``dest/name``; its manifest entry (file name and sha256)."""
+    shutil.copyfile(src, dest / name)
+    return {"file": name, "sha256": file_sha256(dest / name)}
+
+
+def add_location_arguments(
+    parser: argparse.ArgumentParser, work: str, work_help: str, dest_help: str
+) -> None:
+    """``--cases`` (sample cases), ``--work`` (``runs/<work>``) and ``--dest`` (``models/demo``)."""
     parser.add_argument(
         "--cases",
         type=Path,
         default=REPO / ".cache" / "sample_data" / "cases",
         help="sample cases, as tools/fetch_sample_data.py writes them",
     )
-    parser.add_argument(
-        "--work",
-        type=Path,
-        default=REPO / "runs" / "demo",
-        help="prepared data, configs and every stage's run; finished stages resume from here",
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / work, help=work_help)
+    parser.add_argument("--dest", type=Path, default=REPO / "models" / "demo", help=dest_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's options; their defaults are the recipe of the shipped weights."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument(
-        "--dest",
-        type=Path,
-        default=REPO / "models" / "demo",
-        help="where the three checkpoints and manifest.json go",
+    add_location_arguments(
+        parser,
+        "demo",
+        "prepared data, configs and every stage's run; finished stages resume from here",
+        "where the three checkpoints and manifest.json go",
     )
     parser.add_argument("--ae-steps", type=int, default=1200, help="VAE steps")
     parser.add_argument("--diffusion-steps", type=int, default=1500, help="first UNet round")
@@ -246,24 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prepared = prepare_cases(args.cases, work)
     datalist = prepared / "datalist.json"
-    run(
-        [
-            py,
-            "-m",
-            "maisi.datalist",
-            "build",
-            "--root",
-            str(prepared),
-            "--images",
-            "*/ct.nii.gz",
-            "--labels",
-            "*/label.nii.gz",
-            "--output",
-            str(datalist),
-        ],
-        log,
-        "datalist",
-    )
+    build_datalist(prepared, "*/ct.nii.gz", "*/label.nii.gz", datalist, log, "datalist")
     common = {
         "preset": PRESET,
         "seed": 0,
@@ -281,24 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ):  # a datalist of its own: encoding and the diffusion stages stay on the coarse copies
         prepare_cases(args.cases, work, (FINE_CASE,), FINE_SPACINGS, "prepared_fine")
         ae_datalist = work / "datalist_autoencoder.json"
-        run(
-            [
-                py,
-                "-m",
-                "maisi.datalist",
-                "build",
-                "--root",
-                str(work),
-                "--images",
-                "prepared*/*/ct.nii.gz",
-                "--labels",
-                "prepared*/*/label.nii.gz",
-                "--output",
-                str(ae_datalist),
-            ],
-            log,
-            "datalist (autoencoder)",
-        )
+        images, labels = "prepared*/*/ct.nii.gz", "prepared*/*/label.nii.gz"
+        build_datalist(work, images, labels, ae_datalist, log, "datalist (autoencoder)")
     ae_cfg = write_json(
         work / "configs" / "autoencoder.json",
         {
@@ -307,12 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "output_dir": str(work / "autoencoder"),
             "steps": args.ae_steps,
             "batch_size": args.ae_batch,
-            "optimizer": {
-                "lr": 5e-4,
-                "warmup_steps": warmup(args.ae_steps),
-                "decay": "cosine",
-                "min_lr_ratio": 0.05,
-            },
+            "optimizer": cosine_optimizer(5e-4, warmup(args.ae_steps)),
             "autoencoder": {"patch_size": args.ae_patch, "kl_weight": 1e-7, "adversarial_weight": 0.0},
         },
     )
@@ -346,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "datalist": str(latents),
             "output_dir": str(work / "diffusion"),
             "steps": args.diffusion_steps,
-            "optimizer": {
-                "lr": 5e-4,
-                "warmup_steps": warmup(args.diffusion_steps),
-                "decay": "cosine",
-                "min_lr_ratio": 0.05,
-            },
+            "optimizer": cosine_optimizer(5e-4, warmup(args.diffusion_steps)),
         },
     )
     train("diffusion", diff_cfg, work / "diffusion", log)
@@ -374,12 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             "output_dir": str(work / "controlnet"),
             "steps": args.controlnet_steps,
             "init": {"diffusion_unet": str(unet)},
-            "optimizer": {
-                "lr": 2e-3,
-                "warmup_steps": warmup(args.controlnet_steps),
-                "decay": "cosine",
-                "min_lr_ratio": 0.05,
-            },
+            "optimizer": cosine_optimizer(2e-3, warmup(args.controlnet_steps)),
         },
     )
     train("controlnet", cn_cfg, work / "controlnet", log)
@@ -410,12 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": steps,
                 "init": init,
                 **(extra or {}),
-                "optimizer": {
-                    "lr": lr,
-                    "warmup_steps": warmup(steps) if warmup_steps is None else warmup_steps,
-                    "decay": "cosine",
-                    "min_lr_ratio": 0.05,
-                },
+                "optimizer": cosine_optimizer(lr, warmup(steps) if warmup_steps is None else warmup_steps),
             },
         )
         train(stage, cfg, folder, log)
@@ -469,8 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for part, src in {"autoencoder": vae, "diffusion_unet": unet, "controlnet": controlnet}.items():
-        shutil.copyfile(src, args.dest / f"{part}.pt")
-        files[part] = {"file": f"{part}.pt", "sha256": file_sha256(args.dest / f"{part}.pt")}
+        files[part] = install(src, args.dest, f"{part}.pt")
     mask = demo_mask(args.cases, REPO / "dataset" / "demo" / "chest_mask.nii.gz")
     manifest = args.dest / "manifest.json"
     # the mask generator's entry (tools/train_demo_masks.py) is not this recipe's: keep it

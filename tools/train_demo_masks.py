@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,12 +42,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
-from maisi.files import file_sha256  # noqa: E402
 from maisi.labels import load_label_dict  # noqa: E402
 from maisi.mask_presets import get_mask_preset  # noqa: E402
 from maisi.masks.resample import resample_mask  # noqa: E402
 from maisi.masks.tumour_free import remove_tumors  # noqa: E402
-from tools.train_demo import run, train, warmup, write_json  # noqa: E402
+from tools.train_demo import (  # noqa: E402
+    add_location_arguments,
+    build_datalist,
+    cosine_optimizer,
+    install,
+    run,
+    train,
+    warmup,
+    write_json,
+)
 
 PRESET = "tiny-mask-ddpm"
 # the sample cases whose labels hold organs of the size slots (liver, stomach, pancreas, colon, gallbladder);
@@ -149,23 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument(
-        "--cases",
-        type=Path,
-        default=REPO / ".cache" / "sample_data" / "cases",
-        help="sample cases, as tools/fetch_sample_data.py writes them",
-    )
-    parser.add_argument(
-        "--work",
-        type=Path,
-        default=REPO / "runs" / "demo_masks",
-        help="prepared masks, configs and every stage's run; finished stages resume from here",
-    )
-    parser.add_argument(
-        "--dest",
-        type=Path,
-        default=REPO / "models" / "demo",
-        help="where the four files and manifest.json go",
+    add_location_arguments(
+        parser,
+        "demo_masks",
+        "prepared masks, configs and every stage's run; finished stages resume from here",
+        "where the four files and manifest.json go",
     )
     parser.add_argument(
         "--copies", type=int, default=15, help="zoom copies per case (besides the case itself)"
@@ -206,12 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     log.append({"step": "prepare masks", "seconds": round(time.perf_counter() - t0, 1)})
     masks = work / "masks"
     datalist, sized = masks / "datalist.json", masks / "datalist_sizes.json"
-    glob = ["--images", "*/ct.nii.gz", "--labels", "*/label.nii.gz"]
-    run(
-        [py, "-m", "maisi.datalist", "build", "--root", str(masks), *glob, "--output", str(datalist)],
-        log,
-        "datalist",
-    )
+    build_datalist(masks, "*/ct.nii.gz", "*/label.nii.gz", datalist, log, "datalist")
     reference = work / "mask_size_reference.json"
     sizes = [py, "-m", "maisi.masks", "sizes", "--datalist", str(datalist), "--output", str(sized)]
     run([*sizes, "--build-reference", str(reference)], log, "sizes")
@@ -234,12 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             "output_dir": str(work / "mask_autoencoder"),
             "steps": args.ae_steps,
             "batch_size": args.ae_batch,
-            "optimizer": {
-                "lr": 5e-3,  # at 2e-3, 250 steps decoded every organ as body
-                "warmup_steps": warmup(args.ae_steps),
-                "decay": "cosine",
-                "min_lr_ratio": 0.05,
-            },
+            # lr 5e-3: at 2e-3, 250 steps decoded every organ as body
+            "optimizer": cosine_optimizer(5e-3, warmup(args.ae_steps)),
             "mask_autoencoder": {"patch_size": args.ae_patch},
         },
     )
@@ -266,12 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             "output_dir": str(work / "mask_diffusion"),
             "steps": args.diffusion_steps,
             "batch_size": args.diffusion_batch,
-            "optimizer": {
-                "lr": 1e-3,
-                "warmup_steps": warmup(args.diffusion_steps),
-                "decay": "cosine",
-                "min_lr_ratio": 0.05,
-            },
+            "optimizer": cosine_optimizer(1e-3, warmup(args.diffusion_steps)),
         },
     )
     train("mask_diffusion", diff_cfg, work / "mask_diffusion", log)
@@ -280,11 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dest.mkdir(parents=True, exist_ok=True)
     files = {}
     for src, name in zip((vae, unet, table, reference), FILES):
-        shutil.copyfile(src, args.dest / name)
-        files[name.removesuffix(".pt").removesuffix(".json")] = {
-            "file": name,
-            "sha256": file_sha256(args.dest / name),
-        }
+        files[name.removesuffix(".pt").removesuffix(".json")] = install(src, args.dest, name)
     manifest_path = args.dest / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest["mask_generator"] = {

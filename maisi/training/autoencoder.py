@@ -44,7 +44,7 @@ from maisi.decoding import round_trip
 from maisi.distributed import Ranks
 from maisi.errors import CheckpointError, InputError, TrainingDiverged
 from maisi.networks import Preset, RuntimeOptions, build_network
-from maisi.training.ct_data import CTVolumes, PatchDraw, check_images
+from maisi.training.ct_data import CTVolumes, PatchDraw, check_images, read_stage_volumes
 from maisi.training.perceptual import build_perceptual_loss
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,6 @@ def freeze_encoder(model: nn.Module) -> None:
     """
     for name in ENCODER_PARTS:
         getattr(model, name).requires_grad_(False)
-
-
-def _refuse(problems: list[str]) -> None:
-    if problems:
-        raise InputError(f"autoencoder datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
 
 
 def _in_ddp() -> bool:
@@ -184,19 +179,22 @@ class AutoencoderStage:
         """Check every image's header, then read the images to hold: this process's share of the training
         images (under torchrun), the validation images on the validating process only. Problems are listed at
         once."""
-        train_items, problems = check_images(train, root, "training")
-        val_items, val_problems = check_images(val, root, "validation")
-        _refuse(problems + val_problems)
-        if not train_items:
-            raise InputError("the autoencoder stage has no training images")
-        if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
-            train_items = ranks.shard(train_items)
         loader = self.config.loader
-        volumes = CTVolumes(train_items, self.patch, loader.cache_rate, loader.num_workers, ranks.is_main)
-        val_rate = loader.cache_rate if ranks.is_main else 0.0
-        val_volumes = CTVolumes(val_items, None, val_rate, loader.num_workers, ranks.is_main)
-        _refuse(volumes.problems + val_volumes.problems)
-        return volumes, val_volumes
+
+        def hold(items: list[dict], min_size: tuple[int, int, int] | None, rate: float) -> CTVolumes:
+            return CTVolumes(items, min_size, rate, loader.num_workers, ranks.is_main)
+
+        return read_stage_volumes(
+            train,
+            val,
+            lambda entries, what: check_images(entries, root, what),
+            hold,
+            self.patch,
+            loader.cache_rate,
+            ranks,
+            "autoencoder",
+            "the autoencoder stage has no training images",
+        )
 
     def _build_perceptual(self) -> nn.Module | None:
         ac = self.settings

@@ -11,10 +11,10 @@ is refused before the first step; one read later stops the run naming its file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from monai.utils import convert_to_tensor
 
 from maisi.data.datalist import case_modality
 from maisi.data.io import read_geometry, read_volume
+from maisi.distributed import Ranks
 from maisi.errors import InputError
 from maisi.intensity import to_unit
 
@@ -48,19 +49,51 @@ def check_images(
         image (modality: the entry's, else "ct"), and one
         message per missing or unreadable one.
     """
+    return check_headers(
+        entries,
+        root,
+        what,
+        "image",
+        "each entry needs the path of a CT image",
+        lambda entry: {"modality": case_modality(entry, "ct")},
+    )
+
+
+def check_headers(
+    entries: list[tuple[int, dict[str, Any]]],
+    root: Path,
+    what: str,
+    key: str,
+    need: str,
+    extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> tuple[list[dict], list[str]]:
+    """Headers of every entry's volume under ``key`` (no voxels read), shared by the CT and mask stages.
+
+    Args:
+        entries: ``(index in the datalist, entry)`` pairs; ``entry[key]`` is relative to ``root``.
+        root: folder of the datalist's paths.
+        what: ``"training"`` or ``"validation"``, for messages.
+        key: the entry's path key (``"image"`` or ``"label"``).
+        need: why the path is needed, said when it is missing.
+        extra: more fields of an item, from its entry.
+
+    Returns:
+        (items, problems): ``{key: path, "where": datalist position, **extra(entry)}`` per readable volume,
+        and one message per missing or unreadable one.
+    """
     items, problems = [], []
     for i, entry in entries:
-        where = f"$.training[{i}].image ({what})"
-        if not isinstance(entry.get("image"), str):
-            problems.append(f"{where}: missing (each entry needs the path of a CT image)")
+        where = f"$.training[{i}].{key} ({what})"
+        if not isinstance(entry.get(key), str):
+            problems.append(f"{where}: missing ({need})")
             continue
-        path = root / entry["image"]
+        path = root / entry[key]
         try:
             read_geometry(path)
         except InputError as e:
             problems.append(f"{where}: {e}")
             continue
-        items.append({"image": str(path), "where": where, "modality": case_modality(entry, "ct")})
+        items.append({key: str(path), "where": where, **(extra(entry) if extra else {})})
     return items, problems
 
 
@@ -94,7 +127,50 @@ class LoadUnitCTd(Transform):
         return {"image": x.contiguous()}
 
 
-class CTVolumes:
+class HeldVolumes:
+    """Checked volumes (``{key: path, "where": ...}`` items) loaded by ``load``, by position.
+
+    The first ``int(cache_rate * n)`` are read here and held; the others are read on every access. Shared by
+    the CT (:class:`CTVolumes`) and mask (``MaskVolumes``) autoencoder stages.
+    """
+
+    key = "image"  # the item key ``load`` fills
+    what = "autoencoder"  # names the datalist in messages
+
+    def __init__(self, items: list[dict], load: Transform, cache_rate: float, threads: int, progress: bool):
+        """Read the held share (``threads`` reader threads; a progress bar if ``progress``)."""
+        self.data = CacheDataset(
+            items,
+            Compose([load]),
+            cache_rate=cache_rate,
+            num_workers=max(1, threads),
+            progress=progress,
+            copy_cache=False,
+        )
+        held = [self.data[i] for i in range(self.held)]  # from the cache: nothing is read again
+        self.problems: list[str] = [item["problem"] for item in held if "problem" in item]
+
+    @property
+    def held(self) -> int:
+        """How many volumes are held in memory."""
+        return int(self.data.cache_num)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """The volume at ``index``.
+
+        Raises:
+            InputError: a volume not held turned out unreadable or invalid (naming its file).
+        """
+        item = self.data[index]
+        if "problem" in item:
+            raise InputError(f"{self.what} datalist problem found while training: {item['problem']}")
+        return item[self.key]
+
+
+class CTVolumes(HeldVolumes):
     """Images checked by :func:`check_images` as (1, X, Y, Z) tensors in [0, 1], by position.
 
     The first ``int(cache_rate * n)`` are read here and held; the others are read on every access.
@@ -108,36 +184,52 @@ class CTVolumes:
         threads: int = 1,
         progress: bool = False,
     ):
-        """Read the held share (``threads`` reader threads; a progress bar if ``progress``)."""
-        self.data = CacheDataset(
-            items,
-            Compose([LoadUnitCTd(min_size)]),
-            cache_rate=cache_rate,
-            num_workers=max(1, threads),
-            progress=progress,
-            copy_cache=False,
-        )
-        held = [self.data[i] for i in range(self.held)]  # from the cache: nothing is read again
-        self.problems: list[str] = [item["problem"] for item in held if "problem" in item]
+        super().__init__(items, LoadUnitCTd(min_size), cache_rate, threads, progress)
 
-    @property
-    def held(self) -> int:
-        """How many images are held in memory."""
-        return int(self.data.cache_num)
 
-    def __len__(self) -> int:
-        return len(self.data)
+def refuse_problems(problems: list[str], what: str) -> None:
+    """Raise one InputError listing every problem of the ``what`` datalist; nothing when there are none."""
+    if problems:
+        raise InputError(f"{what} datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """The image at ``index``.
 
-        Raises:
-            InputError: an image not held turned out unreadable or non-finite (naming its file).
-        """
-        item = self.data[index]
-        if "problem" in item:
-            raise InputError(f"autoencoder datalist problem found while training: {item['problem']}")
-        return item["image"]
+V = TypeVar("V", bound=HeldVolumes)
+
+
+def read_stage_volumes(
+    train: list[tuple[int, dict[str, Any]]],
+    val: list[tuple[int, dict[str, Any]]],
+    check: Callable[[list[tuple[int, dict[str, Any]]], str], tuple[list[dict], list[str]]],
+    hold: Callable[[list[dict], tuple[int, int, int] | None, float], V],
+    patch: tuple[int, int, int],
+    cache_rate: float,
+    ranks: Ranks,
+    what: str,
+    empty: str,
+) -> tuple[V, V]:
+    """Check every header, then read the volumes to hold: this process's share of the training volumes
+    (under torchrun, padded to at least ``patch``), the validation volumes on the validating process only.
+
+    Args:
+        train: ``(datalist index, entry)`` of the training cases; ``val`` the same for validation.
+        check: headers of entries (:func:`check_images` or ``check_masks`` bound to the root).
+        hold: ``(items, min_size, cache_rate)`` -> the stage's :class:`HeldVolumes`.
+        what: names the datalist in messages; ``empty``: the message when there are no training cases.
+
+    Raises:
+        InputError: every problem of every case at once, or no training cases.
+    """
+    train_items, problems = check(train, "training")
+    val_items, val_problems = check(val, "validation")
+    refuse_problems(problems + val_problems, what)
+    if not train_items:
+        raise InputError(empty)
+    if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
+        train_items = ranks.shard(train_items)
+    volumes = hold(train_items, patch, cache_rate)
+    val_volumes = hold(val_items, None, cache_rate if ranks.is_main else 0.0)
+    refuse_problems(volumes.problems + val_volumes.problems, what)
+    return volumes, val_volumes
 
 
 def draw_patches(

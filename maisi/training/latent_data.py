@@ -10,6 +10,7 @@ asks for them (:class:`CaseDraw`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,16 +54,15 @@ def load_latent(path: Path) -> np.ndarray:
     return data
 
 
-def _check_case(
-    i: int, entry: dict[str, Any], root: Path, preset: Preset, need_label: bool
-) -> tuple[LatentCase | None, list[str]]:
-    where = f"$.training[{i}]"
-    latent = root / entry["image"]
-    if not latent.is_file():
-        return None, [f"{where}.image: latent not found: {latent}"]
-    sidecar = read_sidecar(latent)
-    if sidecar is None:
-        return None, [f"{where}.image: {latent} has no readable sidecar {latent}.json (unfinished encode?)"]
+def check_latent_file(
+    where: str, latent: Path, sidecar: dict[str, Any]
+) -> tuple[tuple[int, ...] | None, list[str]]:
+    """Read ``latent`` and compare it with its ``sidecar`` (shared by the CT and mask latent datalists).
+
+    Returns:
+        ``(shape, problems)``: the (C, x, y, z) shape and where the file disagrees with its sidecar (shape,
+        checksum); ``(None, [why])`` when the latent is unreadable or not finite.
+    """
     try:
         shape = tuple(int(s) for s in load_latent(latent).shape)
     except VolumeError as e:
@@ -74,6 +74,55 @@ def _check_case(
         )
     if sidecar.get("latent_sha256") and file_sha256(latent) != sidecar["latent_sha256"]:
         problems.append(f"{where}: {latent} does not match the checksum in its sidecar (modified or corrupt)")
+    return shape, problems
+
+
+def checked_cases(
+    entries: list[tuple[int, dict[str, Any]]],
+    check: Callable[[int, dict[str, Any]], tuple[Any, list[str]]],
+    what: str,
+) -> list[Any]:
+    """The cases ``check`` accepts, or one InputError listing every problem of every entry.
+
+    Raises:
+        InputError: any entry has a problem (``what`` names the datalist, e.g. "latent").
+    """
+    cases, problems = [], []
+    for i, entry in entries:
+        case, case_problems = check(i, entry)
+        problems += case_problems
+        if case is not None:
+            cases.append(case)
+    if problems:
+        raise InputError(f"{what} datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+    return cases
+
+
+def require_one_shape(shapes: list[tuple[int, ...]], what: str) -> None:
+    """Refuse a batch whose cases differ in shape (they cannot be stacked).
+
+    Raises:
+        InputError: naming the shapes (``what`` names the latents, e.g. "mask latent").
+    """
+    if len(set(shapes)) > 1:
+        raise InputError(
+            f"a batch mixes {what} shapes {sorted(set(shapes))}; use batch_size 1 or encode to a common size"
+        )
+
+
+def _check_case(
+    i: int, entry: dict[str, Any], root: Path, preset: Preset, need_label: bool
+) -> tuple[LatentCase | None, list[str]]:
+    where = f"$.training[{i}]"
+    latent = root / entry["image"]
+    if not latent.is_file():
+        return None, [f"{where}.image: latent not found: {latent}"]
+    sidecar = read_sidecar(latent)
+    if sidecar is None:
+        return None, [f"{where}.image: {latent} has no readable sidecar {latent}.json (unfinished encode?)"]
+    shape, problems = check_latent_file(where, latent, sidecar)
+    if shape is None:
+        return None, problems
     if shape and shape[0] != preset.latent_channels:
         problems.append(
             f"{where}: {shape[0]} latent channels, preset '{preset.name}' has {preset.latent_channels}"
@@ -113,15 +162,9 @@ class LatentCases:
 
     def __init__(self, entries: list[dict[str, Any]], root: Path, preset: Preset, need_label: bool):
         self.preset = preset
-        cases, problems = [], []
-        for i, entry in entries:
-            case, case_problems = _check_case(i, entry, root, preset, need_label)
-            problems += case_problems
-            if case is not None:
-                cases.append(case)
-        if problems:
-            raise InputError(f"latent datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
-        self.cases: list[LatentCase] = cases
+        self.cases: list[LatentCase] = checked_cases(
+            entries, lambda i, entry: _check_case(i, entry, root, preset, need_label), "latent"
+        )
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -134,11 +177,7 @@ class LatentCases:
             InputError: the cases differ in shape, or a latent turned non-finite since it was checked.
         """
         chosen = [self.cases[i] for i in indices]
-        if len({c.shape for c in chosen}) > 1:
-            raise InputError(
-                f"a batch mixes latent shapes {sorted({c.shape for c in chosen})}; use batch_size 1 "
-                "or encode to a common size"
-            )
+        require_one_shape([c.shape for c in chosen], "latent")
         cpu = torch.device("cpu")
         inputs = [c.conditions.network_inputs(self.preset, 1, cpu) for c in chosen]
         out: dict[str, Any] = {

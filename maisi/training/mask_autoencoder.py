@@ -29,17 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, MetaTensor
+from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
-from monai.transforms import Compose, DivisiblePad, Spacing, SpatialPad, Transform
+from monai.transforms import DivisiblePad, Spacing, SpatialPad, Transform
 from monai.utils import convert_to_tensor
 from torch import nn
 
 from maisi.checkpoints import save_checkpoint
 from maisi.conditioning import binarize_labels
 from maisi.config.train_config import TrainConfig
-from maisi.data.io import read_geometry, read_mask
+from maisi.data.io import read_mask
 from maisi.distributed import Ranks
 from maisi.errors import InputError
 from maisi.mask_presets import MaskPreset
@@ -47,7 +47,7 @@ from maisi.masks.decode import CHANNEL_TO_ID_FILE, channel_to_id_table, channels
 from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
 from maisi.networks import RuntimeOptions
 from maisi.training.autoencoder import kl_divergence
-from maisi.training.ct_data import PatchDraw
+from maisi.training.ct_data import HeldVolumes, PatchDraw, check_headers, read_stage_volumes
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,7 @@ def check_masks(
     entries: list[tuple[int, dict[str, Any]]], root: Path, what: str
 ) -> tuple[list[dict], list[str]]:
     """Headers of every entry's ``label`` (no voxels read): (items to load, problems)."""
-    items, problems = [], []
-    for i, entry in entries:
-        where = f"$.training[{i}].label ({what})"
-        if not isinstance(entry.get("label"), str):
-            problems.append(f"{where}: missing (the mask stages read each entry's label mask)")
-            continue
-        path = root / entry["label"]
-        try:
-            read_geometry(path)
-        except InputError as e:
-            problems.append(f"{where}: {e}")
-            continue
-        items.append({"label": str(path), "where": where})
-    return items, problems
+    return check_headers(entries, root, what, "label", "the mask stages read each entry's label mask")
 
 
 class LoadMaskChannelsd(Transform):
@@ -141,9 +128,12 @@ class LoadMaskChannelsd(Transform):
         return {"label": x.contiguous()}
 
 
-class MaskVolumes:
+class MaskVolumes(HeldVolumes):
     """Masks checked by :func:`check_masks` as (1, X, Y, Z) uint8 channel indices, by position; the first
     ``int(cache_rate * n)`` are read here and held, the others read on every access."""
+
+    key = "label"
+    what = "mask"
 
     def __init__(
         self,
@@ -154,30 +144,7 @@ class MaskVolumes:
         progress: bool = False,
         spacing: tuple[float, float, float] | None = None,
     ):
-        self.data = CacheDataset(
-            items,
-            Compose([LoadMaskChannelsd(min_size, spacing)]),
-            cache_rate=cache_rate,
-            num_workers=max(1, threads),
-            progress=progress,
-            copy_cache=False,
-        )
-        held = [self.data[i] for i in range(int(self.data.cache_num))]
-        self.problems: list[str] = [item["problem"] for item in held if "problem" in item]
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        item = self.data[index]
-        if "problem" in item:
-            raise InputError(f"mask datalist problem found while training: {item['problem']}")
-        return item["label"]
-
-
-def _refuse(problems: list[str]) -> None:
-    if problems:
-        raise InputError(f"mask datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+        super().__init__(items, LoadMaskChannelsd(min_size, spacing), cache_rate, threads, progress)
 
 
 def dice_and_accuracy(target: torch.Tensor, predicted: torch.Tensor, classes: int) -> dict[str, float]:
@@ -261,20 +228,22 @@ class MaskAutoencoderStage:
         val: list[tuple[int, dict[str, Any]]],
         ranks: Ranks,
     ) -> tuple[MaskVolumes, MaskVolumes]:
-        train_items, problems = check_masks(train, root, "training")
-        val_items, val_problems = check_masks(val, root, "validation")
-        _refuse(problems + val_problems)
-        if not train_items:
-            raise InputError("the mask_autoencoder stage has no training masks")
-        if ranks.world_size > 1 and len(train_items) >= ranks.world_size:
-            train_items = ranks.shard(train_items)
         loader, spacing = self.config.loader, self.settings.spacing
-        threads, main = loader.num_workers, ranks.is_main
-        volumes = MaskVolumes(train_items, self.patch, loader.cache_rate, threads, main, spacing)
-        val_rate = loader.cache_rate if ranks.is_main else 0.0
-        val_volumes = MaskVolumes(val_items, None, val_rate, threads, main, spacing)
-        _refuse(volumes.problems + val_volumes.problems)
-        return volumes, val_volumes
+
+        def hold(items: list[dict], min_size: tuple[int, int, int] | None, rate: float) -> MaskVolumes:
+            return MaskVolumes(items, min_size, rate, loader.num_workers, ranks.is_main, spacing)
+
+        return read_stage_volumes(
+            train,
+            val,
+            lambda entries, what: check_masks(entries, root, what),
+            hold,
+            self.patch,
+            loader.cache_rate,
+            ranks,
+            "mask",
+            "the mask_autoencoder stage has no training masks",
+        )
 
     def batch_draw(self) -> PatchDraw:
         """Draws ``$.batch_size`` random patches (N, 1, *patch_size) of channel indices per step."""

@@ -28,13 +28,12 @@ from maisi.config.train_config import TrainConfig
 from maisi.data.latents import read_sidecar
 from maisi.distributed import Ranks
 from maisi.errors import InputError, VolumeError
-from maisi.files import file_sha256
 from maisi.mask_presets import NUM_SIZE_SLOTS, MaskPreset
 from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
 from maisi.networks import RuntimeOptions
 from maisi.sampling import make_scheduler
 from maisi.training.diffusion import denoising_loss, estimate_scale_factor, validation_loss
-from maisi.training.latent_data import load_latent
+from maisi.training.latent_data import check_latent_file, checked_cases, load_latent, require_one_shape
 
 log = logging.getLogger(__name__)
 EXPORT_NAME = "mask_diffusion_unet.pt"
@@ -73,17 +72,9 @@ def _check_case(i: int, entry: dict[str, Any], root: Path, preset: MaskPreset) -
             f"{where}.image: {latent} is not a mask latent (its sidecar says kind "
             f"{sidecar.get('kind', 'image')!r}); encode the masks with maisi.encode kind 'mask'"
         ]
-    try:
-        shape = tuple(int(s) for s in load_latent(latent).shape)
-    except VolumeError as e:
-        return None, [f"{where}.image: {e}"]
-    problems = []
-    if list(shape) != list(sidecar.get("latent_shape", [])):
-        problems.append(
-            f"{where}: {latent} has shape {list(shape)} but its sidecar says {sidecar.get('latent_shape')}"
-        )
-    if sidecar.get("latent_sha256") and file_sha256(latent) != sidecar["latent_sha256"]:
-        problems.append(f"{where}: {latent} does not match the checksum in its sidecar (modified or corrupt)")
+    shape, problems = check_latent_file(where, latent, sidecar)
+    if shape is None:
+        return None, problems
     channels = int(preset.latent_shape[0])
     if shape[0] != channels:
         problems.append(f"{where}: {shape[0]} latent channels, mask preset '{preset.name}' has {channels}")
@@ -110,15 +101,9 @@ class MaskLatentCases:
     """The training (or validation) cases of a mask-latent datalist, checked up front."""
 
     def __init__(self, entries: list[tuple[int, dict[str, Any]]], root: Path, preset: MaskPreset):
-        cases, problems = [], []
-        for i, entry in entries:
-            case, case_problems = _check_case(i, entry, root, preset)
-            problems += case_problems
-            if case is not None:
-                cases.append(case)
-        if problems:
-            raise InputError(f"mask latent datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
-        self.cases: list[MaskLatentCase] = cases
+        self.cases: list[MaskLatentCase] = checked_cases(
+            entries, lambda i, entry: _check_case(i, entry, root, preset), "mask latent"
+        )
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -130,11 +115,7 @@ class MaskLatentCases:
             InputError: the cases differ in shape, or a latent turned non-finite since it was checked.
         """
         chosen = [self.cases[i] for i in indices]
-        if len({c.shape for c in chosen}) > 1:
-            raise InputError(
-                f"a batch mixes mask latent shapes {sorted({c.shape for c in chosen})}; use batch_size 1 "
-                "or encode to a common size"
-            )
+        require_one_shape([c.shape for c in chosen], "mask latent")
         try:
             latents = torch.stack([torch.from_numpy(load_latent(c.latent)) for c in chosen])
         except VolumeError as e:

@@ -490,3 +490,31 @@ def test_kl_matches_the_closed_form():
     assert kl_divergence(mu, sigma) == 0
     mu[0] = 1.0  # 0.5 * 108 voxels * 1 for the first sample, 0 for the second -> mean 27
     assert kl_divergence(mu, sigma).item() == pytest.approx(27.0)
+
+
+def test_stage_volumes_list_every_problem_at_once_and_hold_validation_on_the_main_process_only(crops):
+    from maisi.distributed import Ranks
+    from maisi.errors import InputError
+    from maisi.training.ct_data import read_stage_volumes
+
+    def check(entries, what):
+        return check_images(entries, crops, what)
+
+    def hold(items, min_size, rate):
+        return CTVolumes(items, min_size, rate)
+
+    def read(train, val, ranks=None):
+        ranks = ranks or Ranks()
+        return read_stage_volumes(train, val, check, hold, (24, 24, 24), 1.0, ranks, "autoencoder", "none")
+
+    with pytest.raises(InputError) as e:
+        read([(0, {"image": "gone.nii.gz"})], [(1, {"image": "lost.nii.gz"})])
+    assert "autoencoder datalist problems (2)" in str(e.value)
+    assert "$.training[0].image (training)" in str(e.value) and "lost.nii.gz" in str(e.value)
+    with pytest.raises(InputError, match="^none$"):
+        read([], [(1, {"image": "val.nii.gz"})])
+    volumes, val = read([(0, {"image": "one_patch.nii.gz"})], [(1, {"image": "val.nii.gz"})])
+    assert (len(volumes), volumes.held, tuple(volumes[0].shape)) == (1, 1, (1, 24, 24, 24))
+    assert (len(val), val.held) == (1, 1)
+    _, val = read([(0, {"image": "one_patch.nii.gz"})], [(1, {"image": "val.nii.gz"})], Ranks(1, 2, 1))
+    assert (len(val), val.held) == (1, 0)  # the other process reads its validation cases when asked
