@@ -25,7 +25,7 @@ from maisi.acceleration import Acceleration, accelerate
 from maisi.checkpoints import Weights, load_network
 from maisi.conditioning import Conditions, binarize_labels, body_region_from_mask
 from maisi.config.infer_config import InferConfig
-from maisi.data.io import Volume, read_mask
+from maisi.data.io import Volume, centred_affine, read_mask
 from maisi.decoding import decode
 from maisi.device import autocast_dtype
 from maisi.errors import CheckpointError, InputError, VolumeError
@@ -96,13 +96,6 @@ class Models:
     # Autocast of the VAE decode: float32 on CPU under precision "auto" (in bfloat16 the demo's bone medians
     # moved enough to fail the HU check on every try; see README "Speed").
     decode_dtype: torch.dtype | None = None
-
-
-def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
-    """RAS affine with the given spacing whose volume centre sits at the world origin."""
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0 * np.asarray(spacing)
-    return affine
 
 
 def _mask_problems(

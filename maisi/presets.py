@@ -259,6 +259,8 @@ def _family(trunk: dict, control: dict, kind: Literal["ddpm", "rflow"]) -> dict[
     return {"diffusion_unet": unet, "controlnet": dict(trunk, **control, **_RFLOW_EXTRAS)}
 
 
+_MAISI_RFLOW = _family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow")  # CT v2; the MR UNets are the same networks
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -275,7 +277,7 @@ PRESETS: dict[str, Preset] = {
             "maisi-ct-rflow",
             "Released MAISI CT v2 (rectified flow, modality conditioning)",
             autoencoder=_MAISI_VAE,
-            **_family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow"),
+            **_MAISI_RFLOW,
             schedule=NoiseSchedule("rflow"),
             limits=_MAISI_LIMITS,
             default_num_splits=4,
@@ -284,7 +286,7 @@ PRESETS: dict[str, Preset] = {
             "maisi-mr-rflow",
             "Released MAISI MR v2 (NV-Generate-MR rflow-mr: autoencoder_v2, image-only)",
             autoencoder=_MAISI_VAE,
-            diffusion_unet=_family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow")["diffusion_unet"],
+            diffusion_unet=_MAISI_RFLOW["diffusion_unet"],
             controlnet=None,
             schedule=NoiseSchedule("rflow"),
             limits=_MR_LIMITS,
@@ -295,7 +297,7 @@ PRESETS: dict[str, Preset] = {
             "maisi-mr-brain-rflow",
             "Released MAISI MR brain (NV-Generate-MR-Brain rflow-mr-brain: autoencoder_v1, image-only)",
             autoencoder=_MAISI_VAE,
-            diffusion_unet=_family(_MAISI_TRUNK, _MAISI_CONTROL, "rflow")["diffusion_unet"],
+            diffusion_unet=_MAISI_RFLOW["diffusion_unet"],
             controlnet=None,
             schedule=NoiseSchedule("rflow"),
             limits=_MR_BRAIN_LIMITS,

@@ -9,6 +9,7 @@ through SimpleITK (which works in LPS). The LPS/RAS conversion happens here and 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,6 +53,13 @@ class Volume:
         if array.shape[:3] != self.array.shape[:3]:
             raise ValueError(f"shape {array.shape} does not match the volume's {self.array.shape}")
         return Volume(array, self.affine.copy())
+
+
+def centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """RAS affine with the given spacing whose volume centre sits at the world origin."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0 * np.asarray(spacing)
+    return affine
 
 
 def require_same_grid(ct: Volume, mask: Volume) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from maisi.config.infer_config import InferConfig, MaskGeneratorConfig
-from maisi.data.io import Volume
+from maisi.data.io import Volume, centred_affine
 from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
 from maisi.mask_presets import MaskPreset, get_mask_preset
@@ -178,14 +178,6 @@ def plan_mask_generation(config: InferConfig, device: torch.device) -> MaskGener
     )
 
 
-def native_affine(preset: MaskPreset) -> np.ndarray:
-    """RAS affine of the generator's own grid (isotropic ``spacing_mm``), centred on the world origin."""
-    spacing = np.full(3, preset.spacing_mm)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.asarray(preset.mask_shape) - 1) / 2.0 * spacing
-    return affine
-
-
 @torch.no_grad()
 def sample_mask_labels(plan: MaskGenerationPlan, seed: int, progress: bool = False) -> np.ndarray:
     """Sample the mask latent of ``seed`` and decode it: (X, Y, Z) MAISI ids on the generator's grid."""
@@ -241,7 +233,8 @@ def generate_mask(
     names = dict(zip(SLOT_IDS, SIZE_SLOTS))
     labels = sample_mask_labels(plan, seed, progress)
     cleaned, post = postprocess_generated_mask(labels, plan.target_tumour)
-    native = Volume(cleaned.astype(np.int16), native_affine(plan.preset))
+    native_grid = centred_affine(plan.preset.mask_shape, [plan.preset.spacing_mm] * 3)
+    native = Volume(cleaned.astype(np.int16), native_grid)
     record: dict[str, Any] = {
         "source": "generated (MAISI's mask diffusion model, Path A)",
         "request": {"controllable_anatomy_size": [list(pair) for pair in plan.request]},
