@@ -124,6 +124,17 @@ _TINY_MASK_UNET = dict(
     norm_num_groups=8,
 )
 
+# The demo weights' UNet: the tiny one (132k parameters) could not fit even 32 training latents in 600 steps
+# (it sampled scrambled label maps), so the demo gets 3.2 M parameters at about 2 steps/s on one CPU thread.
+_DEMO_MASK_UNET = dict(
+    _MAISI_MASK_UNET,
+    channels=[32, 64, 64],
+    attention_levels=[False, False, True],
+    num_head_channels=[0, 0, 32],
+    num_res_blocks=1,
+    norm_num_groups=16,
+)
+
 MASK_PRESETS: dict[str, MaskPreset] = {
     p.name: p
     for p in (
@@ -151,6 +162,15 @@ MASK_PRESETS: dict[str, MaskPreset] = {
             "Tiny mask generator for CPU tests (64^3 at 6 mm, same field of view as MAISI's)",
             autoencoder=_TINY_MASK_VAE,
             diffusion_unet=_TINY_MASK_UNET,
+            schedule=_MASK_SCHEDULE,
+            latent_shape=(4, 16, 16, 16),
+            spacing_mm=6.0,
+        ),
+        MaskPreset(
+            "demo-mask-ddpm",
+            "Demo mask generator shipped in models/demo (64^3 at 6 mm; the tiny VAE, a 3.2 M-parameter UNet)",
+            autoencoder=_TINY_MASK_VAE,
+            diffusion_unet=_DEMO_MASK_UNET,
             schedule=_MASK_SCHEDULE,
             latent_shape=(4, 16, 16, 16),
             spacing_mm=6.0,

