@@ -1,9 +1,11 @@
 """Metrics of real and synthetic CT: VAE reconstruction, MS-SSIM diversity, 2.5D FID, and a montage.
 
-Volumes are CT unless their modality is MR (a real entry's ``modality``, else ``$.modality``; the
-synthetic set takes ``$.modality``): MR volumes are put on the [0, 1] scale by their own 0-99.5 percentile
-range (MAISI's MR transform, not clipped, :func:`maisi.intensity.to_unit`) wherever CT uses HU [-1000, 1000]
-below, and their montage rows show that range.
+Volumes are CT unless their modality is MR: a real entry's ``modality``, else ``$.modality``; a synthetic
+file's is the one its ``maisi.infer`` metadata declares (``<stem>.json`` beside ``<stem>_image.<fmt>``, the
+``conditions.modality`` of a record whose ``files.image`` names the file), else ``$.modality``. MR volumes
+are put on the [0, 1] scale by their own 0-99.5 percentile range (MAISI's MR transform, not clipped,
+:func:`maisi.intensity.to_unit`) wherever CT uses HU [-1000, 1000] below, and their montage rows use the MR
+preview window (:func:`maisi.preview.mr_display_window`). An FID over inputs that mix CT and MR is refused.
 
 * **Reconstruction** (real CT through the VAE): HU [-1000, 1000] -> [0, 1] (MAISI's intensity transform),
   optionally resampled to a target spacing as ``maisi.encode`` does (MONAI ``Spacing``, bilinear), padded
@@ -17,8 +19,8 @@ below, and their montage rows show that range.
   reference, among the real ones. Volumes of a set must share one shape (nothing is resampled).
 * **FID**: :mod:`maisi.fid` (2.5D, MONAI ``FIDMetric``, a local 2D ResNet).
 * **Montage**: one row per volume (real first, then synthetic, a grey line between the groups), columns axial
-  / coronal / sagittal mid-slices in a soft-tissue window (level 40, width 400 HU), through
-  :mod:`maisi.preview`; every row is scaled to 256 pixels high.
+  / coronal / sagittal mid-slices in a soft-tissue window (level 40, width 400 HU; MR: the volume's 0.5-99.5
+  percentile range), through :mod:`maisi.preview`; every row is scaled to 256 pixels high.
 
 MS-SSIM uses MONAI's 5 scales; MONAI accepts a volume only when every axis has at least
 ``kernel_size * (scales - 1) ** 2`` voxels (176 for the default kernel of 11). For the diversity that is
@@ -30,11 +32,9 @@ work, too.
 from __future__ import annotations
 
 import datetime as _dt
-import glob
 import itertools
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +47,27 @@ from maisi.atomic import write_json
 from maisi.checkpoints import load_network
 from maisi.config.evaluate_config import EvaluateConfig
 from maisi.config.loader import to_jsonable
-from maisi.data.datalist import case_modality, data_root, read_datalist
 from maisi.data.io import Volume, read_geometry, read_volume
 from maisi.decoding import round_trip as reconstruct  # the name maisi.evaluate users know
 from maisi.device import autocast_dtype, resolve_device
 from maisi.encoding import transform
 from maisi.errors import InputError
+from maisi.evaluation_inputs import check_outputs, gather_inputs, input_modalities
 from maisi.fid import (
     PLANES,
     FeatureNetwork,
     fid_25d,
     load_feature_network,
+    modality_mix_problem,
     slice_counts,
     volume_features,
 )
-from maisi.intensity import HU_MAX, HU_MIN, is_mr, to_unit
+from maisi.intensity import is_mr, to_unit
 from maisi.networks import Preset, RuntimeOptions, get_preset
 from maisi.preview import (
+    PREVIEW_WINDOWS,
+    Window,
+    display_windows,
     montage,
     resize_nearest,
     stack_rows,
@@ -75,7 +79,7 @@ from maisi.progress import progress_bar
 
 log = logging.getLogger("maisi.evaluation")
 MS_SSIM_SCALES = 5  # MONAI's default weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-MONTAGE_WINDOW = (40.0, 400.0)  # level, width in HU
+MONTAGE_WINDOW = PREVIEW_WINDOWS[0][1:]  # level, width in HU: the preview's soft-tissue window
 MONTAGE_ROW_HEIGHT = 256  # pixels: every row is scaled to this height so small and large volumes compare
 Shape = tuple[int, int, int]
 
@@ -271,88 +275,20 @@ def diversity_problem(paths: list[Path], shapes: dict[Path, Shape], kernel_size:
 # ------------------------------------------------------------------------------------------- montage
 
 
+def montage_window(volume: Volume, modality: str = "ct") -> Window:
+    """The display window of a volume's montage row: the first of its preview's (CT: soft tissue)."""
+    return display_windows(volume, modality)[0]
+
+
 def montage_row(volume: Volume, height: int | None = MONTAGE_ROW_HEIGHT, modality: str = "ct") -> np.ndarray:
-    """Axial, coronal and sagittal mid-slices side by side (uint8; CT: soft-tissue window; MR: the volume's
-    0-99.5 percentile range), scaled (nearest neighbour, aspect kept) to ``height`` pixels; None keeps the
-    preview's own size."""
-    if is_mr(modality):
-        unit = volume.with_array(to_unit(volume.array, modality)[0])
-        row = montage([window(p.astype(np.float32), 0.5, 1.0) for p in three_planes(unit)])
-    else:
-        row = montage([window(p.astype(np.float32), *MONTAGE_WINDOW) for p in three_planes(volume)])
+    """Axial, coronal and sagittal mid-slices side by side (uint8, in :func:`montage_window`), scaled
+    (nearest neighbour, aspect kept) to ``height`` pixels; None keeps the preview's own size."""
+    _, level, width = montage_window(volume, modality)
+    row = montage([window(p.astype(np.float32), level, width) for p in three_planes(volume)])
     return row if height is None else resize_nearest(row, height)
 
 
 # ------------------------------------------------------------------------------------------- the run
-
-
-def gather_inputs(config: EvaluateConfig) -> tuple[list[Path], list[Path]]:
-    """(real, synthetic) files: the datalist's ``training`` images and the synthetic glob / list.
-
-    Raises:
-        InputError: unreadable datalist, a glob matching nothing, or missing files (all listed).
-    """
-    real: list[Path] = []
-    if config.real_datalist is not None:
-        data = read_datalist(config.real_datalist)
-        root = data_root(config.real_datalist, config.data_root)
-        real = [root / e["image"] for e in data["training"]]
-    synthetic: list[Path] = []
-    if isinstance(config.synthetic, str):
-        synthetic = sorted(Path(p) for p in glob.glob(config.synthetic, recursive=True))
-        if not synthetic:
-            raise InputError(f"$.synthetic: no file matches '{config.synthetic}'")
-    elif config.synthetic is not None:
-        synthetic = [Path(p) for p in config.synthetic]
-    missing = [str(p) for p in real + synthetic if not p.exists()]
-    if missing:
-        raise InputError(f"{len(missing)} input file(s) not found: {', '.join(missing[:10])}")
-    return real, synthetic
-
-
-def input_modalities(config: EvaluateConfig, real: list[Path], synthetic: list[Path]) -> dict[Path, str]:
-    """Each input's modality: a real entry's own ``modality``, else ``$.modality`` (the synthetic set's)."""
-    found = dict.fromkeys(real + synthetic, config.modality)
-    if config.real_datalist is not None:
-        root = data_root(config.real_datalist, config.data_root)
-        for entry in read_datalist(config.real_datalist)["training"]:
-            found[root / entry["image"]] = case_modality(entry, config.modality)
-    return found
-
-
-def _output_problem(path: Path, key: str) -> str | None:
-    """Why ``path`` cannot be written as a file (an existing folder, under a file, no permission), or None."""
-    if path.is_dir():
-        return f"{key}: {path} is an existing directory; give a file name"
-    folder = path.parent
-    while not folder.exists():  # the nearest existing ancestor decides (folders are created on writing)
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"{key}: {path} lies under {folder}, which is a file, not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{key}: cannot write under {folder} (permission denied)"
-    return None
-
-
-def check_outputs(config: EvaluateConfig, inputs: list[Path]) -> None:
-    """Refuse, before any work, report and montage paths that cannot be written or would overwrite an input.
-
-    Raises:
-        InputError: listing every problem, each naming the config key and the path.
-    """
-    outputs = {"$.output.report": Path(config.output.report)}
-    if config.output.montage is not None:
-        outputs["$.output.montage"] = Path(config.output.montage)
-    problems = [problem for key, path in outputs.items() if (problem := _output_problem(path, key))]
-    if len(outputs) == 2 and len({p.resolve() for p in outputs.values()}) == 1:
-        problems.append(f"$.output.montage: {outputs['$.output.montage']} is also $.output.report")
-    given = [config.real_datalist, config.reconstruction.autoencoder, config.fid.weights]
-    sources = {Path(p).resolve() for p in [*inputs, *(g for g in given if g is not None)]}
-    for key, path in outputs.items():
-        if path.resolve() in sources:
-            problems.append(f"{key}: {path} is an input of this evaluation; writing it would overwrite it")
-    if problems:
-        raise InputError("cannot write the outputs:\n  " + "\n  ".join(problems))
 
 
 def _plan_diversity(
@@ -380,15 +316,19 @@ def _fid_plan(
     real: list[Path],
     synthetic: list[Path],
     shapes: dict[Path, Shape],
+    modalities: dict[Path, str],
     device: torch.device,
 ) -> tuple[FeatureNetwork | None, str | None]:
-    """The feature network, or the reason the FID is skipped. Raises InputError for too few slices or bad
-    weights."""
+    """The feature network, or the reason the FID is skipped. Raises InputError for inputs mixing CT and MR,
+    too few slices or bad weights."""
     if config.fid.weights is None:
         return None, (
             "no feature-network weights given ($.fid.weights is null); supply a local 2D ResNet "
             "state_dict (torchvision or MONAI layout) to compute the 2.5D FID"
         )
+    mixed = modality_mix_problem({p: modalities[p] for p in real + synthetic})
+    if mixed:
+        raise InputError(mixed)
     for name, paths in (("real", real), ("synthetic", synthetic)):
         counts = {p: sum(slice_counts(shapes[f], config.fid.slice_step)[p] for f in paths) for p in PLANES}
         few = [f"{p}: {n}" for p, n in counts.items() if n < 2]
@@ -425,13 +365,14 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         ``diversity`` (null when disabled; else per set ``{count, pairs, ms_ssim_mean, ms_ssim_std,
         ms_ssim_min, ms_ssim_max}`` or ``{skipped: reason}``); ``fid`` (null when skipped; else ``xy``,
         ``yz``, ``zx``, ``mean``, ``network``, ``features``, ``weights``, ``slice_step``, ``image_size``,
-        ``slices``) and ``fid_skipped`` (the reason, or null); ``montage`` (null, or ``path``, ``window``,
-        ``row_height``, ``columns``, ``rows`` [{set, image}]); ``config`` (resolved); ``maisi_version``,
+        ``slices``, ``intensity``: ``ct_hu`` or ``mr_percentile``) and ``fid_skipped`` (the reason, or null);
+        ``montage`` (null, or ``path``, ``window`` (the CT rows'), ``row_height``, ``columns``, ``rows``
+        [{set, image, window: {name, level, width}}]); ``config`` (resolved); ``maisi_version``,
         ``created_utc``, ``device``. Infinite values (PSNR of a perfect reconstruction) are written as null.
 
     Raises:
         InputError: missing files, output paths that cannot be written, mismatched grids, synthetic volumes
-            too small for MS-SSIM, too few samples, bad weights.
+            too small for MS-SSIM, too few samples, bad weights, an FID mixing CT and MR.
     """
     device = resolve_device(config.device)
     real, synthetic = gather_inputs(config)
@@ -440,7 +381,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
     modalities = input_modalities(config, real, synthetic)
     k, sigma = config.ssim.kernel_size, config.ssim.kernel_sigma
     diversity_plan = _plan_diversity(config, real, synthetic, shapes) if config.diversity.enabled else {}
-    fid_net, fid_skipped = _fid_plan(config, real, synthetic, shapes, device)
+    fid_net, fid_skipped = _fid_plan(config, real, synthetic, shapes, modalities, device)
     vae = preset = None
     if config.reconstruction.enabled:
         preset = get_preset(config.reconstruction.preset)
@@ -453,7 +394,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         vae = vae.to(device)
 
     features: dict[str, dict[str, list[torch.Tensor]]] = {}
-    rows: list[tuple[str, Path, np.ndarray]] = []
+    rows: list[tuple[str, Path, np.ndarray, Window]] = []
     keep: dict[str, list[torch.Tensor]] = {}
     cases: list[dict[str, Any]] = []
     for name, paths in (("real", real), ("synthetic", synthetic)):
@@ -468,20 +409,20 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
                 for metric, reason in cases[-1]["skipped"].items():
                     log.warning("%s of %s skipped: %s", metric, path, reason)
             if fid_net is not None:
-                # The FID takes HU and maps [-1000, 1000] to [0, 1]; an MR volume's [0, 1] scale is handed
-                # over in those terms, so both sets reach the network on the scale the VAE sees.
-                hu_like = unit_array * (HU_MAX - HU_MIN) + HU_MIN if is_mr(modality) else volume.array
                 for plane, f in volume_features(
                     fid_net,
-                    hu_like,
+                    volume.array,
                     config.fid.slice_step,
                     config.fid.image_size,
                     config.fid.batch_size,
                     device,
+                    modality=modality,
+                    where=str(path),
                 ).items():
                     features[name][plane].append(f)
             if config.output.montage and index < config.output.montage_cases:
-                rows.append((name, path, montage_row(volume, modality=modality)))
+                shown = montage_window(volume, modality)
+                rows.append((name, path, montage_row(volume, modality=modality), shown))
             if name in diversity_plan and diversity_plan[name] is None:
                 keep[name].append(unit)
 
@@ -519,6 +460,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         slices = {n: {p: int(sum(t.shape[0] for t in features[n][p])) for p in PLANES} for n in features}
         report["fid"] = {
             **scores,
+            "intensity": "mr_percentile" if any(is_mr(m) for m in modalities.values()) else "ct_hu",
             "network": fid_net.name,
             "features": fid_net.features,
             "weights": str(fid_net.path),
@@ -546,7 +488,10 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
             "window": list(MONTAGE_WINDOW),
             "row_height": MONTAGE_ROW_HEIGHT,
             "columns": ["axial", "coronal", "sagittal"],
-            "rows": [{"set": n, "image": str(p)} for n, p, _ in rows],
+            "rows": [
+                {"set": n, "image": str(p), "window": {"name": w[0], "level": w[1], "width": w[2]}}
+                for n, p, _, w in rows
+            ],
         }
     report = _json_safe(report)
     write_json(config.output.report, report)

@@ -1,4 +1,4 @@
-"""2.5D Fréchet Inception Distance of CT volumes, with a 2D ResNet feature network from a *local* file.
+"""2.5D Fréchet Inception Distance of CT or MR volumes, with a 2D ResNet feature network from a *local* file.
 
 Nothing is downloaded. The feature network is MONAI's 2D ``ResNet`` (``feed_forward=False``: it returns the
 globally average-pooled output of ``layer4``) laid out as torchvision's ImageNet ResNets: 7x7 stride-2
@@ -15,10 +15,13 @@ Either may be wrapped as ``{"state_dict": ...}`` and keys may carry a ``module.`
 ignored (features are taken before it). Keras-converted RadImageNet ResNet-50 weights (biases on every
 convolution, stride in the first 1x1 convolution) are recognised and refused: MONAI's ResNet cannot hold them.
 
-Preprocessing is identical for real and synthetic volumes: HU -> [0, 1] over [-1000, 1000] HU (the VAE's
-scale), every ``slice_step``-th slice along each axis, each slice resized to ``image_size`` squared (MONAI
-``Resize``, bilinear), repeated to 3 channels and normalised with the ImageNet mean and std. The FID of each
-plane is MONAI's ``FIDMetric`` (which needs ``scipy``); MAISI reports the mean of the three planes.
+Preprocessing is identical for real and synthetic volumes: each volume goes to [0, 1] by the intensity
+convention of its modality (:func:`maisi.intensity.to_unit`, the VAE's scale): CT HU over [-1000, 1000],
+MR by its own 0 to 99.5 percentile range (values above it are clamped to 1 after resizing). CT and MR
+features are not comparable, so the callers refuse an FID that mixes them (:func:`modality_mix_problem`).
+Then every ``slice_step``-th slice along each axis is taken, each slice resized to ``image_size`` squared
+(MONAI ``Resize``, bilinear), repeated to 3 channels and normalised with the ImageNet mean and std. The FID
+of each plane is MONAI's ``FIDMetric`` (which needs ``scipy``); MAISI reports the mean of the three planes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from monai.transforms import Resize
 
 from maisi.checkpoints import load_strictly, read_plain_state_dict
 from maisi.errors import CheckpointError, InputError, RunFailure
-from maisi.intensity import hu_to_unit
+from maisi.intensity import is_mr, to_unit
 
 log = logging.getLogger("maisi.fid")
 Plane = Literal["xy", "yz", "zx"]
@@ -165,12 +168,49 @@ def preprocess(slices: torch.Tensor, image_size: int) -> torch.Tensor:
     return (resized[:, None].expand(-1, 3, -1, -1) - mean) / std
 
 
+def modality_mix_problem(modalities: dict[Path, str]) -> str | None:
+    """Why an FID over these files (each with its modality name) would compare CT with MR, naming the files
+    of each kind; None when all are CT or all are MR."""
+    kinds: dict[str, list[Path]] = {"CT": [], "MR": []}
+    for path, modality in modalities.items():
+        kinds["MR" if is_mr(modality) else "CT"].append(path)
+    if not all(kinds.values()):
+        return None
+
+    def listed(paths: list[Path]) -> str:
+        more = f" (+{len(paths) - 5} more)" if len(paths) > 5 else ""
+        return ", ".join(str(p) for p in paths[:5]) + more
+
+    return (
+        f"FID: the inputs mix CT and MR (CT is scaled from HU, MR by its own percentiles: their features "
+        f"are not comparable); CT: {listed(kinds['CT'])}; MR: {listed(kinds['MR'])}. Evaluate each "
+        "modality on its own (or set $.fid.weights to null)"
+    )
+
+
 @torch.no_grad()
 def volume_features(
-    net: FeatureNetwork, hu: np.ndarray, step: int, image_size: int, batch_size: int, device: torch.device
+    net: FeatureNetwork,
+    image: np.ndarray,
+    step: int,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    modality: str | int,
+    where: str = "image",
 ) -> dict[Plane, torch.Tensor]:
-    """Features of one CT volume (HU, (X, Y, Z)), per plane: {plane: (N, F) float64 on the CPU}."""
-    unit = torch.from_numpy(hu_to_unit(hu))
+    """Features of one (X, Y, Z) volume, per plane: {plane: (N, F) float64 on the CPU}.
+
+    Args:
+        image: CT in HU, or MR in its own units (``modality`` code >= 8).
+        modality: chooses the [0, 1] mapping (:func:`maisi.intensity.to_unit`).
+        where: names the volume in errors.
+
+    Raises:
+        InputError: a constant MR volume (no percentile range), naming ``where``.
+    """
+    unit = torch.from_numpy(to_unit(image, modality, where)[0])
     out: dict[Plane, torch.Tensor] = {}
     for plane in PLANES:
         slices = plane_slices(unit, plane, step)

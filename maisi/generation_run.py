@@ -304,7 +304,7 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
         assert mask is not None
         write_volume(files["label"], mask)
     if "preview" in files:
-        write_preview(files["preview"], ct, mask)
+        write_preview(files["preview"], ct, mask, modality=plan.conditions.modality)
     timings.update(writing_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
     metadata = {
         "job_key": checked.key,

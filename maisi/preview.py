@@ -1,6 +1,9 @@
-"""Preview pictures: three orthogonal mid-slices of a CT, in a soft-tissue and a lung window, as one PNG.
+"""Preview pictures: three orthogonal mid-slices of a volume, one row per display window, as one PNG.
 
-Slices are shown in the radiological convention (patient right on the image left, anterior / superior
+The windows follow the modality: a CT (HU) gets a soft-tissue and a lung window; an MR volume (arbitrary
+units, MAISI's [0, 1000] output scale) gets one window spanning its own 0.5 to 99.5 percentiles, so that
+neither its dark background nor a few bright voxels set the contrast (a fixed HU window would show it as
+white). Slices are shown in the radiological convention (patient right on the image left, anterior / superior
 up) and resampled to square pixels so anisotropic volumes are not squashed. With a mask, the outline of
 every label is drawn over the CT in a colour of its own (an RGB PNG).
 """
@@ -14,14 +17,15 @@ import SimpleITK as sitk
 
 from maisi.atomic import atomic_path
 from maisi.data.io import Volume, to_ras
+from maisi.intensity import is_mr
 
 GAP = 4  # pixels between panels
 
 
-def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """HU -> uint8 grey levels for a display window."""
+def window(values: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Intensities (HU for CT) -> uint8 grey levels for a display window."""
     lo = level - width / 2.0
-    return (np.clip((hu - lo) / width, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return (np.clip((values - lo) / width, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _square_pixels(plane: np.ndarray, spacing_rows: float, spacing_cols: float) -> np.ndarray:
@@ -120,27 +124,54 @@ def write_png(path: str | Path, picture: np.ndarray) -> Path:
     return Path(path)
 
 
+Window = tuple[str, float, float]  # (name, level, width) in the volume's own units
+
 # (name, level, width) in HU: soft tissue for organs, lung for parenchyma and lung lesions, which the
 # soft-tissue window shows as uniform black.
-PREVIEW_WINDOWS: tuple[tuple[str, float, float], ...] = (
+PREVIEW_WINDOWS: tuple[Window, ...] = (
     ("soft tissue", 40.0, 400.0),
     ("lung", -600.0, 1500.0),
 )
+# MR has no absolute scale: the window spans these percentiles of the volume itself (0.5 rather than 0, as
+# background and a few outliers would otherwise decide the contrast).
+MR_PREVIEW_PERCENTILES = (0.5, 99.5)
 MIN_ROW_HEIGHT = 256  # pixels; a 96-voxel demo volume would otherwise be a thumbnail
 
 
+def mr_display_window(image: np.ndarray) -> Window:
+    """The window from the 0.5 to the 99.5 percentile of ``image`` (a constant image: a width of 1)."""
+    low, high = (float(v) for v in np.percentile(image, MR_PREVIEW_PERCENTILES))
+    width = high - low if high > low else 1.0
+    return ("MR 0.5-99.5 percentile", low + width / 2.0, width)
+
+
+def display_windows(volume: Volume, modality: str | int = "ct") -> tuple[Window, ...]:
+    """The windows a preview of ``volume`` shows: CT :data:`PREVIEW_WINDOWS` (HU), MR (modality code >= 8)
+    the one :func:`mr_display_window` of its own intensities.
+
+    Raises:
+        InputError: ``modality`` is not a name of MAISI's modality mapping.
+    """
+    return (mr_display_window(volume.array),) if is_mr(modality) else PREVIEW_WINDOWS
+
+
 def preview_picture(
-    ct: Volume,
+    volume: Volume,
     mask: Volume | None = None,
-    windows: tuple[tuple[str, float, float], ...] = PREVIEW_WINDOWS,
+    windows: tuple[Window, ...] | None = None,
     min_row_height: int = MIN_ROW_HEIGHT,
+    modality: str | int = "ct",
 ) -> np.ndarray:
     """One row of three mid-planes per display window, enlarged by a whole factor to ``min_row_height``.
+
+    Args:
+        windows: the display windows; None: those of ``modality`` (:func:`display_windows`).
 
     Returns:
         (rows, cols) uint8 without ``mask``; (rows, cols, 3) RGB with the label outlines drawn on top.
     """
-    planes = [p.astype(np.float32) for p in three_planes(ct)]
+    windows = display_windows(volume, modality) if windows is None else windows
+    planes = [p.astype(np.float32) for p in three_planes(volume)]
     label_planes = three_planes(mask) if mask is not None else None
     scale = max(1, -(-min_row_height // max(p.shape[0] for p in planes)))  # whole factor: crisp voxels
     rows = []
@@ -155,9 +186,10 @@ def preview_picture(
 
 def write_preview(
     path: str | Path,
-    ct: Volume,
+    volume: Volume,
     mask: Volume | None = None,
-    windows: tuple[tuple[str, float, float], ...] = PREVIEW_WINDOWS,
+    windows: tuple[Window, ...] | None = None,
+    modality: str | int = "ct",
 ) -> Path:
-    """Write the preview of a CT (HU) as a PNG, atomically: see :func:`preview_picture`."""
-    return write_png(path, preview_picture(ct, mask, windows))
+    """Write the preview of a CT (HU) or MR volume as a PNG, atomically: see :func:`preview_picture`."""
+    return write_png(path, preview_picture(volume, mask, windows, modality=modality))

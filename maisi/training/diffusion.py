@@ -113,12 +113,20 @@ def modality_dropout_rates(config: TrainConfig, preset: Preset) -> tuple[float, 
     problems = modality_dropout_problems(config, preset)
     if problems:
         raise InputError(problems[0])
-    if not preset.uses_modality:
-        return 0.0, 0.0
     dropout = config.diffusion.modality_dropout
-    rates = (dropout.parent_rate, dropout.unconditional_rate)
-    parent, uncond = (MAISI_MODALITY_DROPOUT if v is None else float(v) for v in rates)
+    parent, uncond = (
+        resolved_dropout_rate(v, preset.uses_modality)
+        for v in (dropout.parent_rate, dropout.unconditional_rate)
+    )
     return parent, uncond
+
+
+def resolved_dropout_rate(value: float | None, uses_modality: bool) -> float:
+    """The rate a ``$.diffusion.modality_dropout`` value trains with: null is MAISI's where the preset takes
+    a modality and 0 otherwise; no modality input, no dropout."""
+    if not uses_modality:
+        return 0.0
+    return MAISI_MODALITY_DROPOUT if value is None else float(value)
 
 
 def drop_modality(

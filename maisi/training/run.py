@@ -56,7 +56,7 @@ def resumable_state(config: TrainConfig, stage: str, digest: str) -> TrainState:
     refusal = f"--resume: {config.output_dir} was trained with another config; only {may_change} may change"
     if saved is None:
         raise InputError(f"{refusal} (its record of that config is gone)")
-    changed = config_differences(saved, to_jsonable(config))
+    changed = config_differences(saved, to_jsonable(config), stage)
     if changed:
         raise InputError(f"{refusal}. Changed: " + "; ".join(changed))
     log.info(
@@ -95,7 +95,7 @@ def starting_state(config: TrainConfig, stage: str, digest: str, resume: bool) -
         raise InputError(f"{stopped}, not '{stage}'; choose another output_dir")
     changed = []
     if record["config_sha256"] != digest:
-        changed = config_differences(record["config"], to_jsonable(config))
+        changed = config_differences(record["config"], to_jsonable(config), stage)
     if changed:
         raise InputError(
             f"{stopped}, with another config; rerun it with that config or choose another "
