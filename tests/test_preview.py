@@ -1,4 +1,5 @@
-"""Preview PNGs: three mid-slices side by side, square pixels, radiological orientation."""
+"""Preview PNGs: three mid-slices side by side, square pixels, radiological orientation; CT windows in HU,
+MR in a window of its own percentiles."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from maisi.data.io import Volume, read_volume
 from maisi.preview import (
     GAP,
     MIN_ROW_HEIGHT,
+    MR_PREVIEW_PERCENTILES,
     PREVIEW_WINDOWS,
+    display_windows,
     montage,
     preview_picture,
     three_planes,
@@ -178,3 +181,54 @@ def test_preview_with_mask_draws_label_outlines_in_colour(tmp_path):
     assert coloured[:, :128].sum() == axial_edges.sum() > 0  # exactly the outline changed, nothing inside
     assert np.all(rgb[:128, :128][axial_edges] == label_colour(28))
     assert not np.array_equal(label_colour(28), label_colour(29))
+
+
+# MR: arbitrary units (MAISI's [0, 1000] output scale), a dark background and a long bright tail.
+MR_SHAPE = (48, 48, 32)
+
+
+def _mr_volume() -> Volume:
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in MR_SHAPE), indexing="ij")
+    body = x**2 + y**2 + z**2 < 0.8
+    array = np.zeros(MR_SHAPE, np.int16)
+    array[body] = np.clip(rng.gamma(4.0, 120.0, body.sum()) + 50.0, 0, 3000).astype(np.int16)
+    array[24, 24, 10:14] = 30000  # a few very bright voxels (a vessel, an artefact)
+    return Volume(array, np.diag([1.0, 1.0, 1.5, 1.0]))
+
+
+def test_mr_preview_spans_the_grey_range_where_a_ct_window_saturates():
+    volume = _mr_volume()
+    ((name, level, width),) = display_windows(volume, "mri_t1")
+    low, high = np.percentile(volume.array, MR_PREVIEW_PERCENTILES)
+    assert (level - width / 2, level + width / 2) == pytest.approx((low, high)) and name.startswith("MR")
+    planes = [p.astype(np.float32) for p in three_planes(volume)]
+    scale = -(-MIN_ROW_HEIGHT // max(p.shape[0] for p in planes))
+    picture = preview_picture(volume, modality="mri_t1")
+    expected = montage([window(p, level, width) for p in planes])  # one row: MR has no lung window
+    assert picture.shape == (expected.shape[0] * scale, expected.shape[1] * scale)
+    np.testing.assert_array_equal(picture[::scale, ::scale], expected)
+    body = montage([(p > 0).astype(np.uint8) for p in planes]).astype(bool)
+    grey = expected[body]
+    assert (grey == 255).mean() < 0.02  # only the top 0.5 % is white
+    assert np.percentile(grey, 5) < 64 and np.percentile(grey, 95) > 191  # the histogram spans the range
+    assert len(np.unique(grey)) > 150
+    # the same volume in the CT soft-tissue window: nearly all of the body is white
+    ct_row = preview_picture(volume)[: expected.shape[0] * scale : scale, ::scale]
+    assert (ct_row[body] == 255).mean() > 0.9
+
+
+def test_ct_previews_are_unchanged_by_the_modality_option():
+    ct = read_volume(CHEST_NRRD)
+    as_before = preview_picture(ct, windows=PREVIEW_WINDOWS)
+    for modality in ("ct", "ct_contrast", "unknown"):
+        np.testing.assert_array_equal(preview_picture(ct, modality=modality), as_before)
+    assert display_windows(ct, "ct") == PREVIEW_WINDOWS
+    assert preview_picture(ct, modality="mri").shape[0] == as_before.shape[0] // 2 - GAP // 2  # one row
+
+
+def test_constant_mr_volume_gets_a_window_of_width_one():
+    flat = Volume(np.full((8, 8, 8), 300, np.int16), np.eye(4))
+    ((_, level, width),) = display_windows(flat, "mri")
+    assert width == 1.0 and level - width / 2 == 300
+    assert preview_picture(flat, modality="mri").max() == 0
