@@ -107,7 +107,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(ct, files):
 
     def features(sigma: float) -> dict:
         hu = ct.array + rng.normal(0.0, sigma, ct.shape) if sigma else ct.array
-        feats = volume_features(net, hu, step=4, image_size=32, batch_size=64, device=CPU)
+        feats = volume_features(net, hu, step=4, image_size=32, batch_size=64, device=CPU, modality="ct")
         assert (
             {p: f.shape[0] for p, f in feats.items()}
             == slice_counts(ct.shape, 4)
