@@ -1,11 +1,12 @@
-"""``python -m maisi.evaluate --config FILE``: metrics of real and synthetic CT, a JSON report and a montage.
+"""``python -m maisi.evaluate --config FILE``: metrics of real and synthetic CT or MR, a report and a montage.
 
 Reconstruction PSNR / SSIM / MS-SSIM of the VAE over a real datalist, MS-SSIM diversity of the synthetic
 samples (and of the real ones as reference), 2.5D FID with a local 2D ResNet (skipped, with the reason, when
 no weights are given), and a PNG montage of mid-slices. Every input and output location is checked before
 anything is computed. Exit codes: 0 report written, 2 bad input (missing files, report or montage paths that
 cannot be written, mismatched grids, synthetic volumes too small for the diversity's MS-SSIM, fewer than 2
-samples, feature-network weights of the wrong shape, malformed checkpoints), 1 runtime failure.
+samples, feature-network weights of the wrong shape, malformed checkpoints, an FID over inputs mixing CT and
+MR, unusable ``maisi.infer`` metadata beside a synthetic file), 1 runtime failure.
 """
 
 from __future__ import annotations
