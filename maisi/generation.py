@@ -244,10 +244,14 @@ def plan_generation(config: InferConfig, device: torch.device | str = "cpu") -> 
 
 
 def plan_for_seed(
-    plan: GenerationPlan, seed: int, planned_digest: str | None = None, device: str = "cpu"
+    plan: GenerationPlan,
+    seed: int,
+    planned_digest: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> GenerationPlan:
-    """Anatomy mode: the plan of one sample, with its prepared mask and the body region derived from it.
-    Other modes: the plan itself.
+    """Anatomy mode: the plan of one sample, with its prepared mask and the body region derived from it
+    (``progress``: the bars of a generated mask's sampling and decoding). Other modes: the plan itself.
 
     Raises:
         InputError: the sample's mask cannot be made (see :func:`maisi.masks.anatomy.build_sample_mask`), or
@@ -255,7 +259,7 @@ def plan_for_seed(
     """
     if plan.anatomy is None:
         return plan
-    sample = sample_mask(plan.anatomy, seed, planned_digest, device)
+    sample = sample_mask(plan.anatomy, seed, planned_digest, device, progress)
     conditions = plan.conditions
     if conditions.top_region is None and plan.preset.uses_body_region:
         derived = body_region_from_mask(sample.volume.array)

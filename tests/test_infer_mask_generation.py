@@ -195,3 +195,20 @@ def test_two_tumours_are_refused_as_maisi_does(size_config, tmp_path, capsys):
     assert main(["--config", str(config)]) == 2
     assert "$.anatomy.controllable_anatomy_size[1]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_generated_masks_bars_show_and_no_progress_silences_them(size_config, tmp_path, capfd):
+    def bars(text: str) -> list[str]:
+        marks = ("%|", "it/s", "s/it")
+        return [line for line in text.replace("\r", "\n").splitlines() if any(m in line for m in marks)]
+
+    config = size_config([["hepatic tumor", -1], ["colon", -1]])
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "shown")]) == 0
+    shown = bars(capfd.readouterr().err)
+    # the mask's DDPM (3 steps) and its tiled decode (64^3 labels), then the CT's denoising (2 steps)
+    assert any("3/3" in line and "denoising" in line for line in shown), shown
+    assert any("tiled decoder" in line for line in shown), shown
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert bars(err) == [], err
+    assert (tmp_path / "quiet" / "sample_seed0_label.nii.gz").is_file()
