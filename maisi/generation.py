@@ -389,7 +389,7 @@ def available_ram_bytes() -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
-def _what(plan: GenerationPlan, stage: str, device: torch.device) -> tuple[str, str, str]:
+def _what(plan: GenerationPlan, stage: str) -> tuple[str, str, str]:
     """(config location, what needs the memory, estimate's basis) of a stage, for the refusal."""
     grid = " x ".join(map(str, plan.shape))
     ct = f"preset '{plan.preset.name}', {plan.config.decoding.method} decoding"
@@ -416,7 +416,7 @@ def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
     """
     ram = available_ram_bytes()
     for stage, need in estimate_stages(plan, device).items():
-        where, what, basis = _what(plan, stage, device)
+        where, what, basis = _what(plan, stage)
         advice = "generate a smaller grid or use a machine with more memory"
         if stage == MASK_STAGE:  # the generator's grid is fixed by its preset
             advice = (
