@@ -21,6 +21,7 @@ from monai.utils import convert_to_tensor
 from maisi.device import autocast
 from maisi.monai_vae_adapter import Part, check_structure
 from maisi.options import DECODE_METHODS, DecodeMethod
+from maisi.progress import shown
 from maisi.tiled_vae import decode_tiled, encode_tiled
 
 _VERB = {"decoder": "decoding", "encoder": "encoding"}
@@ -61,7 +62,7 @@ def _sliding_window(
         mode="gaussian",
         sw_device=device,
         device=torch.device("cpu"),
-        progress=progress,
+        progress=shown(progress),  # MONAI's bar obeys --no-progress too
     )
 
 

@@ -244,10 +244,14 @@ def plan_generation(config: InferConfig, device: torch.device | str = "cpu") -> 
 
 
 def plan_for_seed(
-    plan: GenerationPlan, seed: int, planned_digest: str | None = None, device: str = "cpu"
+    plan: GenerationPlan,
+    seed: int,
+    planned_digest: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> GenerationPlan:
-    """Anatomy mode: the plan of one sample, with its prepared mask and the body region derived from it.
-    Other modes: the plan itself.
+    """Anatomy mode: the plan of one sample, with its prepared mask and the body region derived from it
+    (``progress``: the bars of a generated mask's sampling and decoding). Other modes: the plan itself.
 
     Raises:
         InputError: the sample's mask cannot be made (see :func:`maisi.masks.anatomy.build_sample_mask`), or
@@ -255,7 +259,7 @@ def plan_for_seed(
     """
     if plan.anatomy is None:
         return plan
-    sample = sample_mask(plan.anatomy, seed, planned_digest, device)
+    sample = sample_mask(plan.anatomy, seed, planned_digest, device, progress)
     conditions = plan.conditions
     if conditions.top_region is None and plan.preset.uses_body_region:
         derived = body_region_from_mask(sample.volume.array)
@@ -289,8 +293,48 @@ class MemoryEstimate:
     device_bytes: int  # 0 when the compute device is the CPU (everything is then counted on the host)
 
 
+CT_STAGE, MASK_STAGE = "CT", "mask"
+
+
 def estimate_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
-    """Bytes one sample needs at least, from the grid, the preset and the checkpoints' sizes.
+    """Bytes one sample needs at least: the larger of its stages' estimates (:func:`estimate_stages`), on
+    the host and on the device each."""
+    stages = estimate_stages(plan, device).values()
+    return MemoryEstimate(max(e.host_bytes for e in stages), max(e.device_bytes for e in stages))
+
+
+def estimate_stages(plan: GenerationPlan, device: torch.device) -> dict[str, MemoryEstimate]:
+    """Bytes each stage of a sample needs at least, in the order they run: the mask stage when the mask is
+    generated (``$.anatomy.controllable_anatomy_size``, :func:`maisi.masks.memory.estimate_mask_memory`),
+    then the CT stage (:func:`estimate_ct_memory`). The mask networks are loaded for the whole run and the CT
+    networks before the first sample, so each stage also counts the other's weights."""
+    generator = plan.anatomy.generator if plan.anatomy is not None else None
+    ct = estimate_ct_memory(plan, device)
+    if generator is None:
+        return {CT_STAGE: ct}
+    from maisi.masks.memory import estimate_mask_memory
+
+    mask = estimate_mask_memory(generator)
+    ct_weights = sum(_file_size(getattr(plan.config.checkpoints, part)) for part in _ct_parts(plan))
+    return {
+        MASK_STAGE: _resident(mask.host_bytes, mask.device_bytes, ct_weights, device),
+        CT_STAGE: _resident(ct.host_bytes, ct.device_bytes, mask.parts["weights"], device),
+    }
+
+
+def _resident(host: int, on_device: int, weights: int, device: torch.device) -> MemoryEstimate:
+    """A stage's estimate with another stage's ``weights`` loaded on ``device`` too."""
+    if device.type == "cpu":
+        return MemoryEstimate(host + weights, 0)
+    return MemoryEstimate(host, on_device + weights)
+
+
+def _ct_parts(plan: GenerationPlan) -> list[str]:
+    return ["autoencoder", "diffusion_unet"] + (["controlnet"] if plan.has_mask else [])
+
+
+def estimate_ct_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
+    """Bytes the CT stage of one sample needs at least, from the grid, the preset and the checkpoints' sizes.
 
     A simple lower bound, not a profile: with N output voxels, L latent elements, c0 the VAE decoder's
     full-resolution channels and s = 4 bytes (float32) or 2 (half precision):
@@ -310,8 +354,7 @@ def estimate_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimat
     latent = int(np.prod(plan.latent_shape))
     half = autocast_dtype(config.precision, device, cpu_bfloat16=True) is not None
     stored = preset.autoencoder["num_channels"][0] * (2 if half else 4) * voxels
-    parts = ["autoencoder", "diffusion_unet"] + (["controlnet"] if plan.has_mask else [])
-    weights = sum(_file_size(getattr(config.checkpoints, part)) for part in parts)
+    weights = sum(_file_size(getattr(config.checkpoints, part)) for part in _ct_parts(plan))
     mask = plan.mask.array.nbytes if plan.mask is not None else (voxels if plan.has_mask else 0)  # uint8
     planes = 32 * voxels if plan.has_mask else 0
     on_device = weights + 4 * latent * LATENT_WORKING_COPIES + planes
@@ -346,38 +389,58 @@ def available_ram_bytes() -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
+def _what(plan: GenerationPlan, stage: str) -> tuple[str, str, str]:
+    """(config location, what needs the memory, estimate's basis) of a stage, for the refusal."""
+    grid = " x ".join(map(str, plan.shape))
+    ct = f"preset '{plan.preset.name}', {plan.config.decoding.method} decoding"
+    if stage == MASK_STAGE:
+        generator = plan.anatomy.generator  # type: ignore[union-attr]
+        mask_grid = " x ".join(map(str, generator.preset.mask_shape))
+        return (
+            "$.anatomy.controllable_anatomy_size",
+            f"generating its {mask_grid} mask (the mask stage)",
+            f"mask preset '{generator.preset.name}', tiled per-tile-argmax decoding, the CT networks loaded",
+        )
+    where = f"mask {plan.config.mask}" if plan.config.mask is not None else "$.output_size"
+    if plan.anatomy is not None and plan.anatomy.generator is not None:
+        return where, f"the CT stage on a {grid} grid", ct + ", the mask networks loaded"
+    return where, f"a {grid} grid", ct
+
+
 def check_memory(plan: GenerationPlan, device: torch.device) -> MemoryEstimate:
-    """Refuse a grid whose estimated memory exceeds the RAM (and on CUDA the GPU's memory).
+    """Refuse a plan a stage of which needs more than the RAM (and on CUDA the GPU's memory) by its estimate.
 
     Raises:
-        InputError: naming the grid, the estimate and what the machine has.
+        InputError: naming the stage (mask generation or the CT's grid), the estimate and what the machine
+            has.
     """
-    need = estimate_memory(plan, device)
-    where = f"mask {plan.config.mask}" if plan.config.mask is not None else "$.output_size"
-    grid = " x ".join(map(str, plan.shape))
-    advice = "generate a smaller grid or use a machine with more memory"
     ram = available_ram_bytes()
-    if need.host_bytes > ram and plan.config.decoding.method == "tiled":
-        # The tiled decoder's whole-volume intermediates on the host are often what does not fit.
-        window = dataclasses.replace(plan.config.decoding, method="sliding_window")
-        other = dataclasses.replace(plan, config=dataclasses.replace(plan.config, decoding=window))
-        if estimate_memory(other, device).host_bytes <= ram:
-            advice = "set $.decoding.method to 'sliding_window' (approximate), " + advice
-    if need.host_bytes > ram:
-        raise InputError(
-            f"{where}: a {grid} grid needs at least {need.host_bytes / GIB:.1f} GiB of RAM (estimate for "
-            f"preset '{plan.preset.name}', {plan.config.decoding.method} decoding on {device.type}), but "
-            f"this machine has {ram / GIB:.1f} GiB; {advice}"
-        )
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_properties(device).total_memory
-        if need.device_bytes > gpu:
-            raise InputError(
-                f"{where}: a {grid} grid needs at least {need.device_bytes / GIB:.1f} GiB of GPU memory "
-                f"(estimate for preset '{plan.preset.name}', {plan.config.decoding.method} decoding), but "
-                f"{device} has {gpu / GIB:.1f} GiB; {advice}"
+    for stage, need in estimate_stages(plan, device).items():
+        where, what, basis = _what(plan, stage)
+        advice = "generate a smaller grid or use a machine with more memory"
+        if stage == MASK_STAGE:  # the generator's grid is fixed by its preset
+            advice = (
+                "retrieve a mask instead (no controllable_anatomy_size) or use a machine with more memory"
             )
-    return need
+        elif need.host_bytes > ram and plan.config.decoding.method == "tiled":
+            # The tiled decoder's whole-volume intermediates on the host are often what does not fit.
+            window = dataclasses.replace(plan.config.decoding, method="sliding_window")
+            other = dataclasses.replace(plan, config=dataclasses.replace(plan.config, decoding=window))
+            if estimate_stages(other, device)[CT_STAGE].host_bytes <= ram:
+                advice = "set $.decoding.method to 'sliding_window' (approximate), " + advice
+        if need.host_bytes > ram:
+            raise InputError(
+                f"{where}: {what} needs at least {need.host_bytes / GIB:.1f} GiB of RAM (estimate for "
+                f"{basis} on {device.type}), but this machine has {ram / GIB:.1f} GiB; {advice}"
+            )
+        if device.type == "cuda":
+            gpu = torch.cuda.get_device_properties(device).total_memory
+            if need.device_bytes > gpu:
+                raise InputError(
+                    f"{where}: {what} needs at least {need.device_bytes / GIB:.1f} GiB of GPU memory "
+                    f"(estimate for {basis}), but {device} has {gpu / GIB:.1f} GiB; {advice}"
+                )
+    return estimate_memory(plan, device)
 
 
 def load_models(

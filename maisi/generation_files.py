@@ -16,13 +16,25 @@ from maisi.config import InferConfig, to_jsonable
 from maisi.errors import InputError
 from maisi.files import file_sha256
 
+# Settings that change how fast or in how much memory a sample is made, never what is made, so a rerun that
+# changes only them skips the finished samples: torch.compile (the same arithmetic, fused) and the tiled
+# decoder's budget (exact tiles; only their size changes). The precision stays in: it changes the numbers.
+SPEED_ONLY = ("compile", "decoding.memory_budget_mb")
+
 
 def job_key(config: InferConfig, checksums: dict[str, str]) -> str:
-    """Identity of what a sample depends on besides its seed (not where it is written, nor how many)."""
+    """Identity of what a sample depends on besides its seed (not where it is written, nor how many, nor
+    how fast: :data:`SPEED_ONLY`)."""
     resolved = to_jsonable(config)
     for key in ("output", "num_samples", "seed", "device", "masks", "datalist"):  # the mask is in "mask"
         resolved.pop(key)
     resolved["quality_check"].pop("fail_on_error")  # how a failure is reported, not what is generated
+    for path in SPEED_ONLY:
+        *parents, leaf = path.split(".")
+        node = resolved
+        for part in parents:
+            node = node[part]
+        node.pop(leaf)
     text = json.dumps({"config": resolved, "sha256": checksums}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -293,10 +293,11 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
     models, seed, files = job.models, sample.seed, sample.files
     checked = job.inputs[sample.input]
     t0 = time.perf_counter()
-    plan = plan_for_seed(plan, seed, job.mask_digests.get(seed), str(models.device))
+    show = job.ranks.is_main  # one rank's bars (each obeys --no-progress, maisi.progress)
+    plan = plan_for_seed(plan, seed, job.mask_digests.get(seed), str(models.device), progress=show)
     if plan.anatomy is not None and plan.anatomy.generator is not None:
         log.info("%s: %s", sample.label, describe_generated(plan.sample_record))
-    ct, timings, tries = generate_checked(plan, models, seed, progress=job.ranks.is_main)
+    ct, timings, tries = generate_checked(plan, models, seed, progress=show)
     t1 = time.perf_counter()
     mask = plan.output_mask
     write_volume(files["image"], ct)

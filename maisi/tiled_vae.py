@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from maisi import monai_vae_adapter as adapter
 from maisi.monai_vae_adapter import Part, Step, UnsupportedStructure
+from maisi.progress import progress_bar
 from maisi.tiled_storage import Shape3, Stats, TilingTrace, Volume
 
 # Applied to every output tile of the last convolution, (N, C, tx, ty, tz) -> (N, C', tx, ty, tz): the result
@@ -453,7 +454,7 @@ def _execute(
         total += _level_tiles(
             steps[a:b], [p.tile for _, p in plans[a:b]], [p.out_shape for _, p in plans[a:b]]
         )
-    with tqdm(total=total, disable=not opts.progress, desc=f"tiled {part}", leave=False) as bar:
+    with progress_bar(total=total, enabled=opts.progress, desc=f"tiled {part}", leave=False) as bar:
         storage = torch.device(opts.storage_device or "cpu")
         run = _Run(device, storage, opts.storage_dtype, opts.trace or TilingTrace(), bar)
         cur, residual = Volume.wrap(x), None

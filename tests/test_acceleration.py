@@ -202,6 +202,27 @@ def test_bad_compile_value_is_refused_naming_the_key(infer_config, capsys, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_rerun_that_changes_only_speed_settings_skips_the_finished_samples(
+    infer_config, tmp_path, caplog, capsys
+):
+    out = tmp_path / "out"
+    assert infer.main(["--config", str(infer_config(compile=False))]) == 0
+    files = sorted(p for p in out.iterdir() if p.name.startswith("sample_seed0"))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    key = json.loads((out / "sample_seed0.json").read_text())["job_key"]
+    # compile=True on the CPU would take minutes to compile: a skipped sample never calls the networks
+    faster = infer_config(compile=True, decoding={"memory_budget_mb": 64})
+    caplog.clear()
+    assert infer.main(["--config", str(faster)]) == 0
+    assert "0 generated, 1 skipped" in caplog.records[-1].getMessage()
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+    assert f"sample_job-{key[:12]}_config.json" in {p.name for p in out.iterdir()}
+    # the precision changes the numbers: another job, refused (exit 2), nothing overwritten
+    assert infer.main(["--config", str(infer_config(compile=False, precision="bfloat16"))]) == 2
+    assert "from another job" in capsys.readouterr().err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+
+
 def test_load_models_applies_the_switches(infer_config):
     from maisi.config import load_config
     from maisi.generation import load_models, plan_generation

@@ -7,6 +7,7 @@ absences); a crafted generator output (monkeypatched) for what the sizes and the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,17 @@ import torch
 
 from maisi.checkpoints import save_checkpoint
 from maisi.data.io import read_mask, read_volume
+from maisi.errors import InputError
 from maisi.infer import main
 from maisi.mask_presets import get_mask_preset
 from maisi.masks import generation
 from maisi.masks.networks import build_mask_network
 from maisi.masks.sizes import SIZE_SLOTS, build_size_reference, organ_volumes_ml, reference_json
+from maisi.networks import PARTS
 from tests.conftest import write_config
 
 MASK_PRESET = "tiny-mask-ddpm"
+CPU = torch.device("cpu")
 GRID = {"output_size": [48, 48, 48], "spacing": [8.0, 8.0, 8.0]}
 TABLE = [
     [0.2, 0.2, 0.5, 0.5, 0.5, -1, -1, -1, -1, -1],
@@ -195,3 +199,80 @@ def test_two_tumours_are_refused_as_maisi_does(size_config, tmp_path, capsys):
     assert main(["--config", str(config)]) == 2
     assert "$.anatomy.controllable_anatomy_size[1]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_generated_masks_bars_show_and_no_progress_silences_them(size_config, tmp_path, capfd):
+    def bars(text: str) -> list[str]:
+        marks = ("%|", "it/s", "s/it")
+        return [line for line in text.replace("\r", "\n").splitlines() if any(m in line for m in marks)]
+
+    config = size_config([["hepatic tumor", -1], ["colon", -1]])
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "shown")]) == 0
+    shown = bars(capfd.readouterr().err)
+    # the mask's DDPM (3 steps) and its tiled decode (64^3 labels), then the CT's denoising (2 steps)
+    assert any("/3 [" in line and "denoising" in line for line in shown), shown  # the mask's: 3 steps
+    assert any("tiled decoder" in line for line in shown), shown
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert bars(err) == [], err
+    assert (tmp_path / "quiet" / "sample_seed0_label.nii.gz").is_file()
+
+
+def test_a_mask_stage_that_cannot_fit_is_refused_with_exit_2_and_nothing_written(
+    size_config, tmp_path, monkeypatch, capsys
+):
+    from maisi import generation as ct_generation
+    from maisi.config import load_config
+
+    config = size_config([["liver", 0.5]])
+    plan = ct_generation.plan_generation(load_config(config, "infer"), torch.device("cpu"))
+    stages = ct_generation.estimate_stages(plan, torch.device("cpu"))
+    assert list(stages) == ["mask", "CT"]  # in the order they run
+    mask_need, ct_need = stages["mask"].host_bytes, stages["CT"].host_bytes
+    assert ct_need < mask_need  # the tiny CT grid fits where the 64^3 mask decode does not
+    monkeypatch.setattr(ct_generation, "available_ram_bytes", lambda: mask_need - 1)
+    for flags in ((), ("--dry-run",)):
+        assert main(["--config", str(config), *flags]) == 2
+        err = capsys.readouterr().err
+        assert (
+            "$.anatomy.controllable_anatomy_size: generating its 64 x 64 x 64 mask (the mask stage) needs at "
+            "least" in err
+        ), err
+        assert f"mask preset '{MASK_PRESET}'" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(ct_generation, "available_ram_bytes", lambda: mask_need)
+    assert main(["--config", str(config)]) == 0
+
+
+def test_a_ct_stage_that_cannot_fit_after_a_generated_mask_is_named(size_config, monkeypatch):
+    from maisi import generation as ct_generation
+    from maisi.config import load_config
+    from maisi.masks import memory
+
+    plan = ct_generation.plan_generation(load_config(size_config([["liver", 0.5]]), "infer"), CPU)
+    small = memory.MaskStageMemory(1000, 0, {"weights": 10})  # a mask stage that fits anywhere
+    monkeypatch.setattr(memory, "estimate_mask_memory", lambda generator: small)
+    ct_need = ct_generation.estimate_stages(plan, CPU)["CT"].host_bytes
+    monkeypatch.setattr(ct_generation, "available_ram_bytes", lambda: ct_need - 1)
+    with pytest.raises(
+        InputError, match=r"^\$\.output_size: the CT stage on a 48 x 48 x 48 grid needs at least"
+    ):
+        ct_generation.check_memory(plan, CPU)
+
+
+def test_each_stage_counts_the_other_stages_networks(size_config):
+    from maisi import generation as ct_generation
+    from maisi.config import load_config
+    from maisi.masks.memory import estimate_mask_memory
+
+    plan = ct_generation.plan_generation(load_config(size_config([["liver", 0.5]]), "infer"), CPU)
+    assert plan.anatomy is not None and plan.anatomy.generator is not None
+    mask = estimate_mask_memory(plan.anatomy.generator)
+    nets = plan.anatomy.generator.networks
+    mask_weights = sum(p.numel() * 4 for n in (nets.autoencoder, nets.diffusion_unet) for p in n.parameters())
+    assert mask.parts["weights"] == mask_weights
+    ct_weights = sum(os.path.getsize(getattr(plan.config.checkpoints, p)) for p in PARTS)
+    stages = ct_generation.estimate_stages(plan, CPU)
+    assert stages["mask"].host_bytes == mask.host_bytes + ct_weights
+    assert stages["CT"].host_bytes == ct_generation.estimate_ct_memory(plan, CPU).host_bytes + mask_weights
+    assert ct_generation.estimate_memory(plan, CPU).host_bytes == max(s.host_bytes for s in stages.values())

@@ -359,11 +359,13 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def build_sample_mask(plan: AnatomyPlan, seed: int, device: str = "cpu") -> SampleMask:
+def build_sample_mask(
+    plan: AnatomyPlan, seed: int, device: str = "cpu", progress: bool = False
+) -> SampleMask:
     """Retrieve, read, resample (with fallback), augment and place lesions for the sample of ``seed``.
 
     ``device`` is where the augmentation runs (``cpu`` or ``cuda``). With a size request the mask is
-    generated instead (:func:`maisi.masks.generation.generate_mask`).
+    generated instead (:func:`maisi.masks.generation.generate_mask`; ``progress``: its bars).
 
     Raises:
         InputError: no candidate keeps the requested classes on the output grid, a lesion's host is not in
@@ -373,7 +375,7 @@ def build_sample_mask(plan: AnatomyPlan, seed: int, device: str = "cpu") -> Samp
     if plan.generator is not None:
         from maisi.masks.generation import generate_mask
 
-        mask, record = generate_mask(plan.generator, seed)
+        mask, record = generate_mask(plan.generator, seed, progress)
         record["organ_volumes_ml"] = organ_volumes_ml(mask, plan)
         plan._records[seed] = record
         return SampleMask(mask, record, _digest(mask.array))
@@ -434,12 +436,17 @@ def prepare_all(plan: AnatomyPlan, seeds: Sequence[int], device: str = "cpu") ->
 
 
 def sample_mask(
-    plan: AnatomyPlan, seed: int, planned_digest: str | None = None, device: str = "cpu"
+    plan: AnatomyPlan,
+    seed: int,
+    planned_digest: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> SampleMask:
-    """The prepared mask of a seed: the kept one, or built again (checked against ``planned_digest``)."""
+    """The prepared mask of a seed: the kept one, or built again (checked against ``planned_digest``);
+    ``progress``: the bars of a generated mask."""
     if seed in plan._cache:
         return plan._cache.pop(seed)
-    sample = build_sample_mask(plan, seed, device)
+    sample = build_sample_mask(plan, seed, device, progress)
     if planned_digest is not None and sample.digest != planned_digest:
         raise RuntimeError(
             f"seed {seed}: the mask built again differs from the planned one (non-deterministic)"

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from maisi.atomic import write_json
 from maisi.conditioning import BODY_REGIONS, body_region_from_mask
@@ -39,6 +38,7 @@ from maisi.distributed import Ranks, gather
 from maisi.errors import InputError, VolumeError
 from maisi.files import file_sha256
 from maisi.labels import labels_not_in_dict, load_label_dict
+from maisi.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def _index_one(task: _Task) -> _Outcome:
 
 def _run(tasks: list[_Task], workers: int, show_progress: bool) -> list[_Outcome]:
     if workers <= 1 or len(tasks) <= 1:
-        return [_index_one(t) for t in tqdm(tasks, desc="indexing", disable=not show_progress)]
+        return [_index_one(t) for t in progress_bar(tasks, desc="indexing", enabled=show_progress)]
     # fork where available: workers inherit the imported modules (spawn would re-import torch in each)
     context = multiprocessing.get_context(
         "fork" if "fork" in multiprocessing.get_all_start_methods() else None
@@ -354,7 +354,7 @@ def _run(tasks: list[_Task], workers: int, show_progress: bool) -> list[_Outcome
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         chunk = max(1, len(tasks) // (workers * 8))
         outcomes = pool.map(_index_one, tasks, chunksize=chunk)
-        return list(tqdm(outcomes, total=len(tasks), desc="indexing", disable=not show_progress))
+        return list(progress_bar(outcomes, total=len(tasks), desc="indexing", enabled=show_progress))
 
 
 def _is_mask_file(path: Path) -> bool:
