@@ -1,7 +1,8 @@
 """Anatomy mode with a size request (MAISI's Path A): the mask is generated, then the CT from it.
 
-Tiny random networks for the plumbing (a random mask generator gives some mask: the request asks only for
-absences); a crafted generator output (monkeypatched) for what the sizes and the lost-organ check must do.
+Tiny random networks for the plumbing (the seeded random mask generator gives a mask of nearly every label,
+a gallbladder among them); a crafted generator output (monkeypatched) for what the sizes and the lost-organ
+check must do.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def crafted_mask(liver_voxels_per_axis: int) -> np.ndarray:
 
 
 def test_a_size_request_generates_the_mask_then_the_ct_with_the_records(size_config, tmp_path):
-    config = size_config([["hepatic tumor", -1], ["colon", -1]])
+    config = size_config([["hepatic tumor", -1], ["colon", -1], ["gallbladder", 0.2]])
     assert main(["--config", str(config)]) == 0
     out = tmp_path / "out"
     meta = json.loads((out / "sample_seed0.json").read_text())
@@ -111,8 +112,10 @@ def test_a_size_request_generates_the_mask_then_the_ct_with_the_records(size_con
     assert label.shape == image.shape == tuple(GRID["output_size"])
     assert np.allclose(label.spacing, GRID["spacing"]) and np.allclose(label.affine, image.affine)
     record = meta["anatomy"]
-    assert record["request"] == {"controllable_anatomy_size": [["hepatic tumor", -1.0], ["colon", -1.0]]}
-    # nearest row by L1 over the named slots: row 0 (|-1 - -1| + |-1 - 0.5|, first of its tie with row 2),
+    assert record["request"] == {
+        "controllable_anatomy_size": [["hepatic tumor", -1.0], ["colon", -1.0], ["gallbladder", 0.2]]
+    }
+    # nearest row by L1 over the named slots: row 0 (|-1 - -1| + |-1 - 0.5| + |0.2 - 0.2|; row 2: 1.8),
     # then the named values written in
     assert record["size_table_row"] == 0 and record["size_table_distance"] == 1.5
     assert list(record["conditioning_sizes"].values()) == [*TABLE[0][:4], -1, *TABLE[0][5:]]
@@ -206,7 +209,7 @@ def test_the_generated_masks_bars_show_and_no_progress_silences_them(size_config
         marks = ("%|", "it/s", "s/it")
         return [line for line in text.replace("\r", "\n").splitlines() if any(m in line for m in marks)]
 
-    config = size_config([["hepatic tumor", -1], ["colon", -1]])
+    config = size_config([["colon", -1], ["gallbladder", 0.2]])
     assert main(["--config", str(config), "--output-dir", str(tmp_path / "shown")]) == 0
     shown = bars(capfd.readouterr().err)
     # the mask's DDPM (3 steps) and its tiled decode (64^3 labels), then the CT's denoising (2 steps)
@@ -276,3 +279,72 @@ def test_each_stage_counts_the_other_stages_networks(size_config):
     assert stages["mask"].host_bytes == mask.host_bytes + ct_weights
     assert stages["CT"].host_bytes == ct_generation.estimate_ct_memory(plan, CPU).host_bytes + mask_weights
     assert ct_generation.estimate_memory(plan, CPU).host_bytes == max(s.host_bytes for s in stages.values())
+
+
+def _reference_without_livers(tmp_path) -> Path:
+    volumes = np.ones((3, 10))
+    volumes[:, 1] = 0.0  # masks without a liver
+    path = tmp_path / "no_livers.json"
+    path.write_text(json.dumps(reference_json(build_size_reference(volumes), "test: no livers")))
+    return path
+
+
+def _rows_of_9(tmp_path) -> Path:
+    path = tmp_path / "rows_of_9.json"
+    path.write_text(json.dumps([{"organ_size": row[:9]} for row in TABLE]))
+    return path
+
+
+WHERE = "$.anatomy.controllable_anatomy_size"
+
+
+@pytest.mark.parametrize(
+    "sizes, generator, fragment",
+    [
+        ([["liver", 1.5]], {}, f"{WHERE}[0]: size 1.5 of 'liver' is outside [0, 1] and not -1 (absent)"),
+        ([["Liver", 0.5]], {}, f"{WHERE}[0]: unknown name 'Liver'; did you mean 'liver'?"),
+        ([["liver"]], {}, f'{WHERE}[0]: got ["liver"]'),
+        ([[s, 0.5] for s in SIZE_SLOTS] + [["liver", 0.2]], {}, f"{WHERE}: 11 entries; at most 10"),
+        ([["hepatic tumor", -1]], {}, f"{WHERE}: every size is -1 (absent)"),
+        ([], {}, f"{WHERE}: empty, but $.anatomy.mask_generator is set"),
+        ([["liver", 0.5]], {"size_conditions": _rows_of_9}, "row 0 ($[0].organ_size): 9 values, expected 10"),
+        (
+            [["colon", -1], ["liver", 0.5]],
+            {"size_reference": _reference_without_livers},
+            "$.anatomy.mask_generator.size_reference: ",
+        ),
+    ],
+    ids=["size 1.5", "Liver", "no size", "11 entries", "tumour -1 alone", "empty", "rows of 9", "reference"],
+)
+def test_bad_size_requests_exit_2_with_one_message_naming_the_path_and_write_nothing(
+    size_config, tmp_path, capsys, sizes, generator, fragment
+):
+    generator = {key: str(make(tmp_path)) for key, make in generator.items()}
+    assert main(["--config", str(size_config(sizes, **generator))]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    problems = [line for line in err.splitlines() if "$" in line]
+    assert len(problems) == 1, err  # one clear message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_without_a_requested_organ_is_named_with_the_file_and_the_entry(
+    size_config, tmp_path, capsys
+):
+    reference = _reference_without_livers(tmp_path)
+    config = size_config([["colon", -1], ["liver", 0.5]], size_reference=str(reference))
+    assert main(["--config", str(config)]) == 2
+    assert (
+        f"$.anatomy.mask_generator.size_reference: {reference} has no volume of 'liver' "
+        f"($.size_reference.liver is empty), but {WHERE}[1] gives it the size 0.5"
+    ) in capsys.readouterr().err
+    # the same reference serves a request that gives the liver no size
+    assert (
+        main(
+            [
+                "--config",
+                str(size_config([["colon", -1], ["gallbladder", 0.2]], size_reference=str(reference))),
+            ]
+        )
+        == 0
+    )

@@ -136,6 +136,7 @@ _ORDER = (
     "seed",
     "output",
 )
+CHANNEL_MAP = "maisi_label_dict_124_to_132.json"  # packaged in maisi/resources
 _MASK_PRESET = (
     "part of the mask generator: its preset ($.anatomy.mask_generator.preset, maisi-mask-ddpm for MAISI's "
     "files) builds and runs it as MAISI does"
@@ -505,6 +506,34 @@ def _copy_label_dict(job: _Job) -> dict[str, Any] | None:
     return label_dict if isinstance(label_dict, dict) else None
 
 
+def _check_channel_map(job: _Job) -> None:
+    """``label_dict_remap_json`` (decoder channel -> MAISI id) of Path A: maisi's mask presets use MAISI's."""
+    key = "label_dict_remap_json"
+    if job.mode != GENERATE or key not in job.data:
+        return
+    ok, value = job.maybe(key)
+    if not ok:
+        return
+    if not isinstance(value, str):
+        job.refuse(key, f"{value!r} is not a path")
+        return
+    path = job.places.maisi_path(value)
+    try:
+        mapping = read_json(path)
+    except InputError as err:
+        why = str(err).splitlines()[-1].split(": ")[-1]
+        job.skip(key, f"{path} cannot be read ({why}); {_MASK_PRESET}, with MAISI's map (shipped with maisi)")
+        return
+    if mapping == load_json(CHANNEL_MAP):
+        job.skip(key, f"MAISI's channel -> id map, which maisi ships; {_MASK_PRESET}")
+    else:  # another mask model's channels: decoding it with MAISI's map would mislabel every organ
+        job.refuse(
+            key,
+            f"{path} differs from MAISI's channel -> id map ({CHANNEL_MAP}), which maisi's mask presets "
+            "decode with; a mask generator with other channels has no counterpart",
+        )
+
+
 def _fill_released_defaults(job: _Job) -> None:
     """What the MAISI files do not name: the released files where maisi.download puts them."""
     preset = job.t.config["preset"]
@@ -593,6 +622,7 @@ def translate(
     _copy_decoding(job)
     _copy_paths(job)
     label_dict = _copy_label_dict(job)
+    _check_channel_map(job)
     if label_dict is not None and isinstance(job.t.config.get("anatomy", {}).get("anatomy_list"), list):
         where = job.t.config.get("label_dict") or "(MAISI's, shipped with maisi)"
         check_anatomy(

@@ -8,6 +8,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from maisi.config.loader import build_dataclass, fill_defaults, load_schema
 from maisi.masks.size_request import ABSENT, size_request_problems
 from maisi.options import (
     DEFAULT_STEPS,
@@ -213,11 +214,24 @@ def _region_problems(regions: tuple[str, ...]) -> list[str]:
     return problems
 
 
+def _default_mask_generator() -> MaskGeneratorConfig:
+    """``$.anatomy.mask_generator`` as the schema's defaults give it (what an absent block means)."""
+    schema = load_schema("infer")["properties"]["anatomy"]["properties"]["mask_generator"]
+    return build_dataclass(MaskGeneratorConfig, fill_defaults({}, schema))
+
+
 def _size_request_config_problems(anatomy: AnatomyConfig) -> list[str]:
     """MAISI's rules on the size request, and the keys it replaces (explicit where MAISI silently ignores)."""
-    if not anatomy.generates_mask:
-        return []
     where = "$.anatomy.controllable_anatomy_size"
+    if not anatomy.generates_mask:
+        # An empty list retrieves the mask; generator settings would be silently unused: a forgotten request.
+        if anatomy.mask_generator != _default_mask_generator():
+            return [
+                f"{where}: empty, but $.anatomy.mask_generator is set: the mask generator runs only for a "
+                f"size request (e.g. [['liver', 0.5]]); an empty list retrieves the mask from the database, "
+                "so remove $.anatomy.mask_generator for that"
+            ]
+        return []
     problems = size_request_problems(anatomy.controllable_anatomy_size, where)
     # MAISI ignores body_region and anatomy_list when sizes are given; we refuse them instead of ignoring.
     if anatomy.body_region:

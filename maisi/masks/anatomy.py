@@ -191,8 +191,12 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = 
         import torch
 
         from maisi.masks.generation import plan_mask_generation
+        from maisi.masks.sizes import check_reference_covers
 
         generator = plan_mask_generation(config, torch.device(device))
+        if generator.reference is not None:  # the request's sizes must be on the reference's scale
+            where = generator.files["size_reference"]["path"]
+            check_reference_covers(generator.reference, anatomy.controllable_anatomy_size, where)
         ids = tuple(label_dict.get(n, -1) for n in anatomy.required_anatomy)
         return AnatomyPlan(
             None,

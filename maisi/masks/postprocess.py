@@ -13,7 +13,8 @@ The steps, in MAISI's order (NV-Generate-CTMR ``scripts/utils.py``); every morph
    component, the rest becomes body;
 4. **bowel**: stomach, duodenum, small bowel and colon together keep their largest component; small-bowel and
    colon voxels outside it become body;
-5. **fills**: each main organ is closed (its holes filled with itself);
+5. **fills**: each main organ is closed (its holes filled with itself), in MAISI's order, in which the
+   gallbladder comes twice: again after the adrenals, so it takes back what the organs closed after it took;
 6. **per target**: lung tumour 23 (the lobe around it fills the ring the clean-up opened; removed voxels next
    to the tumour return to it; the lobes are closed), hepatic tumour 26 (liver and spleen refill removed
    voxels next to them, the tumour refills removed voxels next to it, the liver complex keeps its largest
@@ -28,7 +29,12 @@ Where we differ from MAISI, on purpose: "largest component" is the largest (MAIS
 components when a label fills more than half of the volume, a side effect of counting the background as a
 component); the liver complex of step 6 is hepatic tumour, vessel and liver together (MAISI's test
 ``tumour + vessel + liver > 1`` is never true for one-label voxels, so its step does nothing but empty its
-record of the target tumour); vessel and airway are restored inside the body only.
+record of the target tumour, and the liver fill then eats a small tumour: the restore of step 7 finds
+nothing to restore); vessel and airway are restored inside the body only (MAISI restores them everywhere,
+bringing back pieces step 1 removed outside the body); a non-target lung tumour becomes the lobe most
+common around each of its pieces (MAISI writes lobe 28, left upper, wherever the tumour is: a piece away
+from that lobe is then a stray component that step 3 turns into body, a hole in the lung); a target lung
+tumour with no labelled voxel around it skips the lobe refill (MAISI's mode of nothing raises).
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ KEEP_ALL_COMPONENTS = (HEPATIC_TUMOUR, 128)  # target tumours MAISI does not red
 # duodenum, aorta, vena cava, adrenals; vertebrae C1-L5 and the rest of 33-59 unless the target is bone.
 MAIN_ORGANS = (1, 4, 10, 12, 3, 28, 29, 30, 31, 32, 5, 14, 13, 6, 7, 8, 9)
 SPINE = tuple(range(33, 60))
+# MAISI's fill list names the gallbladder (10) twice, the second time after the adrenals
+FILL_ORDER = (*MAIN_ORGANS, 10)
 BOWEL = (STOMACH, DUODENUM, SMALL_BOWEL, COLON)
 _HOSTS = {rule.tumour: rule.refill for rule in RULES}  # None: the lobe around a lung tumour
 
@@ -275,7 +283,7 @@ def postprocess_generated_mask(
     step("bowel", before)
 
     before = data.copy()
-    for organ in MAIN_ORGANS + (() if target_tumour == 128 else SPINE):
+    for organ in FILL_ORDER + (() if target_tumour == 128 else SPINE):
         data[_closed(data == organ)] = organ
     step("organ_fill", before)
 

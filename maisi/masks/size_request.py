@@ -6,7 +6,10 @@ No numpy or torch: the config layer calls :func:`size_request_problems` while it
 A request is a list of ``(name, size)`` pairs, e.g. ``[("liver", 0.5), ("hepatic tumor", 0.3)]``. The rules
 are those of MAISI's ``check_input_ct`` (NV-Generate-CTMR ``scripts/sample_mask.py``): at most 10 entries,
 each name one of the 10 slots, no name twice, at most one tumour (counted whatever its size, -1 included),
-each size in [0, 1] or exactly -1.
+each size in [0, 1] or exactly -1. One rule is ours: at least one size that is not -1. A request of only
+absences names nothing the mask must hold (MAISI accepts it, then checks the resampled mask for the absent
+classes and fails, or saves a label filtered down to them, i.e. empty); it is usually -1 misread as "no
+preference".
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ def size_request_problems(entries: Sequence[Any], where: str = WHERE) -> list[st
     Returns:
         The problems; empty when the request is valid.
     """
-    problems: list[str] = []
-    if len(entries) > len(SIZE_SLOTS):
-        problems.append(
+    if len(entries) > len(SIZE_SLOTS):  # MAISI's first check; the entries' own problems would bury it
+        return [
             f"{where}: {len(entries)} entries; at most {len(SIZE_SLOTS)} (one per size slot, as in MAISI)"
-        )
+        ]
+    problems: list[str] = []
     first_seen: dict[str, int] = {}
     tumour_at: int | None = None
     for i, entry in enumerate(entries):
@@ -77,6 +80,13 @@ def size_request_problems(entries: Sequence[Any], where: str = WHERE) -> list[st
             problems.append(f"{here}: size {size!r} is not a number")
         elif size != ABSENT and not 0.0 <= size <= 1.0:
             problems.append(f"{here}: size {size:g} of {name!r} is outside [0, 1] and not -1 (absent)")
+    sizes = [entry[1] for entry in entries if isinstance(entry, Sequence) and len(entry) == 2]
+    if entries and not problems and all(size == ABSENT for size in sizes):
+        problems.append(
+            f"{where}: every size is -1 (absent), so the request names no organ or tumour for the mask to "
+            "hold; give at least one a size in [0, 1] (-1 means absent, not 'no preference'), or leave the "
+            "list empty to retrieve a mask (anatomy_list / body_region)"
+        )
     return problems
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "TUMOUR_SLOTS",
     "SizeSnap",
     "build_size_reference",
+    "check_reference_covers",
     "load_size_reference",
     "load_size_table",
     "organ_volumes_ml",
@@ -243,6 +244,27 @@ def volume_for_size(slot: str, value: float, reference: Mapping[str, np.ndarray]
 
 
 # ------------------------------------------------------------------------------------ the reference file
+
+
+def check_reference_covers(
+    reference: Mapping[str, np.ndarray], request: Sequence[tuple[str, float]], path: str | Path
+) -> None:
+    """Refuse a reference that has no volume of an organ the request gives a size (not -1).
+
+    Such a reference cannot be the scale the request is on (it was built from masks without that organ),
+    and the achieved size of the organ could not be measured on it.
+
+    Raises:
+        InputError: naming the config key, the file, the slot and the request entry.
+    """
+    for i, (name, size) in enumerate(request):
+        if size != ABSENT and len(reference.get(name, ())) == 0:
+            raise InputError(
+                f"$.anatomy.mask_generator.size_reference: {path} has no volume of {name!r} "
+                f"($.size_reference.{name} is empty), but $.anatomy.controllable_anatomy_size[{i}] gives it "
+                f"the size {size:g}: the reference is not the scale of this request (build it from masks "
+                f"that hold a {name}: python -m maisi.masks sizes --build-reference)"
+            )
 
 
 def build_size_reference(volumes: np.ndarray) -> SizeReference:

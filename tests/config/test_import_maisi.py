@@ -692,3 +692,23 @@ def test_validate_accepts_a_shipped_config_and_names_every_problem(tmp_path, cap
     assert "$.num_samples: got 0" in err and "$.sampling.steps: unknown key 'steps'" in err
     assert main(["validate", str(tmp_path / "missing.json"), "--kind", "train"]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_the_channel_map_of_a_size_request_must_be_maisis(tmp_path, capsys):
+    env = write(tmp_path / "NV-Generate-CTMR" / "configs" / "environment_rflow-ct.json", ENVIRONMENT)
+    root = env.parent.parent
+    maisi_map = json.loads((REPO / "maisi/resources/maisi_label_dict_124_to_132.json").read_text())
+    remap = write(root / "configs" / "label_dict_124_to_132.json", maisi_map)
+    maisi = {**CONFIG_INFER, "controllable_anatomy_size": [["liver", 0.5]]}
+    code, _ = run(tmp_path, maisi, "--environment", str(env), "--maisi-root", str(root))
+    captured = capsys.readouterr()
+    assert code == 0 and "label_dict_remap_json: MAISI's channel -> id map, which maisi ships" in captured.out
+    assert "label_dict_remap_json" not in captured.err
+    # another model's channels (liver and spleen swapped): decoding with MAISI's map would mislabel them
+    write(remap, {**maisi_map, "liver": [3, 1], "spleen": [1, 3]})
+    code, output = run(tmp_path, maisi, "--environment", str(env), "--maisi-root", str(root))
+    assert code == 0 and output.is_file()
+    assert (
+        f"NOT translated: label_dict_remap_json: {remap} differs from MAISI's channel -> id map"
+        in capsys.readouterr().err
+    )

@@ -121,3 +121,18 @@ def test_bad_arguments_are_refused():
         postprocess_generated_mask(_body(), 7)
     with pytest.raises(ValueError, match="3D"):
         postprocess_generated_mask(np.zeros((4, 4), dtype=np.uint8))
+
+
+def test_the_gallbladder_takes_back_what_a_later_fill_took_as_maisis_second_gallbladder_fill_does():
+    # A gallbladder sheet (1 voxel thick) sandwiched by two 2 x 2 spleen plates joined through a hole in it:
+    # the gallbladder's fill closes the hole, the spleen's fill (after it) closes the gap between its plates
+    # and takes 2 x 2 of the sheet, and MAISI's second gallbladder fill closes that hole again.
+    spleen = 3
+    mask = _body()
+    mask[10:30, 10:30, 20] = 10
+    mask[19:21, 19:21, 19] = spleen
+    mask[19:21, 19:21, 21] = spleen
+    mask[19, 19, 20] = spleen  # the plates' link through the sheet
+    out, _ = _run(mask)
+    assert (out[10:30, 10:30, 20] == 10).all()  # the sheet whole again
+    assert (out[19:21, 19:21, 19] == spleen).all() and (out[19:21, 19:21, 21] == spleen).all()

@@ -60,6 +60,8 @@ def test_the_slots_are_maisis_names_and_ids():
         ([("liver", -0.5)], "size -0.5 of 'liver' is outside [0, 1]"),
         ([(name, 0.5) for name in SIZE_SLOTS[:5]] * 2 + [("liver", 0.1)], f"{WHERE}: 11 entries; at most 10"),
         ([("liver",)], f"{WHERE}[0]: got ('liver',), expected a [name, size] pair"),
+        ([("hepatic tumor", -1)], f"{WHERE}: every size is -1 (absent), so the request names no organ"),
+        ([("liver", -1), ("colon", -1.0)], f"{WHERE}: every size is -1 (absent)"),
     ],
 )
 def test_bad_requests_are_named(entries, fragment):
@@ -67,10 +69,18 @@ def test_bad_requests_are_named(entries, fragment):
     assert any(fragment in p for p in problems), problems
 
 
+def test_more_than_ten_entries_is_the_one_problem_named():
+    # MAISI checks the length first; eleven entries repeat a slot, and ten repeat messages would bury it
+    entries = [(name, 0.5) for name in SIZE_SLOTS] + [("liver", 0.2)]
+    assert size_request_problems(entries) == [
+        f"{WHERE}: 11 entries; at most 10 (one per size slot, as in MAISI)"
+    ]
+
+
 @pytest.mark.parametrize(
     "entries",
     [
-        [("liver", -1)],
+        [("liver", -1), ("pancreas", 0.0)],
         [("liver", 0), ("gallbladder", 1), ("hepatic tumor", 0.3)],
         [(name, 0.5) for name in SIZE_SLOTS[:6]],  # the five organs and one tumour
         [],
@@ -270,6 +280,22 @@ def test_config_names_every_problem_of_a_request(tmp_path):
         "$.anatomy.anatomy_list: must be empty when",
     ):
         assert fragment in text, text
+
+
+def test_an_empty_request_with_generator_settings_is_refused_not_silently_retrieved(tmp_path):
+    data = _infer_config(
+        tmp_path, controllable_anatomy_size=[], mask_generator={"size_conditions": "sizes.json"}
+    )
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, data)
+    assert err.value.errors == [
+        f"{WHERE}: empty, but $.anatomy.mask_generator is set: the mask "
+        "generator runs only for a size request (e.g. [['liver', 0.5]]); an empty list retrieves the mask "
+        "from the database, so remove $.anatomy.mask_generator for that"
+    ]
+    # an empty list alone is MAISI's retrieval path, and an empty generator block is its default
+    del data["anatomy"]["mask_generator"]["size_conditions"]
+    assert not _load(tmp_path, data).anatomy.generates_mask
 
 
 @pytest.mark.parametrize(
