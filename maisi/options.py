@@ -12,6 +12,7 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
 CompileOption = Literal[True, False, "auto"]  # torch.compile of the UNet and ControlNet
 Sampler = Literal["ddpm", "ddim", "rflow"]
+MaskSampler = Literal["ddpm", "ddim"]  # the mask generator is DDPM-trained
 DecodeMethod = Literal["full", "sliding_window", "tiled"]
 BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]
 Modality = Literal[  # the names of MAISI's modality mapping (maisi_modality_mapping.json), in its order

@@ -397,4 +397,18 @@ def check_sampler(schedule: NoiseSchedule, sampler: Sampler, num_steps: int) -> 
         problems.append(
             f"{num_steps} inference steps exceed the {schedule.num_train_timesteps} training timesteps"
         )
+    elif sampler == "ddpm" and num_steps != schedule.num_train_timesteps:
+        problems.append(ddpm_steps_problem(num_steps, schedule.num_train_timesteps))
     return problems
+
+
+def ddpm_steps_problem(num_steps: int, num_train_timesteps: int) -> str:
+    """Why DDPM cannot take fewer steps than it was trained with (MONAI's scheduler, as of MONAI 1.6)."""
+    # MONAI's DDPMScheduler.step takes alphas_cumprod[t - 1] as the previous noise level whatever the stride,
+    # so with fewer steps every step removes one timestep's worth of noise and the loop ends on a latent
+    # that is still mostly noise (diffusers fixed the same code in its PR 2076). DDIM strides correctly.
+    return (
+        f"sampler 'ddpm' must run all {num_train_timesteps} training timesteps, got {num_steps}: MONAI's "
+        "DDPMScheduler steps from t to t - 1 whatever the stride, so fewer steps end on a latent that is "
+        "still noise; use 'ddim' (same trained UNet, any number of steps) for fewer"
+    )

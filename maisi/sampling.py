@@ -25,7 +25,7 @@ from maisi.conditioning import UNCONDITIONAL_MODALITY
 from maisi.device import autocast
 from maisi.errors import InputError
 from maisi.options import DEFAULT_STEPS, Sampler
-from maisi.presets import NoiseSchedule, check_sampler
+from maisi.presets import NoiseSchedule, check_sampler, ddpm_steps_problem
 from maisi.progress import progress_bar
 
 __all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_scheduler", "set_timesteps"]
@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_schedul
 
 def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
     """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``."""
-    problems = check_sampler(schedule, sampler, 1)
+    problems = check_sampler(schedule, sampler, schedule.num_train_timesteps)
     if problems:
         raise InputError(problems[0])
     if sampler == "rflow":
@@ -60,6 +60,8 @@ def set_timesteps(
     """Set the inference timesteps; rectified flow shifts them by the latent size, as MAISI does."""
     if isinstance(scheduler, RFlowScheduler):
         scheduler.set_timesteps(num_steps, device=device, input_img_size_numel=math.prod(latent_shape[2:]))
+    elif isinstance(scheduler, DDPMScheduler) and num_steps != scheduler.num_train_timesteps:
+        raise ValueError(ddpm_steps_problem(num_steps, scheduler.num_train_timesteps))
     else:
         scheduler.set_timesteps(num_steps, device=device)
 

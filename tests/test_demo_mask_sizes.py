@@ -93,10 +93,12 @@ def fake_generator(monkeypatch, grows: bool, seen: list) -> None:
 def test_measure_reports_each_requests_volumes_sizes_and_the_order(random_generator_config, monkeypatch):
     seen: list = []
     fake_generator(monkeypatch, grows=True, seen=seen)
-    result = bench_mask_sizes.measure(random_generator_config, "liver", [0.2, 0.8], [0, 1], steps=5)
+    result = bench_mask_sizes.measure(
+        random_generator_config, "liver", [0.2, 0.8], [0, 1], steps=5, scheduler="ddim"
+    )
     # each request conditions the UNet on its liver size, every seed, with the steps asked for
     assert seen == [(0.2, 0, 5), (0.2, 1, 5), (0.8, 0, 5), (0.8, 1, 5)]
-    assert result["steps"] == 5 and result["seeds"] == [0, 1]
+    assert result["steps"] == 5 and result["scheduler"] == "ddim" and result["seeds"] == [0, 1]
     small, large = result["requests"]
     spacing = [get_mask_preset(MASK_PRESET).spacing_mm] * 3
     for request, size in ((small, 0.2), (large, 0.8)):
@@ -114,7 +116,8 @@ def test_a_generator_that_inverts_the_sizes_exits_1_with_the_numbers(
 ):
     fake_generator(monkeypatch, grows=False, seen=[])
     out = tmp_path / "bench.json"
-    argv = ["--config", str(random_generator_config), "--seeds", "0", "--steps", "3", "--json", str(out)]
+    argv = ["--config", str(random_generator_config), "--seeds", "0", "--steps", "3", "--scheduler", "ddim"]
+    argv += ["--json", str(out)]
     assert bench_mask_sizes.main(argv) == 1
     printed = capsys.readouterr().out
     assert "order of the means correct: False" in printed and "per seed: 0/1" in printed

@@ -75,6 +75,7 @@ def size_config(tmp_path, tiny_checkpoints, mask_generator):
                 "mask_generator": {
                     "preset": MASK_PRESET,
                     **{k: str(p) for k, p in mask_generator.items()},
+                    "scheduler": "ddim",  # DDPM must run all 1000 steps
                     "num_inference_steps": 3,
                     **generator,
                 },

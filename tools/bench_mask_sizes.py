@@ -1,11 +1,11 @@
 """Measure the size control of a mask generator: ask for one organ at several sizes, report what comes out.
 
     python tools/bench_mask_sizes.py                                   # the demo generator, liver 0.2 vs 0.8
-    python tools/bench_mask_sizes.py --seeds 0 1 2 3 4 5 --steps 1000 --json runs/mask_sizes.json
+    python tools/bench_mask_sizes.py --seeds 0 1 2 3 4 5 --scheduler ddpm --steps 1000 --json runs/mask_sizes.json
 
 For each requested size and seed the generator of ``--config`` (``$.anatomy.mask_generator``; default
-``configs/inference_anatomy_size.json``, which is to ship with the demo mask weights) samples a mask
-exactly as ``maisi.infer`` does (snap to the size table, DDPM, tiled decode, MAISI's post-processing) on
+``configs/inference_anatomy_size.json``, with the demo mask weights) samples a mask exactly as
+``maisi.infer`` does (snap to the size table, the config's sampler, tiled decode, MAISI's post-processing) on
 its own grid; the organ's volume (mL) and its size on the generator's size reference (the percentile
 scale) are reported per seed and on average, and whether larger requests gave larger organs: on the means,
 and seed by seed (a seed starts from the same noise).
@@ -32,7 +32,14 @@ from maisi.masks.postprocess import postprocess_generated_mask  # noqa: E402
 from maisi.masks.sizes import SIZE_SLOTS, organ_volumes_ml, size_of_volume  # noqa: E402
 
 
-def measure(config_path: Path, organ: str, sizes: list[float], seeds: list[int], steps: int | None) -> dict:
+def measure(
+    config_path: Path,
+    organ: str,
+    sizes: list[float],
+    seeds: list[int],
+    steps: int | None,
+    scheduler: str | None = None,
+) -> dict:
     """Generate one mask per (size, seed) and measure ``organ`` in it.
 
     Args:
@@ -40,7 +47,8 @@ def measure(config_path: Path, organ: str, sizes: list[float], seeds: list[int],
         organ: a size slot, e.g. ``"liver"``.
         sizes: the requested sizes, each in [0, 1].
         seeds: one mask per seed and size.
-        steps: DDPM steps (None: the config's).
+        steps: sampler steps (None: the config's).
+        scheduler: ``"ddpm"`` or ``"ddim"`` (None: the config's).
 
     Returns:
         ``{"organ", "steps", "requests": [{"size", "volumes_ml", "sizes", "mean_ml", "mean_size",
@@ -50,6 +58,8 @@ def measure(config_path: Path, organ: str, sizes: list[float], seeds: list[int],
     slot = SIZE_SLOTS.index(organ)
     device = torch.device("cpu")
     generator = config.anatomy.mask_generator
+    if scheduler is not None:
+        generator = dataclasses.replace(generator, scheduler=scheduler)
     if steps is not None:
         generator = dataclasses.replace(generator, num_inference_steps=steps)
     requests = []
@@ -89,7 +99,8 @@ def measure(config_path: Path, organ: str, sizes: list[float], seeds: list[int],
         "config": str(config_path),
         "organ": organ,
         "seeds": seeds,
-        "steps": generator.num_inference_steps,
+        "scheduler": generator.scheduler,
+        "steps": generator.steps,
         "requests": requests,
         "mean_order_correct": all(a < b for a, b in zip(means, means[1:])),
         "seed_order_correct": per_seed,
@@ -103,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--organ", default="liver", choices=SIZE_SLOTS)
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.2, 0.8])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--steps", type=int, default=None, help="DDPM steps (default: the config's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
+    parser.add_argument("--scheduler", choices=["ddpm", "ddim"], default=None, help="default: the config's")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    result = measure(args.config, args.organ, args.sizes, args.seeds, args.steps)
-    print(f"{args.organ}, {result['steps']} DDPM steps, seeds {args.seeds} ({args.config})")
+    result = measure(args.config, args.organ, args.sizes, args.seeds, args.steps, args.scheduler)
+    print(f"{args.organ}, {result['scheduler']} {result['steps']} steps, seeds {args.seeds} ({args.config})")
     for r in result["requests"]:
         print(
             f"  asked {r['size']:.2f}: mean {r['mean_ml']:7.1f} mL, size {r['mean_size']}  "

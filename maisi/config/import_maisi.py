@@ -427,6 +427,15 @@ def _path_keys(job: _Job) -> dict[str, str]:
             job.t.put(
                 "mask_generation_num_inference_steps", "anatomy.mask_generator.num_inference_steps", steps
             )
+            if isinstance(steps, int) and steps != 1000:
+                # MAISI samples the mask with MONAI's DDPMScheduler, which cannot stride: its masks at fewer
+                # steps come from a still-noisy latent. DDIM takes such a count; DDPM here would be refused.
+                job.t.config["anatomy"]["mask_generator"]["scheduler"] = "ddim"
+                job.t.notes.append(
+                    f"$.anatomy.mask_generator.scheduler: ddim, for MAISI's {steps} mask DDPM steps (MONAI's "
+                    "DDPMScheduler cannot stride: MAISI's masks at fewer than 1000 steps start from a noisy "
+                    "latent)"
+                )
     else:
         why = PATH_A if job.mode == RETRIEVE else NO_MASK
         unused.update(dict.fromkeys((*MASK_GENERATOR, "mask_generation_num_inference_steps"), why))
@@ -643,10 +652,13 @@ def translate(
         else:
             job.refuse(key, "no counterpart in maisi.infer")
     steps = job.t.config.get("sampling", {}).get("num_inference_steps")
-    if job.t.config["preset"] == "maisi-ct-ddpm" and isinstance(steps, int) and steps < 1000:
+    sampling = job.t.config.get("sampling", {})
+    ddpm = sampling.get("scheduler", "ddpm") == "ddpm"
+    if job.t.config["preset"] == "maisi-ct-ddpm" and ddpm and isinstance(steps, int) and steps < 1000:
+        sampling["scheduler"] = "ddim"  # DDPM with fewer steps would be refused (see presets.check_sampler)
         job.t.notes.append(
-            f"{steps} DDPM steps: MAISI's DDPM model was sampled with 1000; with fewer, consider "
-            '"sampling": {"scheduler": "ddim"}'
+            f"$.sampling.scheduler: ddim, for MAISI's {steps} DDPM steps (MONAI's DDPMScheduler cannot "
+            "stride, so MAISI's own images at fewer than 1000 steps start from a noisy latent)"
         )
     job.t.config = {k: job.t.config[k] for k in _ORDER if k in job.t.config}
     return job.t

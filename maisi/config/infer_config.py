@@ -18,6 +18,7 @@ from maisi.options import (
     CompileOption,
     DecodeMethod,
     DeviceName,
+    MaskSampler,
     Modality,
     Precision,
     Sampler,
@@ -89,7 +90,13 @@ class MaskGeneratorConfig:
     diffusion_unet: str | None
     size_conditions: str | None
     size_reference: str | None
-    num_inference_steps: int
+    scheduler: MaskSampler
+    num_inference_steps: int | None
+
+    @property
+    def steps(self) -> int:
+        """The sampler's steps: as configured, else 1000 for DDPM (MAISI's) and 50 for DDIM."""
+        return self.num_inference_steps or DEFAULT_STEPS[self.scheduler]
 
 
 @dataclass(frozen=True)

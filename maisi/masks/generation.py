@@ -50,6 +50,8 @@ from maisi.masks.sizes import (
     snap_to_table,
     target_tumour_id,
 )
+from maisi.options import MaskSampler
+from maisi.presets import check_sampler
 from maisi.sampling import denoise, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,6 @@ RELEASED_GENERATOR = {
     "size_conditions": "models/maisi/datasets/all_anatomy_size_conditions.json",
 }
 RELEASED_CT_PRESETS = ("maisi-ct-ddpm", "maisi-ct-rflow")
-MAISI_MASK_STEPS = 1000  # the mask model's training timesteps; MAISI always samples all of them
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class MaskGenerationPlan:
         reference: size reference for reporting achieved sizes, or None.
         files: path and SHA-256 of every file the masks depend on (part of the job's identity).
         output_size, spacing: the output grid.
-        num_steps: DDPM steps.
+        sampler: ``"ddpm"`` (MAISI's, all training timesteps) or ``"ddim"``.
+        num_steps: the sampler's steps.
         device: where the networks run.
     """
 
@@ -92,6 +94,7 @@ class MaskGenerationPlan:
     files: dict[str, dict[str, str]]
     output_size: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    sampler: MaskSampler
     num_steps: int
     device: torch.device
 
@@ -155,13 +158,9 @@ def plan_mask_generation(config: InferConfig, device: torch.device) -> MaskGener
         reference = load_size_reference(paths["size_reference"])
     networks = load_mask_networks(preset, paths["autoencoder"], paths["diffusion_unet"], device)
     snap = snap_to_table(anatomy.controllable_anatomy_size, table)
-    if generator.num_inference_steps < MAISI_MASK_STEPS:
-        log.warning(
-            "mask generation with %d DDPM steps: MAISI's mask model is sampled with %d; fewer steps give "
-            "masks the model was not trained to give",
-            generator.num_inference_steps,
-            MAISI_MASK_STEPS,
-        )
+    problems = check_sampler(preset.schedule, generator.scheduler, generator.steps)
+    if problems:
+        raise InputError(f"$.anatomy.mask_generator.num_inference_steps: {problems[0]}")
     names = dict(zip(SIZE_SLOTS, SLOT_IDS))
     return MaskGenerationPlan(
         preset=preset,
@@ -173,7 +172,8 @@ def plan_mask_generation(config: InferConfig, device: torch.device) -> MaskGener
         files={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in paths.items()},
         output_size=config.output_size,
         spacing=config.spacing,
-        num_steps=generator.num_inference_steps,
+        sampler=generator.scheduler,
+        num_steps=generator.steps,
         device=device,
     )
 
@@ -187,7 +187,7 @@ def sample_mask_labels(plan: MaskGenerationPlan, seed: int, progress: bool = Fal
     context = torch.tensor(plan.snap.final, dtype=torch.float32).reshape(1, 1, -1).to(device)
     latent = denoise(
         nets.diffusion_unet,
-        make_scheduler(plan.preset.schedule, "ddpm"),
+        make_scheduler(plan.preset.schedule, plan.sampler),
         noise.to(device),
         plan.num_steps,
         {"context": context},
@@ -242,7 +242,12 @@ def generate_mask(
         "size_table_distance": round(plan.snap.distance, 6),
         "snapped_sizes": dict(zip(SIZE_SLOTS, plan.snap.snapped)),
         "conditioning_sizes": dict(zip(SIZE_SLOTS, plan.snap.final)),
-        "generator": {"preset": plan.preset.name, "steps": plan.num_steps, "files": plan.files},
+        "generator": {
+            "preset": plan.preset.name,
+            "sampler": plan.sampler,
+            "steps": plan.num_steps,
+            "files": plan.files,
+        },
         "post_processing": post,
         "achieved": _achieved(cleaned, native.spacing, plan),
     }

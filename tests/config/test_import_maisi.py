@@ -262,7 +262,8 @@ def test_without_environment_points_at_the_downloaded_release(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "--variant ddpm-ct" in out and "--with-mask-archive" in out
-    assert "30 DDPM steps: MAISI's DDPM model was sampled with 1000" in out
+    assert "$.sampling.scheduler: ddim, for MAISI's 30 DDPM steps" in out
+    assert config["sampling"]["scheduler"] == "ddim"  # DDPM at 30 steps is refused: MONAI's cannot stride
 
 
 def test_bundle_inference_json_references_resolved_code_named(tmp_path, capsys):
@@ -363,6 +364,7 @@ def test_size_request_translates_to_mask_generation_with_its_files_and_guidance(
         "controllable_anatomy_size": sizes,
         "mask_generator": {
             "num_inference_steps": 100,
+            "scheduler": "ddim",
             "autoencoder": models + "mask_generation_autoencoder.pt",
             "diffusion_unet": models + "mask_generation_diffusion_unet_v2.pt",
             "size_conditions": datasets + "all_anatomy_size_conditions.json",
@@ -394,6 +396,7 @@ def test_size_request_without_environment_points_at_the_released_mask_generator(
     anatomy = json.loads(output.read_text())["anatomy"]
     assert anatomy["mask_generator"] == {
         "num_inference_steps": 100,
+        "scheduler": "ddim",
         "autoencoder": "../w/mask_generation_autoencoder.pt",
         "diffusion_unet": "../w/mask_generation_diffusion_unet.pt",
         "size_conditions": "../w/datasets/all_anatomy_size_conditions.json",

@@ -244,7 +244,8 @@ def test_schema_parse_round_trip_of_the_size_keys(tmp_path):
     config = _load(tmp_path, _infer_config(tmp_path))
     assert config.anatomy.controllable_anatomy_size == () and not config.anatomy.generates_mask
     generator = config.anatomy.mask_generator
-    assert generator.size_conditions is None and generator.num_inference_steps == 1000
+    assert generator.size_conditions is None and generator.num_inference_steps is None
+    assert generator.scheduler == "ddpm" and generator.steps == 1000  # MAISI's
     assert generator.preset is generator.autoencoder is generator.size_reference is None
 
 
@@ -252,14 +253,18 @@ def test_the_parsed_request(tmp_path):
     data = _infer_config(
         tmp_path,
         controllable_anatomy_size=[["liver", 1], ["hepatic tumor", 0.3], ["colon", -1]],
-        mask_generator={"size_conditions": "tables/sizes.json", "num_inference_steps": 50},
+        mask_generator={
+            "size_conditions": "tables/sizes.json",
+            "scheduler": "ddim",
+            "num_inference_steps": 50,
+        },
     )
     anatomy = _load(tmp_path, data).anatomy
     assert anatomy.controllable_anatomy_size == (("liver", 1.0), ("hepatic tumor", 0.3), ("colon", -1.0))
     assert isinstance(anatomy.controllable_anatomy_size[0][1], float) and anatomy.generates_mask
     assert anatomy.required_anatomy == ("liver", "hepatic tumor")  # -1: asked to be absent
     assert anatomy.mask_generator.size_conditions == str((tmp_path / "tables" / "sizes.json").resolve())
-    assert anatomy.mask_generator.num_inference_steps == 50
+    assert anatomy.mask_generator.num_inference_steps == 50 and anatomy.mask_generator.steps == 50
 
 
 def test_config_names_every_problem_of_a_request(tmp_path):
