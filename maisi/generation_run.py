@@ -60,7 +60,7 @@ from maisi.generation_files import (
     why_not_finished,
 )
 from maisi.generation_inputs import GenerationInput, expand_inputs
-from maisi.intensity import output_mapping
+from maisi.intensity import is_mr, output_mapping
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
 from maisi.quality import mask_fidelity
@@ -287,6 +287,11 @@ def check_no_foreign_samples(job: Job) -> None:
             )
 
 
+def _range_key(modality: str) -> str:
+    """The metadata key of a sample's voxel range: HU for CT, arbitrary units for MR (no HU)."""
+    return "mr_units_min_max" if is_mr(modality) else "hu_min_max"
+
+
 def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, Any]:
     """Generate one sample from its input's plan and write its files; the metadata JSON, with their
     checksums, goes last."""
@@ -316,7 +321,8 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
         "shape": list(ct.shape),
         "spacing_mm": [round(s, 6) for s in ct.spacing],
         "affine": ct.affine.tolist(),
-        "hu_min_max": [int(ct.array.min()), int(ct.array.max())],
+        # CT's range is in HU (users read "hu_min_max"); MR's is in arbitrary units, so it says so
+        _range_key(plan.conditions.modality): [int(ct.array.min()), int(ct.array.max())],
         "intensity": output_mapping(plan.conditions.modality),  # how decoded [0, 1] became these voxels
         "conditions": dataclasses.asdict(plan.conditions),
         "sampler": {"scheduler": plan.config.sampler, "num_inference_steps": plan.config.num_inference_steps},
@@ -576,13 +582,15 @@ def _generate(job: Job, samples: list[Sample], states: dict[int, _Done | str]) -
             results[sample.index] = f"{type(e).__name__}: {e}"
             continue
         quality = describe_quality(meta["quality_check"])
-        total_s, hu = meta["timings_s"]["total"], meta["hu_min_max"]
+        modality = meta["conditions"]["modality"]
+        units = "MR units" if is_mr(modality) else "HU"
         log.info(
-            "%s: wrote %s in %.1f s (HU %s; %s)",
+            "%s: wrote %s in %.1f s (%s %s; %s)",
             label,
             sample.files["image"].name,
-            total_s,
-            hu,
+            meta["timings_s"]["total"],
+            units,
+            meta[_range_key(modality)],
             quality,
         )
         results[sample.index] = _Done(True, (meta.get("quality_check") or {}).get("passed"))

@@ -80,7 +80,7 @@ def fake_generate(bad_seeds: set[int]):
 
 
 def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(
-    infer_config, tmp_path, monkeypatch
+    infer_config, tmp_path, monkeypatch, caplog
 ):
     from maisi import generation
 
@@ -93,6 +93,7 @@ def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(
     assert [t["failed"] for t in tries] == [["liver"], ["liver"], []] and meta["quality_check"]["passed"]
     assert tries[0]["organs"]["liver"]["median_hu"] == -500 and tries[2]["organs"]["lung"]["passed"]
     assert meta["timings_s"]["sampling"] == 3.0  # all tries counted
+    assert meta["hu_min_max"] == [-800, 50] and "(HU [-800, 50];" in caplog.text  # CT's range is in HU
     image = read_volume(out / "sample_seed5_image.nii.gz")
     assert np.all(
         image.array[read_volume(out / "sample_seed5_label.nii.gz").array == 1] == 50

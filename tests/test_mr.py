@@ -289,6 +289,10 @@ def test_generated_mr_is_mapped_as_maisi_and_not_hu_checked(mr_checkpoints, tmp_
     assert image.array.dtype == np.int16 and image.array.min() >= 0 and image.shape == (32, 32, 16)
     meta = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())
     assert meta["intensity"]["kind"] == "mr" and meta["intensity"]["unit_to"] == [0.0, 1000.0]
+    # the range is recorded and logged in MR units, never called HU
+    assert meta["mr_units_min_max"] == [int(image.array.min()), int(image.array.max())]
+    assert "hu_min_max" not in meta
+    assert f"(MR units {meta['mr_units_min_max']};" in caplog.text and "(HU [" not in caplog.text
     quality = meta["quality_check"]
     assert quality["passed"] is None and quality["reason"].startswith("MR output (modality 'mri_t1')")
     assert "1 not checked" in caplog.text
