@@ -78,6 +78,7 @@ from maisi.atomic import write_json
 from maisi.cli import EXIT_OK, new_parser, run_guarded, setup_cli
 from maisi.errors import InputError, RunFailure
 from maisi.files import ChecksumMismatch, check_file, install_verified, require_free_space
+from maisi.progress import shown
 from maisi.resources import load_json
 
 PROG = "maisi.download"
@@ -308,7 +309,8 @@ def _bounded_bar(name: str, limit: int | None) -> type[tqdm]:
         def __init__(self, *args: Any, **kwargs: Any):
             self._bounded = limit is not None and "bar_format" not in kwargs
             self._received = int(kwargs.get("initial") or 0)
-            kwargs.setdefault("disable", None)  # no bar when not on a terminal
+            # no bar with --no-progress (maisi.progress), nor when not on a terminal
+            kwargs["disable"] = kwargs.get("disable") if shown() else True
             kwargs["leave"] = False
             super().__init__(*args, **kwargs)
 

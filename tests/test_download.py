@@ -18,6 +18,7 @@ import random
 import re
 import socket
 import stat
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -479,6 +480,29 @@ def test_broken_transfer_is_resumed_within_the_run(hub, tmp_path):
     gets = hub.requests("GET", name)
     assert [(g["range"], g["status"]) for g in gets] == [(None, 200), (f"bytes={10 * MiB}-", 206)]
     assert (tmp_path / "d" / name).read_bytes() == data
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal: the download bar (tqdm ``disable=None``) shows only on one."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _bar_lines(text: str) -> list[str]:
+    return [line for line in text.replace("\r", "\n").splitlines() if "%|" in line or "B/s" in line]
+
+
+def test_no_progress_silences_the_download_bar(hub, tmp_path, monkeypatch):
+    shown, quiet = _Terminal(), _Terminal()
+    monkeypatch.setattr(sys, "stderr", shown)
+    assert fetch(hub.base_url, tmp_path / "shown") == 0
+    assert any(PINNED in line for line in _bar_lines(shown.getvalue())), shown.getvalue()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert fetch(hub.base_url, tmp_path / "quiet", "--no-progress", cache=tmp_path / "cache2") == 0
+    assert all(len(hub.requests("GET", name)) == 2 for name in RFLOW)  # downloaded again, not linked
+    assert _bar_lines(quiet.getvalue()) == [], quiet.getvalue()
+    assert_installed(tmp_path / "quiet")
 
 
 def test_unwritable_dest_bad_lock_and_bad_variant_exit_2(tmp_path, capsys):

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from maisi.config import to_jsonable
 from maisi.config.train_config import OptimizerConfig, TrainConfig
 from maisi.distributed import Ranks
 from maisi.errors import InputError, TrainingDiverged
+from maisi.progress import progress_bar
 from maisi.training.state import TrainState, save_train_state
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ def train(
                 writer.add_image(f"val/{k}", img[None], step)
 
     steps = range(start, config.steps)
-    bar = tqdm(steps, initial=start, total=config.steps, desc=stage.name, disable=not ranks.is_main)
+    # rank 0's bar, unless --no-progress (maisi.progress)
+    bar = progress_bar(steps, enabled=ranks.is_main, initial=start, total=config.steps, desc=stage.name)
     draw = stage.batch_draw()
     t0, done = time.perf_counter(), 0
     # closing: the workers stop when training stops, by success or by error

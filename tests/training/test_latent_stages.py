@@ -83,6 +83,25 @@ def test_diffusion_from_scratch_writes_a_checkpoint_infer_loads(
     assert meta["scale_factor"] == pytest.approx(weights.scale_factor)
 
 
+def _bar_lines(text: str) -> list[str]:
+    return [
+        line
+        for line in text.replace("\r", "\n").splitlines()
+        if any(m in line for m in ("%|", "it/s", "s/it"))
+    ]
+
+
+def test_no_progress_silences_the_training_bar(train_config, tmp_path, capfd):
+    shown = train_config("shown.json", output_dir=str(tmp_path / "shown"), steps=1, tensorboard=False)
+    assert main(["diffusion", "--config", str(shown)]) == 0
+    assert any("diffusion" in line for line in _bar_lines(capfd.readouterr().err))
+    quiet = train_config("quiet.json", output_dir=str(tmp_path / "quiet"), steps=1, tensorboard=False)
+    assert main(["diffusion", "--config", str(quiet), "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert _bar_lines(err) == [], err
+    assert (tmp_path / "quiet" / "diffusion_unet.pt").is_file()
+
+
 @pytest.mark.parametrize("stage", ["diffusion", "controlnet"])
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(stage, train_config, tmp_path):
     extra = (
