@@ -154,6 +154,20 @@ def test_the_snapped_sizes_condition_the_unet_and_the_achieved_size_is_measured(
     assert record["organ_volumes_ml"]["liver"] > 0
 
 
+def test_a_slot_the_size_reference_lacks_has_a_null_size_with_its_reason(
+    size_config, mask_generator, tmp_path, monkeypatch
+):
+    reference = json.loads(mask_generator["size_reference"].read_text())
+    reference["size_reference"]["bone lesion"] = []  # no training mask held a bone lesion
+    path = tmp_path / "no_bone_lesion.json"
+    path.write_text(json.dumps(reference))
+    monkeypatch.setattr(generation, "sample_mask_labels", lambda plan, seed, progress=False: crafted_mask(16))
+    assert main(["--config", str(size_config([["liver", 0.7]], size_reference=str(path)))]) == 0
+    achieved = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())["anatomy"]["achieved"]
+    assert achieved["sizes"]["bone lesion"] is None and 0 < achieved["sizes"]["liver"] < 1
+    assert achieved["reasons"] == {"bone lesion": "not checked: the size reference has no bone lesion"}
+
+
 def test_an_organ_lost_by_the_resampling_fails_the_sample_naming_it(
     size_config, tmp_path, monkeypatch, capsys
 ):

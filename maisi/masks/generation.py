@@ -199,18 +199,22 @@ def sample_mask_labels(plan: MaskGenerationPlan, seed: int, progress: bool = Fal
 
 
 def _achieved(mask: np.ndarray, spacing: tuple[float, ...], plan: MaskGenerationPlan) -> dict[str, Any]:
-    """Volume (mL) and, with a reference, size of each slot's organ in the generated mask."""
+    """Volume (mL) and, with a reference, size of each slot's organ in the generated mask (a null size with
+    its reason where the reference has no volumes of that organ)."""
     volumes = organ_volumes_ml(mask, spacing)
     out: dict[str, Any] = {"volumes_ml": {s: round(float(v), 3) for s, v in zip(SIZE_SLOTS, volumes)}}
     if plan.reference is None:
         out["sizes"] = None
         out["reason"] = "not checked: no $.anatomy.mask_generator.size_reference to put volumes on the scale"
         return out
-    sizes = {}
+    sizes, reasons = {}, {}
     for slot, volume in zip(SIZE_SLOTS, volumes):
         known = plan.reference.get(slot) is not None and len(plan.reference[slot]) > 0
         sizes[slot] = round(size_of_volume(slot, float(volume), plan.reference), 4) if known else None
+        if not known:  # no volumes to rank it among: a null size says why
+            reasons[slot] = f"not checked: the size reference has no {slot}"
     out["sizes"] = sizes
+    out["reasons"] = reasons  # slot -> why its size is null (empty when every slot was measured)
     return out
 
 
