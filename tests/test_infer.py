@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from maisi import device as device_module
-from maisi import generation, generation_run, infer
+from maisi import generation, generation_memory, generation_run, infer
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.errors import InputError
@@ -367,7 +367,7 @@ def image_only(infer_config, size: int):
 def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(
     infer_config, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(generation, "available_ram_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: 64 << 30)
     monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: False)  # float32 intermediates
     config = image_only(infer_config, 2048)
     for flags in ((), ("--dry-run",)):
@@ -402,10 +402,11 @@ def test_a_grid_too_large_for_the_gpu_is_refused(infer_config, monkeypatch):
 def test_when_only_the_tiled_decoder_does_not_fit_the_refusal_says_so(infer_config, monkeypatch):
     plan = generation.plan_generation(load_config(infer_config(), "infer"))
     tiled = generation.estimate_memory(plan, torch.device("cpu")).host_bytes
-    monkeypatch.setattr(generation, "available_ram_bytes", lambda: tiled - 1)
+    monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: tiled - 1)
     with pytest.raises(InputError, match="set \\$.decoding.method to 'sliding_window'"):
         generation.check_memory(plan, torch.device("cpu"))
-    monkeypatch.setattr(generation, "available_ram_bytes", lambda: 1000)  # nothing fits: no such advice
+    # nothing fits: no such advice
+    monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: 1000)
     with pytest.raises(InputError, match="; generate a smaller grid"):
         generation.check_memory(plan, torch.device("cpu"))
 

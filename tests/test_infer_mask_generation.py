@@ -240,6 +240,7 @@ def test_a_mask_stage_that_cannot_fit_is_refused_with_exit_2_and_nothing_written
     size_config, tmp_path, monkeypatch, capsys
 ):
     from maisi import generation as ct_generation
+    from maisi import generation_memory
     from maisi.config import load_config
 
     config = size_config([["liver", 0.5]])
@@ -248,7 +249,7 @@ def test_a_mask_stage_that_cannot_fit_is_refused_with_exit_2_and_nothing_written
     assert list(stages) == ["mask", "CT"]  # in the order they run
     mask_need, ct_need = stages["mask"].host_bytes, stages["CT"].host_bytes
     assert ct_need < mask_need  # the tiny CT grid fits where the 64^3 mask decode does not
-    monkeypatch.setattr(ct_generation, "available_ram_bytes", lambda: mask_need - 1)
+    monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: mask_need - 1)
     for flags in ((), ("--dry-run",)):
         assert main(["--config", str(config), *flags]) == 2
         err = capsys.readouterr().err
@@ -258,12 +259,13 @@ def test_a_mask_stage_that_cannot_fit_is_refused_with_exit_2_and_nothing_written
         ), err
         assert f"mask preset '{MASK_PRESET}'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(ct_generation, "available_ram_bytes", lambda: mask_need)
+    monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: mask_need)
     assert main(["--config", str(config)]) == 0
 
 
 def test_a_ct_stage_that_cannot_fit_after_a_generated_mask_is_named(size_config, monkeypatch):
     from maisi import generation as ct_generation
+    from maisi import generation_memory
     from maisi.config import load_config
     from maisi.masks import memory
 
@@ -271,7 +273,7 @@ def test_a_ct_stage_that_cannot_fit_after_a_generated_mask_is_named(size_config,
     small = memory.MaskStageMemory(1000, 0, {"weights": 10})  # a mask stage that fits anywhere
     monkeypatch.setattr(memory, "estimate_mask_memory", lambda generator: small)
     ct_need = ct_generation.estimate_stages(plan, CPU)["CT"].host_bytes
-    monkeypatch.setattr(ct_generation, "available_ram_bytes", lambda: ct_need - 1)
+    monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: ct_need - 1)
     with pytest.raises(
         InputError, match=r"^\$\.output_size: the CT stage on a 48 x 48 x 48 grid needs at least"
     ):

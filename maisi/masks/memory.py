@@ -1,9 +1,9 @@
 """The memory a generated mask needs (MAISI's Path A), estimated before any work.
 
 With ``$.anatomy.controllable_anatomy_size`` each sample first makes its mask, then its CT;
-:func:`maisi.generation.check_memory` judges both stages and asks this module for the first. Like the CT's,
-the estimate is a lower bound of what the stage allocates (not the process's baseline nor the allocator's
-slack): a run refused that would have fit is worse than one that stops later.
+:func:`maisi.generation_memory.check_memory` judges both stages and asks this module for the first. Like
+the CT's, the estimate is a lower bound of what the stage allocates (not the process's baseline nor the
+allocator's slack): a run refused that would have fit is worse than one that stops later.
 
 Measured on a CPU (one thread, shared machine; random weights of ``maisi-mask-ddpm``, peak RSS over the RSS
 before the step): the 64^3 streamed decode 1536 MB (estimate 1252, 0.82), at 32^3 833 MB (611, 0.73); one
