@@ -11,31 +11,64 @@ import torch
 
 from maisi.checkpoints import save_checkpoint
 from maisi.data.io import Volume, write_volume
-from maisi.networks import PARTS, build_network, get_preset
+from maisi.networks import build_network, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESETS = ("tiny-rflow", "tiny-ddpm")
+
+
+def seeded_checkpoints(folder: Path, name: str) -> dict[str, Path]:
+    """{part: path} of every part of preset ``name``: random weights drawn after ``torch.manual_seed(0)``,
+    in our checkpoint format (the UNet's scale_factor 1.0)."""
+    preset = get_preset(name)
+    torch.manual_seed(0)
+    return {
+        part: save_checkpoint(
+            folder / f"{part}.pt",
+            build_network(preset, part),
+            preset,
+            part,
+            scale_factor=1.0 if part == "diffusion_unet" else None,
+        )
+        for part in preset.parts
+    }
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """{preset: {part: path}} of seeded random-weight checkpoints in our format (scale_factor 1.0)."""
     root = tmp_path_factory.mktemp("checkpoints")
-    out: dict[str, dict[str, Path]] = {}
-    for name in TINY_PRESETS:
-        preset = get_preset(name)
-        torch.manual_seed(0)
-        out[name] = {
-            part: save_checkpoint(
-                root / name / f"{part}.pt",
-                build_network(preset, part),
-                preset,
-                part,
-                scale_factor=1.0 if part == "diffusion_unet" else None,
-            )
-            for part in PARTS
-        }
-    return out
+    return {name: seeded_checkpoints(root / name, name) for name in TINY_PRESETS}
+
+
+@pytest.fixture(scope="session")
+def tiny_mr_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """{part: path} of seeded random-weight tiny-mr-rflow checkpoints: no ControlNet part (MR is
+    image-only)."""
+    return seeded_checkpoints(tmp_path_factory.mktemp("mr-checkpoints"), "tiny-mr-rflow")
+
+
+def mr_infer_config(folder: Path, checkpoints: dict[str, Path], **changes) -> Path:
+    """``folder / "infer.json"``: one 32 x 32 x 16 mri_t1 sample of tiny-mr-rflow (2 steps, CPU) into
+    ``folder / "out"``, with ``changes`` applied at the top level."""
+    data = {
+        "preset": "tiny-mr-rflow",
+        "checkpoints": {part: str(p) for part, p in checkpoints.items()},
+        "output_size": [32, 32, 16],
+        "spacing": [1.25, 1.0, 1.0],
+        "modality": "mri_t1",
+        "sampling": {"num_inference_steps": 2},
+        "output": {"dir": str(folder / "out")},
+        "device": "cpu",
+        **changes,
+    }
+    return write_config(folder / "infer.json", data)
+
+
+def mr_like(seed: int = 0, shape=(32, 32, 16)) -> np.ndarray:
+    """Positive intensities with a long bright tail, like an MR volume (arbitrary units)."""
+    rng = np.random.default_rng(seed)
+    return (rng.gamma(2.0, 150.0, size=shape) + 20.0).astype(np.float32)
 
 
 def phantom_mask(shape=(32, 32, 16)) -> np.ndarray:

@@ -12,58 +12,23 @@ import SimpleITK as sitk
 import torch
 
 from maisi import evaluate, infer
-from maisi.checkpoints import save_checkpoint
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.fid import load_feature_network, modality_mix_problem, volume_features
-from maisi.networks import build_network, get_preset
 from maisi.preview import display_windows
-from tests.conftest import write_config
+from tests.conftest import mr_infer_config, mr_like, write_config
 from tests.test_evaluation import torchvision_layout
 
-TINY_MR = "tiny-mr-rflow"
 CPU = torch.device("cpu")
 AFFINE = np.diag([1.25, 1.0, 1.0, 1.0])
 FID = {"slice_step": 8, "image_size": 32}
 
 
-def mr_like(seed: int, shape=(32, 32, 16)) -> np.ndarray:
-    """Positive intensities with a long bright tail, like an MR volume (arbitrary units)."""
-    rng = np.random.default_rng(seed)
-    return (rng.gamma(2.0, 150.0, size=shape) + 20.0).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
+def inputs(tmp_path_factory, tiny_mr_checkpoints) -> dict[str, Path]:
     """Two generated MR samples (tiny-mr-rflow, with metadata), real MR and CT datalists, FID weights."""
     root = tmp_path_factory.mktemp("evaluation-mr")
-    preset = get_preset(TINY_MR)
-    torch.manual_seed(0)
-    checkpoints = {
-        part: str(
-            save_checkpoint(
-                root / f"{part}.pt",
-                build_network(preset, part),
-                preset,
-                part,
-                scale_factor=1.0 if part == "diffusion_unet" else None,
-            )
-        )
-        for part in preset.parts
-    }
-    infer_config = write_config(
-        root / "infer.json",
-        {
-            "preset": TINY_MR,
-            "checkpoints": checkpoints,
-            "output_size": [32, 32, 16],
-            "spacing": [1.25, 1.0, 1.0],
-            "modality": "mri_t1",
-            "num_samples": 2,
-            "sampling": {"num_inference_steps": 2},
-            "output": {"dir": str(root / "gen"), "preview": False},
-            "device": "cpu",
-        },
-    )
+    output = {"dir": str(root / "gen"), "preview": False}
+    infer_config = mr_infer_config(root, tiny_mr_checkpoints, num_samples=2, output=output)
     assert infer.main(["--config", str(infer_config), "--no-progress"]) == 0
     out = {"gen": root / "gen", "weights": root / "resnet18_quarter.pt"}
     torch.save(torchvision_layout().state_dict(), out["weights"])

@@ -12,7 +12,7 @@ import torch
 from monai.transforms import ScaleIntensityRangePercentiles
 
 from maisi import encode, evaluate, infer
-from maisi.checkpoints import load_network, read_weights, save_checkpoint
+from maisi.checkpoints import load_network, read_weights
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.data.latents import read_latent, read_sidecar
 from maisi.decoding import encode as vae_encode
@@ -28,33 +28,10 @@ from maisi.intensity import (
 from maisi.networks import build_network, get_preset
 from maisi.presets import MRGridLimits, grid_problems
 from maisi.training.ct_data import LoadUnitCTd, check_images
-from tests.conftest import write_config
+from tests.conftest import mr_infer_config, mr_like, write_config
 
 TINY_MR = "tiny-mr-rflow"
 AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])
-
-
-def mr_like(seed: int = 0, shape=(32, 32, 16)) -> np.ndarray:
-    """Positive intensities with a long bright tail, like an MR volume (arbitrary units)."""
-    rng = np.random.default_rng(seed)
-    return (rng.gamma(2.0, 150.0, size=shape) + 20.0).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def mr_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Seeded random-weight tiny MR checkpoints in our format: no ControlNet part."""
-    preset, root = get_preset(TINY_MR), tmp_path_factory.mktemp("mr-ckpt")
-    torch.manual_seed(0)
-    return {
-        part: save_checkpoint(
-            root / f"{part}.pt",
-            build_network(preset, part),
-            preset,
-            part,
-            scale_factor=1.0 if part == "diffusion_unet" else None,
-        )
-        for part in preset.parts
-    }
 
 
 # ------------------------------------------------------------------------------------ released layouts
@@ -189,13 +166,13 @@ def _mr_cases(root: Path) -> Path:
     return write_config(root / "datalist.json", {"training": entries})
 
 
-def test_encode_scales_mr_cases_by_their_percentiles(mr_checkpoints, tmp_path):
+def test_encode_scales_mr_cases_by_their_percentiles(tiny_mr_checkpoints, tmp_path):
     datalist = _mr_cases(tmp_path / "data")
     config = write_config(
         tmp_path / "encode.json",
         {
             "preset": TINY_MR,
-            "autoencoder": str(mr_checkpoints["autoencoder"]),
+            "autoencoder": str(tiny_mr_checkpoints["autoencoder"]),
             "datalist": str(datalist),
             "output_dir": str(tmp_path / "emb"),
             "tiling": {"method": "full"},
@@ -204,7 +181,7 @@ def test_encode_scales_mr_cases_by_their_percentiles(mr_checkpoints, tmp_path):
         },
     )
     assert encode.main(["--config", str(config)]) == 0
-    vae, _ = load_network(get_preset(TINY_MR), "autoencoder", mr_checkpoints["autoencoder"])
+    vae, _ = load_network(get_preset(TINY_MR), "autoencoder", tiny_mr_checkpoints["autoencoder"])
     for i, modality in enumerate(("mri_t1", "mri_t2")):
         side = read_sidecar(tmp_path / "emb" / f"case{i}" / "t1_emb.nii.gz")
         image = mr_like(i)
@@ -229,7 +206,7 @@ def test_autoencoder_training_data_scales_mr_entries(tmp_path):
     assert float(ct.min()) >= 0.5 and float(ct.max()) == 1.0  # the same file read as HU: clipped at 1000
 
 
-def test_evaluate_uses_each_volumes_modality(mr_checkpoints, tmp_path):
+def test_evaluate_uses_each_volumes_modality(tiny_mr_checkpoints, tmp_path):
     datalist = _mr_cases(tmp_path / "data")
     synthetic = write_volume(
         tmp_path / "syn" / "s_image.nii.gz", Volume(unit_to_mr(mr_to_unit(mr_like(5))[0]), AFFINE)
@@ -242,7 +219,7 @@ def test_evaluate_uses_each_volumes_modality(mr_checkpoints, tmp_path):
             "reconstruction": {
                 "enabled": True,
                 "preset": TINY_MR,
-                "autoencoder": str(mr_checkpoints["autoencoder"]),
+                "autoencoder": str(tiny_mr_checkpoints["autoencoder"]),
                 "memory_budget_mb": 16,
             },
             "diversity": {"enabled": False},
@@ -268,23 +245,8 @@ def test_evaluate_uses_each_volumes_modality(mr_checkpoints, tmp_path):
 # ------------------------------------------------------------------------------------ generation
 
 
-def _mr_infer_config(tmp_path: Path, checkpoints: dict[str, Path], **changes) -> Path:
-    data = {
-        "preset": TINY_MR,
-        "checkpoints": {part: str(p) for part, p in checkpoints.items()},
-        "output_size": [32, 32, 16],
-        "spacing": [1.25, 1.0, 1.0],
-        "modality": "mri_t1",
-        "sampling": {"num_inference_steps": 2},
-        "output": {"dir": str(tmp_path / "out")},
-        "device": "cpu",
-    }
-    data.update(changes)
-    return write_config(tmp_path / "infer.json", data)
-
-
-def test_generated_mr_is_mapped_as_maisi_and_not_hu_checked(mr_checkpoints, tmp_path, caplog):
-    assert infer.main(["--config", str(_mr_infer_config(tmp_path, mr_checkpoints))]) == 0
+def test_generated_mr_is_mapped_as_maisi_and_not_hu_checked(tiny_mr_checkpoints, tmp_path, caplog):
+    assert infer.main(["--config", str(mr_infer_config(tmp_path, tiny_mr_checkpoints))]) == 0
     image = read_volume(tmp_path / "out" / "sample_seed0_image.nii.gz")
     assert image.array.dtype == np.int16 and image.array.min() >= 0 and image.shape == (32, 32, 16)
     meta = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())
@@ -298,9 +260,12 @@ def test_generated_mr_is_mapped_as_maisi_and_not_hu_checked(mr_checkpoints, tmp_
     assert "1 not checked" in caplog.text
 
 
-def test_mask_on_an_mr_preset_is_refused_before_any_work(mr_checkpoints, mask_file, tmp_path, capsys):
-    with_controlnet = {**mr_checkpoints, "controlnet": mr_checkpoints["autoencoder"]}  # any file: never read
-    config = _mr_infer_config(tmp_path, with_controlnet, mask=str(mask_file), output_size=None, spacing=None)
+def test_mask_on_an_mr_preset_is_refused_before_any_work(tiny_mr_checkpoints, mask_file, tmp_path, capsys):
+    with_controlnet = {
+        **tiny_mr_checkpoints,
+        "controlnet": tiny_mr_checkpoints["autoencoder"],
+    }  # any file: never read
+    config = mr_infer_config(tmp_path, with_controlnet, mask=str(mask_file), output_size=None, spacing=None)
     assert infer.main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"$.mask: preset '{TINY_MR}' has no ControlNet (MAISI released none for MR)" in err

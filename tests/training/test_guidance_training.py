@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +32,8 @@ from tests.conftest import write_config
 
 
 @pytest.fixture
-def train_config(encoded_cases, active_unet, tmp_path):
-    def make(name: str = "train.json", **changes) -> Path:
-        data = {
-            "preset": "tiny-rflow",
-            "datalist": str(encoded_cases),
-            "output_dir": str(tmp_path / "run"),
-            "steps": 3,
-            "fold": 0,
-            "checkpoint_every": 3,
-            "validate_every": 3,
-            "log_every": 1,
-            "device": "cpu",
-            "init": {"diffusion_unet": str(active_unet)},
-        }
-        data.update(changes)
-        return write_config(tmp_path / name, data)
-
-    return make
+def train_config(latent_train_config):
+    return partial(latent_train_config, steps=3, fold=0, checkpoint_every=3, validate_every=3, log_every=1)
 
 
 # --- modality dropout ---------------------------------------------------------------------------------------

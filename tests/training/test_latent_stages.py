@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def train_config(encoded_cases, active_unet, tmp_path):
-    def make(name: str = "train.json", **changes) -> Path:
-        data = {
-            "preset": "tiny-rflow",
-            "datalist": str(encoded_cases),
-            "output_dir": str(tmp_path / "run"),
-            "steps": 4,
-            "fold": 0,
-            "checkpoint_every": 2,
-            "validate_every": 2,
-            "device": "cpu",
-            "init": {"diffusion_unet": str(active_unet)},
-        }
-        data.update(changes)
-        return write_config(tmp_path / name, data)
-
-    return make
+def train_config(latent_train_config):
+    return partial(latent_train_config, steps=4, fold=0, checkpoint_every=2, validate_every=2)
 
 
 def _state_dicts_equal(a: Path, b: Path) -> bool:

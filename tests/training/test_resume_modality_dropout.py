@@ -7,6 +7,7 @@ MAISI's 0.1 on presets with modality input) would otherwise change its training 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,29 +16,14 @@ import torch
 from maisi.config import load_config, to_jsonable
 from maisi.train import main
 from maisi.training.resume import config_differences
-from tests.conftest import write_config
 
 OFF = {"modality_dropout": {"parent_rate": 0, "unconditional_rate": 0}}
 QUICK = {"fold": None, "tensorboard": False}  # no validation, no event files
 
 
 @pytest.fixture
-def train_config(encoded_cases, active_unet, tmp_path):
-    def make(name: str = "train.json", **changes) -> Path:
-        data = {
-            "preset": "tiny-rflow",
-            "datalist": str(encoded_cases),
-            "output_dir": str(tmp_path / "run"),
-            "steps": 2,
-            "checkpoint_every": 1,
-            "device": "cpu",
-            "init": {"diffusion_unet": str(active_unet)},
-            **QUICK,
-        }
-        data.update(changes)
-        return write_config(tmp_path / name, data)
-
-    return make
+def train_config(latent_train_config):
+    return partial(latent_train_config, steps=2, checkpoint_every=1, **QUICK)
 
 
 def _write_the_old_way(run: Path, keep_config_in_state: bool) -> None:
