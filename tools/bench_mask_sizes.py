@@ -1,7 +1,7 @@
 """Measure the size control of a mask generator: ask for one organ at several sizes, report what comes out.
 
     python tools/bench_mask_sizes.py                                   # the demo generator, liver 0.2 vs 0.8
-    python tools/bench_mask_sizes.py --seeds 0 1 2 3 4 5 --scheduler ddpm --steps 1000 --json runs/mask_sizes.json
+    python tools/bench_mask_sizes.py --seeds 0 1 2 3 --scheduler ddpm --steps 1000 --json runs/sizes.json
 
 For each requested size and seed the generator of ``--config`` (``$.anatomy.mask_generator``; default
 ``configs/inference_anatomy_size.json``, with the demo mask weights) samples a mask exactly as
