@@ -282,8 +282,8 @@ def check_no_foreign_samples(job: Job) -> None:
         if recorded is not None and recorded != job.inputs[sample.input].key:
             raise InputError(
                 f"output directory {job.config.output.dir} holds {sample.files['metadata'].name} from "
-                "another job (different config, weights or mask); use another --output-dir or "
-                "$.output.prefix, or delete those files"
+                "another job (different config, weights or mask, or an earlier maisi version); use another "
+                "--output-dir or $.output.prefix, or delete those files"
             )
 
 
