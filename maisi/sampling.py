@@ -73,12 +73,25 @@ def _step(
     next_t: torch.Tensor,
     x: torch.Tensor,
     generator: torch.Generator | None,
+    final: bool,
 ) -> torch.Tensor:
+    """One reverse step from timestep ``t`` to ``next_t`` (``final``: the last step, to clean data)."""
     if isinstance(scheduler, RFlowScheduler):
-        return scheduler.step(output, t, x, next_t)[0]
+        # Euler step of dx/dt = -v from t to next_t. MONAI 1.6's RFlowScheduler.step (and so MAISI) takes
+        # dt = (t - int(next_t)) / T, truncating the float next timestep: each step overshoots by up to one
+        # training timestep and the model is then asked at next_t about a sample that is not there (output
+        # std 1% low on a Gaussian at MAISI's 128^3 latent, 30 steps). Ours steps to next_t exactly.
+        return x + output * ((float(t) - float(next_t)) / scheduler.num_train_timesteps)  # timesteps: fp16
     if isinstance(scheduler, DDPMScheduler):
         return scheduler.step(output, t, x, generator=generator)[0]  # stochastic: seeded generator
-    return scheduler.step(output, t, x)[0]
+    # DDIM (eta 0). MONAI 1.6's DDIMScheduler.step moves to the noise level of t - T // n, but set_timesteps
+    # spaces the timesteps as round(linspace(T - 1, 0, n)): for n not 1 or T the sample lands on another
+    # noise level than the next timestep the UNet is told (2 steps: level 499, then asked as t = 0). So take
+    # MONAI's x0 prediction and re-noise it with the predicted epsilon to next_t's level (the DDIM update).
+    x0 = scheduler.step(output, t, x)[1]
+    if final:  # set_alpha_to_one: the last step ends on the x0 prediction
+        return x0
+    return scheduler.add_noise(x0, output, next_t.view(1))
 
 
 @torch.no_grad()
@@ -136,8 +149,14 @@ def denoise(
     )
     class_labels = unet_inputs.get("class_labels")
     x = noise
-    for t, next_t in progress_bar(
-        zip(timesteps, next_timesteps), total=len(timesteps), enabled=progress, desc="denoising", leave=False
+    for i, (t, next_t) in enumerate(
+        progress_bar(
+            zip(timesteps, next_timesteps),
+            total=len(timesteps),
+            enabled=progress,
+            desc="denoising",
+            leave=False,
+        )
     ):
         x_in = torch.cat((x, x)) if guided else x
         t_batch = torch.full((x_in.shape[0],), float(t), device=device)
@@ -157,7 +176,7 @@ def denoise(
         if guided:
             cond, uncond = output.chunk(2)
             output = uncond + guidance_scale * (cond - uncond)
-        x = _step(scheduler, output, t, next_t, x, generator)
+        x = _step(scheduler, output, t, next_t, x, generator, final=i == len(timesteps) - 1)
     return x
 
 
