@@ -12,9 +12,8 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
-from monai.networks.schedulers import RFlowScheduler
 
-from maisi import generation, infer
+from maisi import generation, infer, sampling
 from maisi.conditioning import Conditions, binarize_labels
 from maisi.config import load_config
 from maisi.data.io import Volume, read_mask, write_volume
@@ -67,32 +66,32 @@ def stand_in_output(x, labels, control):
     return 0.3 * x + per_sample.view(-1, 1, 1, 1, 1)
 
 
-class RecordingRFlow(RFlowScheduler):
-    """MONAI's rectified-flow scheduler that records what each step is given."""
+def rflow_scheduler():
+    return make_scheduler(get_preset("tiny-rflow").schedule, "rflow")
 
-    def __init__(self):
-        reference = make_scheduler(get_preset("tiny-rflow").schedule, "rflow")
-        super().__init__(
-            num_train_timesteps=reference.num_train_timesteps,
-            use_discrete_timesteps=False,
-            use_timestep_transform=True,
-            sample_method="uniform",
-        )
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def step(self, model_output, timestep, sample, next_timestep=None):
-        self.seen.append((model_output.clone(), sample.clone()))
-        return super().step(model_output, timestep, sample, next_timestep)
+@pytest.fixture
+def step_inputs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(model output, latent) of every scheduler step the loop takes."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_step = sampling._step
+
+    def recording_step(scheduler, output, t, next_t, x, generator, final):
+        seen.append((output.clone(), x.clone()))
+        return real_step(scheduler, output, t, next_t, x, generator, final)
+
+    monkeypatch.setattr(sampling, "_step", recording_step)
+    return seen
 
 
 @pytest.mark.parametrize("scale", [0.5, 3.0, 15.0])
-def test_guided_output_is_uncond_plus_s_times_cond_minus_uncond_in_one_call_per_step(scale):
+def test_guided_output_is_uncond_plus_s_times_cond_minus_uncond_in_one_call_per_step(scale, step_inputs):
     noise = torch.randn(2, 4, 4, 4, 2, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([9, 10])
     spacing = torch.tensor([[150.0, 150.0, 200.0], [100.0, 100.0, 100.0]])
     control = torch.rand(2, 8, 16, 16, 8, generator=torch.Generator().manual_seed(1))
     uncond_control = torch.rand(2, 8, 16, 16, 8, generator=torch.Generator().manual_seed(2)) * 0.5
-    unet, controlnet, scheduler = StandInUNet(), StandInControlNet(), RecordingRFlow()
+    unet, controlnet, scheduler = StandInUNet(), StandInControlNet(), rflow_scheduler()
     steps = 4
     denoise(
         unet,
@@ -106,7 +105,7 @@ def test_guided_output_is_uncond_plus_s_times_cond_minus_uncond_in_one_call_per_
         uncond_control=uncond_control,
         progress=False,
     )
-    assert len(unet.calls) == len(controlnet.calls) == len(scheduler.seen) == steps  # one call per step
+    assert len(unet.calls) == len(controlnet.calls) == len(step_inputs) == steps  # one call per step
     for batch, call_labels, call_spacing in unet.calls:
         assert batch == 4  # the doubled batch: conditional half, then unconditional half
         assert call_labels.tolist() == [9, 10, 0, 0]
@@ -118,7 +117,7 @@ def test_guided_output_is_uncond_plus_s_times_cond_minus_uncond_in_one_call_per_
             0,
             0,
         ]
-    for output, x in scheduler.seen:
+    for output, x in step_inputs:
         assert x.shape == noise.shape  # the scheduler steps the undoubled latent
         cond = stand_in_output(x, labels, control)
         uncond = stand_in_output(x, torch.zeros_like(labels), uncond_control)
@@ -132,7 +131,7 @@ def test_guidance_0_is_the_plain_loop_with_no_extra_work():
     control = torch.rand(1, 8, 16, 16, 8)
     denoise(
         unet,
-        RecordingRFlow(),
+        rflow_scheduler(),
         noise,
         3,
         inputs,
@@ -189,7 +188,7 @@ def test_guidance_0_is_bit_identical_to_no_guidance_on_the_tiny_networks(tiny_rf
 
 def test_guidance_without_class_labels_or_tumour_free_control_is_refused(tiny_rflow):
     with pytest.raises(ValueError, match="class_labels"):
-        denoise(StandInUNet(), RecordingRFlow(), torch.zeros(1, 4, 4, 4, 2), 2, {}, guidance_scale=2.0)
+        denoise(StandInUNet(), rflow_scheduler(), torch.zeros(1, 4, 4, 4, 2), 2, {}, guidance_scale=2.0)
     with pytest.raises(ValueError, match="uncond_control"):
         _run_tiny(tiny_rflow, guidance_scale=2.0)
 
