@@ -49,6 +49,7 @@ from maisi.decoding import encode
 from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
 from maisi.intensity import HU_MIN, is_mr, to_unit
+from maisi.labels import MAX_LABEL
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,25 @@ def finite_ct(ct: Volume, path: Path, policy: str, mr: bool = False) -> tuple[Vo
     return ct.with_array(np.where(bad, fill, ct.array)), count
 
 
+def _check_label_range(labels: np.ndarray, path: Path) -> None:
+    """Refuse labels the written uint8 label cannot hold: a cast would wrap -1 to 255 (a valid MAISI id) and
+    the ControlNet reads labels as 8 bit-planes anyway.
+
+    Raises:
+        InputError: naming ``path`` and the labels outside 0..MAX_LABEL.
+    """
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi <= MAX_LABEL:
+        return
+    values = np.unique(labels)
+    bad = [int(v) for v in values[(values < 0) | (values > MAX_LABEL)]]
+    shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    raise InputError(
+        f"{path}: label(s) [{shown}] outside 0..{MAX_LABEL} (MAISI ids); remap the mask to MAISI ids "
+        "first (python -m maisi.labels remap)"
+    )
+
+
 def _check_finite_latent(latent: torch.Tensor, image_path: Path) -> None:
     bad = int((~torch.isfinite(latent)).sum())
     if bad:
@@ -426,10 +446,11 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         mask = read_mask(label_path)
         if not mask.same_grid(ct):
             raise InputError(f"{label_path}: grid {list(mask.shape)} differs from its image {list(ct.shape)}")
+        _check_label_range(mask.array, label_path)
         label_t = transform(
             mask.with_array(mask.array.astype(np.int16)), c.target_spacing, c.multiple, "nearest"
         )
-        label_vol = _to_volume(label_t, np.uint8 if mask.array.max() <= 255 else np.int16)
+        label_vol = _to_volume(label_t, np.uint8)
         regions = body_region_from_mask(label_vol.array)
     latent = _encode_checked(job, index, image_t.as_tensor()[None].float(), image_path)
     image_affine = image_t.affine.numpy().astype(np.float64)

@@ -546,3 +546,20 @@ def test_kind_mask_case_with_ids_outside_the_table_fails_and_the_others_finish(
         "bad/segmentation.nii.gz holds label id(s) [250] that the mask VAE has no channel for" in caplog.text
     )
     assert len(read_datalist(tmp_path / "emb" / "datalist.json")["training"]) == 2
+
+
+@pytest.mark.parametrize("value", [-1, 300, 40000])
+def test_a_label_outside_0_255_fails_its_case_instead_of_wrapping(value, small_data, tmp_path, caplog):
+    """A label of -1 was written as 255 (uint8) and 40000 as -25536 (int16); the ControlNet reads 8 bits."""
+    from maisi.data.io import Volume, read_volume, write_volume
+
+    small_data()
+    label_path = tmp_path / "data" / "c1" / "ct_label.nii.gz"
+    label = read_volume(label_path)
+    array = label.array.astype(np.int32)
+    array[:2, :2, :2] = value
+    write_volume(label_path, Volume(array, label.affine))
+    assert main(["--config", str(small_data())]) == 1
+    assert "1 encoded, 0 skipped, 1 failed" in caplog.text
+    assert f"{label_path}: label(s) [{value}] outside 0..255" in caplog.text
+    assert not (tmp_path / "emb" / "c1").exists()

@@ -26,6 +26,8 @@ OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("nii.gz", "nii", "nrrd", "mha")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Largest voxel spacing accepted, in mm: thick CT slices are 5-10 mm; 100 mm and more is a broken header.
 MAX_SPACING_MM = 100.0
+# A float mask value this close to an integer is that integer (float32 noise), further off it is refused.
+MASK_ROUNDING = 1e-3
 
 
 @dataclass(frozen=True, eq=False)  # arrays have no single truth value
@@ -387,10 +389,13 @@ def write_volume(path: str | Path, volume: Volume) -> Path:
 
 
 def read_mask(path: str | Path) -> Volume:
-    """Read a label mask and make sure it holds integers (float files with integral values are accepted).
+    """Read a label mask and make sure it holds integers.
+
+    Float files are accepted when every value lies within :data:`MASK_ROUNDING` of an integer (float noise
+    such as 0.99999994 from a resampler or a scaled NIfTI); they are rounded to uint8 (0..255) or int32.
 
     Raises:
-        VolumeError: unreadable, or holding non-integral / non-finite values.
+        VolumeError: unreadable, or holding non-integral, non-finite or (float) values beyond the int32 range.
     """
     volume = read_volume(path)
     array = volume.array
@@ -400,15 +405,20 @@ def read_mask(path: str | Path) -> Volume:
         return volume
     if array.dtype.kind != "f":
         raise VolumeError(f"{path}: a mask must hold integer labels, got voxel type {array.dtype}")
-    bad = ~np.isfinite(array) | (array != np.round(array))
+    rounded = np.round(array)
+    bad = ~np.isfinite(array) | (np.abs(array - rounded) > MASK_ROUNDING)
     if bad.any():
         raise VolumeError(
-            f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):g} "
-            f"({int(bad.sum())} non-integer voxels)"
+            f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):.7g} "
+            f"({int(bad.sum())} non-integer voxels; a label mask resampled with linear interpolation?)"
         )
-    lo, hi = float(array.min()), float(array.max())
+    lo, hi = float(rounded.min()), float(rounded.max())
+    int32 = np.iinfo(np.int32)
+    if lo < int32.min or hi > int32.max:  # the cast below would wrap them
+        worst = lo if lo < int32.min else hi
+        raise VolumeError(f"{path}: a mask must hold integer labels in the int32 range, found {worst:g}")
     dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int32
-    return volume.with_array(array.astype(dtype))
+    return volume.with_array(rounded.astype(dtype))
 
 
 def write_volumes(items: list[tuple[str | Path, Volume]]) -> list[Path]:
