@@ -570,3 +570,33 @@ def test_float_mask_beyond_int32_is_refused_instead_of_wrapping(tmp_path, value)
     nib.save(nib.Nifti1Image(array, np.eye(4)), path)
     with pytest.raises(VolumeError, match=r"huge.nii.gz: a mask must hold integer labels in the int32 range"):
         read_mask(path)
+
+
+@pytest.mark.parametrize("reader", [read_volume, read_mask, read_geometry])
+def test_nifti_whose_sform_and_qform_disagree_is_refused(tmp_path, reader):
+    """nibabel read the sform, SimpleITK the qform: one file, two placements (here a flipped x axis)."""
+    array = np.zeros((8, 8, 4), dtype=np.uint8)
+    array[1, 2, 3] = 1
+    sform = np.diag([1.5, 1.5, 3.0, 1.0])
+    qform = sform.copy()
+    qform[0, 0], qform[0, 3] = -1.5, 10.0
+    image = nib.Nifti1Image(array, sform)
+    image.set_qform(qform, code=1)
+    image.set_sform(sform, code=2)
+    path = tmp_path / "two_forms.nii.gz"
+    nib.save(image, path)
+    sitk_origin = sitk.ReadImage(str(path)).GetOrigin()
+    assert not np.allclose(sitk_origin, [0.0, 0.0, 0.0])  # ITK really places it elsewhere
+    with pytest.raises(VolumeError, match=r"two_forms.nii.gz: the NIfTI sform and qform disagree by up to"):
+        reader(path)
+
+
+def test_nifti_whose_sform_and_qform_agree_or_one_is_unset_is_read(tmp_path):
+    array = np.zeros((8, 8, 4), dtype=np.uint8)
+    affine = np.array([[0.0, 0.0, 3.0, 5.0], [-1.5, 0.0, 0.0, 7.0], [0.0, 1.5, 0.0, -9.0], [0, 0, 0, 1]])
+    for name, qcode in (("agree.nii.gz", 1), ("no_qform.nii.gz", 0)):
+        image = nib.Nifti1Image(array, affine)
+        image.set_qform(affine if qcode else np.eye(4), code=qcode)
+        image.set_sform(affine, code=1)
+        nib.save(image, tmp_path / name)
+        assert read_volume(tmp_path / name).same_grid(to_ras(Volume(array, affine)))
