@@ -265,6 +265,24 @@ def finite_ct(ct: Volume, path: Path, policy: str, mr: bool = False) -> tuple[Vo
     return ct.with_array(np.where(bad, fill, ct.array)), count
 
 
+def _check_ct_has_air(ct: Volume, path: Path, modality: str) -> None:
+    """Refuse a "CT" with no voxel below 0 HU: air is -1000 HU and fat about -100, so this is an MR image
+    listed as CT or a CT stored without its rescale intercept (air at +24); clipped to [-1000, 1000] HU it
+    would be encoded as something it is not.
+
+    Raises:
+        InputError: naming ``path``, the lowest value and the two ways out.
+    """
+    lowest = float(np.min(ct.array))
+    if lowest < 0:
+        return
+    raise InputError(
+        f"{path}: no voxel below 0 HU (lowest {lowest:g}) in an image encoded as {modality}: not CT in HU "
+        "(an MR image? set the entry's or the config's \"modality\"), or a CT stored without its rescale "
+        "intercept (air should be -1000 HU)"
+    )
+
+
 def _check_label_range(labels: np.ndarray, path: Path) -> None:
     """Refuse labels the written uint8 label cannot hold: a cast would wrap -1 to 255 (a valid MAISI id) and
     the ControlNet reads labels as 8 bit-planes anyway.
@@ -438,6 +456,8 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
     c = job.config
     modality = case_modality(entry, c.modality)
     ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite, is_mr(modality))
+    if not is_mr(modality):
+        _check_ct_has_air(ct, image_path, modality)
     unit_array, intensity = to_unit(ct.array, modality, str(image_path))
     unit = ct.with_array(unit_array)
     image_t = transform(unit, c.target_spacing, c.multiple, "bilinear")

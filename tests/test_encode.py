@@ -563,3 +563,24 @@ def test_a_label_outside_0_255_fails_its_case_instead_of_wrapping(value, small_d
     assert "1 encoded, 0 skipped, 1 failed" in caplog.text
     assert f"{label_path}: label(s) [{value}] outside 0..255" in caplog.text
     assert not (tmp_path / "emb" / "c1").exists()
+
+
+@pytest.mark.parametrize("kind", ["intercept dropped", "mr"])
+def test_a_ct_without_any_voxel_below_0_hu_fails_its_case(kind, small_data, tmp_path, caplog):
+    """A CT stored without its -1024 intercept (air at +24) or an MR image listed as CT was clipped to
+    [-1000, 1000] HU and encoded as if it were CT."""
+    from maisi.data.io import Volume, read_volume, write_volume
+
+    small_data()
+    path = tmp_path / "data" / "c1" / "ct.nii.gz"
+    ct = read_volume(path)
+    shifted = ct.array + 1024 if kind == "intercept dropped" else np.clip(ct.array + 1000, 0, None) / 3
+    write_volume(path, Volume(shifted.astype(np.uint16), ct.affine))
+    assert main(["--config", str(small_data())]) == 1
+    assert "1 encoded, 0 skipped, 1 failed" in caplog.text
+    assert f"{path}: no voxel below 0 HU (lowest {int(shifted.min())})" in caplog.text
+    assert not (tmp_path / "emb" / "c1").exists()
+    caplog.clear()  # the same image declared as MR is encoded
+    entries = [{"image": "c1/ct.nii.gz", "label": "c1/ct_label.nii.gz", "modality": "mri"}]
+    assert main(["--config", str(small_data(entries))]) == 0
+    assert read_sidecar(tmp_path / "emb" / "c1" / "ct_emb.nii.gz")["modality"] == "mri"
