@@ -431,7 +431,8 @@ def read_mask(path: str | Path) -> Volume:
     if array.dtype.kind != "f":
         raise VolumeError(f"{path}: a mask must hold integer labels, got voxel type {array.dtype}")
     rounded = np.round(array)
-    bad = ~np.isfinite(array) | (np.abs(array - rounded) > MASK_ROUNDING)
+    with np.errstate(invalid="ignore"):  # inf - inf: refused as non-finite just below
+        bad = ~np.isfinite(array) | (np.abs(array - rounded) > MASK_ROUNDING)
     if bad.any():
         raise VolumeError(
             f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):.7g} "
