@@ -49,6 +49,7 @@ from maisi.decoding import encode
 from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
 from maisi.intensity import HU_MIN, is_mr, to_unit
+from maisi.labels import MAX_LABEL
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,43 @@ def finite_ct(ct: Volume, path: Path, policy: str, mr: bool = False) -> tuple[Vo
     return ct.with_array(np.where(bad, fill, ct.array)), count
 
 
+def _check_ct_has_air(ct: Volume, path: Path, modality: str) -> None:
+    """Refuse a "CT" with no voxel below 0 HU: air is -1000 HU and fat about -100, so this is an MR image
+    listed as CT or a CT stored without its rescale intercept (air at +24); clipped to [-1000, 1000] HU it
+    would be encoded as something it is not.
+
+    Raises:
+        InputError: naming ``path``, the lowest value and the two ways out.
+    """
+    lowest = float(np.min(ct.array))
+    if lowest < 0:
+        return
+    raise InputError(
+        f"{path}: no voxel below 0 HU (lowest {lowest:g}) in an image encoded as {modality}: not CT in HU "
+        "(an MR image? set the entry's or the config's \"modality\"), or a CT stored without its rescale "
+        "intercept (air should be -1000 HU)"
+    )
+
+
+def _check_label_range(labels: np.ndarray, path: Path) -> None:
+    """Refuse labels the written uint8 label cannot hold: a cast would wrap -1 to 255 (a valid MAISI id) and
+    the ControlNet reads labels as 8 bit-planes anyway.
+
+    Raises:
+        InputError: naming ``path`` and the labels outside 0..MAX_LABEL.
+    """
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi <= MAX_LABEL:
+        return
+    values = np.unique(labels)
+    bad = [int(v) for v in values[(values < 0) | (values > MAX_LABEL)]]
+    shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    raise InputError(
+        f"{path}: label(s) [{shown}] outside 0..{MAX_LABEL} (MAISI ids); remap the mask to MAISI ids "
+        "first (python -m maisi.labels remap)"
+    )
+
+
 def _check_finite_latent(latent: torch.Tensor, image_path: Path) -> None:
     bad = int((~torch.isfinite(latent)).sum())
     if bad:
@@ -418,6 +456,8 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
     c = job.config
     modality = case_modality(entry, c.modality)
     ct, filled = finite_ct(read_volume(image_path), image_path, c.nonfinite, is_mr(modality))
+    if not is_mr(modality):
+        _check_ct_has_air(ct, image_path, modality)
     unit_array, intensity = to_unit(ct.array, modality, str(image_path))
     unit = ct.with_array(unit_array)
     image_t = transform(unit, c.target_spacing, c.multiple, "bilinear")
@@ -426,10 +466,11 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         mask = read_mask(label_path)
         if not mask.same_grid(ct):
             raise InputError(f"{label_path}: grid {list(mask.shape)} differs from its image {list(ct.shape)}")
+        _check_label_range(mask.array, label_path)
         label_t = transform(
             mask.with_array(mask.array.astype(np.int16)), c.target_spacing, c.multiple, "nearest"
         )
-        label_vol = _to_volume(label_t, np.uint8 if mask.array.max() <= 255 else np.int16)
+        label_vol = _to_volume(label_t, np.uint8)
         regions = body_region_from_mask(label_vol.array)
     latent = _encode_checked(job, index, image_t.as_tensor()[None].float(), image_path)
     image_affine = image_t.affine.numpy().astype(np.float64)

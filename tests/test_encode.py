@@ -546,3 +546,41 @@ def test_kind_mask_case_with_ids_outside_the_table_fails_and_the_others_finish(
         "bad/segmentation.nii.gz holds label id(s) [250] that the mask VAE has no channel for" in caplog.text
     )
     assert len(read_datalist(tmp_path / "emb" / "datalist.json")["training"]) == 2
+
+
+@pytest.mark.parametrize("value", [-1, 300, 40000])
+def test_a_label_outside_0_255_fails_its_case_instead_of_wrapping(value, small_data, tmp_path, caplog):
+    """A label of -1 was written as 255 (uint8) and 40000 as -25536 (int16); the ControlNet reads 8 bits."""
+    from maisi.data.io import Volume, read_volume, write_volume
+
+    small_data()
+    label_path = tmp_path / "data" / "c1" / "ct_label.nii.gz"
+    label = read_volume(label_path)
+    array = label.array.astype(np.int32)
+    array[:2, :2, :2] = value
+    write_volume(label_path, Volume(array, label.affine))
+    assert main(["--config", str(small_data())]) == 1
+    assert "1 encoded, 0 skipped, 1 failed" in caplog.text
+    assert f"{label_path}: label(s) [{value}] outside 0..255" in caplog.text
+    assert not (tmp_path / "emb" / "c1").exists()
+
+
+@pytest.mark.parametrize("kind", ["intercept dropped", "mr"])
+def test_a_ct_without_any_voxel_below_0_hu_fails_its_case(kind, small_data, tmp_path, caplog):
+    """A CT stored without its -1024 intercept (air at +24) or an MR image listed as CT was clipped to
+    [-1000, 1000] HU and encoded as if it were CT."""
+    from maisi.data.io import Volume, read_volume, write_volume
+
+    small_data()
+    path = tmp_path / "data" / "c1" / "ct.nii.gz"
+    ct = read_volume(path)
+    shifted = ct.array + 1024 if kind == "intercept dropped" else np.clip(ct.array + 1000, 0, None) / 3
+    write_volume(path, Volume(shifted.astype(np.uint16), ct.affine))
+    assert main(["--config", str(small_data())]) == 1
+    assert "1 encoded, 0 skipped, 1 failed" in caplog.text
+    assert f"{path}: no voxel below 0 HU (lowest {int(shifted.min())})" in caplog.text
+    assert not (tmp_path / "emb" / "c1").exists()
+    caplog.clear()  # the same image declared as MR is encoded
+    entries = [{"image": "c1/ct.nii.gz", "label": "c1/ct_label.nii.gz", "modality": "mri"}]
+    assert main(["--config", str(small_data(entries))]) == 0
+    assert read_sidecar(tmp_path / "emb" / "c1" / "ct_emb.nii.gz")["modality"] == "mri"

@@ -547,3 +547,56 @@ def test_thick_slices_within_the_limit_are_read(tmp_path):
     volume = Volume(np.zeros((4, 4, 4), np.int16), np.diag([0.5, 0.5, 100.0, 1.0]))
     back = read_volume(write_volume(tmp_path / "thick.nii.gz", volume))
     assert back.spacing == pytest.approx((0.5, 0.5, 100.0))
+
+
+@pytest.mark.parametrize("noise", [np.float32(0.99999994), np.float32(1.0001), np.float32(200.0002)])
+def test_float_mask_with_float_noise_is_rounded_to_its_labels(tmp_path, noise):
+    """0.99999994 was refused with the message 'found 1', naming the value it was closest to."""
+    array = np.zeros((6, 5, 4), dtype=np.float32)
+    array[1:3, 1:3, 1:3] = noise
+    array[4, 4, 3] = 2.0
+    path = write_volume(tmp_path / "noisy.nii.gz", Volume(array, np.eye(4)))
+    mask = read_mask(path)
+    assert mask.array.dtype == np.uint8
+    np.testing.assert_array_equal(mask.array, np.round(array).astype(np.uint8))
+
+
+@pytest.mark.parametrize("value", [3e9, -3e9])
+def test_float_mask_beyond_int32_is_refused_instead_of_wrapping(tmp_path, value):
+    """3e9 became -2147483648 (a silent int32 wrap)."""
+    array = np.zeros((6, 5, 4), dtype=np.float64)
+    array[1, 1, 1] = value
+    path = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    with pytest.raises(VolumeError, match=r"huge.nii.gz: a mask must hold integer labels in the int32 range"):
+        read_mask(path)
+
+
+@pytest.mark.parametrize("reader", [read_volume, read_mask, read_geometry])
+def test_nifti_whose_sform_and_qform_disagree_is_refused(tmp_path, reader):
+    """nibabel read the sform, SimpleITK the qform: one file, two placements (here a flipped x axis)."""
+    array = np.zeros((8, 8, 4), dtype=np.uint8)
+    array[1, 2, 3] = 1
+    sform = np.diag([1.5, 1.5, 3.0, 1.0])
+    qform = sform.copy()
+    qform[0, 0], qform[0, 3] = -1.5, 10.0
+    image = nib.Nifti1Image(array, sform)
+    image.set_qform(qform, code=1)
+    image.set_sform(sform, code=2)
+    path = tmp_path / "two_forms.nii.gz"
+    nib.save(image, path)
+    sitk_origin = sitk.ReadImage(str(path)).GetOrigin()
+    assert not np.allclose(sitk_origin, [0.0, 0.0, 0.0])  # ITK really places it elsewhere
+    with pytest.raises(VolumeError, match=r"two_forms.nii.gz: the NIfTI sform and qform disagree by up to"):
+        reader(path)
+
+
+def test_nifti_whose_sform_and_qform_agree_or_one_is_unset_is_read(tmp_path):
+    array = np.zeros((8, 8, 4), dtype=np.uint8)
+    affine = np.array([[0.0, 0.0, 3.0, 5.0], [-1.5, 0.0, 0.0, 7.0], [0.0, 1.5, 0.0, -9.0], [0, 0, 0, 1]])
+    for name, qcode in (("agree.nii.gz", 1), ("no_qform.nii.gz", 0)):
+        image = nib.Nifti1Image(array, affine)
+        image.set_qform(affine if qcode else np.eye(4), code=qcode)
+        image.set_sform(affine, code=1)
+        nib.save(image, tmp_path / name)
+        assert read_volume(tmp_path / name).same_grid(to_ras(Volume(array, affine)))

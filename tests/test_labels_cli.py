@@ -513,3 +513,47 @@ def test_remap_of_a_mask_with_zero_spacing_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{mask}: voxel spacing [0.0, 1.0, 1.0] mm is not usable" in err and "(0, 100] mm" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.uint16])
+def test_envelope_of_a_narrow_signed_mask_writes_the_body_label(tmp_path, capsys, dtype):
+    """An int8 mask (NRRD 'signed char') crashed with OverflowError: 200 does not fit."""
+    ct = read_volume(TS_CT)
+    seg = read_mask(TS_SEG)
+    small = np.where(seg.array > 0, 5, 0).astype(dtype)
+    write_volume(tmp_path / "mask.nrrd", seg.with_array(small))
+    assert read_mask(tmp_path / "mask.nrrd").array.dtype == dtype
+    out = tmp_path / "body.nii.gz"
+    assert (
+        main(["envelope", "--image", str(TS_CT), "--mask", str(tmp_path / "mask.nrrd"), "--output", str(out)])
+        == 0
+    )
+    labelled = read_mask(out).array
+    assert set(np.unique(labelled).tolist()) == {0, 5, BODY_LABEL}
+    np.testing.assert_array_equal(labelled[small == 5], 5)
+    assert (labelled == BODY_LABEL).sum() > 0.1 * ct.array.size
+
+
+def test_remap_of_a_mask_with_negative_labels_names_the_file(tmp_path, capsys):
+    seg = read_mask(TS_SEG)
+    array = seg.array.astype(np.int16)
+    array[0, 0, 0] = -1
+    write_volume(tmp_path / "neg.nii.gz", seg.with_array(array))
+    out = tmp_path / "out.nii.gz"
+    assert (
+        main(
+            [
+                "remap",
+                "--mask",
+                str(tmp_path / "neg.nii.gz"),
+                "--mapping",
+                "totalsegmentator",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'neg.nii.gz'}: mask holds negative labels (-1)" in err and "Traceback" not in err
+    assert not out.exists()

@@ -26,6 +26,10 @@ OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("nii.gz", "nii", "nrrd", "mha")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Largest voxel spacing accepted, in mm: thick CT slices are 5-10 mm; 100 mm and more is a broken header.
 MAX_SPACING_MM = 100.0
+# A float mask value this close to an integer is that integer (float32 noise), further off it is refused.
+MASK_ROUNDING = 1e-3
+# A NIfTI's sform and qform further apart than this (mm, at any corner) make its geometry ambiguous.
+NIFTI_FORM_TOLERANCE_MM = 0.1
 
 
 @dataclass(frozen=True, eq=False)  # arrays have no single truth value
@@ -222,6 +226,26 @@ def _check_nifti_pixdim(path: Path, image: nib.Nifti1Image) -> None:
         )
 
 
+def _check_nifti_forms(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a NIfTI whose sform and qform, both set, place the voxels in different places.
+
+    nibabel (and so this package, and MONAI's default reader) uses the sform, ITK-based tools (SimpleITK,
+    ITK-SNAP, Slicer) may use the qform: the same file then shows, and aligns with its mask, differently.
+    """
+    header = image.header
+    if int(header["sform_code"]) <= 0 or int(header["qform_code"]) <= 0:
+        return
+    shape = np.asarray((*image.shape[:3], 1, 1)[:3], dtype=np.float64)  # a 2D file is refused later
+    corners = np.array([[i, j, k, 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * [*(shape - 1), 1]
+    sform, qform = header.get_sform(), header.get_qform()
+    gap = float(np.max(np.linalg.norm((corners @ sform.T - corners @ qform.T)[:, :3], axis=1)))
+    if not gap <= NIFTI_FORM_TOLERANCE_MM:
+        raise VolumeError(
+            f"{path}: the NIfTI sform and qform disagree by up to {gap:.3g} mm (tools differ in which they "
+            "use); fix the header, e.g. set the qform to the sform or one of the codes to 0"
+        )
+
+
 def _read_nifti(path: Path) -> Volume:
     try:
         image = nib.load(path)
@@ -230,6 +254,7 @@ def _read_nifti(path: Path) -> Volume:
         raise VolumeError(f"{path}: cannot read as a medical image ({type(e).__name__}: {e})") from None
     _check_nifti_pixdim(path, image)
     check_affine(path, image.affine)
+    _check_nifti_forms(path, image)
     while array.ndim > 3 and array.shape[-1] == 1:  # (x, y, z, 1) as some tools write it
         array = array[..., 0]
     if array.ndim != 3:
@@ -316,6 +341,8 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
         if path.name.lower().endswith((".nii", ".nii.gz")):
             header = nib.load(path)
             _check_nifti_pixdim(path, header)
+            check_affine(path, header.affine)
+            _check_nifti_forms(path, header)
             shape, affine = tuple(int(s) for s in header.shape[:3]), header.affine.astype(np.float64)
         else:
             reader = sitk.ImageFileReader()
@@ -387,10 +414,13 @@ def write_volume(path: str | Path, volume: Volume) -> Path:
 
 
 def read_mask(path: str | Path) -> Volume:
-    """Read a label mask and make sure it holds integers (float files with integral values are accepted).
+    """Read a label mask and make sure it holds integers.
+
+    Float files are accepted when every value lies within :data:`MASK_ROUNDING` of an integer (float noise
+    such as 0.99999994 from a resampler or a scaled NIfTI); they are rounded to uint8 (0..255) or int32.
 
     Raises:
-        VolumeError: unreadable, or holding non-integral / non-finite values.
+        VolumeError: unreadable, or holding non-integral, non-finite or (float) values beyond the int32 range.
     """
     volume = read_volume(path)
     array = volume.array
@@ -400,15 +430,21 @@ def read_mask(path: str | Path) -> Volume:
         return volume
     if array.dtype.kind != "f":
         raise VolumeError(f"{path}: a mask must hold integer labels, got voxel type {array.dtype}")
-    bad = ~np.isfinite(array) | (array != np.round(array))
+    rounded = np.round(array)
+    with np.errstate(invalid="ignore"):  # inf - inf: refused as non-finite just below
+        bad = ~np.isfinite(array) | (np.abs(array - rounded) > MASK_ROUNDING)
     if bad.any():
         raise VolumeError(
-            f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):g} "
-            f"({int(bad.sum())} non-integer voxels)"
+            f"{path}: a mask must hold integer labels, found {float(array[bad].flat[0]):.7g} "
+            f"({int(bad.sum())} non-integer voxels; a label mask resampled with linear interpolation?)"
         )
-    lo, hi = float(array.min()), float(array.max())
+    lo, hi = float(rounded.min()), float(rounded.max())
+    int32 = np.iinfo(np.int32)
+    if lo < int32.min or hi > int32.max:  # the cast below would wrap them
+        worst = lo if lo < int32.min else hi
+        raise VolumeError(f"{path}: a mask must hold integer labels in the int32 range, found {worst:g}")
     dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int32
-    return volume.with_array(array.astype(dtype))
+    return volume.with_array(rounded.astype(dtype))
 
 
 def write_volumes(items: list[tuple[str | Path, Volume]]) -> list[Path]:

@@ -165,7 +165,10 @@ def cmd_remap(args: argparse.Namespace) -> int:
     label_dict = load_label_dict(args.label_dict)
     mapping = load_mapping(args.mapping, label_dict)
     mask = read_mask(args.mask)
-    remapped, report = remap(mask.array, mapping)
+    try:
+        remapped, report = remap(mask.array, mapping)
+    except InputError as e:
+        raise InputError(f"{args.mask}: {e}") from None
     for line in report.lines():
         print(line)
     if args.strict and not report.complete:

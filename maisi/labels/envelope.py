@@ -149,7 +149,8 @@ def label_body(
         raise InputError(f"lung label {lung_label}: must lie in 1..{MAX_LABEL} and not be {BODY_LABEL}")
     envelope = body_envelope(ct, threshold_hu, opening_mm)
     free = mask.array == 0
-    out = mask.array.copy()
+    # widened where needed: an int8 mask (NRRD "signed char") cannot hold 200
+    out = mask.array.astype(np.result_type(mask.array.dtype, np.min_scalar_type(BODY_LABEL)))
     lungs, components = lungs_from_hu(ct, envelope, free) if lung_label is not None else (None, 0)
     if lungs is not None:
         out = out.astype(np.result_type(out.dtype, np.min_scalar_type(lung_label)))
