@@ -24,8 +24,8 @@ Recipe (seeded; every step is logged with its wall time into ``<work>/recipe_log
 Status: no weights from this recipe are shipped. Run 1 (250 VAE steps at lr 2e-3): the VAE decoded every
 organ as body. Run 2 (``tiny-mask-ddpm``, UNet 600 steps): scrambled label maps. Run 3, these defaults
 (``demo-mask-ddpm``, UNet 4000 steps, 63 min on 2 shared CPU cores): chest-abdomen masks in fragments, and no
-control of the liver's size (liver 0.2 vs 0.8: 561 vs 562 mL with DDIM 50, 570 vs 316 mL with DDPM 1000).
-See models/demo/README.md; the next run is planned for a lent GPU.
+control of the liver's size (liver 0.2 vs 0.8: 507 vs 555 mL with DDIM 50, 2 of 4 seeds in order; 570 vs
+316 mL with DDPM 1000). See models/demo/README.md; the next run is planned for a lent GPU.
 """
 
 from __future__ import annotations
