@@ -430,7 +430,7 @@ def _path_keys(job: _Job) -> dict[str, str]:
             if isinstance(steps, int) and steps != 1000:
                 # MAISI samples the mask with MONAI's DDPMScheduler, which cannot stride: its masks at fewer
                 # steps come from a still-noisy latent. DDIM takes such a count; DDPM here would be refused.
-                job.t.config["anatomy"]["mask_generator"]["scheduler"] = "ddim"
+                job.t.put("mask_generation_num_inference_steps", "anatomy.mask_generator.scheduler", "ddim")
                 job.t.notes.append(
                     f"$.anatomy.mask_generator.scheduler: ddim, for MAISI's {steps} mask DDPM steps (MONAI's "
                     "DDPMScheduler cannot stride: MAISI's masks at fewer than 1000 steps start from a noisy "
@@ -652,10 +652,10 @@ def translate(
         else:
             job.refuse(key, "no counterpart in maisi.infer")
     steps = job.t.config.get("sampling", {}).get("num_inference_steps")
-    sampling = job.t.config.get("sampling", {})
-    ddpm = sampling.get("scheduler", "ddpm") == "ddpm"
+    ddpm = job.t.config.get("sampling", {}).get("scheduler", "ddpm") == "ddpm"
     if job.t.config["preset"] == "maisi-ct-ddpm" and ddpm and isinstance(steps, int) and steps < 1000:
-        sampling["scheduler"] = "ddim"  # DDPM with fewer steps would be refused (see presets.check_sampler)
+        # DDPM with fewer steps would be refused (see presets.check_sampler)
+        job.t.put("num_inference_steps", "sampling.scheduler", "ddim")
         job.t.notes.append(
             f"$.sampling.scheduler: ddim, for MAISI's {steps} DDPM steps (MONAI's DDPMScheduler cannot "
             "stride, so MAISI's own images at fewer than 1000 steps start from a noisy latent)"

@@ -110,16 +110,24 @@ def require_one_shape(shapes: list[tuple[int, ...]], what: str) -> None:
         )
 
 
+def read_case_sidecar(where: str, latent: Path, what: str = "latent") -> tuple[dict | None, list[str]]:
+    """The sidecar of a datalist entry's latent, or None with the problem (missing file or sidecar)."""
+    if not latent.is_file():
+        return None, [f"{where}.image: {what} not found: {latent}"]
+    sidecar = read_sidecar(latent)
+    if sidecar is None:
+        return None, [f"{where}.image: {latent} has no readable sidecar {latent}.json (unfinished encode?)"]
+    return sidecar, []
+
+
 def _check_case(
     i: int, entry: dict[str, Any], root: Path, preset: Preset, need_label: bool
 ) -> tuple[LatentCase | None, list[str]]:
     where = f"$.training[{i}]"
     latent = root / entry["image"]
-    if not latent.is_file():
-        return None, [f"{where}.image: latent not found: {latent}"]
-    sidecar = read_sidecar(latent)
+    sidecar, problems = read_case_sidecar(where, latent)
     if sidecar is None:
-        return None, [f"{where}.image: {latent} has no readable sidecar {latent}.json (unfinished encode?)"]
+        return None, problems
     shape, problems = check_latent_file(where, latent, sidecar)
     if shape is None:
         return None, problems

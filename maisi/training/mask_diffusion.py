@@ -25,7 +25,6 @@ import torch
 
 from maisi.checkpoints import save_checkpoint
 from maisi.config.train_config import TrainConfig
-from maisi.data.latents import read_sidecar
 from maisi.distributed import Ranks
 from maisi.errors import InputError, VolumeError
 from maisi.mask_presets import NUM_SIZE_SLOTS, MaskPreset
@@ -33,7 +32,13 @@ from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_
 from maisi.networks import RuntimeOptions
 from maisi.sampling import make_scheduler
 from maisi.training.diffusion import denoising_loss, estimate_scale_factor, validation_loss
-from maisi.training.latent_data import check_latent_file, checked_cases, load_latent, require_one_shape
+from maisi.training.latent_data import (
+    check_latent_file,
+    checked_cases,
+    load_latent,
+    read_case_sidecar,
+    require_one_shape,
+)
 
 log = logging.getLogger(__name__)
 EXPORT_NAME = "mask_diffusion_unet.pt"
@@ -62,11 +67,9 @@ class MaskLatentCase:
 def _check_case(i: int, entry: dict[str, Any], root: Path, preset: MaskPreset) -> tuple[Any, list[str]]:
     where = f"$.training[{i}]"
     latent = root / entry["image"]
-    if not latent.is_file():
-        return None, [f"{where}.image: mask latent not found: {latent}"]
-    sidecar = read_sidecar(latent)
+    sidecar, problems = read_case_sidecar(where, latent, "mask latent")
     if sidecar is None:
-        return None, [f"{where}.image: {latent} has no readable sidecar {latent}.json (unfinished encode?)"]
+        return None, problems
     if sidecar.get("kind") != "mask":
         return None, [
             f"{where}.image: {latent} is not a mask latent (its sidecar says kind "
