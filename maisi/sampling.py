@@ -32,7 +32,8 @@ __all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_schedul
 
 
 def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
-    """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``."""
+    """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``: DDPM and DDIM
+    take the schedule's ``prediction_type`` (epsilon or v); rectified flow predicts the velocity."""
     problems = check_sampler(schedule, sampler, schedule.num_train_timesteps)
     if problems:
         raise InputError(problems[0])
@@ -49,7 +50,7 @@ def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
         beta_start=schedule.beta_start,
         beta_end=schedule.beta_end,
         clip_sample=False,
-        prediction_type="epsilon",
+        prediction_type=schedule.prediction_type,
     )  # clip_sample must be off for latents
     return DDPMScheduler(**betas) if sampler == "ddpm" else DDIMScheduler(**betas)
 
@@ -87,10 +88,25 @@ def _step(
     # spaces the timesteps as round(linspace(T - 1, 0, n)): for n not 1 or T the sample lands on another
     # noise level than the next timestep the UNet is told (2 steps: level 499, then asked as t = 0). So take
     # MONAI's x0 prediction and re-noise it with the predicted epsilon to next_t's level (the DDIM update).
+    # For v-prediction the noise is derived from v (re-noising with v itself is off by up to 5 units).
     x0 = scheduler.step(output, t, x)[1]
     if final:  # set_alpha_to_one: the last step ends on the x0 prediction
         return x0
-    return scheduler.add_noise(x0, output, next_t.view(1))
+    return scheduler.add_noise(x0, predicted_noise(scheduler, output, t, x), next_t.view(1))
+
+
+def predicted_noise(
+    scheduler: DDPMScheduler | DDIMScheduler, output: torch.Tensor, t: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """The noise epsilon that a DDPM-trained UNet's ``output`` (N, C, ...) at timestep ``t`` predicts for
+    ``x`` (N, C, ...): the output itself for epsilon prediction; for v-prediction
+    eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (as x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v)."""
+    if scheduler.prediction_type == "epsilon":
+        return output
+    if scheduler.prediction_type != "v_prediction":
+        raise ValueError(f"prediction_type {scheduler.prediction_type!r} is not sampled here")
+    abar = scheduler.alphas_cumprod[t.long()].to(device=x.device, dtype=x.dtype)
+    return abar.sqrt() * output + (1 - abar).sqrt() * x
 
 
 @torch.no_grad()
