@@ -201,7 +201,8 @@ def load_clip_text_encoder(
 
     Raises:
         InputError: not a local folder (a hub id named as such), no ``config.json``, a config of another
-            width (named with the one expected), ``transformers`` missing, or weights that fail to load.
+            width (named with the one expected), ``transformers`` missing, or weights that do not load
+            strictly (a missing, unexpected or mismatched key, named).
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -229,8 +230,14 @@ def load_clip_text_encoder(
         )
     transformers = _transformers()
     try:
-        model = transformers.CLIPTextModel.from_pretrained(folder, local_files_only=True)
+        model, info = transformers.CLIPTextModel.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True
+        )
     except (OSError, ValueError) as e:
         raise InputError(f"text encoder {folder}: {e}") from None
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):  # from_pretrained is lenient: missing weights would keep random values
+        shown = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}" for k, v in problems.items() if v)
+        raise InputError(f"text encoder {folder}: the weights do not fit its config ({shown})")
     sha256 = {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     return PretrainedClipTextEncoder(model, sha256, tokenizer)
