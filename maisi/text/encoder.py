@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +24,7 @@ from monai.networks.blocks import TransformerBlock
 
 from maisi.errors import InputError
 from maisi.files import file_sha256
-from maisi.text.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, ClipTokenizer, NullPrompt, _transformers
+from maisi.text.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, ClipTokenizer, NullPrompt, require_transformers
 
 # Stable Diffusion 2.1's text encoder (text_encoder/config.json of stabilityai/stable-diffusion-2-1[-base]):
 # OpenCLIP ViT-H/14's text tower without its last layer.
@@ -56,7 +57,7 @@ class TextEncoder(Protocol):
         ...
 
 
-class _TokenizingEncoder:
+class _TokenizingEncoder(ABC):
     """Shared ``encode``: tokenize with a :class:`ClipTokenizer` (built on first use), then encode the ids."""
 
     tokenizer: ClipTokenizer | None = None
@@ -72,8 +73,9 @@ class _TokenizingEncoder:
             self.tokenizer = ClipTokenizer()
         return self.encode_tokens(self.tokenizer.null_tokens(mode)[None])
 
+    @abstractmethod
     def encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(N, 77, D) float context of (N, 77) token ids."""
 
 
 class TinyClipTextEncoder(_TokenizingEncoder, torch.nn.Module):
@@ -228,7 +230,7 @@ def load_clip_text_encoder(
             f"text encoder {folder}: hidden_size {width}, expected {expected_width} (the width the UNet's "
             "cross-attention takes)"
         )
-    transformers = _transformers()
+    transformers = require_transformers()
     try:
         model, info = transformers.CLIPTextModel.from_pretrained(
             folder, local_files_only=True, output_loading_info=True

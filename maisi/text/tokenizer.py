@@ -133,7 +133,8 @@ def _bpe_tables(vocabulary: Path) -> tuple[dict[str, int], list[tuple[str, str]]
     return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def _transformers() -> Any:
+def require_transformers() -> Any:
+    """The ``transformers`` module, or an InputError naming the extra that installs it."""
     try:
         import transformers
     except ImportError:
@@ -165,7 +166,7 @@ class ClipTokenizer:
     """
 
     def __init__(self, vocabulary: str | Path | None = None):
-        transformers = _transformers()
+        transformers = require_transformers()
         self.vocabulary = find_clip_vocabulary(vocabulary)
         vocab, merges = _bpe_tables(self.vocabulary)
         self._tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!")
