@@ -124,12 +124,13 @@ def _step(
         # Gaussian at a 128^3 latent, 30 steps). Kept for parity with MAISI's samples of the same seed.
         return scheduler.step(output, t, x, next_t)[0]
     if isinstance(scheduler, DDPMScheduler):
-        return scheduler.step(output, t, x, generator=generator)[0]  # stochastic: seeded generator
+        # stochastic: seeded generator; MONAI's step takes the x0 of epsilon or v itself
+        return scheduler.step(output, t, x, generator=generator)[0]
     # DDIM (eta 0). MONAI 1.6's DDIMScheduler.step moves to the noise level of t - T // n, but set_timesteps
     # spaces the timesteps as round(linspace(T - 1, 0, n)): for n not 1 or T the sample lands on another
     # noise level than the next timestep the UNet is told (2 steps: level 499, then asked as t = 0). So take
     # MONAI's x0 prediction and re-noise it with the predicted epsilon to next_t's level (the DDIM update).
-    # For v-prediction the noise is derived from v (re-noising with v itself is off by up to 5 units).
+    # For v-prediction the noise is derived from v: re-noising with v itself drives every sample to 0.
     x0 = scheduler.step(output, t, x)[1]
     if final:  # set_alpha_to_one: the last step ends on the x0 prediction
         return x0
