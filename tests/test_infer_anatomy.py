@@ -237,8 +237,8 @@ def thin_database(tmp_path) -> Path:
 
 
 def _plan(tmp_path, database: Path, num_samples: int, augment: bool = False):
-    from maisi.generation import plan_generation
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
+    from maisi.generation.plan import plan_generation
 
     config = {
         "preset": "tiny-rflow",

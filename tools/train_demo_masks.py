@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
+from maisi.families.mask import get_mask_preset  # noqa: E402
 from maisi.labels import load_label_dict  # noqa: E402
-from maisi.mask_presets import get_mask_preset  # noqa: E402
 from maisi.masks.resample import resample_mask  # noqa: E402
 from maisi.masks.tumour_free import remove_tumors  # noqa: E402
 from tools.train_demo import (  # noqa: E402

@@ -128,7 +128,7 @@ def check_translation(t: Translation, output: Path) -> list[str]:
     Raises:
         InputError: every problem, each with the MAISI key it came from.
     """
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
 
     if "anatomy" not in load_schema("infer")["properties"]:
         rest = {k: v for k, v in t.config.items() if k != "anatomy"}
@@ -189,7 +189,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
 
     load_checked_config(args.file, args.kind)
     print(f"{args.file}: a valid {args.kind} config")

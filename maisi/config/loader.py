@@ -220,7 +220,7 @@ def load_config(path: str | Path, kind: str, checks: Iterable[Callable[[Any], li
         path: the JSON file.
         kind: config kind, e.g. ``"infer"``; selects the schema, the dataclass and the cross-key checks.
         checks: further checks of the frozen config (e.g. against the preset it names,
-            :mod:`maisi.preset_checks`); their problems are reported with the cross-key ones.
+            :mod:`maisi.families.checks`); their problems are reported with the cross-key ones.
 
     Returns:
         The frozen dataclass of this kind, with defaults filled and paths absolute.

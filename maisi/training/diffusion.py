@@ -24,8 +24,9 @@ from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config.train_config import TrainConfig
 from maisi.distributed import Ranks
 from maisi.errors import InputError
-from maisi.networks import Preset, RuntimeOptions, build_network
-from maisi.preset_checks import modality_dropout_problems
+from maisi.families.checks import modality_dropout_problems
+from maisi.families.ct import Preset
+from maisi.families.networks import RuntimeOptions, build_network
 from maisi.sampling import make_scheduler
 from maisi.training.latent_data import CaseDraw, LatentCases
 

@@ -27,9 +27,9 @@ from maisi.checkpoints import save_checkpoint
 from maisi.config.train_config import TrainConfig
 from maisi.distributed import Ranks
 from maisi.errors import InputError, VolumeError
-from maisi.mask_presets import NUM_SIZE_SLOTS, MaskPreset
+from maisi.families.mask import NUM_SIZE_SLOTS, MaskPreset
+from maisi.families.networks import RuntimeOptions
 from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
-from maisi.networks import RuntimeOptions
 from maisi.sampling import make_scheduler
 from maisi.training.diffusion import denoising_loss, estimate_scale_factor, validation_loss
 from maisi.training.latent_data import (

@@ -20,7 +20,7 @@ from maisi.config import (
     to_jsonable,
 )
 from maisi.config.loader import _strip_optional
-from maisi.preset_checks import load_checked_config
+from maisi.families.checks import load_checked_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_KINDS = {

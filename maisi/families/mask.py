@@ -1,8 +1,8 @@
 """Mask-generation presets as plain data: MAISI's mask VAE and mask diffusion UNet (Path A).
 
 A mask preset fixes everything that shapes the weights of the two mask-generation networks plus the noise
-schedule, the latent shape and the grid of the generated mask. Like :mod:`maisi.presets` this module imports
-neither torch nor MONAI; :mod:`maisi.masks.networks` builds the networks from it.
+schedule, the latent shape and the grid of the generated mask. Like :mod:`maisi.families.ct` this module
+imports neither torch nor MONAI; :mod:`maisi.masks.networks` builds the networks from it.
 
 Runtime-only constructor arguments (``use_checkpointing``, ``norm_float16``, ``use_flash_attention``,
 ``num_splits``, ``dim_split``) are not part of a preset: they are chosen at build time and never change a
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from maisi.presets import NoiseSchedule, lookup
+from maisi.families.ct import NoiseSchedule, lookup
 
 MaskPart = Literal["autoencoder", "diffusion_unet"]
 MASK_PARTS: tuple[MaskPart, ...] = ("autoencoder", "diffusion_unet")

@@ -45,11 +45,11 @@ from maisi.data.latents import (
     write_latent,
     write_sidecar,
 )
-from maisi.decoding import encode
 from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
 from maisi.intensity import HU_MIN, is_mr, to_unit
 from maisi.labels import MAX_LABEL
+from maisi.vae.codec import encode
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Each sample writes ``<prefix>_seed<N>_image.<fmt>``, ``..._label.<fmt>`` (mask mode; the input mask,
 labels unchanged), ``..._preview.png`` and ``<prefix>_seed<N>.json`` (metadata, written last); with many
 masks ($.masks, $.datalist) ``<prefix>_<stem>_seed<N>...``, the stem naming the mask
-(:mod:`maisi.generation_inputs`). A rerun skips samples whose metadata shows the same job (config, weights,
+(:mod:`maisi.generation.inputs`). A rerun skips samples whose metadata shows the same job (config, weights,
 mask and its checksum, seed) and whose files still match the SHA-256 checksums recorded there, and redoes
 the rest. The resolved config of each job goes to ``<prefix>_job-<12 hex digits of its key>_config.json``.
 
@@ -38,17 +38,9 @@ from maisi.data.io import write_volume
 from maisi.device import resolve_device
 from maisi.distributed import Ranks, finish, first_error, gather, init_from_env
 from maisi.errors import InputError
+from maisi.evaluation.quality import mask_fidelity
 from maisi.files import check_output_dir, file_sha256
-from maisi.generation import (
-    GenerationPlan,
-    Models,
-    check_memory,
-    generate_checked,
-    load_models,
-    plan_for_seed,
-    plan_generation,
-)
-from maisi.generation_files import (
+from maisi.generation.files import (
     check_outputs,
     describe_quality,
     job_key,
@@ -59,11 +51,19 @@ from maisi.generation_files import (
     sample_files,
     why_not_finished,
 )
-from maisi.generation_inputs import GenerationInput, expand_inputs
+from maisi.generation.inputs import GenerationInput, expand_inputs
+from maisi.generation.memory import check_memory
+from maisi.generation.plan import (
+    GenerationPlan,
+    Models,
+    generate_checked,
+    load_models,
+    plan_for_seed,
+    plan_generation,
+)
 from maisi.intensity import is_mr, output_mapping
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
-from maisi.quality import mask_fidelity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 A preset fixes everything that shapes the weights of the three networks (autoencoder, diffusion UNet,
 ControlNet) plus the noise schedule the UNet was trained with. This module imports neither torch nor MONAI,
-so configs and ``--help`` can use it; :mod:`maisi.networks` builds the MONAI networks from it.
+so configs and ``--help`` can use it; :mod:`maisi.families.networks` builds the MONAI networks from it.
 
 The ``maisi-ct-*`` presets use exactly the arguments of the released MAISI CT models (MONAI model-zoo bundle
 ``maisi_ct_generative`` and NV-Generate-CTMR ``configs/config_network_*.json``), so the released weights load
