@@ -26,8 +26,8 @@ from pathlib import Path
 from maisi.atomic import write_json
 from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
 from maisi.config.import_maisi import PATH_KEYS, PRESETS, Places, Translation, translate
-from maisi.config.loader import load_schema, schema_errors
 from maisi.config.registry import KINDS
+from maisi.config.schema import load_schema, schema_errors
 from maisi.errors import ConfigError, InputError
 from maisi.files import output_folder_problem
 

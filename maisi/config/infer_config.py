@@ -8,7 +8,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from maisi.config.loader import build_dataclass, fill_defaults, load_schema
+from maisi.config.schema import build_dataclass, fill_defaults, load_schema
 from maisi.config.size_request import ABSENT, size_request_problems
 from maisi.families.ct import PRESETS
 from maisi.options import (

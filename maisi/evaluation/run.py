@@ -46,7 +46,7 @@ import maisi
 from maisi.atomic import write_json
 from maisi.checkpoints import load_network
 from maisi.config.evaluate_config import EvaluateConfig
-from maisi.config.loader import to_jsonable
+from maisi.config.schema import to_jsonable
 from maisi.data.io import Volume, read_geometry, read_volume
 from maisi.device import autocast_dtype, resolve_device
 from maisi.encoding.cases import transform

@@ -143,7 +143,7 @@ def guidance_warnings(config: InferConfig, preset: Preset) -> list[str]:
 def _anatomy_name_problems(config: InferConfig) -> list[str]:
     """The anatomy request's names against the label dictionary (a file: checked here, not in the config)."""
     from maisi.labels import load_label_dict
-    from maisi.masks.anatomy import anatomy_problems  # imports torch (the databases): anatomy mode only
+    from maisi.masks.request import anatomy_problems
 
     try:
         label_dict = load_label_dict(config.label_dict)

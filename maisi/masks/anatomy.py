@@ -21,7 +21,6 @@ recorded for the sample's metadata, with the organs' volumes in mL measured on t
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -35,11 +34,10 @@ from maisi.config.infer_config import AnatomyConfig, InferConfig
 from maisi.data.io import Volume
 from maisi.errors import InputError
 from maisi.files import file_sha256
-from maisi.labels import BODY_LABEL
 from maisi.masks.database import MaskDatabase, label_counts, load_database, read_entry_mask
 from maisi.masks.lesions import LesionRequest, place_lesions
 from maisi.masks.resample import resample_mask
-from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
+from maisi.masks.retrieval import Candidate, Selection, select_masks
 
 if TYPE_CHECKING:
     from maisi.masks.generation import MaskGenerationPlan
@@ -59,54 +57,6 @@ CACHE_BYTES = 1 << 30  # prepared masks kept between planning and generation; be
 def default_database(preset: str) -> Path:
     """The database a preset uses when the config names none: MAISI's released one or ours."""
     return REPOSITORY / RELEASED_DATABASES.get(preset, SHIPPED_DATABASE)
-
-
-# ------------------------------------------------------------------------------------------ name checks
-
-
-def _unknown(name: str, where: str, label_dict: dict[str, int]) -> str:
-    hints = difflib.get_close_matches(name, list(label_dict), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
-    return f"{where}: '{name}' is not in the label dictionary{hint} (python -m maisi.labels show lists them)"
-
-
-def anatomy_problems(anatomy: AnatomyConfig, label_dict: dict[str, int]) -> list[str]:
-    """MAISI's ``check_input`` rules on the names of a request, every problem with its JSON path.
-
-    Names must be in the label dictionary (did-you-mean), at most one tumour class may be requested
-    (``anatomy_list`` and lesions together; MAISI allows one), and a lesion needs a class of its own that
-    is neither the body nor one of its hosts.
-    """
-    problems = []
-    for i, name in enumerate(anatomy.anatomy_list):
-        if name not in label_dict:
-            problems.append(_unknown(name, f"$.anatomy.anatomy_list[{i}]", label_dict))
-    for i, lesion in enumerate(anatomy.lesions):
-        where = f"$.anatomy.lesions[{i}]"
-        if lesion.label not in label_dict:
-            problems.append(_unknown(lesion.label, f"{where}.label", label_dict))
-        for j, host in enumerate(lesion.host):
-            if host not in label_dict:
-                problems.append(
-                    _unknown(host, f"{where}.host" + (f"[{j}]" if len(lesion.host) > 1 else ""), label_dict)
-                )
-        if lesion.label in lesion.host:
-            problems.append(
-                f"{where}: label '{lesion.label}' is also its host; a lesion needs a class of its own"
-            )
-        if label_dict.get(lesion.label) == BODY_LABEL:
-            problems.append(
-                f"{where}.label: '{lesion.label}' is the body label {BODY_LABEL}; choose a lesion class"
-            )
-    tumours = tumour_ids(label_dict)
-    requested = [*anatomy.anatomy_list, *(lesion.label for lesion in anatomy.lesions)]
-    named = list(dict.fromkeys(n for n in requested if label_dict.get(n) in tumours))
-    if len(named) > 1:
-        problems.append(
-            f"$.anatomy: {len(named)} tumour classes requested ({', '.join(repr(n) for n in named)}); "
-            "MAISI generates at most one tumour class per CT"
-        )
-    return problems
 
 
 # ------------------------------------------------------------------------------------------------ plan

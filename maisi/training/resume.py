@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from maisi.config.loader import fill_defaults, json_path, load_schema
+from maisi.config.schema import fill_defaults, json_path, load_schema
 
 # Keys that may change between an interrupted run and its resumption: none of them moves the weights.
 RESUMABLE_CHANGES = (

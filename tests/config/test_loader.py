@@ -19,7 +19,7 @@ from maisi.config import (
     load_schema,
     to_jsonable,
 )
-from maisi.config.loader import _strip_optional
+from maisi.config.schema import _strip_optional
 from maisi.families.checks import load_checked_config
 
 REPO = Path(__file__).resolve().parents[2]
