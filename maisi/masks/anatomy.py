@@ -71,6 +71,22 @@ class SampleMask:
     digest: str  # SHA-256 of the voxels, to check that a mask prepared again is the same
 
 
+@dataclass
+class AnatomyState:
+    """What an :class:`AnatomyPlan` learns while it prepares masks: the one mutable part of a run's plan.
+
+    Attributes:
+        lost: database entry index -> the requested ids that entry loses on the output grid.
+        prepared: seed -> its mask, prepared ahead (:func:`prepare_all`) and handed out once
+            (:func:`sample_mask`).
+        records: seed -> the record of how its mask was made.
+    """
+
+    lost: dict[int, list[int]] = field(default_factory=dict)
+    prepared: dict[int, SampleMask] = field(default_factory=dict)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class AnatomyPlan:
     """The checked request and the database picks; prepares each sample's mask on demand.
@@ -87,6 +103,7 @@ class AnatomyPlan:
         label_dict: name -> id.
         output_size, spacing: the output grid.
         first_seed: the seed of the first sample (sample i has seed first_seed + i).
+        state: what preparing the masks learns and keeps (the plan's only mutable part).
     """
 
     database: MaskDatabase | None
@@ -100,9 +117,7 @@ class AnatomyPlan:
     spacing: tuple[float, float, float]
     first_seed: int
     generator: MaskGenerationPlan | None = None  # Path A: masks are generated, not retrieved
-    _lost: dict[int, list[int]] = field(default_factory=dict, repr=False)  # entry index -> ids it loses
-    _cache: dict[int, SampleMask] = field(default_factory=dict, repr=False)
-    _records: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)  # seed -> its record
+    state: AnatomyState = field(default_factory=AnatomyState, repr=False, compare=False)
 
     def pick(self, seed: int) -> Candidate:
         """The database entry retrieval picked for the sample of ``seed``."""
@@ -119,7 +134,7 @@ class AnatomyPlan:
 
     def sample_record(self, seed: int) -> dict[str, Any]:
         """The record of a seed's mask, once it was built (:func:`prepare_all`, :func:`sample_mask`)."""
-        return self._records[seed]
+        return self.state.records[seed]
 
     def names(self, ids: Sequence[int]) -> list[str]:
         by_id = {i: n for n, i in self.label_dict.items()}
@@ -250,15 +265,15 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
     """The first candidate (pick, then fallbacks) whose resampled mask keeps every requested class."""
     tried: list[dict[str, Any]] = []
     for candidate in _fallback_order(plan, seed):
-        if candidate.entry.index in plan._lost:
+        if candidate.entry.index in plan.state.lost:
             tried.append(
-                {"path": candidate.entry.path, "lost": plan.names(plan._lost[candidate.entry.index])}
+                {"path": candidate.entry.path, "lost": plan.names(plan.state.lost[candidate.entry.index])}
             )
             continue
         volume, record, lost = _resampled(plan, candidate)
         if not lost:
             return candidate, volume, record, tried
-        plan._lost[candidate.entry.index] = lost
+        plan.state.lost[candidate.entry.index] = lost
         tried.append({"path": candidate.entry.path, "lost": plan.names(lost)})
         log.warning(
             "seed %d: %s loses %s when resampled to the output grid; trying the next candidate",
@@ -331,7 +346,7 @@ def build_sample_mask(
 
         mask, record = generate_mask(plan.generator, seed, progress)
         record["organ_volumes_ml"] = organ_volumes_ml(mask, plan)
-        plan._records[seed] = record
+        plan.state.records[seed] = record
         return SampleMask(mask, record, _digest(mask.array))
     assert plan.database is not None
     candidate, mask, resampling, tried = _retrieve(plan, seed)
@@ -366,7 +381,7 @@ def build_sample_mask(
         "lesions": lesions,
         "organ_volumes_ml": organ_volumes_ml(mask, plan),
     }
-    plan._records[seed] = record
+    plan.state.records[seed] = record
     return SampleMask(mask, record, _digest(mask.array))
 
 
@@ -384,7 +399,7 @@ def prepare_all(plan: AnatomyPlan, seeds: Sequence[int], device: str = "cpu") ->
         sample = build_sample_mask(plan, seed, device)
         digests[seed] = sample.digest
         if kept + sample.volume.array.nbytes <= CACHE_BYTES:
-            plan._cache[seed] = sample
+            plan.state.prepared[seed] = sample
             kept += sample.volume.array.nbytes
     return digests
 
@@ -398,8 +413,8 @@ def sample_mask(
 ) -> SampleMask:
     """The prepared mask of a seed: the kept one, or built again (checked against ``planned_digest``);
     ``progress``: the bars of a generated mask."""
-    if seed in plan._cache:
-        return plan._cache.pop(seed)
+    if seed in plan.state.prepared:
+        return plan.state.prepared.pop(seed)
     sample = build_sample_mask(plan, seed, device, progress)
     if planned_digest is not None and sample.digest != planned_digest:
         raise RuntimeError(

@@ -79,8 +79,7 @@ def _spacing_separable(mask: Volume, spacing: tuple[float, ...]) -> Volume | Non
     instead of 7 s and 3.5 GB for 512 x 512 x 160 -> 400 x 400 x 265. None when the grid is not separable.
     """
     import torch
-    from monai.data import MetaTensor
-    from monai.data.utils import compute_shape_offset, zoom_affine
+    from monai.data import MetaTensor, compute_shape_offset, zoom_affine
     from monai.transforms import Spacing
 
     new_affine = zoom_affine(mask.affine, spacing, diagonal=False)

@@ -34,7 +34,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+from monai.networks.blocks import Convolution
+from monai.networks.nets import AutoencoderKL
+
+from maisi.monai_internals import (
     MaisiConvolution,
     MaisiDecoder,
     MaisiDownsample,
@@ -43,8 +46,6 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
     MaisiResBlock,
     MaisiUpsample,
 )
-from monai.networks.blocks import Convolution
-from monai.networks.nets import AutoencoderKL
 
 Part = Literal["decoder", "encoder"]
 _PART_TYPES: dict[str, type] = {"decoder": MaisiDecoder, "encoder": MaisiEncoder}
