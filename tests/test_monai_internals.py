@@ -1,5 +1,5 @@
-"""``maisi.monai_internals`` is the only module of ``maisi/`` that imports MONAI names outside MONAI's public API,
-and every name it holds still exists in the installed MONAI."""
+"""``maisi.monai_internals`` is the only module of ``maisi/`` that imports MONAI names outside MONAI's public
+API, and every name it holds still exists in the installed MONAI."""
 
 from __future__ import annotations
 
