@@ -23,6 +23,7 @@ from maisi.data.io import Volume, read_volume, write_volume
 from maisi.errors import InputError
 from maisi.files import file_sha256
 from maisi.generation import memory as generation_memory
+from maisi.generation import pipeline as generation_pipeline
 from maisi.generation import plan as generation_plan
 from maisi.generation import run as generation_run
 from tests.conftest import phantom_mask
@@ -234,6 +235,16 @@ BROKEN = [
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
     changes, fragment, flags, infer_config, tiny_checkpoints, tmp_path, capsys
 ):
+    assert run_cli(broken_config(changes, infer_config, tiny_checkpoints, tmp_path), *flags) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("maisi.infer: error:") and fragment in err, err
+    assert "Traceback" not in err and captured.out == ""  # a dry run prints no config when a check fails
+    assert not (tmp_path / "out").exists()
+
+
+def broken_config(changes: dict, infer_config, tiny_checkpoints, tmp_path) -> Path:
+    """The config of a row of BROKEN: its masks and checkpoints made in ``tmp_path``."""
     changes = dict(changes)
     masks = _broken_masks(tmp_path)
     if changes.get("mask") in masks:
@@ -252,12 +263,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
         raw = torch.load(ckpt["diffusion_unet"], weights_only=True)
         torch.save({"unet_state_dict": raw["state_dict"]}, tmp_path / "released_unet.pt")
         changes["checkpoints"] = {**ckpt, "diffusion_unet": str(tmp_path / "released_unet.pt")}
-    assert run_cli(infer_config(**changes), *flags) == 2
-    captured = capsys.readouterr()
-    err = captured.err
-    assert err.startswith("maisi.infer: error:") and fragment in err, err
-    assert "Traceback" not in err and captured.out == ""  # a dry run prints no config when a check fails
-    assert not (tmp_path / "out").exists()
+    return infer_config(**changes)
 
 
 def test_output_dir_of_another_job_is_not_overwritten(infer_config, tmp_path, capsys):
@@ -278,7 +284,7 @@ def test_runtime_failure_exits_1_with_a_traceback(infer_config, monkeypatch, cap
     def explode(*args, **kwargs):
         raise RuntimeError("simulated out of memory")
 
-    monkeypatch.setattr(generation_run, "generate_checked", explode)
+    monkeypatch.setattr(generation_pipeline, "generate_checked", explode)
     assert run_cli(infer_config()) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "simulated out of memory" in err and "runtime failure" in err
