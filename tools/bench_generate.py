@@ -1,7 +1,8 @@
 """Benchmark generation: overhead of our sampling loop, and time to a decoded CT per sampler.
 
 1. Loop overhead: per-step time of ``maisi.sampling.denoise`` against a plain loop that calls the same
-   MONAI networks (UNet + ControlNet) and a MONAI scheduler built directly, MAISI-style. Best of many short
+   MONAI networks (UNet + ControlNet) and the same MONAI scheduler (``maisi.sampling.make_scheduler``
+   builds it with MAISI's arguments) directly, MAISI-style. Best of many short
    rounds, alternating which loop runs first (shared CPUs are noisy; noise only adds time).
 2. Time to a decoded CT for DDPM-1000, DDIM-50 and rectified-flow-30 at full step counts: sampling is run
    in full when it takes at most ``--max-run-s``; otherwise the measured per-step time is multiplied by
@@ -16,8 +17,6 @@
    ``maisi.generation.plan``'s networks and defaults (:mod:`maisi.acceleration`, precision ``auto``, tiled
    decode within 1024 MiB). Extra variants: ``ours-fp32``, ``ours-channels-last``, ``ours-compile``,
    ``ours-nocache``. A warm-up step (not timed; compilation happens there) precedes the timed steps.
-
-Random weights throughout (timing does not depend on them).
 
 Random weights throughout (timing does not depend on them).
 
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 from maisi.acceleration import Acceleration, accelerate
 from maisi.conditioning import Conditions, binarize_labels
@@ -52,27 +51,6 @@ from maisi.families.networks import RuntimeOptions, build_network
 from maisi.intensity import unit_to_hu
 from maisi.sampling import DEFAULT_STEPS, denoise, make_scheduler
 from maisi.vae.codec import decode
-
-
-def plain_scheduler(sampler: str, preset):
-    """The MONAI scheduler as MAISI's own scripts build it (no maisi code involved)."""
-    s = preset.schedule
-    if sampler == "rflow":
-        return RFlowScheduler(
-            num_train_timesteps=s.num_train_timesteps,
-            use_discrete_timesteps=False,
-            use_timestep_transform=True,
-            sample_method="uniform",
-        )
-    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    return cls(
-        num_train_timesteps=s.num_train_timesteps,
-        schedule=s.beta_schedule,
-        beta_start=s.beta_start,
-        beta_end=s.beta_end,
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
 
 
 @torch.no_grad()
@@ -149,7 +127,7 @@ class Setup:
         plain_loop(
             self.unet,
             self.controlnet,
-            plain_scheduler(sampler, self.preset),
+            make_scheduler(self.preset.schedule, sampler),  # MONAI's, with MAISI's arguments
             self.noise,
             steps,
             self.inputs,
