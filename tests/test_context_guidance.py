@@ -8,7 +8,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from maisi import sampling
-from maisi.networks import NoiseSchedule
+from maisi.families.ct import NoiseSchedule
 from maisi.sampling import ContextGuidance, denoise, make_scheduler
 
 N, L, D = 2, 77, 8

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from maisi.networks import NoiseSchedule, get_preset
+from maisi.families.ct import NoiseSchedule, get_preset
 from maisi.training.diffusion import denoising_loss, training_scheduler
 
 
