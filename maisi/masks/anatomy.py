@@ -150,7 +150,7 @@ class AnatomyPlan:
     spacing: tuple[float, float, float]
     first_seed: int
     generator: MaskGenerationPlan | None = None  # Path A: masks are generated, not retrieved
-    _lost: dict[int, list[int]] = field(default_factory=dict, repr=False)  # entry index -> ids it loses
+    _lost: dict[int, list[str]] = field(default_factory=dict, repr=False)  # entry index -> what it loses
     _cache: dict[int, SampleMask] = field(default_factory=dict, repr=False)
     _records: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)  # seed -> its record
 
@@ -263,12 +263,19 @@ def _present(array: np.ndarray, ids: Sequence[int]) -> set[int]:
     return {i for i in ids if i in found}
 
 
-def _resampled(plan: AnatomyPlan, candidate: Candidate) -> tuple[Volume, dict[str, Any], list[int]]:
-    """An entry's mask on the output grid, its resampling record, and the requested ids it lost."""
+BLANK = "every label (the mask is blank)"  # what a blank mask loses: it is never used
+
+
+def _resampled(plan: AnatomyPlan, candidate: Candidate) -> tuple[Volume, dict[str, Any], list[str]]:
+    """An entry's mask on the output grid, its resampling record, and what it lost: the names of requested
+    classes, or :data:`BLANK` when no label is left (the file is blank whatever its entry says, or nothing
+    of it lands on the output grid): a blank mask gives a CT of air everywhere."""
     volume = read_entry_mask(plan.database, candidate.entry)
     volume, record = resample_mask(volume, plan.spacing, plan.output_size)
+    if not volume.array.any():
+        return volume, record, [BLANK]
     lost = sorted(set(plan.anatomy_ids) - _present(volume.array, plan.anatomy_ids))
-    return volume, record, lost
+    return volume, record, plan.names(lost)
 
 
 def _fallback_order(plan: AnatomyPlan, seed: int) -> list[Candidate]:
@@ -301,20 +308,18 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
     tried: list[dict[str, Any]] = []
     for candidate in _fallback_order(plan, seed):
         if candidate.entry.index in plan._lost:
-            tried.append(
-                {"path": candidate.entry.path, "lost": plan.names(plan._lost[candidate.entry.index])}
-            )
+            tried.append({"path": candidate.entry.path, "lost": plan._lost[candidate.entry.index]})
             continue
         volume, record, lost = _resampled(plan, candidate)
         if not lost:
             return candidate, volume, record, tried
         plan._lost[candidate.entry.index] = lost
-        tried.append({"path": candidate.entry.path, "lost": plan.names(lost)})
+        tried.append({"path": candidate.entry.path, "lost": lost})
         log.warning(
             "seed %d: %s loses %s when resampled to the output grid; trying the next candidate",
             seed,
             candidate.entry.path,
-            ", ".join(plan.names(lost)),
+            ", ".join(lost),
         )
     raise _lost_everywhere(plan, tried)
 

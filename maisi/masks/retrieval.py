@@ -17,6 +17,7 @@ repeat, tutorials #1881), and wrap around when it holds fewer candidates than sa
 from __future__ import annotations
 
 import difflib
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -105,8 +106,8 @@ class MaskRequest:
     def __post_init__(self) -> None:
         if len(self.output_size) != 3 or any(int(s) != s or s < 1 for s in self.output_size):
             raise InputError(f"output size {list(self.output_size)}: expected 3 positive integers")
-        if len(self.spacing) != 3 or any(not s > 0 for s in self.spacing):
-            raise InputError(f"spacing {list(self.spacing)}: expected 3 positive values in mm")
+        if len(self.spacing) != 3 or any(not (math.isfinite(s) and s > 0) for s in self.spacing):
+            raise InputError(f"spacing {list(self.spacing)}: expected 3 finite positive values in mm")
 
     @property
     def fov_mm(self) -> tuple[float, float, float]:
