@@ -13,7 +13,9 @@ then ``augmentation`` on the output grid):
    not contain required class labels"), naming the classes;
 4. augment it (:func:`maisi.masks.augment.augment_mask`, seeded by the sample's seed) unless switched off;
    augmentation works in output-grid voxels, as MAISI's (its shifts are in voxels of the output size);
-5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, seeded by the sample's seed).
+5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, seeded by the sample's seed);
+   a lesion's class counts as requested in step 1 (a mask holding it may be retrieved), and every tumour
+   class of the final mask is reported per connected piece (``tumour_components``), the placed ones marked.
 
 The mask keeps MAISI ids and every organ (MAISI relabels to 1..N and drops the rest). Every step is
 recorded for the sample's metadata, with the organs' volumes in mL measured on the final mask.
@@ -37,7 +39,7 @@ from maisi.errors import InputError
 from maisi.files import file_sha256
 from maisi.labels import BODY_LABEL
 from maisi.masks.database import MaskDatabase, label_counts, load_database, read_entry_mask
-from maisi.masks.lesions import LesionRequest, place_lesions
+from maisi.masks.lesions import LesionRequest, place_lesions, tumour_components
 from maisi.masks.resample import resample_mask
 from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
 
@@ -232,6 +234,7 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = 
         config.num_samples,
         config.seed,
         label_dict,
+        allowed=[spec.label for spec in anatomy.lesions],  # a lesion's class counts as requested
     )
     lesions = tuple(
         LesionRequest(label_dict[spec.label], spec.diameter_mm, tuple(label_dict[h] for h in spec.host))
@@ -347,12 +350,36 @@ def _place(
     if not plan.lesions:
         return mask, []
     try:
-        mask, records = place_lesions(mask, plan.lesions, seed)
+        mask, records = place_lesions(mask, plan.lesions, seed, plan.label_dict)
     except InputError as e:
         raise InputError(f"$.anatomy.{e} (in the mask of {entry_path}, seed {seed})") from None
     for spec, record in zip(plan.anatomy.lesions, records):
         record.update(label_name=spec.label, host_names=list(spec.host))
     return mask, records
+
+
+def _tumour_pieces(plan: AnatomyPlan, before: Volume, after: Volume, seed: int) -> dict[str, list[dict]]:
+    """Each connected piece of every tumour class in the final mask, by name (a lesion placed in a mask that
+    already held its class makes two tumours: they are reported apart); logged when a class has several."""
+    placed = before.array != after.array
+    present = {int(i) for i in label_counts(after.array)[0]}
+    out = {}
+    for label in sorted(tumour_ids(plan.label_dict) & present):
+        name = plan.names([label])[0]
+        out[name] = pieces = tumour_components(after, label, placed)
+        if len(pieces) > 1:
+            log.info(
+                "seed %d: '%s' is %d separate components: %s",
+                seed,
+                name,
+                len(pieces),
+                ", ".join(
+                    f"{p['volume_ml']:g} mL at voxel {p['centre_voxel']}"
+                    + (" (placed)" if p["placed"] else " (in the retrieved mask)")
+                    for p in pieces
+                ),
+            )
+    return out
 
 
 def organ_volumes_ml(mask: Volume, plan: AnatomyPlan) -> dict[str, float]:
@@ -391,7 +418,9 @@ def build_sample_mask(
     assert plan.database is not None
     candidate, mask, resampling, tried = _retrieve(plan, seed)
     mask, augmentation = _augment(plan, mask, seed, device)
+    before = mask
     mask, lesions = _place(plan, mask, seed, candidate.entry.path)
+    tumours = _tumour_pieces(plan, before, mask, seed)
     entry = candidate.entry
     path = plan.database.mask_path(entry)
     record = {
@@ -419,6 +448,7 @@ def build_sample_mask(
         "resampling": resampling,
         "augmentation": augmentation,
         "lesions": lesions,
+        "tumour_components": tumours,
         "organ_volumes_ml": organ_volumes_ml(mask, plan),
     }
     plan._records[seed] = record

@@ -3,7 +3,7 @@
 Filter (MAISI's ``find_masks``): every requested anatomy id is in the entry's ``label_list``; every
 requested body region lies within the entry's [top, bottom]; entries holding a tumour that was not
 requested are excluded (MAISI's tumour ids 23, 24, 26, 27, 128, plus tumour classes a user added to the
-label dictionary).
+label dictionary); a class that will be placed as a lesion counts as requested (a mask may hold it).
 
 Ranking (NV-Generate-CTMR ``find_closest_masks``): per axis, |FOV difference| / 10 (mm) as the main term,
 plus |dim difference| / 100 plus |spacing difference| (mm); an entry with ``dim <= output_size - 128`` on
@@ -192,8 +192,10 @@ def explain_no_match(
     anatomy: Sequence[int],
     regions: Sequence[int],
     label_dict: dict[str, int],
+    allowed: frozenset[int] = frozenset(),
 ) -> str:
-    """Which requested item no entry satisfies, checked from the simplest cause to the combination."""
+    """Which requested item no entry satisfies, checked from the simplest cause to the combination;
+    ``allowed``: tumour ids a mask may hold though not required (lesion classes)."""
     entries, where = db.entries, f"{db.path} ({len(db.entries)} entries)"
     if not entries:
         return f"{db.path} holds no entries"
@@ -210,7 +212,7 @@ def explain_no_match(
     holding = [e for e in entries if set(anatomy) <= e.label_ids and all(e.covers(r) for r in regions)]
     if not holding:
         return f"no entry of {where} holds {_quote(request.anatomy)} together{within}"
-    tumours, names = tumour_ids(label_dict), {i: n for n, i in label_dict.items()}
+    tumours, names = tumour_ids(label_dict) - allowed, {i: n for n, i in label_dict.items()}
     if not any(passes_filter(e, anatomy, regions, tumours) for e in holding):
         unwanted = sorted(set().union(*(e.label_ids & (tumours - set(anatomy)) for e in holding)))
         return (
@@ -251,6 +253,7 @@ def select_masks(
     num_samples: int,
     seed: int,
     label_dict: dict[str, int] | None = None,
+    allowed: Sequence[str] = (),
 ) -> Selection:
     """Pick ``num_samples`` database masks for a request, reproducibly for a given ``seed``.
 
@@ -263,6 +266,8 @@ def select_masks(
         num_samples: how many picks (one per generated sample).
         seed: seeds the draw from the best-ranked pool.
         label_dict: name -> id; None: MAISI's dictionary.
+        allowed: names a mask may hold though not required: the classes placed as lesions afterwards (a mask
+            holding a lung tumour is fit for a second one), exempt from the unrequested-tumour rule.
 
     Returns:
         The picks in sample order and the full ranking.
@@ -277,11 +282,13 @@ def select_masks(
     grid = tuple(output_size), tuple(spacing)
     request = MaskRequest(tuple(anatomy), tuple(body_regions), *grid)  # type: ignore[arg-type]
     ids, regions = _resolve_names(request, label_dict)
-    tumours = tumour_ids(label_dict)
+    exempt = frozenset(label_dict[n] for n in allowed if n in label_dict)
+    tumours = tumour_ids(label_dict) - exempt
     matched = [e for e in db.entries if passes_filter(e, ids, regions, tumours)]
     ranked = rank_candidates(matched, request)
     if not ranked:
-        raise InputError("cannot select masks: " + explain_no_match(db, request, ids, regions, label_dict))
+        why = explain_no_match(db, request, ids, regions, label_dict, exempt)
+        raise InputError("cannot select masks: " + why)
     pool = list(ranked[: max(2 * num_samples, MIN_POOL)])
     order = random.Random(seed).sample(pool, len(pool))  # a seeded permutation: distinct until it wraps
     picks = tuple(order[i % len(order)] for i in range(num_samples))
