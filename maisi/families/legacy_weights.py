@@ -1,17 +1,13 @@
 """Strict conversion of old GenerativeModels state dicts to MONAI 1.6 AutoencoderKL and DiffusionModelUNet.
 
 The released BraTS and chest X-ray weights (``weights_format="generative-0.x"``) were saved from the networks
-of MONAI GenerativeModels 0.2, whose parameter names differ from MONAI's:
+of MONAI GenerativeModels 0.2, whose parameter names differ from MONAI's (old -> new):
 
-========================================  ===============================================
-GenerativeModels (old)                    MONAI 1.6 (new)
-========================================  ===============================================
-``<attention block>.to_q|to_k|to_v.*``    ``<attention block>.attn.to_q|to_k|to_v.*``
-``<attention block>.proj_attn.*``         dropped: GenerativeModels >= 0.2 never applied it
-``...transformer_blocks.N.attnK.to_out.0.*``  ``...transformer_blocks.N.attnK.out_proj.*``
-``<upsample>.conv.*``                     ``<upsample>.postconv.*``
-``module.<key>`` (saved under DDP)        ``<key>``
-========================================  ===============================================
+- ``<attention block>.to_q|to_k|to_v.*`` -> ``<attention block>.attn.to_q|to_k|to_v.*``;
+- ``<attention block>.proj_attn.*`` -> dropped (GenerativeModels >= 0.2 never applied it);
+- ``...transformer_blocks.N.attnK.to_out.0.*`` -> ``...transformer_blocks.N.attnK.out_proj.*``;
+- ``<upsample>.conv.*`` -> ``<upsample>.postconv.*``;
+- ``module.<key>`` (saved under DDP) -> ``<key>``.
 
 An attention block is a self-attention block of the target network (a key ``<block>.attn.to_q.weight``):
 the non-local attention of the autoencoder and the self-attention levels of an unconditioned UNet. Its
