@@ -38,7 +38,8 @@ import numpy as np
 
 from maisi.atomic import write_json
 from maisi.conditioning import BODY_REGIONS, body_region_from_mask
-from maisi.config.loader import json_path, load_schema, read_json, schema_errors
+from maisi.config.loader import read_json
+from maisi.config.schema import json_path, load_schema, schema_errors
 from maisi.data.datalist import one_hot
 from maisi.data.io import Volume, read_mask
 from maisi.distributed import Ranks, gather
