@@ -1,6 +1,7 @@
-"""``python -m maisi.download``: fetch the released MAISI CT and MR weights into ``models/maisi``, verified.
+"""``python -m maisi.download``: fetch released weights (MAISI CT and MR, the seeds' LDMs), verified.
 
-    python -m maisi.download --variant rflow-ct|ddpm-ct|rflow-mr|rflow-mr-brain --dest models/maisi
+    python -m maisi.download --variant rflow-ct|ddpm-ct|rflow-mr|rflow-mr-brain|brats-2d|brats-3d|cxr
+        --dest models/maisi
         [--base-url URL] [--cache-dir DIR] [--force] [--allow-unverified] [--weights-only]
         [--with-mask-archive] [-v]
 
@@ -19,7 +20,8 @@ Transfers are huggingface_hub's ``hf_hub_download``: its cache (``--cache-dir``,
 cache), its in-run retry and resume of a broken transfer, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` (the default
 ``--base-url``) and its token (``HF_TOKEN`` or ``hf auth login``), which is sent to huggingface.co only, never
 to a mirror.
-The files of a variant (``maisi/resources/released_weights.json``) are saved flat in ``--dest``.
+The files of a variant (``maisi/resources/released_weights.json``) are saved flat in ``--dest`` (the seeds'
+LDM variants ``brats-2d``, ``brats-3d`` and ``cxr``, whose bundles share file names, in a subfolder each).
 
 Trust. Every file is checked against a SHA-256 before it appears in ``--dest`` (hard link or copy from the
 cache to a temporary name, hashed, renamed) and again, by hashing its bytes, each time a later run reuses it:
@@ -28,7 +30,9 @@ cache to a temporary name, hashed, renamed) and again, by hashing its bytes, eac
   - otherwise the lock file ``<dest>/maisi-weights.lock.json``: on first download the SHA-256 the hub
     announces for the LFS file (``X-Linked-Etag``) is accepted, only over HTTPS or from a loopback host, and
     recorded; later runs and reuses must match it (trust on first use). A host that later announces another
-    hash is refused.
+    hash is refused. Where the release publishes an MD5 only (the MONAI bundles' ``large_files.yml``;
+    ``published_md5`` in the manifest), the first download must also match it, before it is installed, and
+    the SHA-256 of those bytes is recorded in the lock file, whatever the host announces.
 With no hash at all (a non-LFS file) the file is refused unless ``--allow-unverified`` (its computed hash is
 then recorded). The transfer stops once the body passes the expected size (see :func:`_bounded_bar`).
 
@@ -77,7 +81,7 @@ from maisi.archive import extract_archive
 from maisi.atomic import write_json
 from maisi.cli import EXIT_OK, new_parser, run_guarded, setup_cli
 from maisi.errors import InputError, RunFailure
-from maisi.files import ChecksumMismatch, check_file, install_verified, require_free_space
+from maisi.files import ChecksumMismatch, check_file, check_md5, install_verified, require_free_space
 from maisi.progress import shown
 from maisi.resources import load_json
 
@@ -87,6 +91,7 @@ LOCK_NAME = "maisi-weights.lock.json"
 DEFAULT_BASE_URL = "https://huggingface.co"
 HUB_HOSTS = ("huggingface.co", "hf.co")  # the only hosts that get the user's token
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 EXTRACTION = " (extraction)"  # an archive that was fetched but could not be extracted
 
 log = logging.getLogger(__name__)
@@ -134,6 +139,14 @@ class Expected:
     pinned: bool = False  # True: the manifest's pin; False: the lock file or the host (trust on first use)
 
 
+@dataclass(frozen=True)
+class PublishedMd5:
+    """An MD5 the release publishes for a file (no SHA-256 published): checked on first download."""
+
+    md5: str
+    source: str
+
+
 @dataclass
 class Summary:
     downloaded: list[str] = field(default_factory=list)
@@ -172,6 +185,21 @@ def manifest_pins(manifest: dict[str, Any]) -> dict[str, Expected]:
             raise ValueError(f"{MANIFEST}: pin {key}: size must be a positive integer or null, got {size!r}")
         pins[key] = Expected(sha, size, f"the SHA-256 pinned in {MANIFEST}", pinned=True)
     return pins
+
+
+def manifest_md5s(manifest: dict[str, Any]) -> dict[str, PublishedMd5]:
+    """``repo/path`` -> published MD5; a malformed entry is a packaging bug, hence ValueError (exit 1)."""
+    out = {}
+    for key, entry in manifest.get("published_md5", {}).items():
+        if key.startswith("_"):  # a comment
+            continue
+        md5 = entry.get("md5")
+        if not isinstance(md5, str) or not _HEX32.fullmatch(md5):
+            raise ValueError(
+                f"{MANIFEST}: published_md5 {key}: md5 must be 32 lower-case hex digits, got {md5!r}"
+            )
+        out[key] = PublishedMd5(md5, f"the MD5 published in {entry['source']}")
+    return out
 
 
 class Lock:
@@ -341,9 +369,26 @@ class Job:
     offline: bool
     pins: dict[str, Expected]
     lock: Lock
+    md5s: dict[str, PublishedMd5] = field(default_factory=dict)
+
+    def md5(self, file: RemoteFile) -> PublishedMd5 | None:
+        """The published MD5 that still has to be checked: only while no SHA-256 covers the file."""
+        return self.md5s.get(file.key) if self.expected(file) is None else None
 
     def expected(self, file: RemoteFile) -> Expected | None:
         return self.pins.get(file.key) or self.lock.expected(file)
+
+
+def md5_verified_copy(final: Path, md5: PublishedMd5) -> str | None:
+    """Why ``final`` need not be fetched (its bytes match the published MD5), or None after saying why not."""
+    try:
+        check_md5(final, md5.md5)
+    except ChecksumMismatch as err:
+        print(
+            f"{final.name}: present, but its md5 {err.actual} is not {md5.source} ({md5.md5}); downloading it"
+        )
+        return None
+    return f"already present, verified against {md5.source}"
 
 
 def verified_copy(final: Path, expected: Expected) -> str | None:
@@ -406,10 +451,12 @@ def download(job: Job, file: RemoteFile, limit: int | None, local_only: bool) ->
     return Path(path)
 
 
-def install(blob: Path, final: Path, expected: Expected | None) -> str:
-    """Verify the cached ``blob`` into ``final``; a wrong blob is deleted from the cache
-    (ChecksumMismatch)."""
+def install(blob: Path, final: Path, expected: Expected | None, md5: PublishedMd5 | None = None) -> str:
+    """Verify the cached ``blob`` into ``final`` (its published MD5 first, if any); a wrong blob is deleted
+    from the cache (ChecksumMismatch)."""
     try:
+        if md5 is not None:
+            check_md5(blob, md5.md5)
         return install_verified(
             blob, final, expected.sha256 if expected else None, expected.size if expected else None
         )
@@ -419,7 +466,7 @@ def install(blob: Path, final: Path, expected: Expected | None) -> str:
         raise
 
 
-def _mismatch(final: Path, expected: Expected, err: ChecksumMismatch) -> RunFailure:
+def _mismatch(final: Path, expected: Expected | PublishedMd5, err: ChecksumMismatch) -> RunFailure:
     return RunFailure(
         f"checksum mismatch for {final.name}: expected {err.what} {err.expected} ({expected.source}), "
         f"got {err.actual} (corrupted transfer or a changed file on the host); the download was "
@@ -453,14 +500,14 @@ def _fetch_and_install(
     file: RemoteFile, job: Job, expected: Expected | None, limit: int | None, unreachable: Exception | None
 ) -> str:
     """Through huggingface_hub's cache into ``--dest``, verified; returns the SHA-256 installed."""
-    final, local_only = job.dest / file.local, job.offline or unreachable is not None
+    final, local_only, md5 = job.dest / file.local, job.offline or unreachable is not None, job.md5(file)
     cached = not job.force and isinstance(
         try_to_load_from_cache(file.repo, file.path, cache_dir=job.cache_dir), str
     )
     if not local_only and not cached and limit is not None:
         _check_space(job, file, limit)
     try:
-        return install(download(job, file, limit, local_only), final, expected)
+        return install(download(job, file, limit, local_only), final, expected, md5)
     except LocalEntryNotFoundError:
         if unreachable is not None:
             raise _explain(unreachable, file, job.base_url, job.dest) from None
@@ -471,7 +518,7 @@ def _fetch_and_install(
         ) from None
     except ChecksumMismatch as err:
         if not cached or local_only:
-            raise _mismatch(final, expected, err) from None
+            raise _mismatch(final, md5 if err.what == "md5" else expected, err) from None
         # The cached copy was damaged (it may be a hard link of a --dest file changed in place): fetch it
         # anew.
         print(
@@ -479,25 +526,28 @@ def _fetch_and_install(
             "fetching it again"
         )
     try:
-        return install(download(job, file, limit, local_only), final, expected)
+        return install(download(job, file, limit, local_only), final, expected, md5)
     except ChecksumMismatch as err:
-        raise _mismatch(final, expected, err) from None
+        raise _mismatch(final, md5 if err.what == "md5" else expected, err) from None
 
 
 def fetch_one(file: RemoteFile, job: Job) -> str:
     """Make ``dest/NAME`` the verified file; returns "downloaded" or why it was skipped."""
-    final, expected = job.dest / file.local, job.expected(file)
+    final, expected, md5 = job.dest / file.local, job.expected(file), job.md5(file)
     if not job.force and final.is_file() and expected and (reason := verified_copy(final, expected)):
         return reason
+    if not job.force and final.is_file() and md5 and (reason := md5_verified_copy(final, md5)):
+        job.lock.record(file, check_file(final, None), final.stat().st_size, None, md5.source)
+        return f"{reason}, SHA-256 recorded in {LOCK_NAME}"
     announced, unreachable = _ask_host(file, job, expected)
     first_use = expected is None and announced is not None and announced.sha256 is not None
     if first_use:  # trust on first use: only from HTTPS or loopback hosts (check_transport)
         source = f"the SHA-256 {urlsplit(job.base_url).netloc} announced (X-Linked-Etag)"
         expected = Expected(announced.sha256, announced.size, source)
-        if not job.force and final.is_file() and (reason := verified_copy(final, expected)):
+        if not job.force and final.is_file() and not md5 and (reason := verified_copy(final, expected)):
             job.lock.record(file, expected.sha256, final.stat().st_size, announced.revision, source)
             return f"{reason}, recorded in {LOCK_NAME}"
-    if expected is None and not job.allow_unverified:
+    if expected is None and md5 is None and not job.allow_unverified:
         where = f"{file.url(job.base_url)} announced none" if announced else "HF_HUB_OFFLINE is set"
         raise InputError(
             f"no checksum for {file.name}: {MANIFEST} pins none, {LOCK_NAME} has none and {where}; "
@@ -507,6 +557,7 @@ def fetch_one(file: RemoteFile, job: Job) -> str:
     digest = _fetch_and_install(file, job, expected, limit, unreachable)
     if expected is None or first_use:
         source = expected.source if expected else "unverified: accepted with --allow-unverified"
+        source = f"{md5.source}, checked; {source}" if md5 else source
         job.lock.record(file, digest, final.stat().st_size, announced.revision if announced else None, source)
     return "downloaded"
 
@@ -576,11 +627,16 @@ def writable_folder(folder: str | Path, option: str) -> Path:
 
 
 def check_transport(
-    files: list[RemoteFile], job_pins: dict[str, Expected], lock: Lock, base_url: str
+    files: list[RemoteFile],
+    job_pins: dict[str, Expected],
+    lock: Lock,
+    base_url: str,
+    md5s: dict[str, PublishedMd5] | None = None,
 ) -> None:
     """Refuse a plain-http host that would have to supply a checksum (any proxy on the way could change
-    both)."""
-    unpinned = [f.name for f in files if f.key not in job_pins and lock.expected(f) is None]
+    both); a published MD5 is checked whatever the host announces."""
+    covered = {**job_pins, **(md5s or {})}
+    unpinned = [f.name for f in files if f.key not in covered and lock.expected(f) is None]
     if unpinned and not may_announce_hash(base_url):
         raise InputError(
             f"--base-url {base_url} is plain http and {', '.join(unpinned)} would be verified against "
@@ -590,7 +646,7 @@ def check_transport(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(PROG, "Download the released MAISI CT or MR weights (verified).")
+    parser = new_parser(PROG, "Download released weights (MAISI CT or MR, the seeds' LDMs), verified.")
     parser.add_argument(
         "--variant", required=True, choices=sorted(load_manifest()["variants"]), help="which released model"
     )
@@ -632,14 +688,17 @@ def run(args: argparse.Namespace) -> int:
     files = variant_files(
         manifest, args.variant, datasets=not args.weights_only, mask_archive=args.with_mask_archive
     )
-    pins = manifest_pins(manifest)
+    pins, md5s = manifest_pins(manifest), manifest_md5s(manifest)
     dest = Path(args.dest)
     lock = Lock(dest)  # read (and checked) before anything is created
-    check_transport(files, pins, lock, args.base_url)
+    check_transport(files, pins, lock, args.base_url, md5s)
     dest, cache_dir = writable_folder(dest, "--dest"), writable_folder(args.cache_dir, "--cache-dir")
     pages = sorted({f"{DEFAULT_BASE_URL}/{f.repo}" for f in files})  # an MR variant's files span repositories
-    print(f"Licence: {manifest['licence']}: {', '.join(pages)}")
-    job = Job(dest, args.base_url, cache_dir, args.force, args.allow_unverified, offline_mode(), pins, lock)
+    licence = manifest["variants"][args.variant].get("licence", manifest["licence"])
+    print(f"Licence: {licence}: {', '.join(pages)}")
+    job = Job(
+        dest, args.base_url, cache_dir, args.force, args.allow_unverified, offline_mode(), pins, lock, md5s
+    )
     summary = fetch_files(files, job)
     if args.with_mask_archive:
         extract_mask_archive(manifest, args.variant, job, summary)

@@ -16,7 +16,7 @@ from maisi.errors import InputError
 
 
 class ChecksumMismatch(ValueError):
-    """A file's size or SHA-256 is not the expected one; the message gives both values."""
+    """A file's size, SHA-256 or MD5 is not the expected one; the message gives both values."""
 
     def __init__(self, path: Path, what: str, expected: str | int, actual: str | int):
         self.path, self.what, self.expected, self.actual = Path(path), what, expected, actual
@@ -35,6 +35,21 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
             while block := f.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def check_md5(path: str | Path, md5: str, chunk: int = 1 << 20) -> None:
+    """Check a file against a published MD5 (the only hash some releases publish; SHA-256 is then pinned
+    from the bytes that passed this check).
+
+    Raises:
+        ChecksumMismatch: the digest differs.
+    """
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    if h.hexdigest() != md5.lower():
+        raise ChecksumMismatch(Path(path), "md5", md5.lower(), h.hexdigest())
 
 
 def check_file(path: str | Path, sha256: str | None, size: int | None = None) -> str:

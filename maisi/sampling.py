@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from monai.networks.schedulers import (
@@ -29,7 +30,7 @@ from maisi.conditioning import UNCONDITIONAL_MODALITY
 from maisi.device import autocast
 from maisi.errors import InputError
 from maisi.families.ct import NoiseSchedule, check_sampler, ddpm_steps_problem
-from maisi.options import DEFAULT_STEPS, Sampler
+from maisi.options import DEFAULT_STEPS, Sampler, TimestepSpacing
 from maisi.progress import progress_bar
 
 __all__ = [
@@ -72,10 +73,31 @@ class ContextGuidance:
         return self.scale is not None and self.scale != 1
 
 
-def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
+# Where make_scheduler records the timestep spacing on the scheduler, for set_timesteps.
+_SPACING_ATTR = "maisi_timestep_spacing"
+
+
+def make_scheduler(
+    schedule: NoiseSchedule, sampler: Sampler, timestep_spacing: TimestepSpacing = "linspace"
+) -> Scheduler:
     """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``: DDPM and DDIM
-    take the schedule's ``prediction_type`` (epsilon or v); rectified flow predicts the velocity."""
+    take the schedule's ``prediction_type`` (epsilon or v); rectified flow predicts the velocity.
+
+    Args:
+        schedule: the noise schedule the UNet was trained with.
+        sampler: ``ddpm``, ``ddim`` or ``rflow``.
+        timestep_spacing: DDIM's inference timesteps (recorded on the scheduler for :func:`set_timesteps`):
+            ``linspace`` (MONAI >= 1.6: round(linspace(T - 1, 0, n)), 999, 979, ..., 0 for 50 of 1000) or
+            ``leading`` (the seeds' GenerativeModels: (n - 1 - i) * (T // n), 980, 960, ..., 0). DDPM runs
+            every training timestep, where both are the same; rectified flow takes ``linspace`` only.
+    """
     problems = check_sampler(schedule, sampler, schedule.num_train_timesteps)
+    if timestep_spacing not in get_args(TimestepSpacing):
+        problems.append(
+            f"timestep_spacing '{timestep_spacing}' is not one of {list(get_args(TimestepSpacing))}"
+        )
+    elif sampler == "rflow" and timestep_spacing != "linspace":
+        problems.append(f"timestep_spacing '{timestep_spacing}' is for DDIM; rectified flow has its own")
     if problems:
         raise InputError(problems[0])
     if sampler == "rflow":
@@ -93,14 +115,29 @@ def make_scheduler(schedule: NoiseSchedule, sampler: Sampler) -> Scheduler:
         clip_sample=False,
         prediction_type=schedule.prediction_type,
     )  # clip_sample must be off for latents
-    return DDPMScheduler(**betas) if sampler == "ddpm" else DDIMScheduler(**betas)
+    scheduler = DDPMScheduler(**betas) if sampler == "ddpm" else DDIMScheduler(**betas)
+    setattr(scheduler, _SPACING_ATTR, timestep_spacing)
+    return scheduler
 
 
 def set_timesteps(
-    scheduler: Scheduler, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
+    scheduler: Scheduler,
+    num_steps: int,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+    timestep_spacing: TimestepSpacing | None = None,
 ) -> None:
-    """Set the inference timesteps; rectified flow shifts them by the latent size, as MAISI does."""
-    if isinstance(scheduler, RFlowScheduler):
+    """Set the inference timesteps; rectified flow shifts them by the latent size, as MAISI does.
+
+    ``timestep_spacing`` (default: what :func:`make_scheduler` recorded, else ``linspace``) spaces DDIM's.
+    """
+    spacing = timestep_spacing or getattr(scheduler, _SPACING_ATTR, "linspace")
+    if isinstance(scheduler, DDIMScheduler) and spacing == "leading":
+        scheduler.set_timesteps(num_steps, device=device)  # MONAI's checks of num_steps
+        stride = scheduler.num_train_timesteps // num_steps
+        leading = torch.arange(num_steps - 1, -1, -1, device=device, dtype=torch.long) * stride
+        scheduler.timesteps = leading + scheduler.steps_offset
+    elif isinstance(scheduler, RFlowScheduler):
         scheduler.set_timesteps(num_steps, device=device, input_img_size_numel=math.prod(latent_shape[2:]))
     elif isinstance(scheduler, DDPMScheduler) and num_steps != scheduler.num_train_timesteps:
         raise ValueError(ddpm_steps_problem(num_steps, scheduler.num_train_timesteps))

@@ -100,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, body: bool) -> None:
         match = re.fullmatch(
-            rf"/(nvidia/[\w-]+)/resolve/(main|{COMMIT})/(?:models|datasets)/([^/]+)", self.path
+            rf"/((?:nvidia|MONAI)/[\w-]+)/resolve/(main|{COMMIT})/(?:models|datasets)/([^/]+)", self.path
         )
         if self.where == "hub" and match and self.hub.repo_of.get(match.group(3), HF_REPO) == match.group(1):
             return self._resolve(match.group(3), body)
@@ -740,3 +740,128 @@ def test_damaged_archive_fails_and_keeps_nothing(tmp_path):
     with pytest.raises(download.RunFailure, match="a.zip is damaged"):
         archive.extract_archive(zip_path, target, "0" * 64)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------- the seeds' LDMs: published MD5, SHA-256
+
+BRATS_2D = "MONAI/brats_mri_axial_slices_generative_diffusion"
+CXR = "MONAI/cxr_image_synthesis_latent_diffusion_model"
+SEED_FILES = {  # name -> (repository, fake bytes)
+    "model_autoencoder.pt": (BRATS_2D, _rng.randbytes(120_000)),
+    "model.pt": (BRATS_2D, _rng.randbytes(130_000)),
+    "autoencoder.pth": (CXR, _rng.randbytes(110_000)),
+    "diffusion_model.pth": (CXR, _rng.randbytes(140_000)),
+}
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@pytest.fixture
+def seed_hub(hub, monkeypatch) -> FakeHub:
+    """The fake hub serving the brats-2d and cxr files; the manifest publishes the fake brats-2d MD5s."""
+    for name, (repo, data) in SEED_FILES.items():
+        hub.files[name], hub.repo_of[name] = data, repo
+    manifest = manifest_for_tests(datasets=False)
+    manifest["published_md5"] = {
+        f"{BRATS_2D}/models/{name}": {"md5": md5(SEED_FILES[name][1]), "source": "the test's large_files.yml"}
+        for name in ("model_autoencoder.pt", "model.pt")
+    }
+    monkeypatch.setattr(download, "load_manifest", lambda: manifest)
+    return hub
+
+
+def fetch_seed(hub: FakeHub, variant: str, dest: Path, *extra: str) -> int:
+    args = ["--dest", str(dest), "--base-url", hub.base_url, "--cache-dir", str(dest.parent / "hf-cache")]
+    return main(["--variant", variant, *args, *extra])
+
+
+def test_published_md5_match_is_installed_and_its_sha256_pinned(seed_hub, tmp_path, capsys):
+    dest = tmp_path / "seeds"
+    assert fetch_seed(seed_hub, "brats-2d", dest) == 0
+    out = capsys.readouterr().out
+    assert "Licence: The MONAI model-zoo bundles' weights" in out and "2 downloaded" in out
+    lock = lock_of(dest)
+    for name in ("model_autoencoder.pt", "model.pt"):
+        assert (dest / "brats-2d" / name).read_bytes() == SEED_FILES[name][1]  # a subfolder per variant
+        entry = lock[f"{BRATS_2D}/models/{name}"]
+        assert entry["sha256"] == sha(SEED_FILES[name][1])
+        assert entry["source"].startswith("the MD5 published in the test's large_files.yml, checked")
+    seed_hub.log.clear()
+    assert fetch_seed(seed_hub, "brats-2d", dest) == 0  # later runs: the SHA-256, without the host
+    assert capsys.readouterr().out.count("verified against the SHA-256 recorded in") == 2
+    assert seed_hub.log == []
+
+
+def test_published_md5_mismatch_is_refused_whatever_the_host_announces(seed_hub, tmp_path, capsys):
+    other = _rng.randbytes(130_000)
+    seed_hub.files["model.pt"] = other  # the host announces, and serves, other bytes consistently
+    dest = tmp_path / "seeds"
+    assert fetch_seed(seed_hub, "brats-2d", dest) == 1
+    err = capsys.readouterr().err
+    assert f"checksum mismatch for model.pt: expected md5 {md5(SEED_FILES['model.pt'][1])}" in err
+    assert "(the MD5 published in the test's large_files.yml), got " + md5(other) in err
+    assert not (dest / "brats-2d" / "model.pt").exists()
+    assert f"{BRATS_2D}/models/model.pt" not in lock_of(dest)  # nothing pinned from refused bytes
+    assert (dest / "brats-2d" / "model_autoencoder.pt").is_file()  # the other file is not held back
+
+
+def test_published_md5_verifies_a_file_put_there_by_hand_and_a_file_without_announced_hash(
+    seed_hub, tmp_path, capsys
+):
+    dest = tmp_path / "seeds"
+    (dest / "brats-2d").mkdir(parents=True)
+    (dest / "brats-2d" / "model_autoencoder.pt").write_bytes(SEED_FILES["model_autoencoder.pt"][1])
+    seed_hub.non_lfs = {"model.pt"}  # no SHA-256 announced: the MD5 is enough, no --allow-unverified
+    assert fetch_seed(seed_hub, "brats-2d", dest) == 0
+    out = capsys.readouterr().out
+    assert "model_autoencoder.pt: already present, verified against the MD5 published in" in out
+    assert not seed_hub.requests("GET", "model_autoencoder.pt")
+    lock = lock_of(dest)
+    assert {k: v["sha256"] for k, v in lock.items()} == {
+        f"{BRATS_2D}/models/{n}": sha(SEED_FILES[n][1]) for n in ("model_autoencoder.pt", "model.pt")
+    }
+    download.check_transport(  # published MD5s need no hash from a plain-http host
+        download.variant_files(download.load_manifest(), "brats-2d"),
+        {},
+        download.Lock(tmp_path / "empty"),
+        "http://weights-mirror.example",
+        download.manifest_md5s(download.load_manifest()),
+    )
+
+
+def test_cxr_has_no_published_hash_and_is_pinned_on_first_use(seed_hub, tmp_path, capsys):
+    dest = tmp_path / "seeds"
+    assert fetch_seed(seed_hub, "cxr", dest) == 0
+    lock = lock_of(dest)
+    for name in ("autoencoder.pth", "diffusion_model.pth"):
+        assert (dest / "cxr" / name).read_bytes() == SEED_FILES[name][1]
+        entry = lock[f"{CXR}/models/{name}"]
+        assert entry["sha256"] == sha(SEED_FILES[name][1]) and "X-Linked-Etag" in entry["source"]
+    seed_hub.files["diffusion_model.pth"] = b"a retrained model" * 1000
+    (dest / "cxr" / "diffusion_model.pth").unlink()
+    capsys.readouterr()
+    assert fetch_seed(seed_hub, "cxr", dest) == 1  # the pin holds from then on
+    assert "now serves a different diffusion_model.pth" in capsys.readouterr().err
+
+
+def test_shipped_manifest_lists_the_seed_variants_with_their_published_md5s():
+    manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
+    md5s = download.manifest_md5s(manifest)
+    expected = {
+        "brats-2d": (BRATS_2D, ("model_autoencoder.pt", "model.pt")),
+        "brats-3d": ("MONAI/brats_mri_generative_diffusion", ("model_autoencoder.pt", "model.pt")),
+        "cxr": (CXR, ("autoencoder.pth", "diffusion_model.pth")),
+    }
+    for variant, (repo, names) in expected.items():
+        files = download.variant_files(manifest, variant, datasets=True, mask_archive=True)
+        assert [(f.repo, f.path, f.local) for f in files] == [
+            (repo, f"models/{n}", f"{variant}/{n}") for n in names
+        ]
+        assert all((f.key in md5s) == (variant != "cxr") for f in files)  # cxr publishes no hash
+    assert md5s[f"{BRATS_2D}/models/model.pt"].md5 == "93a19ea3eaafd9781b4140286b121f37"
+    assert md5s["MONAI/brats_mri_generative_diffusion/models/model_autoencoder.pt"].md5 == (
+        "9e6df4cc9a2decf49ab3332606b32c55"
+    )
+    assert not any(k.startswith("MONAI/") for k in manifest["pins"])  # no SHA-256 is published
