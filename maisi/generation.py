@@ -48,6 +48,7 @@ from maisi.preset_checks import guidance_warnings
 from maisi.presets import MRGridLimits, Preset, get_preset, grid_problems
 from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
+from maisi.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -349,9 +350,10 @@ def generate(
     config, device = plan.config, models.device
     if plan.has_mask and plan.mask is None:
         raise ValueError("anatomy mode: generate from the plan of a sample (plan_for_seed)")
-    # Noise is drawn on the CPU so a seed gives the same starting point on every device.
-    noise = torch.randn(plan.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    step_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    # Noise is drawn on the CPU so a seed gives the same starting point on every device; the starting noise
+    # and the per-step noise are independent streams of the seed (maisi.seeding).
+    noise = torch.randn(plan.latent_shape, generator=torch_generator(seed, "initial_noise")).to(device)
+    step_generator = torch_generator(seed, "step_noise", device)
     control = uncond_control = None
     guidance = config.sampling.guidance_scale
     if plan.mask is not None:

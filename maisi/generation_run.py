@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import maisi
+from maisi import seeding
 from maisi.atomic import folder_lock, remove_stale_temporaries, write_json
 from maisi.config import InferConfig, to_jsonable
 from maisi.data.io import write_volume
@@ -315,6 +316,7 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
     metadata = {
         "job_key": checked.key,
         "seed": seed,
+        "noise_streams": seeding.STREAMS,
         "input": {"stem": sample.stem, "source": checked.input.source} if sample.stem is not None else None,
         "files": {k: p.name for k, p in files.items() if k != "metadata"},
         "outputs_sha256": output_checksums(files),

@@ -40,6 +40,7 @@ from maisi.masks.database import MaskDatabase, label_counts, load_database, read
 from maisi.masks.lesions import LesionRequest, place_lesions
 from maisi.masks.resample import resample_mask
 from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
+from maisi.seeding import stream_seed
 
 if TYPE_CHECKING:
     from maisi.masks.generation import MaskGenerationPlan
@@ -324,7 +325,8 @@ def _augment(plan: AnatomyPlan, mask: Volume, seed: int, device: str) -> tuple[V
         return mask, {"applied": False, "reason": "$.anatomy.augment is false"}
     from maisi.masks.augment import augment_mask  # imported on use: MONAI's random transforms
 
-    array, record = augment_mask(mask.array, seed=seed, device=device)
+    # the augmentation's own stream of the sample's seed (maisi.seeding); the record holds the seed it got
+    array, record = augment_mask(mask.array, seed=stream_seed(seed, "augment", bits=32), device=device)
     lost = sorted(set(plan.anatomy_ids) - _present(np.asarray(array), plan.anatomy_ids))
     if lost:  # the augmentation's own checks should prevent it; never trade a requested class for it
         log.warning("seed %d: augmentation removed %s; the mask is used unaugmented", seed, plan.names(lost))

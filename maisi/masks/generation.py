@@ -53,6 +53,7 @@ from maisi.masks.sizes import (
 from maisi.options import MaskSampler
 from maisi.presets import check_sampler
 from maisi.sampling import denoise, make_scheduler
+from maisi.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def sample_mask_labels(plan: MaskGenerationPlan, seed: int, progress: bool = Fal
     """Sample the mask latent of ``seed`` and decode it: (X, Y, Z) MAISI ids on the generator's grid."""
     nets, device = plan.networks, plan.device
     # Noise on the CPU, as for the CT: a seed gives the same mask on every device.
-    noise = torch.randn((1, *plan.preset.latent_shape), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((1, *plan.preset.latent_shape), generator=torch_generator(seed, "mask_initial_noise"))
     context = torch.tensor(plan.snap.final, dtype=torch.float32).reshape(1, 1, -1).to(device)
     latent = denoise(
         nets.diffusion_unet,
@@ -191,7 +192,7 @@ def sample_mask_labels(plan: MaskGenerationPlan, seed: int, progress: bool = Fal
         noise.to(device),
         plan.num_steps,
         {"context": context},
-        generator=torch.Generator(device=device).manual_seed(seed + 1),
+        generator=torch_generator(seed, "mask_step_noise", device),
         progress=progress,
     )
     channels = decode_mask_labels(nets.autoencoder, latent, nets.scale_factor, progress=progress)
