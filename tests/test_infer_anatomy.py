@@ -22,6 +22,7 @@ from maisi.infer import main
 from maisi.labels import load_label_dict
 from maisi.masks.database import index_masks, label_counts, load_database, read_entry_mask
 from maisi.masks.resample import resample_mask
+from maisi.seeding import stream_seed
 from tests.conftest import phantom_mask, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,8 +281,9 @@ def test_when_every_candidate_loses_a_class_the_request_is_refused_naming_it(thi
 # ------------------------------------------------------------------------------------------ augmentation
 
 
-def test_augmentation_gets_the_sample_seed_and_is_recorded(tmp_path, monkeypatch):
-    """A stand-in with augment_mask's signature shifts the mask: the call and the record are checked."""
+def test_augmentation_gets_the_sample_seeds_own_stream_and_is_recorded(tmp_path, monkeypatch):
+    """A stand-in with augment_mask's signature shifts the mask: the call and the record are checked; the
+    seed is the augmentation's stream of the sample's seed (maisi.seeding), not the seed itself."""
     calls = []
 
     def augment_mask(mask, *, seed, device="cpu"):
@@ -295,9 +297,10 @@ def test_augmentation_gets_the_sample_seed_and_is_recorded(tmp_path, monkeypatch
 
     sample = build_sample_mask(_plan(tmp_path, DATABASE, num_samples=1, augment=True).anatomy, 0)
     plain = build_sample_mask(_plan(tmp_path, DATABASE, num_samples=1).anatomy, 0)
-    assert calls == [(0, "cpu")]
+    seed = stream_seed(0, "augment", bits=32)
+    assert calls == [(seed, "cpu")]
     assert np.array_equal(sample.volume.array, np.roll(plain.volume.array, 1, axis=0))
-    assert sample.record["augmentation"] == {"applied": True, "rule": "test shift", "seed": 0}
+    assert sample.record["augmentation"] == {"applied": True, "rule": "test shift", "seed": seed}
 
 
 def test_an_augmentation_that_removes_a_requested_class_is_not_used(tmp_path, monkeypatch, caplog):
