@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import itertools
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -170,6 +172,20 @@ def _non_finite_paths(data: Any, parts: tuple[Any, ...] = ()) -> list[str]:
     return []
 
 
+MAX_DEPTH = 100  # arrays/objects inside each other: no config, datalist or database of ours comes close
+
+
+def _depth_beyond(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays/objects more than ``limit`` deep, found without recursion (so
+    nothing recursive ever sees such a document): strings removed, the running count of the brackets left."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(itertools.accumulate(1 if c in "[{" else -1 for c in brackets), default=0) > limit
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
 def read_json(
     path: str | Path, *, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
 ) -> Any:
@@ -178,7 +194,8 @@ def read_json(
     Refuses, as a ConfigError naming the file: a missing or unreadable file, text that is not UTF-8 (a BOM is
     allowed), invalid JSON (with line and column), and the non-standard literals ``NaN``, ``Infinity`` and
     ``-Infinity`` or numbers too large for a float, which Python's ``json`` would accept (each with its JSON
-    path, all at once).
+    path, all at once), and arrays/objects nested more than :data:`MAX_DEPTH` deep (which would otherwise end
+    in a RecursionError, in the parser or in any check that walks the document).
 
     Args:
         path: the file.
@@ -199,6 +216,10 @@ def read_json(
     except UnicodeDecodeError as e:
         problem = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8"
         raise ConfigError(str(path), [problem]) from None
+    if _depth_beyond(text, MAX_DEPTH):
+        raise ConfigError(
+            str(path), [f"arrays/objects nested more than {MAX_DEPTH} levels deep; not a config"]
+        )
     try:
         data = json.loads(
             text, parse_constant=_NonFinite, parse_float=_parse_float, object_pairs_hook=object_pairs_hook
