@@ -32,6 +32,7 @@ import torch
 import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
+from maisi.files import SYMLINK_LOOP, is_symlink_loop, why_absent
 from maisi.mask_presets import MaskPreset
 from maisi.networks import PARTS, Part, Preset, RuntimeOptions, architecture_of, build_network
 
@@ -219,6 +220,8 @@ def read_weights(path: str | Path, part: AnyPart) -> Weights:
     """
     path = Path(path)
     if not path.is_file():
+        if is_symlink_loop(path):
+            raise CheckpointError(f"{part} checkpoint {path} {SYMLINK_LOOP}")
         raise CheckpointError(f"{part} checkpoint not found: {path}{_download_hint(path)}")
     obj = _torch_load(path, "")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -259,7 +262,7 @@ def read_plain_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{key}: file not found: {path}")
+        raise CheckpointError(f"{key}: file {why_absent(path)}: {path}")
     obj = _torch_load(path, f"{key}: ", "weights file (torch.load, weights_only)")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import errno
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ from typing import Any
 import jsonschema
 
 from maisi.errors import ConfigError
+from maisi.files import SYMLINK_LOOP
 
 SCHEMA_DIALECT = jsonschema.Draft202012Validator
 
@@ -210,6 +212,8 @@ def read_json(
     except IsADirectoryError:
         raise ConfigError(str(path), ["is a directory, expected a JSON file"]) from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(str(path), [SYMLINK_LOOP]) from None
         raise ConfigError(str(path), [f"cannot read file: {e.strerror}"]) from None
     try:
         text = raw.decode("utf-8-sig")  # a BOM (Windows editors) is harmless
