@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from maisi.acceleration import Acceleration, accelerate
-from maisi.checkpoints import Weights, load_network
+from maisi.checkpoints import Weights, check_preset, load_network
 from maisi.conditioning import Conditions, binarize_labels, body_region_from_mask
 from maisi.config.infer_config import InferConfig
 from maisi.data.io import Volume, centred_affine, read_mask
@@ -104,6 +104,7 @@ class Models:
     # Autocast of the VAE decode: float32 on CPU under precision "auto" (in bfloat16 the demo's bone medians
     # moved enough to fail the HU check on every try; see README "Speed").
     decode_dtype: torch.dtype | None = None
+    preset_check: dict[str, str] = field(default_factory=dict)  # part -> what check_preset found
 
 
 def _mask_problems(
@@ -321,6 +322,10 @@ def load_models(
         controlnet = controlnet.to(device)
     elif config.checkpoints.controlnet is not None:
         log.info("image-only mode: the ControlNet checkpoint is not used")
+    preset_check = {
+        part: check_preset(w, preset, part, config.allow_preset_mismatch)  # type: ignore[arg-type]
+        for part, w in weights.items()
+    }
     acceleration = acceleration or Acceleration.for_run(config.compile, device)
     unet, controlnet = accelerate(unet.to(device), controlnet, device, acceleration)
     return Models(
@@ -333,6 +338,7 @@ def load_models(
         autocast_dtype(config.precision, device, cpu_bfloat16=True),
         acceleration,
         autocast_dtype(config.precision, device),
+        preset_check,
     )
 
 

@@ -331,6 +331,7 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
         "scale_factor": models.scale_factor,
         "quality_check": quality_record(tries),
         "mask_fidelity": mask_fidelity(ct, mask) if mask is not None else None,
+        "preset_check": models.preset_check,
         "checkpoints": {
             part: {"path": str(w.path), "format": w.source_format, "sha256": checked.checksums[part]}
             for part, w in models.weights.items()
