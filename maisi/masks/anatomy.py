@@ -40,6 +40,7 @@ from maisi.masks.database import MaskDatabase, label_counts, load_database, read
 from maisi.masks.lesions import LesionRequest, place_lesions
 from maisi.masks.resample import resample_mask
 from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
+from maisi.resources import checkout_file, package_file
 from maisi.seeding import stream_seed
 
 if TYPE_CHECKING:
@@ -47,19 +48,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPOSITORY = Path(__file__).resolve().parents[2]  # where dataset/ and models/ live in a checkout
-# The database each preset uses when $.anatomy.mask_database is null (relative to the repository).
+# The database each preset uses when $.anatomy.mask_database is null: MAISI's released ones where
+# python -m maisi.download puts them in a source checkout, ours as package data.
 RELEASED_DATABASES = {
     "maisi-ct-rflow": "models/maisi/datasets/candidate_masks_flexible_size_and_spacing_4000.json",
     "maisi-ct-ddpm": "models/maisi/datasets/candidate_masks_flexible_size_and_spacing_3000.json",
 }
-SHIPPED_DATABASE = "dataset/anatomy/database.json"
+SHIPPED_DATABASE = "anatomy/database.json"  # in maisi/resources
 CACHE_BYTES = 1 << 30  # prepared masks kept between planning and generation; beyond, they are prepared again
 
 
 def default_database(preset: str) -> Path:
-    """The database a preset uses when the config names none: MAISI's released one or ours."""
-    return REPOSITORY / RELEASED_DATABASES.get(preset, SHIPPED_DATABASE)
+    """The database a preset uses when the config names none: MAISI's released one or ours.
+
+    Raises:
+        InputError: a released preset's database, with maisi installed rather than run from a checkout.
+    """
+    if preset in RELEASED_DATABASES:
+        return checkout_file(RELEASED_DATABASES[preset], "$.anatomy.mask_database")
+    return package_file(SHIPPED_DATABASE)
 
 
 # ------------------------------------------------------------------------------------------ name checks

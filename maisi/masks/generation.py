@@ -52,12 +52,12 @@ from maisi.masks.sizes import (
 )
 from maisi.options import MaskSampler
 from maisi.presets import check_sampler
+from maisi.resources import checkout_file
 from maisi.sampling import denoise, make_scheduler
 from maisi.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 # What a released CT preset uses when $.anatomy.mask_generator leaves a file null (maisi.download's layout).
 RELEASED_GENERATOR = {
     "preset": "maisi-mask-ddpm",
@@ -109,7 +109,7 @@ def _resolve(value: str | None, key: str, preset: str) -> Path:
     if value is not None:
         return Path(value)
     if preset in RELEASED_CT_PRESETS:
-        return REPOSITORY / RELEASED_GENERATOR[key]
+        return checkout_file(RELEASED_GENERATOR[key], f"$.anatomy.mask_generator.{key}")
     raise InputError(
         f"$.anatomy.mask_generator.{key}: required for preset '{preset}' (only the released MAISI presets "
         "have a default: the files of python -m maisi.download)"
