@@ -45,3 +45,8 @@ def test_an_import_maisi_source_that_is_a_symlink_loop_exits_2_naming_it(loop, t
     code = config_main(["import-maisi", str(loop), "--output", str(tmp_path / "ours" / "infer.json")])
     assert_refused(code, capsys.readouterr().err, loop)
     assert not (tmp_path / "ours").exists()
+
+
+def test_a_mask_that_is_a_symlink_loop_exits_2_naming_it(infer_config, loop, tmp_path, capsys):
+    assert_refused(infer.main(["--config", str(infer_config(mask=str(loop)))]), capsys.readouterr().err, loop)
+    assert not (tmp_path / "out").exists()

@@ -34,7 +34,7 @@ import numpy as np
 from maisi.config.infer_config import AnatomyConfig, InferConfig
 from maisi.data.io import Volume
 from maisi.errors import InputError
-from maisi.files import file_sha256
+from maisi.files import file_sha256, why_absent
 from maisi.labels import BODY_LABEL
 from maisi.masks.database import MaskDatabase, label_counts, load_database, read_entry_mask
 from maisi.masks.lesions import LesionRequest, place_lesions
@@ -229,7 +229,7 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = 
             if config.preset in RELEASED_DATABASES
             else "build one with python -m maisi.masks index, or set $.anatomy.mask_database"
         )
-        raise InputError(f"mask database {path} ({which}) not found; {advice}")
+        raise InputError(f"mask database {path} ({which}) {why_absent(path)}; {advice}")
     database = load_database(path, anatomy.mask_root)
     selection = select_masks(
         database,

@@ -32,7 +32,7 @@ import torch
 from maisi.config.infer_config import InferConfig, MaskGeneratorConfig
 from maisi.data.io import Volume, centred_affine
 from maisi.errors import InputError, RunFailure
-from maisi.files import file_sha256
+from maisi.files import file_sha256, why_absent
 from maisi.mask_presets import MaskPreset, get_mask_preset
 from maisi.masks.decode import channels_to_maisi_ids, decode_mask_labels
 from maisi.masks.networks import MaskNetworks, load_mask_networks
@@ -119,8 +119,8 @@ def _resolve(value: str | None, key: str, preset: str) -> Path:
 def _existing(path: Path, key: str) -> Path:
     if not path.is_file():
         raise InputError(
-            f"$.anatomy.mask_generator.{key}: {path} not found (the released mask generator and its size "
-            "table come with python -m maisi.download)"
+            f"$.anatomy.mask_generator.{key}: {path} {why_absent(path)} (the released mask generator and its "
+            "size table come with python -m maisi.download)"
         )
     return path
 
