@@ -11,9 +11,11 @@ then ``augmentation`` on the output grid):
    one: so do we (the next best-ranked candidate no other sample uses first), and the metadata records it.
    When no candidate keeps the classes, the request is refused with MAISI's meaning ("Resampled mask does
    not contain required class labels"), naming the classes;
-4. augment it (:func:`maisi.masks.augment.augment_mask`, seeded by the sample's seed) unless switched off;
+4. augment it (:func:`maisi.masks.augment.augment_mask`, its own stream of the sample's seed:
+   :mod:`maisi.seeding`) unless switched off;
    augmentation works in output-grid voxels, as MAISI's (its shifts are in voxels of the output size);
-5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, seeded by the sample's seed).
+5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, a stream of the sample's seed per
+   lesion).
 
 The mask keeps MAISI ids and every organ (MAISI relabels to 1..N and drops the rest). Every step is
 recorded for the sample's metadata, with the organs' volumes in mL measured on the final mask.

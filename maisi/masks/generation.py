@@ -6,7 +6,8 @@ Per sample, in MAISI's order (NV-Generate-CTMR ``LDMSampler.sample_one_mask`` an
 1. the size request is snapped to the nearest row of the size table, then the named slots overwrite it
    (:func:`maisi.masks.sizes.snap_to_table`; once per job, the same vector for every sample);
 2. DDPM sampling of the mask latent, conditioned by cross-attention on that vector, through the one
-   denoising loop of :func:`maisi.sampling.denoise` (seeded by the sample's seed);
+   denoising loop of :func:`maisi.sampling.denoise` (starting and per-step noise: streams of the sample's
+   seed, :mod:`maisi.seeding`);
 3. decoding with the exact tiled decoder and a per-tile argmax (:func:`maisi.masks.decode.decode_mask_labels`:
    the class logits of the whole volume never exist), channel -> MAISI id;
 4. MAISI's post-processing (:func:`maisi.masks.postprocess.postprocess_generated_mask`);
