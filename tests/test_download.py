@@ -600,7 +600,8 @@ MR_REPOS = {
 
 def test_shipped_manifest_lists_the_mr_variants_as_maisi_and_the_configs_load_them():
     """As NV-Generate-CTMR scripts/download_model_data.py: rflow-mr from NV-Generate-MR; rflow-mr-brain is
-    the CT autoencoder_v1 with the brain UNet from NV-Generate-MR-Brain. Weights only, no pins (TOFU)."""
+    the CT autoencoder_v1 with the brain UNet from NV-Generate-MR-Brain. Weights only; of the MR files only
+    the VAE has a published SHA-256, so only it is pinned (the UNets: TOFU)."""
     manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
     expected = {
         "rflow-mr": [
@@ -620,7 +621,8 @@ def test_shipped_manifest_lists_the_mr_variants_as_maisi_and_the_configs_load_th
             (REPO / "configs" / f"inference_maisi_{variant.replace('-', '_')}.json").read_text()
         )
         assert sorted(Path(p).name for p in config["checkpoints"].values()) == sorted(n for _, n in files)
-    assert not any(k.startswith("nvidia/NV-Generate-MR") for k in manifest["pins"])  # no record: no pin
+    mr_pins = [k for k in manifest["pins"] if k.startswith("nvidia/NV-Generate-MR")]
+    assert mr_pins == ["nvidia/NV-Generate-MR/models/autoencoder_v2.pt"]  # the one with a published record
 
 
 def test_mr_brain_variant_fetches_from_two_repositories_and_locks_each(hub, tmp_path, capsys):
