@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from maisi import generation, infer, seeding
+from maisi import infer, seeding
+from maisi.generation import plan as generation
 from maisi.masks import generation as mask_generation
 from tests.test_infer_mask_generation import mask_generator, size_config  # noqa: F401 - fixtures
 

@@ -33,8 +33,9 @@ import torch
 from maisi.config.infer_config import InferConfig, MaskGeneratorConfig
 from maisi.data.io import Volume, centred_affine
 from maisi.errors import InputError, RunFailure
+from maisi.families.ct import check_sampler
+from maisi.families.mask import MaskPreset, get_mask_preset
 from maisi.files import file_sha256, why_absent
-from maisi.mask_presets import MaskPreset, get_mask_preset
 from maisi.masks.decode import channels_to_maisi_ids, decode_mask_labels
 from maisi.masks.networks import MaskNetworks, load_mask_networks
 from maisi.masks.postprocess import postprocess_generated_mask
@@ -52,7 +53,6 @@ from maisi.masks.sizes import (
     target_tumour_id,
 )
 from maisi.options import MaskSampler
-from maisi.presets import check_sampler
 from maisi.resources import checkout_file
 from maisi.sampling import denoise, make_scheduler
 from maisi.seeding import torch_generator
