@@ -220,10 +220,24 @@ def test_a_lock_that_is_a_folder_exits_2(infer_config, tmp_path, capsys):
     assert ".maisi.lock is a folder" in err and "Traceback" not in err, err
 
 
-def test_a_folder_in_use_is_refused_before_masks_or_networks(infer_config, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("mode", ["anatomy", "mask"])
+def test_a_folder_in_use_is_refused_before_masks_or_networks(
+    infer_config, tiny_checkpoints, tmp_path, capsys, monkeypatch, mode
+):
     """The lock is taken right after the config checks, not after the (slow) masks and networks."""
     import maisi.generation_run as run
     from maisi.infer import main
+
+    config = infer_config()
+    if mode == "anatomy":
+        anatomy = {
+            "anatomy_list": ["liver"],
+            "mask_database": str(DATABASE / "database.json"),
+            "augment": True,
+        }
+        config = infer_config(
+            mask="<drop>", anatomy=anatomy, output_size=[48, 48, 32], spacing=[7.0, 7.0, 10.0]
+        )
 
     def too_late(*args, **kwargs):
         raise AssertionError("masks or networks prepared before the lock was taken")
@@ -233,7 +247,7 @@ def test_a_folder_in_use_is_refused_before_masks_or_networks(infer_config, tmp_p
     monkeypatch.setattr(run, "plan_generation", too_late)
     (tmp_path / "out").mkdir()
     with folder_lock(tmp_path / "out"):
-        assert main(["--config", str(infer_config())]) == 2
+        assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "is in use by another run" in err and "Traceback" not in err, err
 
