@@ -148,6 +148,8 @@ def declared_paths(config: InferConfig) -> RunPaths:
         InputError: the datalist of $.datalist cannot be read.
     """
     inputs, _ = expand_inputs(config)
+    if config.is_batch:  # the clearer refusal first: a pattern matching earlier outputs
+        check_mask_names(config, [(str(i.config.mask), i.source) for i in inputs])
     return run_paths(
         config, [(str(i.config.mask) if i.config.mask else None, i.stem, i.source) for i in inputs]
     )

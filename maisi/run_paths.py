@@ -10,8 +10,8 @@ every output that would land on an input or on another output:
 - an output file inside an input folder (a DICOM series, a folder of masks);
 - an output folder the run owns (it chooses the names inside: a training run folder) that holds an input;
 - two outputs that are one file;
-- an output file that is an existing folder, an output folder that is a file, a folder lock that is not a
-  file.
+- an output file that is an existing folder, a folder lock that is not a file (whether a folder can be
+  created and written is each command's own check, with its own advice).
 
 Each problem names both sides by their key and path; :class:`maisi.errors.InputError` carries them all
 (exit code 2 in every CLI).
@@ -150,8 +150,6 @@ class RunPaths:
         path = out.path
         if out.kind == "file":
             return [f"{out.key} {path} is a folder; give a file name"] if path.is_dir() else []
-        if path.exists() and not path.is_dir():
-            return [f"{out.key} {path} is a file, not a folder"]
         lock = path / LOCK_NAME
         if out.lock and (lock.is_dir() or (lock.exists() and not lock.is_file())):
             return [f"{out.key} {path}: its lock {lock} is a folder, not a file; remove it"]
