@@ -201,7 +201,7 @@ def load_cli_config(
     """The config named by ``--config``, with ``--device`` (or ``adjust(config, args)``: the command's own
     flags) applied, once what it declares it reads and writes (``paths(config)``) passed the guard of
     :mod:`maisi.run_paths`."""
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
 
     config = load_checked_config(args.config, kind)
     if adjust is not None:

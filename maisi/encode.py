@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         # imports torch and MONAI: after parsing, so --help stays fast
-        from maisi.encoding_run import declared_paths, prepare, run
+        from maisi.encoding.run import declared_paths, prepare, run
 
         config = load_cli_config(args, "encode", declared_paths)
         if args.dry_run:

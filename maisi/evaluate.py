@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         # imports torch and MONAI: after parsing, so --help stays fast
-        from maisi.evaluation import prepare, run_evaluation
-        from maisi.evaluation_inputs import declared_paths
+        from maisi.evaluation.inputs import declared_paths
+        from maisi.evaluation.run import prepare, run_evaluation
 
         config = load_cli_config(args, "evaluate", declared_paths)
         if args.dry_run:

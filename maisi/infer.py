@@ -1,6 +1,6 @@
 """``python -m maisi.infer``: generate CT volumes from a label mask, many masks, a description, or image-only.
 
-The run itself is :mod:`maisi.generation_run`; this module parses the command line. Many masks are shared
+The run itself is :mod:`maisi.generation.run`; this module parses the command line. Many masks are shared
 among processes with ``torchrun --nproc_per_node=N -m maisi.infer --config ...``. A second run into a
 folder in use stops with exit code 2. Exit codes: 0 done, 2 bad input (nothing written), 1 runtime failure
 (a sample that failed is counted and the others are still generated), or a sample failed the HU check under
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        from maisi import generation_run  # imports torch and MONAI: after parsing, so --help stays fast
+        from maisi.generation import run as generation_run  # imports torch and MONAI: after parsing
 
         config = load_cli_config(args, "infer", generation_run.declared_paths, apply_overrides)
 

@@ -225,7 +225,8 @@ def test_a_folder_in_use_is_refused_before_masks_or_networks(
     infer_config, tiny_checkpoints, tmp_path, capsys, monkeypatch, mode
 ):
     """The lock is taken right after the config checks, not after the (slow) masks and networks."""
-    import maisi.generation_run as run
+    from maisi.generation import pipeline, plan
+    from maisi.generation import run as run
     from maisi.infer import main
 
     config = infer_config()
@@ -242,9 +243,9 @@ def test_a_folder_in_use_is_refused_before_masks_or_networks(
     def too_late(*args, **kwargs):
         raise AssertionError("masks or networks prepared before the lock was taken")
 
-    monkeypatch.setattr(run, "prepare_all", too_late)
-    monkeypatch.setattr(run, "load_models", too_late)
-    monkeypatch.setattr(run, "plan_generation", too_late)
+    for module in (run, pipeline, plan):
+        for name in ("prepare_all", "load_models", "plan_generation"):
+            monkeypatch.setattr(module, name, too_late, raising=False)
     (tmp_path / "out").mkdir()
     with folder_lock(tmp_path / "out"):
         assert main(["--config", str(config)]) == 2
@@ -254,7 +255,7 @@ def test_a_folder_in_use_is_refused_before_masks_or_networks(
 
 def test_two_hard_links_to_one_mask_are_one_input(infer_config, mask_file, tmp_path):
     from maisi.config import load_config
-    from maisi.generation_inputs import expand_inputs
+    from maisi.generation.inputs import expand_inputs
 
     os.link(mask_file, mask_file.with_name("same.nii.gz"))
     (mask_file.parent / "link.nii.gz").symlink_to(mask_file)
