@@ -3,7 +3,7 @@
 * ``compile``: ``torch.compile`` (inductor) of the diffusion UNet and the ControlNet. On CUDA in the
   ``reduce-overhead`` mode (CUDA graphs: the denoising loop calls the networks with the same shapes every
   step); on CPU in the default mode. ``"auto"`` compiles on CUDA only: on CPU the compilation costs minutes
-  and saves less than that over a run (measured with ``tools/bench_generate.py``, see README "Speed").
+  and saves less than that over a run (measured with ``tools/bench_generate.py``, see docs/how-to/speed.md).
 * ``channels_last``: ``torch.channels_last_3d`` weights. Off by default: slower on CPU (measured); kept as a
   switch for the benchmarks (``tools/bench_gpu.sh`` measures it on CUDA).
 * ``cache_condition``: the ControlNet's condition embedding depends only on the mask, so it is computed once

@@ -28,7 +28,7 @@ def autocast_dtype(
 
     ``auto`` is float16 on CUDA (what MAISI's released models run in) and float32 on CPU; with
     ``cpu_bfloat16`` (generation's UNet and ControlNet: faster per step, HU image 67 dB PSNR against float32,
-    see README "Speed") it is bfloat16 on a CPU that computes it natively (AVX-512 BF16 or AMX; emulated
+    see docs/how-to/speed.md) it is bfloat16 on a CPU that computes it natively (AVX-512 BF16 or AMX; emulated
     bfloat16 is slower than float32).
     """
     if precision == "auto":

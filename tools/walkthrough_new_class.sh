@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # New tumour class, end to end on CPU: give pyradiomics' lung1 tumour a class of its own, prepare the case,
 # finetune the demo ControlNet with the weighted loss on the new id, and generate a CT from the tumour mask.
-# Every step is a public CLI call (the README's "New tumour class" section shows the same commands).
+# Every step is a public CLI call (docs/tutorials/new-tumour-class.md shows the same commands).
 #
 #   python tools/fetch_sample_data.py --sources pyradiomics      # once: the lung1 CT and its tumour mask
 #   bash tools/walkthrough_new_class.sh                          # about 5.5 minutes on 2 cores

@@ -93,7 +93,7 @@ class Models:
     dtype: torch.dtype | None = None  # autocast of the UNet and ControlNet
     acceleration: Acceleration = field(default_factory=Acceleration)
     # Autocast of the VAE decode: float32 on CPU under precision "auto" (in bfloat16 the demo's bone medians
-    # moved enough to fail the HU check on every try; see README "Speed").
+    # moved enough to fail the HU check on every try; see docs/how-to/speed.md).
     decode_dtype: torch.dtype | None = None
     preset_check: dict[str, str] = field(default_factory=dict)  # part -> what check_preset found
 
