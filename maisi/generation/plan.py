@@ -1,6 +1,6 @@
 """Generate CT volumes: check every input, load the networks, run sampling and decoding.
 
-Used by ``maisi.infer``; usable from Python::
+Used by ``maisi.infer`` and, in memory, by :class:`maisi.generation.pipeline.Pipeline`; the steps one by one::
 
     plan = plan_generation(config)          # reads the mask, checks labels and grid; writes nothing
     check_memory(plan, device)              # maisi.generation.memory: refuses grids the machine cannot hold
