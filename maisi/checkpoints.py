@@ -9,7 +9,7 @@ Our format (a plain dict, loadable with ``torch.load(weights_only=True)``)::
 Released MAISI layouts (read-only): a plain VAE state_dict; ``{"unet_state_dict", "scale_factor", ...}``;
 ``{"controlnet_state_dict", ...}``. Loading never unpickles code.
 
-The mask-generation networks (:mod:`maisi.mask_presets`) use the same format and layouts, under the parts
+The mask-generation networks (:mod:`maisi.families.mask`) use the same format and layouts, under the parts
 ``mask_autoencoder`` and ``mask_diffusion_unet`` (so a CT network's checkpoint is never taken for a mask
 network's): MAISI's ``mask_generation_autoencoder.pt`` is a plain state_dict and
 ``mask_generation_diffusion_unet.pt`` a ``{"unet_state_dict", "scale_factor"}`` dict.
@@ -32,8 +32,9 @@ import torch
 import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
-from maisi.mask_presets import MaskPreset
-from maisi.networks import PARTS, Part, Preset, RuntimeOptions, architecture_of, build_network
+from maisi.families.ct import PARTS, Part, Preset
+from maisi.families.mask import MaskPreset
+from maisi.families.networks import RuntimeOptions, architecture_of, build_network
 
 FORMAT = "maisi-checkpoint"
 FORMAT_VERSION = 1

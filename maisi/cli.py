@@ -165,7 +165,7 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
 
 def load_cli_config(args: argparse.Namespace, kind: str):
     """The config named by ``--config``, with ``--device`` applied when given."""
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
 
     config = load_checked_config(args.config, kind)
     return dataclasses.replace(config, device=args.device) if args.device else config

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from maisi.errors import InputError
-from maisi.networks import Preset
+from maisi.families.ct import Preset
 from maisi.options import BODY_REGIONS, BodyRegion
 from maisi.resources import load_json
 

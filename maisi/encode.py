@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_cli_config(args, "encode")
         if args.dry_run:
             return print_config(config)
-        from maisi.encoding_run import run  # imports torch and MONAI: after parsing, so --help stays fast
+        from maisi.encoding.run import run  # imports torch and MONAI: after parsing, so --help stays fast
 
         results = run(config, args.max_cases)
         return EXIT_RUNTIME if any(r.status == "failed" for r in results) else EXIT_OK

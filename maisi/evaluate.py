@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_cli_config(args, "evaluate")
         if args.dry_run:
             return print_config(config)
-        from maisi.evaluation import (
+        from maisi.evaluation.run import (
             run_evaluation,
         )  # imports torch and MONAI: after parsing, so --help stays fast
 

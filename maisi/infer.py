@@ -1,6 +1,6 @@
 """``python -m maisi.infer``: generate CT volumes from a label mask, many masks, a description, or image-only.
 
-The run itself is :mod:`maisi.generation_run`; this module parses the command line. Many masks are shared
+The run itself is :mod:`maisi.generation.run`; this module parses the command line. Many masks are shared
 among processes with ``torchrun --nproc_per_node=N -m maisi.infer --config ...``. A second run into a
 folder in use stops with exit code 2. Exit codes: 0 done, 2 bad input (nothing written), 1 runtime failure
 (a sample that failed is counted and the others are still generated), or a sample failed the HU check under
@@ -18,7 +18,7 @@ from typing import Any
 
 from maisi.cli import EXIT_OK, EXIT_RUNTIME, make_parser, run_guarded, schema_int, setup_cli
 from maisi.config import InferConfig, to_jsonable
-from maisi.preset_checks import load_checked_config
+from maisi.families.checks import load_checked_config
 
 PROG = "maisi.infer"
 log = logging.getLogger(PROG)
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         config = apply_overrides(load_checked_config(args.config, "infer"), args)
-        from maisi import generation_run  # imports torch and MONAI: after parsing, so --help stays fast
+        from maisi.generation import (
+            run as generation_run,  # imports torch and MONAI: after parsing, so --help stays fast
+        )
 
         with generation_run.process_group(config) as ranks:  # torchrun: one process per device
             if args.dry_run:

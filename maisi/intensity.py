@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import ScaleIntensityRange
-from monai.transforms.utils_pytorch_numpy_unification import percentile
+from monai.transforms import ScaleIntensityRange, percentile
 
 from maisi.conditioning import modality_code
 from maisi.errors import InputError

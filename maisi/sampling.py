@@ -25,8 +25,8 @@ from monai.networks.schedulers import (
 from maisi.conditioning import UNCONDITIONAL_MODALITY
 from maisi.device import autocast
 from maisi.errors import InputError
+from maisi.families.ct import NoiseSchedule, check_sampler, ddpm_steps_problem
 from maisi.options import DEFAULT_STEPS, Sampler, TimestepSpacing
-from maisi.presets import NoiseSchedule, check_sampler, ddpm_steps_problem
 from maisi.progress import progress_bar
 
 __all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_scheduler", "set_timesteps"]

@@ -1,7 +1,7 @@
 """``python -m maisi.train autoencoder|diffusion|controlnet|mask_autoencoder|mask_diffusion --config FILE
 [--resume]``.
 
-The mask stages train the two networks of a mask preset (:mod:`maisi.mask_presets`): the mask VAE on the
+The mask stages train the two networks of a mask preset (:mod:`maisi.families.mask`): the mask VAE on the
 datalist's label masks, then the size-conditioned mask UNet on their latents (``maisi.encode`` kind "mask").
 
 Also launchable as ``torchrun --nproc_per_node=N -m maisi.train ...``: every process trains on its own

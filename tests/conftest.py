@@ -11,7 +11,8 @@ import torch
 
 from maisi.checkpoints import save_checkpoint
 from maisi.data.io import Volume, write_volume
-from maisi.networks import build_network, get_preset
+from maisi.families.ct import get_preset
+from maisi.families.networks import build_network
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESETS = ("tiny-rflow", "tiny-ddpm")

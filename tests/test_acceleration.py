@@ -18,7 +18,8 @@ from maisi import infer
 from maisi.acceleration import Acceleration, ConditionCachingControlNet, accelerate, resolve_compile
 from maisi.conditioning import Conditions
 from maisi.device import autocast_dtype
-from maisi.networks import build_network, get_preset
+from maisi.families.ct import get_preset
+from maisi.families.networks import build_network
 from maisi.sampling import denoise, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_generation_decodes_in_float32_on_cpu_under_auto(tiny_checkpoints, tmp_p
     """The networks may run in bfloat16 on CPU, the VAE decode does not: in bfloat16 the demo's bone medians
     failed the HU check on every try (float32 decode: passed on the first)."""
     from maisi.config import load_config
-    from maisi.generation import load_models
+    from maisi.generation.plan import load_models
     from tests.conftest import write_config
 
     monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: True)
@@ -225,7 +226,7 @@ def test_a_rerun_that_changes_only_speed_settings_skips_the_finished_samples(
 
 def test_load_models_applies_the_switches(infer_config):
     from maisi.config import load_config
-    from maisi.generation import load_models, plan_generation
+    from maisi.generation.plan import load_models, plan_generation
 
     plan = plan_generation(load_config(infer_config(compile=False), "infer"))
     models = load_models(plan, CPU)

@@ -17,7 +17,8 @@ from maisi.checkpoints import (
     save_checkpoint,
 )
 from maisi.errors import CheckpointError
-from maisi.networks import build_network, get_preset
+from maisi.families.ct import get_preset
+from maisi.families.networks import build_network
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -282,7 +283,7 @@ def test_sha256_of_files_and_folders(tmp_path):
 def test_a_missing_released_file_points_to_the_download_command(tmp_path):
     from maisi.checkpoints import load_network
     from maisi.errors import CheckpointError
-    from maisi.networks import get_preset
+    from maisi.families.ct import get_preset
 
     with pytest.raises(CheckpointError) as info:
         load_network(get_preset("maisi-ct-rflow"), "controlnet", tmp_path / "controlnet_3d_rflow-ct.pt")

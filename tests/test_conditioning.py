@@ -16,8 +16,8 @@ from maisi.conditioning import (
     spacing_tensor,
 )
 from maisi.errors import InputError
+from maisi.families.ct import get_preset
 from maisi.labels import add_class, is_dummy, load_label_dict
-from maisi.networks import get_preset
 
 
 def test_spacing_is_millimetres_times_100():

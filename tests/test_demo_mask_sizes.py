@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from maisi.checkpoints import save_checkpoint
-from maisi.mask_presets import get_mask_preset
+from maisi.families.mask import get_mask_preset
 from maisi.masks.networks import build_mask_network
 from maisi.masks.sizes import build_size_reference, organ_volumes_ml, reference_json
 from tests.conftest import write_config

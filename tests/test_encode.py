@@ -291,7 +291,7 @@ def _no_model_load(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the autoencoder was loaded before the inputs were checked")
 
-    monkeypatch.setattr("maisi.encoding_run.load_network", refuse)
+    monkeypatch.setattr("maisi.encoding.run.load_network", refuse)
 
 
 @pytest.mark.parametrize("where", ["the data folder", "a symlink to it", "a folder containing it"])
@@ -424,10 +424,10 @@ def test_non_finite_ct_voxels_fail_that_case_unless_filled_as_air(small_data, tm
 
 
 def test_a_non_finite_latent_is_never_written(small_data, tmp_path, monkeypatch, caplog):
-    import maisi.encoding
+    import maisi.encoding.cases
 
-    real = maisi.encoding.encode
-    monkeypatch.setattr(maisi.encoding, "encode", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = maisi.encoding.cases.encode
+    monkeypatch.setattr(maisi.encoding.cases, "encode", lambda *a, **k: real(*a, **k) * float("nan"))
     entries = [{"image": "c0/ct.nii.gz", "label": "c0/ct_label.nii.gz"}]
     assert main(["--config", str(small_data(entries))]) == 1
     assert "ct.nii.gz: its latent has " in caplog.text and "non-finite value(s)" in caplog.text
@@ -460,7 +460,7 @@ def tiny_mask_vae(tmp_path_factory) -> Path:
     import torch
 
     from maisi.checkpoints import save_checkpoint
-    from maisi.mask_presets import get_mask_preset
+    from maisi.families.mask import get_mask_preset
     from maisi.masks.networks import build_mask_network
 
     preset = get_mask_preset("tiny-mask-ddpm")

@@ -1,5 +1,5 @@
-"""``maisi.evaluation`` / ``maisi.fid`` / ``maisi.evaluate``: metrics on real CT, the report and montage,
-bad input.
+"""``maisi.evaluation.run`` / ``maisi.evaluation.fid`` / ``maisi.evaluate``: metrics on real CT, the report
+and montage, bad input.
 
 Real CT: ``totalseg_example_ct_sm.nii.gz`` (122 x 101 x 30 at 3 mm). Its 30 slices are too few for MS-SSIM's
 5 scales even with a 3-voxel window (48 needed): its MS-SSIM is skipped with the reason while PSNR and SSIM
@@ -24,11 +24,10 @@ from monai.networks.nets.resnet import ResNet, resnet50
 from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
-from maisi.encoding import transform
+from maisi.encoding.cases import transform
 from maisi.errors import CheckpointError, ConfigError, InputError
 from maisi.evaluate import main
-from maisi.evaluation import image_metrics, montage_row, ms_ssim_min_size, pairwise_ms_ssim, reconstruct
-from maisi.fid import (
+from maisi.evaluation.fid import (
     PLANES,
     build_resnet,
     fid_25d,
@@ -37,8 +36,10 @@ from maisi.fid import (
     slice_counts,
     volume_features,
 )
+from maisi.evaluation.run import image_metrics, montage_row, ms_ssim_min_size, pairwise_ms_ssim, reconstruct
+from maisi.families.ct import get_preset
+from maisi.families.networks import build_network
 from maisi.intensity import hu_to_unit
-from maisi.networks import build_network, get_preset
 from maisi.preview import GAP
 from tests.conftest import write_config
 
@@ -442,7 +443,7 @@ def test_a_volume_too_thin_for_ms_ssim_skips_only_that_metric(tmp_path, files, c
 
 
 def test_target_spacing_resamples_the_real_ct_as_encode_does(tmp_path, files):
-    """The 3 mm CT at 6 x 6 x 4.5 mm: the case is scored on the grid maisi.encoding.transform makes."""
+    """The 3 mm CT at 6 x 6 x 4.5 mm: the case is scored on the grid maisi.encoding.cases.transform makes."""
     datalist = write_config(tmp_path / "thin.json", {"training": [{"image": str(files["thin"])}]})
     reconstruction = {
         "enabled": True,
@@ -510,13 +511,13 @@ OUTPUTS = [
 @pytest.mark.parametrize("output, expected", [(o, e) for _, o, e in OUTPUTS], ids=[n for n, _, _ in OUTPUTS])
 def test_output_locations_are_checked_before_any_work(tmp_path, files, capsys, monkeypatch, output, expected):
     """They used to be found only when the report was written, after all the metrics."""
-    import maisi.evaluation
+    import maisi.evaluation.run
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the outputs were checked")
 
-    monkeypatch.setattr(maisi.evaluation, "load_network", no_work)
-    monkeypatch.setattr(maisi.evaluation, "read_volume", no_work)
+    monkeypatch.setattr(maisi.evaluation.run, "load_network", no_work)
+    monkeypatch.setattr(maisi.evaluation.run, "read_volume", no_work)
     (tmp_path / "out").mkdir()
     (tmp_path / "blocker").write_text("a file")
     vae_bytes = files["vae"].read_bytes()

@@ -13,7 +13,7 @@ import torch
 
 from maisi import evaluate, infer
 from maisi.data.io import Volume, read_volume, write_volume
-from maisi.fid import load_feature_network, modality_mix_problem, volume_features
+from maisi.evaluation.fid import load_feature_network, modality_mix_problem, volume_features
 from maisi.preview import display_windows
 from tests.conftest import mr_infer_config, mr_like, write_config
 from tests.test_evaluation import torchvision_layout

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from maisi.mask_presets import get_mask_preset
+from maisi.families.mask import get_mask_preset
 from maisi.masks import memory
 from maisi.masks.networks import MaskNetworks, build_mask_network
 

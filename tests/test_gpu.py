@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from maisi.conditioning import Conditions
-from maisi.decoding import decode
-from maisi.networks import RuntimeOptions, build_network, get_preset
+from maisi.families.ct import get_preset
+from maisi.families.networks import RuntimeOptions, build_network
 from maisi.sampling import denoise, make_scheduler
+from maisi.vae.codec import decode
 from tests.test_encode import encode_setup  # noqa: F401 - a fixture
 
 pytestmark = [

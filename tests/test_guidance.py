@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from maisi import generation, infer, sampling
+from maisi import infer, sampling
 from maisi.conditioning import Conditions, binarize_labels
 from maisi.config import load_config
 from maisi.data.io import Volume, read_mask, write_volume
 from maisi.errors import InputError
+from maisi.families.checks import _modality_problems
+from maisi.families.ct import get_preset
+from maisi.families.networks import build_network
+from maisi.generation import plan as generation_plan
 from maisi.labels import LabelDict, load_label_dict
 from maisi.masks.tumour_free import lesion_hosts, remove_tumors, tumour_hosts
-from maisi.networks import build_network, get_preset
 from maisi.options import Modality
-from maisi.preset_checks import _modality_problems
 from maisi.resources import load_json
 from maisi.sampling import denoise, make_scheduler
 from tests.conftest import phantom_mask, write_config
@@ -205,13 +207,13 @@ def test_guided_run_feeds_the_tumour_free_mask_and_records_scale_and_modality(
 ):
     path, mask = _tumour_mask_file(tmp_path)
     seen = {}
-    original = generation.denoise
+    original = generation_plan.denoise
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "denoise", spy)
+    monkeypatch.setattr(generation_plan, "denoise", spy)
     config = infer_config(mask=str(path), sampling={"num_inference_steps": 2, "guidance_scale": 2.5})
     assert infer.main(["--config", str(config)]) == 0
     assert caplog.text.count("a checkpoint cannot tell whether it was") == 1  # warned once
@@ -331,13 +333,13 @@ def test_guided_anatomy_run_with_a_lesion_of_an_unhosted_class_uses_its_host_for
     labels = json.loads(Path(_label_dict_with_unhosted_tumour(tmp_path)).read_text())
     assert "_hosts" not in labels  # no declared host: only the lesion says where the class lies
     seen = {}
-    original = generation.denoise
+    original = generation_plan.denoise
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "denoise", spy)
+    monkeypatch.setattr(generation_plan, "denoise", spy)
     config = write_config(
         tmp_path / "anatomy.json",
         {

@@ -17,11 +17,15 @@ import SimpleITK as sitk
 import torch
 
 from maisi import device as device_module
-from maisi import generation, generation_memory, generation_run, infer
+from maisi import infer
 from maisi.config import load_config
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.errors import InputError
 from maisi.files import file_sha256
+from maisi.generation import memory as generation_memory
+from maisi.generation import pipeline as generation_pipeline
+from maisi.generation import plan as generation_plan
+from maisi.generation import run as generation_run
 from tests.conftest import phantom_mask
 from tests.test_atomic import dead_pid, held_lock  # noqa: F401 - held_lock is a fixture
 
@@ -67,7 +71,7 @@ def test_from_mask_writes_ct_on_the_mask_grid(infer_config, mask_file, tmp_path,
 
 
 def fake_generate(bad_seeds: set[int]):
-    """A stand-in for generation.generate: liver 50 HU (-500 HU for ``bad_seeds``), lung -800, rest 0."""
+    """A stand-in for generation_plan.generate: liver 50 HU (-500 HU for ``bad_seeds``), lung -800, rest 0."""
 
     def generate(plan, models, seed, progress=True):
         labels = plan.mask.array
@@ -82,9 +86,9 @@ def fake_generate(bad_seeds: set[int]):
 def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(
     infer_config, tmp_path, monkeypatch, caplog
 ):
-    from maisi import generation
+    from maisi.generation import plan as generation_plan
 
-    monkeypatch.setattr(generation, "generate", fake_generate({5, 5 + 1_000_003}))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate({5, 5 + 1_000_003}))
     assert run_cli(infer_config(seed=5, quality_check={"max_tries": 4})) == 0
     out = tmp_path / "out"
     meta = json.loads((out / "sample_seed5.json").read_text())
@@ -102,9 +106,9 @@ def test_failed_hu_check_regenerates_with_new_seeds_and_records_every_try(
 
 
 def test_when_every_try_fails_the_sample_is_kept_and_flagged(infer_config, tmp_path, monkeypatch, caplog):
-    from maisi import generation
+    from maisi.generation import plan as generation_plan
 
-    monkeypatch.setattr(generation, "generate", fake_generate({0, 1_000_003}))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate({0, 1_000_003}))
     assert run_cli(infer_config(quality_check={"max_tries": 2})) == 0
     meta = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())
     assert meta["quality_check"]["passed"] is False and len(meta["quality_check"]["tries"]) == 2
@@ -112,9 +116,9 @@ def test_when_every_try_fails_the_sample_is_kept_and_flagged(infer_config, tmp_p
 
 
 def test_quality_check_can_be_switched_off(infer_config, tmp_path, monkeypatch):
-    from maisi import generation
+    from maisi.generation import plan as generation_plan
 
-    monkeypatch.setattr(generation, "generate", fake_generate({0}))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate({0}))
     assert run_cli(infer_config(quality_check={"enabled": False})) == 0
     assert json.loads((tmp_path / "out" / "sample_seed0.json").read_text())["quality_check"] is None
 
@@ -231,6 +235,16 @@ BROKEN = [
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
     changes, fragment, flags, infer_config, tiny_checkpoints, tmp_path, capsys
 ):
+    assert run_cli(broken_config(changes, infer_config, tiny_checkpoints, tmp_path), *flags) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("maisi.infer: error:") and fragment in err, err
+    assert "Traceback" not in err and captured.out == ""  # a dry run prints no config when a check fails
+    assert not (tmp_path / "out").exists()
+
+
+def broken_config(changes: dict, infer_config, tiny_checkpoints, tmp_path) -> Path:
+    """The config of a row of BROKEN: its masks and checkpoints made in ``tmp_path``."""
     changes = dict(changes)
     masks = _broken_masks(tmp_path)
     if changes.get("mask") in masks:
@@ -249,12 +263,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
         raw = torch.load(ckpt["diffusion_unet"], weights_only=True)
         torch.save({"unet_state_dict": raw["state_dict"]}, tmp_path / "released_unet.pt")
         changes["checkpoints"] = {**ckpt, "diffusion_unet": str(tmp_path / "released_unet.pt")}
-    assert run_cli(infer_config(**changes), *flags) == 2
-    captured = capsys.readouterr()
-    err = captured.err
-    assert err.startswith("maisi.infer: error:") and fragment in err, err
-    assert "Traceback" not in err and captured.out == ""  # a dry run prints no config when a check fails
-    assert not (tmp_path / "out").exists()
+    return infer_config(**changes)
 
 
 def test_output_dir_of_another_job_is_not_overwritten(infer_config, tmp_path, capsys):
@@ -275,7 +284,7 @@ def test_runtime_failure_exits_1_with_a_traceback(infer_config, monkeypatch, cap
     def explode(*args, **kwargs):
         raise RuntimeError("simulated out of memory")
 
-    monkeypatch.setattr(generation_run, "generate_checked", explode)
+    monkeypatch.setattr(generation_pipeline, "generate_checked", explode)
     assert run_cli(infer_config()) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "simulated out of memory" in err and "runtime failure" in err
@@ -310,7 +319,7 @@ def test_a_mask_without_a_checked_organ_is_not_checked_not_passed(
     mask[mask == 1] = 23  # a lung tumour and the body: no organ the HU check knows
     mask[mask == 28] = 200
     path = write_volume(tmp_path / "tumour.nii.gz", Volume(mask, np.diag([2.0, 2.0, 3.0, 1.0])))
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     region = {"top": "chest", "bottom": "chest"}
     assert run_cli(infer_config(mask=str(path), body_region=region, quality_check={"max_tries": 3})) == 0
     check = json.loads((tmp_path / "out" / "sample_seed0.json").read_text())["quality_check"]
@@ -327,7 +336,7 @@ def test_summary_line_counts_the_verdicts_and_strict_quality_makes_a_failure_exi
     infer_config, tmp_path, monkeypatch, caplog
 ):
     out = tmp_path / "out"
-    monkeypatch.setattr(generation, "generate", fake_generate({1}))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate({1}))
     config = infer_config(num_samples=2)  # one try per sample: seed 1 fails
     assert run_cli(config) == 0
     summary = "HU check: 1 passed, 1 FAILED (seeds 1), 0 not checked; output in"
@@ -340,7 +349,7 @@ def test_summary_line_counts_the_verdicts_and_strict_quality_makes_a_failure_exi
     assert last_line(caplog) == f"finished: 0 generated, 2 skipped; {summary} {out}{strict}"
     assert caplog.records[-1].levelname == "ERROR"
     caplog.clear()
-    monkeypatch.setattr(generation, "generate", fake_generate({2}))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate({2}))
     by_config = infer_config(seed=2, quality_check={"max_tries": 1, "fail_on_error": True})
     assert run_cli(by_config) == 1
     assert (out / "sample_seed2_image.nii.gz").is_file()  # the failed sample is still written
@@ -380,35 +389,39 @@ def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(
 
 def test_memory_estimate_follows_its_formula_on_cpu_and_cuda(infer_config, tiny_checkpoints, monkeypatch):
     monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: False)  # float32 on this CPU
-    plan = generation.plan_generation(load_config(infer_config(), "infer"))
+    plan = generation_plan.plan_generation(load_config(infer_config(), "infer"))
     n, latent = 32 * 32 * 16, 4 * 8 * 8 * 4
     weights = sum(os.path.getsize(p) for p in tiny_checkpoints["tiny-rflow"].values())
     # host: mask (1 byte a voxel), image 10 N, tiled intermediates 8 channels x 4 bytes, bit-planes 32 N
-    cpu = generation.estimate_memory(plan, torch.device("cpu"))
-    assert cpu == generation.MemoryEstimate(n + 10 * n + 32 * n + 32 * n + 16 * latent + weights, 0)
-    cuda = generation.estimate_memory(plan, torch.device("cuda"))  # float16: intermediates 2 bytes a channel
-    assert cuda == generation.MemoryEstimate(n + 48 * n, weights + 16 * latent + 32 * n)
+    cpu = generation_memory.estimate_memory(plan, torch.device("cpu"))
+    assert cpu == generation_memory.MemoryEstimate(n + 10 * n + 32 * n + 32 * n + 16 * latent + weights, 0)
+    cuda = generation_memory.estimate_memory(
+        plan, torch.device("cuda")
+    )  # float16: intermediates 2 bytes a channel
+    assert cuda == generation_memory.MemoryEstimate(n + 48 * n, weights + 16 * latent + 32 * n)
 
 
 def test_a_grid_too_large_for_the_gpu_is_refused(infer_config, monkeypatch):
-    plan = generation.plan_generation(load_config(infer_config(), "infer"))
+    plan = generation_plan.plan_generation(load_config(infer_config(), "infer"))
     gpu = SimpleNamespace(total_memory=1 << 20)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
     with pytest.raises(InputError, match=r"needs at least 0\.0 GiB of GPU memory .* but cuda has 0\.0 GiB"):
-        generation.check_memory(plan, torch.device("cuda"))
-    assert generation.check_memory(plan, torch.device("cpu")).host_bytes < 10 << 20  # 32 x 32 x 16 fits
+        generation_memory.check_memory(plan, torch.device("cuda"))
+    assert (
+        generation_memory.check_memory(plan, torch.device("cpu")).host_bytes < 10 << 20
+    )  # 32 x 32 x 16 fits
 
 
 def test_when_only_the_tiled_decoder_does_not_fit_the_refusal_says_so(infer_config, monkeypatch):
-    plan = generation.plan_generation(load_config(infer_config(), "infer"))
-    tiled = generation.estimate_memory(plan, torch.device("cpu")).host_bytes
+    plan = generation_plan.plan_generation(load_config(infer_config(), "infer"))
+    tiled = generation_memory.estimate_memory(plan, torch.device("cpu")).host_bytes
     monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: tiled - 1)
     with pytest.raises(InputError, match="set \\$.decoding.method to 'sliding_window'"):
-        generation.check_memory(plan, torch.device("cpu"))
+        generation_memory.check_memory(plan, torch.device("cpu"))
     # nothing fits: no such advice
     monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: 1000)
     with pytest.raises(InputError, match="; generate a smaller grid"):
-        generation.check_memory(plan, torch.device("cpu"))
+        generation_memory.check_memory(plan, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
@@ -439,7 +452,7 @@ def test_an_unusable_output_location_exits_2_before_the_networks_load(
 
 
 def test_a_run_removes_the_temporaries_a_killed_run_left(infer_config, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     out = tmp_path / "out"
     out.mkdir()
     stale = out / f".tmp-{dead_pid()}-sample_seed0_image.nii.gz"
@@ -459,7 +472,7 @@ def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(
     capsys,
 ):
     folder, holder = held_lock
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     assert run_cli(infer_config()) == 2
     err = capsys.readouterr().err
     assert f"output directory {folder} is in use by another run (pid {holder.pid}" in err, err
@@ -467,7 +480,7 @@ def test_a_second_run_into_a_folder_in_use_exits_2_naming_the_holder(
 
 
 def test_each_job_keeps_its_own_resolved_config(infer_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     assert run_cli(infer_config()) == 0
     another_job = infer_config(seed=1, sampling={"num_inference_steps": 2})
     assert run_cli(another_job) == 0
@@ -504,7 +517,7 @@ DAMAGE = {
 def test_a_sample_whose_files_do_not_match_their_checksums_is_generated_again(
     damage, infer_config, tmp_path, monkeypatch, caplog
 ):
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     config = infer_config()
     assert run_cli(config) == 0
     files = generation_run.sample_files(load_config(config, "infer"), 0)

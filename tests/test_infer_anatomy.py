@@ -237,8 +237,8 @@ def thin_database(tmp_path) -> Path:
 
 
 def _plan(tmp_path, database: Path, num_samples: int, augment: bool = False):
-    from maisi.generation import plan_generation
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
+    from maisi.generation.plan import plan_generation
 
     config = {
         "preset": "tiny-rflow",
@@ -383,3 +383,22 @@ def test_the_shipped_anatomy_config_runs_with_the_demo_weights(tmp_path):
         "right lung upper lobe"
     ]
     assert meta["anatomy"]["augmentation"]["applied"] in (True, False) and meta["quality_check"]["tries"]
+
+
+def test_the_plan_is_frozen_and_what_preparing_learns_is_its_explicit_state(thin_database, tmp_path):
+    import dataclasses
+
+    from maisi.masks.anatomy import AnatomyState, prepare_all, sample_mask
+
+    plan = _plan(tmp_path, thin_database, num_samples=2).anatomy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.first_seed = 5  # type: ignore[misc]
+    assert plan.state == AnatomyState()
+    digests = prepare_all(plan, [0, 1])
+    assert set(plan.state.prepared) == {0, 1} and set(plan.state.records) == {0, 1}
+    assert list(plan.state.lost.values()) == [[LABELS["esophagus"]]]  # a_thin loses it, once for both seeds
+    assert plan.sample_record(1) is plan.state.records[1]
+    first = sample_mask(plan, 0, digests[0])
+    assert first.digest == digests[0] and 0 not in plan.state.prepared  # handed out once
+    again = sample_mask(plan, 0, digests[0])  # built again, the same mask
+    assert again is not first and np.array_equal(again.volume.array, first.volume.array)

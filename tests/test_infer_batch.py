@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maisi import generation, infer
+from maisi import infer
 from maisi.data.io import Volume, read_volume, write_volume
-from maisi.generation_inputs import base_stem, unique_stems
+from maisi.generation import plan as generation_plan
+from maisi.generation.inputs import base_stem, unique_stems
 from tests.conftest import phantom_mask
 from tests.test_infer import fake_generate
 
@@ -119,7 +120,7 @@ def test_two_processes_generate_each_sample_once_with_one_summary_and_a_rerun_sk
 def test_masks_with_the_same_file_name_in_different_folders_get_distinct_outputs(
     infer_config, tmp_path, monkeypatch, caplog
 ):
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     a = write_mask(tmp_path / "a" / "mask.nii.gz", shift=0)
     b = write_mask(tmp_path / "b" / "mask.nii.gz", shift=3)
     config = infer_config(mask="<drop>", masks=["a/mask.nii.gz", str(b)])
@@ -162,7 +163,7 @@ def write_datalist(path: Path, entries: list[dict]) -> Path:
 
 
 def test_datalist_generates_from_the_labels_of_one_fold(infer_config, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     entries = []
     for i, fold in enumerate([0, 1, 0]):
         write_mask(tmp_path / "data" / f"case_{i:05d}" / "segmentation.nii.gz", shift=i)
@@ -214,7 +215,7 @@ def test_a_failing_sample_is_counted_and_the_others_are_written(infer_config, tm
             raise RuntimeError("simulated out of memory")
         return working(plan, models, seed, progress)
 
-    monkeypatch.setattr(generation, "generate", generate)
+    monkeypatch.setattr(generation_plan, "generate", generate)
     config = infer_config(mask="<drop>", masks=["masks/*.nii.gz"], num_samples=2)
     assert run_cli(config) == 1
     out = tmp_path / "out"
@@ -226,7 +227,7 @@ def test_a_failing_sample_is_counted_and_the_others_are_written(infer_config, tm
     assert "a seed 1: runtime failure, not generated: RuntimeError: simulated out of memory" in caplog.text
     assert last_line(caplog).startswith("finished: 3 generated, 0 skipped, 1 failed (samples a_seed1); ")
     assert last_line(caplog).endswith("; exit code 1: 1 sample(s) could not be generated (errors above)")
-    monkeypatch.setattr(generation, "generate", working)
+    monkeypatch.setattr(generation_plan, "generate", working)
     caplog.clear()
     assert run_cli(config) == 0  # the rerun does only what is missing
     assert last_line(caplog).startswith("finished: 1 generated, 3 skipped; HU check: 4 passed")
@@ -314,7 +315,7 @@ def test_round_robin_shares_cover_every_sample_once_for_any_number_of_processes(
 
 
 def test_relative_patterns_are_relative_to_the_config_file(infer_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(generation, "generate", fake_generate(set()))
+    monkeypatch.setattr(generation_plan, "generate", fake_generate(set()))
     write_mask(tmp_path / "masks" / "deep" / "one.nii.gz")
     monkeypatch.chdir(os.path.dirname(tmp_path))  # another working directory
     assert run_cli(infer_config(mask="<drop>", masks=["masks/**/*.nii.gz"])) == 0
@@ -332,7 +333,7 @@ def test_a_mask_changed_during_the_job_is_not_used_under_the_old_checksum(
         write_mask(b, shift=4)  # edited while the job runs: after its checks, before its samples
         return working(plan, models, seed, progress)
 
-    monkeypatch.setattr(generation, "generate", generate)
+    monkeypatch.setattr(generation_plan, "generate", generate)
     assert run_cli(infer_config(mask="<drop>", masks=["masks/*.nii.gz"])) == 1
     assert f"b seed 0: not generated: mask {b} changed since the job was checked" in caplog.text
     assert image_files(tmp_path / "out") == ["sample_a_seed0_image.nii.gz"]
@@ -341,7 +342,7 @@ def test_a_mask_changed_during_the_job_is_not_used_under_the_old_checksum(
 def test_outputs_that_collide_or_overwrite_an_input_are_refused(infer_config, tmp_path):
     from maisi.config import load_config
     from maisi.errors import InputError
-    from maisi.generation_files import check_outputs, sample_files
+    from maisi.generation.files import check_outputs, sample_files
 
     config = load_config(infer_config(), "infer")
     files = sample_files(config, 0, "m")

@@ -18,12 +18,12 @@ import torch
 from maisi.checkpoints import save_checkpoint
 from maisi.data.io import read_mask, read_volume
 from maisi.errors import InputError
+from maisi.families.ct import PARTS
+from maisi.families.mask import get_mask_preset
 from maisi.infer import main
-from maisi.mask_presets import get_mask_preset
 from maisi.masks import generation
 from maisi.masks.networks import build_mask_network
 from maisi.masks.sizes import SIZE_SLOTS, build_size_reference, organ_volumes_ml, reference_json
-from maisi.networks import PARTS
 from tests.conftest import write_config
 
 MASK_PRESET = "tiny-mask-ddpm"
@@ -239,13 +239,13 @@ def test_the_generated_masks_bars_show_and_no_progress_silences_them(size_config
 def test_a_mask_stage_that_cannot_fit_is_refused_with_exit_2_and_nothing_written(
     size_config, tmp_path, monkeypatch, capsys
 ):
-    from maisi import generation as ct_generation
-    from maisi import generation_memory
     from maisi.config import load_config
+    from maisi.generation import memory as generation_memory
+    from maisi.generation import plan as ct_generation
 
     config = size_config([["liver", 0.5]])
     plan = ct_generation.plan_generation(load_config(config, "infer"), torch.device("cpu"))
-    stages = ct_generation.estimate_stages(plan, torch.device("cpu"))
+    stages = generation_memory.estimate_stages(plan, torch.device("cpu"))
     assert list(stages) == ["mask", "CT"]  # in the order they run
     mask_need, ct_need = stages["mask"].host_bytes, stages["CT"].host_bytes
     assert ct_need < mask_need  # the tiny CT grid fits where the 64^3 mask decode does not
@@ -264,25 +264,26 @@ def test_a_mask_stage_that_cannot_fit_is_refused_with_exit_2_and_nothing_written
 
 
 def test_a_ct_stage_that_cannot_fit_after_a_generated_mask_is_named(size_config, monkeypatch):
-    from maisi import generation as ct_generation
-    from maisi import generation_memory
     from maisi.config import load_config
+    from maisi.generation import memory as generation_memory
+    from maisi.generation import plan as ct_generation
     from maisi.masks import memory
 
     plan = ct_generation.plan_generation(load_config(size_config([["liver", 0.5]]), "infer"), CPU)
     small = memory.MaskStageMemory(1000, 0, {"weights": 10})  # a mask stage that fits anywhere
     monkeypatch.setattr(memory, "estimate_mask_memory", lambda generator: small)
-    ct_need = ct_generation.estimate_stages(plan, CPU)["CT"].host_bytes
+    ct_need = generation_memory.estimate_stages(plan, CPU)["CT"].host_bytes
     monkeypatch.setattr(generation_memory, "available_ram_bytes", lambda: ct_need - 1)
     with pytest.raises(
         InputError, match=r"^\$\.output_size: the CT stage on a 48 x 48 x 48 grid needs at least"
     ):
-        ct_generation.check_memory(plan, CPU)
+        generation_memory.check_memory(plan, CPU)
 
 
 def test_each_stage_counts_the_other_stages_networks(size_config):
-    from maisi import generation as ct_generation
     from maisi.config import load_config
+    from maisi.generation import memory as generation_memory
+    from maisi.generation import plan as ct_generation
     from maisi.masks.memory import estimate_mask_memory
 
     plan = ct_generation.plan_generation(load_config(size_config([["liver", 0.5]]), "infer"), CPU)
@@ -292,10 +293,14 @@ def test_each_stage_counts_the_other_stages_networks(size_config):
     mask_weights = sum(p.numel() * 4 for n in (nets.autoencoder, nets.diffusion_unet) for p in n.parameters())
     assert mask.parts["weights"] == mask_weights
     ct_weights = sum(os.path.getsize(getattr(plan.config.checkpoints, p)) for p in PARTS)
-    stages = ct_generation.estimate_stages(plan, CPU)
+    stages = generation_memory.estimate_stages(plan, CPU)
     assert stages["mask"].host_bytes == mask.host_bytes + ct_weights
-    assert stages["CT"].host_bytes == ct_generation.estimate_ct_memory(plan, CPU).host_bytes + mask_weights
-    assert ct_generation.estimate_memory(plan, CPU).host_bytes == max(s.host_bytes for s in stages.values())
+    assert (
+        stages["CT"].host_bytes == generation_memory.estimate_ct_memory(plan, CPU).host_bytes + mask_weights
+    )
+    assert generation_memory.estimate_memory(plan, CPU).host_bytes == max(
+        s.host_bytes for s in stages.values()
+    )
 
 
 def _reference_without_livers(tmp_path) -> Path:

@@ -15,9 +15,10 @@ from maisi import encode, evaluate, infer
 from maisi.checkpoints import load_network, read_weights
 from maisi.data.io import Volume, read_volume, write_volume
 from maisi.data.latents import read_latent, read_sidecar
-from maisi.decoding import encode as vae_encode
 from maisi.errors import CheckpointError, InputError
-from maisi.generation import fitting_size
+from maisi.families.ct import MRGridLimits, get_preset, grid_problems
+from maisi.families.networks import build_network
+from maisi.generation.plan import fitting_size
 from maisi.intensity import (
     is_mr,
     mr_to_unit,
@@ -25,9 +26,8 @@ from maisi.intensity import (
     unit_to_mr,
     unit_to_mr_source,
 )
-from maisi.networks import build_network, get_preset
-from maisi.presets import MRGridLimits, grid_problems
 from maisi.training.ct_data import LoadUnitCTd, check_images
+from maisi.vae.codec import encode as vae_encode
 from tests.conftest import mr_infer_config, mr_like, write_config
 
 TINY_MR = "tiny-mr-rflow"

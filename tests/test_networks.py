@@ -9,7 +9,8 @@ from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMais
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
 from maisi.errors import InputError
-from maisi.networks import PARTS, PRESETS, RuntimeOptions, build_network, count_parameters, get_preset
+from maisi.families.ct import PARTS, PRESETS, get_preset
+from maisi.families.networks import RuntimeOptions, build_network, count_parameters
 
 # Parameter counts of the released MAISI CT networks (MONAI 1.5/1.6 classes with the released arguments).
 # The MR variants build from the same config_network_rflow.json (no ControlNet was released for them).

@@ -9,10 +9,10 @@ import pytest
 
 from maisi.data.io import Volume, read_mask, read_volume
 from maisi.errors import InputError
+from maisi.evaluation.quality import hu_check, label_hu_table, mask_fidelity, reference_ranges
 from maisi.labels import load_label_dict
 from maisi.labels.envelope import add_body_label
 from maisi.labels.mapping import load_mapping, remap
-from maisi.quality import hu_check, label_hu_table, mask_fidelity, reference_ranges
 
 DATA = Path(__file__).parent / "data"
 

@@ -12,7 +12,8 @@ from monai.inferers import ControlNetDiffusionInferer
 
 from maisi.conditioning import Conditions
 from maisi.errors import InputError
-from maisi.networks import NoiseSchedule, build_network, get_preset
+from maisi.families.ct import NoiseSchedule, get_preset
+from maisi.families.networks import build_network
 from maisi.sampling import denoise, make_scheduler
 
 X0 = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(7))

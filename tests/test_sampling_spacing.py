@@ -7,7 +7,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from maisi.errors import InputError
-from maisi.presets import NoiseSchedule
+from maisi.families.ct import NoiseSchedule
 from maisi.sampling import denoise, make_scheduler, set_timesteps
 from tests.test_sampling import GAUSSIAN_NOISE, GaussianEpsilonOracle
 

@@ -17,10 +17,11 @@ import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiResBlock
 from monai.networks.blocks import Convolution
 
-from maisi.decoding import TilingFallbackWarning, decode, encode
-from maisi.monai_vae_adapter import Step, check_structure, program
-from maisi.networks import PRESETS, build_network, get_preset
-from maisi.tiled_vae import TilingTrace, UnsupportedStructure, decode_tiled, encode_tiled, plan_tiles
+from maisi.families.ct import PRESETS, get_preset
+from maisi.families.networks import build_network
+from maisi.vae.codec import TilingFallbackWarning, decode, encode
+from maisi.vae.monai_adapter import Step, check_structure, program
+from maisi.vae.tiled import TilingTrace, UnsupportedStructure, decode_tiled, encode_tiled, plan_tiles
 
 TOL = 1e-4  # float32: only the summation order differs from the whole-volume pass
 
@@ -214,8 +215,8 @@ def test_smaller_budgets_give_smaller_tiles(small):
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
-    from maisi.networks import build_network, get_preset
-    from maisi.tiled_vae import decode_tiled
+    from maisi.families.networks import build_network, get_preset
+    from maisi.vae.tiled import decode_tiled
     torch.manual_seed(0)
     vae = build_network(get_preset("small-rflow"), "autoencoder").eval()
     z = torch.randn(1, 4, 20, 20, 20)

@@ -65,9 +65,9 @@ def run_case(name: str, database: Path, samples: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from maisi.generation import plan_generation
+    from maisi.families.checks import load_checked_config
+    from maisi.generation.plan import plan_generation
     from maisi.masks.anatomy import build_sample_mask
-    from maisi.preset_checks import load_checked_config
 
     augment = True
     try:

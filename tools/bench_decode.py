@@ -57,10 +57,11 @@ def variants(args: argparse.Namespace) -> list[dict]:
 
 def worker(variant: dict, folder: Path, preset_name: str, device_name: str, precision: str) -> None:
     """Decode once in this (fresh) process; print one JSON line of measurements."""
-    from maisi.decoding import decode
     from maisi.device import autocast, autocast_dtype, resolve_device
-    from maisi.networks import RuntimeOptions, build_network, get_preset
-    from maisi.tiled_vae import decode_tiled
+    from maisi.families.ct import get_preset
+    from maisi.families.networks import RuntimeOptions, build_network
+    from maisi.vae.codec import decode
+    from maisi.vae.tiled import decode_tiled
 
     device = resolve_device(device_name)  # type: ignore[arg-type]
     if precision == "float32":  # TF32 convolutions would round like float16 does
@@ -152,7 +153,8 @@ def main() -> int:
         worker(json.loads(args.worker), Path(args.folder), args.preset, args.device, args.precision)
         return 0
 
-    from maisi.networks import build_network, get_preset
+    from maisi.families.ct import get_preset
+    from maisi.families.networks import build_network
 
     preset = get_preset(args.preset)
     with tempfile.TemporaryDirectory() as tmp:

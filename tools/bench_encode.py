@@ -25,7 +25,8 @@ from monai.transforms import Resize
 from maisi.checkpoints import save_checkpoint
 from maisi.data.datalist import write_datalist
 from maisi.data.io import Volume, read_volume, write_volume
-from maisi.networks import build_network, get_preset
+from maisi.families.ct import get_preset
+from maisi.families.networks import build_network
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_CT = REPO / "tests" / "data" / "totalseg_example_ct_sm.nii.gz"

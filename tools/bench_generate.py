@@ -1,7 +1,8 @@
 """Benchmark generation: overhead of our sampling loop, and time to a decoded CT per sampler.
 
 1. Loop overhead: per-step time of ``maisi.sampling.denoise`` against a plain loop that calls the same
-   MONAI networks (UNet + ControlNet) and a MONAI scheduler built directly, MAISI-style. Best of many short
+   MONAI networks (UNet + ControlNet) and the same MONAI scheduler (``maisi.sampling.make_scheduler``
+   builds it with MAISI's arguments) directly, MAISI-style. Best of many short
    rounds, alternating which loop runs first (shared CPUs are noisy; noise only adds time).
 2. Time to a decoded CT for DDPM-1000, DDIM-50 and rectified-flow-30 at full step counts: sampling is run
    in full when it takes at most ``--max-run-s``; otherwise the measured per-step time is multiplied by
@@ -13,11 +14,9 @@
    (a) = MAISI's loop written against MONAI (float32, eager, the ControlNet's mask embedding every step)
    and MAISI's decode (MONAI ``SlidingWindowInferer``, Gaussian, at MAISI's roi/overlap for the size; a
    latent no larger than the roi is decoded in one pass, as MAISI's ``dynamic_infer`` does). (b) =
-   ``maisi.generation``'s networks and defaults (:mod:`maisi.acceleration`, precision ``auto``, tiled
+   ``maisi.generation.plan``'s networks and defaults (:mod:`maisi.acceleration`, precision ``auto``, tiled
    decode within 1024 MiB). Extra variants: ``ours-fp32``, ``ours-channels-last``, ``ours-compile``,
    ``ours-nocache``. A warm-up step (not timed; compilation happens there) precedes the timed steps.
-
-Random weights throughout (timing does not depend on them).
 
 Random weights throughout (timing does not depend on them).
 
@@ -42,37 +41,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 from maisi.acceleration import Acceleration, accelerate
 from maisi.conditioning import Conditions, binarize_labels
-from maisi.decoding import decode
 from maisi.device import autocast, autocast_dtype, resolve_device
+from maisi.families.ct import COMPATIBLE_SAMPLERS, get_preset
+from maisi.families.networks import RuntimeOptions, build_network
 from maisi.intensity import unit_to_hu
-from maisi.networks import RuntimeOptions, build_network, get_preset
-from maisi.presets import COMPATIBLE_SAMPLERS
 from maisi.sampling import DEFAULT_STEPS, denoise, make_scheduler
-
-
-def plain_scheduler(sampler: str, preset):
-    """The MONAI scheduler as MAISI's own scripts build it (no maisi code involved)."""
-    s = preset.schedule
-    if sampler == "rflow":
-        return RFlowScheduler(
-            num_train_timesteps=s.num_train_timesteps,
-            use_discrete_timesteps=False,
-            use_timestep_transform=True,
-            sample_method="uniform",
-        )
-    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    return cls(
-        num_train_timesteps=s.num_train_timesteps,
-        schedule=s.beta_schedule,
-        beta_start=s.beta_start,
-        beta_end=s.beta_end,
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
+from maisi.vae.codec import decode
 
 
 @torch.no_grad()
@@ -149,7 +127,7 @@ class Setup:
         plain_loop(
             self.unet,
             self.controlnet,
-            plain_scheduler(sampler, self.preset),
+            make_scheduler(self.preset.schedule, sampler),  # MONAI's, with MAISI's arguments
             self.noise,
             steps,
             self.inputs,
@@ -236,7 +214,7 @@ def run_variant(variant: str, args: argparse.Namespace, hu_path: Path | None) ->
         dtype = None if variant == "ours-fp32" else autocast_dtype("auto", device, cpu_bfloat16=True)
     elif device.type == "cuda":
         dtype = torch.float16  # MAISI runs its loop under torch.amp.autocast("cuda")
-    # the decode as maisi.generation runs it: float32 on CPU under "auto" (Models.decode_dtype)
+    # the decode as maisi.generation.plan runs it: float32 on CPU under "auto" (Models.decode_dtype)
     decode_dtype = autocast_dtype("auto", device) if ours and variant != "ours-fp32" else dtype
     f = preset.vae_factor
     noise = torch.randn(

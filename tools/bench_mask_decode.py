@@ -48,12 +48,12 @@ def variants(args: argparse.Namespace) -> list[dict]:
 
 def worker(variant: dict, folder: Path, device_name: str) -> None:
     """Decode once in this (fresh) process; print one JSON line of measurements."""
-    from maisi.decoding import decode
     from maisi.device import resolve_device
-    from maisi.mask_presets import get_mask_preset
+    from maisi.families.mask import get_mask_preset
+    from maisi.families.networks import RuntimeOptions
     from maisi.masks.decode import argmax_labels, decode_mask_labels
     from maisi.masks.networks import build_mask_network
-    from maisi.networks import RuntimeOptions
+    from maisi.vae.codec import decode
 
     device = resolve_device(device_name)  # type: ignore[arg-type]
     preset = get_mask_preset(variant["preset"])
@@ -116,7 +116,7 @@ def main() -> int:
         worker(json.loads(args.worker), Path(args.folder), args.device)
         return 0
 
-    from maisi.mask_presets import get_mask_preset
+    from maisi.families.mask import get_mask_preset
     from maisi.masks.networks import build_mask_network
 
     preset = get_mask_preset(args.preset)

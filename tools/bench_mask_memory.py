@@ -35,13 +35,13 @@ def _rss_now() -> int:
 def worker(preset_name: str, steps: int, device_name: str) -> None:
     """Make one mask in this (fresh) process; print one JSON line of measurements."""
     from maisi.device import resolve_device
-    from maisi.mask_presets import get_mask_preset
+    from maisi.families.mask import get_mask_preset
+    from maisi.families.networks import RuntimeOptions
     from maisi.masks.generation import MaskGenerationPlan, sample_mask_labels
     from maisi.masks.memory import estimate_mask_memory
     from maisi.masks.networks import MaskNetworks, build_mask_network
     from maisi.masks.postprocess import postprocess_generated_mask
     from maisi.masks.sizes import SizeSnap
-    from maisi.networks import RuntimeOptions
 
     device = resolve_device(device_name)  # type: ignore[arg-type]
     preset = get_mask_preset(preset_name)

@@ -24,8 +24,9 @@ from maisi.checkpoints import save_checkpoint
 from maisi.data.datalist import write_datalist
 from maisi.data.io import Volume, write_volume
 from maisi.data.latents import write_latent, write_sidecar
+from maisi.families.ct import get_preset
+from maisi.families.networks import build_network
 from maisi.files import file_sha256
-from maisi.networks import build_network, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = re.compile(r"(\d+) steps in ([\d.]+) s \(([\d.]+) steps/s")

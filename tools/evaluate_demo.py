@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO))
 
 from maisi.checkpoints import load_network  # noqa: E402
 from maisi.data.io import read_mask, read_volume  # noqa: E402
-from maisi.evaluation import image_metrics, reconstruct  # noqa: E402
+from maisi.evaluation.quality import hu_check, mask_fidelity  # noqa: E402
+from maisi.evaluation.run import image_metrics, reconstruct  # noqa: E402
+from maisi.families.ct import get_preset  # noqa: E402
 from maisi.intensity import hu_to_unit  # noqa: E402
-from maisi.networks import get_preset  # noqa: E402
-from maisi.quality import hu_check, mask_fidelity  # noqa: E402
 from tools.train_demo import DEMO_SPACING, PRESET, demo_grid_volume, resample  # noqa: E402
 
 CASES = REPO / ".cache" / "sample_data" / "cases"

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from maisi.checkpoints import save_checkpoint
-from maisi.networks import PRESETS, build_network, get_preset
+from maisi.families.ct import PRESETS, get_preset
+from maisi.families.networks import build_network
 
 
 def main(argv: list[str] | None = None) -> int:

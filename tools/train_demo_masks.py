@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maisi.data.io import Volume, read_mask, read_volume, write_volume  # noqa: E402
+from maisi.families.mask import get_mask_preset  # noqa: E402
 from maisi.labels import load_label_dict  # noqa: E402
-from maisi.mask_presets import get_mask_preset  # noqa: E402
 from maisi.masks.resample import resample_mask  # noqa: E402
 from maisi.masks.tumour_free import remove_tumors  # noqa: E402
 from tools.train_demo import (  # noqa: E402
@@ -86,12 +86,18 @@ def zoomed_affine(affine: np.ndarray, shape: tuple[int, ...], scale: float) -> n
 
 
 def _ct_tensor(ct: Volume):
-    from monai.data import MetaTensor
+    from maisi.data.metatensor import to_metatensor
 
     # +1000 so that MONAI's zero padding outside the scan is air
-    return MetaTensor(
-        torch.from_numpy(ct.array.astype(np.float32) + 1000.0)[None], affine=torch.as_tensor(ct.affine)
-    )
+    return to_metatensor(ct.with_array(ct.array.astype(np.float32) + 1000.0))
+
+
+def _ct_volume(moved) -> Volume:
+    """The CT of a resampled :func:`_ct_tensor` (HU again, int16)."""
+    from maisi.data.metatensor import to_volume
+
+    moved = to_volume(moved)
+    return moved.with_array(np.rint(moved.array - 1000.0).astype(np.int16))
 
 
 def zoom_ct(ct: Volume, spacing: float, size: tuple[int, int, int], scale: float) -> Volume:
@@ -99,17 +105,15 @@ def zoom_ct(ct: Volume, spacing: float, size: tuple[int, int, int], scale: float
     from monai.transforms import ResizeWithPadOrCrop, Spacing
 
     moved = ResizeWithPadOrCrop(size)(Spacing(pixdim=[spacing / scale] * 3, mode="bilinear")(_ct_tensor(ct)))
-    array = np.rint(moved[0].numpy() - 1000.0).astype(np.int16)
-    return Volume(array, zoomed_affine(moved.affine.numpy().astype(np.float64), size, scale))
+    out = _ct_volume(moved)
+    return Volume(out.array, zoomed_affine(out.affine, size, scale))
 
 
 def coarse_ct(ct: Volume) -> Volume:
     """The CT at ``COARSE_CT_MM`` isotropic, its whole field of view: the zooms start from this copy."""
     from monai.transforms import Spacing
 
-    moved = Spacing(pixdim=[COARSE_CT_MM] * 3, mode="bilinear")(_ct_tensor(ct))
-    array = np.rint(moved[0].numpy() - 1000.0).astype(np.int16)
-    return Volume(array, moved.affine.numpy().astype(np.float64))
+    return _ct_volume(Spacing(pixdim=[COARSE_CT_MM] * 3, mode="bilinear")(_ct_tensor(ct)))
 
 
 def zoom_mask(mask: Volume, spacing: float, size: tuple[int, int, int], scale: float) -> Volume:

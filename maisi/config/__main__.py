@@ -26,8 +26,8 @@ from pathlib import Path
 from maisi.atomic import write_json
 from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
 from maisi.config.import_maisi import PATH_KEYS, PRESETS, Places, Translation, translate
-from maisi.config.loader import load_schema, schema_errors
 from maisi.config.registry import KINDS
+from maisi.config.schema import load_schema, schema_errors
 from maisi.errors import ConfigError, InputError
 from maisi.files import output_folder_problem
 
@@ -128,7 +128,7 @@ def check_translation(t: Translation, output: Path) -> list[str]:
     Raises:
         InputError: every problem, each with the MAISI key it came from.
     """
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
 
     if "anatomy" not in load_schema("infer")["properties"]:
         rest = {k: v for k, v in t.config.items() if k != "anatomy"}
@@ -189,7 +189,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from maisi.preset_checks import load_checked_config
+    from maisi.families.checks import load_checked_config
 
     load_checked_config(args.file, args.kind)
     print(f"{args.file}: a valid {args.kind} config")

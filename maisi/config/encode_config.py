@@ -1,14 +1,14 @@
 """The ``maisi.encode`` config: dataclasses mirroring ``schemas/encode.schema.json``; checks against the
-preset are in :mod:`maisi.preset_checks`."""
+preset are in :mod:`maisi.families.checks`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from maisi.mask_presets import get_mask_preset
+from maisi.families.ct import get_preset
+from maisi.families.mask import get_mask_preset
 from maisi.options import DecodeMethod, DeviceName, EncodeKind, Modality, Precision
-from maisi.presets import get_preset
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The ``maisi.infer`` config: frozen dataclasses mirroring ``schemas/infer.schema.json`` and the checks JSON
 Schema cannot express that relate several keys. Checks against the preset are in
-:mod:`maisi.preset_checks`."""
+:mod:`maisi.families.checks`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from maisi.config.loader import build_dataclass, fill_defaults, load_schema
-from maisi.masks.size_request import ABSENT, size_request_problems
+from maisi.config.schema import build_dataclass, fill_defaults, load_schema
+from maisi.config.size_request import ABSENT, size_request_problems
+from maisi.families.ct import PRESETS
 from maisi.options import (
     DEFAULT_STEPS,
     REGION_INDEX,
@@ -24,7 +25,6 @@ from maisi.options import (
     Sampler,
     VolumeFormat,
 )
-from maisi.presets import PRESETS
 
 
 @dataclass(frozen=True)

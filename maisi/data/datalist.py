@@ -19,7 +19,8 @@ import numpy as np
 
 from maisi.atomic import write_json
 from maisi.conditioning import BODY_REGIONS, body_region_from_mask
-from maisi.config.loader import load_schema, read_json, schema_errors
+from maisi.config.loader import read_json
+from maisi.config.schema import load_schema, schema_errors
 from maisi.data.io import read_geometry, read_mask
 from maisi.data.latents import encoded_relpaths
 from maisi.errors import ConfigError, InputError

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from maisi.errors import InputError
 from maisi.options import Sampler, TimestepSpacing
-from maisi.presets import NoiseSchedule, check_sampler, lookup
+from maisi.families.ct import NoiseSchedule, check_sampler, lookup
 
 if TYPE_CHECKING:
     import torch

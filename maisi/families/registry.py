@@ -3,9 +3,9 @@
 Families and where their presets live (imported by name, when first asked, so this module needs neither
 torch nor MONAI):
 
-- ``maisi``: MAISI CT/MR (ControlNet on masks, body region, spacing, modality), :mod:`maisi.presets`;
+- ``maisi``: MAISI CT/MR (ControlNet on masks, body region, spacing, modality), :mod:`maisi.families.ct`;
 - ``maisi-mask``: MAISI's mask generator (its own size-vector condition, none of the shared ones),
-  :mod:`maisi.mask_presets`;
+  :mod:`maisi.families.mask`;
 - ``ldm``: plain latent diffusion, 2D or 3D (:mod:`maisi.families.ldm`); text LDMs are the LDM presets whose
   UNet has cross-attention, and take ``prompts``.
 
@@ -72,13 +72,13 @@ FAMILIES: dict[FamilyName, Family] = {
         Family(
             "maisi",
             "MAISI CT/MR latent diffusion (ControlNet on label masks)",
-            "maisi.presets:PRESETS",
+            "maisi.families.ct:PRESETS",
             frozenset({"mask", "body_region", "spacing", "modality"}),
         ),
         Family(
             "maisi-mask",
             "MAISI mask generator (organ/tumour size vector)",
-            "maisi.mask_presets:MASK_PRESETS",
+            "maisi.families.mask:MASK_PRESETS",
             frozenset(),
         ),
         Family(

@@ -21,7 +21,6 @@ recorded for the sample's metadata, with the organs' volumes in mL measured on t
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -35,11 +34,10 @@ from maisi.config.infer_config import AnatomyConfig, InferConfig
 from maisi.data.io import Volume
 from maisi.errors import InputError
 from maisi.files import file_sha256
-from maisi.labels import BODY_LABEL
 from maisi.masks.database import MaskDatabase, label_counts, load_database, read_entry_mask
 from maisi.masks.lesions import LesionRequest, place_lesions
 from maisi.masks.resample import resample_mask
-from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
+from maisi.masks.retrieval import Candidate, Selection, select_masks
 
 if TYPE_CHECKING:
     from maisi.masks.generation import MaskGenerationPlan
@@ -61,54 +59,6 @@ def default_database(preset: str) -> Path:
     return REPOSITORY / RELEASED_DATABASES.get(preset, SHIPPED_DATABASE)
 
 
-# ------------------------------------------------------------------------------------------ name checks
-
-
-def _unknown(name: str, where: str, label_dict: dict[str, int]) -> str:
-    hints = difflib.get_close_matches(name, list(label_dict), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
-    return f"{where}: '{name}' is not in the label dictionary{hint} (python -m maisi.labels show lists them)"
-
-
-def anatomy_problems(anatomy: AnatomyConfig, label_dict: dict[str, int]) -> list[str]:
-    """MAISI's ``check_input`` rules on the names of a request, every problem with its JSON path.
-
-    Names must be in the label dictionary (did-you-mean), at most one tumour class may be requested
-    (``anatomy_list`` and lesions together; MAISI allows one), and a lesion needs a class of its own that
-    is neither the body nor one of its hosts.
-    """
-    problems = []
-    for i, name in enumerate(anatomy.anatomy_list):
-        if name not in label_dict:
-            problems.append(_unknown(name, f"$.anatomy.anatomy_list[{i}]", label_dict))
-    for i, lesion in enumerate(anatomy.lesions):
-        where = f"$.anatomy.lesions[{i}]"
-        if lesion.label not in label_dict:
-            problems.append(_unknown(lesion.label, f"{where}.label", label_dict))
-        for j, host in enumerate(lesion.host):
-            if host not in label_dict:
-                problems.append(
-                    _unknown(host, f"{where}.host" + (f"[{j}]" if len(lesion.host) > 1 else ""), label_dict)
-                )
-        if lesion.label in lesion.host:
-            problems.append(
-                f"{where}: label '{lesion.label}' is also its host; a lesion needs a class of its own"
-            )
-        if label_dict.get(lesion.label) == BODY_LABEL:
-            problems.append(
-                f"{where}.label: '{lesion.label}' is the body label {BODY_LABEL}; choose a lesion class"
-            )
-    tumours = tumour_ids(label_dict)
-    requested = [*anatomy.anatomy_list, *(lesion.label for lesion in anatomy.lesions)]
-    named = list(dict.fromkeys(n for n in requested if label_dict.get(n) in tumours))
-    if len(named) > 1:
-        problems.append(
-            f"$.anatomy: {len(named)} tumour classes requested ({', '.join(repr(n) for n in named)}); "
-            "MAISI generates at most one tumour class per CT"
-        )
-    return problems
-
-
 # ------------------------------------------------------------------------------------------------ plan
 
 
@@ -119,6 +69,22 @@ class SampleMask:
     volume: Volume
     record: dict[str, Any]
     digest: str  # SHA-256 of the voxels, to check that a mask prepared again is the same
+
+
+@dataclass
+class AnatomyState:
+    """What an :class:`AnatomyPlan` learns while it prepares masks: the one mutable part of a run's plan.
+
+    Attributes:
+        lost: database entry index -> the requested ids that entry loses on the output grid.
+        prepared: seed -> its mask, prepared ahead (:func:`prepare_all`) and handed out once
+            (:func:`sample_mask`).
+        records: seed -> the record of how its mask was made.
+    """
+
+    lost: dict[int, list[int]] = field(default_factory=dict)
+    prepared: dict[int, SampleMask] = field(default_factory=dict)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,6 +103,7 @@ class AnatomyPlan:
         label_dict: name -> id.
         output_size, spacing: the output grid.
         first_seed: the seed of the first sample (sample i has seed first_seed + i).
+        state: what preparing the masks learns and keeps (the plan's only mutable part).
     """
 
     database: MaskDatabase | None
@@ -150,9 +117,7 @@ class AnatomyPlan:
     spacing: tuple[float, float, float]
     first_seed: int
     generator: MaskGenerationPlan | None = None  # Path A: masks are generated, not retrieved
-    _lost: dict[int, list[int]] = field(default_factory=dict, repr=False)  # entry index -> ids it loses
-    _cache: dict[int, SampleMask] = field(default_factory=dict, repr=False)
-    _records: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)  # seed -> its record
+    state: AnatomyState = field(default_factory=AnatomyState, repr=False, compare=False)
 
     def pick(self, seed: int) -> Candidate:
         """The database entry retrieval picked for the sample of ``seed``."""
@@ -169,7 +134,7 @@ class AnatomyPlan:
 
     def sample_record(self, seed: int) -> dict[str, Any]:
         """The record of a seed's mask, once it was built (:func:`prepare_all`, :func:`sample_mask`)."""
-        return self._records[seed]
+        return self.state.records[seed]
 
     def names(self, ids: Sequence[int]) -> list[str]:
         by_id = {i: n for n, i in self.label_dict.items()}
@@ -300,15 +265,15 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
     """The first candidate (pick, then fallbacks) whose resampled mask keeps every requested class."""
     tried: list[dict[str, Any]] = []
     for candidate in _fallback_order(plan, seed):
-        if candidate.entry.index in plan._lost:
+        if candidate.entry.index in plan.state.lost:
             tried.append(
-                {"path": candidate.entry.path, "lost": plan.names(plan._lost[candidate.entry.index])}
+                {"path": candidate.entry.path, "lost": plan.names(plan.state.lost[candidate.entry.index])}
             )
             continue
         volume, record, lost = _resampled(plan, candidate)
         if not lost:
             return candidate, volume, record, tried
-        plan._lost[candidate.entry.index] = lost
+        plan.state.lost[candidate.entry.index] = lost
         tried.append({"path": candidate.entry.path, "lost": plan.names(lost)})
         log.warning(
             "seed %d: %s loses %s when resampled to the output grid; trying the next candidate",
@@ -381,7 +346,7 @@ def build_sample_mask(
 
         mask, record = generate_mask(plan.generator, seed, progress)
         record["organ_volumes_ml"] = organ_volumes_ml(mask, plan)
-        plan._records[seed] = record
+        plan.state.records[seed] = record
         return SampleMask(mask, record, _digest(mask.array))
     assert plan.database is not None
     candidate, mask, resampling, tried = _retrieve(plan, seed)
@@ -416,7 +381,7 @@ def build_sample_mask(
         "lesions": lesions,
         "organ_volumes_ml": organ_volumes_ml(mask, plan),
     }
-    plan._records[seed] = record
+    plan.state.records[seed] = record
     return SampleMask(mask, record, _digest(mask.array))
 
 
@@ -434,7 +399,7 @@ def prepare_all(plan: AnatomyPlan, seeds: Sequence[int], device: str = "cpu") ->
         sample = build_sample_mask(plan, seed, device)
         digests[seed] = sample.digest
         if kept + sample.volume.array.nbytes <= CACHE_BYTES:
-            plan._cache[seed] = sample
+            plan.state.prepared[seed] = sample
             kept += sample.volume.array.nbytes
     return digests
 
@@ -448,8 +413,8 @@ def sample_mask(
 ) -> SampleMask:
     """The prepared mask of a seed: the kept one, or built again (checked against ``planned_digest``);
     ``progress``: the bars of a generated mask."""
-    if seed in plan._cache:
-        return plan._cache.pop(seed)
+    if seed in plan.state.prepared:
+        return plan.state.prepared.pop(seed)
     sample = build_sample_mask(plan, seed, device, progress)
     if planned_digest is not None and sample.digest != planned_digest:
         raise RuntimeError(

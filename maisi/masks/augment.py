@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Rand3DElastic, RandAffine, RandZoom
-from monai.transforms.utils_morphological_ops import dilate, erode
+from monai.transforms import Rand3DElastic, RandAffine, RandZoom, dilate, erode
 from monai.utils import convert_to_tensor
 
 from maisi.device import resolve_device
@@ -45,6 +44,7 @@ from maisi.masks.tumours import (
     TumourRule,
     rule_for,
 )
+from maisi.monai_internals import rand_zoom_factors
 
 DEFAULT_MAX_TRIES = 60
 # How far Rand3DElastic's smoothed offsets move a voxel, at most, in practice: the offsets are uniform
@@ -106,7 +106,7 @@ def _body_zoom(mask: np.ndarray, seed: int, device: torch.device) -> tuple[np.nd
     zoomed = convert_to_tensor(zoom(volume), track_meta=False)[0]
     out = zoomed.round().cpu().numpy().astype(mask.dtype)
     record = _record("body zoom", "RandZoom", seed, device, tries=1, accepted=True, reason=None)
-    record["params"] = {"zoom": [float(z) for z in zoom._zoom]}
+    record["params"] = {"zoom": rand_zoom_factors(zoom)}
     record["changed_voxels"] = int(np.count_nonzero(out != mask))
     return out, record
 

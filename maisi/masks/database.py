@@ -31,7 +31,7 @@ import numpy as np
 
 from maisi.atomic import write_json
 from maisi.conditioning import BODY_REGIONS, body_region_from_mask
-from maisi.config.loader import json_path, load_schema, schema_errors
+from maisi.config.schema import json_path, load_schema, schema_errors
 from maisi.data.datalist import one_hot
 from maisi.data.io import Volume, read_mask
 from maisi.distributed import Ranks, gather

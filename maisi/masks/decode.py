@@ -3,7 +3,7 @@
 MAISI decodes a generated mask latent with MONAI's sliding window to the full logits (125 channels: 8.4 GB in
 float32 at 256^3), then softmax and argmax. Softmax is monotone per voxel, so the argmax of the logits is the
 argmax of the softmax; we take it per tile of the tiled decoder's last convolution
-(:func:`maisi.tiled_vae.decode_tiled` with ``tile_reduce``), so only one tile of logits ever exists. The
+(:func:`maisi.vae.tiled.decode_tiled` with ``tile_reduce``), so only one tile of logits ever exists. The
 upsampled layers before it (64 channels at 256^3: 4.3 GB each) are streamed row by row too
 (``stream_levels``), so a 64^3 latent decodes in under 2 GB.
 
@@ -12,7 +12,7 @@ volume, so the labels equal ``torch.argmax`` of the untiled logits wherever the 
 do up to float summation order; ``tests/masks/test_mask_decode.py`` checks exact label equality).
 
 A VAE whose structure the tiled path does not know is decoded with MONAI's ``SlidingWindowInferer`` over the
-full logits (MAISI's way), with one :class:`maisi.decoding.TilingFallbackWarning`.
+full logits (MAISI's way), with one :class:`maisi.vae.codec.TilingFallbackWarning`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from maisi.decoding import TilingFallbackWarning, decode
 from maisi.device import autocast
 from maisi.errors import InputError
-from maisi.monai_vae_adapter import check_structure
 from maisi.resources import load_json
-from maisi.tiled_vae import decode_tiled
+from maisi.vae.codec import TilingFallbackWarning, decode
+from maisi.vae.monai_adapter import check_structure
+from maisi.vae.tiled import decode_tiled
 
 CHANNEL_TO_ID_FILE = "maisi_label_dict_124_to_132.json"
 
@@ -68,7 +68,7 @@ def decode_mask_labels(
         autocast_dtype: half-precision dtype, or None for float32.
         progress: progress bar over the tiles.
         stream_levels: store only each upsampled level's output (``stream_levels`` of
-            :func:`maisi.tiled_vae.decode_tiled`): a 64^3 latent then decodes in under 2 GB, at the price
+            :func:`maisi.vae.tiled.decode_tiled`): a 64^3 latent then decodes in under 2 GB, at the price
             of recomputing layers for their GroupNorm statistics; False stores every layer (faster, more
             memory: 64 channels x 256^3 = 4.3 GB for one).
 

@@ -32,8 +32,9 @@ import torch
 from maisi.config.infer_config import InferConfig, MaskGeneratorConfig
 from maisi.data.io import Volume, centred_affine
 from maisi.errors import InputError, RunFailure
+from maisi.families.ct import check_sampler
+from maisi.families.mask import MaskPreset, get_mask_preset
 from maisi.files import file_sha256
-from maisi.mask_presets import MaskPreset, get_mask_preset
 from maisi.masks.decode import channels_to_maisi_ids, decode_mask_labels
 from maisi.masks.networks import MaskNetworks, load_mask_networks
 from maisi.masks.postprocess import postprocess_generated_mask
@@ -51,7 +52,6 @@ from maisi.masks.sizes import (
     target_tumour_id,
 )
 from maisi.options import MaskSampler
-from maisi.presets import check_sampler
 from maisi.sampling import denoise, make_scheduler
 
 log = logging.getLogger(__name__)

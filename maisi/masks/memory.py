@@ -1,7 +1,7 @@
 """The memory a generated mask needs (MAISI's Path A), estimated before any work.
 
 With ``$.anatomy.controllable_anatomy_size`` each sample first makes its mask, then its CT;
-:func:`maisi.generation_memory.check_memory` judges both stages and asks this module for the first. Like
+:func:`maisi.generation.memory.check_memory` judges both stages and asks this module for the first. Like
 the CT's, the estimate is a lower bound of what the stage allocates (not the process's baseline nor the
 allocator's slack): a run refused that would have fit is worse than one that stops later.
 
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from maisi.families.networks import RuntimeOptions
 from maisi.masks.generation import MaskGenerationPlan
-from maisi.monai_vae_adapter import check_structure
-from maisi.networks import RuntimeOptions
-from maisi.tiled_vae import DEFAULT_BUDGET_BYTES, plan_tiles
+from maisi.vae.monai_adapter import check_structure
+from maisi.vae.tiled import DEFAULT_BUDGET_BYTES, plan_tiles
 
 FLOAT32 = 4
 LATENT_COPIES = 4  # noise, current latents, the UNet's output and the scheduler's update

@@ -20,8 +20,8 @@ from monai.networks.nets import DiffusionModelUNet
 
 from maisi.checkpoints import MaskCheckpointPart, Weights, check_fits, read_weights
 from maisi.errors import CheckpointError
-from maisi.mask_presets import MaskPart, MaskPreset
-from maisi.networks import RuntimeOptions
+from maisi.families.mask import MaskPart, MaskPreset
+from maisi.families.networks import RuntimeOptions
 
 CHECKPOINT_PART: dict[MaskPart, MaskCheckpointPart] = {
     "autoencoder": "mask_autoencoder",

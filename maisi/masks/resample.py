@@ -58,16 +58,12 @@ def _check_target(
 
 def _spacing_monai(mask: Volume, spacing: tuple[float, ...]):
     """MAISI's call on the whole volume: MONAI ``Spacing(pixdim, mode="nearest")`` (float64 resampling)."""
-    import torch
-    from monai.data import MetaTensor
     from monai.transforms import Spacing
 
-    data = MetaTensor(
-        torch.from_numpy(mask.array.astype(np.float64))[None], affine=torch.from_numpy(mask.affine)
-    )
-    out = Spacing(pixdim=spacing, mode="nearest")(data)
-    array = np.rint(out.as_tensor()[0].numpy()).astype(mask.array.dtype)
-    return Volume(array, np.asarray(out.affine, dtype=np.float64))
+    from maisi.data.metatensor import to_metatensor, to_volume
+
+    out = Spacing(pixdim=spacing, mode="nearest")(to_metatensor(mask, np.float64))
+    return to_volume(out, mask.array.dtype, rint=True)
 
 
 def _spacing_separable(mask: Volume, spacing: tuple[float, ...]) -> Volume | None:
@@ -79,8 +75,7 @@ def _spacing_separable(mask: Volume, spacing: tuple[float, ...]) -> Volume | Non
     instead of 7 s and 3.5 GB for 512 x 512 x 160 -> 400 x 400 x 265. None when the grid is not separable.
     """
     import torch
-    from monai.data import MetaTensor
-    from monai.data.utils import compute_shape_offset, zoom_affine
+    from monai.data import MetaTensor, compute_shape_offset, zoom_affine
     from monai.transforms import Spacing
 
     new_affine = zoom_affine(mask.affine, spacing, diagonal=False)
@@ -122,9 +117,9 @@ def resample_mask(
     Raises:
         InputError: neither target given, or a target that is not a grid.
     """
-    import torch
-    from monai.data import MetaTensor
     from monai.transforms import ResizeWithPadOrCrop
+
+    from maisi.data.metatensor import to_metatensor, to_volume
 
     spacing, size = _check_target(spacing, size, mask)
     record: dict[str, Any] = {"method": "nearest (MONAI Spacing, then centred ResizeWithPadOrCrop), as MAISI"}
@@ -133,13 +128,7 @@ def resample_mask(
     if spacing is not None and not np.allclose(mask.spacing, spacing, rtol=1e-6, atol=1e-9):
         out = _spacing_separable(mask, spacing) or _spacing_monai(mask, spacing)
     if size is not None and out.shape != tuple(size):
-        data = MetaTensor(
-            torch.from_numpy(np.ascontiguousarray(out.array))[None], affine=torch.from_numpy(out.affine)
-        )
-        data = ResizeWithPadOrCrop(spatial_size=size)(data)  # centred; pads with background 0
-        out = Volume(
-            np.ascontiguousarray(data.as_tensor()[0].numpy()), np.asarray(data.affine, dtype=np.float64)
-        )
+        out = to_volume(ResizeWithPadOrCrop(spatial_size=size)(to_metatensor(out)))  # centred; pads with 0
     record["to"] = grid_record(out)
     return out, record
 

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import difflib
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from maisi.errors import InputError
 from maisi.labels import load_label_dict
 from maisi.masks.database import MaskDatabase, MaskEntry
+from maisi.masks.request import tumour_ids
 from maisi.options import REGION_INDEX
-from maisi.resources import load_json
 
-MAISI_TUMOUR_IDS: frozenset[int] = frozenset({23, 24, 26, 27, 128})
 UPSAMPLE_MARGIN = 128  # v2: reject dim <= output_size - 128 on any axis
 MIN_POOL = 5  # MAISI keeps at least 5 candidates
-_TUMOUR_NAME = re.compile(r"tumou?r|cancer|lesion|metasta|carcinoma|nodule", re.IGNORECASE)
 
 
 def resolve_anatomy(names: Sequence[str], label_dict: dict[str, int]) -> list[int]:
@@ -73,17 +70,6 @@ def resolve_regions(names: Sequence[str]) -> list[int]:
     if problems:
         raise InputError("; ".join(problems) + f" (known: {', '.join(REGION_INDEX)})")
     return out
-
-
-def tumour_ids(label_dict: dict[str, int]) -> frozenset[int]:
-    """MAISI's tumour ids, plus classes a user added whose name says tumour (tumor, cancer, lesion, ...).
-
-    A class counts as added when its name is not one of MAISI's dictionary, so MAISI's own dictionary
-    gives exactly MAISI's five ids (its kidney cysts are not excluded, as in MAISI).
-    """
-    maisi_names = set(load_json("maisi_label_dict.json"))
-    added = {i for n, i in label_dict.items() if n not in maisi_names and _TUMOUR_NAME.search(n)}
-    return MAISI_TUMOUR_IDS | frozenset(added)
 
 
 @dataclass(frozen=True)

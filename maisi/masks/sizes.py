@@ -39,8 +39,7 @@ from typing import Any
 import numpy as np
 
 from maisi.config.loader import read_json
-from maisi.errors import InputError
-from maisi.masks.size_request import (
+from maisi.config.size_request import (
     ABSENT,
     SIZE_SLOTS,
     SLOT_IDS,
@@ -48,6 +47,7 @@ from maisi.masks.size_request import (
     size_request_problems,
     slot_index,
 )
+from maisi.errors import InputError
 
 __all__ = [
     "ABSENT",

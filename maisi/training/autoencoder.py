@@ -18,7 +18,7 @@ generator the loop seeds from (seed, step, rank), in a DataLoader worker or in t
 same draws as before workers existed, so a resumed run repeats the uninterrupted one exactly.
 
 Validation reconstructs every held-out volume from ``z_mu`` (no sampling) as the pipeline does (whole volume,
-exact tiles; :func:`maisi.decoding.round_trip`) or by MAISI's sliding windows (``$.autoencoder.val_method``),
+exact tiles; :func:`maisi.vae.codec.round_trip`) or by MAISI's sliding windows (``$.autoencoder.val_method``),
 and reports PSNR and SSIM on the [0, 1] intensity scale.
 """
 
@@ -40,12 +40,13 @@ from torch import nn
 
 from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config.train_config import TrainConfig
-from maisi.decoding import round_trip
 from maisi.distributed import Ranks
 from maisi.errors import CheckpointError, InputError, TrainingDiverged
-from maisi.networks import Preset, RuntimeOptions, build_network
+from maisi.families.ct import Preset
+from maisi.families.networks import RuntimeOptions, build_network
 from maisi.training.ct_data import CTVolumes, PatchDraw, check_images, read_stage_volumes
 from maisi.training.perceptual import build_perceptual_loss
+from maisi.vae.codec import round_trip
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,10 @@ from maisi.checkpoints import load_network, save_checkpoint
 from maisi.conditioning import binarize_labels
 from maisi.config.train_config import ControlNetStageConfig, TrainConfig
 from maisi.errors import CheckpointError, InputError
+from maisi.families.ct import Preset
+from maisi.families.networks import RuntimeOptions, build_network
 from maisi.labels import is_dummy, load_label_dict
 from maisi.masks.tumour_free import remove_tumors, tumour_hosts
-from maisi.networks import Preset, RuntimeOptions, build_network
 from maisi.training.contrastive import contrast_regions, region_contrastive_terms
 from maisi.training.diffusion import (
     NoisedLatents,

@@ -10,6 +10,7 @@ is sometimes replaced by its parent code or by 0 (unknown), drawn with the step'
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ from maisi.checkpoints import load_network, save_checkpoint
 from maisi.config.train_config import TrainConfig
 from maisi.distributed import Ranks
 from maisi.errors import InputError
-from maisi.networks import Preset, RuntimeOptions, build_network
-from maisi.preset_checks import modality_dropout_problems
+from maisi.families.checks import modality_dropout_problems
+from maisi.families.ct import Preset
+from maisi.families.networks import RuntimeOptions, build_network
 from maisi.sampling import make_scheduler
 from maisi.training.latent_data import CaseDraw, LatentCases
 
@@ -215,10 +217,92 @@ def mid_slice(volume: torch.Tensor) -> np.ndarray:
     return ((s - s.min()) / (s.max() - s.min() + 1e-8)).astype(np.float32)
 
 
-class DiffusionStage:
+def resolve_scale_factor(
+    configured: float | None,
+    from_init: float | None,
+    train: LatentCases,
+    batches: int,
+    batch_size: int,
+    ranks: Ranks,
+    device: torch.device,
+    what: str,
+) -> float:
+    """The scale factor a diffusion stage trains with: the configured one, else the init UNet's, else
+    1 / std of the training latents (:func:`estimate_scale_factor`; ``what`` names them in the log)."""
+    scale = configured or from_init
+    if scale is None:
+        scale = estimate_scale_factor(train, batches, batch_size, ranks, device)
+        log.info("scale_factor = 1 / std of the training %s = %.5f", what, scale)
+    return float(scale)
+
+
+class LatentDiffusionStage(ABC):
+    """What the CT and the mask diffusion stages share: the UNet (``model``) learns the denoising objective
+    (:func:`denoising_loss`) on latents multiplied by ``scale_factor``, which the resume state keeps and the
+    exported UNet (``export_name``, checkpoint part ``export_part``) carries.
+
+    A subclass builds ``model``, ``scheduler`` and ``scale_factor`` and says what conditions the UNet
+    (:meth:`unet_inputs`) and how a step's cases are drawn (``batch_draw``).
+    """
+
+    export_name: str
+    export_part: str
+    config: TrainConfig
+    preset: Any
+    train: Any
+    val: Any
+    device: torch.device
+    model: torch.nn.Module
+    scheduler: Scheduler
+    scale_factor: float
+
+    @abstractmethod
+    def unet_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs of a batch on the device."""
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, output, target) of ``model`` on a batch on the device (:func:`denoising_loss`)."""
+        latents = batch["latents"] * self.scale_factor
+        return denoising_loss(model, self.scheduler, latents, self.unet_inputs(batch), generator=generator)
+
+    def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        loss, _, _ = self.loss(model, self.train.to_device(batch, self.device))
+        return {"loss": loss}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Mean loss over the validation cases with fixed noise and timesteps per case."""
+        model.eval()
+        return validation_loss(
+            self.val, self.device, lambda batch, generator: self.loss(model, batch, generator)
+        )
+
+    def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
+        path = Path(folder) / self.export_name
+        scale = self.scale_factor
+        return [
+            save_checkpoint(
+                path, model, self.preset, self.export_part, scale_factor=scale, config_sha256=config_sha256
+            )
+        ]
+
+    def state(self) -> dict[str, Any]:
+        return {"scale_factor": self.scale_factor}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.scale_factor = float(state["scale_factor"])
+
+
+class DiffusionStage(LatentDiffusionStage):
     """Train (or finetune) the diffusion UNet on pre-encoded latents."""
 
     name = "diffusion"
+    export_name = "diffusion_unet.pt"
+    export_part = "diffusion_unet"
 
     def __init__(
         self,
@@ -236,19 +320,24 @@ class DiffusionStage:
                 "modality dropout: parent code with p = %g, unknown (0) with p = %g", *self.modality_dropout
             )
         runtime = RuntimeOptions(use_flash_attention=False)
-        scale = config.diffusion.scale_factor
+        from_init = None
         if config.init.diffusion_unet:
             self.model, weights = load_network(preset, "diffusion_unet", config.init.diffusion_unet, runtime)
-            scale = scale or weights.scale_factor
+            from_init = weights.scale_factor
         else:
             self.model = build_network(preset, "diffusion_unet", runtime)
         self.scheduler = training_scheduler(preset)
-        if scale is None:
-            scale = estimate_scale_factor(
-                train, config.diffusion.scale_factor_batches, config.batch_size, ranks, device
-            )
-            log.info("scale_factor = 1 / std of the training latents = %.5f", scale)
-        self.scale_factor = float(scale)
+        dc = config.diffusion
+        self.scale_factor = resolve_scale_factor(
+            dc.scale_factor,
+            from_init,
+            train,
+            dc.scale_factor_batches,
+            config.batch_size,
+            ranks,
+            device,
+            "latents",
+        )
 
     def batch_draw(self) -> CaseDraw | ModalityDropoutDraw:
         cases = CaseDraw(self.train, self.config.batch_size)
@@ -256,44 +345,5 @@ class DiffusionStage:
             return cases  # draws nothing more: the batches of a run without the option
         return ModalityDropoutDraw(cases, *self.modality_dropout)
 
-    def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        batch = self.train.to_device(batch, self.device)
-        loss, _, _ = denoising_loss(
-            model, self.scheduler, batch["latents"] * self.scale_factor, batch["unet_inputs"]
-        )
-        return {"loss": loss}
-
-    def after_step(self, step: int) -> dict[str, float]:
-        return {}
-
-    def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        model.eval()
-
-        def loss_fn(batch: dict[str, Any], generator: torch.Generator):
-            return denoising_loss(
-                model,
-                self.scheduler,
-                batch["latents"] * self.scale_factor,
-                batch["unet_inputs"],
-                generator=generator,
-            )
-
-        return validation_loss(self.val, self.device, loss_fn)
-
-    def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
-        return [
-            save_checkpoint(
-                folder / "diffusion_unet.pt",
-                model,
-                self.preset,
-                "diffusion_unet",
-                scale_factor=self.scale_factor,
-                config_sha256=config_sha256,
-            )
-        ]
-
-    def state(self) -> dict[str, Any]:
-        return {"scale_factor": self.scale_factor}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.scale_factor = float(state["scale_factor"])
+    def unet_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return batch["unet_inputs"]

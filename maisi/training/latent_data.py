@@ -22,8 +22,8 @@ from maisi.conditioning import BODY_REGIONS, Conditions, binarize_labels
 from maisi.data.io import read_geometry, read_mask
 from maisi.data.latents import read_latent, read_sidecar
 from maisi.errors import InputError, VolumeError
+from maisi.families.ct import Preset
 from maisi.files import file_sha256
-from maisi.networks import Preset
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,10 @@ from maisi.config.train_config import TrainConfig
 from maisi.data.io import read_mask
 from maisi.distributed import Ranks
 from maisi.errors import InputError
-from maisi.mask_presets import MaskPreset
+from maisi.families.mask import MaskPreset
+from maisi.families.networks import RuntimeOptions
 from maisi.masks.decode import CHANNEL_TO_ID_FILE, channel_to_id_table, channels_to_maisi_ids
 from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
-from maisi.networks import RuntimeOptions
 from maisi.training.autoencoder import kl_divergence
 from maisi.training.ct_data import HeldVolumes, PatchDraw, check_headers, read_stage_volumes
 

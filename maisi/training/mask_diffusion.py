@@ -20,18 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from maisi.checkpoints import save_checkpoint
 from maisi.config.train_config import TrainConfig
 from maisi.distributed import Ranks
 from maisi.errors import InputError, VolumeError
-from maisi.mask_presets import NUM_SIZE_SLOTS, MaskPreset
+from maisi.families.mask import NUM_SIZE_SLOTS, MaskPreset
+from maisi.families.networks import RuntimeOptions
 from maisi.masks.networks import CHECKPOINT_PART, build_mask_network, load_mask_network
-from maisi.networks import RuntimeOptions
 from maisi.sampling import make_scheduler
-from maisi.training.diffusion import denoising_loss, estimate_scale_factor, validation_loss
+from maisi.training.diffusion import LatentDiffusionStage, resolve_scale_factor
 from maisi.training.latent_data import (
     check_latent_file,
     checked_cases,
@@ -145,10 +143,12 @@ class MaskCaseDraw:
         return self.cases.read(indices)
 
 
-class MaskDiffusionStage:
+class MaskDiffusionStage(LatentDiffusionStage):
     """Train (or finetune, ``$.init.mask_diffusion_unet``) the mask UNet on mask latents with size vectors."""
 
     name = "mask_diffusion"
+    export_name = EXPORT_NAME
+    export_part = CHECKPOINT_PART["diffusion_unet"]
 
     def __init__(
         self,
@@ -161,13 +161,13 @@ class MaskDiffusionStage:
     ):
         self.config, self.preset, self.train, self.val, self.device = config, preset, train, val, device
         runtime = RuntimeOptions(use_flash_attention=False)
-        scale = config.mask_diffusion.scale_factor
+        from_init = None
         with torch.random.fork_rng(devices=[]):  # seeded initial weights: equal runs start equal
             torch.manual_seed(config.seed)
             if config.init.mask_diffusion_unet:
                 path = config.init.mask_diffusion_unet
                 self.model, weights = load_mask_network(preset, "diffusion_unet", path, runtime)
-                scale = scale or weights.scale_factor
+                from_init = weights.scale_factor
             else:
                 self.model = build_mask_network(preset, "diffusion_unet", runtime)
         shapes = sorted({c.shape[1:] for c in train.cases})
@@ -179,51 +179,20 @@ class MaskDiffusionStage:
                 list(preset.latent_shape[1:]),
             )
         self.scheduler = make_scheduler(preset.schedule, "ddpm")
-        if scale is None:
-            md = config.mask_diffusion
-            scale = estimate_scale_factor(train, md.scale_factor_batches, config.batch_size, ranks, device)  # type: ignore[arg-type]
-            log.info("scale_factor = 1 / std of the training mask latents = %.5f", scale)
-        self.scale_factor = float(scale)
+        md = config.mask_diffusion
+        self.scale_factor = resolve_scale_factor(
+            md.scale_factor,
+            from_init,
+            train,  # type: ignore[arg-type]
+            md.scale_factor_batches,
+            config.batch_size,
+            ranks,
+            device,
+            "mask latents",
+        )
 
     def batch_draw(self) -> MaskCaseDraw:
         return MaskCaseDraw(self.train, self.config.batch_size)
 
-    def _loss(self, model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator | None = None):
-        inputs = {"context": batch["context"]}
-        return denoising_loss(
-            model, self.scheduler, batch["latents"] * self.scale_factor, inputs, generator=generator
-        )
-
-    def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        loss, _, _ = self._loss(model, self.train.to_device(batch, self.device))
-        return {"loss": loss}
-
-    def after_step(self, step: int) -> dict[str, float]:
-        return {}
-
-    def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Mean loss over the validation cases with fixed noise and timesteps per case."""
-        model.eval()
-        return validation_loss(
-            self.val,  # type: ignore[arg-type]
-            self.device,
-            lambda batch, generator: self._loss(model, batch, generator),
-        )
-
-    def export(self, model: torch.nn.Module, folder: Path, config_sha256: str) -> list[Path]:
-        return [
-            save_checkpoint(
-                Path(folder) / EXPORT_NAME,
-                model,
-                self.preset,
-                CHECKPOINT_PART["diffusion_unet"],
-                scale_factor=self.scale_factor,
-                config_sha256=config_sha256,
-            )
-        ]
-
-    def state(self) -> dict[str, Any]:
-        return {"scale_factor": self.scale_factor}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.scale_factor = float(state["scale_factor"])
+    def unet_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"context": batch["context"]}

@@ -13,13 +13,13 @@ from typing import Literal
 
 import torch
 from monai.losses import PerceptualLoss
-from monai.losses.perceptual import normalize_tensor, spatial_average_3d
-from monai.networks.nets.resnet import ResNetFeatures
+from monai.networks.nets import ResNetFeatures
 from monai.utils import optional_import
 from torch import nn
 
 from maisi.checkpoints import load_strictly, read_plain_state_dict
 from maisi.errors import CheckpointError, InputError
+from maisi.monai_internals import normalize_tensor, spatial_average_3d
 
 PerceptualType = Literal[
     "squeeze", "alex", "vgg", "resnet50", "medicalnet_resnet10_23datasets", "medicalnet_resnet50_23datasets"

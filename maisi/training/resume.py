@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from maisi.config.loader import fill_defaults, json_path, load_schema
+from maisi.config.schema import fill_defaults, json_path, load_schema
 
 # Keys that may change between an interrupted run and its resumption: none of them moves the weights.
 RESUMABLE_CHANGES = (
@@ -112,7 +112,7 @@ def _dropout_values(config: dict[str, Any]) -> dict[str, Any] | None:
 def dropout_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``$.diffusion.modality_dropout.<rate>: A in the run, B now`` for each rate trained with another value
     than the run's (a run saved before the key existed trained with 0); [] when both train alike."""
-    from maisi.presets import PRESETS
+    from maisi.families.ct import PRESETS
     from maisi.training.diffusion import resolved_dropout_rate
 
     def takes_modality(config: dict[str, Any]) -> bool:

@@ -24,9 +24,9 @@ from maisi.data.datalist import data_root, read_datalist, split_by_fold
 from maisi.device import resolve_device
 from maisi.distributed import Ranks, finish, init_from_env
 from maisi.errors import InputError
+from maisi.families.ct import PRESETS, get_preset
+from maisi.families.mask import MASK_PRESETS, get_mask_preset
 from maisi.files import check_output_dir
-from maisi.mask_presets import MASK_PRESETS, get_mask_preset
-from maisi.networks import PRESETS, get_preset
 from maisi.training.loop import Stage, train
 from maisi.training.resume import RESUMABLE_CHANGES, comparable, config_differences, saved_run_config
 from maisi.training.state import (

@@ -19,7 +19,7 @@ import pytest
 from maisi.config import load_schema
 from maisi.config.__main__ import main
 from maisi.config.import_maisi import Unresolved, resolve
-from maisi.preset_checks import load_checked_config
+from maisi.families.checks import load_checked_config
 
 REPO = Path(__file__).resolve().parents[2]
 PROG = "maisi.config import-maisi"

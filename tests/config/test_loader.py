@@ -19,8 +19,8 @@ from maisi.config import (
     load_schema,
     to_jsonable,
 )
-from maisi.config.loader import _strip_optional
-from maisi.preset_checks import load_checked_config
+from maisi.config.schema import _strip_optional
+from maisi.families.checks import load_checked_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_KINDS = {

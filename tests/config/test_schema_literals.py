@@ -9,8 +9,8 @@ import typing
 
 import pytest
 
-from maisi.config.loader import load_schema
 from maisi.config.registry import KINDS
+from maisi.config.schema import load_schema
 
 
 def _unwrap(tp):

@@ -20,8 +20,8 @@ from maisi.families.registry import (
     foreign_keys,
     preset_names,
 )
-from maisi.mask_presets import MASK_PRESETS
-from maisi.presets import PRESETS
+from maisi.families.mask import MASK_PRESETS
+from maisi.families.ct import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock
 
-from maisi.decoding import TilingFallbackWarning
 from maisi.errors import InputError
-from maisi.mask_presets import get_mask_preset
+from maisi.families.mask import get_mask_preset
 from maisi.masks.decode import channel_to_id_table, channels_to_maisi_ids, decode_mask_labels
 from maisi.masks.networks import build_mask_network
-from maisi.monai_vae_adapter import check_structure
-from maisi.tiled_vae import plan_tiles
+from maisi.vae.codec import TilingFallbackWarning
+from maisi.vae.monai_adapter import check_structure
+from maisi.vae.tiled import plan_tiles
 
 TINY = get_mask_preset("tiny-mask-ddpm")
 SCALE = 1.25

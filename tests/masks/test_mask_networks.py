@@ -9,9 +9,10 @@ from monai.networks.nets import DiffusionModelUNet
 
 from maisi.checkpoints import save_checkpoint
 from maisi.errors import CheckpointError, InputError
-from maisi.mask_presets import MASK_PRESETS, get_mask_preset
+from maisi.families.ct import get_preset
+from maisi.families.mask import MASK_PRESETS, get_mask_preset
+from maisi.families.networks import build_network
 from maisi.masks.networks import build_mask_network, load_mask_network, load_mask_networks
-from maisi.networks import build_network, get_preset
 
 # NV-Generate-CTMR configs/config_network_ddpm.json (= config_network_rflow.json), keys mask_generation_*,
 # without the runtime-only keys (use_checkpointing, norm_float16, num_splits, dim_split, use_flash_attention).

@@ -10,12 +10,8 @@ from maisi.data.datalist import one_hot
 from maisi.errors import InputError
 from maisi.labels import add_class, load_label_dict
 from maisi.masks.database import MaskDatabase, parse_database
-from maisi.masks.retrieval import (
-    MAISI_TUMOUR_IDS,
-    resolve_regions,
-    select_masks,
-    tumour_ids,
-)
+from maisi.masks.request import MAISI_TUMOUR_IDS, tumour_ids
+from maisi.masks.retrieval import resolve_regions, select_masks
 
 LIVER, SPLEEN, LUNG_LOBE, COLON, BRAIN, BODY = 1, 3, 28, 62, 22, 200
 LUNG_TUMOUR, HEPATIC_TUMOUR, COLON_CANCER = 23, 26, 27

@@ -13,8 +13,8 @@ import torch
 
 from maisi.checkpoints import load_network
 from maisi.data.io import Volume, read_volume, write_volume
+from maisi.families.ct import get_preset
 from maisi.intensity import hu_to_unit
-from maisi.networks import get_preset
 from maisi.train import main
 from maisi.training.autoencoder import discriminator_fits, kl_divergence
 from maisi.training.ct_data import CTVolumes, PatchDraw, check_images, draw_patches
@@ -192,7 +192,7 @@ def test_validation_psnr_is_the_pipelines_round_trip_of_the_checkpoint(tmp_path,
     tiles, here many of them); MAISI's sliding windows, on request, score something else."""
     from monai.metrics import PSNRMetric
 
-    from maisi.evaluation import reconstruct
+    from maisi.evaluation.run import reconstruct
 
     config = make_config(tmp_path, crops, TRAIN, steps=3, autoencoder={"val_memory_budget_mb": 16})
     assert main(["autoencoder", "--config", str(config)]) == 0

@@ -17,7 +17,7 @@ from monai.transforms.utils_morphological_ops import dilate
 from maisi.config import load_config
 from maisi.data.io import read_mask, write_volume
 from maisi.distributed import Ranks
-from maisi.networks import get_preset
+from maisi.families.ct import get_preset
 from maisi.train import main
 from maisi.training.contrastive import contrast_regions, region_contrastive_terms
 from maisi.training.diffusion import (

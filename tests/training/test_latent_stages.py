@@ -16,7 +16,7 @@ import torch
 from maisi.checkpoints import load_network, read_weights
 from maisi.config import load_config
 from maisi.distributed import Ranks
-from maisi.networks import get_preset
+from maisi.families.ct import get_preset
 from maisi.train import main
 from maisi.training.controlnet import lesion_weights
 from maisi.training.loop import train

@@ -16,7 +16,7 @@ from maisi.config import load_config
 from maisi.data.io import Volume, write_volume
 from maisi.distributed import Ranks
 from maisi.encode import main as encode_main
-from maisi.mask_presets import get_mask_preset
+from maisi.families.mask import get_mask_preset
 from maisi.masks.networks import build_mask_network
 from maisi.train import main
 from maisi.training.loop import train

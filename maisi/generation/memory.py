@@ -2,8 +2,7 @@
 
 A lower bound from the grid, the preset and the checkpoint files' sizes (not a profile), per stage: the mask
 stage when the mask is generated (:mod:`maisi.masks.memory`), then the CT stage. :func:`check_memory` runs
-before any work, so a grid that cannot fit is refused (exit 2) instead of failing hours later. The names
-are also importable from :mod:`maisi.generation`.
+before any work, so a grid that cannot fit is refused (exit 2) instead of failing hours later.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from maisi.device import autocast_dtype
 from maisi.errors import InputError
 
 if TYPE_CHECKING:
-    from maisi.generation import GenerationPlan
+    from maisi.generation.plan import GenerationPlan
 
 GIB = 1 << 30
 LATENT_WORKING_COPIES = 4  # noise, current latents, the UNet's output and the scheduler's update

@@ -3,7 +3,7 @@
 * ``"full"``: one whole-volume pass of the MONAI network (exact; memory grows with the volume).
 * ``"sliding_window"``: MONAI's ``SlidingWindowInferer`` with Gaussian blending (MAISI's approach;
   approximate at tile seams, GroupNorm statistics per window, overlap computed several times).
-* ``"tiled"``: :mod:`maisi.tiled_vae`, exact (equal to ``"full"`` up to float rounding) with the compute
+* ``"tiled"``: :mod:`maisi.vae.tiled`, exact (equal to ``"full"`` up to float rounding) with the compute
   device's working memory bounded by ``memory_budget_bytes``; intermediates stay on the host. It relies on
   MONAI's private module structure; a model the adapter does not recognise runs the ``"full"`` pass instead,
   with one :class:`TilingFallbackWarning` naming what was not recognised.
@@ -19,10 +19,10 @@ from monai.transforms import DivisiblePad
 from monai.utils import convert_to_tensor
 
 from maisi.device import autocast
-from maisi.monai_vae_adapter import Part, check_structure
 from maisi.options import DECODE_METHODS, DecodeMethod
 from maisi.progress import shown
-from maisi.tiled_vae import decode_tiled, encode_tiled
+from maisi.vae.monai_adapter import Part, check_structure
+from maisi.vae.tiled import decode_tiled, encode_tiled
 
 _VERB = {"decoder": "decoding", "encoder": "encoding"}
 

@@ -1,8 +1,9 @@
 """Checks of a loaded config against the preset it names: one function per config kind.
 
 The config layer (:mod:`maisi.config`) checks what a file says on its own; these checks need the preset
-registry (:mod:`maisi.presets`, plain data). Every CLI loads its config through :func:`load_checked_config`,
-so both kinds of problem are reported together, each with its JSON path, before any work.
+registry (:mod:`maisi.families.ct`, plain data). Every CLI loads its config through
+:func:`load_checked_config`, so both kinds of problem are reported together, each with its JSON path,
+before any work.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 from maisi.config import EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config
 from maisi.errors import InputError
-from maisi.mask_presets import MASK_PRESETS, MaskPreset, get_mask_preset
-from maisi.presets import PRESETS, Preset, check_sampler, get_preset, grid_problems
+from maisi.families.ct import PRESETS, Preset, check_sampler, get_preset, grid_problems
+from maisi.families.mask import MASK_PRESETS, MaskPreset, get_mask_preset
 from maisi.resources import load_json
 
 FIRST_MR_CODE = 8  # MAISI: codes 0-7 are CT (0: unknown), 8 and up MR
@@ -142,7 +143,7 @@ def guidance_warnings(config: InferConfig, preset: Preset) -> list[str]:
 def _anatomy_name_problems(config: InferConfig) -> list[str]:
     """The anatomy request's names against the label dictionary (a file: checked here, not in the config)."""
     from maisi.labels import load_label_dict
-    from maisi.masks.anatomy import anatomy_problems  # imports torch (the databases): anatomy mode only
+    from maisi.masks.request import anatomy_problems
 
     try:
         label_dict = load_label_dict(config.label_dict)

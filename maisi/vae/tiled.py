@@ -1,7 +1,7 @@
 """Exact VAE decoding and encoding in tiles, with bounded memory on the compute device.
 
 The result equals one whole-volume pass of MONAI's ``AutoencoderKlMaisi`` up to float summation order.
-This module is the streaming engine and knows nothing of MONAI's classes: :mod:`maisi.monai_vae_adapter`
+This module is the streaming engine and knows nothing of MONAI's classes: :mod:`maisi.vae.monai_adapter`
 turns the decoder (or encoder) into a chain of convolutions, each preceded by a GroupNorm (+ SiLU), a
 trilinear x2 upsampling or nothing, and holds the arithmetic that must match MONAI's. We run one
 convolution at a time:
@@ -22,7 +22,7 @@ convolution at a time:
   mask VAE: 7 extra passes, about 2x the CPU time of storing them).
 
 Attention blocks are global and cannot be tiled; a VAE with them, or with any module the adapter does not
-know, is refused with :class:`UnsupportedStructure` (the released VAE has none); :mod:`maisi.decoding` then
+know, is refused with :class:`UnsupportedStructure` (the released VAE has none); :mod:`maisi.vae.codec` then
 falls back to the whole-volume pass with a warning.
 """
 
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from maisi import monai_vae_adapter as adapter
-from maisi.monai_vae_adapter import Part, Step, UnsupportedStructure
 from maisi.progress import progress_bar
-from maisi.tiled_storage import Shape3, Stats, TilingTrace, Volume
+from maisi.vae import monai_adapter as adapter
+from maisi.vae.monai_adapter import Part, Step, UnsupportedStructure
+from maisi.vae.storage import Shape3, Stats, TilingTrace, Volume
 
 # Applied to every output tile of the last convolution, (N, C, tx, ty, tz) -> (N, C', tx, ty, tz): the result
 # is assembled from the reduced tiles, so the whole output (e.g. 125-channel mask logits) never exists.
@@ -499,7 +499,7 @@ def decode_tiled(
 ) -> torch.Tensor:
     """Decode latents tile by tile; equals ``autoencoder.decode_stage_2_outputs(z)`` up to float rounding.
 
-    MONAI's own ``decode`` runs, with its decoder streamed in tiles (see :mod:`maisi.monai_vae_adapter`).
+    MONAI's own ``decode`` runs, with its decoder streamed in tiles (see :mod:`maisi.vae.monai_adapter`).
 
     Args:
         autoencoder: ``AutoencoderKlMaisi`` without attention blocks, on the compute device.
@@ -527,7 +527,7 @@ def decode_tiled(
 
     Raises:
         UnsupportedStructure: the decoder is not built the way the adapter knows (check first with
-            :func:`maisi.monai_vae_adapter.check_structure`).
+            :func:`maisi.vae.monai_adapter.check_structure`).
     """
     device = next(autoencoder.parameters()).device
     steps = _program(autoencoder, "decoder")

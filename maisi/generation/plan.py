@@ -3,7 +3,7 @@
 Used by ``maisi.infer``; usable from Python::
 
     plan = plan_generation(config)          # reads the mask, checks labels and grid; writes nothing
-    check_memory(plan, device)              # refuses grids whose estimated memory exceeds the machine's
+    check_memory(plan, device)              # maisi.generation.memory: refuses grids the machine cannot hold
     models = load_models(plan, device)      # builds the preset's networks, loads checkpoints strictly
     ct = generate(plan, models, seed=0)     # a Volume of int16 HU on the plan's grid
 """
@@ -24,30 +24,21 @@ from maisi.checkpoints import Weights, load_network
 from maisi.conditioning import Conditions, binarize_labels, body_region_from_mask
 from maisi.config.infer_config import InferConfig
 from maisi.data.io import Volume, centred_affine, read_mask
-from maisi.decoding import decode
 from maisi.device import autocast_dtype
 from maisi.errors import CheckpointError, InputError, VolumeError
-
-# the memory estimate lives in its own module; its public names stay importable from here
-from maisi.generation_memory import (  # noqa: F401
-    MemoryEstimate,
-    check_memory,
-    estimate_ct_memory,
-    estimate_memory,
-    estimate_stages,
-)
+from maisi.evaluation.quality import hu_check
+from maisi.families.checks import guidance_warnings
+from maisi.families.ct import MRGridLimits, Preset, get_preset, grid_problems
+from maisi.families.networks import RuntimeOptions
 from maisi.intensity import is_mr, set_outside_body, unit_to_hu, unit_to_mr
 from maisi.labels import BODY_LABEL, labels_not_in_dict, load_label_dict
 from maisi.labels.crop import crop
 from maisi.masks.anatomy import AnatomyPlan, plan_anatomy, sample_mask
 from maisi.masks.resample import pad_to_size, resample_mask
 from maisi.masks.tumour_free import lesion_hosts, remove_tumors
-from maisi.networks import RuntimeOptions
 from maisi.options import BODY_REGIONS, REGION_INDEX
-from maisi.preset_checks import guidance_warnings
-from maisi.presets import MRGridLimits, Preset, get_preset, grid_problems
-from maisi.quality import hu_check
 from maisi.sampling import denoise, make_scheduler
+from maisi.vae.codec import decode
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The one place that knows the private structure of MONAI's ``AutoencoderKlMaisi``, for
-:mod:`maisi.tiled_vae`.
+:mod:`maisi.vae.tiled`.
 
 The tiled engine streams a chain of convolutions; this adapter translates MONAI's encoder/decoder blocks into
 that chain (:func:`program`) and holds the arithmetic that must match MONAI's forward bit for bit:
@@ -22,7 +22,7 @@ tested for the installed MONAI in ``tests/test_tiled_vae.py``):
   with cubic kernel, stride, padding and dilation, zero padding, one group.
 
 Anything else (attention, ``AEKLResBlock``, a subclass) is reported by name, and
-:mod:`maisi.decoding` falls back to MONAI's whole-volume pass with one warning.
+:mod:`maisi.vae.codec` falls back to MONAI's whole-volume pass with one warning.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+from monai.networks.blocks import Convolution
+from monai.networks.nets import AutoencoderKL
+
+from maisi.monai_internals import (
     MaisiConvolution,
     MaisiDecoder,
     MaisiDownsample,
@@ -43,8 +46,6 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
     MaisiResBlock,
     MaisiUpsample,
 )
-from monai.networks.blocks import Convolution
-from monai.networks.nets import AutoencoderKL
 
 Part = Literal["decoder", "encoder"]
 _PART_TYPES: dict[str, type] = {"decoder": MaisiDecoder, "encoder": MaisiEncoder}

@@ -17,7 +17,7 @@ preview window (:func:`maisi.preview.mr_display_window`). An FID over inputs tha
   metric was computed.
 * **Diversity**: mean pairwise MS-SSIM among the synthetic volumes (lower is more diverse) and, as the
   reference, among the real ones. Volumes of a set must share one shape (nothing is resampled).
-* **FID**: :mod:`maisi.fid` (2.5D, MONAI ``FIDMetric``, a local 2D ResNet).
+* **FID**: :mod:`maisi.evaluation.fid` (2.5D, MONAI ``FIDMetric``, a local 2D ResNet).
 * **Montage**: one row per volume (real first, then synthetic, a grey line between the groups), columns axial
   / coronal / sagittal mid-slices in a soft-tissue window (level 40, width 400 HU; MR: the volume's 0.5-99.5
   percentile range), through :mod:`maisi.preview`; every row is scaled to 256 pixels high.
@@ -46,14 +46,12 @@ import maisi
 from maisi.atomic import write_json
 from maisi.checkpoints import load_network
 from maisi.config.evaluate_config import EvaluateConfig
-from maisi.config.loader import to_jsonable
+from maisi.config.schema import to_jsonable
 from maisi.data.io import Volume, read_geometry, read_volume
-from maisi.decoding import round_trip as reconstruct  # the name maisi.evaluate users know
 from maisi.device import autocast_dtype, resolve_device
-from maisi.encoding import transform
+from maisi.encoding.cases import transform
 from maisi.errors import InputError
-from maisi.evaluation_inputs import check_outputs, gather_inputs, input_modalities
-from maisi.fid import (
+from maisi.evaluation.fid import (
     PLANES,
     FeatureNetwork,
     fid_25d,
@@ -62,8 +60,10 @@ from maisi.fid import (
     slice_counts,
     volume_features,
 )
+from maisi.evaluation.inputs import check_outputs, gather_inputs, input_modalities
+from maisi.families.ct import Preset, get_preset
+from maisi.families.networks import RuntimeOptions
 from maisi.intensity import is_mr, to_unit
-from maisi.networks import Preset, RuntimeOptions, get_preset
 from maisi.preview import (
     PREVIEW_WINDOWS,
     Window,
@@ -76,6 +76,7 @@ from maisi.preview import (
     write_png,
 )
 from maisi.progress import progress_bar
+from maisi.vae.codec import round_trip as reconstruct  # the name maisi.evaluate users know
 
 log = logging.getLogger("maisi.evaluation")
 MS_SSIM_SCALES = 5  # MONAI's default weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

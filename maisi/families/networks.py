@@ -1,4 +1,4 @@
-"""Build the networks of a preset (:mod:`maisi.presets`) from MONAI classes.
+"""Build the networks of a preset (:mod:`maisi.families.ct`) from MONAI classes.
 
 Options that only trade memory or speed
 (flash attention, float16 normalisation, tensor splits, gradient checkpointing) are *runtime* options,
@@ -18,31 +18,9 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import Autoencoder
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
-from maisi.presets import (  # re-exported: the registry used to live here
-    PARTS,
-    PRESETS,
-    GridLimits,
-    MRGridLimits,
-    NoiseSchedule,
-    Part,
-    Preset,
-    get_preset,
-)
+from maisi.families.ct import Part, Preset
 
-__all__ = [
-    "PARTS",
-    "PRESETS",
-    "GridLimits",
-    "MRGridLimits",
-    "NoiseSchedule",
-    "Part",
-    "Preset",
-    "RuntimeOptions",
-    "architecture_of",
-    "build_network",
-    "count_parameters",
-    "get_preset",
-]
+__all__ = ["RuntimeOptions", "architecture_of", "build_network", "count_parameters"]
 
 NETWORK_CLASSES: dict[str, type[torch.nn.Module]] = {
     "autoencoder": AutoencoderKlMaisi,

@@ -1,4 +1,4 @@
-"""Whole-volume storage of the tiled VAE engine (:mod:`maisi.tiled_vae`): volumes kept as slabs along x,
+"""Whole-volume storage of the tiled VAE engine (:mod:`maisi.vae.tiled`): volumes kept as slabs along x,
 freed as they are consumed, and GroupNorm statistics merged tile by tile."""
 
 from __future__ import annotations

@@ -45,11 +45,12 @@ from maisi.data.latents import (
     write_latent,
     write_sidecar,
 )
-from maisi.decoding import encode
+from maisi.data.metatensor import to_metatensor, to_volume
 from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
 from maisi.intensity import HU_MIN, is_mr, to_unit
 from maisi.labels import MAX_LABEL
+from maisi.vae.codec import encode
 
 
 @dataclass(frozen=True)
@@ -210,16 +211,10 @@ def _fingerprint(
 def transform(volume: Volume, target_spacing, multiple: int, mode: str) -> MetaTensor:
     """(1, X, Y, Z) MetaTensor resampled (optional) and padded; ``mode`` 'bilinear' for CT, 'nearest' for
     labels."""
-    t = MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(volume.array))[None], affine=torch.as_tensor(volume.affine)
-    )
+    t = to_metatensor(volume)
     if target_spacing is not None:
         t = Spacing(pixdim=target_spacing, mode=mode, padding_mode="zeros")(t)
     return DivisiblePad(k=multiple, mode="constant", value=0)(t)
-
-
-def _to_volume(t: MetaTensor, dtype) -> Volume:
-    return Volume(t[0].numpy().astype(dtype), t.affine.numpy().astype(np.float64))
 
 
 def _outputs_intact(sidecar: dict, latent: Path, label: Path | None) -> bool:
@@ -470,7 +465,7 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         label_t = transform(
             mask.with_array(mask.array.astype(np.int16)), c.target_spacing, c.multiple, "nearest"
         )
-        label_vol = _to_volume(label_t, np.uint8)
+        label_vol = to_volume(label_t, np.uint8)
         regions = body_region_from_mask(label_vol.array)
     latent = _encode_checked(job, index, image_t.as_tensor()[None].float(), image_path)
     image_affine = image_t.affine.numpy().astype(np.float64)

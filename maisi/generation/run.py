@@ -3,7 +3,7 @@
 Each sample writes ``<prefix>_seed<N>_image.<fmt>``, ``..._label.<fmt>`` (mask mode; the input mask,
 labels unchanged), ``..._preview.png`` and ``<prefix>_seed<N>.json`` (metadata, written last); with many
 masks ($.masks, $.datalist) ``<prefix>_<stem>_seed<N>...``, the stem naming the mask
-(:mod:`maisi.generation_inputs`). A rerun skips samples whose metadata shows the same job (config, weights,
+(:mod:`maisi.generation.inputs`). A rerun skips samples whose metadata shows the same job (config, weights,
 mask and its checksum, seed) and whose files still match the SHA-256 checksums recorded there, and redoes
 the rest. The resolved config of each job goes to ``<prefix>_job-<12 hex digits of its key>_config.json``.
 
@@ -27,11 +27,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import monai
-import numpy as np
 import torch
 
-import maisi
 from maisi.atomic import folder_lock, remove_stale_temporaries, write_json
 from maisi.config import InferConfig, to_jsonable
 from maisi.data.io import write_volume
@@ -39,31 +36,28 @@ from maisi.device import resolve_device
 from maisi.distributed import Ranks, finish, first_error, gather, init_from_env
 from maisi.errors import InputError
 from maisi.files import check_output_dir, file_sha256
-from maisi.generation import (
-    GenerationPlan,
-    Models,
-    check_memory,
-    generate_checked,
-    load_models,
-    plan_for_seed,
-    plan_generation,
-)
-from maisi.generation_files import (
+from maisi.generation.files import (
     check_outputs,
     describe_quality,
     job_key,
     output_checksums,
-    quality_record,
     read_metadata,
     recorded_job,
     sample_files,
     why_not_finished,
 )
-from maisi.generation_inputs import GenerationInput, expand_inputs
-from maisi.intensity import is_mr, output_mapping
+from maisi.generation.inputs import GenerationInput, expand_inputs
+from maisi.generation.pipeline import check_input, generate_sample, range_key
+from maisi.generation.plan import (
+    GenerationPlan,
+    Models,
+    load_models,
+    plan_for_seed,
+    plan_generation,
+)
+from maisi.intensity import is_mr
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
-from maisi.quality import mask_fidelity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,13 +161,7 @@ def _check_inputs(
     of each input's mask. With many masks every rank checks its share, and every problem, those of finding
     the masks (``problems``) included, is raised at once."""
     if len(inputs) == 1 and inputs[0].stem is None:
-
-        def check_one() -> GenerationPlan:
-            plan = plan_generation(inputs[0].config, device)
-            check_memory(plan, device)
-            return plan
-
-        plan = _agreed(ranks, check_one)
+        plan = _agreed(ranks, lambda: check_input(inputs[0].config, device))
         for warning in plan.warnings if ranks.is_main else ():
             log.warning(warning)
         mask = inputs[0].config.mask
@@ -181,8 +169,7 @@ def _check_inputs(
     mine: dict[int, tuple[str | None, str | None]] = {}
     for i in ranks.shard(range(len(inputs))):
         try:
-            plan = plan_generation(inputs[i].config)
-            check_memory(plan, device)
+            plan = check_input(inputs[i].config, device)
         except InputError as e:
             mine[i] = (str(e).replace("\n", "\n    "), None)
             continue
@@ -287,11 +274,6 @@ def check_no_foreign_samples(job: Job) -> None:
             )
 
 
-def _range_key(modality: str) -> str:
-    """The metadata key of a sample's voxel range: HU for CT, arbitrary units for MR (no HU)."""
-    return "mr_units_min_max" if is_mr(modality) else "hu_min_max"
-
-
 def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, Any]:
     """Generate one sample from its input's plan and write its files; the metadata JSON, with their
     checksums, goes last."""
@@ -302,33 +284,24 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
     plan = plan_for_seed(plan, seed, job.mask_digests.get(seed), str(models.device), progress=show)
     if plan.anatomy is not None and plan.anatomy.generator is not None:
         log.info("%s: %s", sample.label, describe_generated(plan.sample_record))
-    ct, timings, tries = generate_checked(plan, models, seed, progress=show)
+    generated = generate_sample(plan, models, seed, progress=show)
+    ct, mask = generated.image, generated.mask
     t1 = time.perf_counter()
-    mask = plan.output_mask
     write_volume(files["image"], ct)
     if "label" in files:
         assert mask is not None
         write_volume(files["label"], mask)
     if "preview" in files:
         write_preview(files["preview"], ct, mask, modality=plan.conditions.modality)
-    timings.update(writing_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
+    timings = {**generated.metadata["timings_s"], "writing": time.perf_counter() - t1}
+    timings["total"] = time.perf_counter() - t0
     metadata = {
         "job_key": checked.key,
         "seed": seed,
         "input": {"stem": sample.stem, "source": checked.input.source} if sample.stem is not None else None,
         "files": {k: p.name for k, p in files.items() if k != "metadata"},
         "outputs_sha256": output_checksums(files),
-        "shape": list(ct.shape),
-        "spacing_mm": [round(s, 6) for s in ct.spacing],
-        "affine": ct.affine.tolist(),
-        # CT's range is in HU (users read "hu_min_max"); MR's is in arbitrary units, so it says so
-        _range_key(plan.conditions.modality): [int(ct.array.min()), int(ct.array.max())],
-        "intensity": output_mapping(plan.conditions.modality),  # how decoded [0, 1] became these voxels
-        "conditions": dataclasses.asdict(plan.conditions),
-        "sampler": {"scheduler": plan.config.sampler, "num_inference_steps": plan.config.num_inference_steps},
-        "scale_factor": models.scale_factor,
-        "quality_check": quality_record(tries),
-        "mask_fidelity": mask_fidelity(ct, mask) if mask is not None else None,
+        **generated.metadata,  # the sample in memory: grid, conditions, sampler, HU check, versions, config
         "checkpoints": {
             part: {"path": str(w.path), "format": w.source_format, "sha256": checked.checksums[part]}
             for part, w in models.weights.items()
@@ -336,18 +309,8 @@ def write_sample(job: Job, sample: Sample, plan: GenerationPlan) -> dict[str, An
         "mask": {"path": plan.config.mask, "sha256": checked.checksums.get("mask")}
         if plan.config.mask
         else None,
-        "mask_grid": plan.mask_grid,
-        "anatomy": plan.sample_record,
-        "timings_s": {k.removesuffix("_s"): round(v, 3) for k, v in timings.items()},
-        "device": str(models.device),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "process": {"rank": job.ranks.rank, "world_size": job.ranks.world_size},
-        "versions": {
-            "maisi": maisi.__version__,
-            "torch": torch.__version__,
-            "monai": monai.__version__,
-            "numpy": np.__version__,
-        },
-        "config": to_jsonable(plan.config),
     }
     write_json(files["metadata"], metadata)
     return metadata
@@ -590,7 +553,7 @@ def _generate(job: Job, samples: list[Sample], states: dict[int, _Done | str]) -
             sample.files["image"].name,
             meta["timings_s"]["total"],
             units,
-            meta[_range_key(modality)],
+            meta[range_key(modality)],
             quality,
         )
         results[sample.index] = _Done(True, (meta.get("quality_check") or {}).get("passed"))

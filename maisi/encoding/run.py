@@ -1,6 +1,6 @@
 """An encoding run: check every input and output, load the VAE, encode each rank's share, write the datalist.
 
-Restartable: finished, intact cases are skipped (see :mod:`maisi.encoding` for one case). Under torchrun
+Restartable: finished, intact cases are skipped (see :mod:`maisi.encoding.cases` for one case). Under torchrun
 every rank encodes its share and rank 0 writes the datalist of the latents.
 """
 
@@ -17,11 +17,12 @@ from maisi.config import EncodeConfig
 from maisi.data.datalist import data_root, read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device
 from maisi.distributed import Ranks, finish, gather, init_from_env
-from maisi.encoding import CaseResult, EncodeJob, check_outputs, encode_case, source_key
+from maisi.encoding.cases import CaseResult, EncodeJob, check_outputs, encode_case, source_key
 from maisi.errors import InputError, RunFailure
+from maisi.families.ct import get_preset
+from maisi.families.mask import get_mask_preset
+from maisi.families.networks import RuntimeOptions
 from maisi.files import check_output_dir, file_sha256
-from maisi.mask_presets import get_mask_preset
-from maisi.networks import RuntimeOptions, get_preset
 from maisi.progress import progress_bar
 
 log = logging.getLogger("maisi.encode")

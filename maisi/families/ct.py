@@ -2,7 +2,7 @@
 
 A preset fixes everything that shapes the weights of the three networks (autoencoder, diffusion UNet,
 ControlNet) plus the noise schedule the UNet was trained with. This module imports neither torch nor MONAI,
-so configs and ``--help`` can use it; :mod:`maisi.networks` builds the MONAI networks from it.
+so configs and ``--help`` can use it; :mod:`maisi.families.networks` builds the MONAI networks from it.
 
 The ``maisi-ct-*`` presets use exactly the arguments of the released MAISI CT models (MONAI model-zoo bundle
 ``maisi_ct_generative`` and NV-Generate-CTMR ``configs/config_network_*.json``), so the released weights load
@@ -187,7 +187,9 @@ class Preset:
         return int(self.autoencoder["latent_channels"])
 
 
-_MAISI_VAE = dict(
+# AutoencoderKlMaisi's arguments for MAISI's CT VAE; the mask VAE (maisi.families.mask) is the same network
+# with other channels.
+MAISI_VAE = dict(
     spatial_dims=3,
     in_channels=1,
     out_channels=1,
@@ -225,7 +227,7 @@ _MR_LIMITS = MRGridLimits(max_size=(512, 512, 128))
 _MR_BRAIN_LIMITS = MRGridLimits(max_size=(512, 512, 256))
 
 # Tiny networks: CPU tests in seconds. Small: CPU demos.
-_TINY_VAE = dict(_MAISI_VAE, num_channels=[8, 16, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4)
+_TINY_VAE = dict(MAISI_VAE, num_channels=[8, 16, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4)
 _TINY_TRUNK = dict(
     _MAISI_TRUNK,
     num_channels=[16, 32, 32],
@@ -235,7 +237,7 @@ _TINY_TRUNK = dict(
     norm_num_groups=8,
 )
 _TINY_CONTROL = dict(conditioning_embedding_in_channels=8, conditioning_embedding_num_channels=[8, 16, 16])
-_SMALL_VAE = dict(_MAISI_VAE, num_channels=[32, 64, 64], num_res_blocks=[1, 1, 1], norm_num_groups=16)
+_SMALL_VAE = dict(MAISI_VAE, num_channels=[32, 64, 64], num_res_blocks=[1, 1, 1], norm_num_groups=16)
 _SMALL_TRUNK = dict(
     _MAISI_TRUNK,
     num_channels=[32, 64, 128, 128],
@@ -267,7 +269,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "maisi-ct-ddpm",
             "Released MAISI CT v1 (DDPM, body-region conditioning)",
-            autoencoder=_MAISI_VAE,
+            autoencoder=MAISI_VAE,
             **_family(_MAISI_TRUNK, _MAISI_CONTROL, "ddpm"),
             schedule=NoiseSchedule("ddpm"),
             limits=_MAISI_LIMITS,
@@ -276,7 +278,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "maisi-ct-rflow",
             "Released MAISI CT v2 (rectified flow, modality conditioning)",
-            autoencoder=_MAISI_VAE,
+            autoencoder=MAISI_VAE,
             **_MAISI_RFLOW,
             schedule=NoiseSchedule("rflow"),
             limits=_MAISI_LIMITS,
@@ -285,7 +287,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "maisi-mr-rflow",
             "Released MAISI MR v2 (NV-Generate-MR rflow-mr: autoencoder_v2, image-only)",
-            autoencoder=_MAISI_VAE,
+            autoencoder=MAISI_VAE,
             diffusion_unet=_MAISI_RFLOW["diffusion_unet"],
             controlnet=None,
             schedule=NoiseSchedule("rflow"),
@@ -296,7 +298,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "maisi-mr-brain-rflow",
             "Released MAISI MR brain (NV-Generate-MR-Brain rflow-mr-brain: autoencoder_v1, image-only)",
-            autoencoder=_MAISI_VAE,
+            autoencoder=MAISI_VAE,
             diffusion_unet=_MAISI_RFLOW["diffusion_unet"],
             controlnet=None,
             schedule=NoiseSchedule("rflow"),

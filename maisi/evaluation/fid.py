@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 from monai.metrics import FIDMetric
-from monai.networks.nets.resnet import ResNet
+from monai.networks.nets import ResNet
 from monai.transforms import Resize
 
 from maisi.checkpoints import load_strictly, read_plain_state_dict

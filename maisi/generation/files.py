@@ -1,7 +1,7 @@
 """The files of one generated sample: their names, the job key in their metadata, whether they are finished.
 
 A sample is finished when its metadata (written last) records this job's key and every other file still
-matches the SHA-256 recorded there. Used by :mod:`maisi.generation_run`.
+matches the SHA-256 recorded there. Used by :mod:`maisi.generation.run`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A job of many masks becomes one single-mask config per mask (the batch keys cleared), plus a file-name stem
 per mask that is unique within the job. Expanding reads no volume (the checks of the masks themselves are
-:func:`maisi.generation.plan_generation`'s) and imports no torch.
+:func:`maisi.generation.plan.plan_generation`'s) and imports no torch.
 """
 
 from __future__ import annotations

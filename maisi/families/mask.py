@@ -1,8 +1,8 @@
 """Mask-generation presets as plain data: MAISI's mask VAE and mask diffusion UNet (Path A).
 
 A mask preset fixes everything that shapes the weights of the two mask-generation networks plus the noise
-schedule, the latent shape and the grid of the generated mask. Like :mod:`maisi.presets` this module imports
-neither torch nor MONAI; :mod:`maisi.masks.networks` builds the networks from it.
+schedule, the latent shape and the grid of the generated mask. Like :mod:`maisi.families.ct` this module
+imports neither torch nor MONAI; :mod:`maisi.masks.networks` builds the networks from it.
 
 Runtime-only constructor arguments (``use_checkpointing``, ``norm_float16``, ``use_flash_attention``,
 ``num_splits``, ``dim_split``) are not part of a preset: they are chosen at build time and never change a
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from maisi.presets import NoiseSchedule, lookup
+from maisi.families.ct import MAISI_VAE, NoiseSchedule, lookup
 
 MaskPart = Literal["autoencoder", "diffusion_unet"]
 MASK_PARTS: tuple[MaskPart, ...] = ("autoencoder", "diffusion_unet")
@@ -70,19 +70,14 @@ class MaskPreset:
 # mask_generation_diffusion_def, mask_generation_noise_scheduler, mask_generation_latent_shape; spatial_dims 3
 # and latent_channels 4 from the same files. Their runtime-only keys (use_checkpointing true, norm_float16
 # true, num_splits 8, dim_split 1, use_flash_attention false/true) are left to build time; use_convtranspose
-# stays here because it decides the decoder's weights.
+# stays here because it decides the decoder's weights. The mask VAE is MAISI's CT VAE network with these
+# channels; its other arguments (norm groups and eps, no attention) are the CT VAE's.
 _MAISI_MASK_VAE = dict(
-    spatial_dims=3,
+    MAISI_VAE,
     in_channels=8,
     out_channels=125,
-    latent_channels=4,
     num_channels=[32, 64, 128],
     num_res_blocks=[1, 2, 2],
-    norm_num_groups=32,
-    norm_eps=1e-6,
-    attention_levels=[False, False, False],
-    with_encoder_nonlocal_attn=False,
-    with_decoder_nonlocal_attn=False,
     use_convtranspose=True,
 )
 _MAISI_MASK_UNET = dict(
