@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from maisi.errors import InputError
-from maisi.options import Sampler, TimestepSpacing
 from maisi.families.ct import NoiseSchedule, check_sampler, lookup
+from maisi.options import Sampler, TimestepSpacing
 
 if TYPE_CHECKING:
     import torch

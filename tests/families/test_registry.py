@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from maisi.errors import InputError
+from maisi.families.ct import PRESETS
 from maisi.families.ldm import LDM_PRESETS
+from maisi.families.mask import MASK_PRESETS
 from maisi.families.registry import (
     CONDITION_KEYS,
     FAMILIES,
@@ -20,8 +22,6 @@ from maisi.families.registry import (
     foreign_keys,
     preset_names,
 )
-from maisi.families.mask import MASK_PRESETS
-from maisi.families.ct import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 
