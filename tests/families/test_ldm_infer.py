@@ -5,6 +5,7 @@ GenerativeModels state dicts, and the refusals (foreign keys, PNG of a volume, w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -14,12 +15,16 @@ import SimpleITK as sitk
 import torch
 
 from maisi.checkpoints import save_checkpoint
+from maisi.errors import InputError
+from maisi.families.checks import load_checked_config
 from maisi.families.ldm import LDM_PARTS, build_ldm_networks, get_ldm_preset
 from maisi.files import file_sha256
 from maisi.generation.ldm_files import display_2d, to_uint8
+from maisi.generation.pipeline import Pipeline
 from maisi.infer import main
 from tests.families.test_legacy_weights import randomised, to_old_layout
 
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 UNET_SCALE = 0.8  # stored in our UNet checkpoint
 
@@ -251,3 +256,56 @@ def test_missing_released_weights_say_how_to_download(tmp_path, capsys):
     missing = {"autoencoder": tmp_path / "model_autoencoder.pt", "diffusion_unet": tmp_path / "model.pt"}
     assert main(["--config", str(_config(tmp_path, "brats-2d-ldm", missing)), "--dry-run"]) == 2
     assert "python -m maisi.download --variant brats-2d" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["brats-2d-ldm", "brats-3d-ldm"])
+def test_seed_presets_sample_ddim_50_with_leading_timesteps_by_default(tmp_path, name):
+    data = {"preset": name, "checkpoints": {"autoencoder": "a.pt", "diffusion_unet": "b.pt"}}
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    config = load_checked_config(tmp_path / "c.json", "infer")
+    assert (config.sampler, config.num_inference_steps) == ("ddim", 50)
+    assert config.sampling.timestep_spacing is None and get_ldm_preset(name).timestep_spacing == "leading"
+    shipped = load_checked_config(REPO / "configs" / f"inference_{name[:8].replace('-', '_')}.json", "infer")
+    assert shipped.preset == name and shipped.sampling.timestep_spacing == "leading"
+    assert shipped.checkpoints.diffusion_unet.endswith(f"models/seeds/{name[:8]}/model.pt")
+
+
+def test_the_library_pipeline_refuses_an_ldm_preset_by_name(tmp_path, ldm_checkpoints):
+    config = _config(tmp_path, "tiny-ldm-2d", ldm_checkpoints["tiny-ldm-2d"]["ours"])
+    with pytest.raises(InputError, match=r"\$\.preset: 'tiny-ldm-2d' is a plain LDM preset"):
+        Pipeline.from_config(config).check_inputs()
+
+
+@pytest.mark.slow  # two processes start torch: about a minute on 2 busy cores
+def test_two_process_torchrun_shares_the_seeds_and_a_rerun_skips_them(tmp_path, ldm_checkpoints):
+    from tests.test_infer_batch import torchrun
+
+    config = _config(tmp_path, "tiny-ldm-2d", ldm_checkpoints["tiny-ldm-2d"]["ours"], num_samples=3)
+    done = torchrun(config)
+    assert done.returncode == 0, done.stderr
+    ranks = {seed: _meta(tmp_path, seed)["process"] for seed in (3, 4, 5)}
+    assert ranks == {s: {"rank": r, "world_size": 2} for s, r in ((3, 0), (4, 1), (5, 0))}
+    assert done.stderr.count("finished: 3 generated, 0 skipped, 0 failed") == 1  # one summary, rank 0
+    again = torchrun(config)
+    assert again.returncode == 0 and "finished: 0 generated, 3 skipped" in again.stderr
+
+
+@pytest.mark.released
+def test_released_brats_2d_weights_generate_a_slice(tmp_path):
+    """Opt-in (-m released): MAISI_SEED_WEIGHTS=<--dest of python -m maisi.download --variant brats-2d>."""
+    folder = os.environ.get("MAISI_SEED_WEIGHTS")
+    if not folder:
+        pytest.skip(
+            "set MAISI_SEED_WEIGHTS to the folder python -m maisi.download --variant brats-2d wrote into"
+        )
+    files = {
+        "autoencoder": Path(folder) / "brats-2d/model_autoencoder.pt",
+        "diffusion_unet": Path(folder) / "brats-2d/model.pt",
+    }
+    if not all(p.is_file() for p in files.values()):
+        pytest.skip(f"the brats-2d files are not in {folder}")
+    config = _config(tmp_path, "brats-2d-ldm", files, num_samples=1, sampling={"num_inference_steps": 2})
+    assert main(["--config", str(config)]) == 0
+    meta = _meta(tmp_path, 3)
+    assert meta["shape"] == [256, 256] and meta["sampler"]["timesteps"] == [500, 0]
+    assert meta["scale_factor"]["source"] == "preset" and meta["scale_factor"]["value"] == 1.0
