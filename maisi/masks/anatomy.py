@@ -13,7 +13,9 @@ then ``augmentation`` on the output grid):
    not contain required class labels"), naming the classes;
 4. augment it (:func:`maisi.masks.augment.augment_mask`, seeded by the sample's seed) unless switched off;
    augmentation works in output-grid voxels, as MAISI's (its shifts are in voxels of the output size);
-5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, seeded by the sample's seed).
+5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, seeded by the sample's seed);
+   a lesion's class counts as requested in step 1 (a mask holding it may be retrieved), and every tumour
+   class of the final mask is reported per connected piece (``tumour_components``), the placed ones marked.
 
 The mask keeps MAISI ids and every organ (MAISI relabels to 1..N and drops the rest). Every step is
 recorded for the sample's metadata, with the organs' volumes in mL measured on the final mask.
@@ -35,9 +37,9 @@ from maisi.data.io import Volume
 from maisi.errors import InputError
 from maisi.files import file_sha256
 from maisi.masks.database import MaskDatabase, label_counts, load_database, read_entry_mask
-from maisi.masks.lesions import LesionRequest, place_lesions
+from maisi.masks.lesions import LesionRequest, place_lesions, tumour_components
 from maisi.masks.resample import resample_mask
-from maisi.masks.retrieval import Candidate, Selection, select_masks
+from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
 
 if TYPE_CHECKING:
     from maisi.masks.generation import MaskGenerationPlan
@@ -76,13 +78,14 @@ class AnatomyState:
     """What an :class:`AnatomyPlan` learns while it prepares masks: the one mutable part of a run's plan.
 
     Attributes:
-        lost: database entry index -> the requested ids that entry loses on the output grid.
+        lost: database entry index -> what that entry loses on the output grid: the names of requested
+            classes, or ``BLANK`` when no label is left.
         prepared: seed -> its mask, prepared ahead (:func:`prepare_all`) and handed out once
             (:func:`sample_mask`).
         records: seed -> the record of how its mask was made.
     """
 
-    lost: dict[int, list[int]] = field(default_factory=dict)
+    lost: dict[int, list[str]] = field(default_factory=dict)
     prepared: dict[int, SampleMask] = field(default_factory=dict)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -197,6 +200,7 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = 
         config.num_samples,
         config.seed,
         label_dict,
+        allowed=[spec.label for spec in anatomy.lesions],  # a lesion's class counts as requested
     )
     lesions = tuple(
         LesionRequest(label_dict[spec.label], spec.diameter_mm, tuple(label_dict[h] for h in spec.host))
@@ -228,12 +232,19 @@ def _present(array: np.ndarray, ids: Sequence[int]) -> set[int]:
     return {i for i in ids if i in found}
 
 
-def _resampled(plan: AnatomyPlan, candidate: Candidate) -> tuple[Volume, dict[str, Any], list[int]]:
-    """An entry's mask on the output grid, its resampling record, and the requested ids it lost."""
+BLANK = "every label (the mask is blank)"  # what a blank mask loses: it is never used
+
+
+def _resampled(plan: AnatomyPlan, candidate: Candidate) -> tuple[Volume, dict[str, Any], list[str]]:
+    """An entry's mask on the output grid, its resampling record, and what it lost: the names of requested
+    classes, or :data:`BLANK` when no label is left (the file is blank whatever its entry says, or nothing
+    of it lands on the output grid): a blank mask gives a CT of air everywhere."""
     volume = read_entry_mask(plan.database, candidate.entry)
     volume, record = resample_mask(volume, plan.spacing, plan.output_size)
+    if not volume.array.any():
+        return volume, record, [BLANK]
     lost = sorted(set(plan.anatomy_ids) - _present(volume.array, plan.anatomy_ids))
-    return volume, record, lost
+    return volume, record, plan.names(lost)
 
 
 def _fallback_order(plan: AnatomyPlan, seed: int) -> list[Candidate]:
@@ -266,20 +277,18 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
     tried: list[dict[str, Any]] = []
     for candidate in _fallback_order(plan, seed):
         if candidate.entry.index in plan.state.lost:
-            tried.append(
-                {"path": candidate.entry.path, "lost": plan.names(plan.state.lost[candidate.entry.index])}
-            )
+            tried.append({"path": candidate.entry.path, "lost": plan.state.lost[candidate.entry.index]})
             continue
         volume, record, lost = _resampled(plan, candidate)
         if not lost:
             return candidate, volume, record, tried
         plan.state.lost[candidate.entry.index] = lost
-        tried.append({"path": candidate.entry.path, "lost": plan.names(lost)})
+        tried.append({"path": candidate.entry.path, "lost": lost})
         log.warning(
             "seed %d: %s loses %s when resampled to the output grid; trying the next candidate",
             seed,
             candidate.entry.path,
-            ", ".join(plan.names(lost)),
+            ", ".join(lost),
         )
     raise _lost_everywhere(plan, tried)
 
@@ -307,12 +316,36 @@ def _place(
     if not plan.lesions:
         return mask, []
     try:
-        mask, records = place_lesions(mask, plan.lesions, seed)
+        mask, records = place_lesions(mask, plan.lesions, seed, plan.label_dict)
     except InputError as e:
         raise InputError(f"$.anatomy.{e} (in the mask of {entry_path}, seed {seed})") from None
     for spec, record in zip(plan.anatomy.lesions, records):
         record.update(label_name=spec.label, host_names=list(spec.host))
     return mask, records
+
+
+def _tumour_pieces(plan: AnatomyPlan, before: Volume, after: Volume, seed: int) -> dict[str, list[dict]]:
+    """Each connected piece of every tumour class in the final mask, by name (a lesion placed in a mask that
+    already held its class makes two tumours: they are reported apart); logged when a class has several."""
+    placed = before.array != after.array
+    present = {int(i) for i in label_counts(after.array)[0]}
+    out = {}
+    for label in sorted(tumour_ids(plan.label_dict) & present):
+        name = plan.names([label])[0]
+        out[name] = pieces = tumour_components(after, label, placed)
+        if len(pieces) > 1:
+            log.info(
+                "seed %d: '%s' is %d separate components: %s",
+                seed,
+                name,
+                len(pieces),
+                ", ".join(
+                    f"{p['volume_ml']:g} mL at voxel {p['centre_voxel']}"
+                    + (" (placed)" if p["placed"] else " (in the retrieved mask)")
+                    for p in pieces
+                ),
+            )
+    return out
 
 
 def organ_volumes_ml(mask: Volume, plan: AnatomyPlan) -> dict[str, float]:
@@ -351,7 +384,9 @@ def build_sample_mask(
     assert plan.database is not None
     candidate, mask, resampling, tried = _retrieve(plan, seed)
     mask, augmentation = _augment(plan, mask, seed, device)
+    before = mask
     mask, lesions = _place(plan, mask, seed, candidate.entry.path)
+    tumours = _tumour_pieces(plan, before, mask, seed)
     entry = candidate.entry
     path = plan.database.mask_path(entry)
     record = {
@@ -379,6 +414,7 @@ def build_sample_mask(
         "resampling": resampling,
         "augmentation": augmentation,
         "lesions": lesions,
+        "tumour_components": tumours,
         "organ_volumes_ml": organ_volumes_ml(mask, plan),
     }
     plan.state.records[seed] = record
