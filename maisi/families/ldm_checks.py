@@ -36,11 +36,6 @@ def ldm_infer_problems(config: InferConfig) -> list[str]:
         f"$.sampling: {reason}"
         for reason in check_sampler(preset.schedule, config.sampler, config.num_inference_steps)
     ]
-    spacing = config.sampling.timestep_spacing
-    if spacing == "leading" and config.sampler == "rflow":
-        problems.append(
-            "$.sampling.timestep_spacing: 'leading' spaces DDIM's timesteps, not rectified flow's"
-        )
     scale = config.sampling.guidance_scale
     if scale > 0:
         problems.append(

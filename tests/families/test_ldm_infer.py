@@ -173,6 +173,16 @@ def test_tiny_3d_writes_float_nifti_with_the_presets_spacing_in_ras(tmp_path, ld
     assert np.allclose(meta["affine_ras"], image.affine)
 
 
+def test_2d_nrrd_keeps_the_pixel_spacing(tmp_path, ldm_checkpoints):
+    ckpt = ldm_checkpoints["tiny-ldm-2d"]["ours"]
+    output = {"format": "nrrd", "dir": str(tmp_path / "out"), "prefix": "ldm", "preview": False}
+    assert main(["--config", str(_config(tmp_path, "tiny-ldm-2d", ckpt, num_samples=1, output=output))]) == 0
+    image = sitk.ReadImage(str(tmp_path / "out" / "ldm_seed3_image.nrrd"))
+    assert image.GetDimension() == 2 and image.GetSize() == (16, 16) and image.GetSpacing() == (1.0, 1.0)
+    assert image.GetDirection() == (-1.0, 0.0, 0.0, -1.0)  # RAS axes, in ITK's LPS
+    assert not (tmp_path / "out" / "ldm_seed3_image.png").exists()  # preview off: no PNG
+
+
 def test_png_only_for_2d(tmp_path, ldm_checkpoints):
     ckpt2, ckpt3 = ldm_checkpoints["tiny-ldm-2d"]["ours"], ldm_checkpoints["tiny-ldm-3d"]["ours"]
     png = {"format": "png", "dir": str(tmp_path / "out"), "prefix": "ldm"}
@@ -309,3 +319,26 @@ def test_released_brats_2d_weights_generate_a_slice(tmp_path):
     meta = _meta(tmp_path, 3)
     assert meta["shape"] == [256, 256] and meta["sampler"]["timesteps"] == [500, 0]
     assert meta["scale_factor"]["source"] == "preset" and meta["scale_factor"]["value"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("preset", "sampling", "message"),
+    [
+        ("tiny-text-ldm-2d", {}, "$.preset: 'tiny-text-ldm-2d' is a text-conditioned LDM"),
+        (
+            "tiny-ldm-2d",
+            {"scheduler": "rflow"},
+            "$.sampling: sampler 'rflow' cannot sample a ddpm-trained UNet",
+        ),
+        (
+            "tiny-ldm-2d",
+            {"scheduler": "ddpm", "num_inference_steps": 50},
+            "$.sampling: sampler 'ddpm' must run",
+        ),
+    ],
+)
+def test_what_an_ldm_preset_cannot_do_is_refused_before_any_work(tmp_path, capsys, preset, sampling, message):
+    checkpoints = {"autoencoder": tmp_path / "a.pt", "diffusion_unet": tmp_path / "b.pt"}
+    assert main(["--config", str(_config(tmp_path, preset, checkpoints, sampling=sampling))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
