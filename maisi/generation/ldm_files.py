@@ -27,9 +27,10 @@ import SimpleITK as sitk
 from maisi.atomic import atomic_path
 from maisi.config import InferConfig, to_jsonable
 from maisi.data.io import Volume, centred_affine, write_volume
-from maisi.families.ldm import LDMPreset
+from maisi.families.ldm import LDM_PARTS, LDMPreset, get_ldm_preset
 from maisi.families.registry import config_keys, foreign_keys
 from maisi.preview import write_png, write_preview
+from maisi.run_paths import RunPaths
 
 PNG = "png"
 # The display window of a 3D preview in decoded units: [0, 1], the seeds' training intensity range.
@@ -47,6 +48,20 @@ def ldm_sample_files(config: InferConfig, preset: LDMPreset, seed: int) -> dict[
         files["preview"] = out / f"{stem}_preview.png"
     files["metadata"] = out / f"{stem}.json"
     return files
+
+
+def ldm_run_paths(config: InferConfig) -> RunPaths:
+    """What an LDM job reads (its two checkpoints) and writes (the output folder, under its lock, and every
+    sample's files), for the guard of :mod:`maisi.run_paths`."""
+    preset = get_ldm_preset(config.preset)
+    paths = RunPaths()
+    for part in LDM_PARTS:
+        paths.read(f"$.checkpoints.{part}", getattr(config.checkpoints, part))
+    paths.write_into("$.output.dir", config.output.dir, lock=True)
+    for seed in range(config.seed, config.seed + config.num_samples):
+        for kind, path in ldm_sample_files(config, preset, seed).items():
+            paths.write(f"the {kind} of sample {seed}", path, group=str(seed))
+    return paths
 
 
 def resolved_ldm_config(config: InferConfig) -> dict[str, Any]:

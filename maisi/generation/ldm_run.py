@@ -32,8 +32,14 @@ from maisi.errors import InputError
 from maisi.families.ldm_models import LDMModels, load_ldm_models
 from maisi.families.ldm_sampling import sample_ldm
 from maisi.files import check_output_dir
-from maisi.generation.files import check_outputs, output_checksums, read_metadata, why_not_finished
-from maisi.generation.ldm_files import ldm_job_key, ldm_sample_files, resolved_ldm_config, write_ldm_sample
+from maisi.generation.files import output_checksums, read_metadata, why_not_finished
+from maisi.generation.ldm_files import (
+    ldm_job_key,
+    ldm_run_paths,
+    ldm_sample_files,
+    resolved_ldm_config,
+    write_ldm_sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +95,12 @@ def prepare_ldm(config: InferConfig, ranks: Ranks | None = None) -> LDMJob:
 
     def checks() -> LDMJob:
         check_output_dir(config.output.dir)
+        ldm_run_paths(config).check("generate")  # outputs on a checkpoint or on each other: before loading
         device = ranks.device(resolve_device(config.device))
         models = load_ldm_models(config, device)
         checksums = {part: w.sha256 for part, w in models.weights.items()}
         seeds = range(config.seed, config.seed + config.num_samples)
         samples = {seed: ldm_sample_files(config, models.preset, seed) for seed in seeds}
-        weights = [(part, str(w.path)) for part, w in models.weights.items()]
-        check_outputs(config, [], weights, [(str(s), f) for s, f in samples.items()])
         job = LDMJob(config, models, ldm_job_key(config, checksums), samples, ranks)
         check_no_foreign_samples(job)
         return job

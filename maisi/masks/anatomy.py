@@ -11,11 +11,13 @@ then ``augmentation`` on the output grid):
    one: so do we (the next best-ranked candidate no other sample uses first), and the metadata records it.
    When no candidate keeps the classes, the request is refused with MAISI's meaning ("Resampled mask does
    not contain required class labels"), naming the classes;
-4. augment it (:func:`maisi.masks.augment.augment_mask`, seeded by the sample's seed) unless switched off;
+4. augment it (:func:`maisi.masks.augment.augment_mask`, its own stream of the sample's seed:
+   :mod:`maisi.seeding`) unless switched off;
    augmentation works in output-grid voxels, as MAISI's (its shifts are in voxels of the output size);
-5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, seeded by the sample's seed);
-   a lesion's class counts as requested in step 1 (a mask holding it may be retrieved), and every tumour
-   class of the final mask is reported per connected piece (``tumour_components``), the placed ones marked.
+5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, a stream of the sample's seed per
+   lesion); a lesion's class counts as requested in step 1 (a mask holding it may be retrieved), and every
+   tumour class of the final mask is reported per connected piece (``tumour_components``), the placed ones
+   marked.
 
 The mask keeps MAISI ids and every organ (MAISI relabels to 1..N and drops the rest). Every step is
 recorded for the sample's metadata, with the organs' volumes in mL measured on the final mask.
@@ -35,30 +37,38 @@ import numpy as np
 from maisi.config.infer_config import AnatomyConfig, InferConfig
 from maisi.data.io import Volume
 from maisi.errors import InputError
-from maisi.files import file_sha256
+from maisi.files import file_sha256, why_absent
 from maisi.masks.database import MaskDatabase, label_counts, load_database, read_entry_mask
 from maisi.masks.lesions import LesionRequest, place_lesions, tumour_components
 from maisi.masks.resample import resample_mask
 from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
+from maisi.resources import checkout_file, package_file
+from maisi.seeding import stream_seed
 
 if TYPE_CHECKING:
     from maisi.masks.generation import MaskGenerationPlan
 
 log = logging.getLogger(__name__)
 
-REPOSITORY = Path(__file__).resolve().parents[2]  # where dataset/ and models/ live in a checkout
-# The database each preset uses when $.anatomy.mask_database is null (relative to the repository).
+# The database each preset uses when $.anatomy.mask_database is null: MAISI's released ones where
+# python -m maisi.download puts them in a source checkout, ours as package data.
 RELEASED_DATABASES = {
     "maisi-ct-rflow": "models/maisi/datasets/candidate_masks_flexible_size_and_spacing_4000.json",
     "maisi-ct-ddpm": "models/maisi/datasets/candidate_masks_flexible_size_and_spacing_3000.json",
 }
-SHIPPED_DATABASE = "dataset/anatomy/database.json"
+SHIPPED_DATABASE = "anatomy/database.json"  # in maisi/resources
 CACHE_BYTES = 1 << 30  # prepared masks kept between planning and generation; beyond, they are prepared again
 
 
 def default_database(preset: str) -> Path:
-    """The database a preset uses when the config names none: MAISI's released one or ours."""
-    return REPOSITORY / RELEASED_DATABASES.get(preset, SHIPPED_DATABASE)
+    """The database a preset uses when the config names none: MAISI's released one or ours.
+
+    Raises:
+        InputError: a released preset's database, with maisi installed rather than run from a checkout.
+    """
+    if preset in RELEASED_DATABASES:
+        return checkout_file(RELEASED_DATABASES[preset], "$.anatomy.mask_database")
+    return package_file(SHIPPED_DATABASE)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -189,7 +199,7 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = 
             if config.preset in RELEASED_DATABASES
             else "build one with python -m maisi.masks index, or set $.anatomy.mask_database"
         )
-        raise InputError(f"mask database {path} ({which}) not found; {advice}")
+        raise InputError(f"mask database {path} ({which}) {why_absent(path)}; {advice}")
     database = load_database(path, anatomy.mask_root)
     selection = select_masks(
         database,
@@ -298,7 +308,8 @@ def _augment(plan: AnatomyPlan, mask: Volume, seed: int, device: str) -> tuple[V
         return mask, {"applied": False, "reason": "$.anatomy.augment is false"}
     from maisi.masks.augment import augment_mask  # imported on use: MONAI's random transforms
 
-    array, record = augment_mask(mask.array, seed=seed, device=device)
+    # the augmentation's own stream of the sample's seed (maisi.seeding); the record holds the seed it got
+    array, record = augment_mask(mask.array, seed=stream_seed(seed, "augment", bits=32), device=device)
     lost = sorted(set(plan.anatomy_ids) - _present(np.asarray(array), plan.anatomy_ids))
     if lost:  # the augmentation's own checks should prevent it; never trade a requested class for it
         log.warning("seed %d: augmentation removed %s; the mask is used unaugmented", seed, plan.names(lost))

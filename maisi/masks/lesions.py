@@ -32,6 +32,7 @@ from scipy.spatial import ConvexHull, QhullError
 from maisi.data.io import Volume
 from maisi.errors import InputError
 from maisi.labels import BODY_LABEL, MAX_LABEL, load_label_dict
+from maisi.seeding import stream_seed
 
 IRREGULARITY = 0.25  # the radius varies by up to +-25 % with direction
 MIN_DIAMETER_VOXELS = 2.0  # along the coarsest axis: thinner cannot be shaped in 3D
@@ -283,7 +284,9 @@ def place_lesions(
     seed: int,
     label_dict: dict[str, int] | None = None,
 ) -> tuple[Volume, list[dict]]:
-    """Place lesions in order, lesion i with seed ``seed + i``; each keeps clear of those placed before.
+    """Place lesions in order, lesion i with the seed of its own stream ``stream_seed(seed, "lesion", i)``
+    (:mod:`maisi.seeding`: lesion i of seed s and lesion i + 1 of seed s - 1 share nothing); each keeps clear
+    of those placed before.
 
     Earlier lesions count as outside every later lesion's host, so the margin separates them too.
     ``label_dict`` names the classes in messages (None: MAISI's dictionary).
@@ -298,7 +301,7 @@ def place_lesions(
     for i, request in enumerate(lesions):
         try:
             before = mask
-            mask, record = _place(mask, request, seed + i, placed, names)
+            mask, record = _place(mask, request, stream_seed(seed, "lesion", i), placed, names)
         except InputError as e:
             raise InputError(f"lesions[{i}]: {e}") from None
         placed |= mask.array != before.array  # exactly this lesion's voxels

@@ -15,6 +15,7 @@ from maisi.errors import InputError
 from maisi.labels import BODY_LABEL, load_label_dict
 from maisi.labels.mapping import load_mapping, remap
 from maisi.masks.lesions import LesionRequest, place_lesion, place_lesions
+from maisi.seeding import stream_seed
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LIVER, HEPATIC_TUMOR, SPLEEN = 1, 26, 3
@@ -129,7 +130,7 @@ def test_several_lesions_are_placed_in_order_and_kept_apart():
         LesionRequest(27, 10.0, (SPLEEN,), margin_mm=0.0),
     ]
     out, records = place_lesions(mask, requests, seed=5)
-    assert [r["seed"] for r in records] == [5, 6, 7]
+    assert [r["seed"] for r in records] == [stream_seed(5, "lesion", i) for i in range(3)]  # own streams
     tumours, count = ndimage.label(out.array == HEPATIC_TUMOR)
     assert count == 2 and sorted(np.bincount(tumours.ravel())[1:].tolist()) == [1676, 1676]
     first = tumours == tumours[tuple(records[0]["centre_voxel"])]
