@@ -342,3 +342,18 @@ def test_what_an_ldm_preset_cannot_do_is_refused_before_any_work(tmp_path, capsy
     assert main(["--config", str(_config(tmp_path, preset, checkpoints, sampling=sampling))]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_on_a_checkpoint_is_refused_by_the_guard_before_any_work(tmp_path, ldm_checkpoints, capsys):
+    ckpt = dict(ldm_checkpoints["tiny-ldm-2d"]["ours"])
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt["autoencoder"] = out / "ldm_seed3_image.png"  # where sample 3 would write its PNG
+    ckpt["autoencoder"].write_bytes(ldm_checkpoints["tiny-ldm-2d"]["ours"]["autoencoder"].read_bytes())
+    before = ckpt["autoencoder"].read_bytes()
+    assert main(["--config", str(_config(tmp_path, "tiny-ldm-2d", ckpt))]) == 2
+    err = capsys.readouterr().err
+    assert "the png of sample 3" in err and "would overwrite $.checkpoints.autoencoder" in err
+    assert ckpt["autoencoder"].read_bytes() == before and sorted(p.name for p in out.iterdir()) == [
+        "ldm_seed3_image.png"
+    ]
