@@ -31,12 +31,14 @@ class LDMSample:
             seeds' intensities are in [0, 1] (percentile-scaled training images), not clipped here.
         timesteps: the training timesteps the loop visited, in order.
         timestep_spacing: how they were spaced.
+        prediction_type: what the scheduler took the UNet's output for (``epsilon`` or ``v_prediction``).
         timings_s: seconds spent sampling and decoding.
     """
 
     image: np.ndarray
     timesteps: list[int]
     timestep_spacing: TimestepSpacing
+    prediction_type: str
     timings_s: dict[str, float]
 
 
@@ -74,5 +76,6 @@ def sample_ldm(config: InferConfig, models: LDMModels, seed: int, progress: bool
         image.float()[0, 0].cpu().numpy(),
         [int(t) for t in scheduler.timesteps],
         spacing,
+        str(getattr(scheduler, "prediction_type", "epsilon")),
         {"sampling": t1 - t0, "decoding": t2 - t1},
     )

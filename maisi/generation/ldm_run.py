@@ -181,7 +181,7 @@ def sample_metadata(job: LDMJob, seed: int, geometry: dict[str, Any], sample: An
             "num_inference_steps": config.num_inference_steps,
             "timestep_spacing": sample.timestep_spacing,
             "timesteps": sample.timesteps,
-            "prediction_type": preset.prediction_type,
+            "prediction_type": sample.prediction_type,
             "clip_sample": False,
         },
         "scale_factor": models.scale.to_json(),
