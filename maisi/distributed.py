@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from maisi.errors import InputError
 
 T = TypeVar("T")
 
@@ -85,3 +87,19 @@ def barrier(ranks: Ranks) -> None:
 def finish(ranks: Ranks) -> None:
     if ranks.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agreed(ranks: Ranks, step: Callable[[], T]) -> T:
+    """Run a step of checks on every rank; when it raised InputError on any rank, raise it on every rank
+    (the lowest rank's message), so that all stop with exit code 2 and none waits for the others."""
+    if ranks.world_size == 1:
+        return step()
+    result, message = None, None
+    try:
+        result = step()
+    except InputError as e:
+        message = str(e)
+    first = first_error(message, ranks)
+    if first is not None:
+        raise InputError(first)
+    return result  # type: ignore[return-value]

@@ -1,6 +1,8 @@
-"""``python -m maisi.infer``: generate CT volumes from a label mask, many masks, a description, or image-only.
+"""``python -m maisi.infer``: generate CT volumes from a label mask, many masks, a description, or image-only;
+or, with a plain LDM preset (``brats-2d-ldm``, ``brats-3d-ldm``, ...), unconditional 2D images or 3D volumes.
 
-The run itself is :mod:`maisi.generation.run`; this module parses the command line. Many masks are shared
+The run itself is :mod:`maisi.generation.run` (:mod:`maisi.generation.ldm_run` for LDM presets); this module
+parses the command line. Many masks are shared
 among processes with ``torchrun --nproc_per_node=N -m maisi.infer --config ...``. A second run into a
 folder in use stops with exit code 2. Exit codes: 0 done, 2 bad input (nothing written), 1 runtime failure
 (a sample that failed is counted and the others are still generated), or a sample failed the HU check under
@@ -18,13 +20,16 @@ from typing import Any
 
 from maisi.cli import EXIT_OK, EXIT_RUNTIME, load_cli_config, make_parser, run_guarded, schema_int, setup_cli
 from maisi.config import InferConfig, to_jsonable
+from maisi.errors import InputError
 
 PROG = "maisi.infer"
 log = logging.getLogger(PROG)
 
 
 def build_parser():
-    parser = make_parser(PROG, "Generate CT volumes with a MAISI-style latent diffusion model.")
+    parser = make_parser(
+        PROG, "Generate CT volumes with a MAISI-style latent diffusion model, or images with a plain LDM."
+    )
     parser.add_argument("--output-dir", help="overrides $.output.dir (relative to the working directory)")
     parser.add_argument("--seed", type=schema_int("infer", "seed"), help="overrides $.seed")
     parser.add_argument(
@@ -60,8 +65,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from maisi.generation import run as generation_run  # imports torch and MONAI: after parsing
+        from maisi.generation.ldm_files import ldm_run_paths
 
-        config = load_cli_config(args, "infer", generation_run.declared_paths, apply_overrides)
+        def declared(config: InferConfig) -> Any:
+            """What the run reads and writes: the LDM family's files, or MAISI's."""
+            return ldm_run_paths(config) if config.is_ldm else generation_run.declared_paths(config)
+
+        config = load_cli_config(args, "infer", declared, apply_overrides)
+        if config.is_ldm:
+            return run_ldm(config, args)
 
         with generation_run.process_group(config) as ranks:  # torchrun: one process per device
             if args.dry_run:
@@ -77,6 +89,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME if code else EXIT_OK
 
     return run_guarded(PROG, body)
+
+
+def run_ldm(config: InferConfig, args: Any) -> int:
+    """The run of a plain LDM preset (:mod:`maisi.generation.ldm_run`), with the same process group,
+    ``--dry-run`` and exit codes as CT."""
+    if args.strict_quality:
+        raise InputError(f"--strict-quality: the HU check is MAISI's; preset '{config.preset}' has none")
+    from maisi.generation import ldm_run
+    from maisi.generation import run as generation_run  # torch and MONAI: after parsing
+    from maisi.generation.ldm_files import resolved_ldm_config
+
+    with generation_run.process_group(config) as ranks:
+        if args.dry_run:  # every check, networks loaded strictly included; writes nothing
+            ldm_run.prepare_ldm(config, ranks)
+            if ranks.is_main:
+                print(json.dumps(resolved_ldm_config(config), indent=2))
+            return EXIT_OK
+        summary = ldm_run.generate_all_ldm(config, ranks)
+    if ranks.is_main:
+        (log.error if summary.exit_code else log.info)(summary.line)
+    return EXIT_RUNTIME if summary.exit_code else EXIT_OK
 
 
 if __name__ == "__main__":

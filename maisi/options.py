@@ -41,6 +41,7 @@ Modality = Literal[  # the names of MAISI's modality mapping (maisi_modality_map
     "mri_mra_skull_stripped",
 ]
 VolumeFormat = Literal["nii.gz", "nii", "nrrd", "mha"]
+ImageFormat = Literal["nii.gz", "nii", "nrrd", "mha", "png"]  # infer outputs: png for 2D LDM samples only
 EncodeKind = Literal["image", "mask"]  # what maisi.encode encodes: CT images, or label masks (mask VAE)
 CheckedOrgan = Literal[
     "liver", "spleen", "pancreas", "kidney", "lung", "bone", "brain"

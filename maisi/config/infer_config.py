@@ -11,6 +11,7 @@ from typing import Any
 from maisi.config.schema import build_dataclass, fill_defaults, load_schema
 from maisi.config.size_request import ABSENT, size_request_problems
 from maisi.families.ct import PRESETS
+from maisi.families.ldm import LDM_PRESETS
 from maisi.options import (
     DEFAULT_STEPS,
     REGION_INDEX,
@@ -19,11 +20,12 @@ from maisi.options import (
     CompileOption,
     DecodeMethod,
     DeviceName,
+    ImageFormat,
     MaskSampler,
     Modality,
     Precision,
     Sampler,
-    VolumeFormat,
+    TimestepSpacing,
 )
 
 
@@ -46,6 +48,8 @@ class SamplingConfig:
     num_inference_steps: int | None
     conditioning_scale: float
     guidance_scale: float  # classifier-free guidance; 0: off
+    timestep_spacing: TimestepSpacing | None  # LDM presets; None: the preset's
+    scale_factor: float | None  # LDM presets; None: the UNet checkpoint's, else the preset's
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class DecodingConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str
-    format: VolumeFormat
+    format: ImageFormat
     prefix: str
     preview: bool
 
@@ -199,13 +203,25 @@ class InferConfig:
         return self.mask is not None or self.anatomy is not None or self.is_batch
 
     @property
+    def is_ldm(self) -> bool:
+        """Whether ``$.preset`` is a plain LDM preset (:mod:`maisi.families.ldm`), not a MAISI one."""
+        return self.preset in LDM_PRESETS
+
+    @property
     def sampler(self) -> Sampler:
         """The sampler to use: the configured one or the preset's own."""
+        if self.is_ldm:
+            return self.sampling.scheduler or LDM_PRESETS[self.preset].sampler
         return self.sampling.scheduler or PRESETS[self.preset].schedule.kind
 
     @property
     def num_inference_steps(self) -> int:
-        return self.sampling.num_inference_steps or DEFAULT_STEPS[self.sampler]
+        """The configured steps, else the LDM preset's (for its own sampler) or the sampler's default."""
+        if self.sampling.num_inference_steps:
+            return self.sampling.num_inference_steps
+        if self.is_ldm and self.sampler == LDM_PRESETS[self.preset].sampler:
+            return LDM_PRESETS[self.preset].num_steps
+        return DEFAULT_STEPS[self.sampler]
 
 
 def _region_problems(regions: tuple[str, ...]) -> list[str]:
@@ -261,7 +277,10 @@ INPUT_KEYS = ("mask", "masks", "datalist", "anatomy")  # where the masks come fr
 
 
 def check_infer_config(config: InferConfig) -> list[str]:
-    """Cross-key checks; each message starts with the JSON path it concerns."""
+    """Cross-key checks; each message starts with the JSON path it concerns. The input modes are MAISI's:
+    an LDM preset's config is checked against its preset (:mod:`maisi.families.ldm_checks`)."""
+    if config.is_ldm:
+        return []
     problems: list[str] = []
     if config.from_mask and config.from_anatomy:
         return ["$.anatomy: cannot be combined with $.mask (a mask is given or retrieved, not both)"]

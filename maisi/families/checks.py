@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from maisi.config import EncodeConfig, EvaluateConfig, InferConfig, TrainConfig, load_config
+from maisi.config.loader import read_json
 from maisi.errors import InputError
 from maisi.families.ct import PRESETS, Preset, check_sampler, get_preset, grid_problems
+from maisi.families.ldm import LDM_PRESETS
+from maisi.families.ldm_checks import ldm_infer_problems, png_for_maisi_problem
 from maisi.families.mask import MASK_PRESETS, MaskPreset, get_mask_preset
+from maisi.families.registry import config_keys, foreign_key_problems, foreign_keys
 from maisi.resources import load_json
 
 FIRST_MR_CODE = 8  # MAISI: codes 0-7 are CT (0: unknown), 8 and up MR
@@ -29,10 +33,14 @@ def _preset(name: str, key: str) -> tuple[Preset | None, list[str]]:
 
 
 def infer_problems(config: InferConfig) -> list[str]:
-    """Grid, body region, sampler and (anatomy mode) the requested names of an infer config."""
+    """Grid, body region, sampler and (anatomy mode) the requested names of an infer config; an LDM preset's
+    config is checked by :func:`maisi.families.ldm_checks.ldm_infer_problems`."""
+    if config.preset in LDM_PRESETS:
+        return ldm_infer_problems(config)
     preset, problems = _preset(config.preset, "$.preset")
     if preset is None:
         return problems
+    problems += png_for_maisi_problem(config)
     if not config.from_mask and not config.from_anatomy and not config.is_batch:
         if preset.uses_body_region and config.body_region is None:
             problems.append(
@@ -237,7 +245,30 @@ CHECKS: dict[str, Callable[[Any], list[str]]] = {
 }
 
 
+def _foreign_key_check(path: str | Path) -> Callable[[InferConfig], list[str]]:
+    """The check of the keys an inference file gives (as written, before defaults) against its preset's
+    family: each key the family does not take, by name (:func:`maisi.families.registry.foreign_keys`)."""
+    try:
+        given = config_keys(read_json(path))
+    except InputError:  # the loader reports an unreadable file itself
+        given = []
+
+    def check(config: InferConfig) -> list[str]:
+        try:
+            keys, problems = foreign_keys(config.preset, given), foreign_key_problems(config.preset, given)
+        except InputError:  # an unknown preset: named by the preset checks
+            return []
+        return [f"$.{key}: {problem}" for key, problem in zip(keys, problems)]
+
+    return check
+
+
 def load_checked_config(path: str | Path, kind: str) -> Any:
-    """:func:`maisi.config.load_config` plus the preset checks of ``kind``, all problems reported at once."""
+    """:func:`maisi.config.load_config` plus the preset checks of ``kind``, all problems reported at once.
+
+    An inference config is also checked for keys its preset's family does not take (exit 2, by name)."""
     check = CHECKS.get(kind)
-    return load_config(path, kind, checks=(check,) if check else ())
+    checks: list[Callable[[Any], list[str]]] = [check] if check else []
+    if kind == "infer":
+        checks.insert(0, _foreign_key_check(path))
+    return load_config(path, kind, checks=checks)

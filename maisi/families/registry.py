@@ -39,8 +39,21 @@ CONDITION_KEYS: dict[Condition, tuple[str, ...]] = {
     "modality": ("modality",),
     "prompts": ("prompts", "text_encoder"),
 }
-# Inference-config keys that only one family takes (MAISI's CT checks and grid limits).
-FAMILY_ONLY_KEYS: dict[str, tuple[str, ...]] = {"maisi": ("quality_check", "enforce_preset_limits")}
+# Inference-config keys that only one family takes, top-level or ``section.key`` (:func:`config_keys`):
+# MAISI's HU check, grid limits, grid, tiled decoder, ControlNet and torch.compile; the plain LDMs' timestep
+# spacing and scale-factor override (MAISI's checkpoints hold their scale factor).
+FAMILY_ONLY_KEYS: dict[str, tuple[str, ...]] = {
+    "maisi": (
+        "quality_check",
+        "enforce_preset_limits",
+        "output_size",
+        "decoding",
+        "compile",
+        "checkpoints.controlnet",
+        "sampling.conditioning_scale",
+    ),
+    "ldm": ("sampling.timestep_spacing", "sampling.scale_factor"),
+}
 
 
 @dataclass(frozen=True)
@@ -161,6 +174,19 @@ def find_preset(name: str) -> PresetEntry:
     return PresetEntry(name, family, preset, conditions, accepted)
 
 
+def config_keys(data: Any) -> list[str]:
+    """The keys an inference config gives, in file order: each top-level key, and ``section.key`` for the
+    keys inside a top-level object (``sampling.timestep_spacing``); empty when ``data`` is not an object."""
+    if not isinstance(data, dict):
+        return []
+    keys: list[str] = []
+    for key, value in data.items():
+        keys.append(str(key))
+        if isinstance(value, dict):
+            keys += [f"{key}.{inner}" for inner in value]
+    return keys
+
+
 def foreign_keys(name: str, keys: Iterable[str]) -> list[str]:
     """The keys among ``keys`` (top-level keys of an inference config) that preset ``name``'s family does
     not take, in the order given: keys of a condition it does not accept, and keys of another family only.
@@ -178,7 +204,8 @@ def foreign_key_problems(name: str, keys: Iterable[str]) -> list[str]:
     owner = {k: c for c, ks in CONDITION_KEYS.items() for k in ks}
     problems = []
     for key in foreign_keys(name, keys):
-        what = f"condition '{owner[key]}'" if key in owner else "a key of the maisi family only"
+        only = next((f for f, ks in FAMILY_ONLY_KEYS.items() if key in ks), None)
+        what = f"condition '{owner[key]}'" if key in owner else f"a key of the {only} family only"
         problems.append(
             f"'{key}' ({what}) is not taken by preset '{name}' (family {entry.family.name}, which takes "
             f"{takes}); remove it"

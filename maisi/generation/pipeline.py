@@ -179,6 +179,11 @@ class Pipeline:
         """
         if self._models is not None:
             return
+        if self.config.is_ldm:
+            raise InputError(
+                f"$.preset: '{self.config.preset}' is a plain LDM preset; the Pipeline runs MAISI presets: "
+                "run python -m maisi.infer, or maisi.families.ldm_sampling.sample_ldm in memory"
+            )
         if self.config.is_batch:
             key = "$.masks" if self.config.masks is not None else "$.datalist"
             raise InputError(

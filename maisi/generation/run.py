@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +33,7 @@ from maisi.atomic import folder_lock, remove_stale_temporaries, write_json
 from maisi.config import InferConfig, to_jsonable
 from maisi.data.io import write_volume
 from maisi.device import resolve_device
-from maisi.distributed import Ranks, finish, first_error, gather, init_from_env
+from maisi.distributed import Ranks, agreed, finish, gather, init_from_env
 from maisi.errors import InputError
 from maisi.files import check_output_dir, file_sha256
 from maisi.generation.files import (
@@ -119,22 +119,6 @@ class Job:
         return hashlib.sha256("\n".join(i.key for i in self.inputs).encode()).hexdigest()
 
 
-def _agreed(ranks: Ranks, step: Callable[[], T]) -> T:
-    """Run a step of checks on every rank; when it raised InputError on any rank, raise it on every rank
-    (the lowest rank's message), so that all stop with exit code 2 and none waits for the others."""
-    if ranks.world_size == 1:
-        return step()
-    result, message = None, None
-    try:
-        result = step()
-    except InputError as e:
-        message = str(e)
-    first = first_error(message, ranks)
-    if first is not None:
-        raise InputError(first)
-    return result  # type: ignore[return-value]
-
-
 def declared_paths(config: InferConfig) -> RunPaths:
     """What the job reads and writes (:func:`maisi.generation.files.run_paths`), from the config alone.
 
@@ -165,11 +149,11 @@ def prepare(config: InferConfig, ranks: Ranks | None = None) -> Job:
         check_output_dir(config.output.dir)
         return ranks.device(resolve_device(config.device)), expand_inputs(config)
 
-    device, (inputs, problems) = _agreed(ranks, local_checks)
+    device, (inputs, problems) = agreed(ranks, local_checks)
     declared = [(str(i.config.mask) if i.config.mask else None, i.stem, i.source) for i in inputs]
-    _agreed(ranks, lambda: run_paths(config, declared).check("generate"))  # before any mask is read
+    agreed(ranks, lambda: run_paths(config, declared).check("generate"))  # before any mask is read
     plan, mask_sha = _check_inputs(inputs, problems, device, ranks)
-    return _agreed(ranks, lambda: _load_and_name(config, inputs, plan, mask_sha, device, ranks))
+    return agreed(ranks, lambda: _load_and_name(config, inputs, plan, mask_sha, device, ranks))
 
 
 def _check_inputs(
@@ -179,7 +163,7 @@ def _check_inputs(
     of each input's mask. With many masks every rank checks its share, and every problem, those of finding
     the masks (``problems``) included, is raised at once."""
     if len(inputs) == 1 and inputs[0].stem is None:
-        plan = _agreed(ranks, lambda: check_input(inputs[0].config, device))
+        plan = agreed(ranks, lambda: check_input(inputs[0].config, device))
         for warning in plan.warnings if ranks.is_main else ():
             log.warning(warning)
         mask = inputs[0].config.mask
@@ -448,7 +432,7 @@ def generate_all(config: InferConfig, ranks: Ranks | None = None) -> RunSummary:
                 return True
             return False
 
-        locked = _agreed(ranks, lock_early)
+        locked = agreed(ranks, lock_early)
         job = prepare(config, ranks)
         with _locked_output(job, started, locked):
             states = _states(job)
@@ -501,7 +485,7 @@ def _locked_output(job: Job, started: float, locked: bool = False) -> Iterator[N
             write_job_config(config, job.key)
             _log_job(job)
 
-        _agreed(ranks, take)  # the other ranks start writing only once rank 0 holds the lock
+        agreed(ranks, take)  # the other ranks start writing only once rank 0 holds the lock
         yield
 
 

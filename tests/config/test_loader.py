@@ -193,7 +193,7 @@ def test_limits_can_be_relaxed_for_experiments(tmp_path):
 
 
 def test_all_errors_are_reported_at_once(tmp_path):
-    data = {**_minimal(tmp_path), "seed": -1, "device": "tpu", "colour": "red", "output": {"format": "png"}}
+    data = {**_minimal(tmp_path), "seed": -1, "device": "tpu", "colour": "red", "output": {"format": "jpeg"}}
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, data)
     paths = [e.split(":")[0] for e in info.value.errors]
