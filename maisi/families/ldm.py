@@ -170,6 +170,12 @@ def preset_problems(preset: LDMPreset) -> list[str]:
         out.append("text_context_length must be given exactly when the UNet has cross-attention")
     if preset.schedule.kind != "ddpm":
         out.append(f"schedule '{preset.schedule.kind}' is not ddpm")
+    if preset.prediction_type != preset.schedule.prediction_type:
+        # the schedulers read the schedule's: a preset saying otherwise would sample with the wrong target
+        out.append(
+            f"prediction_type {preset.prediction_type!r} differs from its schedule's "
+            f"{preset.schedule.prediction_type!r}"
+        )
     out += check_sampler(preset.schedule, preset.sampler, preset.num_steps)
     return out
 
@@ -228,7 +234,7 @@ def _unet(
 # Source: brats_mri_*_generative_diffusion configs (scaled_linear_beta, 1000 steps, 0.0015-0.0195), and
 # Warvito's ldm_v0.yaml (same with beta_end 0.0205).
 _BRATS_SCHEDULE = NoiseSchedule("ddpm", 1000, "scaled_linear_beta", 0.0015, 0.0195)
-_CXR_SCHEDULE = NoiseSchedule("ddpm", 1000, "scaled_linear_beta", 0.0015, 0.0205)
+_CXR_SCHEDULE = NoiseSchedule("ddpm", 1000, "scaled_linear_beta", 0.0015, 0.0205, "v_prediction")
 _BUNDLE_SCALE = (
     "the bundle's sampler decodes the raw latent (its training 1/std is never saved), so its samples "
     "are made with 1.0"

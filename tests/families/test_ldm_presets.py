@@ -44,6 +44,9 @@ def test_released_presets_carry_the_seeds_schedules_and_sampling():
         assert p.prediction_type == "epsilon" and p.scale_factor == 1.0 and p.conditions == frozenset()
         assert p.autoencoder["include_fc"] is False and p.diffusion_unet["include_fc"] is False
     assert cxr.schedule.beta_end == 0.0205 and cxr.prediction_type == "v_prediction"
+    # the schedulers take the schedule's prediction type: every preset's must be its own
+    for p in LDM_PRESETS.values():
+        assert p.schedule.prediction_type == p.prediction_type, p.name
     assert cxr.scale_factor == 0.3 and "0.3" in cxr.scale_factor_source and cxr.guidance_scale == 7.0
     assert cxr.diffusion_unet["include_fc"] is True and cxr.context_width == 1024
     assert cxr.conditions == frozenset({"prompts"}) and cxr.text_context_length == 77
@@ -115,6 +118,8 @@ def test_inconsistent_preset_is_a_packaging_error():
         replace(base, text_context_length=77)
     with pytest.raises(ValueError, match="sampler 'rflow' cannot sample"):
         replace(base, sampler="rflow")
+    with pytest.raises(ValueError, match="differs from its schedule's 'epsilon'"):
+        replace(base, prediction_type="v_prediction")
     assert isinstance(replace(base, name="copy"), LDMPreset)
 
 
