@@ -27,7 +27,7 @@ log = logging.getLogger(PROG)
 def build_parser():
     return make_parser(
         PROG,
-        "Evaluate synthetic CT (VAE reconstruction, diversity, 2.5D FID, montage), or a plain LDM's images ($.ldm).",
+        "Evaluate synthetic CT (VAE reconstruction, diversity, 2.5D FID, montage) or a plain LDM ($.ldm).",
     )
 
 

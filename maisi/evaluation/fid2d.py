@@ -43,7 +43,7 @@ _XRV_DROPPED = ("classifier.", "op_threshs")
 
 
 class XrvFeatures(torch.nn.Module):
-    """torchxrayvision's ``features2`` on MONAI DenseNet121: (N, 1, 224, 224) on [-1024, 1024] -> (N, 1024)."""
+    """torchxrayvision's ``features2`` on MONAI DenseNet121: (N, 1, 224, 224) -> (N, 1024)."""
 
     def __init__(self, densenet: DenseNet121) -> None:
         super().__init__()
