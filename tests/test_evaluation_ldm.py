@@ -292,6 +292,9 @@ def _bad(tmp_path: Path, case: str) -> tuple[dict, dict, str]:
     if case == "3d xrv":
         ldm.update(spatial_dims=3, real=good, fid={"network": "xrv-densenet121", "weights": good})
         return ldm, top, "$.ldm.fid.network"
+    if case == "report over an input":
+        top["output"] = {"report": str(tmp_path / "good" / "000.png")}
+        return ldm, top, "$.output.report"
     if case == "unknown key":
         ldm["diversity"] = {"pairs": 3}
         return ldm, top, "$.ldm.diversity"
@@ -308,6 +311,7 @@ def _bad(tmp_path: Path, case: str) -> tuple[dict, dict, str]:
         "empty box",
         "ct key",
         "3d xrv",
+        "report over an input",
         "unknown key",
     ],
 )
@@ -315,9 +319,10 @@ def test_bad_inputs_exit_2_naming_the_key_and_write_nothing(tmp_path, capsys, ca
     ldm, top, key = _bad(tmp_path, case)
     data = {"ldm": ldm, "output": {"report": str(tmp_path / "out" / "report.json")}, "device": "cpu", **top}
     (tmp_path / "c.json").write_text(json.dumps(data))
+    before = sorted(tmp_path.rglob("*"))
     assert main(["--config", str(tmp_path / "c.json"), "--no-progress"]) == 2
     assert key in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
 def test_shipped_ldm_example_config_validates():
@@ -327,3 +332,16 @@ def test_shipped_ldm_example_config_validates():
         Path(__file__).parents[1] / "configs" / "evaluate_ldm_example.json", "evaluate"
     )
     assert config.ldm is not None and config.ldm.adherence is not None
+
+
+def test_dry_run_checks_and_writes_nothing(tmp_path):
+    rng = np.random.default_rng(8)
+    images = str(write_set(tmp_path / "s", [smooth(rng) for _ in range(3)]))
+    data = {
+        "ldm": {"spatial_dims": 2, "synthetic": images, "intensity": RANGE},
+        "device": "cpu",
+        "output": {"report": str(tmp_path / "out" / "r.json"), "table": str(tmp_path / "out" / "t.txt")},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    assert main(["--config", str(tmp_path / "c.json"), "--dry-run"]) == 0
+    assert not (tmp_path / "out").exists()
