@@ -111,7 +111,7 @@ def test_noise_is_diverse_and_copies_are_not(tmp_path):
     assert report["diversity"]["synthetic"]["pairs"] == 10
     assert report["diversity"]["synthetic"]["ms_ssim_mean"] < 0.2
     assert report["diversity"]["real"]["ms_ssim_mean"] == pytest.approx(1.0, abs=1e-4)
-    assert report["memorisation"] is None  # no training set
+    assert report["memorisation"] is None and "training" in report["memorisation_skipped"]
 
 
 def test_a_copied_training_image_is_flagged_an_independent_one_is_not(tmp_path):
@@ -257,11 +257,23 @@ def test_volumes_diversity_with_fewer_scales_and_25d_fid(tmp_path):
         "ssim": {"kernel_size": 3, "scales": 3},
         "fid": {"weights": str(tiny_resnet_weights(tmp_path / "r.pt")), "image_size": 32, "slice_step": 4},
     }
+    torch.manual_seed(0)
+    torch.save(
+        build_ldm_network(get_ldm_preset("tiny-ldm-3d"), "autoencoder").state_dict(), tmp_path / "ae.pt"
+    )
+    ldm["reconstruction"] = {
+        "enabled": True,
+        "preset": "tiny-ldm-3d",
+        "autoencoder": str(tmp_path / "ae.pt"),
+        "held_out": [str(tmp_path / "real" / "0.nii.gz")],
+    }
     rc, report = run_config(tmp_path, ldm)
     assert rc == 0
     assert len(report["ssim"]["ms_ssim_weights"]) == 3
     assert report["diversity"]["synthetic"]["ms_ssim_mean"] < 0.3
     assert set(report["fid"]) >= {"xy", "yz", "zx", "mean"} and report["fid"]["mean"] > 0
+    case = report["reconstruction"]["cases"][0]
+    assert case["shape"] == [24, 24, 24] and case["ms_ssim"] is not None and math.isfinite(case["psnr"])
 
 
 def _bad(tmp_path: Path, case: str) -> tuple[dict, dict, str]:

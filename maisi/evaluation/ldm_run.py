@@ -254,6 +254,7 @@ def run_ldm_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[st
         "reconstruction": None,
         "diversity": None,
         "memorisation": None,
+        "memorisation_skipped": None,
         "fid": None,
         "fid_skipped": None,
         "adherence": None,
@@ -300,6 +301,8 @@ def run_ldm_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[st
                     "possibly memorised: %s (nearest training image %s)", row["sample"], row["nearest"]
                 )
         report["memorisation"] = mem
+    elif ldm.memorisation.enabled:
+        report["memorisation_skipped"] = "needs both $.ldm.synthetic and $.ldm.training"
     if prepared.fid_net is not None:
         one_shape(real, files["$.ldm.real"], "$.ldm.real")
         one_shape(synthetic, files["$.ldm.synthetic"], "$.ldm.synthetic")
