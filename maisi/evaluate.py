@@ -7,6 +7,10 @@ anything is computed. Exit codes: 0 report written, 2 bad input (missing files, 
 cannot be written, mismatched grids, synthetic volumes too small for the diversity's MS-SSIM, fewer than 2
 samples, feature-network weights of the wrong shape, malformed checkpoints, an FID over inputs mixing CT and
 MR, unusable ``maisi.infer`` metadata beside a synthetic file), 1 runtime failure.
+
+With ``$.ldm`` the same command evaluates a plain LDM's 2D images or 3D volumes (PNG / NIfTI sets):
+reconstruction, diversity, memorisation, 2D / 2.5D FID and prompt adherence
+(:mod:`maisi.evaluation.ldm_run`; ``docs/evaluation_ldm.md``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ log = logging.getLogger(PROG)
 
 
 def build_parser():
-    return make_parser(PROG, "Evaluate synthetic CT: VAE reconstruction, diversity, 2.5D FID, montage.")
+    return make_parser(
+        PROG,
+        "Evaluate synthetic CT (VAE reconstruction, diversity, 2.5D FID, montage) or a plain LDM ($.ldm).",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,15 +37,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         # imports torch and MONAI: after parsing, so --help stays fast
-        from maisi.evaluation.inputs import declared_paths
-        from maisi.evaluation.run import prepare, run_evaluation
+        from maisi.evaluation import inputs, ldm_run, run
+
+        def declared_paths(config):  # the LDM evaluation ($.ldm) reads its own sets
+            return (ldm_run if config.ldm is not None else inputs).declared_paths(config)
 
         config = load_cli_config(args, "evaluate", declared_paths)
         if args.dry_run:
-            prepare(config)  # every check of the run, the networks loaded; writes nothing
+            (ldm_run if config.ldm is not None else run).prepare(config)  # every check; writes nothing
             return print_config(config)
 
-        report = run_evaluation(config, progress=not args.no_progress)
+        if config.ldm is not None:
+            ldm_run.run_ldm_evaluation(config, progress=not args.no_progress)
+            log.info("wrote %s", config.output.report)
+            return EXIT_OK
+        report = run.run_evaluation(config, progress=not args.no_progress)
         log.info(
             "wrote %s%s",
             config.output.report,

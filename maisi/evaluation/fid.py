@@ -70,12 +70,15 @@ class FeatureNetwork:
     path: Path
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of the feature network's weights file (see :func:`maisi.checkpoints.read_plain_state_dict`)."""
-    return read_plain_state_dict(path, "$.fid.weights")
+def read_state_dict(path: str | Path, key: str = "$.fid.weights") -> dict[str, torch.Tensor]:
+    """Tensors of the feature network's weights file (see :func:`maisi.checkpoints.read_plain_state_dict`);
+    ``key`` names the config key in errors."""
+    return read_plain_state_dict(path, key)
 
 
-def build_resnet(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[ResNet, str]:
+def build_resnet(
+    state_dict: dict[str, torch.Tensor], path: Path, key: str = "$.fid.weights"
+) -> tuple[ResNet, str]:
     """The MONAI 2D ResNet (torchvision layout) whose depth and width the state_dict implies, and its name.
 
     Raises:
@@ -85,17 +88,17 @@ def build_resnet(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[ResNe
     if conv1 is None or not any(k.startswith("layer4.") for k in state_dict):
         sample = ", ".join(list(state_dict)[:4])
         raise CheckpointError(
-            f"$.fid.weights: {path}: not the weights of a ResNet (keys {sample}, ...); expected a "
+            f"{key}: {path}: not the weights of a ResNet (keys {sample}, ...); expected a "
             "torchvision or MONAI 2D ResNet state_dict (conv1, bn1, layer1..layer4)"
         )
     if conv1.ndim != 4:
         raise CheckpointError(
-            f"$.fid.weights: {path}: conv1.weight has shape {tuple(conv1.shape)}, a "
+            f"{key}: {path}: conv1.weight has shape {tuple(conv1.shape)}, a "
             f"{conv1.ndim - 2}D network; the 2.5D FID needs a 2D ResNet"
         )
     if "conv1.bias" in state_dict or "layer1.0.conv1.bias" in state_dict:
         raise CheckpointError(
-            f"$.fid.weights: {path}: a ResNet with biases on its convolutions (the Keras-converted "
+            f"{key}: {path}: a ResNet with biases on its convolutions (the Keras-converted "
             "RadImageNet ResNet-50 layout); not supported: MONAI's ResNet has bias-free "
             "convolutions. Use a torchvision or MONAI ResNet state_dict"
         )
@@ -105,7 +108,7 @@ def build_resnet(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[ResNe
         found = {int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
         layers.append(max(found) + 1 if found else 0)
     if min(layers) < 1:
-        raise CheckpointError(f"$.fid.weights: {path}: ResNet stage layer{layers.index(0) + 1} has no blocks")
+        raise CheckpointError(f"{key}: {path}: ResNet stage layer{layers.index(0) + 1} has no blocks")
     widen = conv1.shape[0] / 64
     bias_downsample = any(re.fullmatch(r"layer\d\.0\.downsample\.0\.bias", k) for k in state_dict)
     network = ResNet(
@@ -125,7 +128,9 @@ def build_resnet(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[ResNe
     return network, name if widen == 1 else f"{name} x{widen:g} width"
 
 
-def load_feature_network(path: str | Path, device: torch.device) -> FeatureNetwork:
+def load_feature_network(
+    path: str | Path, device: torch.device, key: str = "$.fid.weights"
+) -> FeatureNetwork:
     """Build the 2D ResNet the weights file describes and load it strictly (eval mode, on ``device``).
 
     Raises:
@@ -133,10 +138,10 @@ def load_feature_network(path: str | Path, device: torch.device) -> FeatureNetwo
             network (e.g. a 1-channel ``conv1``); the message names the conflicting keys.
     """
     path = Path(path)
-    state_dict = read_state_dict(path)
-    network, name = build_resnet(state_dict, path)
+    state_dict = read_state_dict(path, key)
+    network, name = build_resnet(state_dict, path, key)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    what = f"$.fid.weights: {path}: weights do not fit the {name} feature network (3 input channels, "
+    what = f"{key}: {path}: weights do not fit the {name} feature network (3 input channels, "
     load_strictly(network, state_dict, what + "torchvision layout)")
     network.eval().to(device)
     return FeatureNetwork(network, name, int(network.in_planes), path)  # in_planes: layer4's output channels
