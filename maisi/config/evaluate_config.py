@@ -42,7 +42,7 @@ class EvaluateOutputConfig:
     report: str
     montage: str | None
     montage_cases: int
-    table: str | None = None
+    table: str | None
 
 
 Files = str | tuple[str, ...]  # a glob pattern, a folder, or a list of files
@@ -131,7 +131,7 @@ class EvaluateConfig:
     device: DeviceName
     precision: Precision
     modality: Modality
-    ldm: LdmEvaluateConfig | None = None
+    ldm: LdmEvaluateConfig | None
 
 
 def check_ldm_config(config: EvaluateConfig) -> list[str]:
