@@ -17,6 +17,7 @@ import torch
 from maisi.checkpoints import load_ldm_network, read_weights
 from maisi.families.ldm import get_ldm_preset
 from maisi.train import main
+from maisi.training.ldm_data import CropDraw, ImageSteps, LDMVolumes, check_ldm_images, read_ldm_dataset
 from tests.conftest import write_config
 
 CHANNELS = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
@@ -167,3 +168,24 @@ def test_ldm_refusals(tmp_path, brats, capsys):
         assert main([stage, "--config", str(path)]) == 2, stage
         assert expected in capsys.readouterr().err
         assert not (tmp_path / f"out{i}").exists()
+
+
+def test_the_named_channel_is_read_scaled_and_cropped_by_generator(brats):
+    """``T1w`` is channel 1 of every volume, scaled by its 0-100 percentiles to [0, 1]; a step's crops are a
+    function of its generator: (N, 1, x, y) slices of one image for 2D presets, (N, 1, x, y, z) for 3D."""
+    dataset = read_ldm_dataset(brats, None, "t1W")
+    assert (dataset.channel, dataset.channel_name) == (1, "T1w")
+    steps = ImageSteps(2, dataset.channel, None, None, (0.0, 100.0))
+    items, problems = check_ldm_images(dataset.entries, dataset.root, "training")
+    assert problems == []
+    volumes = LDMVolumes(items, steps, (16, 16, 1), cache_rate=1.0)
+    raw = nib.load(brats.parent / "imagesTr" / "BRATS_000.nii.gz").get_fdata()[..., 1]
+    expected = (raw - raw.min()) / (raw.max() - raw.min())
+    assert torch.allclose(volumes[0][0], torch.as_tensor(expected, dtype=torch.float32), atol=1e-5)
+
+    draw = CropDraw(volumes, 5, (16, 12), flip_prob=0.5)
+    batch = draw(torch.Generator().manual_seed(3))
+    assert batch.shape == (5, 1, 16, 12)
+    assert torch.equal(batch, draw(torch.Generator().manual_seed(3)))
+    assert not torch.equal(batch, draw(torch.Generator().manual_seed(4)))
+    assert CropDraw(volumes, 3, (8, 12, 4))(torch.Generator().manual_seed(3)).shape == (3, 1, 8, 12, 4)
