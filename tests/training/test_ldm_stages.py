@@ -7,6 +7,9 @@ The model-zoo CI pattern (``ci/unit_tests/test_brats_mri_generative_diffusion.py
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +23,7 @@ from maisi.train import main
 from maisi.training.ldm_data import CropDraw, ImageSteps, LDMVolumes, check_ldm_images, read_ldm_dataset
 from tests.conftest import write_config
 
+REPO = Path(__file__).resolve().parents[2]
 CHANNELS = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 
 
@@ -91,9 +95,19 @@ def test_both_stages_train_resume_and_keep_the_scale_factor(tmp_path, brats, pre
         "ae.json",
         autoencoder={"adversarial_weight": 0.1},
         ldm={"channel": "flair", "resample": False, "num_validation": 1, "autoencoder_patch": patch},
+        tensorboard=True,
+        log_every=1,
     )
     assert main(["autoencoder", "--config", str(ae)]) == 0
     ae_path = tmp_path / "ae" / "autoencoder.pt"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "ae" / "tensorboard"))
+    events.Reload()
+    assert {"val/input", "val/reconstruction"} <= set(events.Tags()["images"])
+    assert {"val/psnr", "val/ssim", "train/recon", "train/kl", "train/discriminator"} <= set(
+        events.Tags()["scalars"]
+    )
     network, weights = load_ldm_network(get_ldm_preset(preset), "autoencoder", ae_path)
     assert weights.preset == preset
     assert torch.load(ae_path, weights_only=True)["family"] == "ldm"
@@ -189,3 +203,32 @@ def test_the_named_channel_is_read_scaled_and_cropped_by_generator(brats):
     assert torch.equal(batch, draw(torch.Generator().manual_seed(3)))
     assert not torch.equal(batch, draw(torch.Generator().manual_seed(4)))
     assert CropDraw(volumes, 3, (8, 12, 4))(torch.Generator().manual_seed(3)).shape == (3, 1, 8, 12, 4)
+
+
+def test_two_process_torchrun_all_reduces_the_scale_factor(tmp_path, brats):
+    """Under torchrun each process encodes its own batches; the sums are all-reduced, so both processes train
+    with one factor, which the checkpoint records as coming from 2 processes."""
+    ae = config(tmp_path, brats, "tiny-ldm-3d", "ae", "ae.json", steps=1)
+    assert main(["autoencoder", "--config", str(ae)]) == 0
+    unet = config(
+        tmp_path,
+        brats,
+        "tiny-ldm-3d",
+        "unet",
+        "unet.json",
+        init={"autoencoder": str(tmp_path / "ae" / "autoencoder.pt")},
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547"]
+    done = subprocess.run(
+        [*cmd, "-m", "maisi.train", "diffusion", "--config", str(unet), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = re.findall(r"scale_factor = ([0-9.]+) \((.*)\)", done.stderr)
+    assert len(logged) == 2 and logged[0] == logged[1], done.stderr[-2000:]
+    weights = read_weights(tmp_path / "unet" / "diffusion_unet.pt", "diffusion_unet")
+    assert f"{weights.scale_factor:.5f}" == logged[0][0]
+    assert "x 2 processes" in weights.scale_factor_source
