@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 import pickle
 import re
@@ -32,10 +33,13 @@ import torch
 import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
-from maisi.families.ct import PARTS, Part, Preset
+from maisi.families.ct import PARTS, PRESETS, Part, Preset
 from maisi.families.ldm import LDMPart, LDMPreset
 from maisi.families.mask import MaskPreset
 from maisi.families.networks import RuntimeOptions, architecture_of, build_network
+from maisi.files import SYMLINK_LOOP, is_symlink_loop, why_absent
+
+log = logging.getLogger(__name__)
 
 FORMAT = "maisi-checkpoint"
 FORMAT_VERSION = 1
@@ -225,6 +229,8 @@ def read_weights(path: str | Path, part: AnyPart) -> Weights:
     """
     path = Path(path)
     if not path.is_file():
+        if is_symlink_loop(path):
+            raise CheckpointError(f"{part} checkpoint {path} {SYMLINK_LOOP}")
         raise CheckpointError(f"{part} checkpoint not found: {path}{_download_hint(path)}")
     obj = _torch_load(path, "")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -265,7 +271,7 @@ def read_plain_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{key}: file not found: {path}")
+        raise CheckpointError(f"{key}: file {why_absent(path)}: {path}")
     obj = _torch_load(path, f"{key}: ", "weights file (torch.load, weights_only)")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -343,6 +349,41 @@ def _download_hint(path: Path) -> str:
         if any(Path(f.get("path", "")).name == path.name for f in spec.get("files", [])):
             return f" (a released MAISI file: python -m maisi.download --variant {name} --dest {path.parent})"
     return ""
+
+
+def _described(name: str) -> str:
+    """``'name' (family)``: a preset with the modality family of its networks (as the registry knows it)."""
+    preset = PRESETS.get(name)
+    return f"'{name}' ({preset.modality_family if preset is not None else 'not a preset of this version'})"
+
+
+def check_preset(weights: Weights, preset: Preset, part: Part, allow_mismatch: bool) -> str:
+    """Compare the preset a checkpoint of ours records with the config's; a mismatch is refused unless
+    allowed (then warned). Returns what was found, for the sample metadata.
+
+    Released MAISI checkpoints record no preset: there is nothing to compare, "not checked" is logged and
+    returned (their architecture is still checked by :func:`check_fits`).
+
+    Raises:
+        CheckpointError: made for another preset (naming the checkpoint, both presets and their modality
+            families) and ``allow_mismatch`` is false.
+    """
+    if weights.preset is None:
+        log.info(
+            "%s checkpoint %s: preset not checked (a released MAISI file records none)", part, weights.path
+        )
+        return "not checked: a released MAISI checkpoint records no preset"
+    made_for, run_as = _described(weights.preset), _described(preset.name)
+    if weights.preset == preset.name:
+        return f"matches: made for preset {made_for}"
+    what = f"{part} checkpoint was made for preset {made_for}"
+    if not allow_mismatch:
+        raise CheckpointError(
+            f"{weights.path}: {what}; the config's preset is {run_as}. Use a checkpoint of that preset, or "
+            'set "allow_preset_mismatch": true in the config to run it anyway'
+        )
+    log.warning("%s: %s, run as %s ($.allow_preset_mismatch)", weights.path, what, run_as)
+    return f"mismatch allowed: made for preset {made_for}, run as {run_as}"
 
 
 def load_network(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from maisi.config import load_schema, to_jsonable
 from maisi.errors import InputError, RunFailure
+from maisi.files import SYMLINK_LOOP
 from maisi.options import DEVICE_NAMES
 from maisi.progress import set_enabled as set_progress
 
@@ -157,10 +160,27 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_RUNTIME
+    except (RuntimeError, OSError) as err:
+        loop = _symlink_loop(err)
+        if loop is None:
+            traceback.print_exc()
+            print(f"{prog}: runtime failure (see the traceback above)", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(f"{prog}: error: {loop} {SYMLINK_LOOP}", file=sys.stderr)
+        return EXIT_INPUT
     except Exception:  # noqa: BLE001 - the contract is "1 on any runtime failure", with the details
         traceback.print_exc()
         print(f"{prog}: runtime failure (see the traceback above)", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _symlink_loop(err: RuntimeError | OSError) -> str | None:
+    """The path of a symlink loop met anywhere in a command (Path.resolve raises RuntimeError for one on
+    Python < 3.13, OSError ELOOP since; open and stat raise OSError ELOOP), else None."""
+    if isinstance(err, OSError):
+        return err.filename if err.errno == errno.ELOOP and err.filename else None
+    match = re.fullmatch(r"Symlink loop from '(.*)'", str(err))
+    return match.group(1) if match else None
 
 
 def load_cli_config(args: argparse.Namespace, kind: str):

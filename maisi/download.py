@@ -24,7 +24,8 @@ The files of a variant (``maisi/resources/released_weights.json``) are saved fla
 LDM variants ``brats-2d``, ``brats-3d`` and ``cxr``, whose bundles share file names, in a subfolder each).
 
 Trust. Every file is checked against a SHA-256 before it appears in ``--dest`` (hard link or copy from the
-cache to a temporary name, hashed, renamed) and again, by hashing its bytes, each time a later run reuses it:
+cache to a temporary name, hashed, renamed) and again, by hashing its bytes, each time a later run reuses it
+(one that fails is moved aside as ``<name>.corrupt``, said in one message, and fetched again):
   - a pin in the manifest (sha256 + size, with its source) when a published record of the file exists; then
     the host does not matter, plain http included;
   - otherwise the lock file ``<dest>/maisi-weights.lock.json``: on first download the SHA-256 the hub
@@ -87,6 +88,7 @@ from maisi.resources import load_json
 
 PROG = "maisi.download"
 MANIFEST = "released_weights.json"
+CORRUPT_SUFFIX = ".corrupt"  # a --dest file that fails its hash is renamed <name>.corrupt
 LOCK_NAME = "maisi-weights.lock.json"
 DEFAULT_BASE_URL = "https://huggingface.co"
 HUB_HOSTS = ("huggingface.co", "hf.co")  # the only hosts that get the user's token
@@ -392,16 +394,30 @@ def md5_verified_copy(final: Path, md5: PublishedMd5) -> str | None:
 
 
 def verified_copy(final: Path, expected: Expected) -> str | None:
-    """Why ``final`` need not be fetched (its bytes hash to ``expected``), or None after saying why not."""
+    """Why ``final`` need not be fetched (its bytes hash to ``expected``), or None after moving it aside as
+    ``<name>.corrupt`` (replacing an older one) and saying so in one message."""
     try:
         check_file(final, expected.sha256, expected.size)
     except ChecksumMismatch as err:
-        print(
-            f"{final.name}: present, but its {err.what} {err.actual} is not {expected.source} "
-            f"({err.expected}); downloading it again"
-        )
+        aside = final.with_name(final.name + CORRUPT_SUFFIX)
+        os.replace(final, aside)  # never left in --dest under its name, even when the download fails
+        if _all_zero(aside):
+            why = "every byte is zero (an incomplete or pre-allocated file), so it is not the file "
+            why += f"{expected.source} names"
+        else:
+            why = f"its {err.what} {err.actual} is not {expected.source} ({err.expected})"
+        print(f"{final.name}: present, but {why}; moved aside as {aside.name}, downloading it again")
         return None
     return f"already present, verified against {expected.source}"
+
+
+def _all_zero(path: Path, chunk: int = 1 << 20) -> bool:
+    """Whether every byte of ``path`` is zero (an empty file counts: nothing there)."""
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            if block.count(0) != len(block):
+                return False
+    return True
 
 
 def _contradiction(file: RemoteFile, url: str, expected: Expected, announced: Announced) -> RunFailure | None:

@@ -6,6 +6,7 @@ where a checksum is expected, verified.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -21,6 +22,23 @@ class ChecksumMismatch(ValueError):
     def __init__(self, path: Path, what: str, expected: str | int, actual: str | int):
         self.path, self.what, self.expected, self.actual = Path(path), what, expected, actual
         super().__init__(f"{Path(path).name}: {what} {actual} is not the expected {expected}")
+
+
+SYMLINK_LOOP = "is a symlink loop (its links lead back to one another, never to a file)"
+
+
+def is_symlink_loop(path: str | Path) -> bool:
+    """Whether following ``path``'s links never ends (ELOOP), e.g. a -> b -> a."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def why_absent(path: str | Path) -> str:
+    """Why ``path`` is not a file to read, for a message: ``"not found"`` or :data:`SYMLINK_LOOP`."""
+    return SYMLINK_LOOP if is_symlink_loop(path) else "not found"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -3,15 +3,19 @@ classifier-free guidance.
 
 Schedulers come from ``monai.networks.schedulers``; this module only chooses and drives them.
 
-Guidance follows MAISI v2 (NV-Generate-CTMR ``scripts/utils_infer.py``, ``diff_model_infer.py``): the batch
-is doubled, conditional half first; the unconditional half has class label 0 and, with a ControlNet, its
-own control (the tumour-free mask); the model outputs are combined as uncond + s * (cond - uncond) before
-the scheduler step. Here the combination is done in float32 (MAISI: in the autocast dtype).
+Guidance on class labels follows MAISI v2 (NV-Generate-CTMR ``scripts/utils_infer.py``,
+``diff_model_infer.py``): the batch is doubled, conditional half first; the unconditional half has class
+label 0 and, with a ControlNet, its own control (the tumour-free mask); the model outputs are combined as
+uncond + s * (cond - uncond) before the scheduler step. Here the combination is done in float32 (MAISI: in
+the autocast dtype). Guidance on a text ``context`` (:class:`ContextGuidance`) doubles the batch the same way,
+the unconditional half taking the null embedding the model was trained with (not MONAI's ``-1`` fill of
+``DiffusionInferer.sample(cfg=...)``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import get_args
 
 import torch
@@ -29,7 +33,44 @@ from maisi.families.ct import NoiseSchedule, check_sampler, ddpm_steps_problem
 from maisi.options import DEFAULT_STEPS, Sampler, TimestepSpacing
 from maisi.progress import progress_bar
 
-__all__ = ["DEFAULT_STEPS", "Sampler", "check_sampler", "denoise", "make_scheduler", "set_timesteps"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "ContextGuidance",
+    "Sampler",
+    "check_sampler",
+    "denoise",
+    "make_scheduler",
+    "set_timesteps",
+]
+
+
+@dataclass(frozen=True)
+class ContextGuidance:
+    """Classifier-free guidance on the text context ``unet_inputs["context"]`` (N, L, D).
+
+    Attributes:
+        null_context: (1, L, D) or (N, L, D) embedding of the null prompt the model was trained with (e.g. the
+            encoded start + 76 x end tokens); the unconditional half of the batch gets it.
+        scale: guidance scale g, output = uncond + g * (cond - uncond) (Stable Diffusion's convention):
+            None or 1 runs the conditional model alone (no unconditional pass), 0 gives the unconditional
+            prediction, above 1 guides.
+    """
+
+    null_context: torch.Tensor
+    scale: float | None
+
+    def __post_init__(self) -> None:
+        if self.null_context.ndim != 3:
+            raise ValueError(
+                f"null_context must be (1 or N, L, D), got shape {tuple(self.null_context.shape)}"
+            )
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"context guidance scale must be a finite number >= 0 or None, got {self.scale}")
+
+    @property
+    def needs_unconditional(self) -> bool:
+        """Whether the loop runs the unconditional half (a scale other than None or 1)."""
+        return self.scale is not None and self.scale != 1
 
 
 # Where make_scheduler records the timestep spacing on the scheduler, for set_timesteps.
@@ -39,7 +80,8 @@ _SPACING_ATTR = "maisi_timestep_spacing"
 def make_scheduler(
     schedule: NoiseSchedule, sampler: Sampler, timestep_spacing: TimestepSpacing = "linspace"
 ) -> Scheduler:
-    """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``.
+    """The MONAI scheduler that samples a UNet trained on ``schedule`` with ``sampler``: DDPM and DDIM
+    take the schedule's ``prediction_type`` (epsilon or v); rectified flow predicts the velocity.
 
     Args:
         schedule: the noise schedule the UNet was trained with.
@@ -71,7 +113,7 @@ def make_scheduler(
         beta_start=schedule.beta_start,
         beta_end=schedule.beta_end,
         clip_sample=False,
-        prediction_type="epsilon",
+        prediction_type=schedule.prediction_type,
     )  # clip_sample must be off for latents
     scheduler = DDPMScheduler(**betas) if sampler == "ddpm" else DDIMScheduler(**betas)
     setattr(scheduler, _SPACING_ATTR, timestep_spacing)
@@ -119,15 +161,31 @@ def _step(
         # Gaussian at a 128^3 latent, 30 steps). Kept for parity with MAISI's samples of the same seed.
         return scheduler.step(output, t, x, next_t)[0]
     if isinstance(scheduler, DDPMScheduler):
-        return scheduler.step(output, t, x, generator=generator)[0]  # stochastic: seeded generator
+        # stochastic: seeded generator; MONAI's step takes the x0 of epsilon or v itself
+        return scheduler.step(output, t, x, generator=generator)[0]
     # DDIM (eta 0). MONAI 1.6's DDIMScheduler.step moves to the noise level of t - T // n, but set_timesteps
     # spaces the timesteps as round(linspace(T - 1, 0, n)): for n not 1 or T the sample lands on another
     # noise level than the next timestep the UNet is told (2 steps: level 499, then asked as t = 0). So take
     # MONAI's x0 prediction and re-noise it with the predicted epsilon to next_t's level (the DDIM update).
+    # For v-prediction the noise is derived from v: re-noising with v itself drives every sample to 0.
     x0 = scheduler.step(output, t, x)[1]
     if final:  # set_alpha_to_one: the last step ends on the x0 prediction
         return x0
-    return scheduler.add_noise(x0, output, next_t.view(1))
+    return scheduler.add_noise(x0, predicted_noise(scheduler, output, t, x), next_t.view(1))
+
+
+def predicted_noise(
+    scheduler: DDPMScheduler | DDIMScheduler, output: torch.Tensor, t: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """The noise epsilon that a DDPM-trained UNet's ``output`` (N, C, ...) at timestep ``t`` predicts for
+    ``x`` (N, C, ...): the output itself for epsilon prediction; for v-prediction
+    eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (as x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v)."""
+    if scheduler.prediction_type == "epsilon":
+        return output
+    if scheduler.prediction_type != "v_prediction":
+        raise ValueError(f"prediction_type {scheduler.prediction_type!r} is not sampled here")
+    abar = scheduler.alphas_cumprod[t.long()].to(device=x.device, dtype=x.dtype)
+    return abar.sqrt() * output + (1 - abar).sqrt() * x
 
 
 @torch.no_grad()
@@ -146,6 +204,7 @@ def denoise(
     progress: bool = True,
     guidance_scale: float = 0.0,
     uncond_control: torch.Tensor | None = None,
+    context_guidance: ContextGuidance | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` to a (scaled) latent.
 
@@ -155,7 +214,8 @@ def denoise(
         noise: (N, C, x, y, z) standard normal starting point, on the compute device.
         num_steps: number of inference steps.
         unet_inputs: conditioning keyword tensors (spacing, body region, class labels), see
-            :meth:`maisi.conditioning.Conditions.network_inputs`.
+            :meth:`maisi.conditioning.Conditions.network_inputs`; a text-conditioned UNet's (N, L, D)
+            ``context``.
         controlnet: optional ControlNet; its residuals are added to the UNet's skip connections.
         control: (N, 8, 4x, 4y, 4z) bit-encoded label mask for the ControlNet.
         conditioning_scale: multiplier on the ControlNet residuals.
@@ -166,6 +226,8 @@ def denoise(
             ``class_labels`` in ``unet_inputs`` (the unconditional half gets label 0).
         uncond_control: (N, 8, 4x, 4y, 4z) control of the unconditional half (the tumour-free mask); needed
             with guidance and a ControlNet.
+        context_guidance: classifier-free guidance on ``unet_inputs["context"]`` with its own null
+            embedding and scale (see :class:`ContextGuidance`); not together with ``guidance_scale``.
 
     Returns:
         (N, C, x, y, z) float32 latent in the scaled space (divide by ``scale_factor`` before decoding).
@@ -173,10 +235,18 @@ def denoise(
     if (controlnet is None) != (control is None):
         raise ValueError("controlnet and control must be given together")
     guided = guidance_scale > 0
+    if guided and context_guidance is not None:
+        raise ValueError(
+            "guide on class labels (guidance_scale) or on a context (context_guidance), not both"
+        )
     if guided:
         unet_inputs, control = _guided_inputs(unet_inputs, control, uncond_control)
     elif guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    elif context_guidance is not None and context_guidance.needs_unconditional:
+        guided, guidance_scale = True, float(context_guidance.scale)  # type: ignore[arg-type]
+        unet_inputs = _context_guided_inputs(unet_inputs, context_guidance.null_context)
+        control = None if control is None else torch.cat((control, control))
     device = noise.device
     set_timesteps(scheduler, num_steps, tuple(noise.shape), device)
     timesteps = scheduler.timesteps
@@ -231,3 +301,23 @@ def _guided_inputs(
     if control is not None:
         control = torch.cat((control, uncond_control.to(control)))  # type: ignore[union-attr]
     return doubled, control
+
+
+def _context_guided_inputs(
+    unet_inputs: dict[str, torch.Tensor], null_context: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The doubled batch's inputs for guidance on a text context: conditional half as given, unconditional
+    half with ``null_context`` (1 or N, L, D) in place of ``context`` (N, L, D). Built once, before the
+    loop."""
+    context = unet_inputs.get("context")
+    if context is None:
+        raise ValueError("context guidance needs unet_inputs['context'] (N, L, D)")
+    n = context.shape[0]
+    if null_context.shape[1:] != context.shape[1:] or null_context.shape[0] not in (1, n):
+        raise ValueError(
+            f"null_context of shape {tuple(null_context.shape)} does not fit context of shape "
+            f"{tuple(context.shape)}: expected (1 or {n}, {context.shape[1]}, {context.shape[2]})"
+        )
+    doubled = {k: torch.cat((v, v)) for k, v in unet_inputs.items()}
+    doubled["context"] = torch.cat((context, null_context.to(context).expand_as(context)))
+    return doubled

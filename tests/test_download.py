@@ -290,6 +290,36 @@ def test_corrupted_file_of_the_right_size_is_not_trusted(hub, tmp_path, capsys):
     assert_installed(dest)
 
 
+def test_a_zero_filled_file_at_the_pinned_size_is_moved_aside_with_one_message(hub, tmp_path, capsys):
+    dest, zeros = tmp_path / "d", bytes(len(FILES[PINNED]))
+    dest.mkdir()
+    (dest / PINNED).write_bytes(zeros)
+    assert fetch(hub.base_url, dest) == 0
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if line.startswith(f"{PINNED}:")]
+    assert said == [
+        f"{PINNED}: present, but every byte is zero (an incomplete or pre-allocated file), so it is not the "
+        f"file the SHA-256 pinned in released_weights.json names; moved aside as {PINNED}.corrupt, "
+        "downloading it again",
+        f"{PINNED}: downloaded",
+    ]
+    assert (dest / f"{PINNED}.corrupt").read_bytes() == zeros
+    assert_installed(dest)
+
+
+def test_a_file_that_fails_its_hash_is_not_left_in_dest_even_when_the_download_fails(hub, tmp_path, capsys):
+    name, dest = TOFU[1], tmp_path / "d"
+    dest.mkdir()
+    (dest / name).write_bytes(b"x" * len(FILES[name]))  # checked against the hash the host announces
+    hub.served[name] = bytes(len(FILES[name]))  # and the host serves other bytes than it announces
+    assert fetch(hub.base_url, dest) == 1
+    captured = capsys.readouterr()
+    assert f"{name}: present, but its sha256 {sha(b'x' * len(FILES[name]))}" in captured.out
+    assert f"moved aside as {name}.corrupt" in captured.out
+    assert f"checksum mismatch for {name}" in captured.err and "the download was deleted" in captured.err
+    assert not (dest / name).exists() and (dest / f"{name}.corrupt").read_bytes() == b"x" * len(FILES[name])
+
+
 def test_file_put_there_by_hand_is_checked_and_recorded_or_replaced(hub, tmp_path, capsys):
     dest = tmp_path / "d"
     dest.mkdir()
@@ -553,7 +583,9 @@ def test_shipped_manifest_lists_what_the_configs_load_and_sourced_pins():
         assert sorted(f.name for f in files) == sorted(set(expected))
         assert all(f.repo == HF_REPO and f.path == f"models/{f.name}" for f in files)
     pins = download.manifest_pins(manifest)
-    assert set(pins) == {f"{HF_REPO}/models/autoencoder_v1.pt"}
+    mr_vae = "nvidia/NV-Generate-MR/models/autoencoder_v2.pt"
+    assert set(pins) == {f"{HF_REPO}/models/autoencoder_v1.pt", mr_vae}
+    assert pins[mr_vae].sha256 == "b5ed556dc64872cae11ebe67cc33e84fbd05ebdf7e35e40c74d956404e7c1ef0"
     assert all(len(pin["source"]) > 40 for pin in manifest["pins"].values())  # says where the hash comes from
 
 
@@ -568,7 +600,8 @@ MR_REPOS = {
 
 def test_shipped_manifest_lists_the_mr_variants_as_maisi_and_the_configs_load_them():
     """As NV-Generate-CTMR scripts/download_model_data.py: rflow-mr from NV-Generate-MR; rflow-mr-brain is
-    the CT autoencoder_v1 with the brain UNet from NV-Generate-MR-Brain. Weights only, no pins (TOFU)."""
+    the CT autoencoder_v1 with the brain UNet from NV-Generate-MR-Brain. Weights only; of the MR files only
+    the VAE has a published SHA-256, so only it is pinned (the UNets: TOFU)."""
     manifest = json.loads((REPO / "maisi" / "resources" / "released_weights.json").read_text())
     expected = {
         "rflow-mr": [
@@ -588,7 +621,8 @@ def test_shipped_manifest_lists_the_mr_variants_as_maisi_and_the_configs_load_th
             (REPO / "configs" / f"inference_maisi_{variant.replace('-', '_')}.json").read_text()
         )
         assert sorted(Path(p).name for p in config["checkpoints"].values()) == sorted(n for _, n in files)
-    assert not any(k.startswith("nvidia/NV-Generate-MR") for k in manifest["pins"])  # no record: no pin
+    mr_pins = [k for k in manifest["pins"] if k.startswith("nvidia/NV-Generate-MR")]
+    assert mr_pins == ["nvidia/NV-Generate-MR/models/autoencoder_v2.pt"]  # the one with a published record
 
 
 def test_mr_brain_variant_fetches_from_two_repositories_and_locks_each(hub, tmp_path, capsys):

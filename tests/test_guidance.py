@@ -349,7 +349,7 @@ def test_guided_anatomy_run_with_a_lesion_of_an_unhosted_class_uses_its_host_for
             "anatomy": {
                 "anatomy_list": LUNGS,
                 "body_region": ["chest"],
-                "mask_database": str(REPO / "dataset" / "anatomy" / "database.json"),
+                "mask_database": str(REPO / "maisi" / "resources" / "anatomy" / "database.json"),
                 "augment": False,
                 "lesions": [{"label": "nsclc tumor", "diameter_mm": 30, "host": "right lung upper lobe"}],
             },

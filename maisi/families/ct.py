@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from maisi.errors import InputError
 from maisi.options import Sampler
@@ -29,17 +29,30 @@ T = TypeVar("T")
 Part = Literal["autoencoder", "diffusion_unet", "controlnet"]
 PARTS: tuple[Part, ...] = ("autoencoder", "diffusion_unet", "controlnet")
 ModalityFamily = Literal["ct", "mr"]
+PredictionType = Literal["epsilon", "v_prediction"]  # what a DDPM-trained UNet outputs (MONAI's names)
 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """How the diffusion UNet was trained: DDPM (epsilon prediction) or rectified flow (velocity)."""
+    """How the diffusion UNet was trained: DDPM (predicting the noise epsilon, or
+    v = sqrt(abar) eps - sqrt(1 - abar) x0) or rectified flow (predicting the velocity x0 - noise)."""
 
     kind: Literal["ddpm", "rflow"]
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear_beta"  # ddpm only
     beta_start: float = 0.0015  # ddpm only
     beta_end: float = 0.0195  # ddpm only
+    prediction_type: PredictionType = "epsilon"  # ddpm only
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in get_args(PredictionType):
+            choices = list(get_args(PredictionType))
+            raise ValueError(f"prediction_type must be one of {choices}, got {self.prediction_type!r}")
+        if self.kind == "rflow" and self.prediction_type != "epsilon":
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r}: a rectified-flow UNet predicts the velocity; "
+                "leave prediction_type at its default"
+            )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from maisi import seeding
 from maisi.config import InferConfig, to_jsonable
 from maisi.errors import InputError
 from maisi.files import file_sha256
@@ -24,7 +25,8 @@ SPEED_ONLY = ("compile", "decoding.memory_budget_mb")
 
 def job_key(config: InferConfig, checksums: dict[str, str]) -> str:
     """Identity of what a sample depends on besides its seed (not where it is written, nor how many, nor
-    how fast: :data:`SPEED_ONLY`)."""
+    how fast: :data:`SPEED_ONLY`), the derivation of its noise streams included
+    (:data:`maisi.seeding.STREAMS`: samples made under another one are generated again, not mixed in)."""
     resolved = to_jsonable(config)
     for key in ("output", "num_samples", "seed", "device", "masks", "datalist"):  # the mask is in "mask"
         resolved.pop(key)
@@ -35,7 +37,9 @@ def job_key(config: InferConfig, checksums: dict[str, str]) -> str:
         for part in parents:
             node = node[part]
         node.pop(leaf)
-    text = json.dumps({"config": resolved, "sha256": checksums}, sort_keys=True)
+    text = json.dumps(
+        {"config": resolved, "sha256": checksums, "noise_streams": seeding.STREAMS}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 

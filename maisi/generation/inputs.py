@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maisi.config import InferConfig
+from maisi.files import why_absent
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -75,7 +76,7 @@ def _from_masks(config: InferConfig) -> tuple[list[tuple[Path, str]], list[str]]
                 problems.append(f"$.masks[{i}]: the pattern '{entry}' matches no file")
             found += [(Path(m), source) for m in matches]
         elif not os.path.exists(entry):
-            problems.append(f"$.masks[{i}]: {entry}: file not found")
+            problems.append(f"$.masks[{i}]: {entry}: file {why_absent(entry)}")
         else:
             found.append((Path(entry), source))
     return found, problems
@@ -101,7 +102,7 @@ def _from_datalist(config: InferConfig) -> tuple[list[tuple[Path, str]], list[st
             continue
         path = root / entry["label"]
         if not path.exists():
-            problems.append(f"{case}: label {path}: file not found")
+            problems.append(f"{case}: label {path}: file {why_absent(path)}")
             continue
         found.append((path, case))
     return found, problems

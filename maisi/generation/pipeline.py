@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import maisi
+from maisi import seeding
 from maisi.config import InferConfig, to_jsonable
 from maisi.data.io import Volume
 from maisi.device import resolve_device
@@ -97,6 +98,7 @@ def generate_sample(
     modality = plan.conditions.modality
     metadata = {
         "seed": seed,
+        "noise_streams": seeding.STREAMS,  # how the seed's noise was derived (part of the job key)
         "shape": list(ct.shape),
         "spacing_mm": [round(s, 6) for s in ct.spacing],
         "affine": ct.affine.tolist(),
@@ -108,6 +110,7 @@ def generate_sample(
         "scale_factor": models.scale_factor,
         "quality_check": quality_record(tries),
         "mask_fidelity": mask_fidelity(ct, mask) if mask is not None else None,
+        "preset_check": models.preset_check,  # each checkpoint's recorded preset against $.preset
         "mask_grid": plan.mask_grid,
         "anatomy": plan.sample_record,
         "timings_s": {k.removesuffix("_s"): round(v, 3) for k, v in timings.items()},

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from maisi.acceleration import Acceleration, accelerate
-from maisi.checkpoints import Weights, load_network
+from maisi.checkpoints import Weights, check_preset, load_network
 from maisi.conditioning import Conditions, binarize_labels, body_region_from_mask
 from maisi.config.infer_config import InferConfig
 from maisi.data.io import Volume, centred_affine, read_mask
@@ -38,6 +38,7 @@ from maisi.masks.resample import pad_to_size, resample_mask
 from maisi.masks.tumour_free import lesion_hosts, remove_tumors
 from maisi.options import BODY_REGIONS, REGION_INDEX
 from maisi.sampling import denoise, make_scheduler
+from maisi.seeding import torch_generator
 from maisi.vae.codec import decode
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Models:
     # Autocast of the VAE decode: float32 on CPU under precision "auto" (in bfloat16 the demo's bone medians
     # moved enough to fail the HU check on every try; see README "Speed").
     decode_dtype: torch.dtype | None = None
+    preset_check: dict[str, str] = field(default_factory=dict)  # part -> what check_preset found
 
 
 def _mask_problems(
@@ -311,6 +313,10 @@ def load_models(
         controlnet = controlnet.to(device)
     elif config.checkpoints.controlnet is not None:
         log.info("image-only mode: the ControlNet checkpoint is not used")
+    preset_check = {
+        part: check_preset(w, preset, part, config.allow_preset_mismatch)  # type: ignore[arg-type]
+        for part, w in weights.items()
+    }
     acceleration = acceleration or Acceleration.for_run(config.compile, device)
     unet, controlnet = accelerate(unet.to(device), controlnet, device, acceleration)
     return Models(
@@ -323,6 +329,7 @@ def load_models(
         autocast_dtype(config.precision, device, cpu_bfloat16=True),
         acceleration,
         autocast_dtype(config.precision, device),
+        preset_check,
     )
 
 
@@ -340,9 +347,10 @@ def generate(
     config, device = plan.config, models.device
     if plan.has_mask and plan.mask is None:
         raise ValueError("anatomy mode: generate from the plan of a sample (plan_for_seed)")
-    # Noise is drawn on the CPU so a seed gives the same starting point on every device.
-    noise = torch.randn(plan.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    step_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    # Noise is drawn on the CPU so a seed gives the same starting point on every device; the starting noise
+    # and the per-step noise are independent streams of the seed (maisi.seeding).
+    noise = torch.randn(plan.latent_shape, generator=torch_generator(seed, "initial_noise")).to(device)
+    step_generator = torch_generator(seed, "step_noise", device)
     control = uncond_control = None
     guidance = config.sampling.guidance_scale
     if plan.mask is not None:

@@ -147,6 +147,20 @@ def labels_not_in_dict(mask: np.ndarray, label_dict: dict[str, int]) -> list[int
     return sorted(int(v) for v in np.unique(mask) if int(v) not in known)
 
 
+def not_label_values(array: np.ndarray) -> str | None:
+    """Why an integer volume's values are not label ids (None when they may be): negative values or values
+    above :data:`MAX_LABEL`, the mark of a CT in HU (e.g. -1024 .. 3071) given where a mask belongs."""
+    if not array.size:
+        return None
+    low, high = int(array.min()), int(array.max())
+    if low >= 0 and high <= MAX_LABEL:
+        return None
+    return (
+        f"values are not labels: they range over {low} .. {high}, label ids lie in 0..{MAX_LABEL} "
+        "(is this a CT? give its mask)"
+    )
+
+
 def is_dummy(name: str) -> bool:
     """MAISI's placeholder classes (``dummy1`` .. ``dummy8``) are free slots for new classes."""
     return name.startswith("dummy") and name[5:].isdigit()

@@ -4,7 +4,8 @@ add       put a new class into a free dummy slot (or a given free id); prints th
 remap     convert a mask from another vocabulary (e.g. TotalSegmentator) to MAISI ids
 envelope  add the body label 200 to a mask from its CT (and, on request, the lungs from its air)
 crop      cut a CT and its mask to a box around some labels (e.g. a lesion)
-resample  bring a mask to a spacing and/or size (nearest neighbour, centred pad/crop), as maisi.infer does
+resample  bring a mask to a spacing and/or size (nearest neighbour, centred pad/crop), as maisi.infer does;
+          refuses a volume whose values are not label ids in 0..255 (a CT)
 show      print a label dictionary
 """
 
@@ -19,7 +20,14 @@ from maisi.atomic import write_json
 from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_subcommand
 from maisi.data.io import check_output_path, read_mask, read_volume, write_volume, write_volumes
 from maisi.errors import InputError
-from maisi.labels import BODY_LABEL, MAX_LABEL, add_class, label_dict_json, load_label_dict
+from maisi.labels import (
+    BODY_LABEL,
+    MAX_LABEL,
+    add_class,
+    label_dict_json,
+    load_label_dict,
+    not_label_values,
+)
 from maisi.labels.crop import crop_pair
 from maisi.labels.envelope import (
     DEFAULT_OPENING_MM,
@@ -244,6 +252,9 @@ def cmd_resample(args: argparse.Namespace) -> int:
             raise InputError(f"--size {value}: must be a whole number in 1..2048")
     check_output_path(args.output, "--output", {"--mask": args.mask})
     mask = read_mask(args.mask)
+    problem = not_label_values(mask.array)
+    if problem:
+        raise InputError(f"{args.mask}: {problem}; nothing written")
     out, record = resample_mask(mask, args.spacing, args.size)
     before = [round(s, 4) for s in mask.spacing]
     lost = sorted(set(label_counts(mask.array)[0].tolist()) - set(label_counts(out.array)[0].tolist()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     idx.add_argument(
         "--skip-bad", action="store_true", help="list bad masks and leave them out (default: exit 2)"
+    )
+    idx.add_argument(
+        "--allow-no-body",
+        action="store_true",
+        help="index masks without the body label 200 that hold MAISI's dummy slots (default: refused as "
+        "masks still in TotalSegmentator ids; convert them with python -m maisi.labels remap)",
     )
 
     for name, text in (("show", "summarise a database"), ("query", "print the masks a request would use")):
@@ -120,6 +127,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             label_dict=label_dict,
             workers=args.workers,
             skip_bad=args.skip_bad,
+            allow_no_body=args.allow_no_body,
             ranks=ranks,
             show_progress=True,
         )
@@ -186,6 +194,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from maisi.masks.database import load_database
     from maisi.masks.retrieval import select_masks
 
+    for value in args.spacing:
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"--spacing {value:g}: expected 3 finite voxel sizes > 0 mm")
     label_dict = load_label_dict(args.label_dict)
     db = load_database(args.database, args.mask_root)
     selection = select_masks(

@@ -11,9 +11,13 @@ then ``augmentation`` on the output grid):
    one: so do we (the next best-ranked candidate no other sample uses first), and the metadata records it.
    When no candidate keeps the classes, the request is refused with MAISI's meaning ("Resampled mask does
    not contain required class labels"), naming the classes;
-4. augment it (:func:`maisi.masks.augment.augment_mask`, seeded by the sample's seed) unless switched off;
+4. augment it (:func:`maisi.masks.augment.augment_mask`, its own stream of the sample's seed:
+   :mod:`maisi.seeding`) unless switched off;
    augmentation works in output-grid voxels, as MAISI's (its shifts are in voxels of the output size);
-5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, seeded by the sample's seed).
+5. place the requested lesions (:func:`maisi.masks.lesions.place_lesions`, a stream of the sample's seed per
+   lesion); a lesion's class counts as requested in step 1 (a mask holding it may be retrieved), and every
+   tumour class of the final mask is reported per connected piece (``tumour_components``), the placed ones
+   marked.
 
 The mask keeps MAISI ids and every organ (MAISI relabels to 1..N and drops the rest). Every step is
 recorded for the sample's metadata, with the organs' volumes in mL measured on the final mask.
@@ -33,30 +37,38 @@ import numpy as np
 from maisi.config.infer_config import AnatomyConfig, InferConfig
 from maisi.data.io import Volume
 from maisi.errors import InputError
-from maisi.files import file_sha256
+from maisi.files import file_sha256, why_absent
 from maisi.masks.database import MaskDatabase, label_counts, load_database, read_entry_mask
-from maisi.masks.lesions import LesionRequest, place_lesions
+from maisi.masks.lesions import LesionRequest, place_lesions, tumour_components
 from maisi.masks.resample import resample_mask
-from maisi.masks.retrieval import Candidate, Selection, select_masks
+from maisi.masks.retrieval import Candidate, Selection, select_masks, tumour_ids
+from maisi.resources import checkout_file, package_file
+from maisi.seeding import stream_seed
 
 if TYPE_CHECKING:
     from maisi.masks.generation import MaskGenerationPlan
 
 log = logging.getLogger(__name__)
 
-REPOSITORY = Path(__file__).resolve().parents[2]  # where dataset/ and models/ live in a checkout
-# The database each preset uses when $.anatomy.mask_database is null (relative to the repository).
+# The database each preset uses when $.anatomy.mask_database is null: MAISI's released ones where
+# python -m maisi.download puts them in a source checkout, ours as package data.
 RELEASED_DATABASES = {
     "maisi-ct-rflow": "models/maisi/datasets/candidate_masks_flexible_size_and_spacing_4000.json",
     "maisi-ct-ddpm": "models/maisi/datasets/candidate_masks_flexible_size_and_spacing_3000.json",
 }
-SHIPPED_DATABASE = "dataset/anatomy/database.json"
+SHIPPED_DATABASE = "anatomy/database.json"  # in maisi/resources
 CACHE_BYTES = 1 << 30  # prepared masks kept between planning and generation; beyond, they are prepared again
 
 
 def default_database(preset: str) -> Path:
-    """The database a preset uses when the config names none: MAISI's released one or ours."""
-    return REPOSITORY / RELEASED_DATABASES.get(preset, SHIPPED_DATABASE)
+    """The database a preset uses when the config names none: MAISI's released one or ours.
+
+    Raises:
+        InputError: a released preset's database, with maisi installed rather than run from a checkout.
+    """
+    if preset in RELEASED_DATABASES:
+        return checkout_file(RELEASED_DATABASES[preset], "$.anatomy.mask_database")
+    return package_file(SHIPPED_DATABASE)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -76,13 +88,14 @@ class AnatomyState:
     """What an :class:`AnatomyPlan` learns while it prepares masks: the one mutable part of a run's plan.
 
     Attributes:
-        lost: database entry index -> the requested ids that entry loses on the output grid.
+        lost: database entry index -> what that entry loses on the output grid: the names of requested
+            classes, or ``BLANK`` when no label is left.
         prepared: seed -> its mask, prepared ahead (:func:`prepare_all`) and handed out once
             (:func:`sample_mask`).
         records: seed -> the record of how its mask was made.
     """
 
-    lost: dict[int, list[int]] = field(default_factory=dict)
+    lost: dict[int, list[str]] = field(default_factory=dict)
     prepared: dict[int, SampleMask] = field(default_factory=dict)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -186,7 +199,7 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = 
             if config.preset in RELEASED_DATABASES
             else "build one with python -m maisi.masks index, or set $.anatomy.mask_database"
         )
-        raise InputError(f"mask database {path} ({which}) not found; {advice}")
+        raise InputError(f"mask database {path} ({which}) {why_absent(path)}; {advice}")
     database = load_database(path, anatomy.mask_root)
     selection = select_masks(
         database,
@@ -197,6 +210,7 @@ def plan_anatomy(config: InferConfig, label_dict: dict[str, int], device: str = 
         config.num_samples,
         config.seed,
         label_dict,
+        allowed=[spec.label for spec in anatomy.lesions],  # a lesion's class counts as requested
     )
     lesions = tuple(
         LesionRequest(label_dict[spec.label], spec.diameter_mm, tuple(label_dict[h] for h in spec.host))
@@ -228,12 +242,19 @@ def _present(array: np.ndarray, ids: Sequence[int]) -> set[int]:
     return {i for i in ids if i in found}
 
 
-def _resampled(plan: AnatomyPlan, candidate: Candidate) -> tuple[Volume, dict[str, Any], list[int]]:
-    """An entry's mask on the output grid, its resampling record, and the requested ids it lost."""
+BLANK = "every label (the mask is blank)"  # what a blank mask loses: it is never used
+
+
+def _resampled(plan: AnatomyPlan, candidate: Candidate) -> tuple[Volume, dict[str, Any], list[str]]:
+    """An entry's mask on the output grid, its resampling record, and what it lost: the names of requested
+    classes, or :data:`BLANK` when no label is left (the file is blank whatever its entry says, or nothing
+    of it lands on the output grid): a blank mask gives a CT of air everywhere."""
     volume = read_entry_mask(plan.database, candidate.entry)
     volume, record = resample_mask(volume, plan.spacing, plan.output_size)
+    if not volume.array.any():
+        return volume, record, [BLANK]
     lost = sorted(set(plan.anatomy_ids) - _present(volume.array, plan.anatomy_ids))
-    return volume, record, lost
+    return volume, record, plan.names(lost)
 
 
 def _fallback_order(plan: AnatomyPlan, seed: int) -> list[Candidate]:
@@ -266,20 +287,18 @@ def _retrieve(plan: AnatomyPlan, seed: int) -> tuple[Candidate, Volume, dict[str
     tried: list[dict[str, Any]] = []
     for candidate in _fallback_order(plan, seed):
         if candidate.entry.index in plan.state.lost:
-            tried.append(
-                {"path": candidate.entry.path, "lost": plan.names(plan.state.lost[candidate.entry.index])}
-            )
+            tried.append({"path": candidate.entry.path, "lost": plan.state.lost[candidate.entry.index]})
             continue
         volume, record, lost = _resampled(plan, candidate)
         if not lost:
             return candidate, volume, record, tried
         plan.state.lost[candidate.entry.index] = lost
-        tried.append({"path": candidate.entry.path, "lost": plan.names(lost)})
+        tried.append({"path": candidate.entry.path, "lost": lost})
         log.warning(
             "seed %d: %s loses %s when resampled to the output grid; trying the next candidate",
             seed,
             candidate.entry.path,
-            ", ".join(plan.names(lost)),
+            ", ".join(lost),
         )
     raise _lost_everywhere(plan, tried)
 
@@ -289,7 +308,8 @@ def _augment(plan: AnatomyPlan, mask: Volume, seed: int, device: str) -> tuple[V
         return mask, {"applied": False, "reason": "$.anatomy.augment is false"}
     from maisi.masks.augment import augment_mask  # imported on use: MONAI's random transforms
 
-    array, record = augment_mask(mask.array, seed=seed, device=device)
+    # the augmentation's own stream of the sample's seed (maisi.seeding); the record holds the seed it got
+    array, record = augment_mask(mask.array, seed=stream_seed(seed, "augment", bits=32), device=device)
     lost = sorted(set(plan.anatomy_ids) - _present(np.asarray(array), plan.anatomy_ids))
     if lost:  # the augmentation's own checks should prevent it; never trade a requested class for it
         log.warning("seed %d: augmentation removed %s; the mask is used unaugmented", seed, plan.names(lost))
@@ -307,12 +327,36 @@ def _place(
     if not plan.lesions:
         return mask, []
     try:
-        mask, records = place_lesions(mask, plan.lesions, seed)
+        mask, records = place_lesions(mask, plan.lesions, seed, plan.label_dict)
     except InputError as e:
         raise InputError(f"$.anatomy.{e} (in the mask of {entry_path}, seed {seed})") from None
     for spec, record in zip(plan.anatomy.lesions, records):
         record.update(label_name=spec.label, host_names=list(spec.host))
     return mask, records
+
+
+def _tumour_pieces(plan: AnatomyPlan, before: Volume, after: Volume, seed: int) -> dict[str, list[dict]]:
+    """Each connected piece of every tumour class in the final mask, by name (a lesion placed in a mask that
+    already held its class makes two tumours: they are reported apart); logged when a class has several."""
+    placed = before.array != after.array
+    present = {int(i) for i in label_counts(after.array)[0]}
+    out = {}
+    for label in sorted(tumour_ids(plan.label_dict) & present):
+        name = plan.names([label])[0]
+        out[name] = pieces = tumour_components(after, label, placed)
+        if len(pieces) > 1:
+            log.info(
+                "seed %d: '%s' is %d separate components: %s",
+                seed,
+                name,
+                len(pieces),
+                ", ".join(
+                    f"{p['volume_ml']:g} mL at voxel {p['centre_voxel']}"
+                    + (" (placed)" if p["placed"] else " (in the retrieved mask)")
+                    for p in pieces
+                ),
+            )
+    return out
 
 
 def organ_volumes_ml(mask: Volume, plan: AnatomyPlan) -> dict[str, float]:
@@ -351,7 +395,9 @@ def build_sample_mask(
     assert plan.database is not None
     candidate, mask, resampling, tried = _retrieve(plan, seed)
     mask, augmentation = _augment(plan, mask, seed, device)
+    before = mask
     mask, lesions = _place(plan, mask, seed, candidate.entry.path)
+    tumours = _tumour_pieces(plan, before, mask, seed)
     entry = candidate.entry
     path = plan.database.mask_path(entry)
     record = {
@@ -379,6 +425,7 @@ def build_sample_mask(
         "resampling": resampling,
         "augmentation": augmentation,
         "lesions": lesions,
+        "tumour_components": tumours,
         "organ_volumes_ml": organ_volumes_ml(mask, plan),
     }
     plan.state.records[seed] = record

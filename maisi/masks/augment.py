@@ -19,11 +19,17 @@ Where this differs from MAISI, and why:
   try on a CPU. MAISI's z-rotation of up to pi about the volume centre for lung tumours, which can throw a
   tumour into the other lung, becomes a spin of the tumour in place; the translation ranges are MAISI's.
 - Tries are bounded (MAISI loops until a draw fits, except for colon) and seeded (MAISI v1 is not).
+
+Tries can take a while (seconds each for a large tumour on a CPU): they show a progress bar (through
+:mod:`maisi.progress`, so ``--no-progress`` hides it), each try is logged at debug level (``-v``), and the
+outcome is logged once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +51,9 @@ from maisi.masks.tumours import (
     rule_for,
 )
 from maisi.monai_internals import rand_zoom_factors
+from maisi.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TRIES = 60
 # How far Rand3DElastic's smoothed offsets move a voxel, at most, in practice: the offsets are uniform
@@ -142,19 +151,51 @@ def _move_tumour(
     warp.set_random_state(seed=int(seed))
     source = tumour[None].float()
     limit = max_tries if rule.give_up_after is None else min(max_tries, rule.give_up_after)
-    for attempt in range(1, limit + 1):
-        moved = convert_to_tensor(warp(source, spatial_size=box.size), track_meta=False)[0] > 0.5
-        placed = _place(moved, writable, rule.close_host)
-        after = int(placed.sum())
-        record.update(tries=attempt, params=_drawn(warp), min_ratio=rule.ratio_at(attempt))
-        if after >= rule.ratio_at(attempt) * before:
-            break
-    else:
-        record["reason"] = (
-            f"no draw in {limit} tries kept >= {rule.ratio_at(limit):.0%} of the {before} voxels of "
-            f"tumour {rule.tumour} inside its host; mask returned unchanged"
-        )
-        return mask.copy(), record
+    start = time.perf_counter()
+    tries = progress_bar(
+        range(1, limit + 1), desc=f"moving {rule.name} (seed {seed})", unit="try", leave=False
+    )
+    with tries:
+        for attempt in tries:
+            moved = convert_to_tensor(warp(source, spatial_size=box.size), track_meta=False)[0] > 0.5
+            placed = _place(moved, writable, rule.close_host)
+            after = int(placed.sum())
+            record.update(tries=attempt, params=_drawn(warp), min_ratio=rule.ratio_at(attempt))
+            log.debug(
+                "seed %d: %s try %d/%d keeps %d of %d voxels (needs %.0f%%)",
+                seed,
+                rule.name,
+                attempt,
+                limit,
+                after,
+                before,
+                100 * rule.ratio_at(attempt),
+            )
+            if after >= rule.ratio_at(attempt) * before:
+                break
+        else:
+            record["reason"] = (
+                f"no draw in {limit} tries kept >= {rule.ratio_at(limit):.0%} of the {before} voxels of "
+                f"tumour {rule.tumour} inside its host; mask returned unchanged"
+            )
+            log.info(
+                "augmentation of seed %d: %s not moved: %s (%.1f s)",
+                seed,
+                rule.name,
+                record["reason"],
+                time.perf_counter() - start,
+            )
+            return mask.copy(), record
+    log.info(
+        "augmentation of seed %d: %s moved on try %d of %d, keeping %d of its %d voxels (%.1f s)",
+        seed,
+        rule.name,
+        attempt,
+        limit,
+        after,
+        before,
+        time.perf_counter() - start,
+    )
 
     result = labels.clone()
     result[tumour] = refill

@@ -11,6 +11,12 @@ the folder its mask zip was extracted to). ``index`` adds per entry ``label_voxe
 ``label_volumes_ml`` (per label id), ``sha256``, ``file_size`` and ``file_mtime_ns``; MAISI's files lack
 them and load unchanged. Body regions missing from an entry (optional in MAISI v2) are derived from its
 ``label_list`` with MAISI's marker organs, which is all MAISI itself looks at.
+
+``index`` refuses blank masks (every voxel 0: the CT would be air everywhere) and masks still in
+TotalSegmentator ids (no body label 200 and holding MAISI's unused ``dummy`` slots) unless told
+``allow_no_body``. An entry of an older database whose ``label_list`` is empty is skipped with a warning
+naming it, not refused: one blank entry must not make the rest of a released database (thousands of
+entries, not the user's to edit) unusable, and a skipped entry can never be retrieved.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -31,13 +38,14 @@ import numpy as np
 
 from maisi.atomic import write_json
 from maisi.conditioning import BODY_REGIONS, body_region_from_mask
+from maisi.config.loader import read_json
 from maisi.config.schema import json_path, load_schema, schema_errors
 from maisi.data.datalist import one_hot
 from maisi.data.io import Volume, read_mask
 from maisi.distributed import Ranks, gather
-from maisi.errors import InputError, VolumeError
+from maisi.errors import ConfigError, InputError, VolumeError
 from maisi.files import file_sha256
-from maisi.labels import labels_not_in_dict, load_label_dict
+from maisi.labels import BODY_LABEL, is_dummy, labels_not_in_dict, load_label_dict
 from maisi.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -138,6 +146,10 @@ def _entry(index: int, record: dict[str, Any], problems: list[str]) -> MaskEntry
         regions = (BODY_REGIONS.index(derived[0]), BODY_REGIONS.index(derived[1])) if derived else None
     dim = tuple(int(d) for d in record["dim"])
     spacing = tuple(abs(float(s)) for s in record["spacing"])
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        shown = "[" + ", ".join(str(float(s)) for s in record["spacing"]) + "]"
+        problems.append(f"{where}.spacing: got {shown}, expected 3 finite non-zero voxel sizes in mm")
+        return None
     return MaskEntry(index, record, labels, dim, spacing, regions)  # type: ignore[arg-type]
 
 
@@ -157,7 +169,16 @@ def parse_database(data: Any, source: str | Path) -> list[MaskEntry]:
             problems.append(f"{json_path([i, 'pseudo_label_filename'])}: '{path}' is also in $[{seen[path]}]")
         seen.setdefault(path, i)
         entry = _entry(i, record, problems)
-        if entry is not None:
+        if entry is not None and not entry.label_ids:
+            log.warning(
+                "%s %s (%s): holds no label (label_list %s); skipped: a blank mask would give a CT of air "
+                "everywhere (re-run maisi.masks index, which refuses blank masks)",
+                source,
+                json_path([i]),
+                path,
+                json.dumps(record["label_list"]),
+            )
+        elif entry is not None:
             entries.append(entry)
     if problems:
         raise DatabaseError(source, problems)
@@ -165,16 +186,11 @@ def parse_database(data: Any, source: str | Path) -> list[MaskEntry]:
 
 
 def _read_json(path: Path) -> Any:
+    """The database's JSON through the shared reader (binary files, NaN literals ... refused by name)."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise DatabaseError(path, ["file not found"]) from None
-    except OSError as e:
-        raise DatabaseError(path, [f"cannot read file: {e.strerror}"]) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatabaseError(path, [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from None
+        return read_json(path)
+    except ConfigError as e:
+        raise DatabaseError(path, e.errors) from None
 
 
 def load_database(
@@ -271,11 +287,43 @@ def label_counts(array: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, n
     return ids, counts[ids]
 
 
-def describe_mask(path: str | Path, relative_path: str, label_dict: dict[str, int]) -> dict[str, Any]:
+def vocabulary_problems(
+    ids: Sequence[int], label_dict: dict[str, int], allow_no_body: bool = False
+) -> list[str]:
+    """Why labels ``ids`` (background included or not) are not a mask in MAISI ids (empty when they are).
+
+    Refused: no label at all (a blank mask), ids not in ``label_dict``, and, unless ``allow_no_body``, a mask
+    without the body label that holds MAISI's unused ``dummy`` slots: the mark of TotalSegmentator ids
+    (its kidney, spleen ... ids are MAISI's dummy slots 2, 16, 18, 20, 21).
+    """
+    present = sorted({int(i) for i in ids} - {0})
+    if not present:
+        return [
+            "holds no label (every voxel is 0, background); a blank mask would give a CT of air everywhere"
+        ]
+    unknown = labels_not_in_dict(np.asarray(present), label_dict)
+    if unknown:
+        return [f"labels not in the label dictionary: {unknown[:20]} (remap it to MAISI ids)"]
+    dummies = {i: n for n, i in label_dict.items() if is_dummy(n)}
+    held = [f"'{dummies[i]}' ({i})" for i in present if i in dummies]
+    if held and BODY_LABEL not in present and not allow_no_body:
+        return [
+            f"no body label {BODY_LABEL} and it holds MAISI's unused slots {', '.join(held)}: it looks like "
+            "TotalSegmentator ids, not MAISI ids, and would be indexed with wrong organs and body regions; "
+            "convert it (python -m maisi.labels remap --mask MASK --mapping totalsegmentator --output OUT) "
+            "or pass --allow-no-body if its ids are MAISI's"
+        ]
+    return []
+
+
+def describe_mask(
+    path: str | Path, relative_path: str, label_dict: dict[str, int], allow_no_body: bool = False
+) -> dict[str, Any]:
     """A database record for one mask file (reads the voxels: ``label_list`` needs them).
 
     Raises:
-        InputError: unreadable, not integer, an odd grid, or labels that are not in ``label_dict``.
+        InputError: unreadable, not integer, an odd grid, blank, labels that are not in ``label_dict``, or
+            (unless ``allow_no_body``) what looks like TotalSegmentator ids (:func:`vocabulary_problems`).
     """
     path = Path(path)
     stat = path.stat()
@@ -283,9 +331,7 @@ def describe_mask(path: str | Path, relative_path: str, label_dict: dict[str, in
     volume = read_mask(path)
     problems = grid_problems(volume)
     ids, counts = label_counts(volume.array)
-    unknown = labels_not_in_dict(ids, label_dict)
-    if unknown:
-        problems.append(f"labels not in the label dictionary: {unknown[:20]} (remap it to MAISI ids)")
+    problems += vocabulary_problems(ids, label_dict, allow_no_body)
     if problems:
         raise VolumeError(f"{path}: " + "; ".join(problems))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -311,6 +357,7 @@ class _Task:
     relative: str
     previous: dict[str, Any] | None
     label_dict: dict[str, int]
+    allow_no_body: bool = False
 
 
 @dataclass(frozen=True)
@@ -335,9 +382,13 @@ def _index_one(task: _Task) -> _Outcome:
     """Worker: keep an unchanged record or describe the file; failures become a reason, never an exception."""
     path = Path(task.path)
     try:
-        if _unchanged(path, task.previous):
-            return _Outcome(task.relative, task.previous, kept=True)
-        return _Outcome(task.relative, describe_mask(path, task.relative, task.label_dict))
+        previous = task.previous
+        if _unchanged(path, previous) and not vocabulary_problems(
+            previous["label_list"], task.label_dict, task.allow_no_body
+        ):
+            return _Outcome(task.relative, previous, kept=True)
+        record = describe_mask(path, task.relative, task.label_dict, task.allow_no_body)
+        return _Outcome(task.relative, record)
     except InputError as e:
         return _Outcome(task.relative, None, str(e))
     except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the others
@@ -416,6 +467,7 @@ def build_database(
     skip_bad: bool = False,
     ranks: Ranks | None = None,
     show_progress: bool = False,
+    allow_no_body: bool = False,
 ) -> IndexReport:
     """Index mask files into database records, updating the database at ``output`` if it exists.
 
@@ -431,11 +483,14 @@ def build_database(
         workers: local worker processes.
         skip_bad: leave bad masks out (listed in the report) instead of refusing.
         ranks: torchrun ranks (None: one process).
+        show_progress: a progress bar (rank 0).
+        allow_no_body: index masks without the body label that hold MAISI's dummy slots (refused by
+            default: the mark of masks still in TotalSegmentator ids).
 
     Raises:
         InputError: sources matching nothing, an unwritable output or an invalid existing database; and,
-            without ``skip_bad``, any mask that is unreadable, not integer, on an odd grid or holding
-            unknown labels (all listed).
+            without ``skip_bad``, any mask that is unreadable, not integer, on an odd grid, blank, holding
+            unknown labels or still in TotalSegmentator ids (all listed).
     """
     start = time.perf_counter()
     ranks = ranks or Ranks()
@@ -452,7 +507,7 @@ def build_database(
     tasks = []
     for file in files:
         relative = Path(os.path.relpath(file, root.resolve())).as_posix()
-        tasks.append(_Task(str(file), relative, previous.get(relative), label_dict))
+        tasks.append(_Task(str(file), relative, previous.get(relative), label_dict, allow_no_body))
     mine = _run(ranks.shard(tasks), workers, show_progress and ranks.is_main)
     outcomes = [o for share in gather(mine, ranks) for o in share]
     bad = sorted((o.relative, o.error or "") for o in outcomes if o.record is None)

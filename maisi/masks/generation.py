@@ -6,7 +6,8 @@ Per sample, in MAISI's order (NV-Generate-CTMR ``LDMSampler.sample_one_mask`` an
 1. the size request is snapped to the nearest row of the size table, then the named slots overwrite it
    (:func:`maisi.masks.sizes.snap_to_table`; once per job, the same vector for every sample);
 2. DDPM sampling of the mask latent, conditioned by cross-attention on that vector, through the one
-   denoising loop of :func:`maisi.sampling.denoise` (seeded by the sample's seed);
+   denoising loop of :func:`maisi.sampling.denoise` (starting and per-step noise: streams of the sample's
+   seed, :mod:`maisi.seeding`);
 3. decoding with the exact tiled decoder and a per-tile argmax (:func:`maisi.masks.decode.decode_mask_labels`:
    the class logits of the whole volume never exist), channel -> MAISI id;
 4. MAISI's post-processing (:func:`maisi.masks.postprocess.postprocess_generated_mask`);
@@ -34,7 +35,7 @@ from maisi.data.io import Volume, centred_affine
 from maisi.errors import InputError, RunFailure
 from maisi.families.ct import check_sampler
 from maisi.families.mask import MaskPreset, get_mask_preset
-from maisi.files import file_sha256
+from maisi.files import file_sha256, why_absent
 from maisi.masks.decode import channels_to_maisi_ids, decode_mask_labels
 from maisi.masks.networks import MaskNetworks, load_mask_networks
 from maisi.masks.postprocess import postprocess_generated_mask
@@ -52,11 +53,12 @@ from maisi.masks.sizes import (
     target_tumour_id,
 )
 from maisi.options import MaskSampler
+from maisi.resources import checkout_file
 from maisi.sampling import denoise, make_scheduler
+from maisi.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 # What a released CT preset uses when $.anatomy.mask_generator leaves a file null (maisi.download's layout).
 RELEASED_GENERATOR = {
     "preset": "maisi-mask-ddpm",
@@ -108,7 +110,7 @@ def _resolve(value: str | None, key: str, preset: str) -> Path:
     if value is not None:
         return Path(value)
     if preset in RELEASED_CT_PRESETS:
-        return REPOSITORY / RELEASED_GENERATOR[key]
+        return checkout_file(RELEASED_GENERATOR[key], f"$.anatomy.mask_generator.{key}")
     raise InputError(
         f"$.anatomy.mask_generator.{key}: required for preset '{preset}' (only the released MAISI presets "
         "have a default: the files of python -m maisi.download)"
@@ -118,8 +120,8 @@ def _resolve(value: str | None, key: str, preset: str) -> Path:
 def _existing(path: Path, key: str) -> Path:
     if not path.is_file():
         raise InputError(
-            f"$.anatomy.mask_generator.{key}: {path} not found (the released mask generator and its size "
-            "table come with python -m maisi.download)"
+            f"$.anatomy.mask_generator.{key}: {path} {why_absent(path)} (the released mask generator and its "
+            "size table come with python -m maisi.download)"
         )
     return path
 
@@ -183,7 +185,7 @@ def sample_mask_labels(plan: MaskGenerationPlan, seed: int, progress: bool = Fal
     """Sample the mask latent of ``seed`` and decode it: (X, Y, Z) MAISI ids on the generator's grid."""
     nets, device = plan.networks, plan.device
     # Noise on the CPU, as for the CT: a seed gives the same mask on every device.
-    noise = torch.randn((1, *plan.preset.latent_shape), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((1, *plan.preset.latent_shape), generator=torch_generator(seed, "mask_initial_noise"))
     context = torch.tensor(plan.snap.final, dtype=torch.float32).reshape(1, 1, -1).to(device)
     latent = denoise(
         nets.diffusion_unet,
@@ -191,7 +193,7 @@ def sample_mask_labels(plan: MaskGenerationPlan, seed: int, progress: bool = Fal
         noise.to(device),
         plan.num_steps,
         {"context": context},
-        generator=torch.Generator(device=device).manual_seed(seed + 1),
+        generator=torch_generator(seed, "mask_step_noise", device),
         progress=progress,
     )
     channels = decode_mask_labels(nets.autoencoder, latent, nets.scale_factor, progress=progress)

@@ -13,6 +13,10 @@ irregular blob.
 The centre is drawn (seeded) among host voxels far enough from the host's boundary (a Euclidean distance
 transform in mm) that every lesion voxel lies more than ``margin_mm`` from the nearest voxel outside the
 host; the edge of the volume counts as boundary. Only host voxels change label.
+
+Messages name the classes with their label-dictionary names and ids (``'liver' (1)``). A lesion may be of a
+class the mask already holds (a second lung tumour): :func:`tumour_components` reports each connected piece
+of a class separately, the placed lesion marked, so two tumours are never reported as one volume.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from scipy.spatial import ConvexHull, QhullError
 
 from maisi.data.io import Volume
 from maisi.errors import InputError
-from maisi.labels import BODY_LABEL, MAX_LABEL
+from maisi.labels import BODY_LABEL, MAX_LABEL, load_label_dict
+from maisi.seeding import stream_seed
 
 IRREGULARITY = 0.25  # the radius varies by up to +-25 % with direction
 MIN_DIAMETER_VOXELS = 2.0  # along the coarsest axis: thinner cannot be shaped in 3D
@@ -46,24 +51,30 @@ class LesionRequest:
     margin_mm: float | None = None
 
 
-def _describe(label: int, host_labels: Sequence[int], diameter_mm: float) -> str:
+def named(ids: Sequence[int], names: dict[int, str]) -> str:
+    """``'liver' (1), 'spleen' (3)``: ids with their label-dictionary names (a bare id when it has none)."""
+    return ", ".join(f"'{names[int(i)]}' ({int(i)})" if int(i) in names else str(int(i)) for i in ids)
+
+
+def _describe(label: int, host_labels: Sequence[int], diameter_mm: float, names: dict[int, str]) -> str:
     size = f"{diameter_mm:g}" if _is_number(diameter_mm) else repr(diameter_mm)
-    return f"lesion label {label} in host {list(host_labels)} at {size} mm"
+    return f"lesion {named([label], names)} in host {named(host_labels, names)} at {size} mm"
 
 
-def _check_ids(label: object, host_labels: object) -> tuple[int, tuple[int, ...]]:
+def _check_ids(label: object, host_labels: object, names: dict[int, str]) -> tuple[int, tuple[int, ...]]:
     """Label and hosts are ids in 1..255, the label is neither the body nor one of its hosts."""
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 < label <= MAX_LABEL:
         raise InputError(f"lesion label {label!r}: expected an integer id in 1..{MAX_LABEL}")
+    what = f"lesion label {named([label], names)}"
     if isinstance(host_labels, (int, np.integer)):
         host_labels = (host_labels,)
     hosts = tuple(host_labels) if isinstance(host_labels, Sequence) else ()
     if not hosts or any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) for h in hosts):
-        raise InputError(f"lesion label {label}: host {host_labels!r} must be one or more integer label ids")
+        raise InputError(f"{what}: host {host_labels!r} must be one or more integer label ids")
     if label == BODY_LABEL:
-        raise InputError(f"lesion label {label} is the body label {BODY_LABEL}; choose a lesion class")
+        raise InputError(f"{what} is the body label {BODY_LABEL}; choose a lesion class")
     if label in hosts:
-        raise InputError(f"lesion label {label} equals its host {list(hosts)}; a lesion needs its own label")
+        raise InputError(f"{what} equals its host {named(hosts, names)}; a lesion needs its own label")
     return int(label), tuple(int(h) for h in hosts)
 
 
@@ -167,11 +178,18 @@ def _check_mask(mask: Volume) -> None:
         )
 
 
-def _place(mask: Volume, request: LesionRequest, seed: int, avoid: np.ndarray | None) -> tuple[Volume, dict]:
+def _names(label_dict: dict[str, int] | None) -> dict[int, str]:
+    """id -> name of ``label_dict`` (None: MAISI's dictionary)."""
+    return {i: n for n, i in (label_dict if label_dict is not None else load_label_dict()).items()}
+
+
+def _place(
+    mask: Volume, request: LesionRequest, seed: int, avoid: np.ndarray | None, names: dict[int, str]
+) -> tuple[Volume, dict]:
     """Place one lesion; ``avoid`` (bool, mask-shaped) marks voxels that count as outside the host."""
     _check_mask(mask)
-    label, hosts = _check_ids(request.label, request.host_labels)
-    what = _describe(label, hosts, request.diameter_mm)
+    label, hosts = _check_ids(request.label, request.host_labels, names)
+    what = _describe(label, hosts, request.diameter_mm, names)
     spacing = mask.spacing
     margin = _check_sizes(what, request.diameter_mm, request.margin_mm, spacing)
     host = np.isin(mask.array, hosts)
@@ -179,7 +197,9 @@ def _place(mask: Volume, request: LesionRequest, seed: int, avoid: np.ndarray | 
         host &= ~avoid
     if not host.any():
         present = sorted(int(v) for v in np.unique(mask.array) if v != 0)
-        raise InputError(f"{what}: host {list(hosts)} is not in the mask (it holds labels {present})")
+        raise InputError(
+            f"{what}: host {named(hosts, names)} is not in the mask (it holds {named(present, names)})"
+        )
     rng = np.random.default_rng(seed)
     offsets, reach = lesion_shape(float(request.diameter_mm), spacing, rng)
     # the distance transform only needs the host's bounding box; one voxel of padding makes the box edge,
@@ -230,6 +250,7 @@ def place_lesion(
     host_labels: tuple[int, ...],
     seed: int,
     margin_mm: float | None = None,
+    label_dict: dict[str, int] | None = None,
 ) -> tuple[Volume, dict]:
     """Place one lesion of ``label`` with equivalent diameter ``diameter_mm`` inside the host organ(s).
 
@@ -241,6 +262,7 @@ def place_lesion(
         seed: seeds the shape and the position: the same seed gives the same mask.
         margin_mm: clear host tissue (mm) between the lesion and the host's boundary; None: the coarsest
             voxel size.
+        label_dict: name -> id, to name the classes in messages; None: MAISI's dictionary.
 
     Returns:
         The new mask (same geometry) and a JSON-ready record: label, host_labels, centre_voxel, centre_mm
@@ -253,26 +275,67 @@ def place_lesion(
             the mask, or a host too small for the lesion (the message gives the largest diameter that fits).
     """
     request = LesionRequest(label, diameter_mm, host_labels, margin_mm)
-    return _place(mask, request, seed, None)
+    return _place(mask, request, seed, None, _names(label_dict))
 
 
-def place_lesions(mask: Volume, lesions: Sequence[LesionRequest], seed: int) -> tuple[Volume, list[dict]]:
-    """Place lesions in order, lesion i with seed ``seed + i``; each keeps clear of those placed before.
+def place_lesions(
+    mask: Volume,
+    lesions: Sequence[LesionRequest],
+    seed: int,
+    label_dict: dict[str, int] | None = None,
+) -> tuple[Volume, list[dict]]:
+    """Place lesions in order, lesion i with the seed of its own stream ``stream_seed(seed, "lesion", i)``
+    (:mod:`maisi.seeding`: lesion i of seed s and lesion i + 1 of seed s - 1 share nothing); each keeps clear
+    of those placed before.
 
     Earlier lesions count as outside every later lesion's host, so the margin separates them too.
+    ``label_dict`` names the classes in messages (None: MAISI's dictionary).
 
     Raises:
         InputError: as :func:`place_lesion`, the message starting with ``lesions[i]``.
     """
     _check_mask(mask)
+    names = _names(label_dict)
     records: list[dict] = []
     placed = np.zeros(mask.shape, dtype=bool)
     for i, request in enumerate(lesions):
         try:
             before = mask
-            mask, record = _place(mask, request, seed + i, placed)
+            mask, record = _place(mask, request, stream_seed(seed, "lesion", i), placed, names)
         except InputError as e:
             raise InputError(f"lesions[{i}]: {e}") from None
         placed |= mask.array != before.array  # exactly this lesion's voxels
         records.append(record)
     return mask, records
+
+
+def tumour_components(mask: Volume, label: int, placed: np.ndarray | None = None) -> list[dict]:
+    """Each connected piece (26-connected) of class ``label`` in ``mask``, largest first.
+
+    Args:
+        mask: label mask (x, y, z).
+        label: the class whose pieces are reported (e.g. a tumour a lesion was added to).
+        placed: bool, mask-shaped: voxels placed as lesions; a piece holding any of them counts as placed.
+
+    Returns:
+        Per piece: ``voxels``, ``volume_ml``, ``equivalent_diameter_mm``, ``centre_voxel`` (the voxel of the
+        piece nearest its centroid) and ``placed``.
+    """
+    pieces, count = ndimage.label(mask.array == label, structure=np.ones((3, 3, 3), dtype=bool))
+    voxel_ml = float(np.prod(mask.spacing)) / 1000
+    out = []
+    for index, box in enumerate(ndimage.find_objects(pieces), start=1):
+        piece = pieces[box] == index
+        points = np.argwhere(piece)
+        nearest = points[np.argmin(((points - points.mean(axis=0)) ** 2).sum(axis=1))]
+        voxels = len(points)
+        out.append(
+            {
+                "voxels": voxels,
+                "volume_ml": round(voxels * voxel_ml, 4),
+                "equivalent_diameter_mm": round((6 * voxels * voxel_ml * 1000 / math.pi) ** (1 / 3), 3),
+                "centre_voxel": [int(c + b.start) for c, b in zip(nearest, box)],
+                "placed": bool(placed is not None and placed[box][piece].any()),
+            }
+        )
+    return sorted(out, key=lambda p: (-p["voxels"], p["centre_voxel"]))

@@ -3,7 +3,7 @@
 Filter (MAISI's ``find_masks``): every requested anatomy id is in the entry's ``label_list``; every
 requested body region lies within the entry's [top, bottom]; entries holding a tumour that was not
 requested are excluded (MAISI's tumour ids 23, 24, 26, 27, 128, plus tumour classes a user added to the
-label dictionary).
+label dictionary); a class that will be placed as a lesion counts as requested (a mask may hold it).
 
 Ranking (NV-Generate-CTMR ``find_closest_masks``): per axis, |FOV difference| / 10 (mm) as the main term,
 plus |dim difference| / 100 plus |spacing difference| (mm); an entry with ``dim <= output_size - 128`` on
@@ -17,6 +17,7 @@ repeat, tutorials #1881), and wrap around when it holds fewer candidates than sa
 from __future__ import annotations
 
 import difflib
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,8 +92,8 @@ class MaskRequest:
     def __post_init__(self) -> None:
         if len(self.output_size) != 3 or any(int(s) != s or s < 1 for s in self.output_size):
             raise InputError(f"output size {list(self.output_size)}: expected 3 positive integers")
-        if len(self.spacing) != 3 or any(not s > 0 for s in self.spacing):
-            raise InputError(f"spacing {list(self.spacing)}: expected 3 positive values in mm")
+        if len(self.spacing) != 3 or any(not (math.isfinite(s) and s > 0) for s in self.spacing):
+            raise InputError(f"spacing {list(self.spacing)}: expected 3 finite positive values in mm")
 
     @property
     def fov_mm(self) -> tuple[float, float, float]:
@@ -177,8 +178,10 @@ def explain_no_match(
     anatomy: Sequence[int],
     regions: Sequence[int],
     label_dict: dict[str, int],
+    allowed: frozenset[int] = frozenset(),
 ) -> str:
-    """Which requested item no entry satisfies, checked from the simplest cause to the combination."""
+    """Which requested item no entry satisfies, checked from the simplest cause to the combination;
+    ``allowed``: tumour ids a mask may hold though not required (lesion classes)."""
     entries, where = db.entries, f"{db.path} ({len(db.entries)} entries)"
     if not entries:
         return f"{db.path} holds no entries"
@@ -195,7 +198,7 @@ def explain_no_match(
     holding = [e for e in entries if set(anatomy) <= e.label_ids and all(e.covers(r) for r in regions)]
     if not holding:
         return f"no entry of {where} holds {_quote(request.anatomy)} together{within}"
-    tumours, names = tumour_ids(label_dict), {i: n for n, i in label_dict.items()}
+    tumours, names = tumour_ids(label_dict) - allowed, {i: n for n, i in label_dict.items()}
     if not any(passes_filter(e, anatomy, regions, tumours) for e in holding):
         unwanted = sorted(set().union(*(e.label_ids & (tumours - set(anatomy)) for e in holding)))
         return (
@@ -236,6 +239,7 @@ def select_masks(
     num_samples: int,
     seed: int,
     label_dict: dict[str, int] | None = None,
+    allowed: Sequence[str] = (),
 ) -> Selection:
     """Pick ``num_samples`` database masks for a request, reproducibly for a given ``seed``.
 
@@ -248,6 +252,8 @@ def select_masks(
         num_samples: how many picks (one per generated sample).
         seed: seeds the draw from the best-ranked pool.
         label_dict: name -> id; None: MAISI's dictionary.
+        allowed: names a mask may hold though not required: the classes placed as lesions afterwards (a mask
+            holding a lung tumour is fit for a second one), exempt from the unrequested-tumour rule.
 
     Returns:
         The picks in sample order and the full ranking.
@@ -262,11 +268,13 @@ def select_masks(
     grid = tuple(output_size), tuple(spacing)
     request = MaskRequest(tuple(anatomy), tuple(body_regions), *grid)  # type: ignore[arg-type]
     ids, regions = _resolve_names(request, label_dict)
-    tumours = tumour_ids(label_dict)
+    exempt = frozenset(label_dict[n] for n in allowed if n in label_dict)
+    tumours = tumour_ids(label_dict) - exempt
     matched = [e for e in db.entries if passes_filter(e, ids, regions, tumours)]
     ranked = rank_candidates(matched, request)
     if not ranked:
-        raise InputError("cannot select masks: " + explain_no_match(db, request, ids, regions, label_dict))
+        why = explain_no_match(db, request, ids, regions, label_dict, exempt)
+        raise InputError("cannot select masks: " + why)
     pool = list(ranked[: max(2 * num_samples, MIN_POOL)])
     order = random.Random(seed).sample(pool, len(pool))  # a seeded permutation: distinct until it wraps
     picks = tuple(order[i % len(order)] for i in range(num_samples))

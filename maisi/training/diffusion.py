@@ -1,7 +1,8 @@
 """Diffusion-UNet stage, and the denoising objective the ControlNet stage shares.
 
-DDPM presets learn to predict the noise (epsilon); rectified-flow presets the velocity ``x0 - noise``;
-both with an L1 loss, as MAISI. Latents are multiplied by ``scale_factor`` (1 / std of the training
+DDPM presets learn to predict the noise (epsilon) or, where the preset's schedule says ``v_prediction``,
+MONAI's ``get_velocity`` target; rectified-flow presets the velocity ``x0 - noise``; all with an L1 loss,
+as MAISI. Latents are multiplied by ``scale_factor`` (1 / std of the training
 latents, estimated over several batches and all-reduced across processes) and it is saved with the UNet.
 Presets with modality input train for classifier-free guidance as MAISI v2 does: each case's modality code
 is sometimes replaced by its parent code or by 0 (unknown), drawn with the step's seeded generator.
@@ -64,7 +65,12 @@ def add_training_noise(
         timesteps = torch.randint(
             0, scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device, generator=generator
         )
-        target = noise
+        # the preset's prediction type: the noise, or v = sqrt(abar) noise - sqrt(1 - abar) x0
+        target = (
+            noise
+            if scheduler.prediction_type == "epsilon"
+            else scheduler.get_velocity(latents, noise, timesteps)
+        )
     return NoisedLatents(scheduler.add_noise(latents, noise, timesteps), timesteps, target)
 
 

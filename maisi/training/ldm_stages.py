@@ -7,8 +7,8 @@
   held-out image and reports PSNR and SSIM.
 * :class:`LDMDiffusionStage` trains the preset's ``DiffusionModelUNet`` on latents that the frozen
   autoencoder (``$.init.autoencoder``) encodes on the fly (``encode_stage_2_inputs``, as MONAI's
-  ``LatentDiffusionInferer`` in the bundles; nothing is pre-encoded), target the noise, loss MSE (the
-  bundles' ``torch.nn.MSELoss``). The scale factor is 1 / std of the latents of
+  ``LatentDiffusionInferer`` in the bundles; nothing is pre-encoded), target the noise (v for v_prediction
+  presets), loss MSE (the bundles' ``torch.nn.MSELoss``). The scale factor is 1 / std of the latents of
   ``$.diffusion.scale_factor_batches`` batches per process, all-reduced under torchrun, and saved in the
   checkpoint with where it came from.
 """
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +191,7 @@ class LDMDiffusionStage(LatentDiffusionStage):
         """Read the images, load the frozen autoencoder, build the UNet, find the scale factor.
 
         Raises:
-            InputError: no ``$.init.autoencoder``, bad images (all listed), or a preset whose prediction type
-                the training scheduler cannot give.
+            InputError: no ``$.init.autoencoder``, or bad images (all listed).
             CheckpointError: an autoencoder or UNet checkpoint that does not fit the preset.
         """
         self.config, self.preset, self.device = config, preset, device
@@ -215,13 +215,9 @@ class LDMDiffusionStage(LatentDiffusionStage):
             from_init = weights.scale_factor
         else:
             self.model = build_ldm_network(preset, "diffusion_unet")
-        self.scheduler = make_scheduler(preset.schedule, "ddpm")
-        trained_for = getattr(self.scheduler, "prediction_type", "epsilon")
-        if trained_for != preset.prediction_type:
-            raise InputError(
-                f"$.preset: '{preset.name}' predicts {preset.prediction_type}, but this version trains "
-                f"{trained_for} targets only"
-            )
+        # the preset's prediction type: the noise (epsilon) or MONAI's get_velocity target (v_prediction)
+        schedule = replace(preset.schedule, prediction_type=preset.prediction_type)
+        self.scheduler = make_scheduler(schedule, "ddpm")
         dc = config.diffusion
         if dc.scale_factor:
             self.scale_factor = float(dc.scale_factor)

@@ -15,6 +15,7 @@ from maisi.errors import InputError
 from maisi.labels import BODY_LABEL, load_label_dict
 from maisi.labels.mapping import load_mapping, remap
 from maisi.masks.lesions import LesionRequest, place_lesion, place_lesions
+from maisi.seeding import stream_seed
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LIVER, HEPATIC_TUMOR, SPLEEN = 1, 26, 3
@@ -129,7 +130,7 @@ def test_several_lesions_are_placed_in_order_and_kept_apart():
         LesionRequest(27, 10.0, (SPLEEN,), margin_mm=0.0),
     ]
     out, records = place_lesions(mask, requests, seed=5)
-    assert [r["seed"] for r in records] == [5, 6, 7]
+    assert [r["seed"] for r in records] == [stream_seed(5, "lesion", i) for i in range(3)]  # own streams
     tumours, count = ndimage.label(out.array == HEPATIC_TUMOR)
     assert count == 2 and sorted(np.bincount(tumours.ravel())[1:].tolist()) == [1676, 1676]
     first = tumours == tumours[tuple(records[0]["centre_voxel"])]
@@ -145,7 +146,11 @@ def test_several_lesions_are_placed_in_order_and_kept_apart():
 
 def test_several_lesions_name_the_one_that_fails():
     requests = [LesionRequest(HEPATIC_TUMOR, 20.0, (LIVER,)), LesionRequest(23, 20.0, (28,))]
-    with pytest.raises(InputError, match=r"^lesions\[1\]: lesion label 23 in host \[28\] .*not in the mask"):
+    with pytest.raises(
+        InputError,
+        match=r"^lesions\[1\]: lesion 'lung tumor' \(23\) in host 'left lung upper lobe' \(28\) .*not in the "
+        r"mask",
+    ):
         place_lesions(ellipsoid_mask(), requests, seed=0)
 
 
@@ -154,7 +159,7 @@ def test_host_too_small_says_the_largest_diameter_that_fits():
     with pytest.raises(InputError, match="host too small") as info:
         place_lesion(mask, label=HEPATIC_TUMOR, diameter_mm=20, host_labels=(LIVER,), seed=0)
     message = str(info.value)
-    assert "lesion label 26 in host [1] at 20 mm" in message
+    assert "lesion 'hepatic tumor' (26) in host 'liver' (1) at 20 mm" in message
     fits = float(re.search(r"largest that fits is about ([\d.]+) mm", message).group(1))
     assert 5.0 <= fits < 20.0
     out, record = place_lesion(mask, label=HEPATIC_TUMOR, diameter_mm=fits, host_labels=(LIVER,), seed=0)
@@ -165,8 +170,8 @@ def test_host_too_small_says_the_largest_diameter_that_fits():
     ("kwargs", "message"),
     [
         (
-            {"host_labels": (SPLEEN + 100,)},
-            r"host \[103\] is not in the mask \(it holds labels \[1, 3, 200\]\)",
+            {"host_labels": (250,)},
+            r"host 250 is not in the mask \(it holds 'liver' \(1\), 'spleen' \(3\), 'body' \(200\)\)",
         ),
         ({"diameter_mm": float("nan")}, r"diameter nan mm is not a finite number"),
         ({"diameter_mm": float("inf")}, r"diameter inf mm is not a finite number"),
@@ -174,12 +179,19 @@ def test_host_too_small_says_the_largest_diameter_that_fits():
         ({"diameter_mm": -5.0}, r"diameter -5 mm must be > 0"),
         ({"diameter_mm": "20"}, r"diameter '20' mm is not a finite number"),
         ({"diameter_mm": 4.0}, r"diameter 4 mm is under 2 voxels .* the minimum is 5 mm"),
-        ({"label": LIVER}, r"lesion label 1 equals its host \[1\]"),
-        ({"label": BODY_LABEL}, r"lesion label 200 is the body label 200"),
+        ({"label": LIVER}, r"lesion label 'liver' \(1\) equals its host 'liver' \(1\)"),
+        ({"label": BODY_LABEL}, r"lesion label 'body' \(200\) is the body label"),
         ({"label": 0}, r"lesion label 0: expected an integer id in 1..255"),
-        ({"host_labels": ()}, r"lesion label 26: host \(\) must be one or more integer label ids"),
+        (
+            {"host_labels": ()},
+            r"lesion label 'hepatic tumor' \(26\): host \(\) must be one or more integer label ids",
+        ),
         ({"margin_mm": -1.0}, r"margin -1 mm must be >= 0"),
-        ({"diameter_mm": 90.0}, r"lesion label 26 in host \[1\] at 90 mm: host too small"),
+        (
+            {"diameter_mm": 90.0},
+            r"lesion 'hepatic tumor' \(26\) in host 'liver' \(1\) at 90 mm: host too small",
+        ),
+        ({"host_labels": (22,)}, r"host 'brain' \(22\) is not in the mask"),
     ],
 )
 def test_bad_requests_are_refused_naming_label_host_and_diameter(kwargs: dict, message: str):
@@ -213,6 +225,8 @@ def test_a_later_lesion_never_overwrites_an_earlier_one_even_when_its_host_holds
         LesionRequest(27, 10.0, (LIVER, HEPATIC_TUMOR)),
     ]
     with pytest.raises(
-        InputError, match=r"lesions\[1\]: lesion label 27 in host \[1, 26\] at 10 mm: host too small"
+        InputError,
+        match=r"lesions\[1\]: lesion 'colon cancer primaries' \(27\) in host 'liver' \(1\), 'hepatic tumor' "
+        r"\(26\) at 10 mm: host too small",
     ):
         place_lesions(small, requests, seed=0)

@@ -205,7 +205,8 @@ def test_unknown_names_are_refused_together_with_suggestions():
     [
         ((128, 128), (3.0, 3.0, 3.0), 1, "output size [128, 128]: expected 3 positive integers"),
         ((128, 128, 0), (3.0, 3.0, 3.0), 1, "output size [128, 128, 0]"),
-        ((128, 128, 64), (3.0, 0.0, 3.0), 1, "spacing [3.0, 0.0, 3.0]: expected 3 positive values"),
+        ((128, 128, 64), (3.0, 0.0, 3.0), 1, "spacing [3.0, 0.0, 3.0]: expected 3 finite positive values"),
+        ((128, 128, 64), (3.0, float("inf"), 3.0), 1, "spacing [3.0, inf, 3.0]: expected 3 finite positive"),
         ((128, 128, 64), (3.0, 3.0, 3.0), 0, "number of samples 0: expected at least 1"),
     ],
 )
