@@ -87,18 +87,18 @@ def test_both_stages_train_resume_and_keep_the_scale_factor(tmp_path, brats, pre
     """Autoencoder (with the PatchGAN on 24-voxel crops), then diffusion on its latents; resume continues
     to the new step count; the scale factor saved is the estimate and survives the checkpoint round trip."""
     patch = [24, 24] if preset.endswith("2d") else [24, 24, 24]
-    ae = config(
-        tmp_path,
-        brats,
-        preset,
-        "ae",
-        "ae.json",
+    ae = dict(
+        tmp_path=tmp_path,
+        brats=brats,
+        preset=preset,
+        out="ae",
+        name="ae.json",
         autoencoder={"adversarial_weight": 0.1},
         ldm={"channel": "flair", "resample": False, "num_validation": 1, "autoencoder_patch": patch},
         tensorboard=True,
         log_every=1,
     )
-    assert main(["autoencoder", "--config", str(ae)]) == 0
+    assert main(["autoencoder", "--config", str(config(**ae))]) == 0
     ae_path = tmp_path / "ae" / "autoencoder.pt"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -111,6 +111,10 @@ def test_both_stages_train_resume_and_keep_the_scale_factor(tmp_path, brats, pre
     network, weights = load_ldm_network(get_ldm_preset(preset), "autoencoder", ae_path)
     assert weights.preset == preset
     assert torch.load(ae_path, weights_only=True)["family"] == "ldm"
+    ae_state = tmp_path / "ae" / "state" / "last.pt"
+    assert "discriminator" in torch.load(ae_state, weights_only=True)["stage_state"]
+    assert main(["autoencoder", "--config", str(config(**ae, steps=3)), "--resume"]) == 0
+    assert torch.load(ae_state, weights_only=True)["step"] == 3
 
     unet = config(tmp_path, brats, preset, "unet", "unet.json", init={"autoencoder": str(ae_path)})
     caplog.set_level("INFO")
