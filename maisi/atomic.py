@@ -102,7 +102,11 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
 
 def _acquire(path: Path) -> int:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            message = f"output directory {path.parent}: its lock {path} is a folder; remove it"
+            raise InputError(message) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -17,6 +17,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -26,6 +27,7 @@ from maisi.errors import InputError, RunFailure
 from maisi.files import SYMLINK_LOOP
 from maisi.options import DEVICE_NAMES
 from maisi.progress import set_enabled as set_progress
+from maisi.run_paths import RunPaths
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -132,16 +134,43 @@ def setup_logging(verbose: bool) -> None:
         logger.addHandler(handler)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand as the scaffolding runs it: ``paths(args)`` declares every file and folder it reads and
+    writes (:class:`maisi.run_paths.RunPaths`), checked before ``run(args)`` does any work."""
+
+    run: Callable[[Any], int]
+    paths: Callable[[Any], RunPaths]
+
+
+def writes_nothing(args: Any) -> RunPaths:
+    """The declaration of a subcommand that only reads and prints."""
+    return RunPaths()
+
+
+def run_command(prog: str, command: Command, args: argparse.Namespace) -> int:
+    """Check what ``command`` declares it reads and writes, then run it; exit codes as :func:`run_guarded`."""
+    if not isinstance(command, Command) or not callable(command.paths):
+        raise TypeError(f"{prog}: a command must be a cli.Command with its paths declaration")
+
+    def body() -> int:
+        command.paths(args).check(f"run {prog}")
+        return command.run(args)
+
+    return run_guarded(prog, body)
+
+
 def run_subcommand(
     prog: str,
     parser: argparse.ArgumentParser,
-    commands: dict[str, Callable[[Any], int]],
+    commands: dict[str, Command],
     argv: list[str] | None,
 ) -> int:
-    """``main`` of a CLI with subcommands: parse, apply the common options, run the chosen command guarded."""
+    """``main`` of a CLI with subcommands: parse, apply the common options, check the chosen command's
+    declared paths (:class:`Command`), run it guarded."""
     args = parser.parse_args(argv)
     setup_cli(args)
-    return run_guarded(prog, lambda: commands[args.command](args))
+    return run_command(prog, commands[args.command], args)
 
 
 def run_guarded(prog: str, body: Callable[[], int]) -> int:
@@ -183,12 +212,24 @@ def _symlink_loop(err: RuntimeError | OSError) -> str | None:
     return match.group(1) if match else None
 
 
-def load_cli_config(args: argparse.Namespace, kind: str):
-    """The config named by ``--config``, with ``--device`` applied when given."""
+def load_cli_config(
+    args: argparse.Namespace,
+    kind: str,
+    paths: Callable[[Any], RunPaths],
+    adjust: Callable[[Any, argparse.Namespace], Any] | None = None,
+):
+    """The config named by ``--config``, with ``--device`` (or ``adjust(config, args)``: the command's own
+    flags) applied, once what it declares it reads and writes (``paths(config)``) passed the guard of
+    :mod:`maisi.run_paths`."""
     from maisi.families.checks import load_checked_config
 
     config = load_checked_config(args.config, kind)
-    return dataclasses.replace(config, device=args.device) if args.device else config
+    if adjust is not None:
+        config = adjust(config, args)
+    elif args.device:
+        config = dataclasses.replace(config, device=args.device)
+    paths(config).check({"infer": "generate"}.get(kind, kind))
+    return config
 
 
 def print_config(config) -> int:

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_subcommand
+from maisi.cli import EXIT_INPUT, EXIT_OK, Command, add_subcommand, new_parser, run_subcommand, writes_nothing
 from maisi.options import Modality
+from maisi.run_paths import RunPaths
 
 PROG = "maisi.datalist"
 
@@ -76,8 +77,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def paths_build(args: argparse.Namespace) -> RunPaths:
+    """Every file the globs match under --root (the datalist may live in --root, not on one of them)."""
+    paths = RunPaths().read("--label-dict", args.label_dict)
+    root = Path(args.root)
+    for option, pattern in (("--images", args.images), ("--labels", args.labels)):
+        try:
+            matches = sorted(root.glob(pattern)) if pattern and root.is_dir() else []
+        except ValueError:  # a pattern glob refuses: the run says so
+            matches = []
+        for path in matches:
+            paths.read(f"{option} match", path)
+    return paths.write("--output", args.output)
+
+
+COMMANDS = {"build": Command(cmd_build, paths_build), "validate": Command(cmd_validate, writes_nothing)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_subcommand(PROG, build_parser(), {"build": cmd_build, "validate": cmd_validate}, argv)
+    return run_subcommand(PROG, build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -80,11 +80,12 @@ from tqdm.auto import tqdm
 import maisi
 from maisi.archive import extract_archive
 from maisi.atomic import write_json
-from maisi.cli import EXIT_OK, new_parser, run_guarded, setup_cli
+from maisi.cli import EXIT_OK, Command, new_parser, run_command, setup_cli
 from maisi.errors import InputError, RunFailure
 from maisi.files import ChecksumMismatch, check_file, check_md5, install_verified, require_free_space
 from maisi.progress import shown
 from maisi.resources import load_json
+from maisi.run_paths import RunPaths
 
 PROG = "maisi.download"
 MANIFEST = "released_weights.json"
@@ -729,10 +730,15 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def paths(args: argparse.Namespace) -> RunPaths:
+    """Reads only what it downloads; writes into --dest (and the download cache)."""
+    return RunPaths().write_into("--dest", args.dest).write_into("--cache-dir", args.cache_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli(args)
-    return run_guarded(PROG, lambda: run(args))
+    return run_command(PROG, Command(run, paths), args)
 
 
 if __name__ == "__main__":

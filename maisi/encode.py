@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        config = load_cli_config(args, "encode")
+        # imports torch and MONAI: after parsing, so --help stays fast
+        from maisi.encoding.run import declared_paths, prepare, run
+
+        config = load_cli_config(args, "encode", declared_paths)
         if args.dry_run:
+            prepare(config)  # every check of the run, the VAE loaded strictly; writes nothing
             return print_config(config)
-        from maisi.encoding.run import run  # imports torch and MONAI: after parsing, so --help stays fast
 
         results = run(config, args.max_cases)
         return EXIT_RUNTIME if any(r.status == "failed" for r in results) else EXIT_OK

@@ -29,12 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        config = load_cli_config(args, "evaluate")
+        # imports torch and MONAI: after parsing, so --help stays fast
+        from maisi.evaluation.inputs import declared_paths
+        from maisi.evaluation.run import prepare, run_evaluation
+
+        config = load_cli_config(args, "evaluate", declared_paths)
         if args.dry_run:
+            prepare(config)  # every check of the run, the networks loaded; writes nothing
             return print_config(config)
-        from maisi.evaluation.run import (
-            run_evaluation,
-        )  # imports torch and MONAI: after parsing, so --help stays fast
 
         report = run_evaluation(config, progress=not args.no_progress)
         log.info(

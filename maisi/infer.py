@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from maisi.cli import EXIT_OK, EXIT_RUNTIME, make_parser, run_guarded, schema_int, setup_cli
+from maisi.cli import EXIT_OK, EXIT_RUNTIME, load_cli_config, make_parser, run_guarded, schema_int, setup_cli
 from maisi.config import InferConfig, to_jsonable
-from maisi.families.checks import load_checked_config
 
 PROG = "maisi.infer"
 log = logging.getLogger(PROG)
@@ -60,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        config = apply_overrides(load_checked_config(args.config, "infer"), args)
-        from maisi.generation import (
-            run as generation_run,  # imports torch and MONAI: after parsing, so --help stays fast
-        )
+        from maisi.generation import run as generation_run  # imports torch and MONAI: after parsing
+
+        config = load_cli_config(args, "infer", generation_run.declared_paths, apply_overrides)
 
         with generation_run.process_group(config) as ranks:  # torchrun: one process per device
             if args.dry_run:

@@ -35,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        config = load_cli_config(args, "train")
+        # imports torch and MONAI: after parsing, so --help stays fast
+        from maisi.training.run import declared_paths, prepare, run
+
+        config = load_cli_config(args, "train", declared_paths)
         if args.dry_run:
+            prepare(args.stage, config, args.resume)  # every check of the run; writes nothing
             return print_config(config)
-        from maisi.training.run import run  # imports torch and MONAI: after parsing, so --help stays fast
 
         run(args.stage, config, args.resume)
         return EXIT_OK

@@ -496,15 +496,19 @@ def test_target_spacing_is_checked_by_the_schema(tmp_path, files):
 
 
 OUTPUTS = [
-    ("report is a folder", {"report": "out"}, ["$.output.report: ", "out is an existing directory"]),
+    ("report is a folder", {"report": "out"}, ["$.output.report ", "out is a folder"]),
     ("report under a file", {"report": "blocker/r.json"}, ["$.output.report: ", "blocker, which is a file"]),
     (
         "montage under a file",
         {"report": "out/r.json", "montage": "blocker/sub/m.png"},
         ["$.output.montage: ", "blocker, which is a file"],
     ),
-    ("montage is the report", {"report": "out/r.json", "montage": "out/r.json"}, ["is also $.output.report"]),
-    ("report is the VAE", {"report": "{vae}"}, ["vae.pt is an input of this evaluation"]),
+    (
+        "montage is the report",
+        {"report": "out/r.json", "montage": "out/r.json"},
+        ["$.output.montage ", "and $.output.report ", "are one file"],
+    ),
+    ("report is the VAE", {"report": "{vae}"}, ["vae.pt would overwrite $.reconstruction.autoencoder "]),
 ]
 
 
@@ -525,7 +529,7 @@ def test_output_locations_are_checked_before_any_work(tmp_path, files, capsys, m
     config = evaluate_config(tmp_path, files, output=output)
     assert main(["--config", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "cannot write the outputs" in err
+    assert "Traceback" not in err and ("cannot write the outputs" in err or "refusing to evaluate" in err)
     for text in expected:
         assert text in err
     assert list((tmp_path / "out").iterdir()) == [] and (tmp_path / "blocker").read_text() == "a file"
@@ -569,9 +573,10 @@ def test_malformed_vae_checkpoint_exits_2_naming_the_field(tmp_path, files, caps
 
 def test_relative_synthetic_files_resolve_against_the_config_folder(tmp_path, files, capsys):
     folder = files["syn0"].parent.parent / "cfg"
-    config = evaluate_config(folder, files, synthetic=["../synthetic/sample0_image.nii.gz"])
+    relative = ["../synthetic/sample0_image.nii.gz", "../synthetic/sample1_image.nii.gz"]
+    config = evaluate_config(folder, files, synthetic=relative)
     assert main(["--config", str(config), "--dry-run"]) == 0
-    assert json.loads(capsys.readouterr().out)["synthetic"] == [str(files["syn0"])]
+    assert json.loads(capsys.readouterr().out)["synthetic"] == [str(files["syn0"]), str(files["syn1"])]
 
 
 # --------------------------------------------------------------------------------------------- config

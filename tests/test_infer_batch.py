@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -344,16 +345,18 @@ def test_a_mask_changed_during_the_job_is_not_used_under_the_old_checksum(
 def test_outputs_that_collide_or_overwrite_an_input_are_refused(infer_config, tmp_path):
     from maisi.config import load_config
     from maisi.errors import InputError
-    from maisi.generation.files import check_outputs, sample_files
+    from maisi.generation.files import run_paths, sample_files
 
-    config = load_config(infer_config(), "infer")
+    config = load_config(infer_config(mask="<drop>", masks=[str(tmp_path / "m*.nii.gz")]), "infer")
     files = sample_files(config, 0, "m")
-    weights = [("controlnet", str(files["preview"]))]  # a checkpoint where a preview would go
+    config = dataclasses.replace(  # a checkpoint where a preview would go
+        config, checkpoints=dataclasses.replace(config.checkpoints, controlnet=str(files["preview"]))
+    )
     with pytest.raises(InputError) as info:
-        check_outputs(config, [], weights, [("m_seed0", files), ("m_seed0 again", dict(files))])
+        run_paths(config, [(None, "m", "$.masks[0]"), (None, "m", "$.masks[1]")]).check("generate")
     message = str(info.value)
     assert (
-        f"{files['preview']}: an output of sample m_seed0 would overwrite the controlnet checkpoint"
+        f"the preview of sample m_seed0 {files['preview']} would overwrite $.checkpoints.controlnet"
         in message
     )
-    assert f"{files['image']}: samples m_seed0 and m_seed0 again would both write it" in message
+    assert f"the image of sample m_seed0 {files['image']} and the image of sample m_seed0" in message

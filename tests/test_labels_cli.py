@@ -395,7 +395,7 @@ def test_every_output_location_is_checked_before_work(tmp_path, capsys, command,
         fragment = "a_file.txt is a file, not a folder"
     else:
         out = work / "seg.nii.gz"
-        fragment = "is the input given as --mask"
+        fragment = "would overwrite --mask"
     before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
     assert main([a.format(out=out) for a in args]) == 2
     err = capsys.readouterr().err

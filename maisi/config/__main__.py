@@ -24,12 +24,13 @@ import tempfile
 from pathlib import Path
 
 from maisi.atomic import write_json
-from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_guarded, setup_cli
+from maisi.cli import EXIT_OK, Command, add_subcommand, new_parser, run_command, setup_cli, writes_nothing
 from maisi.config.import_maisi import PATH_KEYS, PRESETS, Places, Translation, translate
 from maisi.config.registry import KINDS
 from maisi.config.schema import load_schema, schema_errors
 from maisi.errors import ConfigError, InputError
 from maisi.files import output_folder_problem
+from maisi.run_paths import RunPaths
 
 PROG = "maisi.config"
 
@@ -86,13 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- import-maisi
 
 
-def _check_output(output: Path, inputs: list[Path]) -> None:
-    """Refuse an --output that is a folder, an input, or in a folder that cannot be written."""
-    if output.is_dir():
-        raise InputError(f"--output {output} is a folder; give the file name of the config to write")
-    for path in inputs:
-        if output.resolve() == path.resolve():
-            raise InputError(f"--output {output} is the input {path}; write the translation to another file")
+def _check_output(output: Path) -> None:
+    """Refuse an --output in a folder that cannot be written (collisions: :func:`paths_import`)."""
     problem = output_folder_problem(output.parent, "--output folder")
     if problem:
         raise InputError(problem)
@@ -169,7 +165,7 @@ def _report(t: Translation, source: Path, output: Path, notes: list[str]) -> Non
 def run_import(args: argparse.Namespace) -> int:
     source, output = Path(args.file), Path(args.output)
     environment = Path(args.environment) if args.environment else None
-    _check_output(output, [p for p in (source, environment) if p is not None])
+    _check_output(output)
     maisi_root = Path(args.maisi_root).expanduser().resolve()
     data_root = args.data_root or os.environ.get("MONAI_DATA_DIRECTORY") or maisi_root
     places = Places(
@@ -196,11 +192,21 @@ def run_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def paths_import(args: argparse.Namespace) -> RunPaths:
+    paths = RunPaths().read("FILE", args.file).read("--environment", args.environment)
+    return paths.write("--output", args.output)
+
+
+COMMANDS = {
+    "import-maisi": Command(run_import, paths_import),
+    "validate": Command(run_validate, writes_nothing),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli(args)
-    body = run_import if args.command == "import-maisi" else run_validate
-    return run_guarded(f"{PROG} {args.command}", lambda: body(args))
+    return run_command(f"{PROG} {args.command}", COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from maisi.errors import InputError, RunFailure
 from maisi.files import file_sha256
 from maisi.intensity import HU_MIN, is_mr, to_unit
 from maisi.labels import MAX_LABEL
+from maisi.run_paths import RunPaths
 from maisi.vae.codec import encode
 
 
@@ -93,50 +94,31 @@ def output_paths(job: EncodeJob, image_rel: str, has_label: bool) -> tuple[Path,
     return out / latent, (out / label if has_label else None)
 
 
-def _file_keys(path: Path) -> set:
-    """Keys under which two spellings name one file: the absolute path as written (a symlink there would be
-    replaced), the path with every symlink resolved, and device + inode of an existing file (hard links,
-    bind mounts, case-insensitive file systems)."""
-    keys: set = {os.path.abspath(path), str(path.resolve())}
-    try:
-        st = path.stat()
-        keys.add((st.st_dev, st.st_ino))
-    except OSError:
-        pass
-    return keys
-
-
-def _run_inputs(config: EncodeConfig, entries: list[dict[str, Any]], root: Path) -> list[tuple[Path, str]]:
-    inputs = [(Path(config.datalist), "the input datalist")]
-    inputs.append((Path(config.autoencoder), "the autoencoder checkpoint"))
+def run_paths(
+    config: EncodeConfig, entries: list[dict[str, Any]], root: Path, out_datalist: Path
+) -> RunPaths:
+    """What an encoding run reads (datalist, VAE, each case's image and label) and writes (each case's
+    latent, sidecar and label, the output datalist), for the guard of :mod:`maisi.run_paths`."""
+    paths = RunPaths().read("the input datalist", config.datalist)
+    paths.read("the autoencoder checkpoint", config.autoencoder)
     for i, entry in enumerate(entries):
-        if config.kind == "image":  # kind "mask" never reads the CT
-            inputs.append((root / entry["image"], f"the image of $.training[{i}]"))
+        if config.kind == "image" and entry.get("image"):  # kind "mask" never reads the CT
+            paths.read(f"the image of $.training[{i}]", root / entry["image"])
         if entry.get("label"):
-            inputs.append((root / entry["label"], f"the label of $.training[{i}]"))
-    return inputs
-
-
-def _run_outputs(
-    config: EncodeConfig, entries: list[dict[str, Any]], out_datalist: Path
-) -> list[tuple[Path, str, str]]:
-    """(path, what it is, who writes it) of each file the run may write.
-
-    A case is named ``$.training[i] (image)``.
-    """
-    outputs = []
+            paths.read(f"the label of $.training[{i}]", root / entry["label"])
     out = Path(config.output_dir)
+    paths.write_into("$.output_dir", out)
     key = source_key(config.kind)
     for i, entry in enumerate(entries):
         if not entry.get(key):
             continue  # nothing to encode: refused before this by the run (kind "mask" without a label)
         latent, label = encoded_relpaths(entry[key])
         case = f"$.training[{i}] ({entry[key]})"
-        outputs.append((out / latent, f"the latent of {case}", case))
-        outputs.append((sidecar_path(out / latent), f"the sidecar of {case}", case))
+        paths.write(f"the latent of {case}", out / latent, case)
+        paths.write(f"the sidecar of {case}", sidecar_path(out / latent), case)
         if entry.get("label") and config.kind == "image":
-            outputs.append((out / label, f"the transformed label of {case}", case))
-    return outputs + [(out_datalist, "the output datalist", "the output datalist")]
+            paths.write(f"the transformed label of {case}", out / label, case)
+    return paths.write("the output datalist", out_datalist)
 
 
 def check_outputs(
@@ -148,37 +130,7 @@ def check_outputs(
         InputError: listing every output that is an input (or lies inside an input folder, e.g. a DICOM
             series) and every pair of cases whose outputs collide, each naming both sides and the path.
     """
-    inputs: dict = {}
-    input_dirs: dict[str, str] = {}
-    for path, what in _run_inputs(config, entries, root):
-        for key in _file_keys(path):
-            inputs.setdefault(key, what)
-        if path.is_dir():
-            input_dirs.setdefault(str(path.resolve()), what)
-    problems: list[str] = []
-    claimed: dict = {}
-    reported: set[tuple[str, str]] = set()
-    for path, what, owner in _run_outputs(config, entries, out_datalist):
-        keys = _file_keys(path)
-        shown = path if path.resolve() == Path(os.path.abspath(path)) else f"{path} (= {path.resolve()})"
-        hit = next((inputs[k] for k in keys if k in inputs), None)
-        if hit is not None:
-            problems.append(f"{shown}: {what} would overwrite {hit}")
-        inside = next((input_dirs[str(d)] for d in path.resolve().parents if str(d) in input_dirs), None)
-        if inside is not None:
-            problems.append(f"{shown}: {what} would be written inside the folder of {inside}")
-        other = next((claimed[k] for k in keys if k in claimed), None)
-        if other is not None and (other, owner) not in reported:
-            reported.add((other, owner))  # a latent's sidecar and label collide too: one line per pair
-            problems.append(f"{shown}: {other} and {owner} would both write it")
-        for key in keys:
-            claimed.setdefault(key, owner)
-    if problems:
-        raise InputError(
-            f"refusing to encode: {len(problems)} output(s) would overwrite an input or another "
-            "output (choose another output_dir / output_datalist, or rename the images):\n  "
-            + "\n  ".join(problems)
-        )
+    run_paths(config, entries, root, out_datalist).check("encode")
 
 
 def _fingerprint(

@@ -17,13 +17,14 @@ from maisi.config import EncodeConfig
 from maisi.data.datalist import data_root, read_datalist, write_datalist
 from maisi.device import autocast_dtype, resolve_device
 from maisi.distributed import Ranks, finish, gather, init_from_env
-from maisi.encoding.cases import CaseResult, EncodeJob, check_outputs, encode_case, source_key
+from maisi.encoding.cases import CaseResult, EncodeJob, check_outputs, encode_case, run_paths, source_key
 from maisi.errors import InputError, RunFailure
 from maisi.families.ct import get_preset
 from maisi.families.mask import get_mask_preset
 from maisi.families.networks import RuntimeOptions
 from maisi.files import check_output_dir, file_sha256
 from maisi.progress import progress_bar
+from maisi.run_paths import RunPaths
 
 log = logging.getLogger("maisi.encode")
 
@@ -61,6 +62,21 @@ def check_mask_entries(entries: list[dict], root: Path) -> None:
             problems.append(f"$.training[{i}].label: file not found: {root / entry['label']}")
     if problems:
         raise InputError(f"mask datalist problems ({len(problems)}):\n  " + "\n  ".join(problems))
+
+
+def declared_paths(config: EncodeConfig) -> RunPaths:
+    """What the run reads and writes (:func:`maisi.encoding.run_paths`), from the config alone."""
+    root = data_root(config.datalist, config.data_root)
+    return run_paths(config, read_datalist(config.datalist)["training"], root, output_datalist_path(config))
+
+
+def prepare(config: EncodeConfig, ranks: Ranks | None = None) -> tuple[EncodeJob, list]:
+    """Every check of a run (files, output locations, the guard, the VAE loaded strictly); writes nothing.
+
+    Raises:
+        InputError: whatever the run would refuse.
+    """
+    return prepare_job(config, ranks or Ranks())
 
 
 def prepare_job(config: EncodeConfig, ranks: Ranks) -> tuple[EncodeJob, list]:

@@ -13,6 +13,7 @@ from maisi.config.evaluate_config import EvaluateConfig
 from maisi.data.datalist import case_modality, data_root, read_datalist
 from maisi.errors import InputError
 from maisi.intensity import is_mr, modality_code_of
+from maisi.run_paths import RunPaths
 
 log = logging.getLogger("maisi.evaluation")
 
@@ -116,22 +117,40 @@ def _output_problem(path: Path, key: str) -> str | None:
     return None
 
 
-def check_outputs(config: EvaluateConfig, inputs: list[Path]) -> None:
+def run_paths(config: EvaluateConfig, real: list[Path], synthetic: list[Path]) -> RunPaths:
+    """What an evaluation reads (its volumes, the datalist, the VAE, the FID weights) and writes (the report
+    and the montage), for the guard of :mod:`maisi.run_paths`."""
+    paths = RunPaths().read("$.real_datalist", config.real_datalist)
+    for path in real:
+        paths.read("a real volume of $.real_datalist", path)
+    for path in synthetic:
+        paths.read("a volume of $.synthetic", path)
+    paths.read("$.reconstruction.autoencoder", config.reconstruction.autoencoder)
+    paths.read("$.fid.weights", config.fid.weights)
+    return paths.write("$.output.report", config.output.report).write(
+        "$.output.montage", config.output.montage
+    )
+
+
+def declared_paths(config: EvaluateConfig) -> RunPaths:
+    """What an evaluation reads and writes (:func:`run_paths`), from the config alone.
+
+    Raises:
+        InputError: the inputs cannot be found (see :func:`gather_inputs`).
+    """
+    return run_paths(config, *gather_inputs(config))
+
+
+def check_outputs(config: EvaluateConfig, real: list[Path], synthetic: list[Path]) -> None:
     """Refuse, before any work, report and montage paths that cannot be written or would overwrite an input.
 
     Raises:
         InputError: listing every problem, each naming the config key and the path.
     """
+    run_paths(config, real, synthetic).check("evaluate")
     outputs = {"$.output.report": Path(config.output.report)}
     if config.output.montage is not None:
         outputs["$.output.montage"] = Path(config.output.montage)
     problems = [problem for key, path in outputs.items() if (problem := _output_problem(path, key))]
-    if len(outputs) == 2 and len({p.resolve() for p in outputs.values()}) == 1:
-        problems.append(f"$.output.montage: {outputs['$.output.montage']} is also $.output.report")
-    given = [config.real_datalist, config.reconstruction.autoencoder, config.fid.weights]
-    sources = {Path(p).resolve() for p in [*inputs, *(g for g in given if g is not None)]}
-    for key, path in outputs.items():
-        if path.resolve() in sources:
-            problems.append(f"{key}: {path} is an input of this evaluation; writing it would overwrite it")
     if problems:
         raise InputError("cannot write the outputs:\n  " + "\n  ".join(problems))

@@ -35,6 +35,7 @@ import datetime as _dt
 import itertools
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,51 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+@dataclass
+class Prepared:
+    """A checked evaluation: its inputs, their shapes and modalities, what each metric will use."""
+
+    device: torch.device
+    real: list[Path]
+    synthetic: list[Path]
+    shapes: dict[Path, Shape]
+    modalities: dict[Path, str]
+    diversity_plan: Any
+    fid_net: Any
+    fid_skipped: str | None
+    vae: torch.nn.Module | None
+    preset: Any
+
+
+def prepare(config: EvaluateConfig) -> Prepared:
+    """Every check of an evaluation (files, grids, the guard of :mod:`maisi.run_paths` and the output
+    locations, the FID weights and the VAE loaded strictly); writes nothing.
+
+    Raises:
+        InputError: whatever :func:`run_evaluation` would refuse before computing.
+    """
+    device = resolve_device(config.device)
+    real, synthetic = gather_inputs(config)
+    check_outputs(config, real, synthetic)
+    shapes = {p: read_geometry(p)[0] for p in real + synthetic}
+    modalities = input_modalities(config, real, synthetic)
+    diversity_plan = _plan_diversity(config, real, synthetic, shapes) if config.diversity.enabled else {}
+    fid_net, fid_skipped = _fid_plan(config, real, synthetic, shapes, modalities, device)
+    vae = preset = None
+    if config.reconstruction.enabled:
+        preset = get_preset(config.reconstruction.preset)
+        vae, _ = load_network(
+            preset,
+            "autoencoder",
+            config.reconstruction.autoencoder,  # type: ignore[arg-type]
+            RuntimeOptions.for_device(device),
+        )
+        vae = vae.to(device)
+    return Prepared(
+        device, real, synthetic, shapes, modalities, diversity_plan, fid_net, fid_skipped, vae, preset
+    )
+
+
 def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """Check every input, compute the enabled metrics, write the montage and the JSON report.
 
@@ -375,24 +421,11 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         InputError: missing files, output paths that cannot be written, mismatched grids, synthetic volumes
             too small for MS-SSIM, too few samples, bad weights, an FID mixing CT and MR.
     """
-    device = resolve_device(config.device)
-    real, synthetic = gather_inputs(config)
-    check_outputs(config, real + synthetic)
-    shapes = {p: read_geometry(p)[0] for p in real + synthetic}
-    modalities = input_modalities(config, real, synthetic)
+    prepared = prepare(config)
+    device, real, synthetic = prepared.device, prepared.real, prepared.synthetic
+    modalities, diversity_plan = prepared.modalities, prepared.diversity_plan
+    fid_net, fid_skipped, vae, preset = prepared.fid_net, prepared.fid_skipped, prepared.vae, prepared.preset
     k, sigma = config.ssim.kernel_size, config.ssim.kernel_sigma
-    diversity_plan = _plan_diversity(config, real, synthetic, shapes) if config.diversity.enabled else {}
-    fid_net, fid_skipped = _fid_plan(config, real, synthetic, shapes, modalities, device)
-    vae = preset = None
-    if config.reconstruction.enabled:
-        preset = get_preset(config.reconstruction.preset)
-        vae, _ = load_network(
-            preset,
-            "autoencoder",
-            config.reconstruction.autoencoder,  # type: ignore[arg-type]
-            RuntimeOptions.for_device(device),
-        )
-        vae = vae.to(device)
 
     features: dict[str, dict[str, list[torch.Tensor]]] = {}
     rows: list[tuple[str, Path, np.ndarray, Window]] = []

@@ -16,6 +16,7 @@ from maisi import seeding
 from maisi.config import InferConfig, to_jsonable
 from maisi.errors import InputError
 from maisi.files import file_sha256
+from maisi.run_paths import RunPaths
 
 # Settings that change how fast or in how much memory a sample is made, never what is made, so a rerun that
 # changes only them skips the finished samples: torch.compile (the same arithmetic, fused) and the tiled
@@ -121,47 +122,83 @@ def describe_quality(record: dict[str, Any] | None) -> str:
     return f"HU check FAILED for {', '.join(kept['failed'])} after {count}"
 
 
-def check_outputs(
-    config: InferConfig,
-    masks: list[tuple[str, str]],
-    weights: list[tuple[str, str]],
-    samples: list[tuple[str, dict[str, Path]]],
-) -> None:
-    """Refuse, before any work, outputs that would collide with each other or overwrite an input, and
-    masks that are this job's own outputs (a pattern matching the output folder).
+def sample_name(seed: int, stem: str | None) -> str:
+    """How messages and the summary name a sample: its seed, or with many masks '<stem>_seed<N>'."""
+    return str(seed) if stem is None else f"{stem}_seed{seed}"
+
+
+def run_paths(config: InferConfig, inputs: list[tuple[str | None, str | None, str]]) -> RunPaths:
+    """What a job reads (masks, checkpoints, label dictionary, datalist, mask database and its masks, the
+    mask generator's files) and writes (the output folder, under its lock, and every sample's files).
+
+    Args:
+        config: the job's config.
+        inputs: (mask path or None, stem, where the config names it) of every input of the job.
+    """
+    paths = RunPaths()
+    for mask, _, source in inputs:
+        paths.read(source if source.startswith("$.mask") else f"the mask of {source}", mask)
+    for part in ("autoencoder", "diffusion_unet", "controlnet"):
+        paths.read(f"$.checkpoints.{part}", getattr(config.checkpoints, part))
+    paths.read("$.label_dict", config.label_dict)
+    if config.datalist is not None:
+        paths.read("$.datalist.path", config.datalist.path)
+    if config.anatomy is not None:
+        generator = config.anatomy.mask_generator
+        for part in ("autoencoder", "diffusion_unet", "size_conditions", "size_reference"):
+            paths.read(f"$.anatomy.mask_generator.{part}", getattr(generator, part))
+        for key, path in _database_files(config):
+            paths.read(key, path)
+    out = Path(config.output.dir)
+    paths.write_into("$.output.dir", out, lock=True)
+    for _, stem, _ in inputs:
+        for seed in range(config.seed, config.seed + config.num_samples):
+            name = sample_name(seed, stem)
+            for kind, path in sample_files(config, seed, stem).items():
+                paths.write(f"the {kind} of sample {name}", path, group=name)
+    return paths
+
+
+def _database_files(config: InferConfig) -> list[tuple[str, Path]]:
+    """Anatomy mode: the mask database and each of its masks (none when the database cannot be read: the
+    job's checks say why)."""
+    from maisi.masks.anatomy import default_database
+    from maisi.masks.database import load_database
+
+    anatomy = config.anatomy
+    assert anatomy is not None
+    key = "$.anatomy.mask_database"
+    try:
+        path = Path(anatomy.mask_database) if anatomy.mask_database else default_database(config.preset)
+        if path is None or not path.is_file():
+            return []
+        database = load_database(path, anatomy.mask_root, check_files=False)
+    except InputError:
+        return []
+    return [(key, path)] + [(f"a mask of {key}", database.mask_path(e)) for e in database.entries]
+
+
+def check_mask_names(config: InferConfig, masks: list[tuple[str, str]]) -> None:
+    """Refuse masks that are named like this job's outputs in its output folder: a pattern matching earlier
+    outputs would feed generated masks back in as inputs.
 
     Args:
         config: the job's config.
         masks: (path, where the config names it) of every mask of the job.
-        weights: (part, path) of every checkpoint.
-        samples: (name, files) of every sample.
 
     Raises:
-        InputError: listing every problem.
+        InputError: listing every such mask.
     """
     out = os.path.realpath(config.output.dir)
-    inputs: dict[str, str] = {}
     problems = []
     for path, source in masks:
         mask = os.path.realpath(path)
-        inputs[mask] = f"the mask of {source}"
         if os.path.dirname(mask) == out and os.path.basename(mask).startswith(f"{config.output.prefix}_"):
             problems.append(
                 f"{source}: {mask} is named like this job's outputs in its output folder "
                 f"(prefix '{config.output.prefix}_'); a generated mask is not an input: narrow the pattern "
                 "or move the masks"
             )
-    for part, path in weights:
-        inputs.setdefault(os.path.realpath(path), f"the {part} checkpoint")
-    claimed: dict[str, str] = {}
-    for name, files in samples:
-        for path in files.values():
-            real = os.path.realpath(path)
-            if real in inputs:
-                problems.append(f"{path}: an output of sample {name} would overwrite {inputs[real]}")
-            elif real in claimed:
-                problems.append(f"{path}: samples {claimed[real]} and {name} would both write it")
-            claimed.setdefault(real, name)
     if problems:
         raise InputError(
             f"refusing to generate: {len(problems)} problem(s) with the outputs in {config.output.dir}:\n  "

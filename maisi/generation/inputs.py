@@ -53,9 +53,14 @@ def expand_inputs(config: InferConfig) -> tuple[list[GenerationInput], list[str]
     if not config.is_batch:
         return [GenerationInput(config, None, "$.mask" if config.mask else "$")], []
     found, problems = _from_masks(config) if config.masks is not None else _from_datalist(config)
-    unique: dict[str, tuple[Path, str]] = {}
-    for path, source in found:
-        unique.setdefault(os.path.realpath(path), (path, source))
+    unique: dict[object, tuple[Path, str]] = {}
+    for path, source in found:  # one file under two names (symlinks, hard links) is one input
+        try:
+            st = path.stat()
+            identity: object = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = os.path.realpath(path)
+        unique.setdefault(identity, (path, source))
     paths = [p for p, _ in unique.values()]
     inputs = [
         GenerationInput(dataclasses.replace(config, mask=str(path), masks=None, datalist=None), stem, source)

@@ -37,12 +37,13 @@ from maisi.distributed import Ranks, finish, first_error, gather, init_from_env
 from maisi.errors import InputError
 from maisi.files import check_output_dir, file_sha256
 from maisi.generation.files import (
-    check_outputs,
+    check_mask_names,
     describe_quality,
     job_key,
     output_checksums,
     read_metadata,
     recorded_job,
+    run_paths,
     sample_files,
     why_not_finished,
 )
@@ -58,6 +59,7 @@ from maisi.generation.plan import (
 from maisi.intensity import is_mr
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
+from maisi.run_paths import RunPaths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,6 +135,20 @@ def _agreed(ranks: Ranks, step: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
+def declared_paths(config: InferConfig) -> RunPaths:
+    """What the job reads and writes (:func:`maisi.generation.files.run_paths`), from the config alone.
+
+    Raises:
+        InputError: the datalist of $.datalist cannot be read.
+    """
+    inputs, _ = expand_inputs(config)
+    if config.is_batch:  # the clearer refusal first: a pattern matching earlier outputs
+        check_mask_names(config, [(str(i.config.mask), i.source) for i in inputs])
+    return run_paths(
+        config, [(str(i.config.mask) if i.config.mask else None, i.stem, i.source) for i in inputs]
+    )
+
+
 def prepare(config: InferConfig, ranks: Ranks | None = None) -> Job:
     """Every check of a run, in the order cheapest first; writes nothing.
 
@@ -150,6 +166,8 @@ def prepare(config: InferConfig, ranks: Ranks | None = None) -> Job:
         return ranks.device(resolve_device(config.device)), expand_inputs(config)
 
     device, (inputs, problems) = _agreed(ranks, local_checks)
+    declared = [(str(i.config.mask) if i.config.mask else None, i.stem, i.source) for i in inputs]
+    _agreed(ranks, lambda: run_paths(config, declared).check("generate"))  # before any mask is read
     plan, mask_sha = _check_inputs(inputs, problems, device, ranks)
     return _agreed(ranks, lambda: _load_and_name(config, inputs, plan, mask_sha, device, ranks))
 
@@ -224,9 +242,7 @@ def _load_and_name(
             log.info("%d masks x %d seed(s) = %d samples:", len(inputs), config.num_samples, len(samples))
             for item in inputs:
                 log.info("  %s_%s_seed<N>: %s", config.output.prefix, item.stem, item.config.mask)
-        masks = [(str(i.input.config.mask), i.input.source) for i in checked]
-        weights = [(part, str(w.path)) for part, w in models.weights.items()]
-        check_outputs(config, masks, weights, [(x.name, x.files) for x in samples])
+        check_mask_names(config, [(str(i.input.config.mask), i.input.source) for i in checked])
     check_no_foreign_samples(job)
     return job
 
@@ -422,15 +438,26 @@ def generate_all(config: InferConfig, ranks: Ranks | None = None) -> RunSummary:
     """
     ranks = ranks or Ranks()
     started = time.time()
-    job = prepare(config, ranks)
-    with _locked_output(job, started):
-        states = _states(job)
-        todo = [s for s in job.samples if not isinstance(states[s.index], _Done)]
-        mine = ranks.shard(todo)  # dealt after the finished ones are known: shares even on a rerun
-        if ranks.world_size > 1:
-            log.info("rank %d: %d of the %d samples to generate", ranks.rank, len(mine), len(todo))
-        results = _generate(job, mine, states)
-        merged = {i: r for share in gather(results, ranks) for i, r in share.items()}
+    with contextlib.ExitStack() as held:
+
+        def lock_early() -> bool:
+            # A folder in use by another run is refused now, after the config checks, not once this run's
+            # masks are made and its networks loaded; a folder that does not exist yet is locked below.
+            if ranks.is_main and Path(config.output.dir).is_dir():
+                held.enter_context(folder_lock(config.output.dir))
+                return True
+            return False
+
+        locked = _agreed(ranks, lock_early)
+        job = prepare(config, ranks)
+        with _locked_output(job, started, locked):
+            states = _states(job)
+            todo = [s for s in job.samples if not isinstance(states[s.index], _Done)]
+            mine = ranks.shard(todo)  # dealt after the finished ones are known: shares even on a rerun
+            if ranks.world_size > 1:
+                log.info("rank %d: %d of the %d samples to generate", ranks.rank, len(mine), len(todo))
+            results = _generate(job, mine, states)
+            merged = {i: r for share in gather(results, ranks) for i, r in share.items()}
     merged.update({i: v for i, v in states.items() if isinstance(v, _Done)})
     verdicts, errors = {}, []
     for sample in job.samples:  # in the job's order
@@ -454,9 +481,10 @@ class _Done:
 
 
 @contextlib.contextmanager
-def _locked_output(job: Job, started: float) -> Iterator[None]:
+def _locked_output(job: Job, started: float, locked: bool = False) -> Iterator[None]:
     """Rank 0 creates and locks the output folder for the run (the other ranks of this torchrun job write
-    under its lock; another run is refused), checks it again and writes the job's config."""
+    under its lock; another run is refused), checks it again and writes the job's config; ``locked``: rank 0
+    holds the lock already."""
     config, ranks = job.config, job.ranks
     out = Path(config.output.dir)
     with contextlib.ExitStack() as stack:
@@ -465,7 +493,8 @@ def _locked_output(job: Job, started: float) -> Iterator[None]:
             if not ranks.is_main:
                 return
             out.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(folder_lock(out))
+            if not locked:
+                stack.enter_context(folder_lock(out))
             check_no_foreign_samples(job)  # again: another run may have written here meanwhile
             for path in remove_stale_temporaries(out, f"{config.output.prefix}_", started):
                 log.info("removed %s, left by a run that was killed", path.name)

@@ -15,9 +15,10 @@ import argparse
 import logging
 import math
 import sys
+from pathlib import Path
 
 from maisi.atomic import write_json
-from maisi.cli import EXIT_INPUT, EXIT_OK, add_subcommand, new_parser, run_subcommand
+from maisi.cli import EXIT_INPUT, EXIT_OK, Command, add_subcommand, new_parser, run_subcommand, writes_nothing
 from maisi.data.io import check_output_path, read_mask, read_volume, write_volume, write_volumes
 from maisi.errors import InputError
 from maisi.labels import (
@@ -37,6 +38,7 @@ from maisi.labels.envelope import (
     label_body,
 )
 from maisi.labels.mapping import BUILTIN_ALIASES, builtin_mappings, load_mapping, remap
+from maisi.run_paths import RunPaths
 
 PROG = "maisi.labels"
 log = logging.getLogger(PROG)
@@ -274,13 +276,38 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def paths_add(args: argparse.Namespace) -> RunPaths:
+    if args.output is None:  # in place: the dictionary is rewritten on purpose
+        return RunPaths().write("--label-dict", args.label_dict)
+    return RunPaths().read("--label-dict", args.label_dict).write("--output", args.output)
+
+
+def paths_remap(args: argparse.Namespace) -> RunPaths:
+    mapping = args.mapping if Path(args.mapping).exists() else None  # else a built-in name
+    paths = RunPaths().read("--mask", args.mask).read("--mapping", mapping)
+    return paths.read("--label-dict", args.label_dict).write("--output", args.output)
+
+
+def paths_envelope(args: argparse.Namespace) -> RunPaths:
+    return RunPaths().read("--image", args.image).read("--mask", args.mask).write("--output", args.output)
+
+
+def paths_crop(args: argparse.Namespace) -> RunPaths:
+    paths = RunPaths().read("--image", args.image).read("--mask", args.mask)
+    return paths.write("--output-image", args.output_image).write("--output-mask", args.output_mask)
+
+
+def paths_resample(args: argparse.Namespace) -> RunPaths:
+    return RunPaths().read("--mask", args.mask).write("--output", args.output)
+
+
 COMMANDS = {
-    "add": cmd_add,
-    "remap": cmd_remap,
-    "envelope": cmd_envelope,
-    "crop": cmd_crop,
-    "resample": cmd_resample,
-    "show": cmd_show,
+    "add": Command(cmd_add, paths_add),
+    "remap": Command(cmd_remap, paths_remap),
+    "envelope": Command(cmd_envelope, paths_envelope),
+    "crop": Command(cmd_crop, paths_crop),
+    "resample": Command(cmd_resample, paths_resample),
+    "show": Command(cmd_show, writes_nothing),
 }
 
 

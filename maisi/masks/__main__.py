@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from maisi.cli import EXIT_OK, add_subcommand, new_parser, run_subcommand
+from maisi.cli import EXIT_OK, Command, add_subcommand, new_parser, run_subcommand, writes_nothing
 from maisi.errors import InputError
 from maisi.options import REGION_INDEX
+from maisi.run_paths import RunPaths
 
 PROG = "maisi.masks"
 log = logging.getLogger(PROG)
@@ -262,13 +263,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
         size_of_volume,
     )
 
-    output = Path(args.output)
-    outputs = [output] + ([Path(args.build_reference)] if args.build_reference else [])
-    for path in outputs:
-        if path.is_dir():
-            raise InputError(f"{path}: is a folder, expected a JSON file to write")
-    if args.build_reference and output.resolve() == Path(args.build_reference).resolve():
-        raise InputError(f"--output and --build-reference are the same file {output}")
+    output = Path(args.output)  # checked with every input by paths_sizes
     data = read_datalist(args.datalist)
     root = data_root(args.datalist, args.data_root)
     reference = load_size_reference(args.reference) if args.reference else None
@@ -309,7 +304,36 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"index": cmd_index, "show": cmd_show, "query": cmd_query, "sizes": cmd_sizes}
+def paths_index(args: argparse.Namespace) -> RunPaths:
+    """The masks found (the database may live among them, not on one); --output is read and updated."""
+    from maisi.masks.database import find_mask_files
+
+    paths = RunPaths().read("--label-dict", args.label_dict)
+    for path in find_mask_files(args.masks):
+        paths.read("--masks", path)
+    return paths.write("--output", args.output)
+
+
+def paths_sizes(args: argparse.Namespace) -> RunPaths:
+    """The datalist, its images and labels, the reference; the output datalist and reference."""
+    from maisi.data.datalist import data_root, read_datalist
+
+    paths = RunPaths().read("--datalist", args.datalist).read("--reference", args.reference)
+    data = read_datalist(args.datalist)
+    root = data_root(args.datalist, args.data_root)
+    for i, entry in enumerate(data["training"]):
+        for key in ("image", "label"):
+            if isinstance(entry.get(key), str):
+                paths.read(f"$.training[{i}].{key} of --datalist", root / entry[key])
+    return paths.write("--output", args.output).write("--build-reference", args.build_reference)
+
+
+COMMANDS = {
+    "index": Command(cmd_index, paths_index),
+    "show": Command(cmd_show, writes_nothing),
+    "query": Command(cmd_query, writes_nothing),
+    "sizes": Command(cmd_sizes, paths_sizes),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

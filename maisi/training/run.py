@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from maisi.families.ct import PRESETS, get_preset
 from maisi.families.ldm import LDM_PRESETS
 from maisi.families.mask import MASK_PRESETS, get_mask_preset
 from maisi.files import check_output_dir
+from maisi.run_paths import RunPaths
 from maisi.training.loop import Stage, train
 from maisi.training.resume import RESUMABLE_CHANGES, comparable, config_differences, saved_run_config
 from maisi.training.state import (
@@ -201,20 +202,60 @@ def _build_mask_stage(
     return MaskDiffusionStage(config, preset, train, val, ranks, device)
 
 
+def declared_paths(config: TrainConfig) -> RunPaths:
+    """What a run reads (the datalist and its cases, the init checkpoints, the perceptual weights, the label
+    dictionary) and writes: the run folder, whose names it chooses, so no input may lie inside it."""
+    paths = RunPaths().read("$.datalist", config.datalist)
+    try:
+        entries = read_datalist(config.datalist)["training"]
+    except InputError:  # the run refuses it when it reads its data, after the run folder's checks
+        entries = []
+    root = data_root(config.datalist, config.data_root)
+    for i, entry in enumerate(entries):
+        for key in ("image", "label"):
+            if isinstance(entry.get(key), str):
+                paths.read(f"$.training[{i}].{key} of $.datalist", root / entry[key])
+    for part in fields(config.init):
+        paths.read(f"$.init.{part.name}", getattr(config.init, part.name))
+    paths.read("$.autoencoder.perceptual_weights", config.autoencoder.perceptual_weights)
+    paths.read("$.controlnet.label_dict", config.controlnet.label_dict)
+    return paths.write_into("$.output_dir", config.output_dir, owned=True)
+
+
+def prepare(
+    stage_name: str, config: TrainConfig, resume: bool, ranks: Ranks | None = None
+) -> tuple[Stage, TrainState | None, str]:
+    """Every check of a run, in order: the stage's preset, what it reads and writes (the guard of
+    :mod:`maisi.run_paths`), the run folder (fresh or resumable), the data and networks built with their
+    init checkpoints, a resumed state that fits them; writes nothing.
+
+    Returns:
+        The built stage, the state to resume from (or None) and the config's hash.
+
+    Raises:
+        InputError: whatever the run would refuse.
+    """
+    ranks = ranks or Ranks()
+    device = ranks.device(resolve_device(config.device))
+    check_stage_preset(stage_name, config)  # before anything is read or written
+    declared_paths(config).check("train")
+    digest = config_hash(config, stage_name)
+    check_output_dir(config.output_dir, "$.output_dir")
+    state = starting_state(config, stage_name, digest, resume)
+    torch.manual_seed(config.seed)  # fresh networks start from the same weights on every run and rank
+    stage = build_stage(stage_name, config, ranks, device)
+    if state is not None:
+        check_restorable(state, stage.model, stage.state(), state_path(config.output_dir))
+    return stage, state, digest
+
+
 def run(stage_name: str, config: TrainConfig, resume: bool) -> None:
     """Train ``stage_name`` as ``config`` says, fresh or (``resume``) from the run folder's state."""
     device = resolve_device(config.device)
     ranks = init_from_env(device)
     try:
         device = ranks.device(device)
-        check_stage_preset(stage_name, config)  # before anything is read or written
-        digest = config_hash(config, stage_name)
-        check_output_dir(config.output_dir, "$.output_dir")
-        state = starting_state(config, stage_name, digest, resume)
-        torch.manual_seed(config.seed)  # fresh networks start from the same weights on every run and rank
-        stage = build_stage(stage_name, config, ranks, device)
-        if state is not None:
-            check_restorable(state, stage.model, stage.state(), state_path(config.output_dir))
+        stage, state, digest = prepare(stage_name, config, resume, ranks)
         if ranks.is_main:
             if state is not None and state.config_sha256 != digest:
                 # matched key by key: re-record the state under today's config first, so that the marker

@@ -620,7 +620,7 @@ def test_output_that_is_an_input_or_a_folder_is_refused(tmp_path, capsys):
     source = write(tmp_path / "config_infer.json", CONFIG_INFER)
     before = source.read_text()
     assert main(["import-maisi", str(source), "--output", str(source)]) == 2
-    assert f"--output {source} is the input {source}" in capsys.readouterr().err
+    assert f"--output {source} would overwrite FILE {source}" in capsys.readouterr().err
     assert source.read_text() == before
     assert main(["import-maisi", str(source), "--output", str(tmp_path)]) == 2
     assert f"--output {tmp_path} is a folder" in capsys.readouterr().err

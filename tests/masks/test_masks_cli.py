@@ -211,7 +211,7 @@ def test_sizes_bad_inputs_exit_2_naming_them_and_write_nothing(masks_copy, capsy
     assert (
         main(["sizes", "--datalist", str(datalist), "--output", str(out), "--build-reference", str(out)]) == 2
     )
-    assert "--output and --build-reference are the same file" in capsys.readouterr().err
+    assert "are one file: both would write it" in capsys.readouterr().err
     bad_ref = masks_copy / "bad_ref.json"
     bad_ref.write_text(json.dumps({"size_reference": {"liver": [1.0]}}))
     assert (

@@ -123,7 +123,7 @@ def test_labels_resample_command_writes_the_resampled_mask(tmp_path, capsys, ts_
         ([], "give --spacing, --size or both"),
         (["--spacing", "0", "1", "1"], "--spacing 0: must be a number"),
         (["--size", "0", "4", "4"], "--size 0: must be a whole number"),
-        (["--output-is-input"], "is the input"),
+        (["--output-is-input"], "would overwrite --mask"),
     ],
 )
 def test_labels_resample_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, fragment):
