@@ -109,9 +109,12 @@ def choose_channel(path: Path, names: dict[int, str], wanted: str | None) -> tup
     raise InputError(f"$.ldm.channel: '{wanted}' is not a channel of {path}; its channels are {listed}")
 
 
-def read_ldm_dataset(path: str | Path, data_root: str | Path | None, channel: str | None) -> LDMDataset:
+def read_ldm_dataset(
+    path: str | Path, data_root: str | Path | None, channel: str | None, check_channel: bool = True
+) -> LDMDataset:
     """Read a Decathlon ``dataset.json`` (recognised by its ``modality`` table; its ``training`` section,
-    paths resolved by MONAI's ``load_decathlon_datalist``) or a maisi datalist.
+    paths resolved by MONAI's ``load_decathlon_datalist``) or a maisi datalist. ``check_channel`` False
+    reads the cases only (the run's path guard): no channel is chosen.
 
     Raises:
         InputError: unreadable file, no ``training`` cases, an unknown channel name, or a channel name for a
@@ -121,8 +124,9 @@ def read_ldm_dataset(path: str | Path, data_root: str | Path | None, channel: st
     data = read_json(path)
     root = Path(data_root) if data_root else path.parent
     if isinstance(data, dict) and "modality" in data:
-        names = _channel_names(path, data["modality"])
-        index, name = choose_channel(path, names, channel)
+        index, name = None, None
+        if check_channel:
+            index, name = choose_channel(path, _channel_names(path, data["modality"]), channel)
         try:
             items = load_decathlon_datalist(path, is_segmentation=False, base_dir=root)
         except (ValueError, KeyError, TypeError) as e:
@@ -131,7 +135,7 @@ def read_ldm_dataset(path: str | Path, data_root: str | Path | None, channel: st
         if missing:
             raise InputError(f"{path}: $.training[{missing[0]}] has no 'image' path")
         return LDMDataset(path, "decathlon", list(enumerate(items)), root, index, name)
-    if channel is not None:
+    if channel is not None and check_channel:
         raise InputError(
             f"$.ldm.channel: '{channel}' given, but {path} is a maisi datalist, whose images have no channel "
             "names (a Decathlon dataset.json names them in 'modality'); set it to null"

@@ -206,11 +206,17 @@ def declared_paths(config: TrainConfig) -> RunPaths:
     """What a run reads (the datalist and its cases, the init checkpoints, the perceptual weights, the label
     dictionary) and writes: the run folder, whose names it chooses, so no input may lie inside it."""
     paths = RunPaths().read("$.datalist", config.datalist)
+    root = data_root(config.datalist, config.data_root)
     try:
-        entries = read_datalist(config.datalist)["training"]
+        if config.preset in LDM_PRESETS:  # a Decathlon dataset.json or a datalist
+            from maisi.training.ldm_data import read_ldm_dataset
+
+            dataset = read_ldm_dataset(config.datalist, config.data_root, None, check_channel=False)
+            entries = [entry for _, entry in dataset.entries]
+        else:
+            entries = read_datalist(config.datalist)["training"]
     except InputError:  # the run refuses it when it reads its data, after the run folder's checks
         entries = []
-    root = data_root(config.datalist, config.data_root)
     for i, entry in enumerate(entries):
         for key in ("image", "label"):
             if isinstance(entry.get(key), str):

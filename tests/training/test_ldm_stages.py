@@ -167,7 +167,8 @@ def test_the_channel_is_chosen_by_name(tmp_path, brats, capsys):
 
 def test_ldm_refusals(tmp_path, brats, capsys):
     """controlnet with an LDM preset, a 3D patch that is not a multiple of the factor, a 2D patch with 3
-    values, the diffusion stage without an autoencoder: exit 2, each named."""
+    values, the diffusion stage without an autoencoder, a text preset, a run folder holding the dataset's
+    images: exit 2, each named, nothing written."""
     cases = [
         ("controlnet", {}, "the controlnet stage"),
         (
@@ -178,6 +179,8 @@ def test_ldm_refusals(tmp_path, brats, capsys):
         ("autoencoder", {"ldm": {"autoencoder_patch": [24, 24, 24]}}, "is 2D and trains on (x, y)"),
         ("diffusion", {}, "$.init.autoencoder"),
         ("autoencoder", {"preset": "tiny-text-ldm-2d"}, "text-conditioned"),
+        # the run folder may hold no input: the dataset's images are inputs too
+        ("autoencoder", {"output_dir": str(brats.parent / "imagesTr")}, "BRATS_000.nii.gz"),
     ]
     for i, (stage, changes, expected) in enumerate(cases):
         path = config(
