@@ -34,6 +34,7 @@ import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
 from maisi.families.ct import PARTS, PRESETS, Part, Preset
+from maisi.families.ldm import LDMPart, LDMPreset
 from maisi.families.mask import MaskPreset
 from maisi.families.networks import RuntimeOptions, architecture_of, build_network
 from maisi.files import SYMLINK_LOOP, is_symlink_loop, why_absent
@@ -69,6 +70,8 @@ class Weights:
     scale_factor: float | None
     preset: str | None  # ours only
     architecture: dict[str, Any] | None  # ours only
+    scale_factor_source: str | None = None  # ours only: how the scale factor was found
+    prediction_type: str | None = None  # ours only (LDM UNets): epsilon or v_prediction
 
 
 _VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv_mu.", "quant_conv_log_sigma.", "post_quant_conv.")
@@ -212,6 +215,8 @@ def _read_ours(obj: dict, path: Path, part: AnyPart) -> Weights:
         _checked_scale_factor(obj, path, FORMAT),
         _checked_optional(obj, "preset", str, path),
         architecture,
+        _checked_optional(obj, "scale_factor_source", str, path),
+        _checked_optional(obj, "prediction_type", str, path),
     )
 
 
@@ -392,6 +397,18 @@ def load_network(
     return network.eval(), weights
 
 
+def load_ldm_network(preset: LDMPreset, part: LDMPart, path: str | Path) -> tuple[torch.nn.Module, Weights]:
+    """Build ``part`` of the plain-LDM ``preset`` and load our checkpoint ``path`` into it strictly (eval
+    mode, CPU). Released GenerativeModels files go through :mod:`maisi.families.legacy_weights` instead."""
+    from maisi.families.ldm import build_ldm_network
+
+    weights = read_weights(path, part)
+    network = build_ldm_network(preset, part)
+    check_fits(weights, preset, part, network)
+    network.load_state_dict(weights.state_dict, strict=True)
+    return network.eval(), weights
+
+
 def save_checkpoint(
     path: str | Path,
     network: torch.nn.Module,
@@ -400,9 +417,20 @@ def save_checkpoint(
     *,
     scale_factor: float | None = None,
     config_sha256: str | None = None,
+    scale_factor_source: str | None = None,
 ) -> Path:
-    """Write ``network`` in our format, atomically (temporary name, then rename)."""
+    """Write ``network`` in our format, atomically (temporary name, then rename).
+
+    Plain-LDM presets (:mod:`maisi.families.ldm`) also record ``family`` ("ldm") and, for the UNet, the
+    ``prediction_type`` it was trained for; ``scale_factor_source`` says where the scale factor came from.
+    """
     path = Path(path)
+    family = getattr(preset, "family", None)
+    extra: dict[str, Any] = {"family": family} if isinstance(family, str) else {}
+    if part == "diffusion_unet" and getattr(preset, "prediction_type", None):
+        extra["prediction_type"] = preset.prediction_type
+    if scale_factor_source is not None:
+        extra["scale_factor_source"] = scale_factor_source
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -411,6 +439,7 @@ def save_checkpoint(
         "architecture": _architecture(preset, part),
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
         "scale_factor": None if scale_factor is None else float(scale_factor),
+        **extra,
         "provenance": {
             "maisi_version": maisi.__version__,
             "torch_version": str(torch.__version__),

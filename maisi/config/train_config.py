@@ -92,6 +92,19 @@ class MaskDiffusionStageConfig:
 
 
 @dataclass(frozen=True)
+class LDMDataConfig:
+    """How the plain-LDM stages read images (``$.ldm``)."""
+
+    channel: str | None
+    resample: bool
+    center_crop: tuple[int, int, int] | None
+    percentiles: tuple[float, float] | None
+    autoencoder_patch: tuple[int, ...] | None
+    flip_prob: float
+    num_validation: int
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     num_workers: int
     prefetch_factor: int
@@ -120,6 +133,7 @@ class TrainConfig:
     autoencoder: AutoencoderStageConfig
     mask_autoencoder: MaskAutoencoderStageConfig
     mask_diffusion: MaskDiffusionStageConfig
+    ldm: LDMDataConfig
     loader: LoaderConfig
     device: DeviceName
 

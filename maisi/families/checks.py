@@ -16,7 +16,7 @@ from maisi.config import EncodeConfig, EvaluateConfig, InferConfig, TrainConfig,
 from maisi.config.loader import read_json
 from maisi.errors import InputError
 from maisi.families.ct import PRESETS, Preset, check_sampler, get_preset, grid_problems
-from maisi.families.ldm import LDM_PRESETS
+from maisi.families.ldm import LDM_PRESETS, LDMPreset
 from maisi.families.ldm_checks import ldm_infer_problems, png_for_maisi_problem
 from maisi.families.mask import MASK_PRESETS, MaskPreset, get_mask_preset
 from maisi.families.registry import config_keys, foreign_key_problems, foreign_keys
@@ -223,6 +223,8 @@ def train_problems(config: TrainConfig) -> list[str]:
     The stage is chosen on the command line, so ``$.preset`` may name a CT preset or a mask preset here;
     :func:`maisi.training.run.check_stage_preset` refuses the wrong kind for the stage.
     """
+    if config.preset in LDM_PRESETS:
+        return ldm_train_problems(config, LDM_PRESETS[config.preset])
     mask = config.preset in MASK_PRESETS
     f, problems = _vae_factor(config.preset, mask)
     if f is None:
@@ -234,6 +236,34 @@ def train_problems(config: TrainConfig) -> list[str]:
         value = list(getattr(getattr(config, section), key))
         if any(s % f for s in value):
             problems.append(f"$.{section}.{key}: {value} must be multiples of {f}")
+    return problems
+
+
+def ldm_train_problems(config: TrainConfig, preset: LDMPreset) -> list[str]:
+    """A plain-LDM preset's training inputs: no text presets yet (they need captions), crops of the preset's
+    dimensionality in whole latent voxels, percentiles in order."""
+    problems = []
+    if preset.takes_prompts:
+        problems.append(
+            f"$.preset: '{preset.name}' is a text-conditioned LDM preset; maisi.train trains the "
+            "unconditional plain-LDM presets only (training on captions is not available yet)"
+        )
+    ldm, f, dims = config.ldm, preset.vae_factor, preset.spatial_dims
+    patch = ldm.autoencoder_patch
+    if patch is not None:
+        shape = "(x, y) axial slices" if dims == 2 else "(x, y, z) patches"
+        if len(patch) != dims:
+            problems.append(
+                f"$.ldm.autoencoder_patch: {list(patch)} has {len(patch)} values; preset '{preset.name}' is "
+                f"{dims}D and trains on {shape}"
+            )
+        elif any(s % f for s in patch):
+            problems.append(
+                f"$.ldm.autoencoder_patch: {list(patch)} must be multiples of the autoencoder's factor {f} "
+                f"(preset '{preset.name}')"
+            )
+    if ldm.percentiles is not None and ldm.percentiles[0] >= ldm.percentiles[1]:
+        problems.append(f"$.ldm.percentiles: {list(ldm.percentiles)}: the lower must be below the upper")
     return problems
 
 

@@ -69,7 +69,7 @@ def axial_mid_slice(volume: torch.Tensor) -> np.ndarray:
 DISCRIMINATOR_MIN_PATCH = 24
 
 
-def discriminator_fits(patch: tuple[int, int, int]) -> bool:
+def discriminator_fits(patch: tuple[int, ...]) -> bool:
     """Whether MONAI's 3-layer PatchDiscriminator gives at least one logit per axis for ``patch``.
 
     Its convolutions (kernel 4, padding 1) have strides 2, 2, 2, 1, 1; instance norm needs more than one
@@ -104,6 +104,8 @@ class AutoencoderStage:
     """Train (or finetune, ``$.init.autoencoder``) the VAE on random patches of CT images."""
 
     name = "autoencoder"
+    spatial_dims = 3  # of the images, the discriminator and the perceptual loss
+    patch_key = "$.autoencoder.patch_size"  # the config key of the training crop, for messages
 
     def __init__(
         self,
@@ -133,8 +135,7 @@ class AutoencoderStage:
         """
         self.config, self.preset, self.device = config, preset, device
         ac = self.settings = config.autoencoder
-        px, py, pz = (int(p) for p in ac.patch_size)
-        self.patch = (px, py, pz)
+        self.patch = self.training_patch()
         self.volumes, self.val_volumes = self._read_images(root, train, val, ranks or Ranks())
         if ac.train_decoder_only and not config.init.autoencoder:
             raise InputError(
@@ -146,10 +147,7 @@ class AutoencoderStage:
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         with torch.random.fork_rng(devices=[]):  # seeded initial weights: equal runs start equal
             torch.manual_seed(config.seed)
-            if config.init.autoencoder:
-                self.model, _ = load_network(preset, "autoencoder", config.init.autoencoder, runtime)
-            else:
-                self.model = build_network(preset, "autoencoder", runtime)
+            self.model = self.build_model(runtime)
             if ac.train_decoder_only:
                 freeze_encoder(self.model)
             self.perceptual = self._build_perceptual()
@@ -158,6 +156,21 @@ class AutoencoderStage:
         if self.discriminator is not None and _in_ddp():
             self._d_step = torch.nn.parallel.DistributedDataParallel(self.discriminator)
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.log_data()
+
+    def training_patch(self) -> tuple[int, ...]:
+        """The training crop in voxels: ``$.autoencoder.patch_size``."""
+        px, py, pz = (int(p) for p in self.settings.patch_size)
+        return (px, py, pz)
+
+    def build_model(self, runtime: RuntimeOptions) -> nn.Module:
+        """The VAE of the preset, from ``$.init.autoencoder`` when given."""
+        if self.config.init.autoencoder:
+            return load_network(self.preset, "autoencoder", self.config.init.autoencoder, runtime)[0]
+        return build_network(self.preset, "autoencoder", runtime)
+
+    def log_data(self) -> None:
+        ac = self.settings
         log.info(
             "autoencoder: %d training and %d validation volumes (%d and %d held in memory), patch %s "
             "(at least %.0f%% above -950 HU), %s loss",
@@ -207,11 +220,11 @@ class AutoencoderStage:
                 "perceptual loss off: $.autoencoder.perceptual_weight is 0 (the weights file is not read)"
             )
             return None
-        loss, kind = build_perceptual_loss(ac.perceptual_weights)
+        loss, kind = build_perceptual_loss(ac.perceptual_weights, spatial_dims=self.spatial_dims)
         log.info(
             "perceptual loss on: %s network (%s) from %s, weight %g",
             kind,
-            "2.5D" if loss.is_fake_3d else "3D",
+            "2.5D" if loss.is_fake_3d else f"{self.spatial_dims}D",
             ac.perceptual_weights,
             ac.perceptual_weight,
         )
@@ -224,13 +237,19 @@ class AutoencoderStage:
             return None, None
         if not discriminator_fits(self.patch):
             raise InputError(
-                f"$.autoencoder.patch_size: {list(self.patch)} is too small for the PatchDiscriminator "
+                f"{self.patch_key}: {list(self.patch)} is too small for the PatchDiscriminator "
                 f"(3 layers): it needs at least {DISCRIMINATOR_MIN_PATCH} voxels per axis; use a larger "
                 "patch or set $.autoencoder.adversarial_weight to 0"
             )
-        channels = min(32, int(self.preset.autoencoder["num_channels"][0]))
+        ae = self.preset.autoencoder  # MAISI's VAE says num_channels, MONAI's AutoencoderKL channels
+        channels = min(32, int(ae.get("num_channels", ae.get("channels"))[0]))
         disc = PatchDiscriminator(
-            spatial_dims=3, num_layers_d=3, channels=channels, in_channels=1, out_channels=1, norm="INSTANCE"
+            spatial_dims=self.spatial_dims,
+            num_layers_d=3,
+            channels=channels,
+            in_channels=1,
+            out_channels=1,
+            norm="INSTANCE",
         ).to(self.device)
         opt = self.config.optimizer
         d_opt = torch.optim.AdamW(

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -99,14 +99,20 @@ def denoising_loss(
     residuals: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    loss: Literal["l1", "mse"] = "l1",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """L1 between the UNet's output and its target for noised ``latents`` (already scaled).
+    """L1 (MAISI) or mean squared error (the BraTS LDM bundles) between the UNet's output and its target for
+    noised ``latents`` (already scaled).
 
     Returns:
-        (loss, output, target); ``weights`` (N, 1, x, y, z) multiply the per-voxel error when given.
+        (loss, output, target); ``weights`` (N, 1, x, y, z) multiply the per-voxel L1 error when given.
     """
     noised = add_training_noise(scheduler, latents, generator)
     output = predict(unet, noised, unet_inputs, residuals)
+    if loss == "mse":
+        if weights is not None:
+            raise ValueError("per-voxel weights are an option of the L1 loss")
+        return torch.nn.functional.mse_loss(output, noised.target), output, noised.target
     return weighted_l1(output, noised.target, weights), output, noised.target
 
 
@@ -179,13 +185,25 @@ def estimate_scale_factor(
     cases: LatentCases, batches: int, batch_size: int, ranks: Ranks, device: torch.device
 ) -> float:
     """1 / std of the training latents over ``batches`` batches per process, combined across processes."""
+
+    def latents() -> Iterable[torch.Tensor]:
+        for b in range(batches):
+            indices = [
+                (b * batch_size * ranks.world_size + ranks.rank * batch_size + i) % len(cases)
+                for i in range(batch_size)
+            ]
+            yield cases.batch(indices, device)["latents"]
+
+    return inverse_std(latents(), ranks, device)[0]
+
+
+def inverse_std(latents: Iterable[torch.Tensor], ranks: Ranks, device: torch.device) -> tuple[float, int]:
+    """(1 / std, number of values) over every tensor of ``latents`` (this process's) and, under torchrun,
+    every other process's: sums, sums of squares and counts are all-reduced, so every process gets the
+    same factor."""
     total = torch.zeros(3, dtype=torch.float64, device=device)  # sum, sum of squares, count
-    for b in range(batches):
-        indices = [
-            (b * batch_size * ranks.world_size + ranks.rank * batch_size + i) % len(cases)
-            for i in range(batch_size)
-        ]
-        x = cases.batch(indices, device)["latents"].double()
+    for x in latents:
+        x = x.to(device=device, dtype=torch.float64)
         total += torch.stack(
             [x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=device, dtype=torch.float64)]
         )
@@ -193,7 +211,7 @@ def estimate_scale_factor(
         dist.all_reduce(total)
     mean = total[0] / total[2]
     std = torch.sqrt(total[1] / total[2] - mean * mean)
-    return float(1.0 / std)
+    return float(1.0 / std), int(total[2].item())
 
 
 @torch.no_grad()
@@ -218,8 +236,9 @@ def validation_loss(
 
 
 def mid_slice(volume: torch.Tensor) -> np.ndarray:
-    """Axial mid-slice of a (x, y, z) tensor, scaled to [0, 1] for TensorBoard."""
-    s = volume[:, :, volume.shape[2] // 2].float().cpu().numpy().T[::-1]
+    """Axial mid-slice of a (x, y, z) tensor (a (x, y) one as it is), scaled to [0, 1] for TensorBoard."""
+    s = volume if volume.ndim == 2 else volume[:, :, volume.shape[2] // 2]
+    s = s.float().cpu().numpy().T[::-1]
     return ((s - s.min()) / (s.max() - s.min() + 1e-8)).astype(np.float32)
 
 
@@ -261,6 +280,8 @@ class LatentDiffusionStage(ABC):
     model: torch.nn.Module
     scheduler: Scheduler
     scale_factor: float
+    scale_factor_source: str | None = None  # how scale_factor was found, saved with it
+    objective: Literal["l1", "mse"] = "l1"  # the denoising loss
 
     @abstractmethod
     def unet_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -271,7 +292,10 @@ class LatentDiffusionStage(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, output, target) of ``model`` on a batch on the device (:func:`denoising_loss`)."""
         latents = batch["latents"] * self.scale_factor
-        return denoising_loss(model, self.scheduler, latents, self.unet_inputs(batch), generator=generator)
+        inputs = self.unet_inputs(batch)
+        return denoising_loss(
+            model, self.scheduler, latents, inputs, generator=generator, loss=self.objective
+        )
 
     def train_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         loss, _, _ = self.loss(model, self.train.to_device(batch, self.device))
@@ -292,15 +316,25 @@ class LatentDiffusionStage(ABC):
         scale = self.scale_factor
         return [
             save_checkpoint(
-                path, model, self.preset, self.export_part, scale_factor=scale, config_sha256=config_sha256
+                path,
+                model,
+                self.preset,
+                self.export_part,
+                scale_factor=scale,
+                config_sha256=config_sha256,
+                scale_factor_source=self.scale_factor_source,
             )
         ]
 
     def state(self) -> dict[str, Any]:
-        return {"scale_factor": self.scale_factor}
+        state: dict[str, Any] = {"scale_factor": self.scale_factor}
+        if self.scale_factor_source is not None:
+            state["scale_factor_source"] = self.scale_factor_source
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.scale_factor = float(state["scale_factor"])
+        self.scale_factor_source = state.get("scale_factor_source", self.scale_factor_source)
 
 
 class DiffusionStage(LatentDiffusionStage):

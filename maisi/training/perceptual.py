@@ -38,9 +38,9 @@ class _LocalPerceptualLoss(PerceptualLoss):
     MedicalNet/RadImageNet come from torch.hub). We skip it and set the attributes its ``forward`` reads.
     """
 
-    def __init__(self, perceptual_function: nn.Module, is_fake_3d: bool):  # noqa: D107
+    def __init__(self, perceptual_function: nn.Module, is_fake_3d: bool, spatial_dims: int = 3):  # noqa: D107
         nn.Module.__init__(self)
-        self.spatial_dims = 3
+        self.spatial_dims = spatial_dims
         self.perceptual_function = perceptual_function
         self.is_fake_3d = is_fake_3d
         self.fake_3d_ratio = FAKE_3D_RATIO
@@ -130,8 +130,11 @@ def _network_for(kind: PerceptualType, path: Path) -> nn.Module:
     return lpips.LPIPS(pretrained=False, net=kind, pnet_rand=True, verbose=False)
 
 
-def build_perceptual_loss(path: str | Path) -> tuple[PerceptualLoss, PerceptualType]:
+def build_perceptual_loss(path: str | Path, spatial_dims: int = 3) -> tuple[PerceptualLoss, PerceptualType]:
     """MONAI ``PerceptualLoss`` whose network weights come from a local file; nothing is downloaded.
+
+    ``spatial_dims`` 2 (2D images, e.g. the slices of a 2D LDM preset): the 2D networks (LPIPS, ResNet50) on
+    the images themselves; MedicalNet's 3D networks are refused.
 
     The network type is recognised from the file:
 
@@ -159,6 +162,11 @@ def build_perceptual_loss(path: str | Path) -> tuple[PerceptualLoss, PerceptualT
             f"network (keys {sample}, ...); expected a full LPIPS (squeeze/alex/vgg), a torchvision "
             "ResNet50 or a MedicalNet ResNet10/50 state_dict"
         )
+    if spatial_dims == 2 and kind.startswith("medicalnet_"):
+        raise InputError(
+            f"$.autoencoder.perceptual_weights: {path} holds a {kind} network, which is 3D; the images of "
+            "this preset are 2D: give LPIPS or ResNet50 weights, or null"
+        )
     network = _network_for(kind, path)
     load_strictly(
         network,
@@ -167,9 +175,9 @@ def build_perceptual_loss(path: str | Path) -> tuple[PerceptualLoss, PerceptualT
     )
     if kind == "resnet50":  # MONAI builds it without downloading when pretrained=False; then our weights
         loss = PerceptualLoss(
-            spatial_dims=3,
+            spatial_dims=spatial_dims,
             network_type="resnet50",
-            is_fake_3d=True,
+            is_fake_3d=spatial_dims == 3,
             fake_3d_ratio=FAKE_3D_RATIO,
             pretrained=False,
         )
@@ -183,7 +191,7 @@ def build_perceptual_loss(path: str | Path) -> tuple[PerceptualLoss, PerceptualT
     network.eval()
     for p in network.parameters():
         p.requires_grad = False
-    return _LocalPerceptualLoss(network, is_fake_3d=True), kind
+    return _LocalPerceptualLoss(network, is_fake_3d=spatial_dims == 3, spatial_dims=spatial_dims), kind
 
 
 # ---------------------------------------------------------------------------------------------- stage

@@ -25,6 +25,7 @@ from maisi.device import resolve_device
 from maisi.distributed import Ranks, finish, init_from_env
 from maisi.errors import InputError
 from maisi.families.ct import PRESETS, get_preset
+from maisi.families.ldm import LDM_PRESETS
 from maisi.families.mask import MASK_PRESETS, get_mask_preset
 from maisi.files import check_output_dir
 from maisi.run_paths import RunPaths
@@ -40,6 +41,7 @@ from maisi.training.state import (
 )
 
 log = logging.getLogger("maisi.train")
+LDM_STAGES = ("autoencoder", "diffusion")  # the stages of a plain-LDM preset
 
 
 def config_hash(config: TrainConfig, stage: str) -> str:
@@ -118,6 +120,14 @@ def check_stage_preset(name: str, config: TrainConfig) -> None:
         InputError: naming ``$.preset``, the stage and the presets of the right kind.
     """
     mask_stage, is_mask = name in MASK_STAGES, config.preset in MASK_PRESETS
+    if config.preset in LDM_PRESETS:
+        if name not in LDM_STAGES:
+            raise InputError(
+                f"$.preset: '{config.preset}' is a plain-LDM preset (autoencoder + diffusion UNet); the "
+                f"{name} stage trains {'a mask preset' if mask_stage else 'a CT preset'}'s network; "
+                f"train an LDM preset with the {' or '.join(LDM_STAGES)} stage"
+            )
+        return
     if is_mask and not mask_stage:
         raise InputError(
             f"$.preset: '{config.preset}' is a mask preset; the {name} stage trains the networks of a CT "
@@ -134,6 +144,8 @@ def check_stage_preset(name: str, config: TrainConfig) -> None:
 def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.device) -> Stage:
     """Check the stage's inputs and build it (networks, data)."""
     check_stage_preset(name, config)
+    if config.preset in LDM_PRESETS:
+        return _build_ldm_stage(name, config, ranks, device)
     train_entries, val_entries = split_by_fold(read_datalist(config.datalist), config.fold)
     root = data_root(config.datalist, config.data_root)
     if name in MASK_STAGES:
@@ -155,6 +167,18 @@ def build_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.devi
     from maisi.training.controlnet import ControlNetStage
 
     return ControlNetStage(config, preset, train, val, device)
+
+
+def _build_ldm_stage(name: str, config: TrainConfig, ranks: Ranks, device: torch.device) -> Stage:
+    from maisi.training.ldm_data import read_ldm_dataset, split_cases
+    from maisi.training.ldm_stages import LDMAutoencoderStage, LDMDiffusionStage
+
+    preset = LDM_PRESETS[config.preset]
+    dataset = read_ldm_dataset(config.datalist, config.data_root, config.ldm.channel)
+    train, val = split_cases(dataset, config.fold, config.ldm.num_validation)
+    if name == "autoencoder":
+        return LDMAutoencoderStage(config, preset, dataset, train, val, device, ranks)
+    return LDMDiffusionStage(config, preset, dataset, train, val, ranks, device)
 
 
 def _build_mask_stage(
@@ -182,11 +206,17 @@ def declared_paths(config: TrainConfig) -> RunPaths:
     """What a run reads (the datalist and its cases, the init checkpoints, the perceptual weights, the label
     dictionary) and writes: the run folder, whose names it chooses, so no input may lie inside it."""
     paths = RunPaths().read("$.datalist", config.datalist)
+    root = data_root(config.datalist, config.data_root)
     try:
-        entries = read_datalist(config.datalist)["training"]
+        if config.preset in LDM_PRESETS:  # a Decathlon dataset.json or a datalist
+            from maisi.training.ldm_data import read_ldm_dataset
+
+            dataset = read_ldm_dataset(config.datalist, config.data_root, None, check_channel=False)
+            entries = [entry for _, entry in dataset.entries]
+        else:
+            entries = read_datalist(config.datalist)["training"]
     except InputError:  # the run refuses it when it reads its data, after the run folder's checks
         entries = []
-    root = data_root(config.datalist, config.data_root)
     for i, entry in enumerate(entries):
         for key in ("image", "label"):
             if isinstance(entry.get(key), str):
