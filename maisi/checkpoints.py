@@ -34,7 +34,6 @@ import maisi
 from maisi.atomic import atomic_path
 from maisi.errors import CheckpointError
 from maisi.families.ct import PARTS, PRESETS, Part, Preset
-from maisi.families.ldm import LDMPart, LDMPreset
 from maisi.families.mask import MaskPreset
 from maisi.families.networks import RuntimeOptions, architecture_of, build_network
 from maisi.files import SYMLINK_LOOP, is_symlink_loop, why_absent
@@ -392,18 +391,6 @@ def load_network(
     """Build ``part`` of ``preset`` and load ``path`` into it strictly; the network is in eval mode on CPU."""
     weights = read_weights(path, part)
     network = build_network(preset, part, runtime)
-    check_fits(weights, preset, part, network)
-    network.load_state_dict(weights.state_dict, strict=True)
-    return network.eval(), weights
-
-
-def load_ldm_network(preset: LDMPreset, part: LDMPart, path: str | Path) -> tuple[torch.nn.Module, Weights]:
-    """Build ``part`` of the plain-LDM ``preset`` and load our checkpoint ``path`` into it strictly (eval
-    mode, CPU). Released GenerativeModels files go through :mod:`maisi.families.legacy_weights` instead."""
-    from maisi.families.ldm import build_ldm_network
-
-    weights = read_weights(path, part)
-    network = build_ldm_network(preset, part)
     check_fits(weights, preset, part, network)
     network.load_state_dict(weights.state_dict, strict=True)
     return network.eval(), weights

@@ -30,7 +30,6 @@ from monai.transforms import DivisiblePad
 
 import maisi
 from maisi.atomic import atomic_path, write_json
-from maisi.checkpoints import load_strictly, read_weights
 from maisi.config.evaluate_config import EvaluateConfig, LdmEvaluateConfig
 from maisi.config.schema import to_jsonable
 from maisi.device import resolve_device
@@ -40,8 +39,8 @@ from maisi.evaluation.adherence import adherence_table, detector
 from maisi.evaluation.images import describe_rule, image_files, load_set, one_shape
 from maisi.evaluation.inputs import _output_problem
 from maisi.evaluation.ldm_metrics import image_metrics, memorisation, ms_ssim_weights, pairwise_ms_ssim
-from maisi.families.ldm import LDMPreset, build_ldm_network, get_ldm_preset
-from maisi.families.legacy_weights import load_legacy_state_dict
+from maisi.families.ldm import LDMPreset, get_ldm_preset
+from maisi.families.ldm_models import load_ldm_network
 from maisi.run_paths import RunPaths
 
 log = logging.getLogger("maisi.evaluation")
@@ -89,24 +88,6 @@ def declared_paths(config: EvaluateConfig) -> RunPaths:
     return run_paths(config, files_of(config.ldm))
 
 
-def load_autoencoder(preset: LDMPreset, path: str | Path) -> torch.nn.Module:
-    """The preset's ``AutoencoderKL`` with ``path`` loaded strictly: our checkpoint, a MONAI state dict, or
-    the released old GenerativeModels layout (converted strictly, :mod:`maisi.families.legacy_weights`).
-
-    Raises:
-        CheckpointError: unreadable file, code in it, keys or shapes that do not fit (named).
-    """
-    network = build_ldm_network(preset, "autoencoder")
-    weights = read_weights(path, "autoencoder")
-    if set(weights.state_dict) == set(network.state_dict()):
-        load_strictly(network, weights.state_dict, f"$.ldm.reconstruction.autoencoder: {path}")
-    else:
-        load_legacy_state_dict(
-            network, weights.state_dict, source=f"$.ldm.reconstruction.autoencoder: {path}"
-        )
-    return network.eval()
-
-
 @torch.no_grad()
 def round_trip(vae: torch.nn.Module, image: torch.Tensor, factor: int, device: torch.device) -> torch.Tensor:
     """(1, 1, *S) on [0, 1] -> padded to a multiple of ``factor`` -> posterior mean -> decoded, cropped,
@@ -149,7 +130,7 @@ def prepare(config: EvaluateConfig) -> Prepared:
                 f"$.ldm.reconstruction.preset: '{preset.name}' is {preset.spatial_dims}D, "
                 f"$.ldm.spatial_dims is {ldm.spatial_dims}"
             )
-        vae = load_autoencoder(preset, ldm.reconstruction.autoencoder).to(device)  # type: ignore[arg-type]
+        vae = load_ldm_network(preset, "autoencoder", ldm.reconstruction.autoencoder)[0].to(device)  # type: ignore[arg-type]
     fid_net = None
     if ldm.fid.weights is not None:
         fid_net = fid2d.load_network(ldm.fid.network, ldm.fid.weights, device)

@@ -25,11 +25,11 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
-from maisi.checkpoints import load_ldm_network
 from maisi.config.train_config import TrainConfig
 from maisi.distributed import Ranks
 from maisi.errors import InputError
 from maisi.families.ldm import LDMPreset, build_ldm_network
+from maisi.families.ldm_models import load_ldm_network
 from maisi.families.networks import RuntimeOptions
 from maisi.sampling import make_scheduler
 from maisi.training.autoencoder import AutoencoderStage

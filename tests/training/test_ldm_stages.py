@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from maisi.checkpoints import load_ldm_network, read_weights
+from maisi.checkpoints import read_weights
 from maisi.families.ldm import get_ldm_preset
+from maisi.families.ldm_models import load_ldm_network
 from maisi.train import main
 from maisi.training.ldm_data import CropDraw, ImageSteps, LDMVolumes, check_ldm_images, read_ldm_dataset
 from tests.conftest import write_config
@@ -109,7 +110,7 @@ def test_both_stages_train_resume_and_keep_the_scale_factor(tmp_path, brats, pre
         events.Tags()["scalars"]
     )
     network, weights = load_ldm_network(get_ldm_preset(preset), "autoencoder", ae_path)
-    assert weights.preset == preset
+    assert weights.format == "maisi-checkpoint" and read_weights(ae_path, "autoencoder").preset == preset
     assert torch.load(ae_path, weights_only=True)["family"] == "ldm"
     ae_state = tmp_path / "ae" / "state" / "last.pt"
     assert "discriminator" in torch.load(ae_state, weights_only=True)["stage_state"]
