@@ -66,7 +66,8 @@ class PromptContext:
         }
 
 
-def _load_record(path: Path, width: int | None) -> tuple[dict[str, Any], torch.Tensor | None]:
+def _load_record(path: Path, width: int | None) -> dict[str, Any]:
+    """A text encoder record, loaded ``weights_only``, whose width is ``width``."""
     key = "$.text_encoder.checkpoint"
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
@@ -82,7 +83,7 @@ def _load_record(path: Path, width: int | None) -> tuple[dict[str, Any], torch.T
             f"{key}: {path}: width {architecture.get('width')}, expected {width} (the width the UNet's "
             "cross-attention takes)"
         )
-    return record, record.get("null_tokens")
+    return record
 
 
 def load_prompt_context(config: InferConfig, preset: LDMPreset, device: torch.device) -> PromptContext:
@@ -111,7 +112,7 @@ def load_prompt_context(config: InferConfig, preset: LDMPreset, device: torch.de
         )
     else:
         path = Path(str(config.text_encoder.checkpoint))
-        record, _ = _load_record(path, width)
+        record = _load_record(path, width)
         try:
             encoder, stored = TinyClipTextEncoder.from_record(record, tokenizer)
         except (InputError, TypeError) as e:

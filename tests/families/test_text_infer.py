@@ -80,7 +80,12 @@ def weights(tmp_path_factory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("text_weights")
     out = {name: _save_networks(root / name, name) for name in ("tiny-text-ldm-2d", "tiny-text-ldm-3d")}
     width = get_ldm_preset("tiny-text-ldm-2d").context_width
-    out["encoder"] = {"16": _save_encoder(root / "encoder.pt", width), "8": _save_encoder(root / "e8.pt", 8)}
+    stored = torch.tensor([49406, 49407, 49407] + [0] * 74)  # null tokens of the record's own training
+    out["encoder"] = {
+        "16": _save_encoder(root / "encoder.pt", width),
+        "8": _save_encoder(root / "e8.pt", 8),
+        "stored": _save_encoder(root / "stored.pt", width, stored),
+    }
     return out
 
 
@@ -156,13 +161,23 @@ def test_the_prompt_and_the_guidance_reach_the_unet(tmp_path, weights):
     assert np.abs(_image(tmp_path / "g1", 0) - g3).max() > 1e-4
 
 
-def test_null_prompt_modes_give_different_null_tokens(tmp_path, weights):
-    config = _config(tmp_path, weights, prompts=PROMPTS[:1], sampling={"null_prompt": "empty_string"})
+def test_null_prompt_modes_give_different_null_tokens_and_images(tmp_path, weights):
+    for mode in ("training", "empty_string"):
+        config = _config(tmp_path / mode, weights, prompts=PROMPTS[:1], sampling={"null_prompt": mode})
+        assert main(["--config", str(config)]) == 0
+    training, empty = (_meta(tmp_path / mode, 0)["text"] for mode in ("training", "empty_string"))
+    assert training["null_prompt"] == "training" and empty["null_prompt"] == "empty_string"
+    assert training["null_token_ids"] == [49406] + [49407] * 76  # the record's stored null tokens
+    assert empty["null_token_ids"] == [49406, 49407] + [0] * 75
+    # guidance 3 feeds the null prompt's embedding to the unconditional half: the image depends on it
+    assert np.abs(_image(tmp_path / "training", 0) - _image(tmp_path / "empty_string", 0)).max() > 1e-4
+
+
+def test_training_null_prompt_is_the_records_stored_one(tmp_path, weights):
+    encoder = {"checkpoint": str(weights["encoder"]["stored"])}
+    config = _config(tmp_path, weights, prompts=PROMPTS[:1], text_encoder=encoder)
     assert main(["--config", str(config)]) == 0
-    text = _meta(tmp_path, 0)["text"]
-    assert text["null_prompt"] == "empty_string"
-    assert text["null_token_ids"] == [49406, 49407] + [0] * 75
-    assert np.abs(_image(tmp_path, 0) - 0).max() >= 0  # written
+    assert _meta(tmp_path, 0)["text"]["null_token_ids"] == [49406, 49407, 49407] + [0] * 74
 
 
 def test_tiny_3d_text_preset_writes_a_volume_per_prompt(tmp_path, weights):
