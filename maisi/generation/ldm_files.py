@@ -81,7 +81,8 @@ def ldm_run_paths(config: InferConfig) -> RunPaths:
     paths.write_into("$.output.dir", config.output.dir, lock=True)
     for key in sample_keys(config):
         for kind, path in ldm_sample_files(config, preset, key).items():
-            paths.write(f"the {kind} of {sample_label(key)}", path, group=str(key))
+            name = key if isinstance(key, int) else f"p{key[0]} seed {key[1]}"
+            paths.write(f"the {kind} of sample {name}", path, group=str(key))
     return paths
 
 

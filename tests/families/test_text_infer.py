@@ -239,3 +239,35 @@ def test_prompts_to_an_unconditional_preset_exit_2(tmp_path, weights, capsys):
     err = capsys.readouterr().err
     assert "$.prompts" in err and "brats-2d-ldm" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_text_model_folder_is_loaded_and_its_files_recorded(tmp_path, weights):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+    )
+    torch.manual_seed(2)
+    transformers.CLIPTextModel(config).save_pretrained(tmp_path / "clip")
+    encoder = {"path": str(tmp_path / "clip")}
+    assert main(["--config", str(_config(tmp_path, weights, prompts=PROMPTS[:1], text_encoder=encoder))]) == 0
+    source = _meta(tmp_path, 0)["text"]["text_encoder"]
+    assert source["kind"] == "path" and source["sha256"]["config.json"] == file_sha256(
+        tmp_path / "clip" / "config.json"
+    )
+
+
+def test_an_output_on_the_text_encoder_is_refused_by_the_guard(tmp_path, weights, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    record = out / "t_p0_seed5.json"  # where the sample of prompt 0, seed 5 would write its metadata
+    record.write_bytes(weights["encoder"]["16"].read_bytes())
+    config = _config(tmp_path, weights, text_encoder={"checkpoint": str(record)})
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite $.text_encoder.checkpoint" in err
+    assert sorted(p.name for p in out.iterdir()) == ["t_p0_seed5.json"]
