@@ -16,6 +16,7 @@ MaskSampler = Literal["ddpm", "ddim"]  # the mask generator is DDPM-trained
 # DDIM's inference timesteps: "linspace" = MONAI >= 1.6 (round(linspace(T - 1, 0, n)): 999, 979, ..., 0);
 # "leading" = the seeds' GenerativeModels/diffusers spacing (arange(n) * (T // n), reversed: 980, 960, ..., 0)
 TimestepSpacing = Literal["linspace", "leading"]
+NullPrompt = Literal["training", "empty_string"]  # text presets: the unconditional half of guidance
 DecodeMethod = Literal["full", "sliding_window", "tiled"]
 BodyRegion = Literal["head_neck", "chest", "abdomen", "pelvis_lower"]
 Modality = Literal[  # the names of MAISI's modality mapping (maisi_modality_mapping.json), in its order

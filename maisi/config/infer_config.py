@@ -23,6 +23,7 @@ from maisi.options import (
     ImageFormat,
     MaskSampler,
     Modality,
+    NullPrompt,
     Precision,
     Sampler,
     TimestepSpacing,
@@ -48,8 +49,17 @@ class SamplingConfig:
     num_inference_steps: int | None
     conditioning_scale: float
     guidance_scale: float  # classifier-free guidance; 0: off
+    null_prompt: NullPrompt  # text presets: the unconditional half's prompt
     timestep_spacing: TimestepSpacing | None  # LDM presets; None: the preset's
     scale_factor: float | None  # LDM presets; None: the UNet checkpoint's, else the preset's
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Text presets' encoder: a local CLIPTextModel folder or a tiny encoder record (exactly one)."""
+
+    path: str | None
+    checkpoint: str | None
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,8 @@ class InferConfig:
     masks: tuple[str, ...] | None
     datalist: DatalistInput | None
     anatomy: AnatomyConfig | None
+    prompts: tuple[str, ...] | None
+    text_encoder: TextEncoderConfig | None
     output_size: tuple[int, int, int] | None
     spacing: tuple[float, float, float] | None
     body_region: BodyRegionRange | None

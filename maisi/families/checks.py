@@ -17,7 +17,7 @@ from maisi.config.loader import read_json
 from maisi.errors import InputError
 from maisi.families.ct import PRESETS, Preset, check_sampler, get_preset, grid_problems
 from maisi.families.ldm import LDM_PRESETS, LDMPreset
-from maisi.families.ldm_checks import ldm_infer_problems, png_for_maisi_problem
+from maisi.families.ldm_checks import hub_id_problems, ldm_infer_problems, png_for_maisi_problem
 from maisi.families.mask import MASK_PRESETS, MaskPreset, get_mask_preset
 from maisi.families.registry import config_keys, foreign_key_problems, foreign_keys
 from maisi.resources import load_json
@@ -277,17 +277,21 @@ CHECKS: dict[str, Callable[[Any], list[str]]] = {
 
 def _foreign_key_check(path: str | Path) -> Callable[[InferConfig], list[str]]:
     """The check of the keys an inference file gives (as written, before defaults) against its preset's
-    family: each key the family does not take, by name (:func:`maisi.families.registry.foreign_keys`)."""
+    family: each key the family does not take, by name (:func:`maisi.families.registry.foreign_keys`); and
+    a ``$.text_encoder.path`` that names a hub id (paths are absolute after loading)."""
     try:
-        given = config_keys(read_json(path))
+        raw = read_json(path)
     except InputError:  # the loader reports an unreadable file itself
-        given = []
+        raw = {}
+    given = config_keys(raw)
 
     def check(config: InferConfig) -> list[str]:
         try:
             keys, problems = foreign_keys(config.preset, given), foreign_key_problems(config.preset, given)
         except InputError:  # an unknown preset: named by the preset checks
             return []
+        if not keys:  # a text encoder path as written: a hub id is refused by name
+            return hub_id_problems(raw, Path(path).resolve().parent)
         return [f"$.{key}: {problem}" for key, problem in zip(keys, problems)]
 
     return check

@@ -19,7 +19,7 @@ from maisi.config import InferConfig
 from maisi.device import autocast
 from maisi.families.ldm_models import LDMModels
 from maisi.options import TimestepSpacing
-from maisi.sampling import denoise, make_scheduler
+from maisi.sampling import ContextGuidance, denoise, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,16 @@ def timestep_spacing_of(config: InferConfig, models: LDMModels) -> TimestepSpaci
     return config.sampling.timestep_spacing or models.preset.timestep_spacing
 
 
-def sample_ldm(config: InferConfig, models: LDMModels, seed: int, progress: bool = False) -> LDMSample:
-    """Generate the sample of ``seed``.
+def sample_ldm(
+    config: InferConfig,
+    models: LDMModels,
+    seed: int,
+    progress: bool = False,
+    context: torch.Tensor | None = None,
+    guidance: ContextGuidance | None = None,
+) -> LDMSample:
+    """Generate the sample of ``seed`` (text presets: of the prompt whose (1, 77, D) ``context`` is given,
+    guided on the null prompt's embedding by ``guidance``).
 
     The noise (1, C, *latent) is drawn on the CPU from ``seed`` (the same starting point on every device);
     DDPM's per-step noise comes from ``seed + 1`` on the compute device.
@@ -63,10 +71,11 @@ def sample_ldm(config: InferConfig, models: LDMModels, seed: int, progress: bool
         scheduler,
         noise,
         config.num_inference_steps,
-        {},
+        {} if context is None else {"context": context.to(device)},
         generator=torch.Generator(device=device).manual_seed(seed + 1),
         autocast_dtype=models.dtype,
         progress=progress,
+        context_guidance=guidance,
     )
     t1 = time.perf_counter()
     with torch.no_grad(), autocast(device, models.decode_dtype):

@@ -37,7 +37,7 @@ CONDITION_KEYS: dict[Condition, tuple[str, ...]] = {
     "body_region": ("body_region",),
     "spacing": ("spacing",),
     "modality": ("modality",),
-    "prompts": ("prompts", "text_encoder"),
+    "prompts": ("prompts", "text_encoder", "sampling.null_prompt"),
 }
 # Inference-config keys that only one family takes, top-level or ``section.key`` (:func:`config_keys`):
 # MAISI's HU check, grid limits, grid, tiled decoder, ControlNet and torch.compile; the plain LDMs' timestep

@@ -38,9 +38,27 @@ UNIT_WINDOW = (("decoded [0, 1]", 0.5, 1.0),)
 PNG_MAPPING = "decoded [0, 1] -> [0, 255]: round(255 * clip(x, 0, 1)), the same for every sample"
 
 
-def ldm_sample_files(config: InferConfig, preset: LDMPreset, seed: int) -> dict[str, Path]:
-    """The files of the sample of ``seed`` (keys: image, png or preview, metadata)."""
-    out, stem, fmt = Path(config.output.dir), f"{config.output.prefix}_seed{seed}", config.output.format
+SampleKey = int | tuple[int, int]  # the seed, or (prompt index, seed) for text presets
+
+
+def sample_keys(config: InferConfig) -> list[SampleKey]:
+    """The samples of a job: one per seed, or (text presets) one per prompt x seed, prompt-major."""
+    seeds = range(config.seed, config.seed + config.num_samples)
+    if get_ldm_preset(config.preset).takes_prompts and config.prompts:
+        return [(p, s) for p in range(len(config.prompts)) for s in seeds]
+    return list(seeds)
+
+
+def sample_label(key: SampleKey) -> str:
+    """How logs name a sample: ``seed 3`` or ``prompt 0 seed 3``."""
+    return f"prompt {key[0]} seed {key[1]}" if isinstance(key, tuple) else f"seed {key}"
+
+
+def ldm_sample_files(config: InferConfig, preset: LDMPreset, key: SampleKey) -> dict[str, Path]:
+    """The files of sample ``key`` (keys: image, png or preview, metadata): ``<prefix>_seed<N>...`` or, for a
+    prompt, ``<prefix>_p<i>_seed<N>...``."""
+    stem = f"p{key[0]}_seed{key[1]}" if isinstance(key, tuple) else f"seed{key}"
+    out, stem, fmt = Path(config.output.dir), f"{config.output.prefix}_{stem}", config.output.format
     files = {"image": out / f"{stem}_image.{fmt}"}
     if preset.spatial_dims == 2 and fmt != PNG and config.output.preview:
         files["png"] = out / f"{stem}_image.png"
@@ -51,16 +69,20 @@ def ldm_sample_files(config: InferConfig, preset: LDMPreset, seed: int) -> dict[
 
 
 def ldm_run_paths(config: InferConfig) -> RunPaths:
-    """What an LDM job reads (its two checkpoints) and writes (the output folder, under its lock, and every
-    sample's files), for the guard of :mod:`maisi.run_paths`."""
+    """What an LDM job reads (its two checkpoints; a text preset's text encoder) and writes (the output
+    folder, under its lock, and every sample's files), for the guard of :mod:`maisi.run_paths`."""
     preset = get_ldm_preset(config.preset)
     paths = RunPaths()
     for part in LDM_PARTS:
         paths.read(f"$.checkpoints.{part}", getattr(config.checkpoints, part))
+    if config.text_encoder is not None and preset.takes_prompts:
+        paths.read("$.text_encoder.path", config.text_encoder.path)
+        paths.read("$.text_encoder.checkpoint", config.text_encoder.checkpoint)
     paths.write_into("$.output.dir", config.output.dir, lock=True)
-    for seed in range(config.seed, config.seed + config.num_samples):
-        for kind, path in ldm_sample_files(config, preset, seed).items():
-            paths.write(f"the {kind} of sample {seed}", path, group=str(seed))
+    for key in sample_keys(config):
+        for kind, path in ldm_sample_files(config, preset, key).items():
+            name = key if isinstance(key, int) else f"p{key[0]} seed {key[1]}"
+            paths.write(f"the {kind} of sample {name}", path, group=str(key))
     return paths
 
 
@@ -77,7 +99,7 @@ def resolved_ldm_config(config: InferConfig) -> dict[str, Any]:
     return resolved
 
 
-def ldm_job_key(config: InferConfig, checksums: dict[str, str]) -> str:
+def ldm_job_key(config: InferConfig, checksums: dict[str, Any]) -> str:
     """Identity of what a sample depends on besides its seed (not where it is written, nor how many)."""
     resolved = resolved_ldm_config(config)
     for key in ("output", "num_samples", "seed", "device"):

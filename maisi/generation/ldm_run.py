@@ -34,12 +34,17 @@ from maisi.families.ldm_sampling import sample_ldm
 from maisi.files import check_output_dir
 from maisi.generation.files import output_checksums, read_metadata, why_not_finished
 from maisi.generation.ldm_files import (
+    SampleKey,
     ldm_job_key,
     ldm_run_paths,
     ldm_sample_files,
     resolved_ldm_config,
+    sample_keys,
+    sample_label,
     write_ldm_sample,
 )
+from maisi.generation.ldm_text import PromptContext, load_prompt_context
+from maisi.sampling import ContextGuidance
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +56,18 @@ class LDMJob:
     config: InferConfig
     models: LDMModels
     key: str
-    samples: dict[int, dict[str, Path]]  # seed -> files
+    samples: dict[SampleKey, dict[str, Path]]  # seed or (prompt index, seed) -> files
     ranks: Ranks = Ranks()
+    text: PromptContext | None = None  # text presets: the prompts' embeddings
 
 
 @dataclasses.dataclass(frozen=True)
 class LDMRunSummary:
     """What a run did, over every rank: seeds generated, skipped (finished before) and failed."""
 
-    generated: list[int]
-    skipped: list[int]
-    failed: list[int]
+    generated: list[SampleKey]
+    skipped: list[SampleKey]
+    failed: list[SampleKey]
     output_dir: Path
 
     @property
@@ -71,9 +77,9 @@ class LDMRunSummary:
 
     @property
     def line(self) -> str:
-        def seeds(items: list[int]) -> str:
-            shown = ", ".join(map(str, items[:10])) + (", ..." if len(items) > 10 else "")
-            return f" (seeds {shown})" if items else ""
+        def seeds(items: list[SampleKey]) -> str:
+            shown = ", ".join(sample_label(k) for k in items[:10]) + (", ..." if len(items) > 10 else "")
+            return f" ({shown})" if items else ""
 
         line = (
             f"finished: {len(self.generated)} generated, {len(self.skipped)} skipped, {len(self.failed)} "
@@ -99,9 +105,11 @@ def prepare_ldm(config: InferConfig, ranks: Ranks | None = None) -> LDMJob:
         device = ranks.device(resolve_device(config.device))
         models = load_ldm_models(config, device)
         checksums = {part: w.sha256 for part, w in models.weights.items()}
-        seeds = range(config.seed, config.seed + config.num_samples)
-        samples = {seed: ldm_sample_files(config, models.preset, seed) for seed in seeds}
-        job = LDMJob(config, models, ldm_job_key(config, checksums), samples, ranks)
+        text = load_prompt_context(config, models.preset, device) if models.preset.takes_prompts else None
+        if text is not None:
+            checksums["text_encoder"] = text.source["sha256"]
+        samples = {key: ldm_sample_files(config, models.preset, key) for key in sample_keys(config)}
+        job = LDMJob(config, models, ldm_job_key(config, checksums), samples, ranks, text)
         check_no_foreign_samples(job)
         return job
 
@@ -155,24 +163,27 @@ def _locked_output(job: LDMJob, started: float) -> Iterator[None]:
         yield
 
 
-def _finished(job: LDMJob, seed: int) -> bool:
-    files = job.samples[seed]
+def _finished(job: LDMJob, key: SampleKey) -> bool:
+    files = job.samples[key]
     meta = read_metadata(files)
     if meta is None or meta.get("job_key") != job.key:
         return False
     reason = why_not_finished(files, meta)
     if reason is not None:
-        log.warning("seed %d: generating again: %s", seed, reason)
+        log.warning("%s: generating again: %s", sample_label(key), reason)
     return reason is None
 
 
-def sample_metadata(job: LDMJob, seed: int, geometry: dict[str, Any], sample: Any) -> dict[str, Any]:
-    """What a sample's JSON records besides its files' checksums."""
+def sample_metadata(job: LDMJob, key: SampleKey, geometry: dict[str, Any], sample: Any) -> dict[str, Any]:
+    """What a sample's JSON records besides its files' checksums (text presets: the prompt's record)."""
     config, models = job.config, job.models
     preset = models.preset
+    seed = key[1] if isinstance(key, tuple) else key
+    text = {} if job.text is None else {"text": job.text.metadata(key[0], config.sampling.guidance_scale)}
     return {
         "job_key": job.key,
         "seed": seed,
+        **text,
         "preset": preset.name,
         "family": preset.family,
         **geometry,
@@ -198,16 +209,23 @@ def sample_metadata(job: LDMJob, seed: int, geometry: dict[str, Any], sample: An
     }
 
 
-def write_ldm_seed(job: LDMJob, seed: int, progress: bool = False) -> dict[str, Any]:
-    """Generate the sample of ``seed`` and write its files; the metadata JSON, with their checksums, last."""
-    files = job.samples[seed]
+def write_ldm_seed(job: LDMJob, key: SampleKey, progress: bool = False) -> dict[str, Any]:
+    """Generate sample ``key`` and write its files; the metadata JSON, with their checksums, last."""
+    files = job.samples[key]
     t0 = time.perf_counter()
-    sample = sample_ldm(job.config, job.models, seed, progress=progress)
+    if job.text is None:
+        sample = sample_ldm(job.config, job.models, key, progress=progress)  # type: ignore[arg-type]
+    else:
+        index, seed = key  # type: ignore[misc]
+        scale = job.config.sampling.guidance_scale
+        guidance = ContextGuidance(job.text.null_context, scale if scale > 0 else None)
+        context = job.text.contexts[index : index + 1]
+        sample = sample_ldm(job.config, job.models, seed, progress, context, guidance)
     t1 = time.perf_counter()
     geometry = write_ldm_sample(files, sample.image, job.models.preset)
     timings = {**sample.timings_s, "writing": time.perf_counter() - t1, "total": time.perf_counter() - t0}
     metadata = {
-        **sample_metadata(job, seed, geometry, sample),
+        **sample_metadata(job, key, geometry, sample),
         "files": {k: p.name for k, p in files.items() if k != "metadata"},
         "outputs_sha256": output_checksums(files),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -244,25 +262,26 @@ def generate_all_ldm(config: InferConfig, ranks: Ranks | None = None) -> LDMRunS
             )
         done = {s for s in ranks.shard(list(job.samples)) if _finished(job, s)}
         done = {s for share in gather(done, ranks) for s in share}
-        for seed in sorted(done) if ranks.is_main else ():
-            log.info("seed %d: already done, skipped (%s)", seed, job.samples[seed]["metadata"].name)
+        for key in sorted(done) if ranks.is_main else ():
+            log.info("%s: already done, skipped (%s)", sample_label(key), job.samples[key]["metadata"].name)
         todo = [s for s in job.samples if s not in done]
-        results: dict[int, bool] = {}
-        for seed in ranks.shard(todo):
+        results: dict[SampleKey, bool] = {}
+        for key in ranks.shard(todo):
             try:
-                meta = write_ldm_seed(job, seed, progress=ranks.is_main)
+                meta = write_ldm_seed(job, key, progress=ranks.is_main)
             except Exception as e:  # noqa: BLE001 - one sample's failure must not stop the others
-                log.error("seed %d: runtime failure, not generated: %s: %s", seed, type(e).__name__, e)
-                results[seed] = False
+                label = sample_label(key)
+                log.error("%s: runtime failure, not generated: %s: %s", label, type(e).__name__, e)
+                results[key] = False
                 continue
             log.info(
-                "seed %d: wrote %s in %.1f s (values [%.3g, %.3g])",
-                seed,
-                job.samples[seed]["image"].name,
+                "%s: wrote %s in %.1f s (values [%.3g, %.3g])",
+                sample_label(key),
+                job.samples[key]["image"].name,
                 meta["timings_s"]["total"],
                 *meta["value_range"],
             )
-            results[seed] = True
+            results[key] = True
         merged = {s: ok for share in gather(results, ranks) for s, ok in share.items()}
     return LDMRunSummary(
         sorted(s for s, ok in merged.items() if ok),

@@ -21,12 +21,13 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from maisi.errors import InputError
 from maisi.files import ChecksumMismatch, check_file, install_verified
+from maisi.options import NullPrompt
 
 CONTEXT_LENGTH = 77
 START_TOKEN = 49406  # <|startoftext|>
@@ -40,8 +41,6 @@ WHEEL_REQUIREMENT = "open_clip_torch==3.3.0"
 WHEEL_FILE = "open_clip_torch-3.3.0-py3-none-any.whl"
 WHEEL_SHA256 = "c549ad5ed6bfc119cc11105033c0a2b9d7a2a4afeb40a58a09aab3da1a0043ce"
 INSTALL_HINT = "pip install -e '.[text]'"
-
-NullPrompt = Literal["training", "empty_string"]
 
 
 def default_cache() -> Path:

@@ -215,6 +215,9 @@ def test_png_only_for_2d(tmp_path, ldm_checkpoints):
         ({"sampling": {"conditioning_scale": 1.0}}, "$.sampling.conditioning_scale"),
         ({"sampling": {"guidance_scale": 2.0}}, "$.sampling.guidance_scale"),
         ({"output": {"format": "png"}}, "$.output.format"),  # a 3D preset
+        ({"prompts": ["small right pleural effusion"]}, "$.prompts"),  # no cross-attention
+        ({"text_encoder": {"checkpoint": "encoder.pt"}}, "$.text_encoder"),
+        ({"sampling": {"null_prompt": "training"}}, "$.sampling.null_prompt"),
     ],
 )
 def test_keys_an_ldm_preset_does_not_take_are_refused_by_name(
@@ -324,7 +327,7 @@ def test_released_brats_2d_weights_generate_a_slice(tmp_path):
 @pytest.mark.parametrize(
     ("preset", "sampling", "message"),
     [
-        ("tiny-text-ldm-2d", {}, "$.preset: 'tiny-text-ldm-2d' is a text-conditioned LDM"),
+        ("tiny-text-ldm-2d", {}, "$.prompts: required by preset 'tiny-text-ldm-2d'"),
         (
             "tiny-ldm-2d",
             {"scheduler": "rflow"},
