@@ -17,7 +17,7 @@ from maisi.errors import InputError
 from tests.conftest import phantom_mask, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-DATABASE = REPO / "dataset" / "anatomy"
+DATABASE = REPO / "maisi" / "resources" / "anatomy"
 
 
 def digests(folder: Path) -> dict[str, str]:

