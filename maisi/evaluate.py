@@ -24,16 +24,34 @@ def build_parser():
     return make_parser(PROG, "Evaluate synthetic CT: VAE reconstruction, diversity, 2.5D FID, montage.")
 
 
+def _check_files(config) -> None:
+    """What needs no network, before the heavy imports: the datalist and the weights are there, the
+    datalist reads."""
+    from maisi.data.datalist import read_datalist
+    from maisi.files import check_files
+
+    files = {"$.real_datalist": config.real_datalist, "$.fid.weights": config.fid.weights}
+    if config.reconstruction.enabled:
+        files["$.reconstruction.autoencoder"] = config.reconstruction.autoencoder
+    check_files(files)
+    if config.real_datalist is not None:
+        read_datalist(config.real_datalist)
+
+
+def _declared_paths(config):
+    from maisi.evaluation.inputs import declared_paths  # imports torch and MONAI
+
+    return declared_paths(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli(args)
 
     def body() -> int:
-        # imports torch and MONAI: after parsing, so --help stays fast
-        from maisi.evaluation.inputs import declared_paths
+        # the config, its datalist and weights are checked before torch and MONAI's networks are imported
+        config = load_cli_config(args, "evaluate", _declared_paths, check=_check_files)
         from maisi.evaluation.run import prepare, run_evaluation
-
-        config = load_cli_config(args, "evaluate", declared_paths)
         if args.dry_run:
             prepare(config)  # every check of the run, the networks loaded; writes nothing
             return print_config(config)

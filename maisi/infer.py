@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        from maisi.generation import run as generation_run  # imports torch and MONAI: after parsing
+        from maisi.generation.files import check_input_files, declared_paths
 
-        config = load_cli_config(args, "infer", generation_run.declared_paths, apply_overrides)
+        # config, files, outputs and threads first; torch and MONAI's networks are imported after
+        config = load_cli_config(args, "infer", declared_paths, apply_overrides, check_input_files)
+        from maisi.generation import run as generation_run
 
         with generation_run.process_group(config) as ranks:  # torchrun: one process per device
             if args.dry_run:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maisi.options import DeviceName, Modality, Precision
+from maisi.options import DeviceName, Modality, Precision, ThreadsSetting
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class EvaluateConfig:
     output: EvaluateOutputConfig
     device: DeviceName
     precision: Precision
+    threads: ThreadsSetting
     modality: Modality
 
 

@@ -23,6 +23,7 @@ from maisi.options import (
     Modality,
     Precision,
     Sampler,
+    ThreadsSetting,
     VolumeFormat,
 )
 
@@ -179,6 +180,7 @@ class InferConfig:
     device: DeviceName
     precision: Precision
     compile: CompileOption
+    threads: ThreadsSetting
 
     @property
     def from_mask(self) -> bool:

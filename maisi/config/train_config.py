@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maisi.options import DeviceName
+from maisi.options import DeviceName, ThreadsSetting
 
 Stage = Literal["autoencoder", "diffusion", "controlnet", "mask_autoencoder", "mask_diffusion"]
 STAGES: tuple[Stage, ...] = ("autoencoder", "diffusion", "controlnet", "mask_autoencoder", "mask_diffusion")
@@ -122,6 +122,7 @@ class TrainConfig:
     mask_diffusion: MaskDiffusionStageConfig
     loader: LoaderConfig
     device: DeviceName
+    threads: ThreadsSetting
 
 
 def check_train_config(config: TrainConfig) -> list[str]:

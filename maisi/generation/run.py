@@ -38,6 +38,7 @@ from maisi.errors import InputError
 from maisi.files import check_output_dir, file_sha256
 from maisi.generation.files import (
     check_mask_names,
+    declared_paths,
     describe_quality,
     job_key,
     output_checksums,
@@ -133,20 +134,6 @@ def _agreed(ranks: Ranks, step: Callable[[], T]) -> T:
     if first is not None:
         raise InputError(first)
     return result  # type: ignore[return-value]
-
-
-def declared_paths(config: InferConfig) -> RunPaths:
-    """What the job reads and writes (:func:`maisi.generation.files.run_paths`), from the config alone.
-
-    Raises:
-        InputError: the datalist of $.datalist cannot be read.
-    """
-    inputs, _ = expand_inputs(config)
-    if config.is_batch:  # the clearer refusal first: a pattern matching earlier outputs
-        check_mask_names(config, [(str(i.config.mask), i.source) for i in inputs])
-    return run_paths(
-        config, [(str(i.config.mask) if i.config.mask else None, i.stem, i.source) for i in inputs]
-    )
 
 
 def prepare(config: InferConfig, ranks: Ranks | None = None) -> Job:
