@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # the config and its datalist are checked before torch and MONAI's networks are imported
         config = load_cli_config(args, "encode", _declared_paths, check=_check_files)
         from maisi.encoding.run import prepare, run
+
         if args.dry_run:
             prepare(config)  # every check of the run, the VAE loaded strictly; writes nothing
             return print_config(config)

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         # the config, its datalist and weights are checked before torch and MONAI's networks are imported
         config = load_cli_config(args, "evaluate", _declared_paths, check=_check_files)
         from maisi.evaluation.run import prepare, run_evaluation
+
         if args.dry_run:
             prepare(config)  # every check of the run, the networks loaded; writes nothing
             return print_config(config)

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         # the config and its datalist are checked before torch and MONAI's networks are imported
         config = load_cli_config(args, "train", _declared_paths, check=_check_files)
         from maisi.training.run import prepare, run
+
         if args.dry_run:
             prepare(args.stage, config, args.resume)  # every check of the run; writes nothing
             return print_config(config)

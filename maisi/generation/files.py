@@ -19,8 +19,9 @@ from maisi.files import check_files, file_sha256
 from maisi.run_paths import RunPaths
 
 # Settings that change how fast or in how much memory a sample is made, never what is made, so a rerun that
-# changes only them skips the finished samples: torch.compile (the same arithmetic, fused), the threads and the tiled
-# decoder's budget (exact tiles; only their size changes). The precision stays in: it changes the numbers.
+# changes only them skips the finished samples: torch.compile (the same arithmetic, fused), the threads and
+# the tiled decoder's budget (exact tiles; only their size changes). The precision stays in: it changes the
+# numbers.
 SPEED_ONLY = ("compile", "threads", "decoding.memory_budget_mb")
 
 

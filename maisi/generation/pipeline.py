@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import maisi
-from maisi import seeding
+from maisi import seeding, threads
 from maisi.config import InferConfig, to_jsonable
 from maisi.data.io import Volume
 from maisi.device import resolve_device
@@ -115,6 +115,7 @@ def generate_sample(
         "anatomy": plan.sample_record,
         "timings_s": {k.removesuffix("_s"): round(v, 3) for k, v in timings.items()},
         "device": str(models.device),
+        "threads": threads.record(),  # torch threads, and why ("auto: 2 usable CPUs, load 13.1 -> 1")
         "versions": {
             "maisi": maisi.__version__,
             "torch": torch.__version__,

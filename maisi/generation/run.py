@@ -38,7 +38,6 @@ from maisi.errors import InputError
 from maisi.files import check_output_dir, file_sha256
 from maisi.generation.files import (
     check_mask_names,
-    declared_paths,
     describe_quality,
     job_key,
     output_checksums,
@@ -60,7 +59,6 @@ from maisi.generation.plan import (
 from maisi.intensity import is_mr
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
-from maisi.run_paths import RunPaths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
