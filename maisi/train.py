@@ -31,12 +31,11 @@ def build_parser():
 
 
 def _check_files(config) -> None:
-    """What needs no network, before the heavy imports: the datalist is there and reads."""
-    from maisi.data.datalist import read_datalist
+    """What needs no network, before the heavy imports: the datalist is there (what it holds is checked
+    after the run folder's checks, as before)."""
     from maisi.files import check_files
 
     check_files({"$.datalist": config.datalist})
-    read_datalist(config.datalist)
 
 
 def _declared_paths(config):

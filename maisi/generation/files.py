@@ -224,15 +224,11 @@ def declared_paths(config: InferConfig) -> RunPaths:
 
 
 def check_input_files(config: InferConfig) -> None:
-    """The mask and label dictionary the config names are there (checked before the heavy imports; the
-    masks of $.masks and $.datalist are found, or not, by :func:`maisi.generation.inputs.expand_inputs`).
+    """The mask and label dictionary the config names are there (checked before the heavy imports). The
+    masks of $.masks and $.datalist are checked later, with what they hold, so that every problem of every
+    mask is listed at once.
 
     Raises:
         InputError: each missing file, named by its key.
     """
-    from maisi.generation.inputs import expand_inputs
-
     check_files({"$.mask": config.mask, "$.label_dict": config.label_dict})
-    _, problems = expand_inputs(config)
-    if problems:
-        raise InputError(f"{len(problems)} problem(s) with the masks:\n  " + "\n  ".join(problems))
