@@ -12,7 +12,8 @@ to the best fixed choice (by median) in both conditions, and the load average at
 With more than one thread maisi sets ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep while they wait instead
 of spinning) unless the environment sets it; ``2+active`` is 2 threads with ``OMP_WAIT_POLICY=ACTIVE``
 (always spinning), ``2+passive`` says PASSIVE explicitly. ``--steps`` overrides the config's number of
-denoising steps (the quick start's 30 take minutes per run with 2 spinning threads on loaded cores). Every variant generates the same sample (seed 0, one try).
+denoising steps (the quick start's 30 take minutes per run with 2 spinning threads on loaded cores).
+Every variant generates the same sample (seed 0, one try).
 """
 
 from __future__ import annotations
