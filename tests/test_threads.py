@@ -243,3 +243,45 @@ def test_a_missing_input_exits_2_before_torch_and_monai_networks_are_imported(ki
         f"{key}: {tmp_path / ('missing.nii.gz' if kind == 'infer' else 'missing.json')}: file not found"
         in done.stderr
     )
+
+
+APPLY = """
+import json, os
+from maisi.threads import apply_threads
+choice = apply_threads({setting!r})
+import torch
+print(json.dumps({{"threads": torch.get_num_threads(), "reason": choice.reason,
+                  "omp": os.environ.get("OMP_NUM_THREADS"), "wait": os.environ.get("OMP_WAIT_POLICY")}}))
+"""
+
+
+@pytest.mark.parametrize(
+    "setting, env, expected",
+    [
+        (2, {}, {"threads": 2, "reason": "set to 2, OMP_WAIT_POLICY=PASSIVE", "omp": "2", "wait": "PASSIVE"}),
+        (
+            2,
+            {"OMP_WAIT_POLICY": "ACTIVE"},
+            {"threads": 2, "reason": "set to 2", "omp": "2", "wait": "ACTIVE"},
+        ),
+        (1, {}, {"threads": 1, "reason": "set to 1", "omp": "1", "wait": None}),
+        (
+            "auto",
+            {"OMP_NUM_THREADS": "1"},
+            {
+                "threads": 1,
+                "reason": "auto: OMP_NUM_THREADS=1 in the environment -> 1",
+                "omp": "1",
+                "wait": None,
+            },
+        ),
+    ],
+    ids=["2 threads sleep while waiting", "the user's wait policy", "1 thread", "the user's OMP_NUM_THREADS"],
+)
+def test_openmp_is_set_up_before_torch_is_imported(setting, env, expected):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env}
+    script = APPLY.format(setting=setting)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected, done.stderr
