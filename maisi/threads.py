@@ -147,7 +147,12 @@ def read_machine() -> MachineFacts:
     except (AttributeError, OSError):
         load = 0.0
     local = _positive(os.environ.get("LOCAL_WORLD_SIZE")) or 1
-    omp = None if "LOCAL_WORLD_SIZE" in os.environ else _positive(os.environ.get("OMP_NUM_THREADS"))
+    user_omp = os.environ.get("OMP_NUM_THREADS") not in (None, _omp_set_here)  # not what apply_threads set
+    omp = (
+        _positive(os.environ.get("OMP_NUM_THREADS"))
+        if user_omp and "LOCAL_WORLD_SIZE" not in os.environ
+        else None
+    )
     return MachineFacts(online, affinity, cgroup_quota(), load, local, omp)
 
 
@@ -161,6 +166,7 @@ def _positive(text: str | None) -> int | None:
 
 
 _current: ThreadChoice | None = None
+_omp_set_here: str | None = None  # the OMP_NUM_THREADS apply_threads set (not the user's)
 
 
 def current() -> ThreadChoice | None:
@@ -183,10 +189,11 @@ def apply_threads(setting: str | int) -> ThreadChoice:
     Returns:
         The choice, also returned by :func:`current` from now on.
     """
-    global _current
+    global _current, _omp_set_here
     choice = decide_threads(setting, read_machine())
     if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_NUM_THREADS", str(choice.threads))
+        if "OMP_NUM_THREADS" not in os.environ:
+            os.environ["OMP_NUM_THREADS"] = _omp_set_here = str(choice.threads)
         if choice.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
             # threads that wait sleep at once instead of spinning on cores others need (README 'Speed')
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
