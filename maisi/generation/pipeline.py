@@ -32,7 +32,7 @@ from maisi.device import resolve_device
 from maisi.errors import InputError
 from maisi.evaluation.quality import mask_fidelity
 from maisi.families.checks import load_checked_config
-from maisi.generation.files import quality_record
+from maisi.generation.files import check_input_files, quality_record
 from maisi.generation.memory import check_memory
 from maisi.generation.plan import (
     GenerationPlan,
@@ -186,6 +186,7 @@ class Pipeline:
                 f"{key}: a Pipeline generates from one input; run python -m maisi.infer for many masks, or "
                 "make one Pipeline per mask ($.mask)"
             )
+        check_input_files(self.config)  # the CLI's first check of the files, with its messages
         device = self.device
         plan = check_input(self.config, device)
         if plan.anatomy is not None:
