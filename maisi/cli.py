@@ -80,7 +80,23 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="check everything, print the resolved config, exit"
     )
+    parser.add_argument(
+        "--threads",
+        type=_threads_flag,
+        default=None,
+        help="torch threads per process: 'auto' or a number; overrides $.threads (default: the config's)",
+    )
     return parser
+
+
+def _threads_flag(text: str) -> str | int:
+    """argparse ``type`` of ``--threads``: a bad value is a usage error (exit 2) naming what is expected."""
+    from maisi.threads import parse_setting
+
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def setup_cli(args: argparse.Namespace) -> None:
@@ -217,18 +233,32 @@ def load_cli_config(
     kind: str,
     paths: Callable[[Any], RunPaths],
     adjust: Callable[[Any, argparse.Namespace], Any] | None = None,
+    check: Callable[[Any], None] | None = None,
 ):
-    """The config named by ``--config``, with ``--device`` (or ``adjust(config, args)``: the command's own
-    flags) applied, once what it declares it reads and writes (``paths(config)``) passed the guard of
-    :mod:`maisi.run_paths`."""
+    """The config named by ``--config``, with ``--device`` and ``--threads`` (or ``adjust(config, args)``:
+    the command's own flags) applied, once ``check(config)`` (the command's checks of its files that need no
+    network) and the guard of :mod:`maisi.run_paths` over what it declares it reads and writes
+    (``paths(config)``) passed; then the torch threads are chosen and applied
+    (:func:`maisi.threads.apply_threads`), the one place every CLI does so.
+
+    ``check`` must not import torch or MONAI: a missing input is reported within a second of the start,
+    not after the heavy imports (a test asserts it for every CLI).
+    """
     from maisi.families.checks import load_checked_config
+    from maisi.threads import apply_threads
 
     config = load_checked_config(args.config, kind)
     if adjust is not None:
         config = adjust(config, args)
     elif args.device:
         config = dataclasses.replace(config, device=args.device)
+    if getattr(args, "threads", None) is not None:
+        config = dataclasses.replace(config, threads=args.threads)
+    if check is not None:
+        check(config)
     paths(config).check({"infer": "generate"}.get(kind, kind))
+    choice = apply_threads(config.threads)
+    logging.getLogger("maisi").debug("torch threads: %s", choice.reason)
     return config
 
 

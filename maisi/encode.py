@@ -36,15 +36,31 @@ def build_parser():
     return parser
 
 
+def _check_files(config) -> None:
+    """What needs no network, before the heavy imports: the datalist and the VAE are there, the datalist
+    reads."""
+    from maisi.data.datalist import read_datalist
+    from maisi.files import check_files
+
+    check_files({"$.datalist": config.datalist, "$.autoencoder": config.autoencoder})
+    read_datalist(config.datalist)
+
+
+def _declared_paths(config):
+    from maisi.encoding.run import declared_paths  # imports torch and MONAI
+
+    return declared_paths(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli(args)
 
     def body() -> int:
-        # imports torch and MONAI: after parsing, so --help stays fast
-        from maisi.encoding.run import declared_paths, prepare, run
+        # the config and its datalist are checked before torch and MONAI's networks are imported
+        config = load_cli_config(args, "encode", _declared_paths, check=_check_files)
+        from maisi.encoding.run import prepare, run
 
-        config = load_cli_config(args, "encode", declared_paths)
         if args.dry_run:
             prepare(config)  # every check of the run, the VAE loaded strictly; writes nothing
             return print_config(config)

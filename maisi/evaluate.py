@@ -31,18 +31,36 @@ def build_parser():
     )
 
 
+def _check_files(config) -> None:
+    """What needs no network, before the heavy imports: the datalist and the weights are there, the
+    datalist reads."""
+    from maisi.data.datalist import read_datalist
+    from maisi.files import check_files
+
+    files = {"$.real_datalist": config.real_datalist, "$.fid.weights": config.fid.weights}
+    if config.reconstruction.enabled:
+        files["$.reconstruction.autoencoder"] = config.reconstruction.autoencoder
+    check_files(files)
+    if config.real_datalist is not None:
+        read_datalist(config.real_datalist)
+
+
+def _declared_paths(config):
+    """What the evaluation reads and writes; the LDM evaluation ($.ldm) reads its own sets."""
+    from maisi.evaluation import inputs, ldm_run  # imports torch and MONAI
+
+    return (ldm_run if config.ldm is not None else inputs).declared_paths(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli(args)
 
     def body() -> int:
-        # imports torch and MONAI: after parsing, so --help stays fast
-        from maisi.evaluation import inputs, ldm_run, run
+        # the config, its datalist and weights are checked before torch and MONAI's networks are imported
+        config = load_cli_config(args, "evaluate", _declared_paths, check=_check_files)
+        from maisi.evaluation import ldm_run, run
 
-        def declared_paths(config):  # the LDM evaluation ($.ldm) reads its own sets
-            return (ldm_run if config.ldm is not None else inputs).declared_paths(config)
-
-        config = load_cli_config(args, "evaluate", declared_paths)
         if args.dry_run:
             (ldm_run if config.ldm is not None else run).prepare(config)  # every check; writes nothing
             return print_config(config)

@@ -144,3 +144,18 @@ def check_output_dir(folder: str | Path, what: str = "output directory") -> None
     problem = output_folder_problem(folder, what)
     if problem:
         raise InputError(problem)
+
+
+def check_files(files: dict[str, str | None]) -> None:
+    """Refuse, at once, every named input file that is not there (``{"$.mask": path}``; None is skipped).
+
+    Raises:
+        InputError: ``"$.mask: /path: file not found"``, one line each.
+    """
+    problems = [
+        f"{key}: {path}: file {why_absent(path)}"
+        for key, path in files.items()
+        if path is not None and not os.path.exists(path)
+    ]
+    if problems:
+        raise InputError(problems[0] if len(problems) == 1 else "\n  ".join(["missing inputs:", *problems]))

@@ -64,16 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(args)
 
     def body() -> int:
-        from maisi.generation import run as generation_run  # imports torch and MONAI: after parsing
+        from maisi.generation.files import check_input_files, declared_paths
         from maisi.generation.ldm_files import ldm_run_paths
 
         def declared(config: InferConfig) -> Any:
             """What the run reads and writes: the LDM family's files, or MAISI's."""
-            return ldm_run_paths(config) if config.is_ldm else generation_run.declared_paths(config)
+            return ldm_run_paths(config) if config.is_ldm else declared_paths(config)
 
-        config = load_cli_config(args, "infer", declared, apply_overrides)
+        # config, files, outputs and threads first; torch and MONAI's networks are imported after
+        config = load_cli_config(args, "infer", declared, apply_overrides, check_input_files)
         if config.is_ldm:
             return run_ldm(config, args)
+        from maisi.generation import run as generation_run
 
         with generation_run.process_group(config) as ranks:  # torchrun: one process per device
             if args.dry_run:

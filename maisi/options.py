@@ -10,6 +10,7 @@ from typing import Literal, get_args
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
+ThreadsSetting = Literal["auto"] | int  # torch threads: "auto" (maisi.threads) or a positive number
 CompileOption = Literal[True, False, "auto"]  # torch.compile of the UNet and ControlNet
 Sampler = Literal["ddpm", "ddim", "rflow"]
 MaskSampler = Literal["ddpm", "ddim"]  # the mask generator is DDPM-trained

@@ -30,15 +30,29 @@ def build_parser():
     return parser
 
 
+def _check_files(config) -> None:
+    """What needs no network, before the heavy imports: the datalist is there (what it holds is checked
+    after the run folder's checks, as before)."""
+    from maisi.files import check_files
+
+    check_files({"$.datalist": config.datalist})
+
+
+def _declared_paths(config):
+    from maisi.training.run import declared_paths  # imports torch and MONAI
+
+    return declared_paths(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli(args)
 
     def body() -> int:
-        # imports torch and MONAI: after parsing, so --help stays fast
-        from maisi.training.run import declared_paths, prepare, run
+        # the config and its datalist are checked before torch and MONAI's networks are imported
+        config = load_cli_config(args, "train", _declared_paths, check=_check_files)
+        from maisi.training.run import prepare, run
 
-        config = load_cli_config(args, "train", declared_paths)
         if args.dry_run:
             prepare(args.stage, config, args.resume)  # every check of the run; writes nothing
             return print_config(config)

@@ -226,7 +226,11 @@ BROKEN = [
     ("mask missing", {"mask": "/nonexistent/mask.nii.gz"}, "/nonexistent/mask.nii.gz: file not found"),
     ("mask all zero", {"mask": "empty"}, "empty.nii.gz:\n  has no labelled voxel (every voxel is 0"),
     ("controlnet missing", {"checkpoints": "no-controlnet"}, "controlnet checkpoint not found"),
-    ("label dict missing", {"label_dict": "/nonexistent/labels.json"}, "not found: /nonexistent/labels.json"),
+    (
+        "label dict missing",
+        {"label_dict": "/nonexistent/labels.json"},
+        "$.label_dict: /nonexistent/labels.json: file not found",
+    ),
 ]
 
 

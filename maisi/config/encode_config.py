@@ -8,7 +8,7 @@ from typing import Literal
 
 from maisi.families.ct import get_preset
 from maisi.families.mask import get_mask_preset
-from maisi.options import DecodeMethod, DeviceName, EncodeKind, Modality, Precision
+from maisi.options import DecodeMethod, DeviceName, EncodeKind, Modality, Precision, ThreadsSetting
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class EncodeConfig:
     modality: Modality
     device: DeviceName
     precision: Precision
+    threads: ThreadsSetting
     nonfinite: Literal["error", "fill_air"]
 
     @property

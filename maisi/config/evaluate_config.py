@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maisi.options import DeviceName, Modality, Precision
+from maisi.options import DeviceName, Modality, Precision, ThreadsSetting
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ class EvaluateConfig:
     output: EvaluateOutputConfig
     device: DeviceName
     precision: Precision
+    threads: ThreadsSetting
     modality: Modality
     ldm: LdmEvaluateConfig | None
 

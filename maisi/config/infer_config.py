@@ -26,6 +26,7 @@ from maisi.options import (
     NullPrompt,
     Precision,
     Sampler,
+    ThreadsSetting,
     TimestepSpacing,
 )
 
@@ -195,6 +196,7 @@ class InferConfig:
     device: DeviceName
     precision: Precision
     compile: CompileOption
+    threads: ThreadsSetting
 
     @property
     def from_mask(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maisi.options import DeviceName
+from maisi.options import DeviceName, ThreadsSetting
 
 Stage = Literal["autoencoder", "diffusion", "controlnet", "mask_autoencoder", "mask_diffusion"]
 STAGES: tuple[Stage, ...] = ("autoencoder", "diffusion", "controlnet", "mask_autoencoder", "mask_diffusion")
@@ -136,6 +136,7 @@ class TrainConfig:
     ldm: LDMDataConfig
     loader: LoaderConfig
     device: DeviceName
+    threads: ThreadsSetting
 
 
 def check_train_config(config: TrainConfig) -> list[str]:

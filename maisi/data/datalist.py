@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from maisi.atomic import write_json
-from maisi.conditioning import BODY_REGIONS, body_region_from_mask
 from maisi.config.loader import read_json
 from maisi.config.schema import load_schema, schema_errors
 from maisi.data.io import read_geometry, read_mask
 from maisi.data.latents import encoded_relpaths
 from maisi.errors import ConfigError, InputError
 from maisi.labels import labels_not_in_dict
+from maisi.options import BODY_REGIONS
 
 SPACING_RTOL = 1e-3
 
@@ -132,6 +132,8 @@ def describe_case(
             problems.append(
                 f"{label}: labels not in the label dictionary: {unknown[:20]} (remap it to MAISI ids)"
             )
+        from maisi.conditioning import body_region_from_mask  # imports torch: only when masks are read
+
         regions = body_region_from_mask(mask.array)
         if regions is not None:
             entry["top_region_index"], entry["bottom_region_index"] = one_hot(regions[0]), one_hot(regions[1])

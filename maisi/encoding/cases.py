@@ -32,6 +32,7 @@ from monai.data import MetaTensor
 from monai.transforms import DivisiblePad, Spacing
 
 import maisi
+from maisi import threads
 from maisi.conditioning import binarize_labels, body_region_from_mask
 from maisi.config.encode_config import EncodeConfig
 from maisi.data.datalist import case_modality, one_hot
@@ -367,6 +368,7 @@ def encode_mask_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseR
         "latent_shape": list(latent.shape),
         "label_ids": sorted(int(v) for v in np.unique(mask.array)),
         "maisi_version": maisi.__version__,
+        "threads": threads.record(),  # torch threads, and why
     }
     if entry.get("anatomy_size") is not None:
         sidecar["anatomy_size"] = list(entry["anatomy_size"])
@@ -430,6 +432,7 @@ def encode_case(job: EncodeJob, index: int, entry: dict[str, Any]) -> CaseResult
         "intensity": intensity,  # how the image was mapped to [0, 1] (MR: the window of this image)
         "maisi_version": maisi.__version__,
         "nonfinite_filled": filled,  # voxels set to -1000 HU (MR: the image minimum) by "fill_air"
+        "threads": threads.record(),  # torch threads, and why
     }
     for key, value in (("top_region_index", 0), ("bottom_region_index", 1)):
         if entry.get(key) is not None:

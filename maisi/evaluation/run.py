@@ -44,6 +44,7 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
 import maisi
+from maisi import threads
 from maisi.atomic import write_json
 from maisi.checkpoints import load_network
 from maisi.config.evaluate_config import EvaluateConfig
@@ -464,6 +465,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> dict[str, A
         "maisi_version": maisi.__version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
+        "threads": threads.record(),  # torch threads, and why
         "inputs": {"real": [str(p) for p in real], "synthetic": [str(p) for p in synthetic]},
         "modalities": {str(p): m for p, m in modalities.items() if p in set(real + synthetic)},
         "reconstruction": None,

@@ -15,13 +15,14 @@ from typing import Any
 from maisi import seeding
 from maisi.config import InferConfig, to_jsonable
 from maisi.errors import InputError
-from maisi.files import file_sha256
+from maisi.files import check_files, file_sha256
 from maisi.run_paths import RunPaths
 
 # Settings that change how fast or in how much memory a sample is made, never what is made, so a rerun that
-# changes only them skips the finished samples: torch.compile (the same arithmetic, fused) and the tiled
-# decoder's budget (exact tiles; only their size changes). The precision stays in: it changes the numbers.
-SPEED_ONLY = ("compile", "decoding.memory_budget_mb")
+# changes only them skips the finished samples: torch.compile (the same arithmetic, fused), the threads and
+# the tiled decoder's budget (exact tiles; only their size changes). The precision stays in: it changes the
+# numbers.
+SPEED_ONLY = ("compile", "threads", "decoding.memory_budget_mb")
 
 
 def job_key(config: InferConfig, checksums: dict[str, str]) -> str:
@@ -204,3 +205,30 @@ def check_mask_names(config: InferConfig, masks: list[tuple[str, str]]) -> None:
             f"refusing to generate: {len(problems)} problem(s) with the outputs in {config.output.dir}:\n  "
             + "\n  ".join(problems)
         )
+
+
+def declared_paths(config: InferConfig) -> RunPaths:
+    """What the job reads and writes (:func:`maisi.generation.files.run_paths`), from the config alone.
+
+    Raises:
+        InputError: the datalist of $.datalist cannot be read.
+    """
+    from maisi.generation.inputs import expand_inputs
+
+    inputs, _ = expand_inputs(config)
+    if config.is_batch:  # the clearer refusal first: a pattern matching earlier outputs
+        check_mask_names(config, [(str(i.config.mask), i.source) for i in inputs])
+    return run_paths(
+        config, [(str(i.config.mask) if i.config.mask else None, i.stem, i.source) for i in inputs]
+    )
+
+
+def check_input_files(config: InferConfig) -> None:
+    """The mask and label dictionary the config names are there (checked before the heavy imports). The
+    masks of $.masks and $.datalist are checked later, with what they hold, so that every problem of every
+    mask is listed at once.
+
+    Raises:
+        InputError: each missing file, named by its key.
+    """
+    check_files({"$.mask": config.mask, "$.label_dict": config.label_dict})

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 import maisi
-from maisi import seeding
+from maisi import seeding, threads
 from maisi.config import InferConfig, to_jsonable
 from maisi.data.io import Volume
 from maisi.device import resolve_device
 from maisi.errors import InputError
 from maisi.evaluation.quality import mask_fidelity
 from maisi.families.checks import load_checked_config
-from maisi.generation.files import quality_record
+from maisi.generation.files import check_input_files, quality_record
 from maisi.generation.memory import check_memory
 from maisi.generation.plan import (
     GenerationPlan,
@@ -115,6 +115,7 @@ def generate_sample(
         "anatomy": plan.sample_record,
         "timings_s": {k.removesuffix("_s"): round(v, 3) for k, v in timings.items()},
         "device": str(models.device),
+        "threads": threads.record(),  # torch threads, and why ("auto: 2 usable CPUs, load 13.1 -> 1")
         "versions": {
             "maisi": maisi.__version__,
             "torch": torch.__version__,
@@ -190,6 +191,7 @@ class Pipeline:
                 f"{key}: a Pipeline generates from one input; run python -m maisi.infer for many masks, or "
                 "make one Pipeline per mask ($.mask)"
             )
+        check_input_files(self.config)  # the CLI's first check of the files, with its messages
         device = self.device
         plan = check_input(self.config, device)
         if plan.anatomy is not None:

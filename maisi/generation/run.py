@@ -59,7 +59,6 @@ from maisi.generation.plan import (
 from maisi.intensity import is_mr
 from maisi.masks.anatomy import prepare_all
 from maisi.preview import write_preview
-from maisi.run_paths import RunPaths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,20 +116,6 @@ class Job:
         if len(self.inputs) == 1 and self.inputs[0].input.stem is None:
             return self.inputs[0].key
         return hashlib.sha256("\n".join(i.key for i in self.inputs).encode()).hexdigest()
-
-
-def declared_paths(config: InferConfig) -> RunPaths:
-    """What the job reads and writes (:func:`maisi.generation.files.run_paths`), from the config alone.
-
-    Raises:
-        InputError: the datalist of $.datalist cannot be read.
-    """
-    inputs, _ = expand_inputs(config)
-    if config.is_batch:  # the clearer refusal first: a pattern matching earlier outputs
-        check_mask_names(config, [(str(i.config.mask), i.source) for i in inputs])
-    return run_paths(
-        config, [(str(i.config.mask) if i.config.mask else None, i.stem, i.source) for i in inputs]
-    )
 
 
 def prepare(config: InferConfig, ranks: Ranks | None = None) -> Job:

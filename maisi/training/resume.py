@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = (
     "log_every",
     "tensorboard",
     "device",
+    "threads",
     "output_dir",
     "autoencoder.val_method",
     "autoencoder.val_memory_budget_mb",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from maisi import threads
 from maisi.atomic import write_json
 from maisi.config import TrainConfig, to_jsonable
 from maisi.config.train_config import MASK_STAGES
@@ -270,7 +271,12 @@ def run(stage_name: str, config: TrainConfig, resume: bool) -> None:
                 save_train_state(config.output_dir, state)
             write_json(
                 Path(config.output_dir) / "train_config.json",
-                {"stage": stage_name, "config_sha256": digest, "config": to_jsonable(config)},
+                {
+                    "stage": stage_name,
+                    "config_sha256": digest,
+                    "config": to_jsonable(config),
+                    "threads": threads.record(),  # torch threads of each process, and why
+                },
             )
         train(stage, config, ranks, device, digest, state)
     finally:

@@ -243,7 +243,7 @@ def test_bad_input_exits_2(case, train_config, encoded_cases, tmp_path, capsys):
         flags = ["--resume"]
         fragment = (
             "was trained with another config; only $.steps, $.checkpoint_every, $.validate_every, "
-            "$.log_every, $.tensorboard, $.device, $.output_dir, $.autoencoder.val_method, "
+            "$.log_every, $.tensorboard, $.device, $.threads, $.output_dir, $.autoencoder.val_method, "
             "$.autoencoder.val_memory_budget_mb, $.autoencoder.val_roi_size, $.loader.num_workers, "
             "$.loader.prefetch_factor, $.loader.cache_rate may change. Changed: "
             "$.optimizer.lr: 0.0001 in the run, 0.5 now"
