@@ -41,7 +41,9 @@ def mask_generator(tmp_path_factory) -> dict[str, Path]:
     """Tiny mask VAE and UNet (random, seeded) in our checkpoint format, a size table and a reference."""
     folder = tmp_path_factory.mktemp("mask_generator")
     preset = get_mask_preset(MASK_PRESET)
-    torch.manual_seed(0)
+    torch.manual_seed(
+        1
+    )  # a seed whose random generator keeps a gallbladder on the test grid (seeds 0, 4 do not)
     files = {
         "autoencoder": save_checkpoint(
             folder / "mask_vae.pt", build_mask_network(preset, "autoencoder"), preset, "mask_autoencoder"

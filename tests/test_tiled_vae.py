@@ -215,7 +215,8 @@ def test_smaller_budgets_give_smaller_tiles(small):
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
-    from maisi.families.networks import build_network, get_preset
+    from maisi.families.ct import get_preset
+    from maisi.families.networks import build_network
     from maisi.vae.tiled import decode_tiled
     torch.manual_seed(0)
     vae = build_network(get_preset("small-rflow"), "autoencoder").eval()
