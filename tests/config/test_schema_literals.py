@@ -107,10 +107,10 @@ def test_every_schema_key_is_a_field_and_back(kind):
 
 
 def _schema_types(node) -> set[str]:
-    """The JSON types a schema node accepts (an enum's from its values)."""
-    if "enum" in node:
+    """The JSON types a schema node accepts (an enum's or a const's from its values)."""
+    if "enum" in node or "const" in node:
         names = {bool: "boolean", str: "string", int: "integer", float: "number", type(None): "null"}
-        return {names[type(v)] for v in node["enum"]}
+        return {names[type(v)] for v in node.get("enum", [node.get("const")])}
     if "anyOf" in node:
         return set().union(*(_schema_types(n) for n in node["anyOf"]))
     kinds = node.get("type", [])
