@@ -65,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from maisi.generation.files import check_input_files, declared_paths
-        from maisi.generation.ldm_files import ldm_run_paths
 
         def declared(config: InferConfig) -> Any:
             """What the run reads and writes: the LDM family's files, or MAISI's."""
-            return ldm_run_paths(config) if config.is_ldm else declared_paths(config)
+            if not config.is_ldm:
+                return declared_paths(config)
+            from maisi.generation.ldm_files import ldm_run_paths  # imports torch: after the file checks
+
+            return ldm_run_paths(config)
 
         # config, files, outputs and threads first; torch and MONAI's networks are imported after
         config = load_cli_config(args, "infer", declared, apply_overrides, check_input_files)
