@@ -235,7 +235,8 @@ def test_two_process_torchrun_all_reduces_the_scale_factor(tmp_path, brats):
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    logged = re.findall(r"scale_factor = ([0-9.]+) \((.*)\)", done.stderr)
+    # non-greedy: the two processes' log lines may reach stderr joined on one line
+    logged = re.findall(r"scale_factor = ([0-9.]+) \(([^()]*)\)", done.stderr)
     assert len(logged) == 2 and logged[0] == logged[1], done.stderr[-2000:]
     weights = read_weights(tmp_path / "unet" / "diffusion_unet.pt", "diffusion_unet")
     assert f"{weights.scale_factor:.5f}" == logged[0][0]
