@@ -37,6 +37,7 @@ from fetch_sample_data import (  # noqa: E402
     FetchError,
     RegistryError,
     Source,
+    cached_archive,
     extract_members,
     fetch_archive,
     verify_archive,
@@ -161,13 +162,8 @@ def fetch_deb(source: BrainSource, cache: Path) -> Path:
         ChecksumError: the file is not the pinned one (it is removed).
     """
     target = cache / source.archive
-    if target.exists():
-        try:
-            verify_archive(target, source.sha256)
-            print(f"  cached {target.name}")
-            return target
-        except ChecksumError as e:
-            print(f"  {e}; downloading it again")
+    if cached_archive(target, source.sha256):
+        return target
     with tempfile.TemporaryDirectory(prefix=f".download-{source.name}-", dir=cache) as tmp:
         print(f"  downloading {source.package}={source.version} (Debian package) with apt-get")
         try:

@@ -243,6 +243,19 @@ def pip_download_args(source: Source, folder: Path) -> list[str]:
     return [*args, source.requirement]
 
 
+def cached_archive(target: Path, sha256: str) -> bool:
+    """Whether ``target`` is already in the cache with the pinned checksum (a mismatch is said and redone)."""
+    if not target.exists():
+        return False
+    try:
+        verify_archive(target, sha256)
+    except ChecksumError as e:
+        print(f"  {e}; downloading it again")
+        return False
+    print(f"  cached {target.name}")
+    return True
+
+
 def fetch_archive(source: Source, cache: Path) -> Path:
     """The verified archive in ``cache``: reused when its checksum matches, downloaded otherwise.
 
@@ -251,13 +264,8 @@ def fetch_archive(source: Source, cache: Path) -> Path:
         ChecksumError: the downloaded file is not the pinned one (it is removed).
     """
     target = cache / source.archive
-    if target.exists():
-        try:
-            verify_archive(target, source.sha256)
-            print(f"  cached {target.name}")
-            return target
-        except ChecksumError as e:
-            print(f"  {e}; downloading it again")
+    if cached_archive(target, source.sha256):
+        return target
     staging = cache / f".download-{source.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
